@@ -1,0 +1,15 @@
+"""attnc: a compiler for attention sparsity patterns.
+
+>>> import attnc
+>>> prog = attnc.loads("pattern local(w = 4) = sliding(w) | (sink(1) & causal)")
+>>> pat = prog.pattern("local", w=2)
+>>> pat.mask(6).sum().item()
+15
+"""
+
+from .errors import AttnError, Diagnostic, Span
+from .program import BoundPattern, PatternInfo, Program, load, loads
+
+__version__ = "0.1.0"
+
+__all__ = ["AttnError", "BoundPattern", "Diagnostic", "PatternInfo", "Program", "Span", "load", "loads", "__version__"]

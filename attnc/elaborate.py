@@ -1,0 +1,923 @@
+"""Elaboration: AST -> IR, with name resolution and checks.
+
+input:  parsed modules (syntax.Module) of a program and a pattern to bind.
+output: a `PatternIR` (integer parameters symbolic, with their bindings), or
+        diagnostics collected into an `AttnError`.
+does not: evaluate masks, look at sizes known only at call time (the
+        reference evaluator re-checks constraints once M, N and grids are known).
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+
+import sympy
+
+from . import ir, syntax as ast
+from .constraints import violations
+from .errors import AttnError, Collector, Span, error
+
+# ----------------------------------------------------------------------------- values
+
+
+class Poison:
+    """The value of an expression that already produced a diagnostic."""
+
+    _instance = None
+
+    def __new__(cls):
+        if cls._instance is None:
+            cls._instance = super().__new__(cls)
+        return cls._instance
+
+
+POISON = Poison()
+
+
+@dataclass(frozen=True)
+class PatternRef:
+    definition: ast.PatternDef
+    module: "ModuleScope"
+
+
+@dataclass(frozen=True)
+class InputRef:
+    spec: ir.InputSpec
+
+
+@dataclass(frozen=True)
+class Pos:
+    """A position expression inside `where`; `boolean` tells its type."""
+
+    node: ir.PExpr
+    boolean: bool
+
+
+class _Abort(Exception):
+    """Unwinds one expression after its diagnostic has been recorded."""
+
+
+def type_name(v) -> str:
+    if isinstance(v, bool):
+        return "a boolean"
+    if isinstance(v, sympy.Expr):
+        return "an integer"
+    if isinstance(v, (ir.SetList, ir.SetRange)):
+        return "a set"
+    if isinstance(v, tuple):
+        return "a tuple"
+    if isinstance(v, ir.Mask):
+        return "a mask"
+    if isinstance(v, Pos):
+        return "a condition" if v.boolean else "a position expression"
+    if isinstance(v, InputRef):
+        return f"a run-time input ({v.spec.kind})"
+    if isinstance(v, PatternRef):
+        return "a pattern"
+    return "a value"
+
+
+# ----------------------------------------------------------------------------- scopes
+
+
+@dataclass
+class ModuleScope:
+    """Names visible at the top level of one file (its own and imported)."""
+
+    module: ast.Module
+    lets: dict[str, ast.Let] = field(default_factory=dict)
+    patterns: dict[str, ast.PatternDef] = field(default_factory=dict)
+    imported: dict[str, "tuple[str, ModuleScope]"] = field(default_factory=dict)
+
+    def lookup(self, name: str):
+        """-> ("let", Let, scope) | ("pattern", PatternDef, scope) | None."""
+        if name in self.lets:
+            return ("let", self.lets[name], self)
+        if name in self.patterns:
+            return ("pattern", self.patterns[name], self)
+        if name in self.imported:
+            kind_scope = self.imported[name]
+            return kind_scope[1].lookup(name)
+        return None
+
+    def visible_names(self) -> list[str]:
+        return [*self.lets, *self.patterns, *self.imported]
+
+
+@dataclass
+class Ctx:
+    """Lexical context of one expression."""
+
+    module: ModuleScope
+    layout: ir.Layout
+    locals: dict[str, object]
+    in_where: bool = False
+    along: str | None = None  # inside `P @ a`
+    transformed: bool = False  # inside dilate / blockwise / @
+
+    def child(self, **kw) -> "Ctx":
+        c = Ctx(self.module, self.layout, dict(self.locals), self.in_where, self.along, self.transformed)
+        for k, v in kw.items():
+            setattr(c, k, v)
+        return c
+
+    @property
+    def ndim(self) -> int:
+        if self.along is not None or not self.layout.axes:
+            return 1
+        return len(self.layout.axes)
+
+
+# ----------------------------------------------------------------------------- primitive signatures
+
+INT, AXIS_INT, AXIS_BOOL, SET, MASK, SEGMENTS, BLOCKS = "int", "axis-int", "axis-bool", "set", "mask", "segments", "blocks"
+_REQUIRED = object()
+
+#: name -> (parameters [(name, kind, default)], description of the call)
+PRIMITIVES: dict[str, tuple[list[tuple[str, str, object]], str]] = {
+    "full": ([], "full"),
+    "none": ([], "none"),
+    "causal": ([], "causal"),
+    "band": ([("left", AXIS_INT, _REQUIRED), ("right", AXIS_INT, _REQUIRED)], "band(left, right)"),
+    "sliding": ([("w", AXIS_INT, _REQUIRED)], "sliding(w)"),
+    "neighborhood": ([("size", AXIS_INT, _REQUIRED), ("dilation", AXIS_INT, 1), ("stride", AXIS_INT, 1),
+                      ("causal", AXIS_BOOL, False)], "neighborhood(size, dilation=1, stride=1, causal=false)"),
+    "block": ([("size", AXIS_INT, _REQUIRED), ("shift", AXIS_INT, 0), ("halo", AXIS_INT, 0)],
+              "block(size, shift=0, halo=0)"),
+    "strided": ([("s", AXIS_INT, _REQUIRED)], "strided(s)"),
+    "sink": ([("n", INT, _REQUIRED)], "sink(n)"),
+    "global": ([("tokens", SET, _REQUIRED)], "global(S)"),
+    "rows": ([("tokens", SET, _REQUIRED)], "rows(S)"),
+    "cols": ([("tokens", SET, _REQUIRED)], "cols(S)"),
+    "prefix": ([("n", INT, _REQUIRED)], "prefix(n)"),
+    "random": ([("r", INT, _REQUIRED), ("seed", INT, 0)], "random(r, seed=0)"),
+    "same": ([("doc", SEGMENTS, _REQUIRED)], "same(doc)"),
+    "routed": ([("sel", BLOCKS, _REQUIRED)], "routed(sel)"),
+    "topk": ([("k", INT, _REQUIRED), ("block", INT, 64)], "topk(k, block=64)"),
+    "dilate": ([("d", AXIS_INT, _REQUIRED), ("pattern", MASK, _REQUIRED)], "dilate(d, P)"),
+    "blockwise": ([("b", AXIS_INT, _REQUIRED), ("pattern", MASK, _REQUIRED)], "blockwise(b, P)"),
+}
+FUNCTIONS = {"min": "min(a, b, ...)", "max": "max(a, b, ...)", "abs": "abs(x)", "size": "size(axis)"}
+INPUT_TYPES = {"segments": 0, "blocks": 1}
+KEYWORDS = {"import", "let", "in", "pattern", "on", "heads", "where", "step", "true", "false", "and", "or", "not"}
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, sympy.Expr)
+
+
+# ----------------------------------------------------------------------------- the elaborator
+
+
+class Elaborator:
+    """Turns pattern definitions into IR. Errors go to `self.diags`."""
+
+    MAX_CALL_DEPTH = 64
+
+    def __init__(self, diags: Collector):
+        self.diags = diags
+        self.bindings: dict[sympy.Symbol, ir.Int] = {}
+        self.inputs: dict[str, ir.InputSpec] = {}
+        self.call_stack: list[str] = []
+        self.let_stack: list[str] = []
+
+    # -- diagnostics
+    def fail(self, span: Span, message: str, hint: str | None = None):
+        self.diags.add(error(span, message, hint))
+        raise _Abort
+
+    def static_int(self, v) -> int | None:
+        """The value of an integer expression once bindings are applied, if known."""
+        if not _is_int(v):
+            return None
+        val = v.xreplace(self.bindings) if self.bindings else v
+        if val.free_symbols:
+            val = val.xreplace(self.bindings)
+        return int(val) if val.is_Integer else None
+
+    # -- patterns
+    def bind(self, pdef: ast.PatternDef, module: ModuleScope, values: dict[str, object], call_span: Span) -> ir.PatternIR:
+        """Elaborate `pdef` as the top-level pattern with user `values`."""
+        known = {p.name for p in pdef.params}
+        for name in values:
+            if name not in known:
+                close = difflib.get_close_matches(name, sorted(known), n=1)
+                hint = f"did you mean '{close[0]}'?" if close else None
+                params = ", ".join(sorted(known)) or "none"
+                self.diags.add(error(pdef.name_span, f"pattern '{pdef.name}' has no parameter '{name}' (its parameters: {params})", hint))
+        layout = self.layout(pdef, module)
+        ctx = Ctx(module, layout, {})
+        for p in pdef.params:
+            try:
+                ctx.locals[p.name] = self.param_value(p, ctx, values, top=True)
+            except _Abort:
+                ctx.locals[p.name] = POISON
+        layout = self.layout_text(pdef, ctx, layout)
+        ctx.layout = layout
+        self.call_stack.append(pdef.name)
+        body = self.mask_of(pdef.body, ctx, what=f"the body of pattern '{pdef.name}'")
+        self.call_stack.pop()
+        return ir.PatternIR(
+            name=pdef.name, layout=layout, body=body,
+            bindings=tuple(self.bindings.items()), inputs=tuple(self.inputs.values()), span=pdef.span,
+        )
+
+    def layout(self, pdef: ast.PatternDef, module: ModuleScope) -> ir.Layout:
+        """Axes of the layout (the text length needs parameters: layout_text)."""
+        if pdef.layout is None:
+            return ir.Layout(span=pdef.span)
+        axes: list[str] = []
+        seen_seq = seen_grid = False
+        for part in pdef.layout.parts:
+            if part.kind == "seq":
+                if seen_seq or seen_grid:
+                    self.diags.add(error(part.span, "a mixed layout is written `seq(T) + grid(a, b)`: one seq part, first"))
+                seen_seq = True
+                if len(part.args) > 1:
+                    self.diags.add(error(part.span, f"seq takes at most one argument (the text length), got {len(part.args)}"))
+            elif part.kind == "grid":
+                if seen_grid:
+                    self.diags.add(error(part.span, "a layout has at most one grid part"))
+                seen_grid = True
+                if not 1 <= len(part.args) <= 3:
+                    self.diags.add(error(part.span, f"grid takes 1 to 3 axis names, got {len(part.args)}"))
+                for a in part.args:
+                    if not isinstance(a, ast.Name):
+                        self.diags.add(error(a.span, "grid axes are names, e.g. grid(h, w); sizes are given at call time"))
+                    elif a.id in ir.RESERVED - {"h"}:  # `h` alone is the head; `q.h`, `size(h)`, `@ h` the axis
+                        self.diags.add(error(a.span, f"'{a.id}' cannot name a grid axis: it is reserved (M N H q k _)"))
+                    elif a.id in axes:
+                        self.diags.add(error(a.span, f"grid axis '{a.id}' appears twice"))
+                    else:
+                        axes.append(a.id)
+            else:
+                close = difflib.get_close_matches(part.kind, ["seq", "grid"], n=1)
+                self.diags.add(error(part.span, f"unknown layout '{part.kind}': expected seq, grid(...) or seq(T) + grid(...)",
+                                     f"did you mean '{close[0]}'?" if close else None))
+        return ir.Layout(axes=tuple(axes), text=None, span=pdef.layout.span)
+
+    def layout_text(self, pdef: ast.PatternDef, ctx: Ctx, layout: ir.Layout) -> ir.Layout:
+        if pdef.layout is None:
+            return layout
+        parts = pdef.layout.parts
+        seq = [p for p in parts if p.kind == "seq"]
+        if not seq or not seq[0].args or len(parts) == 1:
+            if seq and seq[0].args and len(parts) == 1:
+                self.diags.add(error(seq[0].span, "seq(T) only makes sense before a grid part: `seq(T) + grid(h, w)`"))
+            return layout
+        if not layout.axes:
+            return layout
+        try:
+            t = self.int_of(seq[0].args[0], ctx, "the text length T of seq(T)")
+        except _Abort:
+            return layout
+        v = self.static_int(t)
+        if v is not None and v < 0:
+            self.diags.add(error(seq[0].args[0].span, f"the text length must be >= 0, got {v}"))
+        return ir.Layout(axes=layout.axes, text=t, span=layout.span)
+
+    def param_value(self, p: ast.Param, ctx: Ctx, values: dict[str, object], top: bool):
+        if p.name in ir.SIZE_NAMES or p.name == "_":
+            self.fail(p.span, f"'{p.name}' cannot be a parameter name: M, N, H and _ are reserved")
+        if p.name in ctx.layout.axes:
+            self.fail(p.span, f"parameter '{p.name}' has the name of a grid axis")
+        if p.type is not None:
+            return self.input_param(p, ctx, values)
+        if p.name in values:
+            v = values[p.name]
+            if isinstance(v, ast.Node):  # an argument expression from a calling pattern
+                return v
+            return self.from_python(v, p, ctx, top)
+        if p.default is None:
+            if top:
+                self.fail(p.span, f"parameter '{p.name}' has no default: bind it, e.g. prog.pattern(..., {p.name}=...)")
+            self.fail(p.span, f"parameter '{p.name}' has no default and the call does not give it")
+        v = self.ev(p.default, ctx)
+        if isinstance(v, ir.Mask):
+            return v
+        if top and _is_int(v):
+            sym = ir.param_symbol(p.name)
+            self.bindings[sym] = v.xreplace(self.bindings)
+            return sym
+        return v
+
+    def from_python(self, v, p: ast.Param, ctx: Ctx, top: bool):
+        """Convert a Python value given at bind time."""
+        span = p.span
+        if isinstance(v, bool):
+            return v
+        if isinstance(v, int):
+            if top:
+                sym = ir.param_symbol(p.name)
+                self.bindings[sym] = sympy.Integer(v)
+                return sym
+            return sympy.Integer(v)
+        if isinstance(v, range):
+            if v.step < 1:
+                self.fail(span, f"parameter '{p.name}': a range needs a positive step, got {v.step}")
+            return ir.SetRange(start=sympy.Integer(v.start), stop=sympy.Integer(v.stop), step=sympy.Integer(v.step))
+        if isinstance(v, (set, frozenset)):
+            if not all(isinstance(x, int) and not isinstance(x, bool) for x in v):
+                self.fail(span, f"parameter '{p.name}': expected a set of integers, got {v!r}")
+            return ir.SetList(items=tuple(sympy.Integer(x) for x in sorted(v)))
+        if isinstance(v, (tuple, list)):
+            if v and all(isinstance(x, bool) for x in v):
+                return tuple(v)
+            if not v or not all(isinstance(x, int) and not isinstance(x, bool) for x in v):
+                self.fail(span, f"parameter '{p.name}': expected a tuple of integers or of booleans, got {v!r}")
+            return tuple(sympy.Integer(x) for x in v)
+        try:  # numpy / torch integer scalars
+            import numbers
+            if isinstance(v, numbers.Integral):
+                return self.from_python(int(v), p, ctx, top)
+        except TypeError:
+            pass
+        self.fail(span, f"parameter '{p.name}': expected an integer, boolean, tuple or set, got {type(v).__name__} {v!r}",
+                  f"{p.name}=3, {p.name}=(3, 5) or {p.name}={{0, 1}}")
+
+    def input_param(self, p: ast.Param, ctx: Ctx, values: dict[str, object]):
+        t = p.type
+        if t.name not in INPUT_TYPES:
+            close = difflib.get_close_matches(t.name, list(INPUT_TYPES), n=1)
+            self.fail(t.span, f"unknown run-time input type '{t.name}': expected segments or blocks(b)",
+                      f"did you mean '{close[0]}'?" if close else None)
+        if p.name in values and isinstance(values[p.name], InputRef):
+            return values[p.name]
+        if p.name in values and not isinstance(values[p.name], ast.Node):
+            self.fail(p.span, f"'{p.name}' is a run-time input ({t.name}): pass it as a tensor when calling the op, not when binding",
+                      f"pat(q, k, v, {p.name}=tensor)")
+        block = None
+        if t.name == "segments":
+            if t.args:
+                self.fail(t.span, f"segments takes no arguments, got {len(t.args)}")
+        else:
+            if len(t.args) != 1:
+                self.fail(t.span, "blocks needs the block size: blocks(64)")
+            block = self.int_of(t.args[0], ctx, "the block size of blocks(b)")
+            bv = self.static_int(block)
+            if bv is not None and bv < 1:
+                self.fail(t.args[0].span, f"block size must be >= 1, got {bv}")
+        spec = ir.InputSpec(name=p.name, kind=t.name, block=block, span=p.span)
+        prev = self.inputs.get(p.name)
+        if prev is not None and (prev.kind, prev.block) != (spec.kind, spec.block):
+            self.fail(p.span, f"run-time input '{p.name}' is declared twice with different types")
+        self.inputs[p.name] = spec
+        return InputRef(spec)
+
+    # -- typed helpers
+    def mask_of(self, e: ast.Expr, ctx: Ctx, what: str) -> ir.Mask:
+        try:
+            v = self.ev(e, ctx)
+        except _Abort:
+            v = POISON
+        if v is POISON:
+            if not self.diags.errors:  # never turn a failure into a silently empty mask
+                self.diags.add(error(e.span, f"{what} could not be evaluated"))
+            return ir.Empty(span=e.span)
+        if isinstance(v, PatternRef):
+            v = self.call_pattern(v, [], (), e.span, ctx)
+        if isinstance(v, bool):
+            return ir.Full(span=e.span) if v else ir.Empty(span=e.span)
+        if not isinstance(v, ir.Mask):
+            self.diags.add(error(e.span, f"{what} must be a mask, got {type_name(v)}",
+                                 "combine primitives such as causal, band(l, r), where q - k < 8"))
+            return ir.Empty(span=e.span)
+        return v
+
+    def int_of(self, e: ast.Expr, ctx: Ctx, what: str) -> ir.Int:
+        v = self.ev(e, ctx)
+        if v is POISON:
+            raise _Abort
+        if not _is_int(v):
+            self.fail(e.span, f"{what} must be an integer, got {type_name(v)}")
+        return v
+
+    # -- expressions
+    def ev(self, e: ast.Expr, ctx: Ctx):
+        method = getattr(self, "ev_" + type(e).__name__)
+        return method(e, ctx)
+
+    def ev_Num(self, e: ast.Num, ctx):
+        return sympy.Integer(e.value)
+
+    def ev_Bool(self, e: ast.Bool, ctx):
+        return e.value
+
+    def ev_Name(self, e: ast.Name, ctx: Ctx):
+        name = e.id
+        if ctx.in_where and name in ("q", "k", "h"):  # positions shadow parameters named q, k, h
+            return Pos(ir.PVar(name=name, span=e.span), False)
+        if name in ctx.locals:
+            return ctx.locals[name]
+        if name in ("q", "k", "h"):
+            self.fail(e.span, f"'{name}' (a {'head index' if name == 'h' else 'token position'}) is only defined inside `where`",
+                      f"where {name} ...")
+        if name in ir.SIZE_NAMES:
+            return ir.SIZE_NAMES[name]
+        found = ctx.module.lookup(name)
+        if found is not None:
+            kind, node, scope = found
+            if kind == "let":
+                return self.let_value(node, scope, ctx)
+            return PatternRef(node, scope)
+        if name in PRIMITIVES:
+            params, usage = PRIMITIVES[name]
+            if any(d is _REQUIRED for _, _, d in params):
+                self.fail(e.span, f"'{name}' needs arguments: {usage}")
+            return self.call_primitive(name, [], (), e.span, e.span, ctx)
+        if name in ctx.layout.axes:
+            self.fail(e.span, f"grid axis '{name}' is not a value here", f"size({name}), q.{name} or P @ {name}")
+        if name in FUNCTIONS:
+            self.fail(e.span, f"'{name}' is a function: {FUNCTIONS[name]}")
+        if name == "_":
+            self.fail(e.span, "'_' is only the catch-all selector inside heads { ... }")
+        self.unknown(name, e.span, ctx)
+
+    def unknown(self, name: str, span: Span, ctx: Ctx, what: str = "name"):
+        candidates = [*ctx.locals, *ctx.module.visible_names(), *PRIMITIVES, *FUNCTIONS, *ir.SIZE_NAMES, *ctx.layout.axes]
+        close = difflib.get_close_matches(name, candidates, n=1)
+        self.fail(span, f"unknown {what} '{name}'", f"did you mean '{close[0]}'?" if close else None)
+
+    def let_value(self, let: ast.Let, scope: ModuleScope, ctx: Ctx):
+        key = f"{let.span.file}:{let.name}"
+        if key in self.let_stack:
+            chain = " -> ".join([*self.let_stack[self.let_stack.index(key):], key]).replace(f"{let.span.file}:", "")
+            self.fail(let.name_span, f"'{let.name}' is defined in terms of itself ({chain})")
+        self.let_stack.append(key)
+        try:
+            # module-level lets see module names only, not the caller's locals
+            return self.ev(let.value, Ctx(scope, ctx.layout, {}, ctx.in_where, ctx.along, ctx.transformed))
+        finally:
+            self.let_stack.pop()
+
+    def ev_Coord(self, e: ast.Coord, ctx: Ctx):
+        if e.base not in ("q", "k"):
+            self.fail(e.span, f"'{e.base}.{e.axis}': only q.AXIS and k.AXIS name grid coordinates")
+        if not ctx.in_where:
+            self.fail(e.span, f"'{e.base}.{e.axis}' is only defined inside `where`")
+        if e.axis not in ctx.layout.axes:
+            if not ctx.layout.axes:
+                self.fail(e.span, f"'{e.base}.{e.axis}' needs a grid layout: pattern ... on grid(h, w) = ...")
+            close = difflib.get_close_matches(e.axis, list(ctx.layout.axes), n=1)
+            self.fail(e.span, f"unknown grid axis '{e.axis}' (the layout has {', '.join(ctx.layout.axes)})",
+                      f"did you mean '{close[0]}'?" if close else None)
+        if ctx.along is not None:
+            self.fail(e.span, f"grid coordinates are not defined inside `@ {ctx.along}` (it is 1-D): use q and k")
+        return Pos(ir.PVar(name=e.base, axis=e.axis, span=e.span), False)
+
+    def ev_LetIn(self, e: ast.LetIn, ctx: Ctx):
+        if e.name in ir.SIZE_NAMES or e.name == "_":
+            self.fail(e.span, f"'{e.name}' cannot be bound with let: M, N, H and _ are reserved")
+        v = self.ev(e.value, ctx)
+        inner = ctx.child()
+        inner.locals[e.name] = v
+        return self.ev(e.body, inner)
+
+    def ev_Call(self, e: ast.Call, ctx: Ctx):
+        name = e.func
+        if name in ctx.locals and not (name in FUNCTIONS or name in PRIMITIVES):
+            # a local that shadows a built-in name shadows it only as a value: `size(h)` still works
+            self.fail(e.func_span, f"'{name}' is {type_name(ctx.locals[name])}, not a pattern or function")
+        if name in FUNCTIONS:
+            return self.call_function(e, ctx)
+        found = ctx.module.lookup(name)
+        if found is not None:
+            kind, node, scope = found
+            if kind == "let":
+                v = self.let_value(node, scope, ctx)
+                if isinstance(v, PatternRef):
+                    return self.call_pattern(v, e.args, e.kwargs, e.span, ctx)
+                self.fail(e.func_span, f"'{name}' is {type_name(v)}, not a pattern or function")
+            return self.call_pattern(PatternRef(node, scope), e.args, e.kwargs, e.span, ctx)
+        if name in PRIMITIVES:
+            return self.call_primitive(name, e.args, e.kwargs, e.span, e.func_span, ctx)
+        if name in ("q", "k", "h", *ir.SIZE_NAMES):
+            self.fail(e.func_span, f"'{name}' is not a function")
+        self.unknown(name, e.func_span, ctx, "pattern or primitive")
+
+    def call_function(self, e: ast.Call, ctx: Ctx):
+        name = e.func
+        if e.kwargs:
+            self.fail(e.kwargs[0].span, f"{name}() takes no keyword arguments")
+        if name == "size":
+            if len(e.args) != 1 or not isinstance(e.args[0], ast.Name):
+                self.fail(e.span, "size takes one grid axis name: size(h)")
+            axis = e.args[0].id
+            if axis not in ctx.layout.axes:
+                if not ctx.layout.axes:
+                    self.fail(e.args[0].span, f"size({axis}) needs a grid layout: pattern ... on grid({axis}, ...) = ...")
+                close = difflib.get_close_matches(axis, list(ctx.layout.axes), n=1)
+                self.fail(e.args[0].span, f"unknown grid axis '{axis}' (the layout has {', '.join(ctx.layout.axes)})",
+                          f"did you mean '{close[0]}'?" if close else None)
+            return ir.axis_size(axis)
+        args = [self.ev(a, ctx) for a in e.args]
+        if name == "abs" and len(args) != 1:
+            self.fail(e.span, f"abs takes one argument, got {len(args)}")
+        if name in ("min", "max") and len(args) < 2:
+            self.fail(e.span, f"{name} takes at least two arguments, got {len(args)}")
+        for a, arg in zip(e.args, args):
+            if arg is POISON:
+                raise _Abort
+            if not (_is_int(arg) or (isinstance(arg, Pos) and not arg.boolean)):
+                self.fail(a.span, f"{name}() takes integers, got {type_name(arg)}")
+        if any(isinstance(a, Pos) for a in args):
+            return Pos(ir.PCall(func=name, args=tuple(self.pos(a) for a in args), span=e.span), False)
+        fn = {"min": sympy.Min, "max": sympy.Max, "abs": sympy.Abs}[name]
+        return fn(*args)
+
+    def call_pattern(self, ref: PatternRef, args, kwargs, span: Span, ctx: Ctx):
+        pdef = ref.definition
+        if pdef.name in self.call_stack or len(self.call_stack) >= self.MAX_CALL_DEPTH:
+            chain = " -> ".join([*self.call_stack, pdef.name])
+            self.fail(span, f"pattern '{pdef.name}' calls itself ({chain}); patterns cannot be recursive")
+        if pdef.layout is not None:
+            callee_layout = self.layout(pdef, ref.module)
+            if callee_layout.axes != ctx.layout.axes:
+                self.fail(span, f"pattern '{pdef.name}' is on {callee_layout} but is used on {ctx.layout}",
+                          "declare the callee without `on ...` to use it on any layout")
+        params = pdef.params
+        values: dict[str, object] = {}
+        if len(args) > len(params):
+            self.fail(span, f"pattern '{pdef.name}' takes {len(params)} argument(s), got {len(args)}")
+        for p, a in zip(params, args):
+            values[p.name] = a
+        for kw in kwargs:
+            if kw.name not in {p.name for p in params}:
+                close = difflib.get_close_matches(kw.name, [p.name for p in params], n=1)
+                self.fail(kw.span, f"pattern '{pdef.name}' has no parameter '{kw.name}'",
+                          f"did you mean '{close[0]}'?" if close else None)
+            if kw.name in values:
+                self.fail(kw.span, f"argument '{kw.name}' given twice")
+            values[kw.name] = kw.value
+        # arguments are evaluated in the caller's context; defaults in the callee's
+        evaluated: dict[str, object] = {}
+        for name, v in values.items():
+            evaluated[name] = self.ev(v, ctx)
+            if evaluated[name] is POISON:
+                raise _Abort
+        inner = Ctx(ref.module, ctx.layout, {}, False, ctx.along, ctx.transformed)
+        for p in params:
+            if p.name in evaluated:
+                v = evaluated[p.name]
+                if p.type is not None:
+                    if not isinstance(v, InputRef) or v.spec.kind != p.type.name:
+                        self.fail(span, f"argument '{p.name}' of '{pdef.name}' must be a run-time input of type {p.type.name}, got {type_name(v)}")
+                inner.locals[p.name] = v
+            else:
+                inner.locals[p.name] = self.param_value(p, inner, {}, top=False)
+        self.call_stack.append(pdef.name)
+        try:
+            return self.mask_of(pdef.body, inner, what=f"the body of pattern '{pdef.name}'")
+        finally:
+            self.call_stack.pop()
+
+    # -- primitives
+    def call_primitive(self, name, args, kwargs, span: Span, func_span: Span, ctx: Ctx):
+        params, usage = PRIMITIVES[name]
+        got: dict[str, tuple[object, Span]] = {}
+        if len(args) > len(params):
+            self.fail(span, f"{name} takes {len(params)} argument(s), got {len(args)}", usage)
+        for (pname, _, _), a in zip(params, args):
+            got[pname] = (a, a.span)
+        names = [p[0] for p in params]
+        for kw in kwargs:
+            if kw.name not in names:
+                close = difflib.get_close_matches(kw.name, names, n=1)
+                self.fail(kw.span, f"{name} has no parameter '{kw.name}' ({usage})",
+                          f"did you mean '{close[0]}'?" if close else None)
+            if kw.name in got:
+                self.fail(kw.span, f"argument '{kw.name}' of {name} given twice")
+            got[kw.name] = (kw.value, kw.span)
+        vals: dict[str, object] = {}
+        inner = ctx
+        if name in ("dilate", "blockwise"):
+            inner = ctx.child(transformed=True)
+        for pname, kind, default in params:
+            if pname not in got:
+                if default is _REQUIRED:
+                    self.fail(span, f"{name} is missing its argument '{pname}'", usage)
+                vals[pname] = sympy.Integer(default) if isinstance(default, int) and not isinstance(default, bool) else default
+                continue
+            expr, aspan = got[pname]
+            vals[pname] = self.arg(name, pname, kind, expr, aspan, inner if kind == MASK else ctx)
+        if name in ("same", "routed", "topk"):
+            if ctx.transformed:
+                self.fail(span, f"{name} is a run-time primitive and cannot be used inside dilate, blockwise or @")
+            if ctx.in_where:
+                self.fail(span, f"{name} is a mask, not a condition")
+        node = self.build(name, vals, span)
+        for v in violations(node, self.static_int):
+            self.fail(span, v)
+        return node
+
+    def arg(self, prim, pname, kind, expr, span, ctx: Ctx):
+        v = self.ev(expr, ctx)
+        if v is POISON:
+            raise _Abort
+        where = f"argument '{pname}' of {prim}"
+        if kind == INT:
+            if not _is_int(v):
+                self.fail(span, f"{where} must be an integer, got {type_name(v)}")
+            return v
+        if kind in (AXIS_INT, AXIS_BOOL):
+            want_bool = kind == AXIS_BOOL
+            ok = (lambda x: isinstance(x, bool)) if want_bool else _is_int
+            if isinstance(v, tuple):
+                if not all(ok(x) for x in v):
+                    self.fail(span, f"{where} must be a tuple of {'booleans' if want_bool else 'integers'}")
+                if ctx.ndim == 1:
+                    self.fail(span, f"{where} is a per-axis tuple, but the pattern is 1-D here",
+                              "give one value, or use a grid layout")
+                if len(v) != ctx.ndim:
+                    self.fail(span, f"{where} has {len(v)} values but the grid has {ctx.ndim} axes ({', '.join(ctx.layout.axes)})")
+                return v
+            if not ok(v):
+                self.fail(span, f"{where} must be {'a boolean' if want_bool else 'an integer'} or a per-axis tuple, got {type_name(v)}")
+            return v
+        if kind == SET:
+            if isinstance(v, (ir.SetList, ir.SetRange)):
+                return v
+            if _is_int(v):
+                return ir.SetList(items=(v,))
+            if isinstance(v, tuple) and all(_is_int(x) for x in v):
+                return ir.SetList(items=v)
+            self.fail(span, f"{where} must be a set of token positions, got {type_name(v)}", "0 .. 16 or {0, N - 1}")
+        if kind == MASK:
+            if isinstance(v, PatternRef):
+                v = self.call_pattern(v, [], (), span, ctx)
+            if not isinstance(v, ir.Mask):
+                self.fail(span, f"{where} must be a mask, got {type_name(v)}")
+            return v
+        if kind in (SEGMENTS, BLOCKS):
+            if not isinstance(v, InputRef) or v.spec.kind != kind:
+                decl = "doc: segments" if kind == SEGMENTS else "sel: blocks(64)"
+                self.fail(span, f"{where} must be a run-time input declared as a typed parameter, got {type_name(v)}",
+                          f"pattern p({decl}) = ...")
+            return v
+        raise ValueError(kind)
+
+    def build(self, name: str, v: dict, span: Span) -> ir.Mask:
+        match name:
+            case "full":
+                return ir.Full(span=span)
+            case "none":
+                return ir.Empty(span=span)
+            case "causal":
+                return ir.Causal(span=span)
+            case "band":
+                return ir.Band(left=v["left"], right=v["right"], span=span)
+            case "sliding":
+                return ir.Sliding(w=v["w"], span=span)
+            case "neighborhood":
+                return ir.Neighborhood(size=v["size"], dilation=v["dilation"], stride=v["stride"], causal=v["causal"], span=span)
+            case "block":
+                return ir.Block(size=v["size"], shift=v["shift"], halo=v["halo"], span=span)
+            case "strided":
+                return ir.Strided(s=v["s"], span=span)
+            case "sink":
+                return ir.Sink(n=v["n"], span=span)
+            case "global":
+                return ir.Global(tokens=v["tokens"], span=span)
+            case "rows":
+                return ir.Rows(tokens=v["tokens"], span=span)
+            case "cols":
+                return ir.Cols(tokens=v["tokens"], span=span)
+            case "prefix":
+                return ir.Prefix(n=v["n"], span=span)
+            case "random":
+                return ir.Random(r=v["r"], seed=v["seed"], span=span)
+            case "same":
+                return ir.Same(input=v["doc"].spec.name, span=span)
+            case "routed":
+                return ir.Routed(input=v["sel"].spec.name, block=v["sel"].spec.block, span=span)
+            case "topk":
+                return ir.TopK(k=v["k"], block=v["block"], span=span)
+            case "dilate":
+                return ir.Dilate(d=v["d"], operand=v["pattern"], span=span)
+            case "blockwise":
+                return ir.Blockwise(b=v["b"], operand=v["pattern"], span=span)
+        raise ValueError(name)
+
+    # -- operators
+    def ev_Unary(self, e: ast.Unary, ctx: Ctx):
+        v = self.ev(e.operand, ctx)
+        if v is POISON:
+            raise _Abort
+        if isinstance(v, PatternRef):
+            v = self.call_pattern(v, [], (), e.operand.span, ctx)
+        if e.op == "~":
+            if isinstance(v, ir.Mask):
+                return ir.Not(operand=v, span=e.span)
+            self.fail(e.span, f"'~' complements a mask, got {type_name(v)}", "use '-' to negate an integer" if _is_int(v) else None)
+        if e.op == "-":
+            if _is_int(v):
+                return -v
+            if isinstance(v, Pos) and not v.boolean:
+                return Pos(ir.PNeg(operand=v.node, span=e.span), False)
+            if isinstance(v, ir.Mask):
+                self.fail(e.span, "unary '-' negates integers; the complement of a mask is '~P'", "~P")
+            self.fail(e.span, f"'-' negates an integer, got {type_name(v)}")
+        if e.op == "not":
+            if isinstance(v, bool):
+                return not v
+            if isinstance(v, Pos) and v.boolean:
+                return Pos(ir.PNot(operand=v.node, span=e.span), True)
+            self.fail(e.span, f"'not' takes a condition, got {type_name(v)}")
+        raise ValueError(e.op)
+
+    def pos(self, v) -> ir.PExpr:
+        if isinstance(v, Pos):
+            return v.node
+        return ir.PConst(value=v)
+
+    def ev_Binary(self, e: ast.Binary, ctx: Ctx):
+        left = right = POISON
+        try:
+            left = self.ev(e.left, ctx)
+        except _Abort:
+            pass
+        try:
+            right = self.ev(e.right, ctx)
+        except _Abort:
+            pass
+        if left is POISON or right is POISON:
+            if not self.diags.items:  # never unwind without telling the user why
+                self.fail(e.span, "invalid operand")
+            raise _Abort
+        if isinstance(left, PatternRef):
+            left = self.call_pattern(left, [], (), e.left.span, ctx)
+        if isinstance(right, PatternRef):
+            right = self.call_pattern(right, [], (), e.right.span, ctx)
+        op = e.op
+        if op in ("and", "or"):
+            parts = []
+            for side, v in ((e.left, left), (e.right, right)):
+                if isinstance(v, bool):
+                    v = Pos(ir.PConst(value=sympy.Integer(int(v))), True)  # folded below
+                if not (isinstance(v, Pos) and v.boolean):
+                    self.fail(side.span, f"'{op}' combines conditions, got {type_name(v)}")
+                parts.append(v.node)
+            flat = []
+            for p in parts:
+                flat.extend(p.parts if isinstance(p, ir.PBool) and p.op == op else (p,))
+            return Pos(ir.PBool(op=op, parts=tuple(flat), span=e.span), True)
+        if isinstance(left, ir.Mask) or isinstance(right, ir.Mask):
+            if op in ("|", "&", "-") and isinstance(left, ir.Mask) and isinstance(right, ir.Mask):
+                if op == "|":
+                    parts = [*(left.parts if isinstance(left, ir.Union_) else (left,)), *(right.parts if isinstance(right, ir.Union_) else (right,))]
+                    return ir.Union_(parts=tuple(parts), span=e.span)
+                if op == "&":
+                    parts = [*(left.parts if isinstance(left, ir.Inter) else (left,)), *(right.parts if isinstance(right, ir.Inter) else (right,))]
+                    return ir.Inter(parts=tuple(parts), span=e.span)
+                return ir.Diff(left=left, right=right, span=e.span)
+            other = right if isinstance(left, ir.Mask) else left
+            hint = None
+            if isinstance(other, Pos) and other.boolean:
+                hint = "wrap the condition in where: (where ...)"
+            self.fail(e.span, f"'{op}' cannot combine a mask with {type_name(other)}" if op in "|&-"
+                      else f"'{op}' is arithmetic; masks combine with | & - ~", hint)
+        if op in ("|", "&"):
+            if isinstance(left, Pos) or isinstance(right, Pos):
+                self.fail(e.span, f"'{op}' combines masks; conditions inside `where` combine with '{'or' if op == '|' else 'and'}'",
+                          f"where a {'or' if op == '|' else 'and'} b")
+            self.fail(e.span, f"'{op}' combines masks, got {type_name(left)} and {type_name(right)}")
+        # arithmetic
+        for side, v in ((e.left, left), (e.right, right)):
+            if not (_is_int(v) or (isinstance(v, Pos) and not v.boolean)):
+                self.fail(side.span, f"'{op}' needs integers, got {type_name(v)}")
+        if isinstance(left, Pos) or isinstance(right, Pos):
+            if op == "**":
+                exp = self.static_int(right) if _is_int(right) else None
+                if exp is None or exp < 0:
+                    self.fail(e.right.span, "the exponent of '**' on positions must be a constant >= 0")
+            if op in ("//", "%") and _is_int(right) and self.static_int(right) == 0:
+                self.fail(e.right.span, f"'{op}' by zero")
+            return Pos(ir.PBin(op=op, left=self.pos(left), right=self.pos(right), span=e.span), False)
+        if op in ("//", "%"):
+            rv = self.static_int(right)
+            if rv == 0:
+                self.fail(e.right.span, f"'{op}' by zero")
+        if op == "**":
+            rv = self.static_int(right)
+            if rv is not None and rv < 0:
+                self.fail(e.right.span, f"negative exponent {rv}: integer powers must be >= 0")
+            if rv is not None and rv > 64:
+                self.fail(e.right.span, f"exponent {rv} is too large (limit 64)")
+        match op:
+            case "+":
+                return left + right
+            case "-":
+                return left - right
+            case "*":
+                return left * right
+            case "//":
+                return sympy.floor(left / right)
+            case "%":
+                return sympy.Mod(left, right)
+            case "**":
+                return left ** right
+        raise ValueError(op)
+
+    def ev_Compare(self, e: ast.Compare, ctx: Ctx):
+        vals = [self.ev(x, ctx) for x in e.operands]
+        for x, v in zip(e.operands, vals):
+            if v is POISON:
+                raise _Abort
+            if not (_is_int(v) or (isinstance(v, Pos) and not v.boolean)):
+                self.fail(x.span, f"comparisons take integers, got {type_name(v)}")
+        return Pos(ir.PCmp(ops=e.ops, operands=tuple(self.pos(v) for v in vals), span=e.span), True)
+
+    def ev_In(self, e: ast.In, ctx: Ctx):
+        item = self.ev(e.item, ctx)
+        coll = self.ev(e.collection, ctx)
+        if not (_is_int(item) or (isinstance(item, Pos) and not item.boolean)):
+            self.fail(e.item.span, f"'in' tests an integer, got {type_name(item)}")
+        if _is_int(coll):
+            coll = ir.SetList(items=(coll,))
+        elif isinstance(coll, tuple) and all(_is_int(x) for x in coll):
+            coll = ir.SetList(items=coll)
+        if not isinstance(coll, (ir.SetList, ir.SetRange)):
+            self.fail(e.collection.span, f"'in' needs a set, got {type_name(coll)}")
+        return Pos(ir.PIn(item=self.pos(item), collection=coll, span=e.span), True)
+
+    def ev_Range(self, e: ast.Range, ctx: Ctx):
+        start = self.int_of(e.start, ctx, "the start of a range")
+        stop = self.int_of(e.stop, ctx, "the end of a range")
+        step = sympy.Integer(1) if e.step is None else self.int_of(e.step, ctx, "the step of a range")
+        sv = self.static_int(step)
+        if sv is not None and sv < 1:
+            self.fail(e.step.span, f"a range step must be >= 1, got {sv}")
+        return ir.SetRange(start=start, stop=stop, step=step)
+
+    def ev_TupleLit(self, e: ast.TupleLit, ctx: Ctx):
+        vals = [self.ev(x, ctx) for x in e.items]
+        if all(isinstance(v, bool) for v in vals):
+            return tuple(vals)
+        for x, v in zip(e.items, vals):
+            if v is POISON:
+                raise _Abort
+            if not _is_int(v):
+                self.fail(x.span, f"tuple elements must be integers (or all booleans), got {type_name(v)}")
+        return tuple(vals)
+
+    def ev_SetLit(self, e: ast.SetLit, ctx: Ctx):
+        items = tuple(self.int_of(x, ctx, "a set element") for x in e.items)
+        return ir.SetList(items=items)
+
+    def ev_Heads(self, e: ast.Heads, ctx: Ctx):
+        arms = []
+        seen_wild = False
+        for arm in e.arms:
+            if seen_wild:
+                self.diags.add(error(arm.span, "this arm is unreachable: the catch-all '_' arm before it matches every head"))
+            sel = None
+            if arm.selector is None:
+                seen_wild = True
+            else:
+                try:
+                    v = self.ev(arm.selector, ctx)
+                except _Abort:
+                    v = POISON
+                if _is_int(v):
+                    sel = ir.SetList(items=(v,))
+                elif isinstance(v, (ir.SetList, ir.SetRange)):
+                    sel = v
+                elif isinstance(v, tuple) and all(_is_int(x) for x in v):
+                    sel = ir.SetList(items=v)
+                elif v is not POISON:
+                    self.diags.add(error(arm.selector.span, f"a head selector must be an integer, a range or a set, got {type_name(v)}",
+                                         "0 => P; 2 .. 4 => P; {5, 7} => P; _ => P"))
+            body = self.mask_of(arm.body, ctx, what="a heads arm")
+            arms.append(ir.HeadArm(selector=sel, body=body, span=arm.span))
+        return ir.Heads(arms=tuple(arms), span=e.span)
+
+    def ev_Where(self, e: ast.Where, ctx: Ctx):
+        v = self.ev(e.pred, ctx.child(in_where=True))
+        if v is POISON:
+            raise _Abort
+        if isinstance(v, bool):
+            return ir.Full(span=e.span) if v else ir.Empty(span=e.span)
+        if not (isinstance(v, Pos) and v.boolean):
+            self.fail(e.pred.span, f"`where` needs a condition (a comparison), got {type_name(v)}", "where q - k < 8")
+        return ir.Where(pred=v.node, span=e.span)
+
+    def ev_Along(self, e: ast.Along, ctx: Ctx):
+        if not ctx.layout.axes:
+            self.fail(e.span, f"'@ {e.axis}' applies a pattern along a grid axis, but this pattern is on seq",
+                      "declare the pattern `on grid(...)`")
+        if e.axis not in ctx.layout.axes:
+            close = difflib.get_close_matches(e.axis, list(ctx.layout.axes), n=1)
+            self.fail(e.axis_span, f"unknown grid axis '{e.axis}' (the layout has {', '.join(ctx.layout.axes)})",
+                      f"did you mean '{close[0]}'?" if close else None)
+        if ctx.along is not None:
+            self.fail(e.span, f"'@ {e.axis}' inside '@ {ctx.along}': a pattern is applied along one axis at a time")
+        inner = ctx.child(along=e.axis, transformed=True)
+        v = self.ev(e.operand, inner)
+        if v is POISON:
+            raise _Abort
+        if isinstance(v, PatternRef):
+            v = self.call_pattern(v, [], (), e.operand.span, inner)
+        if not isinstance(v, ir.Mask):
+            self.fail(e.operand.span, f"'@ {e.axis}' applies a mask along an axis, got {type_name(v)}")
+        return ir.Along(operand=v, axis=e.axis, span=e.span)

@@ -1,0 +1,534 @@
+"""The resolved, typed IR of attention patterns.
+
+input:  produced by elaborate.py from the AST.
+output: frozen nodes (structural equality and hashing), each with a `span`;
+        integers are sympy expressions over the size symbols M, N, H,
+        size(axis) and the pattern's integer parameters.
+does not: evaluate masks (reference.py) or plan tiles (later passes).
+
+Two expression languages live here: *mask* nodes (the pattern algebra) and
+*position* nodes (the `where` predicate language over q, k, h and grid
+coordinates). Static integers inside both are sympy expressions, so analysis
+can keep parameters and sizes symbolic.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Iterator, Union
+
+import networkx as nx
+import sympy
+
+from .errors import NO_SPAN, Span
+
+# ----------------------------------------------------------------------------- symbols
+
+M = sympy.Symbol("M", integer=True, positive=True)
+N = sympy.Symbol("N", integer=True, positive=True)
+H = sympy.Symbol("H", integer=True, positive=True)
+SIZE_NAMES = {"M": M, "N": N, "H": H}
+RESERVED = {"M", "N", "H", "q", "k", "h", "_"}
+
+
+def axis_size(axis: str) -> sympy.Symbol:
+    """The symbol for `size(axis)`."""
+    return sympy.Symbol(f"size({axis})", integer=True, positive=True)
+
+
+def param_symbol(name: str) -> sympy.Symbol:
+    return sympy.Symbol(name, integer=True)
+
+
+Int = sympy.Expr
+
+
+# ----------------------------------------------------------------------------- static values
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SetList:
+    """An explicit integer set `{a, b, c}`."""
+
+    items: tuple[Int, ...]
+
+    def __str__(self) -> str:
+        return "{" + ", ".join(str(i) for i in self.items) + "}"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SetRange:
+    """A half-open range `start .. stop step step`."""
+
+    start: Int
+    stop: Int
+    step: Int = sympy.Integer(1)
+
+    def __str__(self) -> str:
+        s = f"{self.start} .. {self.stop}"
+        return s if self.step == 1 else f"{s} step {self.step}"
+
+
+SetVal = Union[SetList, SetRange]
+
+#: A primitive argument: one value for every axis, or one per axis.
+Arg = Union[Int, tuple]
+
+
+# ----------------------------------------------------------------------------- layout
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Layout:
+    """`seq`, `grid(a, b[, c])` or `seq(T) + grid(...)` (text = T)."""
+
+    axes: tuple[str, ...] = ()
+    text: Int | None = None
+    span: Span = field(default=NO_SPAN, compare=False, hash=False, repr=False)
+
+    @property
+    def is_grid(self) -> bool:
+        return bool(self.axes)
+
+    @property
+    def is_mixed(self) -> bool:
+        return self.text is not None and bool(self.axes)
+
+    def __str__(self) -> str:
+        parts = []
+        if self.text is not None:
+            parts.append(f"seq({self.text})")
+        if self.axes:
+            parts.append(f"grid({', '.join(self.axes)})")
+        return " + ".join(parts) or "seq"
+
+
+SEQ = Layout()
+
+
+# ----------------------------------------------------------------------------- position expressions (where)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PNode:
+    span: Span = field(default=NO_SPAN, compare=False, hash=False, repr=False)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PVar(PNode):
+    """`q` (absolute query position), `k`, `h` (head), or `q.a` / `k.a`."""
+
+    name: str
+    axis: str | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PConst(PNode):
+    value: Int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PBin(PNode):
+    op: str  # + - * // % **
+    left: "PExpr"
+    right: "PExpr"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PNeg(PNode):
+    operand: "PExpr"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PCall(PNode):
+    func: str  # min max abs
+    args: tuple["PExpr", ...]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PCmp(PNode):
+    ops: tuple[str, ...]
+    operands: tuple["PExpr", ...]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PBool(PNode):
+    op: str  # and | or
+    parts: tuple["PExpr", ...]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PNot(PNode):
+    operand: "PExpr"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PIn(PNode):
+    item: "PExpr"
+    collection: SetVal
+
+
+PExpr = Union[PVar, PConst, PBin, PNeg, PCall, PCmp, PBool, PNot, PIn]
+
+
+# ----------------------------------------------------------------------------- mask nodes
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Mask:
+    span: Span = field(default=NO_SPAN, compare=False, hash=False, repr=False)
+
+    def children(self) -> tuple["Mask", ...]:
+        return ()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Full(Mask):
+    pass
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Empty(Mask):
+    pass
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Causal(Mask):
+    pass
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Band(Mask):
+    left: Arg
+    right: Arg
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Sliding(Mask):
+    w: Arg
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Neighborhood(Mask):
+    size: Arg
+    dilation: Arg
+    stride: Arg
+    causal: bool | tuple[bool, ...]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Block(Mask):
+    size: Arg
+    shift: Arg
+    halo: Arg
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Strided(Mask):
+    s: Arg
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Sink(Mask):
+    n: Int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Global(Mask):
+    tokens: SetVal
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Rows(Mask):
+    tokens: SetVal
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Cols(Mask):
+    tokens: SetVal
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Prefix(Mask):
+    n: Int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Random(Mask):
+    r: Int
+    seed: Int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Where(Mask):
+    pred: PExpr
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Same(Mask):
+    """`same(doc)`: doc[qa] == doc[k] for a run-time `segments` input."""
+
+    input: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Routed(Mask):
+    """`routed(sel)`: key blocks chosen outside the op, per query block."""
+
+    input: str
+    block: Int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TopK(Mask):
+    """`topk(k, block)`: key blocks routed inside the op by pooled scores."""
+
+    k: Int
+    block: Int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Union_(Mask):
+    parts: tuple[Mask, ...]
+
+    def children(self):
+        return self.parts
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Inter(Mask):
+    parts: tuple[Mask, ...]
+
+    def children(self):
+        return self.parts
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Diff(Mask):
+    left: Mask
+    right: Mask
+
+    def children(self):
+        return (self.left, self.right)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Not(Mask):
+    operand: Mask
+
+    def children(self):
+        return (self.operand,)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Along(Mask):
+    """`P @ a`: P evaluated as a 1-D pattern over grid axis a."""
+
+    operand: Mask
+    axis: str
+
+    def children(self):
+        return (self.operand,)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Dilate(Mask):
+    d: Arg
+    operand: Mask
+
+    def children(self):
+        return (self.operand,)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Blockwise(Mask):
+    b: Arg
+    operand: Mask
+
+    def children(self):
+        return (self.operand,)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HeadArm:
+    selector: SetVal | None  # None: the wildcard `_`
+    body: Mask
+    span: Span = field(default=NO_SPAN, compare=False, hash=False, repr=False)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Heads(Mask):
+    arms: tuple[HeadArm, ...]
+
+    def children(self):
+        return tuple(a.body for a in self.arms)
+
+
+#: Primitives whose scalar arguments broadcast over grid axes, AND-ed per axis.
+AXISWISE = (Band, Sliding, Neighborhood, Block, Strided)
+#: Primitives whose truth depends on run-time tensors.
+DYNAMIC = (Same, Routed, TopK)
+
+
+# ----------------------------------------------------------------------------- patterns
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class InputSpec:
+    """A typed run-time parameter (`doc: segments`, `sel: blocks(64)`)."""
+
+    name: str
+    kind: str  # "segments" | "blocks"
+    block: Int | None = None
+    span: Span = field(default=NO_SPAN, compare=False, hash=False, repr=False)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ParamSpec:
+    name: str
+    kind: str  # "int" | "tuple" | "set" | "bool" | "input"
+    default_text: str | None
+    span: Span = field(default=NO_SPAN, compare=False, hash=False, repr=False)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PatternIR:
+    name: str
+    layout: Layout
+    body: Mask
+    #: integer parameters kept symbolic in `body`, with their bound values
+    #: (sympy expressions of M, N, H, size(a) and earlier parameters).
+    bindings: tuple[tuple[sympy.Symbol, Int], ...]
+    inputs: tuple[InputSpec, ...]
+    span: Span = field(default=NO_SPAN, compare=False, hash=False, repr=False)
+
+    def binding_map(self) -> dict[sympy.Symbol, Int]:
+        return dict(self.bindings)
+
+
+# ----------------------------------------------------------------------------- traversal and printing
+
+
+def walk(node: Mask) -> Iterator[Mask]:
+    """Every distinct node of the DAG below `node`, children before parents."""
+    yield from nx.topological_sort(dag(node).reverse(copy=False))
+
+
+def dag(root: Mask) -> nx.DiGraph:
+    """The mask as a DAG: structurally equal sub-patterns become one vertex.
+
+    Edges go from a node to its children; analyses that memoise per vertex
+    therefore handle a sub-pattern shared by several branches once.
+    """
+    g = nx.DiGraph()
+    stack = [root]
+    g.add_node(root)
+    while stack:
+        node = stack.pop()
+        for child in node.children():
+            if child not in g:
+                g.add_node(child)
+                stack.append(child)
+            g.add_edge(node, child)
+    return g
+
+
+def _fmt(v) -> str:
+    if isinstance(v, tuple):
+        return "(" + ", ".join(_fmt(x) for x in v) + ")"
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    return str(v)
+
+
+def pformat(node: Mask | PExpr) -> str:
+    """Canonical one-line text of an IR node (used for printing and hashing)."""
+    match node:
+        case Full():
+            return "full"
+        case Empty():
+            return "none"
+        case Causal():
+            return "causal"
+        case Band(left=l, right=r):
+            return f"band({_fmt(l)}, {_fmt(r)})"
+        case Sliding(w=w):
+            return f"sliding({_fmt(w)})"
+        case Neighborhood(size=s, dilation=d, stride=st, causal=c):
+            return f"neighborhood({_fmt(s)}, dilation={_fmt(d)}, stride={_fmt(st)}, causal={_fmt(c)})"
+        case Block(size=s, shift=sh, halo=ha):
+            return f"block({_fmt(s)}, shift={_fmt(sh)}, halo={_fmt(ha)})"
+        case Strided(s=s):
+            return f"strided({_fmt(s)})"
+        case Sink(n=n):
+            return f"sink({n})"
+        case Global(tokens=t):
+            return f"global({t})"
+        case Rows(tokens=t):
+            return f"rows({t})"
+        case Cols(tokens=t):
+            return f"cols({t})"
+        case Prefix(n=n):
+            return f"prefix({n})"
+        case Random(r=r, seed=s):
+            return f"random({r}, seed={s})"
+        case Where(pred=p):
+            return f"(where {pformat(p)})"
+        case Same(input=i):
+            return f"same({i})"
+        case Routed(input=i):
+            return f"routed({i})"
+        case TopK(k=k, block=b):
+            return f"topk({k}, block={b})"
+        case Union_(parts=ps):
+            return "(" + " | ".join(pformat(p) for p in ps) + ")"
+        case Inter(parts=ps):
+            return "(" + " & ".join(pformat(p) for p in ps) + ")"
+        case Diff(left=a, right=b):
+            return f"({pformat(a)} - {pformat(b)})"
+        case Not(operand=a):
+            return f"~{pformat(a)}"
+        case Along(operand=a, axis=ax):
+            return f"({pformat(a)} @ {ax})"
+        case Dilate(d=d, operand=a):
+            return f"dilate({_fmt(d)}, {pformat(a)})"
+        case Blockwise(b=b, operand=a):
+            return f"blockwise({_fmt(b)}, {pformat(a)})"
+        case Heads(arms=arms):
+            inner = "; ".join(f"{'_' if a.selector is None else a.selector} => {pformat(a.body)}" for a in arms)
+            return "heads { " + inner + " }"
+        case PVar(name=n, axis=ax):
+            return n if ax is None else f"{n}.{ax}"
+        case PConst(value=v):
+            return str(v)
+        case PBin(op=op, left=a, right=b):
+            return f"({pformat(a)} {op} {pformat(b)})"
+        case PNeg(operand=a):
+            return f"-{pformat(a)}"
+        case PCall(func=f, args=args):
+            return f"{f}(" + ", ".join(pformat(a) for a in args) + ")"
+        case PCmp(ops=ops, operands=xs):
+            out = pformat(xs[0])
+            for op, x in zip(ops, xs[1:]):
+                out += f" {op} {pformat(x)}"
+            return out
+        case PBool(op=op, parts=ps):
+            return "(" + f" {op} ".join(pformat(p) for p in ps) + ")"
+        case PNot(operand=a):
+            return f"not {pformat(a)}"
+        case PIn(item=i, collection=c):
+            return f"{pformat(i)} in {c}"
+    raise TypeError(f"not an IR node: {node!r}")
+
+
+def pattern_text(p: PatternIR) -> str:
+    """Canonical text of a bound pattern: parameters, layout and body."""
+    params = ", ".join(f"{s} = {v}" for s, v in p.bindings)
+    inputs = ", ".join(f"{i.name}: {i.kind}" + (f"({i.block})" if i.block is not None else "") for i in p.inputs)
+    sig = ", ".join(x for x in (params, inputs) if x)
+    return f"pattern {p.name}({sig}) on {p.layout} = {pformat(p.body)}"
+
+
+def replace(node, **changes):
+    return dataclasses.replace(node, **changes)

@@ -1,0 +1,448 @@
+"""Programs: loading files (imports, checks) and binding patterns.
+
+input:  a path or a source string.
+output: a `Program` whose patterns bind to `BoundPattern`s.
+does not: compute anything heavy at load; masks are evaluated on demand.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import networkx as nx
+import torch
+
+from . import ir, syntax as ast
+from .elaborate import Elaborator, ModuleScope
+from .errors import AttnError, Collector, Span, error
+from .reference import evaluate
+
+
+@dataclass(frozen=True)
+class ParamInfo:
+    name: str
+    default: str | None  # source text of the default, None when required
+    type: str | None  # "segments" / "blocks(64)" for run-time inputs
+
+
+@dataclass(frozen=True)
+class PatternInfo:
+    name: str
+    params: tuple[ParamInfo, ...]
+    layout: str
+    description: str
+    file: str
+    line: int
+
+
+def _read(path: Path, span: Span | None, display: str) -> str:
+    where = span or Span(file=display, line=1, col=1, end_line=1, end_col=2)
+    try:
+        raw = path.read_bytes()
+    except IsADirectoryError:
+        raise AttnError(error(where, f"'{display}' is a directory, not an .attn file")) from None
+    except FileNotFoundError:
+        raise AttnError(error(where, f"file not found: '{display}'")) from None
+    except PermissionError:
+        raise AttnError(error(where, f"cannot read '{display}': permission denied")) from None
+    except OSError as exc:
+        raise AttnError(error(where, f"cannot read '{display}': {exc.strerror or exc}")) from None
+    if b"\x00" in raw[:8192]:
+        raise AttnError(error(where, f"'{display}' is a binary file, not .attn text"))
+    if len(raw) > ast.MAX_SOURCE_CHARS:
+        raise AttnError(error(where, f"'{display}' is too large ({len(raw)} bytes; limit {ast.MAX_SOURCE_CHARS})"))
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        col = exc.start - (raw.rfind(b"\n", 0, exc.start) + 1) + 1
+        raise AttnError(error(Span(file=display, line=line, col=col, end_line=line, end_col=col + 1),
+                              f"'{display}' is not UTF-8 text (byte 0x{raw[exc.start]:02x})")) from None
+
+
+class Program:
+    """A loaded `.attn` file (with its imports), checked.
+
+    >>> prog = attnc.loads("pattern win(w = 4) = sliding(w)")
+    >>> prog.pattern("win", w=8).mask(16).shape
+    torch.Size([1, 16, 16])
+    """
+
+    def __init__(self, root: str, scopes: dict[str, ModuleScope], sources: dict[str, str], order: list[str]):
+        self.root = root
+        self.scopes = scopes
+        self.sources = sources
+        self.files = order
+
+    @property
+    def scope(self) -> ModuleScope:
+        return self.scopes[self.root]
+
+    def names(self) -> list[str]:
+        return list(self.scope.patterns)
+
+    def patterns(self) -> list[PatternInfo]:
+        out = []
+        for pdef in self.scope.patterns.values():
+            params = []
+            for p in pdef.params:
+                if p.type is not None:
+                    t = p.type.name + (f"({', '.join(_text(self.sources, a.span) for a in p.type.args)})" if p.type.args else "")
+                    params.append(ParamInfo(p.name, None, t))
+                else:
+                    params.append(ParamInfo(p.name, None if p.default is None else _text(self.sources, p.default.span), None))
+            layout = "seq" if pdef.layout is None else _text(self.sources, pdef.layout.span)[2:].strip()
+            out.append(PatternInfo(pdef.name, tuple(params), layout, pdef.description, pdef.span.file, pdef.span.line))
+        return out
+
+    def pattern(self, name: str | None = None, **params) -> "BoundPattern":
+        """Bind a pattern's parameters; `name` may be omitted when the file has one pattern."""
+        pdef = self._find(name)
+        diags = Collector()
+        elab = Elaborator(diags)
+        pir = elab.bind(pdef, self.scope, params, pdef.span)
+        diags.raise_if_errors(self.sources)
+        return BoundPattern(self, pir, dict(params))
+
+    def _find(self, name: str | None) -> ast.PatternDef:
+        pats = self.scope.patterns
+        span = Span(file=self.root, line=1, col=1, end_line=1, end_col=2)
+        if name is None:
+            if len(pats) == 1:
+                return next(iter(pats.values()))
+            listing = ", ".join(pats) or "none"
+            raise AttnError(error(span, f"the file defines {len(pats)} patterns ({listing}); name one"), self.sources)
+        if name not in pats:
+            import difflib
+            close = difflib.get_close_matches(name, list(pats), n=1)
+            raise AttnError(error(span, f"no pattern named '{name}' (defined: {', '.join(pats) or 'none'})",
+                                  f"did you mean '{close[0]}'?" if close else None), self.sources)
+        return pats[name]
+
+
+def _text(sources: dict[str, str], span: Span) -> str:
+    src = sources.get(span.file, "")
+    lines = src.splitlines()
+    if span.line == 0 or span.line > len(lines):
+        return ""
+    if span.line == span.end_line:
+        return lines[span.line - 1][span.col - 1: span.end_col - 1]
+    parts = [lines[span.line - 1][span.col - 1:]] + lines[span.line: span.end_line - 1] + [lines[span.end_line - 1][: span.end_col - 1]]
+    return " ".join(p.strip() for p in parts)
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def _display(path: Path) -> str:
+    try:
+        rel = os.path.relpath(path)
+    except ValueError:
+        return str(path)
+    return str(path) if rel.startswith("..") else rel
+
+
+class _Loader:
+    def __init__(self):
+        self.sources: dict[str, str] = {}
+        self.modules: dict[str, ast.Module] = {}
+        self.scopes: dict[str, ModuleScope] = {}
+        self.graph = nx.DiGraph()  # file -> imported file
+        self.diags = Collector()
+        self.base: dict[str, Path | None] = {}
+
+    def load_text(self, source: str, file: str, base: Path | None) -> None:
+        self.sources[file] = source
+        self.base[file] = base
+        self.graph.add_node(file)
+        try:
+            module = ast.parse(source, file)
+        except AttnError as err:
+            self.diags.extend(err)
+            return
+        self.modules[file] = module
+        for item in module.items:
+            if isinstance(item, ast.Import):
+                self.load_import(file, item)
+
+    def load_import(self, file: str, item: ast.Import) -> None:
+        base = self.base[file]
+        if base is None:
+            base = Path.cwd()
+        target = (base / item.path).resolve()
+        display = _display(target)
+        self.graph.add_edge(file, display)
+        try:
+            cycle = nx.find_cycle(self.graph, source=file)
+        except nx.NetworkXNoCycle:
+            cycle = None
+        if cycle:
+            chain = " -> ".join([u for u, _ in cycle] + [cycle[0][0]])
+            self.diags.add(error(item.span, f"import cycle: {chain}"))
+            self.graph.remove_edge(file, display)
+            return
+        if display in self.sources:
+            return
+        try:
+            text = _read(target, item.span, display)
+        except AttnError as err:
+            self.diags.extend(err)
+            return
+        self.load_text(text, display, target.parent)
+
+    def build_scopes(self) -> None:
+        # dependencies first, so imported names are known
+        for file in reversed(list(nx.topological_sort(self.graph))):
+            module = self.modules.get(file)
+            if module is None:
+                continue
+            scope = ModuleScope(module)
+            for item in module.items:
+                if isinstance(item, ast.Import):
+                    dep = self.scopes.get(_display((Path(self.base[file] or Path.cwd()) / item.path).resolve()))
+                    if dep is None:
+                        continue
+                    for name in [*dep.lets, *dep.patterns]:
+                        scope.imported[name] = ("import", dep)
+                elif isinstance(item, (ast.Let, ast.PatternDef)):
+                    span = item.name_span
+                    if item.name in scope.lets or item.name in scope.patterns:
+                        self.diags.add(error(span, f"'{item.name}' is defined twice in this file"))
+                        continue
+                    if item.name in ir.SIZE_NAMES or item.name in ("q", "k", "_") or item.name in _builtin_names():
+                        self.diags.add(error(span, f"'{item.name}' is a built-in name and cannot be redefined"))
+                        continue
+                    target = scope.lets if isinstance(item, ast.Let) else scope.patterns
+                    target[item.name] = item
+            self.scopes[file] = scope
+
+    def check(self) -> None:
+        """Elaborate every pattern of every file with its defaults."""
+        for file, scope in self.scopes.items():
+            for pdef in scope.patterns.values():
+                Elaborator(self.diags).bind(pdef, scope, {}, pdef.span) if not _has_required(pdef) else \
+                    _check_with_placeholders(pdef, scope, self.diags)
+
+
+def _has_required(pdef: ast.PatternDef) -> bool:
+    return any(p.default is None and p.type is None for p in pdef.params)
+
+
+def _check_with_placeholders(pdef, scope, diags) -> None:
+    """Check a pattern whose parameters have no default, with placeholder values."""
+    placeholders = {p.name: 1 for p in pdef.params if p.default is None and p.type is None}
+    inner = Collector()
+    Elaborator(inner).bind(pdef, scope, placeholders, pdef.span)
+    for d in inner.items:
+        # placeholder values may violate value constraints; report only name and type errors
+        if "must be >=" not in d.message and "got 1" not in d.message:
+            diags.add(d)
+
+
+def _builtin_names() -> set[str]:
+    from .elaborate import FUNCTIONS, PRIMITIVES
+    return set(PRIMITIVES) | set(FUNCTIONS)
+
+
+def _finish(loader: _Loader, root: str) -> Program:
+    loader.build_scopes()
+    if root in loader.scopes:
+        loader.check()
+    loader.diags.raise_if_errors(loader.sources)
+    order = list(loader.sources)
+    return Program(root, loader.scopes, loader.sources, order)
+
+
+def load(path: str | os.PathLike) -> Program:
+    """Parse and check an `.attn` file and everything it imports.
+
+    Raises `AttnError` with every diagnostic found (``FILE:LINE:COL: error: ...``).
+    """
+    p = Path(path)
+    display = _display(p.resolve()) if p.exists() else str(path)
+    text = _read(p, None, display)
+    loader = _Loader()
+    loader.load_text(text, display, p.resolve().parent)
+    return _finish(loader, display)
+
+
+def loads(source: str, file: str = "<string>") -> Program:
+    """Parse and check `.attn` source text; imports resolve from the working directory."""
+    loader = _Loader()
+    loader.load_text(source, file, None)
+    return _finish(loader, file)
+
+
+# ----------------------------------------------------------------------------- bound patterns
+
+
+class BoundPattern:
+    """A pattern with its parameters bound; callable as an attention op.
+
+    Sizes (M, N, heads, grid) and run-time inputs are given per call.
+    """
+
+    def __init__(self, program: Program, pattern: ir.PatternIR, params: dict):
+        self.program = program
+        self.ir = pattern
+        self.params = params
+
+    @property
+    def name(self) -> str:
+        return self.ir.name
+
+    @property
+    def layout(self) -> ir.Layout:
+        return self.ir.layout
+
+    def __repr__(self) -> str:
+        return f"<BoundPattern {ir.pattern_text(self.ir)}>"
+
+    def text(self) -> str:
+        """Canonical IR text (parameters symbolic, with their bindings)."""
+        return ir.pattern_text(self.ir)
+
+    # -- sizes
+    def resolve_sizes(self, M: int, N: int | None, heads: int | None, grid) -> tuple[int, int, int, tuple | None]:
+        """Validate call sizes; returns (M, N, H, grid)."""
+        layout = self.ir.layout
+        for name, v in (("M", M), ("N", N), ("heads", heads)):
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise ValueError(f"{name}: expected a positive integer, got {v!r}")
+        H = heads if heads is not None else 1
+        if layout.axes:
+            if grid is None:
+                raise ValueError(
+                    f"pattern '{self.name}' is on {layout}: expected grid=(sizes of {', '.join(layout.axes)}), got grid=None; "
+                    f"try grid={tuple(8 for _ in layout.axes)}")
+            if isinstance(grid, int):
+                grid = (grid,)
+            grid = tuple(grid)
+            if len(grid) != len(layout.axes) or not all(isinstance(g, int) and not isinstance(g, bool) and g >= 1 for g in grid):
+                raise ValueError(f"grid: expected {len(layout.axes)} positive sizes for axes ({', '.join(layout.axes)}), got {grid!r}")
+            T = 0
+            if layout.text is not None:
+                T = _int(layout.text, {**self.ir.binding_map(), ir.H: H, ir.M: M, ir.N: N or M})
+            total = T + math.prod(grid)
+            if N is None:
+                N = total
+            if N != total:
+                extra = f"{T} text tokens + " if layout.text is not None else ""
+                raise ValueError(f"N: expected {extra}{' * '.join(map(str, grid))} = {total} tokens for grid={grid}, got N={N}; "
+                                 f"try N={total} or a grid whose product matches")
+            if M > N:
+                raise ValueError(f"M: on a grid the queries are the last M of the N grid tokens: expected M <= {N}, got M={M}")
+        else:
+            if grid is not None:
+                raise ValueError(f"pattern '{self.name}' is on seq: expected grid=None, got grid={grid!r}; "
+                                 f"try declaring it `on grid(...)`")
+            if N is None:
+                N = M
+        return M, N, H, grid
+
+    # -- reference mask
+    def mask(self, M: int, N: int | None = None, *, heads: int | None = None, grid=None, **inputs) -> torch.Tensor:
+        """Dense boolean reference mask.
+
+        Returns bool ``[H, M, N]`` (``[B, H, M, N]`` when run-time inputs are
+        batched), True where query ``q`` may attend key ``k``. ``N`` defaults
+        to ``M`` (or to the grid's token count); ``heads`` to 1. Meant for
+        checking and small sizes: memory is O(H * M * N).
+
+        >>> attnc.loads("pattern p = sliding(2)").pattern().mask(4)[0].int()
+        tensor([[1, 0, 0, 0],
+                [1, 1, 0, 0],
+                [0, 1, 1, 0],
+                [0, 0, 1, 1]], dtype=torch.int32)
+        """
+        M, N, H, grid = self.resolve_sizes(M, N, heads, grid)
+        batches, batched = self._inputs(M, N, H, inputs)
+        try:
+            outs = [evaluate(self.ir, M, N, H, grid, b) for b in batches]
+        except AttnError as err:
+            raise err.with_sources(self.program.sources) from None
+        return torch.stack(outs) if batched else outs[0]
+
+    def mask_rows(self, M: int, N: int, H: int, grid, lo: int, hi: int, inputs: dict | None = None) -> torch.Tensor:
+        """Rows lo..hi of the mask (sizes already validated): bool [H, hi - lo, N]."""
+        try:
+            return evaluate(self.ir, M, N, H, grid, inputs or {}, rows=(lo, hi))
+        except AttnError as err:
+            raise err.with_sources(self.program.sources) from None
+
+    def _inputs(self, M: int, N: int, H: int, inputs: dict) -> tuple[list[dict], bool]:
+        """Validate run-time inputs; returns (one dict per batch element, whether
+        any input carried a batch dimension)."""
+        specs = {s.name: s for s in self.ir.inputs}
+        for name in inputs:
+            if name not in specs:
+                declared = ", ".join(specs) or "none"
+                raise ValueError(f"unexpected input '{name}': pattern '{self.name}' declares run-time inputs: {declared}")
+        for name, spec in specs.items():
+            if name not in inputs:
+                raise ValueError(f"missing run-time input '{name}' ({spec.kind}): expected {name}=tensor; "
+                                 f"try pat(q, k, v, {name}=...) or pat.mask(M, N, {name}=...)")
+        if not specs:
+            return [{}], False
+        per_batch: list[dict] = []
+        B = None
+        batched = False
+        normalized = {}
+        for name, spec in specs.items():
+            t = inputs[name]
+            if not isinstance(t, torch.Tensor):
+                raise ValueError(f"{name}: expected a torch integer tensor, got {type(t).__name__}; try torch.as_tensor({name})")
+            if t.dtype.is_floating_point or t.dtype == torch.bool or t.is_complex():
+                raise ValueError(f"{name}: expected an integer tensor, got dtype {t.dtype}; try {name}.long()")
+            t = t.to("cpu", torch.int64)
+            batched |= t.dim() == (2 if spec.kind == "segments" else 4)
+            if spec.kind == "segments":
+                if t.dim() == 1:
+                    t = t[None]
+                if t.dim() != 2 or t.shape[-1] != N:
+                    raise ValueError(f"{name}: expected segment ids of shape [B, N] = [B, {N}], got {tuple(inputs[name].shape)}")
+            else:
+                b = _int(spec.block, {**self.ir.binding_map(), ir.M: M, ir.N: N, ir.H: H})
+                nqb, nkb = -(-M // b), -(-N // b)
+                if t.dim() == 3:
+                    t = t[None]
+                if t.dim() != 4 or t.shape[2] != nqb or t.shape[1] not in (1, H):
+                    raise ValueError(f"{name}: expected block indices of shape [B, H, ceil(M/{b}), kmax] = [B, {H}, {nqb}, kmax], "
+                                     f"got {tuple(inputs[name].shape)}")
+                if t.numel() and (int(t.min()) < -1 or int(t.max()) >= nkb):
+                    raise ValueError(f"{name}: expected key-block indices in [0, {nkb}) or -1 for padding, "
+                                     f"got values in [{int(t.min())}, {int(t.max())}]")
+            if B is not None and t.shape[0] != B and t.shape[0] != 1:
+                raise ValueError(f"{name}: expected batch size {B}, got {t.shape[0]}")
+            B = max(B or 1, t.shape[0])
+            normalized[name] = t
+        for bi in range(B or 1):
+            per_batch.append({n: (t[bi] if t.shape[0] > 1 else t[0]) for n, t in normalized.items()})
+        return per_batch, batched
+
+    # -- the op
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, return_lse: bool = False,
+                 scale: float | None = None, backend: str = "auto", grid=None, **inputs):
+        """Attention restricted to the pattern.
+
+        q ``[B, Hq, M, D]``, k ``[B, Hkv, N, D]``, v ``[B, Hkv, N, Dv]``; GQA
+        when ``Hq % Hkv == 0``. Returns ``out [B, Hq, M, Dv]`` (and
+        ``lse [B, Hq, M]`` in float32 with ``return_lse=True``). Queries with
+        no allowed key give 0 and lse ``-inf``. ``scale`` defaults to
+        ``1/sqrt(D)``.
+        """
+        from .runtime.ops import attention
+        return attention(self, q, k, v, return_lse=return_lse, scale=scale, backend=backend, grid=grid, inputs=inputs)
+
+
+def _int(expr, env) -> int:
+    import sympy
+    v = sympy.sympify(expr).xreplace(env)
+    if isinstance(v, int):
+        return v
+    if not v.is_Integer:
+        raise ValueError(f"cannot evaluate {expr} here")
+    return int(v)

@@ -1,0 +1,547 @@
+"""The reference semantics: dense boolean masks from the IR.
+
+input:  a `PatternIR`, sizes (M, N, H, grid) and run-time inputs.
+output: a bool tensor [H, M, N] (row slices of it for large sizes); this is
+        the oracle every backend is tested against.
+does not: plan tiles or compute attention (runtime/reference.py does that).
+
+[Note: views] Every node is evaluated in a *view*: the absolute positions of
+the queries and keys it sees (1-D, flattened), the sizes bound to M, N and
+size(a), and for grids the per-axis coordinates. Transformations (`@ a`,
+`blockwise`, `dilate`, per-axis primitives) build a smaller view, evaluate the
+operand there on the distinct positions only, and gather the answer back.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+
+import sympy
+import torch
+
+from . import ir
+from .constraints import violations
+from .errors import AttnError, error
+
+MASK32 = 0xFFFFFFFF
+
+
+# ----------------------------------------------------------------------------- the documented random generator
+
+
+def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+    """(x * c) mod 2**32 for 0 <= x < 2**32 without int64 overflow."""
+    lo = (x * (c & 0xFFFF)) & MASK32
+    hi = ((x * (c >> 16)) & 0xFFFF) << 16
+    return (lo + hi) & MASK32
+
+
+def mix32(x: torch.Tensor) -> torch.Tensor:
+    """Chris Wellons' `lowbias32` integer hash on int64 tensors holding u32."""
+    x = x & MASK32
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def random_table(rows: torch.Tensor, n: int, r: int, seed: int) -> torch.Tensor:
+    """The `r` distinct keys of `range(n)` that `random(r, seed)` gives each row.
+
+    Floyd's sampling driven by `rand_u32(seed, row, j) =
+    mix32(mix32(mix32(seed) + row) + j)`: for j in n - r .. n - 1, draw
+    t = rand_u32 % (j + 1) and take t, or j if t was already taken. The same
+    table on every backend and device, and no dependence on torch's RNG.
+    Returns int64 [len(rows), min(r, n)].
+    """
+    rows = rows.to(torch.int64)
+    if r >= n:
+        return torch.arange(n, dtype=torch.int64).expand(rows.numel(), n).clone()
+    base = mix32(mix32(torch.tensor(seed, dtype=torch.int64)) + (rows & MASK32))
+    chosen = torch.full((rows.numel(), r), -1, dtype=torch.int64)
+    for idx, j in enumerate(range(n - r, n)):
+        t = mix32(base + j) % (j + 1)
+        taken = (chosen[:, :idx] == t[:, None]).any(dim=1) if idx else torch.zeros_like(t, dtype=torch.bool)
+        chosen[:, idx] = torch.where(taken, torch.full_like(t, j), t)
+    return chosen
+
+
+# ----------------------------------------------------------------------------- views
+
+
+@dataclass
+class View:
+    q: torch.Tensor  # [Mq] absolute query positions in this view
+    k: torch.Tensor  # [Nk] key positions
+    env: dict  # sympy symbol -> int: M, N, H, size(a), parameters
+    axes: tuple[str, ...] = ()
+    qc: dict = field(default_factory=dict)  # axis -> [Mq] coordinates
+    kc: dict = field(default_factory=dict)  # axis -> [Nk]
+    qin: torch.Tensor | None = None  # [Mq] query in the grid part (mixed layouts)
+    kin: torch.Tensor | None = None
+    qrel: torch.Tensor | None = None  # [Mq] query index in the q tensor (top level only)
+    inputs: dict = field(default_factory=dict)
+    top: bool = False
+
+    @property
+    def L(self) -> int:
+        return self.env[ir.N]
+
+    @property
+    def heads(self) -> int:
+        return self.env[ir.H]
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _unravel(flat: torch.Tensor, sizes: list[int]) -> list[torch.Tensor]:
+    out = []
+    rem = flat
+    for s in reversed(sizes):
+        out.append(rem % s)
+        rem = rem // s
+    return list(reversed(out))
+
+
+def _ravel(coords: list[torch.Tensor], sizes: list[int]) -> torch.Tensor:
+    flat = torch.zeros_like(coords[0])
+    for c, s in zip(coords, sizes):
+        flat = flat * s + c
+    return flat
+
+
+class Evaluator:
+    """Evaluates mask nodes over views; one instance per mask() call."""
+
+    def __init__(self, pattern: ir.PatternIR):
+        self.pattern = pattern
+
+    # -- integer values
+    def val(self, expr, env) -> int:
+        if isinstance(expr, bool):
+            return expr
+        if isinstance(expr, int):
+            return expr
+        v = expr.xreplace(env)
+        if isinstance(v, int):
+            return v
+        if not v.is_Integer:
+            v = sympy.simplify(v)
+        if not v.is_Integer:
+            missing = ", ".join(sorted(str(s) for s in v.free_symbols))
+            raise AttnError(error(self.pattern.span, f"cannot evaluate {expr}: {missing} unknown"))
+        return int(v)
+
+    def set_contains(self, s: ir.SetVal, x: torch.Tensor, env) -> torch.Tensor:
+        if isinstance(s, ir.SetList):
+            items = torch.tensor([self.val(i, env) for i in s.items], dtype=torch.int64)
+            return torch.isin(x, items)
+        a, b, st = self.val(s.start, env), self.val(s.stop, env), self.val(s.step, env)
+        if st < 1:
+            raise AttnError(error(self.pattern.span, f"a range step must be >= 1, got {st}"))
+        return (x >= a) & (x < b) & ((x - a) % st == 0)
+
+    # -- dispatch
+    def eval(self, node: ir.Mask, view: View) -> torch.Tensor:
+        """bool [1 or H, Mq, Nk]."""
+        problems = violations(node, lambda v: self.val(v, view.env))
+        if problems:
+            raise AttnError(error(node.span, problems[0]))
+        if isinstance(node, ir.AXISWISE) and view.axes:
+            return self.per_axis(node, view)
+        method = getattr(self, "eval_" + type(node).__name__.rstrip("_"))
+        out = method(node, view)
+        if out.dim() == 2:
+            out = out.unsqueeze(0)
+        return out
+
+    # -- views
+    def axis_view(self, view: View, axis: str) -> tuple[View, torch.Tensor, torch.Tensor]:
+        """A 1-D view along `axis` over the distinct coordinates, and the gather indices."""
+        uq, inv_q = torch.unique(view.qc[axis], return_inverse=True)
+        uk, inv_k = torch.unique(view.kc[axis], return_inverse=True)
+        size = view.env[ir.axis_size(axis)]
+        env = {**view.env, ir.M: size, ir.N: size}
+        return View(q=uq, k=uk, env=env), inv_q, inv_k
+
+    def gather(self, r: torch.Tensor, inv_q, inv_k) -> torch.Tensor:
+        return r[:, inv_q][:, :, inv_k]
+
+    def in_grid(self, view: View, r: torch.Tensor) -> torch.Tensor:
+        if view.qin is None:
+            return r
+        return r & view.qin[None, :, None] & view.kin[None, None, :]
+
+    def per_axis(self, node: ir.Mask, view: View) -> torch.Tensor:
+        out = None
+        for i, axis in enumerate(view.axes):
+            comp = _component(node, i)
+            sub, iq, ik = self.axis_view(view, axis)
+            r = self.gather(self.eval(comp, sub), iq, ik)
+            out = r if out is None else out & r
+        return self.in_grid(view, out)
+
+    # -- primitives (1-D semantics over view.q / view.k)
+    def eval_Full(self, node, view):
+        return torch.ones(len(view.q), len(view.k), dtype=torch.bool)
+
+    def eval_Empty(self, node, view):
+        return torch.zeros(len(view.q), len(view.k), dtype=torch.bool)
+
+    def eval_Causal(self, node, view):
+        return view.k[None, :] <= view.q[:, None]
+
+    def eval_Band(self, node, view):
+        lft, rgt = self.val(node.left, view.env), self.val(node.right, view.env)
+        q, k = view.q[:, None], view.k[None, :]
+        return (k >= q - lft) & (k <= q + rgt)
+
+    def eval_Sliding(self, node, view):
+        w = self.val(node.w, view.env)
+        q, k = view.q[:, None], view.k[None, :]
+        return (k > q - w) & (k <= q)
+
+    def eval_Neighborhood(self, node, view):
+        size = self.val(node.size, view.env)
+        d = self.val(node.dilation, view.env)
+        s = self.val(node.stride, view.env)
+        causal = bool(node.causal)
+        L = view.L
+        if size * d > L:
+            raise AttnError(error(node.span, f"neighborhood needs size * dilation <= length, got {size} * {d} > {L}"))
+        if s > size:
+            raise AttnError(error(node.span, f"neighborhood stride must be <= size, got stride {s} > size {size}"))
+        qa = view.q
+        wl = size // 2
+        g = qa % d
+        i = qa // d
+        lg = (L - g + d - 1) // d
+        if not causal:
+            leader = torch.minimum((i // s) * s + s // 2, lg - 1)
+            start = torch.clamp(torch.minimum(leader - wl, lg - size), min=0)
+            end = start + size
+        else:
+            leader = torch.minimum((i // s) * s + s - 1, lg - 1)
+            start = torch.clamp(leader - (size - 1), min=0)
+            end = i + 1
+        k = view.k[None, :]
+        kl = k // d
+        return (k % d == g[:, None]) & (kl >= start[:, None]) & (kl < end[:, None])
+
+    def eval_Block(self, node, view):
+        size = self.val(node.size, view.env)
+        shift = self.val(node.shift, view.env)
+        halo = self.val(node.halo, view.env)
+        bq = (view.q - shift) // size
+        start = bq * size + shift - halo
+        end = (bq + 1) * size + shift + halo
+        k = view.k[None, :]
+        return (k >= start[:, None]) & (k < end[:, None])
+
+    def eval_Strided(self, node, view):
+        s = self.val(node.s, view.env)
+        return (view.q[:, None] - view.k[None, :]) % s == 0
+
+    def eval_Sink(self, node, view):
+        n = self.val(node.n, view.env)
+        return (view.k < n)[None, :].expand(len(view.q), -1)
+
+    def eval_Global(self, node, view):
+        return self.set_contains(node.tokens, view.q, view.env)[:, None] | self.set_contains(node.tokens, view.k, view.env)[None, :]
+
+    def eval_Rows(self, node, view):
+        return self.set_contains(node.tokens, view.q, view.env)[:, None].expand(-1, len(view.k))
+
+    def eval_Cols(self, node, view):
+        return self.set_contains(node.tokens, view.k, view.env)[None, :].expand(len(view.q), -1)
+
+    def eval_Prefix(self, node, view):
+        n = self.val(node.n, view.env)
+        return (view.q < n)[:, None] & (view.k < n)[None, :]
+
+    def eval_Random(self, node, view):
+        r, seed = self.val(node.r, view.env), self.val(node.seed, view.env)
+        n = view.L
+        table = random_table(view.q, n, r, seed)
+        rows = torch.zeros(len(view.q), n + 1, dtype=torch.bool)
+        rows.scatter_(1, table, True)
+        k = view.k.clamp(0, n)
+        return rows[:, k] & (view.k < n)[None, :]
+
+    def eval_Where(self, node, view):
+        val, uses_grid = self.pos(node.pred, view)
+        out = val if val.dim() == 3 else val.unsqueeze(0)
+        out = out.expand(out.shape[0], len(view.q), len(view.k))
+        return self.in_grid(view, out) if uses_grid else out
+
+    def eval_Same(self, node, view):
+        doc = view.inputs[node.input]
+        n = doc.shape[-1]
+        ok = (view.q >= 0) & (view.q < n)
+        dq = doc[view.q.clamp(0, n - 1)]
+        return (dq[:, None] == doc[view.k][None, :]) & ok[:, None]
+
+    def eval_Routed(self, node, view):
+        sel = view.inputs[node.input]  # [H or 1, nqb, kmax]
+        b = self.val(node.block, view.env)
+        nkb = _cdiv(view.L, b)
+        hs, nqb, _ = sel.shape
+        blocks = torch.zeros(hs, nqb, nkb + 1, dtype=torch.bool)
+        idx = torch.where(sel < 0, torch.full_like(sel, nkb), sel)
+        blocks.scatter_(2, idx, True)
+        blocks = blocks[:, :, :nkb]
+        return blocks[:, view.qrel // b][:, :, view.k // b]
+
+    def eval_TopK(self, node, view):
+        raise AttnError(error(node.span, "topk's mask depends on the query and key tensors: it is only defined inside the op "
+                              "(pat(q, k, v)); mask() cannot evaluate it"))
+
+    # -- combinators
+    def eval_Union(self, node, view):
+        out = None
+        for p in node.parts:
+            r = self.eval(p, view)
+            out = r if out is None else out | r
+        return out
+
+    def eval_Inter(self, node, view):
+        out = None
+        for p in node.parts:
+            r = self.eval(p, view)
+            out = r if out is None else out & r
+        return out
+
+    def eval_Diff(self, node, view):
+        return self.eval(node.left, view) & ~self.eval(node.right, view)
+
+    def eval_Not(self, node, view):
+        return ~self.eval(node.operand, view)
+
+    def eval_Along(self, node, view):
+        sub, iq, ik = self.axis_view(view, node.axis)
+        return self.in_grid(view, self.gather(self.eval(node.operand, sub), iq, ik))
+
+    def eval_Heads(self, node, view):
+        H = view.heads
+        heads = torch.arange(H, dtype=torch.int64)
+        out = torch.zeros(H, len(view.q), len(view.k), dtype=torch.bool)
+        done = torch.zeros(H, dtype=torch.bool)
+        for arm in node.arms:
+            sel = torch.ones(H, dtype=torch.bool) if arm.selector is None else self.set_contains(arm.selector, heads, view.env)
+            sel = sel & ~done
+            if sel.any():
+                r = self.eval(arm.body, view).expand(H, -1, -1)
+                out[sel] = r[sel]
+            done |= sel
+        if not bool(done.all()):
+            missing = int((~done).nonzero()[0, 0])
+            raise AttnError(error(node.span, f"head {missing} of {H} is not covered by any arm of heads {{ ... }}",
+                                  "add a catch-all arm `_ => P`"))
+        return out
+
+    def eval_Blockwise(self, node, view):
+        if view.qin is not None:
+            raise AttnError(error(node.span, "blockwise is not defined on a mixed seq + grid layout"))
+        if not view.axes:
+            b = self.val(node.b, view.env)
+            uq, iq = torch.unique(torch.div(view.q, b, rounding_mode="floor"), return_inverse=True)
+            uk, ik = torch.unique(view.k // b, return_inverse=True)
+            env = {**view.env, ir.M: _cdiv(view.env[ir.M], b), ir.N: _cdiv(view.env[ir.N], b)}
+            return self.gather(self.eval(node.operand, View(q=uq, k=uk, env=env)), iq, ik)
+        bs = [self.val(_pick(node.b, i), view.env) for i in range(len(view.axes))]
+        sizes = [_cdiv(view.env[ir.axis_size(a)], b) for a, b in zip(view.axes, bs)]
+        qcs = [view.qc[a] // b for a, b in zip(view.axes, bs)]
+        kcs = [view.kc[a] // b for a, b in zip(view.axes, bs)]
+        env = {**view.env, **{ir.axis_size(a): s for a, s in zip(view.axes, sizes)}}
+        env[ir.N] = env[ir.M] = math.prod(sizes)
+        sub, iq, ik = self.grid_subview(view.axes, qcs, kcs, sizes, env)
+        return self.gather(self.eval(node.operand, sub), iq, ik)
+
+    def grid_subview(self, axes, qcs, kcs, sizes, env):
+        uq, iq = torch.unique(_ravel(qcs, sizes), return_inverse=True)
+        uk, ik = torch.unique(_ravel(kcs, sizes), return_inverse=True)
+        sub = View(q=uq, k=uk, env=env, axes=axes,
+                   qc=dict(zip(axes, _unravel(uq, sizes))), kc=dict(zip(axes, _unravel(uk, sizes))))
+        return sub, iq, ik
+
+    def eval_Dilate(self, node, view):
+        if view.qin is not None:
+            raise AttnError(error(node.span, "dilate is not defined on a mixed seq + grid layout"))
+        out = torch.zeros(1, len(view.q), len(view.k), dtype=torch.bool)
+        if not view.axes:
+            d = self.val(node.d, view.env)
+            for g in range(d):
+                qi = (view.q % d == g).nonzero().flatten()
+                ki = (view.k % d == g).nonzero().flatten()
+                n_local = _cdiv(view.L - g, d)
+                if len(qi) == 0 or len(ki) == 0 or n_local <= 0:
+                    continue
+                env = {**view.env, ir.N: n_local, ir.M: len(qi)}
+                r = self.eval(node.operand, View(q=view.q[qi] // d, k=view.k[ki] // d, env=env))
+                out = self._scatter(out, r, qi, ki)
+            return out
+        ds = [self.val(_pick(node.d, i), view.env) for i in range(len(view.axes))]
+        for groups in _product([range(d) for d in ds]):
+            qsel = torch.ones(len(view.q), dtype=torch.bool)
+            ksel = torch.ones(len(view.k), dtype=torch.bool)
+            for a, d, g in zip(view.axes, ds, groups):
+                qsel &= view.qc[a] % d == g
+                ksel &= view.kc[a] % d == g
+            qi, ki = qsel.nonzero().flatten(), ksel.nonzero().flatten()
+            sizes = [_cdiv(view.env[ir.axis_size(a)] - g, d) for a, d, g in zip(view.axes, ds, groups)]
+            if len(qi) == 0 or len(ki) == 0 or min(sizes) <= 0:
+                continue
+            env = {**view.env, **{ir.axis_size(a): s for a, s in zip(view.axes, sizes)}}
+            env[ir.N] = math.prod(sizes)
+            env[ir.M] = len(qi)
+            qcs = [view.qc[a][qi] // d for a, d in zip(view.axes, ds)]
+            kcs = [view.kc[a][ki] // d for a, d in zip(view.axes, ds)]
+            sub = View(q=_ravel(qcs, sizes), k=_ravel(kcs, sizes), env=env, axes=view.axes,
+                       qc=dict(zip(view.axes, qcs)), kc=dict(zip(view.axes, kcs)))
+            out = self._scatter(out, self.eval(node.operand, sub), qi, ki)
+        return out
+
+    @staticmethod
+    def _scatter(out, r, qi, ki):
+        if r.shape[0] != out.shape[0]:
+            out = out.expand(r.shape[0], -1, -1).clone()
+        out[:, qi[:, None], ki[None, :]] = r.expand(out.shape[0], -1, -1)
+        return out
+
+    # -- where predicates
+    def pos(self, node: ir.PExpr, view: View) -> tuple[torch.Tensor, bool]:
+        """(value broadcastable to [H, Mq, Nk], whether grid coordinates were used)."""
+        match node:
+            case ir.PVar(name="q", axis=None):
+                return view.q[:, None], False
+            case ir.PVar(name="k", axis=None):
+                return view.k[None, :], False
+            case ir.PVar(name="h", axis=None):
+                return torch.arange(view.heads, dtype=torch.int64)[:, None, None], False
+            case ir.PVar(name=base, axis=ax):
+                if ax not in view.qc:
+                    raise AttnError(error(node.span, f"grid coordinate {base}.{ax} is not defined here"))
+                return (view.qc[ax][:, None] if base == "q" else view.kc[ax][None, :]), True
+            case ir.PConst(value=v):
+                return torch.tensor(self.val(v, view.env), dtype=torch.int64), False
+            case ir.PNeg(operand=a):
+                x, g = self.pos(a, view)
+                return -x, g
+            case ir.PBin(op=op, left=a, right=b):
+                (x, g1), (y, g2) = self.pos(a, view), self.pos(b, view)
+                return _arith(op, x, y, node), g1 or g2
+            case ir.PCall(func=f, args=args):
+                vals = [self.pos(a, view) for a in args]
+                g = any(u for _, u in vals)
+                xs = [x for x, _ in vals]
+                if f == "abs":
+                    return xs[0].abs(), g
+                acc = xs[0]
+                for x in xs[1:]:
+                    acc = torch.minimum(acc, x) if f == "min" else torch.maximum(acc, x)
+                return acc, g
+            case ir.PCmp(ops=ops, operands=xs):
+                vals = [self.pos(x, view) for x in xs]
+                out = None
+                for op, (a, _), (b, _) in zip(ops, vals, vals[1:]):
+                    r = {"<": torch.lt, "<=": torch.le, ">": torch.gt, ">=": torch.ge, "==": torch.eq, "!=": torch.ne}[op](a, b)
+                    out = r if out is None else out & r
+                return out, any(g for _, g in vals)
+            case ir.PBool(op=op, parts=ps):
+                vals = [self.pos(p, view) for p in ps]
+                out = vals[0][0]
+                for v, _ in vals[1:]:
+                    out = (out & v) if op == "and" else (out | v)
+                return out, any(g for _, g in vals)
+            case ir.PNot(operand=a):
+                x, g = self.pos(a, view)
+                return ~x, g
+            case ir.PIn(item=i, collection=c):
+                x, g = self.pos(i, view)
+                return self.set_contains(c, x, view.env), g
+        raise TypeError(node)
+
+
+def _arith(op, x, y, node):
+    if op in ("//", "%") and bool((y == 0).any()):
+        raise AttnError(error(node.span, f"division by zero in `where` ('{op}' by an expression that is 0 here)"))
+    match op:
+        case "+":
+            return x + y
+        case "-":
+            return x - y
+        case "*":
+            return x * y
+        case "//":
+            return torch.div(x, y, rounding_mode="floor")
+        case "%":
+            return torch.remainder(x, y)
+        case "**":
+            return x ** y
+    raise ValueError(op)
+
+
+def _pick(v, i):
+    return v[i] if isinstance(v, tuple) else v
+
+
+def _component(node: ir.Mask, i: int) -> ir.Mask:
+    """The 1-D primitive for grid axis i (per-axis tuples picked apart)."""
+    changes = {f.name: getattr(node, f.name)[i] for f in dataclasses.fields(node)
+               if f.name != "span" and isinstance(getattr(node, f.name), tuple)}
+    return dataclasses.replace(node, **changes) if changes else node
+
+
+def _product(ranges):
+    if not ranges:
+        yield ()
+        return
+    for x in ranges[0]:
+        for rest in _product(ranges[1:]):
+            yield (x, *rest)
+
+
+# ----------------------------------------------------------------------------- top-level views
+
+
+def top_view(pattern: ir.PatternIR, M: int, N: int, heads: int, grid, inputs: dict,
+             rows: tuple[int, int] | None = None) -> View:
+    """The view of the whole problem (or of query rows `rows`)."""
+    env = {ir.M: M, ir.N: N, ir.H: heads}
+    layout = pattern.layout
+    if layout.axes:
+        for a, s in zip(layout.axes, grid):
+            env[ir.axis_size(a)] = int(s)
+    ev = Evaluator(pattern)
+    for sym, value in pattern.bindings:
+        env[sym] = ev.val(value, env)
+    lo, hi = rows if rows is not None else (0, M)
+    qrel = torch.arange(lo, hi, dtype=torch.int64)
+    q = qrel + (N - M)
+    k = torch.arange(N, dtype=torch.int64)
+    view = View(q=q, k=k, env=env, qrel=qrel, inputs=inputs, top=True)
+    if layout.axes:
+        T = ev.val(layout.text, env) if layout.text is not None else 0
+        sizes = [int(s) for s in grid]
+        view.axes = layout.axes
+        qg = (q - T).clamp(min=0)
+        kg = (k - T).clamp(min=0)
+        view.qc = dict(zip(layout.axes, _unravel(qg, sizes)))
+        view.kc = dict(zip(layout.axes, _unravel(kg, sizes)))
+        if layout.text is not None:
+            view.qin = q >= T
+            view.kin = k >= T
+    return view
+
+
+def evaluate(pattern: ir.PatternIR, M: int, N: int, heads: int, grid, inputs: dict,
+             rows: tuple[int, int] | None = None) -> torch.Tensor:
+    """bool [H, rows, N] (heads broadcast out)."""
+    view = top_view(pattern, M, N, heads, grid, inputs, rows)
+    out = Evaluator(pattern).eval(pattern.body, view)
+    return out.expand(heads, -1, -1)

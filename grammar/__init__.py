@@ -1,0 +1,1 @@
+"""Package data: the lark grammar of the .attn language (attn.lark)."""

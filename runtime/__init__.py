@@ -1,0 +1,1 @@
+"""attnc.runtime: the attention ops (validation, backends, reference)."""

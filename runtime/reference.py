@@ -1,0 +1,29 @@
+"""The dense reference attention: the numerical oracle for every backend.
+
+Masked positions get -inf before the softmax; queries with no allowed key give
+output 0 and logsumexp -inf (never NaN). Accumulates in float32 (float64 for
+float64 inputs). Memory is O(B * H * M * N): for checking, not for speed.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def dense_attention(q, k, v, mask: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """q [B, Hq, M, D], k/v [B, Hkv, N, *], mask bool broadcastable to [B, Hq, M, N].
+
+    Returns (out [B, Hq, M, Dv] in q's dtype, lse [B, Hq, M] in float32/float64).
+    """
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    Hq, Hkv = q.shape[1], k.shape[1]
+    if Hq != Hkv:  # GQA: query head h reads key/value head h // (Hq // Hkv)
+        k = k.repeat_interleave(Hq // Hkv, dim=1)
+        v = v.repeat_interleave(Hq // Hkv, dim=1)
+    s = torch.matmul(q.to(acc), k.to(acc).transpose(-1, -2)) * scale
+    s = s.masked_fill(~mask.to(s.device), float("-inf"))
+    lse = torch.logsumexp(s, dim=-1)
+    empty = torch.isneginf(lse)
+    p = torch.exp(s - torch.where(empty, torch.zeros_like(lse), lse)[..., None])
+    out = torch.matmul(p, v.to(acc))
+    return out.to(q.dtype), lse

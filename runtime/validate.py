@@ -1,0 +1,51 @@
+"""Checks on the tensors given to an attention op.
+
+Every failure is a `ValueError` that says what was expected, what was got and
+what to try, in the style of FlexAttention's own messages.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_qkv(q, k, v, scale) -> tuple[int, int, int, int, int, int, float]:
+    """Returns (B, Hq, Hkv, M, N, D, scale)."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name}: expected a torch.Tensor, got {type(t).__name__}; try torch.as_tensor({name})")
+        if t.dim() != 4:
+            hint = f"{name}.unsqueeze(0)" if t.dim() == 3 else f"{name}.view(B, H, L, D)"
+            shape = "[B, Hq, M, D]" if name == "q" else "[B, Hkv, N, D]"
+            raise ValueError(f"{name}: expected a 4-D tensor {shape}, got {t.dim()}-D shape {tuple(t.shape)}; try {hint}")
+        if t.dtype not in FLOAT_DTYPES:
+            raise ValueError(f"{name}: expected a floating dtype (float16, bfloat16, float32, float64), got {t.dtype}; "
+                             f"try {name}.float()")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"expected q, k, v of one dtype, got q {q.dtype}, k {k.dtype}, v {v.dtype}; try k.to(q.dtype), v.to(q.dtype)")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"expected q, k, v on one device, got q on {q.device}, k on {k.device}, v on {v.device}; "
+                         f"try k.to(q.device), v.to(q.device)")
+    B, Hq, M, D = q.shape
+    Bk, Hkv, N, Dk = k.shape
+    Bv, Hv, Nv, _ = v.shape
+    if Bk != B or Bv != B:
+        raise ValueError(f"expected one batch size, got q {B}, k {Bk}, v {Bv}")
+    if Dk != D:
+        raise ValueError(f"expected q and k with the same head dim, got q D={D} and k D={Dk}; try projecting both to one size")
+    if Hv != Hkv or Nv != N:
+        raise ValueError(f"expected k and v with the same heads and length, got k [.., {Hkv}, {N}, ..] and v [.., {Hv}, {Nv}, ..]")
+    if Hkv == 0 or Hq % Hkv != 0:
+        raise ValueError(f"expected the query heads to be a multiple of the key/value heads (GQA), got Hq={Hq} and Hkv={Hkv}; "
+                         f"try Hkv in the divisors of {Hq}")
+    if M == 0 or N == 0 or D == 0:
+        raise ValueError(f"expected non-empty tensors, got M={M}, N={N}, D={D}")
+    if scale is None:
+        scale = 1.0 / math.sqrt(D)
+    elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(float(scale)):
+        raise ValueError(f"scale: expected a finite float, got {scale!r}; try scale=None for 1/sqrt(D)")
+    return B, Hq, Hkv, M, N, D, float(scale)
