@@ -1,0 +1,261 @@
+"""The `attnc` command line: check, list, show.
+
+Exit codes: 0 ok, 1 diagnostics (errors in .attn text or binding), 2 usage.
+Every verb runs in-process through `main(argv)`, which never lets a Python
+traceback reach the user.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast as pyast
+import sys
+
+from .errors import AttnError
+
+
+class UsageError(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse would sys.exit(2) from deep inside
+        raise UsageError(f"{self.prog}: error: {message}\n{self.format_usage().strip()}")
+
+
+def parse_value(text: str):
+    """A `--set` value: 3, -2, true, (3, 5), 3x5, {0, 5}, 0..16."""
+    t = text.strip()
+    if t in ("true", "false"):
+        return t == "true"
+    if ".." in t:
+        a, _, b = t.partition("..")
+        try:
+            return range(int(a), int(b))
+        except ValueError:
+            raise UsageError(f"--set: cannot read range {text!r}; expected A..B with integers") from None
+    if "x" in t and all(p.strip().lstrip("-").isdigit() for p in t.split("x")):
+        return tuple(int(p) for p in t.split("x"))
+    try:
+        v = pyast.literal_eval(t)
+    except (ValueError, SyntaxError):
+        raise UsageError(f"--set: cannot read value {text!r}; expected an integer, true/false, (3, 5), {{0, 5}} or 0..16") from None
+    if isinstance(v, list):
+        v = tuple(v)
+    return v
+
+
+def parse_sets(items: list[str] | None) -> dict:
+    out = {}
+    for item in items or []:
+        name, eq, value = item.partition("=")
+        if not eq or not name.strip():
+            raise UsageError(f"--set: expected NAME=VALUE, got {item!r}")
+        out[name.strip()] = parse_value(value)
+    return out
+
+
+def parse_grid(text: str | None) -> tuple[int, ...] | None:
+    if text is None:
+        return None
+    try:
+        dims = tuple(int(p) for p in text.lower().split("x"))
+    except ValueError:
+        raise UsageError(f"--grid: expected sizes like 64x64 or 8x16x16, got {text!r}") from None
+    if not 1 <= len(dims) <= 3 or min(dims) < 1:
+        raise UsageError(f"--grid: expected 1 to 3 positive sizes like 64x64, got {text!r}")
+    return dims
+
+
+def parse_block(text: str) -> tuple[int, int]:
+    try:
+        parts = [int(p) for p in text.lower().split("x")]
+    except ValueError:
+        raise UsageError(f"--block: expected a size like 64 or 64x128, got {text!r}") from None
+    if len(parts) == 1:
+        parts = parts * 2
+    if len(parts) != 2 or min(parts) < 1:
+        raise UsageError(f"--block: expected a size like 64 or 64x128, got {text!r}")
+    return parts[0], parts[1]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="attnc", description="A compiler for attention sparsity patterns.")
+    sub = p.add_subparsers(dest="verb", parser_class=_Parser, metavar="VERB")
+
+    c = sub.add_parser("check", help="parse and check .attn files; report diagnostics")
+    c.add_argument("files", nargs="+", metavar="FILE")
+    c.add_argument("-p", "--pattern", help="with --seq-len/--grid: only this pattern")
+    c.add_argument("--set", action="append", metavar="K=V", help="bind a parameter (with --seq-len/--grid)")
+    c.add_argument("--seq-len", type=int, metavar="N", help="also evaluate at this length and warn about empty rows")
+    c.add_argument("--grid", metavar="AxB", help="also evaluate on this grid and warn about empty rows")
+    c.add_argument("--heads", type=int, default=None, metavar="H")
+
+    ls = sub.add_parser("list", help="list the patterns of a file with parameters and descriptions")
+    ls.add_argument("file", metavar="FILE")
+
+    s = sub.add_parser("show", help="picture of a mask at block granularity, with density figures")
+    s.add_argument("file", metavar="FILE")
+    s.add_argument("-p", "--pattern", help="pattern name (optional when the file has one)")
+    s.add_argument("--set", action="append", metavar="K=V", help="bind a parameter, e.g. --set window=128")
+    size = s.add_mutually_exclusive_group(required=True)
+    size.add_argument("--seq-len", type=int, metavar="N", help="sequence length (M = N)")
+    size.add_argument("--grid", metavar="AxB", help="grid sizes, e.g. 64x64")
+    s.add_argument("--heads", type=int, default=None, metavar="H")
+    s.add_argument("--block", default="64", metavar="B", help="tile size, e.g. 64 or 64x128 (default 64)")
+    s.add_argument("--png", metavar="OUT", help="also write a PNG picture")
+    s.add_argument("--width", type=int, default=64, help="maximum characters per row of the picture")
+    return p
+
+
+def _bind(prog, name, sets):
+    return prog.pattern(name, **sets)
+
+
+def _sizes(pat, seq_len, grid, heads):
+    if seq_len is not None and seq_len < 1:
+        raise UsageError(f"--seq-len: expected a positive length, got {seq_len}")
+    if heads is not None and heads < 1:
+        raise UsageError(f"--heads: expected a positive count, got {heads}")
+    if grid is None and pat.layout.axes:
+        raise UsageError(f"pattern '{pat.name}' is on {pat.layout}: give --grid " + "x".join("16" for _ in pat.layout.axes))
+    if grid is not None and not pat.layout.axes:
+        raise UsageError(f"pattern '{pat.name}' is on seq: give --seq-len N, not --grid")
+    try:
+        if grid is not None:
+            M, N, H, g = pat.resolve_sizes(1, None, heads, grid)
+            return N, N, H, g
+        return pat.resolve_sizes(seq_len, seq_len, heads, None)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def cmd_check(args, out, err) -> int:
+    from . import load
+    from .show import tile_stats
+
+    status = 0
+    sets = parse_sets(args.set)
+    evaluate = args.seq_len is not None or args.grid is not None
+    for f in args.files:
+        try:
+            prog = load(f)
+        except AttnError as e:
+            print(str(e), file=err)
+            status = 1
+            continue
+        names = prog.names()
+        print(f"{f}: ok ({len(names)} pattern{'s' if len(names) != 1 else ''}: {', '.join(names) or 'none'})", file=out)
+        if not evaluate:
+            continue
+        for name in ([args.pattern] if args.pattern else names):
+            try:
+                pat = prog.pattern(name, **{k: v for k, v in sets.items()})
+                if pat.ir.inputs:
+                    print(f"{f}: note: '{name}' has run-time inputs; its empty rows depend on them", file=out)
+                    continue
+                M, N, H, grid = _sizes(pat, args.seq_len, parse_grid(args.grid), args.heads)
+                stats, rows = tile_stats(pat, M, N, H, grid, (64, 64))
+            except AttnError as e:
+                print(str(e), file=err)
+                status = 1
+                continue
+            empty = (rows == 0).nonzero()
+            if len(empty):
+                h, r = int(empty[0, 0]), int(empty[0, 1])
+                span = pat.ir.span
+                print(f"{span}: warning: pattern '{name}' has {len(empty)} empty query rows at M = N = {N}"
+                      f" (e.g. head {h}, row {r}): they produce output 0 and lse -inf", file=out)
+            if int(stats.counts.sum()) == H * M * N:
+                print(f"{pat.ir.span}: warning: pattern '{name}' is fully dense at N = {N}: sparsity buys nothing", file=out)
+    return status
+
+
+def cmd_list(args, out, err) -> int:
+    from . import load
+
+    try:
+        prog = load(args.file)
+    except AttnError as e:
+        print(str(e), file=err)
+        return 1
+    for info in prog.patterns():
+        params = ", ".join(
+            f"{p.name}: {p.type}" if p.type else (f"{p.name} = {p.default}" if p.default is not None else p.name)
+            for p in info.params)
+        print(f"{info.name}({params}) on {info.layout}    [{info.file}:{info.line}]", file=out)
+        if info.description:
+            print(f"    {info.description}", file=out)
+    return 0
+
+
+def cmd_show(args, out, err) -> int:
+    from . import load
+    from .show import head_groups, render_png, render_text, tile_stats
+
+    sets = parse_sets(args.set)
+    block = parse_block(args.block)
+    if args.width < 8:
+        raise UsageError(f"--width: expected at least 8, got {args.width}")
+    try:
+        prog = load(args.file)
+        pat = prog.pattern(args.pattern, **sets)
+    except AttnError as e:
+        print(str(e), file=err)
+        return 1
+    if pat.ir.inputs:
+        names = ", ".join(i.name for i in pat.ir.inputs)
+        print(f"attnc show: pattern '{pat.name}' depends on run-time inputs ({names}); "
+              f"its picture needs those tensors: use pat.mask(..., {pat.ir.inputs[0].name}=...) from Python", file=err)
+        return 1
+    M, N, H, grid = _sizes(pat, args.seq_len, parse_grid(args.grid), args.heads)
+    try:
+        stats, rows = tile_stats(pat, M, N, H, grid, block)
+    except AttnError as e:
+        print(str(e), file=err)
+        return 1
+    groups = head_groups(stats, rows)
+    print(render_text(pat, stats, rows, groups, args.width), file=out)
+    if args.png:
+        # token-level zoom: 128 queries and keys around the middle of the diagonal
+        zq, zk = min(M, 128), min(N, 128)
+        q0 = (M - zq) // 2
+        k0 = max(0, min(N - zk, q0 + (N - M)))
+        token_view = pat.mask_rows(M, N, H, grid, q0, q0 + zq)[groups[0][0], :, k0:k0 + zk].float()
+        try:
+            render_png(args.png, pat, stats, groups, token_view)
+        except OSError as exc:
+            print(f"attnc show: cannot write {args.png!r}: {exc.strerror or exc}", file=err)
+            return 1
+        print(f"wrote {args.png}", file=out)
+    return 0
+
+
+def main(argv: list[str] | None = None, out=None, err=None) -> int:
+    out = out or sys.stdout
+    err = err or sys.stderr
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        if args.verb is None:
+            print(parser.format_help(), file=err)
+            return 2
+        return {"check": cmd_check, "list": cmd_list, "show": cmd_show}[args.verb](args, out, err)
+    except UsageError as exc:
+        print(str(exc), file=err)
+        return 2
+    except SystemExit as exc:  # --help
+        return int(exc.code or 0)
+    except AttnError as exc:
+        print(str(exc), file=err)
+        return 1
+    except ValueError as exc:
+        print(f"attnc: error: {exc}", file=err)
+        return 2
+    except KeyboardInterrupt:
+        print("attnc: interrupted", file=err)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,174 @@
+"""Pictures of masks: per-tile counts, an ASCII block map and a PNG.
+
+input:  a BoundPattern and sizes.
+output: tile statistics computed from the reference mask in row chunks (so
+        memory stays O(chunk * N) at any length), and their renderings.
+does not: use the closed-form analysis; this is the exact, brute-force view.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+#: elements of mask evaluated per chunk (bounds peak memory at large sizes)
+CHUNK_ELEMENTS = 1 << 24
+
+
+@dataclass(frozen=True)
+class TileStats:
+    """Allowed-pair counts per (head, query tile, key tile)."""
+
+    counts: torch.Tensor  # int64 [H, nqb, nkb]
+    sizes: torch.Tensor  # int64 [nqb, nkb]: pairs in each tile (edge tiles are smaller)
+    M: int
+    N: int
+    block: tuple[int, int]
+
+    def state(self) -> torch.Tensor:
+        """int8 [H, nqb, nkb]: 0 empty, 1 partial, 2 full."""
+        full = self.counts == self.sizes
+        empty = self.counts == 0
+        return torch.where(full, 2, torch.where(empty, 0, 1)).to(torch.int8)
+
+    def density(self, head: int | None = None) -> float:
+        c = self.counts if head is None else self.counts[head: head + 1]
+        return float(c.sum()) / (c.shape[0] * self.M * self.N)
+
+
+def tile_stats(pat, M: int, N: int, H: int, grid, block: tuple[int, int], inputs: dict | None = None) -> tuple[TileStats, torch.Tensor]:
+    """Per-tile counts and, per head, the number of allowed keys of every query row."""
+    bm, bn = block
+    nqb, nkb = -(-M // bm), -(-N // bn)
+    counts = torch.zeros(H, nqb, nkb, dtype=torch.int64)
+    row_counts = torch.zeros(H, M, dtype=torch.int64)
+    rows_per_chunk = max(bm, (CHUNK_ELEMENTS // max(1, H * N)) // bm * bm)
+    kb = torch.arange(N) // bn
+    for lo in range(0, M, rows_per_chunk):
+        hi = min(M, lo + rows_per_chunk)
+        m = pat.mask_rows(M, N, H, grid, lo, hi, inputs).to(torch.int64)  # [H, r, N]
+        row_counts[:, lo:hi] = m.sum(-1)
+        qb = torch.arange(lo, hi) // bm
+        per_k = torch.zeros(H, hi - lo, nkb, dtype=torch.int64).index_add_(2, kb, m)
+        counts.index_add_(1, qb, per_k)
+    qsz = torch.full((nqb,), bm, dtype=torch.int64)
+    qsz[-1] = M - bm * (nqb - 1)
+    ksz = torch.full((nkb,), bn, dtype=torch.int64)
+    ksz[-1] = N - bn * (nkb - 1)
+    return TileStats(counts, qsz[:, None] * ksz[None, :], M, N, block), row_counts
+
+
+def head_groups(stats: TileStats, row_counts: torch.Tensor) -> list[list[int]]:
+    """Heads grouped by identical tile counts and row counts (what the picture shows)."""
+    groups: list[list[int]] = []
+    keys: list[torch.Tensor] = []
+    for h in range(stats.counts.shape[0]):
+        key = torch.cat([stats.counts[h].flatten(), row_counts[h]])
+        for g, kk in zip(groups, keys):
+            if torch.equal(kk, key):
+                g.append(h)
+                break
+        else:
+            groups.append([h])
+            keys.append(key)
+    return groups
+
+
+def _cells(state: torch.Tensor, max_cells: int) -> tuple[torch.Tensor, int, int]:
+    """Aggregate tiles into at most max_cells x max_cells display cells."""
+    nq, nk = state.shape
+    fq = -(-nq // max_cells)
+    fk = -(-nk // max_cells)
+    f = max(fq, fk)
+    cq, ck = -(-nq // f), -(-nk // f)
+    pad = torch.full((cq * f, ck * f), -1, dtype=torch.int8)
+    pad[:nq, :nk] = state
+    blocks = pad.view(cq, f, ck, f).permute(0, 2, 1, 3).reshape(cq, ck, f * f)
+    valid = blocks >= 0
+    all_full = ((blocks == 2) | ~valid).all(-1)
+    all_empty = ((blocks == 0) | ~valid).all(-1)
+    out = torch.where(all_full, 2, torch.where(all_empty, 0, 1)).to(torch.int8)
+    return out, f, f
+
+
+CHARS = {0: ".", 1: "+", 2: "#"}
+
+
+def ascii_map(state: torch.Tensor, max_cells: int = 64) -> tuple[str, int]:
+    cells, f, _ = _cells(state, max_cells)
+    lines = ["".join(CHARS[int(x)] for x in row) for row in cells]
+    return "\n".join(lines), f
+
+
+def render_text(pat, stats: TileStats, row_counts: torch.Tensor, groups: list[list[int]], max_cells: int = 64) -> str:
+    bm, bn = stats.block
+    state = stats.state()
+    out = [f"{pat.text()}",
+           f"M = {stats.M}, N = {stats.N}, heads = {stats.counts.shape[0]}, tiles {bm}x{bn}: "
+           f"{state.shape[1]} x {state.shape[2]}"]
+    for g in groups:
+        h = g[0]
+        st = state[h]
+        full, part = int((st == 2).sum()), int((st == 1).sum())
+        total = st.numel()
+        label = "head " + str(h) if len(g) == 1 else "heads " + _ranges(g)
+        allowed = int(stats.counts[h].sum())
+        empty_rows = (row_counts[h] == 0).nonzero().flatten()
+        out.append("")
+        out.append(f"{label}: density {allowed / (stats.M * stats.N):.4f} ({allowed} of {stats.M * stats.N} pairs); "
+                   f"tiles: {full} full, {part} partial, {total - full - part} empty of {total} "
+                   f"(tile density {(full + part) / total:.4f})")
+        if len(empty_rows):
+            out.append(f"  warning: {len(empty_rows)} query rows attend no key (e.g. row {int(empty_rows[0])})")
+        pic, f = ascii_map(st, max_cells)
+        if f > 1:
+            out.append(f"  (each character: {f}x{f} tiles)")
+        out.extend("  " + line for line in pic.splitlines())
+    out.append("")
+    out.append("legend: # full tile   + partial tile   . empty tile")
+    return "\n".join(out)
+
+
+def _ranges(xs: list[int]) -> str:
+    parts = []
+    start = prev = xs[0]
+    for x in xs[1:] + [None]:
+        if x is not None and x == prev + 1:
+            prev = x
+            continue
+        parts.append(str(start) if start == prev else f"{start}-{prev}")
+        if x is not None:
+            start = prev = x
+    return ", ".join(parts)
+
+
+def render_png(path: str, pat, stats: TileStats, groups: list[list[int]], token_view: torch.Tensor | None = None) -> None:
+    """Block-density maps (fraction of allowed pairs per tile), one panel per distinct head,
+    plus a token-level zoom of the top-left corner when `token_view` is given."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shown = groups[:4]
+    panels = len(shown) + (token_view is not None)
+    fig, axes = plt.subplots(1, panels, figsize=(4.2 * panels, 4.4), squeeze=False)
+    frac = stats.counts.double() / stats.sizes.double()
+    for ax, g in zip(axes[0], shown):
+        h = g[0]
+        ax.imshow(frac[h].numpy(), cmap="Blues", vmin=0, vmax=1, interpolation="nearest")
+        label = f"head {h}" if len(g) == 1 else f"heads {_ranges(g)}"
+        ax.set_title(f"{label}: density {stats.density(h):.3f}", fontsize=9)
+        ax.set_xlabel(f"key tile ({stats.block[1]})")
+        ax.set_ylabel(f"query tile ({stats.block[0]})")
+    if token_view is not None:
+        ax = axes[0][-1]
+        ax.imshow(token_view.numpy(), cmap="Blues", vmin=0, vmax=1, interpolation="nearest")
+        ax.set_title(f"token zoom, {token_view.shape[0]}x{token_view.shape[1]} at the diagonal (head {shown[0][0]})", fontsize=9)
+        ax.set_xlabel("key")
+        ax.set_ylabel("query")
+    fig.suptitle(f"{pat.name}  (M={stats.M}, N={stats.N})", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
