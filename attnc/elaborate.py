@@ -369,14 +369,14 @@ class Elaborator:
     def mask_of(self, e: ast.Expr, ctx: Ctx, what: str) -> ir.Mask:
         try:
             v = self.ev(e, ctx)
+            if isinstance(v, PatternRef):
+                v = self.call_pattern(v, [], (), e.span, ctx)
         except _Abort:
             v = POISON
         if v is POISON:
             if not self.diags.errors:  # never turn a failure into a silently empty mask
                 self.diags.add(error(e.span, f"{what} could not be evaluated"))
             return ir.Empty(span=e.span)
-        if isinstance(v, PatternRef):
-            v = self.call_pattern(v, [], (), e.span, ctx)
         if isinstance(v, bool):
             return ir.Full(span=e.span) if v else ir.Empty(span=e.span)
         if not isinstance(v, ir.Mask):

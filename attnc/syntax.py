@@ -478,6 +478,10 @@ def _syntax_diagnostic(exc: lark.UnexpectedInput, source: str, file: str):
     for pred, msg, hint in _KNOWN_MISTAKES:
         if pred(tok, prev):
             return error(span, msg, hint)
+    if tok.type == "CMP":
+        return error(span, f"comparison '{tok}' outside a condition: comparisons live inside `where`, "
+                     "whose condition ends at '|', '&' and ')'",
+                     "where q < k and k > 2    or    (where q < k) & causal")
     if tok.type == "NAME" and prev is not None and prev.type in {"NAME", "INT", "RPAR"}:
         return error(span, f"unexpected name {str(tok)!r}: missing an operator or a ',' before it?")
     expected = _describe_expected(set(getattr(exc, "expected", ()) or ()))
