@@ -20,10 +20,15 @@ def dense_attention(q, k, v, mask: torch.Tensor, scale: float) -> tuple[torch.Te
     if Hq != Hkv:  # GQA: query head h reads key/value head h // (Hq // Hkv)
         k = k.repeat_interleave(Hq // Hkv, dim=1)
         v = v.repeat_interleave(Hq // Hkv, dim=1)
+    mask = mask.to(q.device)
     s = torch.matmul(q.to(acc), k.to(acc).transpose(-1, -2)) * scale
-    s = s.masked_fill(~mask.to(s.device), float("-inf"))
-    lse = torch.logsumexp(s, dim=-1)
-    empty = torch.isneginf(lse)
-    p = torch.exp(s - torch.where(empty, torch.zeros_like(lse), lse)[..., None])
+    s = s.masked_fill(~mask, float("-inf"))
+    # [Note: empty rows] a row with no allowed key would make logsumexp -inf and
+    # its backward NaN (0 * exp(-inf + inf)); give such rows a finite stand-in
+    # for the normaliser so p is exactly 0 there and every gradient stays finite.
+    nonempty = mask.any(dim=-1).expand(s.shape[:-1])
+    lse_safe = torch.logsumexp(s.masked_fill(~nonempty[..., None], 0.0), dim=-1)
+    p = torch.exp(s - lse_safe[..., None])
     out = torch.matmul(p, v.to(acc))
+    lse = lse_safe.masked_fill(~nonempty, float("-inf"))
     return out.to(q.dtype), lse

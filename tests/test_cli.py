@@ -143,3 +143,9 @@ def test_mutated_sources_never_raise_anything_but_attn_error(seed, pos, cut, ins
             prog.pattern(name)
         except attnc.AttnError:
             pass
+
+
+def test_quickstart_example_runs(capsys):
+    import runpy
+    runpy.run_path(str(EXAMPLES / "quickstart.py"), run_name="__main__")
+    assert capsys.readouterr().out.strip().endswith("OK")

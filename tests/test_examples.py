@@ -152,3 +152,18 @@ def test_every_spec_example_has_a_file():
         prog = attnc.load(EXAMPLES / f"{name}.attn")
         assert prog.names() == [name]
         assert prog.patterns()[0].description, f"{name} has no description comment"
+
+
+def test_golden_ir_of_every_example(golden):
+    lines = []
+    for path in sorted(EXAMPLES.glob("*.attn")):
+        prog = attnc.load(path)
+        for name in prog.names():
+            lines.append(prog.pattern(name).text())
+    golden("examples_ir.txt", "\n".join(lines) + "\n")
+
+
+def test_golden_parse_dump(golden):
+    from attnc.syntax import parse
+    src = (EXAMPLES / "mmdit.attn").read_text()
+    golden("parse_mmdit.txt", repr(parse(src, "mmdit.attn")) + "\n")

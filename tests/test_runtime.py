@@ -1,0 +1,155 @@
+"""The reference op: numerics against a naive loop, empty rows, GQA, autograd,
+and tensor validation (ValueError with expected / got / try)."""
+
+import math
+
+import pytest
+import torch
+
+import attnc
+from conftest import EXAMPLES
+
+
+def naive(q, k, v, mask, scale):
+    """Per-row softmax over allowed keys in float64, written as plainly as possible."""
+    B, Hq, M, D = q.shape
+    Hkv = k.shape[1]
+    out = torch.zeros(B, Hq, M, v.shape[-1], dtype=torch.float64)
+    lse = torch.full((B, Hq, M), float("-inf"), dtype=torch.float64)
+    for b in range(B):
+        for h in range(Hq):
+            kh = h // (Hq // Hkv)
+            for i in range(M):
+                keys = mask[h, i].nonzero().flatten()
+                if len(keys) == 0:
+                    continue
+                s = (q[b, h, i].double() @ k[b, kh, keys].double().T) * scale
+                m = s.max()
+                w = torch.exp(s - m)
+                lse[b, h, i] = m + torch.log(w.sum())
+                out[b, h, i] = (w / w.sum()) @ v[b, kh, keys].double()
+    return out, lse
+
+
+def rand(*shape, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g, dtype=torch.float64).to(dtype)
+
+
+@pytest.mark.parametrize("src,M,N,Hq,Hkv,D", [
+    ("pattern p = sliding(5) | (sink(2) & causal)", 37, 37, 4, 2, 16),
+    ("pattern p = band(3, 2) & ~rows({4, 9})", 25, 40, 2, 2, 8),  # empty rows, M != N
+    ("pattern p = heads { 0 => causal; _ => block(8) }", 30, 30, 6, 3, 12),
+])
+def test_reference_matches_naive(src, M, N, Hq, Hkv, D):
+    pat = attnc.loads(src).pattern()
+    q, k, v = rand(2, Hq, M, D, seed=1), rand(2, Hkv, N, D, seed=2), rand(2, Hkv, N, D + 3, seed=3)
+    out, lse = pat(q, k, v, return_lse=True)
+    want_out, want_lse = naive(q, k, v, pat.mask(M, N, heads=Hq), 1 / math.sqrt(D))
+    torch.testing.assert_close(out.double(), want_out, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lse.double(), want_lse, rtol=1e-5, atol=1e-5)
+    assert out.dtype == torch.float32 and lse.dtype == torch.float32
+
+
+def test_empty_rows_give_zero_and_minus_inf_with_finite_gradients():
+    pat = attnc.loads("pattern p = causal & ~rows(0 .. 3)").pattern()
+    q, k, v = (rand(1, 2, 10, 8, dtype=torch.float64, seed=s).requires_grad_() for s in (1, 2, 3))
+    out, lse = pat(q, k, v, return_lse=True, scale=0.5)
+    assert torch.all(out[:, :, :3] == 0) and torch.all(torch.isneginf(lse[:, :, :3]))
+    assert torch.isfinite(out).all()
+    (out.sum() + lse[:, :, 3:].sum()).backward()
+    for t in (q, k, v):
+        assert torch.isfinite(t.grad).all()
+    assert torch.all(q.grad[:, :, :3] == 0)
+
+
+def test_gradcheck_float64():
+    pat = attnc.loads("pattern p = sliding(3) | sink(1)").pattern()
+    q, k, v = (rand(1, 2, 6, 4, dtype=torch.float64, seed=s).requires_grad_() for s in (4, 5, 6))
+    assert torch.autograd.gradcheck(lambda a, b, c: pat(a, b, c), (q, k, v))
+
+
+def test_low_precision_and_scale():
+    pat = attnc.loads("pattern p = band(4, 4)").pattern()
+    q, k, v = (rand(1, 1, 20, 16, seed=s) for s in (7, 8, 9))
+    ref = pat(q, k, v, scale=0.3)
+    for dt in (torch.float16, torch.bfloat16):
+        out = pat(q.to(dt), k.to(dt), v.to(dt), scale=0.3)
+        assert out.dtype == dt
+        torch.testing.assert_close(out.float(), ref, rtol=2e-2, atol=2e-2)
+
+
+def test_grid_and_inputs_reach_the_mask():
+    pat = attnc.load(EXAMPLES / "packed.attn").pattern()
+    doc = torch.tensor([0] * 5 + [1] * 7)
+    q, k, v = (rand(1, 1, 12, 4, seed=s) for s in (1, 2, 3))
+    out = pat(q, k, v, doc=doc)
+    solo = pat(q[:, :, 5:], k[:, :, 5:], v[:, :, 5:], doc=doc[5:])
+    torch.testing.assert_close(out[:, :, 5:], solo)
+    g = attnc.load(EXAMPLES / "natten2d.attn").pattern(size=3)
+    q2 = rand(1, 2, 36, 8)
+    assert g(q2, q2, q2, grid=(6, 6)).shape == (1, 2, 36, 8)
+
+
+@pytest.mark.parametrize("make,msg", [
+    (lambda q, k, v: (q[0], k, v), "q: expected a 4-D tensor [B, Hq, M, D], got 3-D shape (4, 10, 8); try q.unsqueeze(0)"),
+    (lambda q, k, v: (q, k[..., :4], v), "expected q and k with the same head dim, got q D=8 and k D=4"),
+    (lambda q, k, v: (torch.cat([q, q[:, :1]], 1), k, v), "expected the query heads to be a multiple of the key/value heads (GQA), got Hq=5 and Hkv=2"),
+    (lambda q, k, v: (q, k.double(), v), "expected q, k, v of one dtype"),
+    (lambda q, k, v: (q.long(), k, v), "q: expected a floating dtype"),
+    (lambda q, k, v: (q, k, v[:, :, :7]), "expected k and v with the same heads and length"),
+    (lambda q, k, v: (q, k[:1], v[:1]), "expected one batch size"),
+    (lambda q, k, v: ([1, 2], k, v), "q: expected a torch.Tensor"),
+])
+def test_bad_tensors(make, msg):
+    pat = attnc.loads("pattern p = causal").pattern()
+    q, k, v = rand(2, 4, 10, 8), rand(2, 2, 10, 8), rand(2, 2, 10, 8)
+    with pytest.raises(ValueError) as info:
+        pat(*make(q, k, v))
+    assert msg in str(info.value)
+
+
+def test_bad_call_arguments():
+    pat = attnc.load(EXAMPLES / "natten2d.attn").pattern(size=3)
+    q = rand(1, 1, 36, 8)
+    with pytest.raises(ValueError, match=r"expected grid=\(sizes of h, w\), got grid=None; try grid=\(8, 8\)"):
+        pat(q, q, q)
+    with pytest.raises(ValueError, match=r"N: expected 5 \* 6 = 30 tokens for grid=\(5, 6\), got N=36"):
+        pat(q, q, q, grid=(5, 6))
+    with pytest.raises(ValueError, match="scale: expected a finite float"):
+        pat(q, q, q, grid=(6, 6), scale=float("nan"))
+    with pytest.raises(ValueError, match="backend: expected one of"):
+        pat(q, q, q, grid=(6, 6), backend="cuda")
+    with pytest.raises(ValueError, match="'triton' backend is not available"):
+        pat(q, q, q, grid=(6, 6), backend="triton")
+    packed = attnc.load(EXAMPLES / "packed.attn").pattern()
+    with pytest.raises(ValueError, match="missing run-time input 'doc'"):
+        packed(q, q, q)
+    with pytest.raises(ValueError, match=r"doc: expected segment ids of shape \[B, N\] = \[B, 36\], got \(35,\)"):
+        packed(q, q, q, doc=torch.zeros(35, dtype=torch.long))
+    with pytest.raises(ValueError, match="doc: expected an integer tensor, got dtype torch.float32"):
+        packed(q, q, q, doc=torch.zeros(36))
+    with pytest.raises(ValueError, match="unexpected input 'sel'"):
+        packed(q, q, q, doc=torch.zeros(36, dtype=torch.long), sel=1)
+    routed = attnc.loads("pattern g(sel: blocks(8)) = routed(sel)").pattern()
+    with pytest.raises(ValueError, match=r"expected key-block indices in \[0, 5\) or -1"):
+        routed(q, q, q, sel=torch.full((1, 1, 5, 2), 7))
+
+
+def test_flex_attention_agrees_on_semantics():
+    """FlexAttention (an independent implementation) with attnc's mask as a dense mask_mod."""
+    flex = pytest.importorskip("torch.nn.attention.flex_attention")
+    pat = attnc.load(EXAMPLES / "streaming_llm.attn").pattern(sinks=2, recent=5)
+    M = N = 40
+    dense = pat.mask(M, N)[0]
+
+    def mask_mod(b, h, qi, ki):
+        return dense[qi, ki]
+
+    q, k, v = (rand(1, 2, M, 16, seed=s) for s in (1, 2, 3))
+    bm = flex.create_block_mask(mask_mod, 1, 1, M, N, device="cpu")
+    try:
+        want = torch.compile(flex.flex_attention)(q, k, v, block_mask=bm)
+    except Exception as exc:  # pragma: no cover - depends on the local compiler toolchain
+        pytest.skip(f"FlexAttention unavailable here: {type(exc).__name__}")
+    torch.testing.assert_close(pat(q, k, v), want, rtol=1e-4, atol=1e-4)
