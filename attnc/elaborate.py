@@ -167,6 +167,12 @@ def _is_int(v) -> bool:
     return isinstance(v, sympy.Expr)
 
 
+#: primitives whose IR node takes exactly the primitive's arguments
+_NODES = {"full": ir.Full, "none": ir.Empty, "causal": ir.Causal, "band": ir.Band, "sliding": ir.Sliding,
+          "neighborhood": ir.Neighborhood, "block": ir.Block, "strided": ir.Strided, "sink": ir.Sink,
+          "global": ir.Global, "rows": ir.Rows, "cols": ir.Cols, "prefix": ir.Prefix, "random": ir.Random,
+          "topk": ir.TopK}
+
 # ----------------------------------------------------------------------------- the elaborator
 
 
@@ -658,41 +664,13 @@ class Elaborator:
         raise ValueError(kind)
 
     def build(self, name: str, v: dict, span: Span) -> ir.Mask:
+        if name in _NODES:  # argument names are the IR field names
+            return _NODES[name](**v, span=span)
         match name:
-            case "full":
-                return ir.Full(span=span)
-            case "none":
-                return ir.Empty(span=span)
-            case "causal":
-                return ir.Causal(span=span)
-            case "band":
-                return ir.Band(left=v["left"], right=v["right"], span=span)
-            case "sliding":
-                return ir.Sliding(w=v["w"], span=span)
-            case "neighborhood":
-                return ir.Neighborhood(size=v["size"], dilation=v["dilation"], stride=v["stride"], causal=v["causal"], span=span)
-            case "block":
-                return ir.Block(size=v["size"], shift=v["shift"], halo=v["halo"], span=span)
-            case "strided":
-                return ir.Strided(s=v["s"], span=span)
-            case "sink":
-                return ir.Sink(n=v["n"], span=span)
-            case "global":
-                return ir.Global(tokens=v["tokens"], span=span)
-            case "rows":
-                return ir.Rows(tokens=v["tokens"], span=span)
-            case "cols":
-                return ir.Cols(tokens=v["tokens"], span=span)
-            case "prefix":
-                return ir.Prefix(n=v["n"], span=span)
-            case "random":
-                return ir.Random(r=v["r"], seed=v["seed"], span=span)
             case "same":
                 return ir.Same(input=v["doc"].spec.name, span=span)
             case "routed":
                 return ir.Routed(input=v["sel"].spec.name, block=v["sel"].spec.block, span=span)
-            case "topk":
-                return ir.TopK(k=v["k"], block=v["block"], span=span)
             case "dilate":
                 return ir.Dilate(d=v["d"], operand=v["pattern"], span=span)
             case "blockwise":
@@ -764,13 +742,11 @@ class Elaborator:
             return Pos(ir.PBool(op=op, parts=tuple(flat), span=e.span), True)
         if isinstance(left, ir.Mask) or isinstance(right, ir.Mask):
             if op in ("|", "&", "-") and isinstance(left, ir.Mask) and isinstance(right, ir.Mask):
-                if op == "|":
-                    parts = [*(left.parts if isinstance(left, ir.Union_) else (left,)), *(right.parts if isinstance(right, ir.Union_) else (right,))]
-                    return ir.Union_(parts=tuple(parts), span=e.span)
-                if op == "&":
-                    parts = [*(left.parts if isinstance(left, ir.Inter) else (left,)), *(right.parts if isinstance(right, ir.Inter) else (right,))]
-                    return ir.Inter(parts=tuple(parts), span=e.span)
-                return ir.Diff(left=left, right=right, span=e.span)
+                if op == "-":
+                    return ir.Diff(left=left, right=right, span=e.span)
+                cls = ir.Union_ if op == "|" else ir.Inter
+                parts = [p for side in (left, right) for p in (side.parts if isinstance(side, cls) else (side,))]
+                return cls(parts=tuple(parts), span=e.span)
             other = right if isinstance(left, ir.Mask) else left
             hint = None
             if isinstance(other, Pos) and other.boolean:
