@@ -69,6 +69,25 @@ def random_table(rows: torch.Tensor, n: int, r: int, seed: int) -> torch.Tensor:
     return chosen
 
 
+def neighborhood_window(qa: torch.Tensor, L: int, size: int, d: int, s: int, causal: bool):
+    """NATTEN / GNA window of every query along one axis of length L:
+    (dilation group g, start, end) in group-local key indices; key k is allowed
+    iff k % d == g and start <= k // d < end."""
+    wl = size // 2
+    g = qa % d
+    i = qa // d
+    lg = (L - g + d - 1) // d
+    if not causal:
+        leader = torch.minimum((i // s) * s + s // 2, lg - 1)
+        start = torch.clamp(torch.minimum(leader - wl, lg - size), min=0)
+        end = start + size
+    else:
+        leader = torch.minimum((i // s) * s + s - 1, lg - 1)
+        start = torch.clamp(leader - (size - 1), min=0)
+        end = i + 1
+    return g, start, end
+
+
 # ----------------------------------------------------------------------------- views
 
 
@@ -206,40 +225,33 @@ class Evaluator:
         q, k = view.q[:, None], view.k[None, :]
         return (k > q - w) & (k <= q)
 
-    def eval_Neighborhood(self, node, view):
+    def neighborhood_args(self, node, view) -> tuple[int, int, int, bool]:
         size = self.val(node.size, view.env)
         d = self.val(node.dilation, view.env)
         s = self.val(node.stride, view.env)
-        causal = bool(node.causal)
-        L = view.L
-        if size * d > L:
-            raise AttnError(error(node.span, f"neighborhood needs size * dilation <= length, got {size} * {d} > {L}"))
+        if size * d > view.L:
+            raise AttnError(error(node.span, f"neighborhood needs size * dilation <= length, got {size} * {d} > {view.L}"))
         if s > size:
             raise AttnError(error(node.span, f"neighborhood stride must be <= size, got stride {s} > size {size}"))
-        qa = view.q
-        wl = size // 2
-        g = qa % d
-        i = qa // d
-        lg = (L - g + d - 1) // d
-        if not causal:
-            leader = torch.minimum((i // s) * s + s // 2, lg - 1)
-            start = torch.clamp(torch.minimum(leader - wl, lg - size), min=0)
-            end = start + size
-        else:
-            leader = torch.minimum((i // s) * s + s - 1, lg - 1)
-            start = torch.clamp(leader - (size - 1), min=0)
-            end = i + 1
+        return size, d, s, bool(node.causal)
+
+    def eval_Neighborhood(self, node, view):
+        size, d, s, causal = self.neighborhood_args(node, view)
+        g, start, end = neighborhood_window(view.q, view.L, size, d, s, causal)
         k = view.k[None, :]
         kl = k // d
         return (k % d == g[:, None]) & (kl >= start[:, None]) & (kl < end[:, None])
 
-    def eval_Block(self, node, view):
+    def block_window(self, node, view) -> tuple[torch.Tensor, torch.Tensor]:
+        """[start, end) of the keys each query's block (with halo) allows."""
         size = self.val(node.size, view.env)
         shift = self.val(node.shift, view.env)
         halo = self.val(node.halo, view.env)
         bq = (view.q - shift) // size
-        start = bq * size + shift - halo
-        end = (bq + 1) * size + shift + halo
+        return bq * size + shift - halo, (bq + 1) * size + shift + halo
+
+    def eval_Block(self, node, view):
+        start, end = self.block_window(node, view)
         k = view.k[None, :]
         return (k >= start[:, None]) & (k < end[:, None])
 

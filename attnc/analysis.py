@@ -1,0 +1,420 @@
+"""Block-sparsity analysis: tile plans without evaluating N^2 positions.
+
+input:  a bound pattern (PatternIR), sizes and a tile shape.
+output: a `Plan`: per query tile its full and partial key tiles, the
+        transposed view for backward, and the exact count of allowed pairs.
+does not: generate kernels; handle run-time inputs (their plans are built
+        inside the op).
+
+[Note: interval sets] For 1-D layouts the analysis computes, for every query,
+its allowed keys as a short union of disjoint half-open intervals: a tensor
+pair lo/hi of shape [Hx, M, R] (Hx is 1 when all heads agree, R intervals per
+query; an empty slot is (N, N)). Primitives have closed forms (causal is
+[0, qa + 1), band is [qa - l, qa + r + 1), a neighborhood is NATTEN's window,
+...), and the combinators are set algebra on intervals (merge, pairwise
+intersection, gaps). From intervals, tiles are classified exactly by difference
+arrays: a key tile is *full* for a query tile when every query's interval
+covers it, *empty* when none touches it. Cost O(H * M * R + tiles), no N^2 term.
+
+Patterns that are not short interval unions per query (strided, dilation,
+`where`, grid layouts) fall back to an exact scan of the reference mask in row
+chunks: always exact, O(M * N) time, O(chunk * N) memory. `Plan.method` says
+which path built a plan.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+
+from . import ir
+from .reference import Evaluator, View, neighborhood_window, random_table, top_view
+
+#: largest number of intervals per query the closed form keeps (beyond: scan)
+MAX_INTERVALS = 64
+
+
+class NotIntervals(Exception):
+    """This node is not a short union of key intervals per query."""
+
+
+# ----------------------------------------------------------------------------- interval sets
+
+
+@dataclass(frozen=True)
+class ISet:
+    lo: torch.Tensor  # int64 [Hx, Mq, R]
+    hi: torch.Tensor
+    n: int  # key length: intervals live in [0, n); (n, n) marks an empty slot
+
+    @staticmethod
+    def make(lo: torch.Tensor, hi: torch.Tensor, n: int) -> "ISet":
+        while lo.dim() < 3:
+            lo, hi = lo.unsqueeze(0), hi.unsqueeze(0)
+        lo = lo.clamp(0, n)
+        hi = hi.clamp(0, n)
+        empty = hi <= lo
+        return ISet(lo.masked_fill(empty, n), hi.masked_fill(empty, n), n)
+
+    def count(self) -> torch.Tensor:
+        """Allowed keys per query: int64 [Hx, Mq]."""
+        return (self.hi - self.lo).sum(-1)
+
+
+def _broadcast(a: ISet, b: ISet) -> tuple[ISet, ISet]:
+    h = max(a.lo.shape[0], b.lo.shape[0])
+    ea = ISet(a.lo.expand(h, -1, -1), a.hi.expand(h, -1, -1), a.n)
+    eb = ISet(b.lo.expand(h, -1, -1), b.hi.expand(h, -1, -1), b.n)
+    return ea, eb
+
+
+def merge(s: ISet) -> ISet:
+    """Sort and merge overlapping or adjacent intervals; drop all-empty slots."""
+    lo, order = torch.sort(s.lo, dim=-1, stable=True)
+    hi = torch.gather(s.hi, -1, order)
+    cm = torch.cummax(hi, dim=-1).values
+    prev = torch.cat([torch.full_like(cm[..., :1], -1), cm[..., :-1]], dim=-1)
+    start = lo > prev
+    group = torch.cumsum(start.to(torch.int64), dim=-1) - 1
+    R = lo.shape[-1]
+    new_lo = torch.full_like(lo, s.n).scatter_reduce(-1, group, lo, reduce="amin", include_self=True)
+    new_hi = torch.full_like(hi, -1).scatter_reduce(-1, group, hi, reduce="amax", include_self=True)
+    out = ISet.make(new_lo, new_hi.clamp(min=0), s.n)
+    used = int((out.lo < s.n).sum(-1).max()) if out.lo.numel() else 0
+    used = max(used, 1)
+    if used > MAX_INTERVALS:
+        raise NotIntervals(f"more than {MAX_INTERVALS} intervals per query")
+    return ISet(out.lo[..., :used], out.hi[..., :used], s.n) if used < R else out
+
+
+def union(a: ISet, b: ISet) -> ISet:
+    a, b = _broadcast(a, b)
+    return merge(ISet(torch.cat([a.lo, b.lo], -1), torch.cat([a.hi, b.hi], -1), a.n))
+
+
+def intersect(a: ISet, b: ISet) -> ISet:
+    a, b = _broadcast(a, b)
+    lo = torch.maximum(a.lo[..., :, None], b.lo[..., None, :]).flatten(-2)
+    hi = torch.minimum(a.hi[..., :, None], b.hi[..., None, :]).flatten(-2)
+    return merge(ISet.make(lo, hi, a.n))
+
+
+def complement(a: ISet) -> ISet:
+    a = merge(a)
+    zero = torch.zeros_like(a.lo[..., :1])
+    end = torch.full_like(a.lo[..., :1], a.n)
+    real_hi = torch.where(a.lo < a.n, a.hi, a.n)
+    lo = torch.cat([zero, real_hi], -1)
+    hi = torch.cat([a.lo, end], -1)
+    return merge(ISet.make(lo, hi, a.n))
+
+
+# ----------------------------------------------------------------------------- closed forms per primitive
+
+
+class IntervalAnalysis(Evaluator):
+    """The per-query interval sets of a 1-D pattern (raises NotIntervals)."""
+
+    def eval(self, node: ir.Mask, view: View) -> ISet:  # type: ignore[override]
+        method = getattr(self, "iv_" + type(node).__name__.rstrip("_"), None)
+        if method is None:
+            raise NotIntervals(type(node).__name__)
+        from .constraints import violations
+        from .errors import AttnError, error
+        problems = violations(node, lambda v: self.val(v, view.env))
+        if problems:
+            raise AttnError(error(node.span, problems[0]))
+        return method(node, view)
+
+    def _iv(self, lo, hi, view) -> ISet:
+        return ISet.make(lo[:, None], hi[:, None], view.L)
+
+    def iv_Full(self, node, view):
+        z = torch.zeros_like(view.q)
+        return self._iv(z, z + view.L, view)
+
+    def iv_Empty(self, node, view):
+        z = torch.zeros_like(view.q)
+        return self._iv(z, z, view)
+
+    def iv_Causal(self, node, view):
+        return self._iv(torch.zeros_like(view.q), view.q + 1, view)
+
+    def iv_Band(self, node, view):
+        lft, rgt = self.val(node.left, view.env), self.val(node.right, view.env)
+        return self._iv(view.q - lft, view.q + rgt + 1, view)
+
+    def iv_Sliding(self, node, view):
+        w = self.val(node.w, view.env)
+        return self._iv(view.q - w + 1, view.q + 1, view)
+
+    def iv_Sink(self, node, view):
+        n = self.val(node.n, view.env)
+        z = torch.zeros_like(view.q)
+        return self._iv(z, z + n, view)
+
+    def iv_Prefix(self, node, view):
+        n = self.val(node.n, view.env)
+        z = torch.zeros_like(view.q)
+        return self._iv(z, torch.where(view.q < n, z + n, z), view)
+
+    def _rows(self, s, view) -> ISet:
+        inside = self.set_contains(s, view.q, view.env)
+        z = torch.zeros_like(view.q)
+        return self._iv(z, torch.where(inside, z + view.L, z), view)
+
+    def _cols(self, s, view) -> ISet:
+        if isinstance(s, ir.SetRange) and self.val(s.step, view.env) == 1:
+            a, b = self.val(s.start, view.env), self.val(s.stop, view.env)
+            z = torch.zeros_like(view.q)
+            return self._iv(z + a, z + b, view)
+        if isinstance(s, ir.SetRange):
+            a, b, st = (self.val(x, view.env) for x in (s.start, s.stop, s.step))
+            items = list(range(a, b, st))
+        else:
+            items = sorted({self.val(i, view.env) for i in s.items})
+        if len(items) > MAX_INTERVALS:
+            raise NotIntervals("too many key columns")
+        pts = torch.tensor(items or [view.L], dtype=torch.int64)
+        lo = pts.expand(len(view.q), -1)
+        return merge(ISet.make(lo, lo + (1 if items else 0), view.L))
+
+    def iv_Rows(self, node, view):
+        return self._rows(node.tokens, view)
+
+    def iv_Cols(self, node, view):
+        return self._cols(node.tokens, view)
+
+    def iv_Global(self, node, view):
+        return union(self._rows(node.tokens, view), self._cols(node.tokens, view))
+
+    def iv_Block(self, node, view):
+        start, end = self.block_window(node, view)
+        return self._iv(start, end, view)
+
+    def iv_Neighborhood(self, node, view):
+        size, d, s, causal = self.neighborhood_args(node, view)
+        g, start, end = neighborhood_window(view.q, view.L, size, d, s, causal)
+        if d == 1:
+            return self._iv(start, end, view)
+        if size > MAX_INTERVALS:
+            raise NotIntervals("dilated neighborhood with a large window")
+        j = torch.arange(size, dtype=torch.int64)
+        local = start[:, None] + j[None, :]
+        keys = g[:, None] + d * local
+        valid = local < end[:, None]
+        return merge(ISet.make(keys, torch.where(valid, keys + 1, keys), view.L))
+
+    def iv_Random(self, node, view):
+        r, seed = self.val(node.r, view.env), self.val(node.seed, view.env)
+        if min(r, view.L) > MAX_INTERVALS:
+            raise NotIntervals("random with many keys")
+        table = random_table(view.q, view.L, r, seed)
+        return merge(ISet.make(table, table + 1, view.L))
+
+    def iv_Union(self, node, view):
+        out = self.eval(node.parts[0], view)
+        for p in node.parts[1:]:
+            out = union(out, self.eval(p, view))
+        return out
+
+    def iv_Inter(self, node, view):
+        out = self.eval(node.parts[0], view)
+        for p in node.parts[1:]:
+            out = intersect(out, self.eval(p, view))
+        return out
+
+    def iv_Diff(self, node, view):
+        return intersect(self.eval(node.left, view), complement(self.eval(node.right, view)))
+
+    def iv_Not(self, node, view):
+        return complement(self.eval(node.operand, view))
+
+    def iv_Heads(self, node, view):
+        H = view.heads
+        heads = torch.arange(H, dtype=torch.int64)
+        done = torch.zeros(H, dtype=torch.bool)
+        chosen: list[tuple[torch.Tensor, ISet]] = []
+        for arm in node.arms:
+            sel = torch.ones(H, dtype=torch.bool) if arm.selector is None else self.set_contains(arm.selector, heads, view.env)
+            sel = sel & ~done
+            if sel.any():
+                chosen.append((sel, self.eval(arm.body, view)))
+            done |= sel
+        if not bool(done.all()):
+            from .errors import AttnError, error
+            missing = int((~done).nonzero()[0, 0])
+            raise AttnError(error(node.span, f"head {missing} of {H} is not covered by any arm of heads {{ ... }}",
+                                  "add a catch-all arm `_ => P`"))
+        R = max(s.lo.shape[-1] for _, s in chosen)
+        lo = torch.full((H, len(view.q), R), view.L, dtype=torch.int64)
+        hi = lo.clone()
+        for sel, s in chosen:
+            r = s.lo.shape[-1]
+            lo[sel, :, :r] = s.lo.expand(H, -1, -1)[sel]
+            hi[sel, :, :r] = s.hi.expand(H, -1, -1)[sel]
+        return ISet(lo, hi, view.L)
+
+    def iv_Blockwise(self, node, view):
+        if view.axes:
+            raise NotIntervals("blockwise on a grid")
+        b = self.val(node.b, view.env)
+        uq, iq = torch.unique(torch.div(view.q, b, rounding_mode="floor"), return_inverse=True)
+        nb = -(-view.L // b)
+        env = {**view.env, ir.M: -(-view.env[ir.M] // b), ir.N: nb}
+        inner = self.eval(node.operand, View(q=uq, k=torch.arange(nb), env=env))
+        lo, hi = inner.lo[:, iq] * b, inner.hi[:, iq] * b
+        return ISet.make(lo, torch.where(hi >= nb * b, view.L, hi), view.L)
+
+
+# ----------------------------------------------------------------------------- plans
+
+
+@dataclass(frozen=True)
+class TileList:
+    """Per row of tiles, the column indices of some tiles (padded with -1)."""
+
+    counts: torch.Tensor  # int32 [Hx, rows]
+    index: torch.Tensor  # int32 [Hx, rows, max_count]
+
+    @staticmethod
+    def from_dense(flags: torch.Tensor) -> "TileList":
+        counts = flags.sum(-1).to(torch.int32)
+        width = max(int(counts.max()) if counts.numel() else 0, 1)
+        order = torch.argsort((~flags).to(torch.int8), dim=-1, stable=True)[..., :width]
+        index = torch.where(torch.arange(width) < counts[..., None].long(), order, -1).to(torch.int32)
+        return TileList(counts, index)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Which tiles a kernel must visit, like FlexAttention's BlockMask but named.
+
+    `full` / `partial`: per query tile, the key tiles that need no mask / need
+    the mask; `full_t` / `partial_t`: per key tile, its query tiles (backward).
+    The head dimension is 1 when every head has the same plan.
+    """
+
+    M: int
+    N: int
+    heads: int
+    block: tuple[int, int]
+    full: TileList
+    partial: TileList
+    full_t: TileList
+    partial_t: TileList
+    allowed: int  # exact number of allowed (head, query, key) triples
+    method: str  # "closed-form" | "exact-scan"
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return -(-self.M // self.block[0]), -(-self.N // self.block[1])
+
+    def to_dense(self) -> torch.Tensor:
+        """int8 [Hx, query tiles, key tiles]: 0 empty, 1 partial, 2 full."""
+        nq, nk = self.shape
+        out = torch.zeros(self.full.counts.shape[0], nq, nk + 1, dtype=torch.int8)
+        for lst, val in ((self.partial, 1), (self.full, 2)):
+            idx = lst.index.long().clamp(min=-1)
+            idx = torch.where(idx < 0, nk, idx)
+            out.scatter_(2, idx, val)
+        return out[..., :nk]
+
+    def density(self) -> float:
+        """Allowed pairs / all pairs (exact)."""
+        return self.allowed / (self.heads * self.M * self.N)
+
+    def counts(self) -> dict[str, int]:
+        hx = self.full.counts.shape[0]
+        rep = self.heads // hx
+        nq, nk = self.shape
+        full = int(self.full.counts.sum()) * rep
+        part = int(self.partial.counts.sum()) * rep
+        return {"tiles_total": nq * nk * self.heads, "tiles_full": full, "tiles_partial": part}
+
+    def tile_density(self) -> float:
+        c = self.counts()
+        return (c["tiles_full"] + c["tiles_partial"]) / c["tiles_total"]
+
+    def to_string(self, head: int = 0, max_cells: int = 64) -> str:
+        from .show import ascii_map
+        dense = self.to_dense()
+        pic, f = ascii_map(dense[min(head, dense.shape[0] - 1)], max_cells)
+        c = self.counts()
+        head_line = (f"plan {self.M}x{self.N}, tiles {self.block[0]}x{self.block[1]} ({self.method}): "
+                     f"{c['tiles_full']} full, {c['tiles_partial']} partial of {c['tiles_total']}; density {self.density():.4f}")
+        return head_line + ("" if f == 1 else f"\n(each character: {f}x{f} tiles)") + "\n" + pic
+
+
+def _classify_from_intervals(s: ISet, M: int, bm: int, bn: int, qrel: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(full, nonempty) bool [Hx, nq, nk] from per-query intervals, by difference arrays."""
+    N = s.n
+    Hx, Mq, R = s.lo.shape
+    nq, nk = -(-M // bm), -(-N // bn)
+    real = s.lo < N
+    qt = (qrel // bm).view(1, Mq, 1).expand(Hx, Mq, R)
+    hidx = torch.arange(Hx).view(Hx, 1, 1).expand(Hx, Mq, R)
+    # covered key tiles: t with t*bn >= lo and min((t+1)*bn, N) <= hi
+    c_lo = (s.lo + bn - 1) // bn
+    c_hi = s.hi // bn + ((s.hi == N) & (N % bn != 0)).to(torch.int64)
+    t_lo = s.lo // bn
+    t_hi = (s.hi + bn - 1) // bn
+
+    def accumulate(a, b, ok):
+        diff = torch.zeros(Hx, nq, nk + 1, dtype=torch.int32)
+        ok = ok & real & (b > a)
+        ones = torch.ones(int(ok.sum()), dtype=torch.int32)
+        diff.index_put_((hidx[ok], qt[ok], a[ok]), ones, accumulate=True)
+        diff.index_put_((hidx[ok], qt[ok], b[ok]), -ones, accumulate=True)
+        return torch.cumsum(diff, dim=-1)[..., :nk]
+
+    cover = accumulate(c_lo, c_hi, torch.ones_like(real))
+    touch = accumulate(t_lo, t_hi, torch.ones_like(real))
+    rows = torch.full((nq,), bm, dtype=torch.int32)
+    rows[-1] = M - bm * (nq - 1)
+    return cover == rows.view(1, nq, 1), touch > 0
+
+
+def _classify_by_scan(pattern, M, N, H, grid, bm, bn) -> tuple[torch.Tensor, torch.Tensor, int]:
+    from .show import tile_stats
+
+    class _P:  # the minimal surface tile_stats needs
+        def mask_rows(self, M, N, H, grid, lo, hi, inputs=None):
+            from .reference import evaluate
+            return evaluate(pattern, M, N, H, grid, inputs or {}, rows=(lo, hi))
+
+    stats, _ = tile_stats(_P(), M, N, H, grid, (bm, bn))
+    full = stats.counts == stats.sizes
+    nonempty = stats.counts > 0
+    if H > 1 and bool((full == full[:1]).all() and (nonempty == nonempty[:1]).all()):
+        full, nonempty = full[:1], nonempty[:1]
+    return full, nonempty, int(stats.counts.sum())
+
+
+def plan_blocks(pattern: ir.PatternIR, M: int, N: int, heads: int, grid, *, block: tuple[int, int]) -> Plan:
+    """The tile plan of a bound pattern (sizes already validated)."""
+    bm, bn = block
+    method = "closed-form"
+    try:
+        if pattern.layout.axes or pattern.inputs:
+            raise NotIntervals("grid layouts and run-time inputs use the scan")
+        view = top_view(pattern, M, N, heads, grid, {})
+        s = merge(IntervalAnalysis(pattern).eval(pattern.body, view))
+        full, nonempty = _classify_from_intervals(s, M, bm, bn, view.qrel)
+        allowed = int(s.count().sum()) * (heads // s.lo.shape[0])
+    except NotIntervals:
+        method = "exact-scan"
+        full, nonempty, allowed = _classify_by_scan(pattern, M, N, heads, grid, bm, bn)
+    partial = nonempty & ~full
+    return Plan(
+        M=M, N=N, heads=heads, block=(bm, bn),
+        full=TileList.from_dense(full), partial=TileList.from_dense(partial),
+        full_t=TileList.from_dense(full.transpose(1, 2)), partial_t=TileList.from_dense(partial.transpose(1, 2)),
+        allowed=allowed, method=method,
+    )
+
+
+def replace(plan: Plan, **kw) -> Plan:
+    return dataclasses.replace(plan, **kw)
