@@ -423,6 +423,34 @@ class BoundPattern:
             per_batch.append({n: (t[bi] if t.shape[0] > 1 else t[0]) for n, t in normalized.items()})
         return per_batch, batched
 
+    # -- analysis
+    def plan(self, M: int, N: int | None = None, *, heads: int | None = None, grid=None, block=(128, 128)):
+        """Tile plan: per query tile its full and partial key tiles (and the
+        transposed view), built from the pattern's structure (see analysis.py).
+
+        >>> plan = attnc.loads("pattern p = sliding(64)").pattern().plan(1000, block=(64, 64))
+        >>> plan.counts()["tiles_partial"], plan.method
+        (31, 'closed-form')
+        """
+        from .analysis import plan_blocks
+
+        M, N, H, grid = self.resolve_sizes(M, N, heads, grid)
+        block = _tile(block)
+        try:
+            return plan_blocks(self.ir, M, N, H, grid, block=block)
+        except AttnError as err:
+            raise err.with_sources(self.program.sources) from None
+
+    def simulate(self, M: int, N: int | None = None, *, heads: int | None = None, head_dim: int = 128, grid=None,
+                 tile=(128, 128), gpu: str = "h100", batch: int = 1):
+        """Density, tile counts and the roofline speedup estimate (`SimReport`)."""
+        from .simulate import simulate_plan
+
+        if isinstance(head_dim, bool) or not isinstance(head_dim, int) or head_dim < 1:
+            raise ValueError(f"head_dim: expected a positive integer, got {head_dim!r}")
+        plan = self.plan(M, N, heads=heads, grid=grid, block=tile)
+        return simulate_plan(plan, name=self.name, head_dim=head_dim, gpu=gpu, batch=batch)
+
     # -- the op
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, return_lse: bool = False,
                  scale: float | None = None, backend: str = "auto", grid=None, **inputs):
@@ -436,6 +464,20 @@ class BoundPattern:
         """
         from .runtime.ops import attention
         return attention(self, q, k, v, return_lse=return_lse, scale=scale, backend=backend, grid=grid, inputs=inputs)
+
+
+def _tile(block) -> tuple[int, int]:
+    if isinstance(block, int) and not isinstance(block, bool):
+        block = (block, block)
+    try:
+        bm, bn = block
+    except (TypeError, ValueError):
+        raise ValueError(f"block: expected (query tile, key tile) like (128, 128), got {block!r}") from None
+    if any(isinstance(b, tuple) for b in (bm, bn)):
+        raise ValueError("block: N-D tiles such as ((16, 16), (16, 8)) are not supported yet; try 1-D tiles like (128, 128)")
+    if not all(isinstance(b, int) and not isinstance(b, bool) and b >= 1 for b in (bm, bn)):
+        raise ValueError(f"block: expected positive tile sizes, got {block!r}")
+    return bm, bn
 
 
 def _int(expr, env) -> int:

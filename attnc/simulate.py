@@ -1,0 +1,118 @@
+"""The simulator: density, tile counts and a roofline estimate of the speedup
+of a block-sparse attention kernel over dense FlashAttention on a given GPU.
+
+input:  a Plan (analysis.py), head dim, GPU name.
+output: a `SimReport` (attributes and `to_dict()` keys fixed by the spec).
+does not: run anything on a GPU; constants are data-sheet peaks times an
+        efficiency factor that issue 9's measurements will calibrate.
+
+The model (docs/simulator.md): each visited tile costs 4*bm*bn*D FLOPs forward
+(QK^T and PV; 2.5x that backward); a partial tile pays an extra `mask_cost`
+fraction for the mask arithmetic; every visited tile streams its K and V tile
+from HBM and every query tile reads Q and writes O. Time is the roofline
+max(FLOPs / (peak * efficiency), bytes / bandwidth). Dense FlashAttention visits
+every tile with no mask. predicted_speedup = T_dense / T_sparse.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+
+#: dense BF16/FP16 tensor-core peak (TFLOP/s, no sparsity) and HBM bandwidth (TB/s), vendor data sheets (SXM parts)
+GPUS = {
+    "a100": {"tflops": 312.0, "tbps": 2.039, "name": "NVIDIA A100 SXM 80GB"},
+    "h100": {"tflops": 989.4, "tbps": 3.35, "name": "NVIDIA H100 SXM"},
+    "h200": {"tflops": 989.4, "tbps": 4.8, "name": "NVIDIA H200 SXM"},
+    "b200": {"tflops": 2250.0, "tbps": 8.0, "name": "NVIDIA B200"},
+}
+
+
+@dataclass(frozen=True)
+class Model:
+    efficiency: float = 0.7  # fraction of peak a well-tuned attention kernel sustains
+    mask_cost: float = 0.25  # extra work of a partial tile relative to a full one
+    bytes_per_element: int = 2  # bf16 / fp16
+    bwd_flop_factor: float = 2.5  # backward FLOPs per tile relative to forward
+
+
+@dataclass(frozen=True)
+class SimReport:
+    pattern: str
+    gpu: str
+    M: int
+    N: int
+    heads: int
+    head_dim: int
+    tile: tuple[int, int]
+    density: float
+    flop_bound: float
+    tiles_total: int
+    tiles_full: int
+    tiles_partial: int
+    tile_density: float
+    tile_bound: float
+    predicted_speedup: float
+    predicted_speedup_bwd: float
+    dense_ms: float
+    sparse_ms: float
+    method: str
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["tile"] = list(self.tile)
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    def to_table(self) -> str:
+        rows = [
+            ("pattern", self.pattern),
+            ("problem", f"M={self.M} N={self.N} heads={self.heads} head_dim={self.head_dim}"),
+            ("gpu / tile", f"{self.gpu} / {self.tile[0]}x{self.tile[1]}"),
+            ("density", f"{self.density:.6f}"),
+            ("flop_bound", f"{self.flop_bound:.2f}x"),
+            ("tiles", f"{self.tiles_full} full + {self.tiles_partial} partial of {self.tiles_total}"),
+            ("tile_density", f"{self.tile_density:.6f}"),
+            ("tile_bound", f"{self.tile_bound:.2f}x"),
+            ("predicted_speedup", f"{self.predicted_speedup:.2f}x forward, {self.predicted_speedup_bwd:.2f}x backward"),
+            ("roofline time", f"dense {self.dense_ms:.3f} ms, sparse {self.sparse_ms:.3f} ms (forward)"),
+            ("plan", self.method),
+        ]
+        w = max(len(k) for k, _ in rows)
+        return "\n".join(f"{k.ljust(w)}  {v}" for k, v in rows)
+
+
+def _time(gpu: dict, flops: float, bytes_: float, model: Model) -> float:
+    return max(flops / (gpu["tflops"] * 1e12 * model.efficiency), bytes_ / (gpu["tbps"] * 1e12))
+
+
+def simulate_plan(plan, *, name: str, head_dim: int, gpu: str, batch: int = 1, model: Model = Model()) -> SimReport:
+    if gpu not in GPUS:
+        raise ValueError(f"gpu: expected one of {', '.join(GPUS)}, got {gpu!r}")
+    spec = GPUS[gpu]
+    c = plan.counts()
+    bm, bn = plan.block
+    nq, nk = plan.shape
+    D, e = head_dim, model.bytes_per_element
+    tile_flops = 4.0 * bm * bn * D * batch
+    kv_bytes = 2.0 * bn * D * e * batch
+    qo_bytes = 2.0 * bm * D * e * batch * nq * plan.heads
+    visited = c["tiles_full"] + c["tiles_partial"]
+    eff_tiles = c["tiles_full"] + c["tiles_partial"] * (1 + model.mask_cost)
+    dense = _time(spec, c["tiles_total"] * tile_flops, c["tiles_total"] * kv_bytes + qo_bytes, model)
+    sparse = _time(spec, eff_tiles * tile_flops, visited * kv_bytes + qo_bytes, model)
+    f = model.bwd_flop_factor
+    dense_b = _time(spec, f * c["tiles_total"] * tile_flops, 2 * c["tiles_total"] * kv_bytes + 2 * qo_bytes, model)
+    sparse_b = _time(spec, f * eff_tiles * tile_flops, 2 * visited * kv_bytes + 2 * qo_bytes, model)
+    density = plan.density()
+    return SimReport(
+        pattern=name, gpu=gpu, M=plan.M, N=plan.N, heads=plan.heads, head_dim=D, tile=(bm, bn),
+        density=density, flop_bound=(1 / density) if density else float("inf"),
+        tiles_total=c["tiles_total"], tiles_full=c["tiles_full"], tiles_partial=c["tiles_partial"],
+        tile_density=visited / c["tiles_total"], tile_bound=(c["tiles_total"] / visited) if visited else float("inf"),
+        predicted_speedup=dense / sparse if sparse else float("inf"),
+        predicted_speedup_bwd=dense_b / sparse_b if sparse_b else float("inf"),
+        dense_ms=dense * 1e3, sparse_ms=sparse * 1e3, method=plan.method,
+    )
