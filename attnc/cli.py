@@ -1,4 +1,4 @@
-"""The `attnc` command line: check, list, show.
+"""The `attnc` command line: check, list, show, simulate.
 
 Exit codes: 0 ok, 1 diagnostics (errors in .attn text or binding), 2 usage.
 Every verb runs in-process through `main(argv)`, which never lets a Python
@@ -105,6 +105,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--block", default="64", metavar="B", help="tile size, e.g. 64 or 64x128 (default 64)")
     s.add_argument("--png", metavar="OUT", help="also write a PNG picture")
     s.add_argument("--width", type=int, default=64, help="maximum characters per row of the picture")
+
+    sim = sub.add_parser("simulate", help="density, tile counts and predicted speedup for a GPU and tile shape")
+    sim.add_argument("file", metavar="FILE")
+    sim.add_argument("-p", "--pattern", help="pattern name (optional when the file has one)")
+    sim.add_argument("--set", action="append", metavar="K=V", help="bind a parameter")
+    size = sim.add_mutually_exclusive_group(required=True)
+    size.add_argument("--seq-len", type=int, metavar="N", help="sequence length (M = N)")
+    size.add_argument("--grid", metavar="TxHxW", help="grid sizes, e.g. 16x44x80")
+    sim.add_argument("--heads", type=int, default=1, metavar="H")
+    sim.add_argument("--head-dim", type=int, default=128, metavar="D")
+    sim.add_argument("--tile", default="128x128", metavar="BMxBN", help="tile shape (default 128x128)")
+    sim.add_argument("--gpu", default="h100", choices=["a100", "h100", "h200", "b200"])
+    sim.add_argument("--json", action="store_true", help="print the report as JSON")
     return p
 
 
@@ -231,6 +244,38 @@ def cmd_show(args, out, err) -> int:
     return 0
 
 
+def parse_tile(text: str) -> tuple[int, int]:
+    if "/" in text:
+        raise UsageError(f"--tile: N-D tiles like {text!r} are not supported yet; use a 1-D tile such as 128x128")
+    return parse_block(text)
+
+
+def cmd_simulate(args, out, err) -> int:
+    from . import load
+
+    sets = parse_sets(args.set)
+    tile = parse_tile(args.tile)
+    if args.head_dim < 1:
+        raise UsageError(f"--head-dim: expected a positive size, got {args.head_dim}")
+    try:
+        prog = load(args.file)
+        pat = prog.pattern(args.pattern, **sets)
+    except AttnError as e:
+        print(str(e), file=err)
+        return 1
+    if pat.ir.inputs:
+        print(f"attnc simulate: pattern '{pat.name}' depends on run-time inputs; simulate it with a static stand-in", file=err)
+        return 1
+    M, N, H, grid = _sizes(pat, args.seq_len, parse_grid(args.grid), args.heads)
+    try:
+        rep = pat.simulate(M, N, heads=H, head_dim=args.head_dim, grid=grid, tile=tile, gpu=args.gpu)
+    except AttnError as e:
+        print(str(e), file=err)
+        return 1
+    print(rep.to_json() if args.json else rep.to_table(), file=out)
+    return 0
+
+
 def main(argv: list[str] | None = None, out=None, err=None) -> int:
     out = out or sys.stdout
     err = err or sys.stderr
@@ -240,7 +285,8 @@ def main(argv: list[str] | None = None, out=None, err=None) -> int:
         if args.verb is None:
             print(parser.format_help(), file=err)
             return 2
-        return {"check": cmd_check, "list": cmd_list, "show": cmd_show}[args.verb](args, out, err)
+        verbs = {"check": cmd_check, "list": cmd_list, "show": cmd_show, "simulate": cmd_simulate}
+        return verbs[args.verb](args, out, err)
     except UsageError as exc:
         print(str(exc), file=err)
         return 2

@@ -1,0 +1,148 @@
+"""Tile plans against tiles derived from mask(); the simulator's figures."""
+
+import json
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+import attnc
+from attnc.cli import main
+from conftest import EXAMPLES
+
+
+def tiles_from_mask(m: torch.Tensor, bm: int, bn: int) -> torch.Tensor:
+    """int8 [H, nq, nk]: 0 empty, 1 partial, 2 full, straight from the dense mask."""
+    H, M, N = m.shape
+    nq, nk = -(-M // bm), -(-N // bn)
+    pad = torch.zeros(H, nq * bm, nk * bn, dtype=torch.int64)
+    valid = torch.zeros_like(pad)
+    pad[:, :M, :N] = m.long()
+    valid[:, :M, :N] = 1
+    cnt = pad.view(H, nq, bm, nk, bn).sum((2, 4))
+    size = valid.view(H, nq, bm, nk, bn).sum((2, 4))
+    return torch.where(cnt == size, 2, torch.where(cnt == 0, 0, 1)).to(torch.int8)
+
+
+def check_plan(pat, M, N, H, block, grid=None):
+    plan = pat.plan(M, N, heads=H, grid=grid, block=block)
+    m = pat.mask(M, N, heads=H, grid=grid)
+    want = tiles_from_mask(m, *block)
+    got = plan.to_dense().expand(H, -1, -1)
+    assert torch.equal(got, want), f"{int((got != want).sum())} tiles differ ({plan.method})"
+    assert plan.allowed == int(m.sum())
+    assert plan.density() == pytest.approx(float(m.float().mean()))
+    # the transposed view lists the same tiles
+    for lst, lst_t in ((plan.full, plan.full_t), (plan.partial, plan.partial_t)):
+        fwd = set()
+        for h in range(lst.index.shape[0]):
+            for qi in range(lst.index.shape[1]):
+                fwd |= {(h, qi, int(k)) for k in lst.index[h, qi, : lst.counts[h, qi]]}
+        bwd = set()
+        for h in range(lst_t.index.shape[0]):
+            for ki in range(lst_t.index.shape[1]):
+                bwd |= {(h, int(q), ki) for q in lst_t.index[h, ki, : lst_t.counts[h, ki]]}
+        assert fwd == bwd
+    return plan
+
+
+LEAVES = ["causal", "full", "none", "sliding({a})", "band({a}, {b})", "band(-{b}, {a})", "sink({b})", "prefix({a})",
+          "block({a})", "block({a}, shift = {b}, halo = {c})", "global({{{b}, {a}}})", "rows({b} .. {a})",
+          "cols({c} .. {a} step 3)", "neighborhood({n}, dilation = {d}, stride = {s})",
+          "neighborhood({n}, causal = true)", "random(2, seed = {c})", "blockwise({c}, band(1, 0))",
+          "strided({d})", "where (q + k) % {d} == 0", "dilate({d}, causal)"]
+
+
+@st.composite
+def patterns(draw, depth=2):
+    if depth == 0 or draw(st.booleans()):
+        leaf = draw(st.sampled_from(LEAVES))
+        vals = dict(a=draw(st.integers(1, 40)), b=draw(st.integers(0, 9)), c=draw(st.integers(1, 9)),
+                    n=draw(st.integers(2, 5)), d=draw(st.integers(1, 2)))
+        vals["s"] = draw(st.integers(1, vals["n"]))
+        return leaf.format(**vals)
+    op = draw(st.sampled_from(["|", "&", "-"]))
+    if draw(st.integers(0, 5)) == 0:
+        return f"~({draw(patterns(depth - 1))})"
+    return f"({draw(patterns(depth - 1))}) {op} ({draw(patterns(depth - 1))})"
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(patterns(), st.integers(12, 140), st.integers(12, 140), st.sampled_from([(16, 16), (32, 8), (7, 13), (64, 64)]))
+def test_plan_matches_mask_for_random_patterns(src, M, N, block):
+    pat = attnc.loads(f"pattern p = {src}").pattern()
+    check_plan(pat, M, N, 1, block)
+
+
+@pytest.mark.parametrize("name,params,M,N,H,grid,block", [
+    ("mistral", dict(window=50), 125, 125, 1, None, (16, 16)),
+    ("streaming_llm", dict(sinks=3, recent=20), 232, 232, 1, None, (32, 32)),
+    ("duo", {}, 300, 300, 12, None, (64, 32)),
+    ("bigbird", dict(b=16, r=2), 250, 250, 1, None, (16, 16)),
+    ("longformer", dict(window=20, globals=5), 125, 300, 1, None, (16, 32)),
+    ("prefix_lm", dict(n=40), 232, 232, 1, None, (32, 32)),
+    ("natten2d", dict(size=5), 144, 144, 1, (12, 12), (16, 16)),
+    ("cswin", dict(sw=3), 81, 81, 4, (9, 9), (9, 9)),
+    ("mmdit", dict(r=3, text=7), 7 + 64, 7 + 64, 1, (8, 8), (16, 16)),
+])
+def test_plan_of_examples(name, params, M, N, H, grid, block):
+    pat = attnc.load(EXAMPLES / f"{name}.attn").pattern(name, **params)
+    plan = check_plan(pat, M, N, H, block, grid)
+    assert plan.method == ("exact-scan" if grid else "closed-form")
+
+
+def test_natten_published_bounds():
+    # NATTEN 1-D, 32K tokens, window 2K: a 16x FLOP bound; with stride 256 perfectly block-sparse at 128x128
+    for stride in (1, 256):
+        pat = attnc.loads(f"pattern p = neighborhood(2048, stride = {stride})").pattern()
+        rep = pat.simulate(32768, heads=1, head_dim=128, tile=(128, 128), gpu="h100")
+        assert rep.flop_bound == pytest.approx(16.0)
+        if stride == 256:
+            assert rep.tiles_partial == 0
+            assert rep.tile_bound == pytest.approx(rep.flop_bound)
+            assert rep.predicted_speedup <= rep.tile_bound
+
+
+def test_blocked_strided_configuration_is_perfectly_block_sparse():
+    pat = attnc.loads("pattern p = block(256) | blockwise(128, strided(8))").pattern()
+    rep = pat.simulate(16384, heads=2, head_dim=64, tile=(128, 128), gpu="h200")
+    assert rep.tiles_partial == 0 and rep.tile_bound == pytest.approx(rep.flop_bound)
+
+
+def test_huge_sizes_are_planned_without_n_squared_memory():
+    import time
+    pat = attnc.loads("pattern p = sliding(2048) | (sink(64) & causal)").pattern()
+    t = time.perf_counter()
+    plan = pat.plan(262_656, block=(128, 128))
+    assert time.perf_counter() - t < 60  # catches an accidental N^2 path (that would need 69 G entries)
+    assert plan.method == "closed-form"
+    n = 262_656
+    assert plan.allowed == sum(min(q + 1, 2048) for q in range(n)) + sum(min(64, q + 1 - 2048) for q in range(2048, n) if q + 1 > 2048)
+
+
+def test_simulate_cli_json_and_table():
+    import io
+    out, err = io.StringIO(), io.StringIO()
+    code = main(["simulate", str(EXAMPLES / "mistral.attn"), "--set", "window=512", "--seq-len", "8192",
+                 "--heads", "8", "--head-dim", "64", "--gpu", "h200", "--json"], out=out, err=err)
+    assert code == 0, err.getvalue()
+    rep = json.loads(out.getvalue())
+    for key in ("density", "flop_bound", "tiles_total", "tiles_full", "tiles_partial", "tile_density", "tile_bound",
+                "predicted_speedup"):
+        assert key in rep
+    assert rep["tiles_total"] == 64 * 64 * 8
+    assert rep["tile_bound"] == pytest.approx(rep["tiles_total"] / (rep["tiles_full"] + rep["tiles_partial"]))
+    out = io.StringIO()
+    assert main(["simulate", str(EXAMPLES / "natten2d.attn"), "--grid", "16x16", "--tile", "64x64"], out=out, err=err) == 0
+    assert "tile_bound" in out.getvalue()
+    assert main(["simulate", str(EXAMPLES / "natten2d.attn"), "--grid", "16x16", "--tile", "16x8/16x8"], out=out, err=err) == 2
+
+
+def test_plan_string_and_errors():
+    pat = attnc.loads("pattern p = sliding(64)").pattern()
+    s = pat.plan(1000, block=(64, 64)).to_string()
+    assert s.startswith("plan 1000x1000, tiles 64x64 (closed-form): 0 full, 31 partial of 256")
+    with pytest.raises(ValueError, match="block: expected"):
+        pat.plan(100, block=(0, 4))
+    with pytest.raises(ValueError, match="gpu: expected one of"):
+        pat.simulate(100, gpu="tpu")
