@@ -202,24 +202,27 @@ def cmd_list(args, out, err) -> int:
     return 0
 
 
-def cmd_show(args, out, err) -> int:
+def _static_pattern(args, err, verb):
+    """Load and bind the pattern a verb works on (AttnError reaches main: exit 1);
+    None, after a message, when it needs run-time tensors."""
     from . import load
+
+    pat = load(args.file).pattern(args.pattern, **parse_sets(args.set))
+    if pat.ir.inputs:
+        names = ", ".join(i.name for i in pat.ir.inputs)
+        print(f"attnc {verb}: pattern '{pat.name}' depends on run-time inputs ({names}); "
+              f"it needs those tensors: use pat.mask(..., {pat.ir.inputs[0].name}=...) from Python", file=err)
+    return None if pat.ir.inputs else pat
+
+
+def cmd_show(args, out, err) -> int:
     from .show import head_groups, render_png, render_text, tile_stats
 
-    sets = parse_sets(args.set)
     block = parse_block(args.block)
     if args.width < 8:
         raise UsageError(f"--width: expected at least 8, got {args.width}")
-    try:
-        prog = load(args.file)
-        pat = prog.pattern(args.pattern, **sets)
-    except AttnError as e:
-        print(str(e), file=err)
-        return 1
-    if pat.ir.inputs:
-        names = ", ".join(i.name for i in pat.ir.inputs)
-        print(f"attnc show: pattern '{pat.name}' depends on run-time inputs ({names}); "
-              f"its picture needs those tensors: use pat.mask(..., {pat.ir.inputs[0].name}=...) from Python", file=err)
+    pat = _static_pattern(args, err, "show")
+    if pat is None:
         return 1
     M, N, H, grid = _sizes(pat, args.seq_len, parse_grid(args.grid), args.heads)
     try:
@@ -251,20 +254,11 @@ def parse_tile(text: str) -> tuple[int, int]:
 
 
 def cmd_simulate(args, out, err) -> int:
-    from . import load
-
-    sets = parse_sets(args.set)
     tile = parse_tile(args.tile)
     if args.head_dim < 1:
         raise UsageError(f"--head-dim: expected a positive size, got {args.head_dim}")
-    try:
-        prog = load(args.file)
-        pat = prog.pattern(args.pattern, **sets)
-    except AttnError as e:
-        print(str(e), file=err)
-        return 1
-    if pat.ir.inputs:
-        print(f"attnc simulate: pattern '{pat.name}' depends on run-time inputs; simulate it with a static stand-in", file=err)
+    pat = _static_pattern(args, err, "simulate")
+    if pat is None:
         return 1
     M, N, H, grid = _sizes(pat, args.seq_len, parse_grid(args.grid), args.heads)
     try:
