@@ -24,7 +24,6 @@ which path built a plan.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -414,7 +413,3 @@ def plan_blocks(pattern: ir.PatternIR, M: int, N: int, heads: int, grid, *, bloc
         full_t=TileList.from_dense(full.transpose(1, 2)), partial_t=TileList.from_dense(partial.transpose(1, 2)),
         allowed=allowed, method=method,
     )
-
-
-def replace(plan: Plan, **kw) -> Plan:
-    return dataclasses.replace(plan, **kw)

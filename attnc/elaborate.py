@@ -16,7 +16,7 @@ import sympy
 
 from . import ir, syntax as ast
 from .constraints import violations
-from .errors import AttnError, Collector, Span, error
+from .errors import Collector, Span, error
 
 # ----------------------------------------------------------------------------- values
 
@@ -160,7 +160,6 @@ PRIMITIVES: dict[str, tuple[list[tuple[str, str, object]], str]] = {
 }
 FUNCTIONS = {"min": "min(a, b, ...)", "max": "max(a, b, ...)", "abs": "abs(x)", "size": "size(axis)"}
 INPUT_TYPES = {"segments": 0, "blocks": 1}
-KEYWORDS = {"import", "let", "in", "pattern", "on", "heads", "where", "step", "true", "false", "and", "or", "not"}
 
 
 def _is_int(v) -> bool:

@@ -7,7 +7,6 @@ line with a caret, so a person can act on it without reading a traceback.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 
@@ -83,10 +82,6 @@ def error(span: Span, message: str, hint: str | None = None) -> Diagnostic:
     return Diagnostic(span=span, message=message, severity="error", hint=hint)
 
 
-def warning(span: Span, message: str, hint: str | None = None) -> Diagnostic:
-    return Diagnostic(span=span, message=message, severity="warning", hint=hint)
-
-
 class Collector:
     """Accumulates diagnostics so a whole file's errors are reported together."""
 
@@ -111,6 +106,3 @@ class Collector:
             errs = sorted(errs, key=lambda d: (d.span.file, d.span.line, d.span.col))
             raise AttnError(errs, sources)
 
-
-def replace_span(diag: Diagnostic, span: Span) -> Diagnostic:
-    return dataclasses.replace(diag, span=span)

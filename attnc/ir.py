@@ -14,7 +14,6 @@ can keep parameters and sizes symbolic.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Iterator, Union
 
@@ -367,8 +366,6 @@ class Heads(Mask):
 
 #: Primitives whose scalar arguments broadcast over grid axes, AND-ed per axis.
 AXISWISE = (Band, Sliding, Neighborhood, Block, Strided)
-#: Primitives whose truth depends on run-time tensors.
-DYNAMIC = (Same, Routed, TopK)
 
 
 # ----------------------------------------------------------------------------- patterns
@@ -381,14 +378,6 @@ class InputSpec:
     name: str
     kind: str  # "segments" | "blocks"
     block: Int | None = None
-    span: Span = field(default=NO_SPAN, compare=False, hash=False, repr=False)
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class ParamSpec:
-    name: str
-    kind: str  # "int" | "tuple" | "set" | "bool" | "input"
-    default_text: str | None
     span: Span = field(default=NO_SPAN, compare=False, hash=False, repr=False)
 
 
@@ -528,7 +517,3 @@ def pattern_text(p: PatternIR) -> str:
     inputs = ", ".join(f"{i.name}: {i.kind}" + (f"({i.block})" if i.block is not None else "") for i in p.inputs)
     sig = ", ".join(x for x in (params, inputs) if x)
     return f"pattern {p.name}({sig}) on {p.layout} = {pformat(p.body)}"
-
-
-def replace(node, **changes):
-    return dataclasses.replace(node, **changes)

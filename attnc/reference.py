@@ -103,7 +103,6 @@ class View:
     kin: torch.Tensor | None = None
     qrel: torch.Tensor | None = None  # [Mq] query index in the q tensor (top level only)
     inputs: dict = field(default_factory=dict)
-    top: bool = False
 
     @property
     def L(self) -> int:
@@ -536,7 +535,7 @@ def top_view(pattern: ir.PatternIR, M: int, N: int, heads: int, grid, inputs: di
     qrel = torch.arange(lo, hi, dtype=torch.int64)
     q = qrel + (N - M)
     k = torch.arange(N, dtype=torch.int64)
-    view = View(q=q, k=k, env=env, qrel=qrel, inputs=inputs, top=True)
+    view = View(q=q, k=k, env=env, qrel=qrel, inputs=inputs)
     if layout.axes:
         T = ev.val(layout.text, env) if layout.text is not None else 0
         sizes = [int(s) for s in grid]
