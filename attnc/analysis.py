@@ -377,14 +377,10 @@ def _classify_from_intervals(s: ISet, M: int, bm: int, bn: int, qrel: torch.Tens
 
 
 def _classify_by_scan(pattern, M, N, H, grid, bm, bn) -> tuple[torch.Tensor, torch.Tensor, int]:
+    from .reference import evaluate
     from .show import tile_stats
 
-    class _P:  # the minimal surface tile_stats needs
-        def mask_rows(self, M, N, H, grid, lo, hi, inputs=None):
-            from .reference import evaluate
-            return evaluate(pattern, M, N, H, grid, inputs or {}, rows=(lo, hi))
-
-    stats, _ = tile_stats(_P(), M, N, H, grid, (bm, bn))
+    stats, _ = tile_stats(lambda lo, hi: evaluate(pattern, M, N, H, grid, {}, rows=(lo, hi)), M, N, H, (bm, bn))
     full = stats.counts == stats.sizes
     nonempty = stats.counts > 0
     if H > 1 and bool((full == full[:1]).all() and (nonempty == nonempty[:1]).all()):

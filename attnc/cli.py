@@ -168,7 +168,7 @@ def cmd_check(args, out, err) -> int:
                     print(f"{f}: note: '{name}' has run-time inputs; its empty rows depend on them", file=out)
                     continue
                 M, N, H, grid = _sizes(pat, args.seq_len, parse_grid(args.grid), args.heads)
-                stats, rows = tile_stats(pat, M, N, H, grid, (64, 64))
+                stats, rows = tile_stats(lambda lo, hi: pat.mask_rows(M, N, H, grid, lo, hi), M, N, H, (64, 64))
             except AttnError as e:
                 print(str(e), file=err)
                 status = 1
@@ -187,11 +187,7 @@ def cmd_check(args, out, err) -> int:
 def cmd_list(args, out, err) -> int:
     from . import load
 
-    try:
-        prog = load(args.file)
-    except AttnError as e:
-        print(str(e), file=err)
-        return 1
+    prog = load(args.file)  # an AttnError reaches main: printed, exit 1
     for info in prog.patterns():
         params = ", ".join(
             f"{p.name}: {p.type}" if p.type else (f"{p.name} = {p.default}" if p.default is not None else p.name)
@@ -225,11 +221,7 @@ def cmd_show(args, out, err) -> int:
     if pat is None:
         return 1
     M, N, H, grid = _sizes(pat, args.seq_len, parse_grid(args.grid), args.heads)
-    try:
-        stats, rows = tile_stats(pat, M, N, H, grid, block)
-    except AttnError as e:
-        print(str(e), file=err)
-        return 1
+    stats, rows = tile_stats(lambda lo, hi: pat.mask_rows(M, N, H, grid, lo, hi), M, N, H, block)
     groups = head_groups(stats, rows)
     print(render_text(pat, stats, rows, groups, args.width), file=out)
     if args.png:
@@ -261,11 +253,7 @@ def cmd_simulate(args, out, err) -> int:
     if pat is None:
         return 1
     M, N, H, grid = _sizes(pat, args.seq_len, parse_grid(args.grid), args.heads)
-    try:
-        rep = pat.simulate(M, N, heads=H, head_dim=args.head_dim, grid=grid, tile=tile, gpu=args.gpu)
-    except AttnError as e:
-        print(str(e), file=err)
-        return 1
+    rep = pat.simulate(M, N, heads=H, head_dim=args.head_dim, grid=grid, tile=tile, gpu=args.gpu)
     print(rep.to_json() if args.json else rep.to_table(), file=out)
     return 0
 

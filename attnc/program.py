@@ -223,8 +223,10 @@ class _Loader:
         """Elaborate every pattern of every file with its defaults."""
         for file, scope in self.scopes.items():
             for pdef in scope.patterns.values():
-                Elaborator(self.diags).bind(pdef, scope, {}, pdef.span) if not _has_required(pdef) else \
+                if _has_required(pdef):
                     _check_with_placeholders(pdef, scope, self.diags)
+                else:
+                    Elaborator(self.diags).bind(pdef, scope, {}, pdef.span)
 
 
 def _has_required(pdef: ast.PatternDef) -> bool:

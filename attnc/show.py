@@ -37,8 +37,10 @@ class TileStats:
         return float(c.sum()) / (c.shape[0] * self.M * self.N)
 
 
-def tile_stats(pat, M: int, N: int, H: int, grid, block: tuple[int, int], inputs: dict | None = None) -> tuple[TileStats, torch.Tensor]:
-    """Per-tile counts and, per head, the number of allowed keys of every query row."""
+def tile_stats(mask_rows, M: int, N: int, H: int, block: tuple[int, int]) -> tuple[TileStats, torch.Tensor]:
+    """Per-tile counts and, per head, the number of allowed keys of every query row.
+
+    `mask_rows(lo, hi)` returns the bool mask rows lo..hi as [H, hi - lo, N]."""
     bm, bn = block
     nqb, nkb = -(-M // bm), -(-N // bn)
     counts = torch.zeros(H, nqb, nkb, dtype=torch.int64)
@@ -47,7 +49,7 @@ def tile_stats(pat, M: int, N: int, H: int, grid, block: tuple[int, int], inputs
     kb = torch.arange(N) // bn
     for lo in range(0, M, rows_per_chunk):
         hi = min(M, lo + rows_per_chunk)
-        m = pat.mask_rows(M, N, H, grid, lo, hi, inputs).to(torch.int64)  # [H, r, N]
+        m = mask_rows(lo, hi).to(torch.int64)  # [H, r, N]
         row_counts[:, lo:hi] = m.sum(-1)
         qb = torch.arange(lo, hi) // bm
         per_k = torch.zeros(H, hi - lo, nkb, dtype=torch.int64).index_add_(2, kb, m)
