@@ -120,11 +120,7 @@ class IntervalAnalysis(Evaluator):
         method = getattr(self, "iv_" + type(node).__name__.rstrip("_"), None)
         if method is None:
             raise NotIntervals(type(node).__name__)
-        from .constraints import violations
-        from .errors import AttnError, error
-        problems = violations(node, lambda v: self.val(v, view.env))
-        if problems:
-            raise AttnError(error(node.span, problems[0]))
+        self.check(node, view)
         return method(node, view)
 
     def _iv(self, lo, hi, view) -> ISet:
@@ -233,20 +229,7 @@ class IntervalAnalysis(Evaluator):
 
     def iv_Heads(self, node, view):
         H = view.heads
-        heads = torch.arange(H, dtype=torch.int64)
-        done = torch.zeros(H, dtype=torch.bool)
-        chosen: list[tuple[torch.Tensor, ISet]] = []
-        for arm in node.arms:
-            sel = torch.ones(H, dtype=torch.bool) if arm.selector is None else self.set_contains(arm.selector, heads, view.env)
-            sel = sel & ~done
-            if sel.any():
-                chosen.append((sel, self.eval(arm.body, view)))
-            done |= sel
-        if not bool(done.all()):
-            from .errors import AttnError, error
-            missing = int((~done).nonzero()[0, 0])
-            raise AttnError(error(node.span, f"head {missing} of {H} is not covered by any arm of heads {{ ... }}",
-                                  "add a catch-all arm `_ => P`"))
+        chosen = [(sel, self.eval(arm.body, view)) for sel, arm in self.head_arms(node, view)]
         R = max(s.lo.shape[-1] for _, s in chosen)
         lo = torch.full((H, len(view.q), R), view.L, dtype=torch.int64)
         hi = lo.clone()

@@ -165,11 +165,15 @@ class Evaluator:
         return (x >= a) & (x < b) & ((x - a) % st == 0)
 
     # -- dispatch
-    def eval(self, node: ir.Mask, view: View) -> torch.Tensor:
-        """bool [1 or H, Mq, Nk]."""
+    def check(self, node: ir.Mask, view: View) -> None:
+        """Argument constraints, now that the view's sizes make every value known."""
         problems = violations(node, lambda v: self.val(v, view.env))
         if problems:
             raise AttnError(error(node.span, problems[0]))
+
+    def eval(self, node: ir.Mask, view: View) -> torch.Tensor:
+        """bool [1 or H, Mq, Nk]."""
+        self.check(node, view)
         if isinstance(node, ir.AXISWISE) and view.axes:
             return self.per_axis(node, view)
         method = getattr(self, "eval_" + type(node).__name__.rstrip("_"))
@@ -337,22 +341,29 @@ class Evaluator:
         sub, iq, ik = self.axis_view(view, node.axis)
         return self.in_grid(view, self.gather(self.eval(node.operand, sub), iq, ik))
 
-    def eval_Heads(self, node, view):
+    def head_arms(self, node: ir.Heads, view: View) -> list[tuple[torch.Tensor, ir.HeadArm]]:
+        """The arms that win some head (first match), each with its bool [H] head selection."""
         H = view.heads
         heads = torch.arange(H, dtype=torch.int64)
-        out = torch.zeros(H, len(view.q), len(view.k), dtype=torch.bool)
         done = torch.zeros(H, dtype=torch.bool)
+        chosen = []
         for arm in node.arms:
             sel = torch.ones(H, dtype=torch.bool) if arm.selector is None else self.set_contains(arm.selector, heads, view.env)
             sel = sel & ~done
             if sel.any():
-                r = self.eval(arm.body, view).expand(H, -1, -1)
-                out[sel] = r[sel]
+                chosen.append((sel, arm))
             done |= sel
         if not bool(done.all()):
             missing = int((~done).nonzero()[0, 0])
             raise AttnError(error(node.span, f"head {missing} of {H} is not covered by any arm of heads {{ ... }}",
                                   "add a catch-all arm `_ => P`"))
+        return chosen
+
+    def eval_Heads(self, node, view):
+        H = view.heads
+        out = torch.zeros(H, len(view.q), len(view.k), dtype=torch.bool)
+        for sel, arm in self.head_arms(node, view):
+            out[sel] = self.eval(arm.body, view).expand(H, -1, -1)[sel]
         return out
 
     def eval_Blockwise(self, node, view):
