@@ -1,0 +1,73 @@
+"""The contract between the op (ops.py) and the backends that compute it.
+
+input:  a validated `Call` (sizes, scale, run-time inputs, the bound pattern)
+        and the q / k / v tensors.
+output: forward (out, lse) and backward (dq, dk, dv).
+does not: validate tensors (ops.py does, once) or choose a backend (ops.py).
+
+Every backend implements `Backend`: `can_run` returns None or the reason it
+cannot run this call (logged in auto mode, raised when forced: NATTEN's
+pattern); `forward` / `backward` follow the shapes documented there.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from attnc.program import BoundPattern
+
+
+@dataclass(frozen=True, kw_only=True)
+class Call:
+    """One attention call, sizes resolved and tensors validated.
+
+    q ``[B, Hq, M, D]``, k ``[B, Hkv, N, D]``, v ``[B, Hkv, N, Dv]``; query head
+    ``h`` reads key/value head ``h // (Hq // Hkv)``. ``H`` in the pattern's
+    sense (``heads { }``, the ``H`` symbol) is ``Hq``.
+    """
+
+    pattern: "BoundPattern"
+    B: int
+    Hq: int
+    Hkv: int
+    M: int
+    N: int
+    D: int
+    Dv: int
+    grid: tuple[int, ...] | None
+    scale: float
+    inputs: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def plan(self, block: tuple[int, int]):
+        """The tile plan for this call's sizes (analysis.Plan)."""
+        return self.pattern.plan(self.M, self.N, heads=self.Hq, grid=self.grid, block=block)
+
+    def mask(self) -> torch.Tensor:
+        """Dense reference mask, bool [H, M, N] or [B, H, M, N] with batched inputs (small sizes only)."""
+        return self.pattern.mask(self.M, self.N, heads=self.Hq, grid=self.grid, **self.inputs)
+
+
+class Backend:
+    """Base class of the attention backends ("torch", "triton", "flex")."""
+
+    name: str = ""
+
+    def can_run(self, call: Call, q: torch.Tensor) -> str | None:
+        """None when this backend can compute `call` for tensors like `q`, else the reason."""
+        raise NotImplementedError
+
+    def forward(self, call: Call, q, k, v) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns out [B, Hq, M, Dv] in q's dtype and lse [B, Hq, M] (float32; float64
+        for float64 inputs), natural log; rows with no allowed key: out 0, lse -inf."""
+        raise NotImplementedError
+
+    def backward(self, call: Call, q, k, v, out, lse, dout, dlse=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Returns dq, dk, dv (shapes and dtypes of q, k, v): gradients of
+        sum(out * dout) + sum(lse * dlse) (dlse [B, Hq, M] or None), computed
+        from the saved out and lse without N^2 state. With
+        delta = rowsum(dout * out) - dlse: dS = P * (dout @ v^T - delta)."""
+        raise NotImplementedError
