@@ -2,13 +2,15 @@
 
 import importlib.util
 import json
+import sys
 
 from conftest import ROOT
 
 
 def load(name):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "benchmarks" / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
+    sys.modules[f"bench_{name}"] = mod  # dataclasses look their module up
     spec.loader.exec_module(mod)
     return mod
 
