@@ -453,6 +453,40 @@ class BoundPattern:
         plan = self.plan(M, N, heads=heads, grid=grid, block=tile)
         return simulate_plan(plan, name=self.name, head_dim=head_dim, gpu=gpu, batch=batch)
 
+    # -- dynamic routing
+    def route(self, q: torch.Tensor, k: torch.Tensor, *, grid=None, **inputs) -> tuple["BoundPattern", dict]:
+        """Resolve `topk` for these tensors: returns the pattern with every
+        `topk` replaced by `routed(topk_selN)` and the inputs extended with the
+        chosen block tables (int32 ``[B, H, ceil(M/b), k]``, -1 padding). A
+        pattern without `topk` returns itself and the inputs unchanged.
+
+        The lowered pattern's `mask(M, N, **inputs)` is then the reference
+        for the op; the selection rule is documented in attnc/dynamic.py and
+        docs/language.md.
+        """
+        from . import dynamic
+
+        if not dynamic.has_topk(self.ir):
+            return self, inputs
+        if not isinstance(q, torch.Tensor) or not isinstance(k, torch.Tensor) or q.dim() != 4 or k.dim() != 4:
+            raise ValueError("route: expected q [B, Hq, M, D] and k [B, Hkv, N, D] tensors")
+        B, H, M, _ = q.shape
+        N = k.shape[2]
+        M, N, H, grid = self.resolve_sizes(M, N, H, grid)
+        batches, _ = self._inputs(M, N, H, inputs)
+        lowered = self._lowered()
+        env = {**self.ir.binding_map(), ir.M: M, ir.N: N, ir.H: H}
+        if grid is not None:
+            env.update({ir.axis_size(a): s for a, s in zip(self.ir.layout.axes, grid)})
+        tables = dynamic.route(lowered, q, k, M, N, H, grid, batches, lambda e: _int(e, env))
+        return BoundPattern(self.program, lowered.pattern, self.params), {**inputs, **tables}
+
+    def _lowered(self):
+        from . import dynamic
+        if getattr(self, "_lowered_cache", None) is None:
+            self._lowered_cache = dynamic.lower_topk(self.ir)
+        return self._lowered_cache
+
     # -- the op
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, return_lse: bool = False,
                  scale: float | None = None, backend: str = "auto", grid=None, **inputs):

@@ -1,0 +1,186 @@
+"""Top-k routing inside the op: `topk(k, block=b)` lowered to `routed(sel)`.
+
+input:  a pattern IR with `topk` nodes, the call's q and k (and its other
+        run-time inputs).
+output: the same pattern with each `topk` replaced by `routed(<fresh input>)`
+        plus, per call, the block tables those inputs take.
+does not: differentiate the selection, or change any other node.
+
+[Note: one mechanism for dynamic blocks] A `topk` node is an externally routed
+block set whose table the op computes itself. Lowering it to `routed` means
+every backend, the plan builder and the reference handle top-k through the one
+code path they already have for `routed(sel)`; only the selection lives here.
+
+Selection rule (docs/language.md, "topk"):
+
+* Query block `I` holds queries `I*b .. I*b + b - 1` (relative index, like
+  `routed`), key block `J` keys `J*b .. J*b + b - 1`; the last block may be short.
+* Score of (I, J) for query head h: mean_pool(q[h, I]) . mean_pool(k[g, J]) summed
+  over the query heads of h's key/value group g (GQA: one score per group, as
+  NSA shares its selection across a group). Pooling and dot products in float32.
+* Eligible blocks: J is eligible for (h, I) iff selecting it changes the mask,
+  i.e. some pair of the block is allowed when this `topk` is replaced by `full`
+  but not when it is replaced by `none` (other `topk` nodes count as `none`).
+  Blocks the static part excludes (e.g. future blocks under `causal`) or
+  already covers (a block inside the sliding window) are never chosen, so `k`
+  counts useful blocks. Fewer than k eligible: all of them.
+* Ties: the higher score wins; equal scores go to the lower key block index.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+
+from . import ir
+
+
+@dataclass(frozen=True)
+class TopKSite:
+    """One `topk` node and the run-time input that replaces it."""
+
+    input: str
+    node: ir.TopK
+
+
+@dataclass(frozen=True)
+class Lowered:
+    pattern: ir.PatternIR  # topk nodes replaced by routed(site.input)
+    sites: tuple[TopKSite, ...]
+
+
+def transform(node: ir.Mask, fn) -> ir.Mask:
+    """Rebuild `node` bottom-up; `fn(node)` returns a replacement or None to keep it."""
+    changes = {}
+    for f in dataclasses.fields(node):
+        v = getattr(node, f.name)
+        if isinstance(v, ir.Mask):
+            nv = transform(v, fn)
+            if nv is not v:
+                changes[f.name] = nv
+        elif isinstance(v, tuple) and v and isinstance(v[0], ir.Mask):
+            nv = tuple(transform(x, fn) for x in v)
+            if any(a is not b for a, b in zip(nv, v)):
+                changes[f.name] = nv
+        elif isinstance(v, tuple) and v and isinstance(v[0], ir.HeadArm):
+            nv = tuple(dataclasses.replace(a, body=transform(a.body, fn)) for a in v)
+            if any(a.body is not b.body for a, b in zip(nv, v)):
+                changes[f.name] = nv
+    new = dataclasses.replace(node, **changes) if changes else node
+    out = fn(new)
+    return new if out is None else out
+
+
+def has_topk(p: ir.PatternIR) -> bool:
+    return any(isinstance(n, ir.TopK) for n in ir.walk(p.body))
+
+
+def lower_topk(p: ir.PatternIR) -> Lowered:
+    """Replace every `topk` by `routed` over a fresh `blocks(b)` input (in source order)."""
+    taken = {i.name for i in p.inputs}
+    sites: list[TopKSite] = []
+
+    def fresh() -> str:
+        i = len(sites)
+        while f"topk_sel{i}" in taken:
+            i += 1
+        taken.add(f"topk_sel{i}")
+        return f"topk_sel{i}"
+
+    def rw(node):
+        if isinstance(node, ir.TopK):
+            site = TopKSite(input=fresh(), node=node)
+            sites.append(site)
+            return ir.Routed(input=site.input, block=node.block, span=node.span)
+        return None
+
+    body = transform(p.body, rw)
+    specs = p.inputs + tuple(ir.InputSpec(name=s.input, kind="blocks", block=s.node.block, span=s.node.span) for s in sites)
+    return Lowered(dataclasses.replace(p, body=body, inputs=specs), tuple(sites))
+
+
+def _with_site(lowered: Lowered, site: TopKSite, as_full: bool) -> ir.PatternIR:
+    """The lowered pattern with `site` replaced by full / none and every other topk site by none."""
+    def rw(node):
+        if isinstance(node, ir.Routed) and any(node.input == s.input for s in lowered.sites):
+            return ir.Full(span=node.span) if (as_full and node.input == site.input) else ir.Empty(span=node.span)
+        return None
+    p = lowered.pattern
+    body = transform(p.body, rw)
+    names = {s.input for s in lowered.sites}
+    return dataclasses.replace(p, body=body, inputs=tuple(i for i in p.inputs if i.name not in names))
+
+
+def eligible_blocks(lowered: Lowered, site: TopKSite, b: int, M: int, N: int, H: int, grid,
+                    batches: list[dict]) -> torch.Tensor:
+    """bool [B or 1, H or 1, ceil(M/b), ceil(N/b)]: blocks whose selection would change the mask."""
+    from .reference import evaluate
+
+    with_full = _with_site(lowered, site, True)
+    with_none = _with_site(lowered, site, False)
+    has_inputs = bool(with_full.inputs)
+    if not has_inputs:
+        from .analysis import plan_blocks
+        gain = dataclasses.replace(with_full, body=ir.Diff(left=with_full.body, right=with_none.body))
+        plan = plan_blocks(gain, M, N, H, grid, block=(b, b))
+        dense = plan.to_dense()  # [Hx, nq, nk]
+        return (dense > 0)[None]
+    # run-time inputs (same(doc), routed): evaluate per batch element, b query rows at a time
+    nq, nk = -(-M // b), -(-N // b)
+    out = torch.zeros(len(batches), H, nq, nk, dtype=torch.bool)
+    for bi, inp in enumerate(batches):
+        for qi in range(nq):
+            lo, hi = qi * b, min(M, (qi + 1) * b)
+            gain = evaluate(with_full, M, N, H, grid, inp, rows=(lo, hi)) & ~evaluate(with_none, M, N, H, grid, inp, rows=(lo, hi))
+            pad = nk * b - N
+            g = torch.nn.functional.pad(gain.any(dim=1), (0, pad))
+            out[bi, :, qi] = g.view(H, nk, b).any(-1)
+    return out
+
+
+def pooled_scores(q: torch.Tensor, k: torch.Tensor, b: int) -> torch.Tensor:
+    """float32 [B, Hq, ceil(M/b), ceil(N/b)]: mean-pooled block scores, summed over each GQA group."""
+    B, Hq, M, D = q.shape
+    Hkv, N = k.shape[1], k.shape[2]
+
+    def pool(x, L):
+        nb = -(-L // b)
+        x = torch.nn.functional.pad(x.detach().float(), (0, 0, 0, nb * b - L))
+        counts = torch.full((nb,), float(b), device=x.device)
+        counts[-1] = L - (nb - 1) * b
+        return x.view(x.shape[0], x.shape[1], nb, b, x.shape[-1]).sum(3) / counts[:, None]
+
+    qp, kp = pool(q, M), pool(k, N)  # [B, Hq, nq, D], [B, Hkv, nk, D]
+    g = Hq // Hkv
+    qg = qp.view(B, Hkv, g, qp.shape[2], D).sum(2)  # sum over the group: one score per kv head
+    s = torch.matmul(qg, kp.transpose(-1, -2))  # [B, Hkv, nq, nk]
+    return s.repeat_interleave(g, dim=1)
+
+
+def select(scores: torch.Tensor, eligible: torch.Tensor, k: int) -> torch.Tensor:
+    """int32 [B, H, nq, k]: the chosen key blocks, -1 where fewer than k are eligible.
+
+    Stable descending sort: among equal scores the lower block index comes first.
+    """
+    eligible = eligible.to(scores.device).expand_as(scores)
+    masked = scores.masked_fill(~eligible, float("-inf"))
+    k = max(0, min(k, scores.shape[-1]))
+    order = torch.sort(masked, dim=-1, descending=True, stable=True).indices[..., :k]
+    ok = torch.gather(eligible, -1, order)
+    return torch.where(ok, order, -1).to(torch.int32)
+
+
+def route(lowered: Lowered, q: torch.Tensor, k: torch.Tensor, M: int, N: int, H: int, grid, batches: list[dict],
+          env) -> dict[str, torch.Tensor]:
+    """The block tables of every topk site for this call (`batches`: the other run-time
+    inputs per batch element; `env` evaluates k and block to integers)."""
+    tables = {}
+    for site in lowered.sites:
+        kk, b = int(env(site.node.k)), int(env(site.node.block))
+        if kk < 0 or b < 1:
+            raise ValueError(f"topk(k={kk}, block={b}): expected k >= 0 and block >= 1")
+        elig = eligible_blocks(lowered, site, b, M, N, H, grid, batches)
+        tables[site.input] = select(pooled_scores(q, k, b), elig, kk)
+    return tables

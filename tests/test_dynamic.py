@@ -1,0 +1,103 @@
+"""topk routing inside the op (attnc/dynamic.py), against a selection written
+here from the documented rule with plain loops and hand-written static masks."""
+
+import pytest
+import torch
+
+import attnc
+
+
+def hand_static(M, N, window, sinks):
+    """causal, and the static alternatives sliding(window) | sink(sinks), as dense bool [M, N]."""
+    q = torch.arange(M)[:, None] + (N - M)
+    k = torch.arange(N)[None, :]
+    causal = k <= q
+    alt = ((q - k >= 0) & (q - k < window)) | (k < sinks)
+    return causal, alt
+
+
+def brute_selection(q, k, b, kk, causal, alt):
+    """Per (batch, query head, query block): the chosen key blocks, by the documented rule."""
+    B, Hq, M, D = q.shape
+    Hkv, N = k.shape[1], k.shape[2]
+    g = Hq // Hkv
+    nq, nk = -(-M // b), -(-N // b)
+    out = {}
+    for bi in range(B):
+        for h in range(Hq):
+            grp = h // g
+            for I in range(nq):
+                rows = slice(I * b, min(M, (I + 1) * b))
+                scores = []
+                for J in range(nk):
+                    cols = slice(J * b, min(N, (J + 1) * b))
+                    gain = causal[rows, cols] & ~alt[rows, cols]  # allowed with topk -> full, not with topk -> none
+                    if not gain.any():
+                        continue
+                    kp = k[bi, grp, cols].double().mean(0)
+                    s = sum(float(q[bi, hh, rows].double().mean(0) @ kp) for hh in range(grp * g, (grp + 1) * g))
+                    scores.append((-s, J))
+                out[bi, h, I] = sorted(j for _, j in sorted(scores)[:kk])
+    return out
+
+
+def table_to_sets(table):
+    B, H, nq, _ = table.shape
+    return {(b, h, i): sorted(int(x) for x in table[b, h, i] if x >= 0) for b in range(B) for h in range(H) for i in range(nq)}
+
+
+@pytest.mark.parametrize("M,N,Hq,Hkv,b,kk,seed", [
+    (50, 50, 2, 2, 8, 2, 0),
+    (61, 77, 4, 2, 8, 3, 1),  # GQA, M != N, short last blocks
+    (40, 40, 3, 1, 16, 1, 2),
+])
+def test_topk_selection_matches_the_documented_rule(M, N, Hq, Hkv, b, kk, seed):
+    pat = attnc.loads(f"pattern p(k = {kk}) = causal & (topk(k, block = {b}) | sliding(8) | sink(4))").pattern()
+    g = torch.Generator().manual_seed(seed)
+    q, k = torch.randn(2, Hq, M, 16, generator=g), torch.randn(2, Hkv, N, 16, generator=g)
+    low, inputs = pat.route(q, k)
+    table = inputs["topk_sel0"]
+    assert table.shape == (2, Hq, -(-M // b), kk) and table.dtype == torch.int32
+    causal, alt = hand_static(M, N, 8, 4)
+    assert table_to_sets(table) == brute_selection(q, k, b, kk, causal, alt)
+    # the lowered pattern's mask is the op's reference: static part | chosen blocks, under causal
+    mask = low.mask(M, N, heads=Hq, **inputs)
+    for (bi, h, I), blocks in brute_selection(q, k, b, kk, causal, alt).items():
+        rows = slice(I * b, min(M, (I + 1) * b))
+        want = alt[rows].clone()
+        for J in blocks:
+            want[:, J * b:(J + 1) * b] = True
+        assert torch.equal(mask[bi, h, rows], want & causal[rows])
+
+
+def test_ties_go_to_the_lower_block_index_and_gqa_groups_share_a_selection():
+    pat = attnc.loads("pattern p = topk(2, block = 4)").pattern()
+    q, k = torch.zeros(1, 4, 16, 8), torch.zeros(1, 2, 16, 8)  # every score 0: all ties
+    _, inputs = pat.route(q, k)
+    assert inputs["topk_sel0"][0, :, :, :].tolist() == [[[0, 1]] * 4] * 4
+    g = torch.Generator().manual_seed(3)
+    q, k = torch.randn(1, 4, 16, 8, generator=g), torch.randn(1, 2, 16, 8, generator=g)
+    t = pat.route(q, k)[1]["topk_sel0"][0]
+    assert torch.equal(t[0], t[1]) and torch.equal(t[2], t[3])  # heads 0,1 share kv head 0; 2,3 share kv head 1
+
+
+def test_fewer_eligible_blocks_than_k():
+    pat = attnc.loads("pattern p = causal & topk(5, block = 4)").pattern()
+    q, k = torch.randn(1, 1, 12, 8), torch.randn(1, 1, 12, 8)
+    t = pat.route(q, k)[1]["topk_sel0"][0, 0]
+    assert [sorted(x for x in row.tolist() if x >= 0) for row in t] == [[0], [0, 1], [0, 1, 2]]
+    assert t.shape[-1] == 3 and (t[0] == -1).sum() == 2  # k is capped at the number of key blocks
+
+
+def test_topk_with_segments_never_selects_blocks_of_other_documents():
+    pat = attnc.loads("pattern p(doc: segments) = same(doc) & topk(1, block = 4)").pattern()
+    doc = torch.tensor([[0] * 8 + [1] * 8])
+    q, k = torch.randn(1, 1, 16, 8), torch.randn(1, 1, 16, 8)
+    t = pat.route(q, k, doc=doc)[1]["topk_sel0"][0, 0, :, 0].tolist()
+    assert t[0] in (0, 1) and t[1] in (0, 1) and t[2] in (2, 3) and t[3] in (2, 3)
+
+
+def test_patterns_without_topk_route_to_themselves():
+    pat = attnc.loads("pattern p = sliding(4)").pattern()
+    q = torch.randn(1, 1, 8, 4)
+    assert pat.route(q, q) == (pat, {})
