@@ -8,8 +8,8 @@
 """
 
 from .errors import AttnError, Diagnostic, Span
-from .program import BoundPattern, PatternInfo, Program, load, loads
+from .program import BoundPattern, CuSeqlens, PatternInfo, Program, cu_seqlens, load, loads
 
 __version__ = "0.1.0"
 
-__all__ = ["AttnError", "BoundPattern", "Diagnostic", "PatternInfo", "Program", "Span", "load", "loads", "__version__"]
+__all__ = ["AttnError", "BoundPattern", "CuSeqlens", "cu_seqlens", "Diagnostic", "PatternInfo", "Program", "Span", "load", "loads", "__version__"]

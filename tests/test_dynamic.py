@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import attnc
+from conftest import EXAMPLES
 
 
 def hand_static(M, N, window, sinks):
@@ -101,3 +102,24 @@ def test_patterns_without_topk_route_to_themselves():
     pat = attnc.loads("pattern p = sliding(4)").pattern()
     q = torch.randn(1, 1, 8, 4)
     assert pat.route(q, q) == (pat, {})
+
+
+def test_cu_seqlens_is_an_alternative_form_of_segment_ids():
+    pat = attnc.load(EXAMPLES / "packed.attn").pattern()
+    cu = torch.tensor([0, 3, 7, 10], dtype=torch.int32)
+    ids = torch.tensor([[0, 0, 0, 1, 1, 1, 1, 2, 2, 2]])
+    assert torch.equal(pat.mask(10, doc=attnc.cu_seqlens(cu)), pat.mask(10, doc=ids))
+    q = torch.randn(2, 1, 10, 4)
+    assert torch.allclose(pat(q, q, q, doc=attnc.cu_seqlens(cu)), pat(q, q, q, doc=ids.expand(2, -1)))
+
+
+@pytest.mark.parametrize("offsets,msg", [
+    ([0, 3, 9], "from 0 to N = 10"),
+    ([1, 3, 10], "from 0 to N = 10"),
+    ([0, 5, 3, 10], "non-decreasing"),
+    ([0.0, 10.0], "1-D integer tensor"),
+])
+def test_bad_cu_seqlens_say_what_was_expected(offsets, msg):
+    pat = attnc.load(EXAMPLES / "packed.attn").pattern()
+    with pytest.raises(ValueError, match=msg):
+        pat.mask(10, doc=attnc.cu_seqlens(torch.tensor(offsets)))
