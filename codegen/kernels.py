@@ -391,3 +391,52 @@ def generate(low: Lowered, config: KernelConfig, plan_text: str = "built from ru
         tbl_args=tbl_args,
     )
     return src
+
+
+@dataclass(frozen=True)
+class Compiled:
+    """What `compile_pattern` returns: the module source, the lowered mask and
+    the plan (None for patterns with run-time inputs: their plan is per call)."""
+
+    source: str
+    lowered: Lowered
+    plan: object | None
+    config: KernelConfig
+
+    def metadata(self) -> dict:
+        """JSON-ready description: pattern, sizes, config and the plan's tile lists."""
+        low, plan = self.lowered, self.plan
+        meta = {"pattern": low.name, "ir": low.text, "M": low.M, "N": low.N, "heads": low.H,
+                "grid": list(low.grid) if low.grid else None, "config": self.config.key(),
+                "tables": [{"name": t.name, "kind": t.kind, "shape": list(t.shape), "batched": t.batched}
+                           for t in low.tables],
+                "mask": to_text(low.expr)}
+        if plan is None:
+            meta["plan"] = None
+            return meta
+
+        def lists(t):
+            return [[row[: int(c)].tolist() for row, c in zip(idx, cnt)] for idx, cnt in zip(t.index, t.counts)]
+
+        meta["plan"] = {"block": list(plan.block), "method": plan.method, **plan.counts(),
+                        "density": plan.density(), "summary": plan_summary(plan),
+                        "full": lists(plan.full), "partial": lists(plan.partial)}
+        return meta
+
+
+def compile_pattern(pat, M: int, N: int | None = None, *, heads: int | None = None, grid=None,
+                    config: KernelConfig | None = None, input_shapes: dict | None = None) -> Compiled:
+    """Generate the Triton module of a `BoundPattern` at concrete sizes.
+
+    >>> c = compile_pattern(attnc.loads("pattern p = sliding(64)").pattern(), 1000)
+    >>> c.source.splitlines()[3]
+    '# pattern: pattern p(w = 64) on seq = sliding(w)'
+    """
+    from .pointwise import lower
+
+    config = config or KernelConfig()
+    M, N, H, grid = pat.resolve_sizes(M, N, heads, grid)
+    low = lower(pat.ir, M, N, H, grid, input_shapes, sources=pat.program.sources)
+    plan = None if pat.ir.inputs else pat.plan(M, N, heads=H, grid=grid, block=config.block)
+    text = plan_summary(plan) if plan is not None else "built per call from the run-time inputs (union over the batch)"
+    return Compiled(source=generate(low, config, text), lowered=low, plan=plan, config=config)
