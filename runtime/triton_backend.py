@@ -67,6 +67,19 @@ def _triton_missing() -> str | None:
     return None
 
 
+def _interpreter_reason() -> str | None:
+    """Why CPU tensors cannot run in Triton's interpreter now, or None."""
+    if os.environ.get("TRITON_INTERPRET", "0") != "1":
+        return ("the Triton kernels need a CUDA device; these tensors are on the CPU "
+                "(set TRITON_INTERPRET=1 before importing triton to run the kernels in Triton's interpreter, "
+                "or use backend='torch')")
+    import triton.language as tl
+    if type(tl.standard.zeros).__name__ != "InterpretedFunction":
+        return ("TRITON_INTERPRET=1 was set after triton was imported: Triton decorates its own library at import, "
+                "so the interpreter cannot run; set TRITON_INTERPRET=1 in the environment before anything imports triton")
+    return None
+
+
 def _next_pow2(x: int) -> int:
     return 1 << max(0, (x - 1).bit_length())
 
@@ -98,12 +111,15 @@ class TritonBackend(Backend):
         missing = _triton_missing()
         if missing:
             return missing
-        interpret = os.environ.get("TRITON_INTERPRET", "0") == "1"
-        if q.device.type == "cpu" and not interpret:
-            return ("the Triton kernels need a CUDA device; these tensors are on the CPU "
-                    "(set TRITON_INTERPRET=1 to run the kernels in Triton's interpreter, or use backend='torch')")
+        if q.device.type == "cpu":
+            reason = _interpreter_reason()
+            if reason:
+                return reason
         if q.device.type not in ("cpu", "cuda"):
             return f"the Triton kernels run on CUDA (or the CPU interpreter), not on {q.device.type}; try backend='torch'"
+        if q.device.type == "cpu" and q.dtype == torch.bfloat16:
+            return ("Triton's interpreter cannot multiply bfloat16 tiles (numpy has no bfloat16: tl.dot sees raw "
+                    "16-bit integers); bfloat16 runs on a GPU. On the CPU try float16 / float32 or backend='torch'")
         if q.dtype == torch.float64:
             return "the Triton kernels compute in float16 / bfloat16 / float32; got float64: try backend='torch'"
         if max(call.D, call.Dv) > MAX_HEAD_DIM:
