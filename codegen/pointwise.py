@@ -390,7 +390,7 @@ class Lowered:
 
     `expr` is True where query row `q` (0..M-1) of head `h` may attend key `k`
     (0..N-1) in batch element `b`. `tables` are the tensors it reads. Use
-    `evaluator(inputs)` for a torch function and `triton_lines()` (printer.py)
+    `evaluator(inputs)` for a torch function and `triton_mask_source(low)`
     for kernel source.
     """
 
@@ -520,6 +520,7 @@ class _Lower(Evaluator):
         self.input_shapes = input_shapes
         self.tables: dict[str, Table] = {}
         self._random: dict[tuple, str] = {}
+        self.env_top: dict = {}  # sizes and parameters of the whole problem (set by lower)
 
     def fail(self, node, message, hint=None):
         raise LoweringError(error(node.span, message, hint))

@@ -60,7 +60,6 @@ class KernelSet:
 
 def _triton_missing() -> str | None:
     try:
-        import triton  # noqa: F401
         import triton.language  # noqa: F401
     except ImportError as exc:
         return f"triton is not installed ({exc}); try `pip install triton` or backend='torch'"
