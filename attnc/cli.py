@@ -1,4 +1,4 @@
-"""The `attnc` command line: check, list, show, simulate.
+"""The `attnc` command line: check, list, show, simulate, compile.
 
 Exit codes: 0 ok, 1 diagnostics (errors in .attn text or binding), 2 usage.
 Every verb runs in-process through `main(argv)`, which never lets a Python
@@ -118,6 +118,17 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--tile", default="128x128", metavar="BMxBN", help="tile shape (default 128x128)")
     sim.add_argument("--gpu", default="h100", choices=["a100", "h100", "h200", "b200"])
     sim.add_argument("--json", action="store_true", help="print the report as JSON")
+
+    cp = sub.add_parser("compile", help="write the generated Triton kernels and the plan metadata (JSON)")
+    cp.add_argument("file", metavar="FILE")
+    cp.add_argument("-p", "--pattern", help="pattern name (optional when the file has one)")
+    cp.add_argument("--set", action="append", metavar="K=V", help="bind a parameter")
+    size = cp.add_mutually_exclusive_group(required=True)
+    size.add_argument("--seq-len", type=int, metavar="N", help="sequence length (M = N)")
+    size.add_argument("--grid", metavar="AxB", help="grid sizes, e.g. 64x64")
+    cp.add_argument("--heads", type=int, default=None, metavar="H")
+    cp.add_argument("--tile", default="64x64", metavar="BMxBN", help="kernel tile (powers of two >= 16; default 64x64)")
+    cp.add_argument("-o", "--out", required=True, metavar="DIR", help="output directory (created if missing)")
     return p
 
 
@@ -258,6 +269,36 @@ def cmd_simulate(args, out, err) -> int:
     return 0
 
 
+def cmd_compile(args, out, err) -> int:
+    import json
+    from pathlib import Path
+
+    from . import load
+    from .codegen.kernels import KernelConfig, compile_pattern
+
+    bm, bn = parse_tile(args.tile)
+    try:
+        config = KernelConfig(block_m=bm, block_n=bn)
+    except ValueError as exc:
+        raise UsageError(f"--tile: {exc}") from None
+    pat = load(args.file).pattern(args.pattern, **parse_sets(args.set))
+    M, N, H, grid = _sizes(pat, args.seq_len, parse_grid(args.grid), args.heads)
+    compiled = compile_pattern(pat, M, N, heads=H, grid=grid, config=config)
+    stem = f"{pat.name}_{'x'.join(map(str, grid)) if grid else N}"
+    try:
+        d = Path(args.out)
+        d.mkdir(parents=True, exist_ok=True)
+        (d / f"{stem}.py").write_text(compiled.source)
+        (d / f"{stem}.json").write_text(json.dumps(compiled.metadata(), indent=1) + "\n")
+    except OSError as exc:
+        print(f"attnc compile: cannot write to {args.out!r}: {exc.strerror or exc}", file=err)
+        return 1
+    plan = compiled.plan
+    print(f"wrote {d / (stem + '.py')} and {d / (stem + '.json')}", file=out)
+    print(f"plan: {'per call, from the run-time inputs' if plan is None else plan.to_string().splitlines()[0]}", file=out)
+    return 0
+
+
 def main(argv: list[str] | None = None, out=None, err=None) -> int:
     out = out or sys.stdout
     err = err or sys.stderr
@@ -267,7 +308,7 @@ def main(argv: list[str] | None = None, out=None, err=None) -> int:
         if args.verb is None:
             print(parser.format_help(), file=err)
             return 2
-        verbs = {"check": cmd_check, "list": cmd_list, "show": cmd_show, "simulate": cmd_simulate}
+        verbs = {"check": cmd_check, "list": cmd_list, "show": cmd_show, "simulate": cmd_simulate, "compile": cmd_compile}
         return verbs[args.verb](args, out, err)
     except UsageError as exc:
         print(str(exc), file=err)

@@ -3,6 +3,16 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+# [Note: TRITON_INTERPRET] Triton (3.9) reads TRITON_INTERPRET when it decorates a
+# function, and it decorates its own standard library (tl.zeros, tl.max, ...) at
+# `import triton`. The mode must therefore be chosen before anything imports
+# triton (torch.compile may): without a CUDA device the generated kernels are
+# tested in the interpreter. On a GPU machine `TRITON_INTERPRET=1 pytest` runs the
+# interpreter tests instead of the @gpu ones.
+if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
@@ -33,8 +43,6 @@ def golden(request):
 
 
 def pytest_collection_modifyitems(config, items):
-    import torch
-
     if not torch.cuda.is_available():
         skip = pytest.mark.skip(reason="needs a CUDA device")
         for item in items:

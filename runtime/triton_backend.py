@@ -1,0 +1,309 @@
+"""The generated-Triton backend.
+
+input:  a validated `Call` and q / k / v (CUDA tensors, or CPU tensors with
+        TRITON_INTERPRET=1 in the environment, how CI runs the kernels).
+output: forward (out, lse) and backward (dq, dk, dv) per the `Backend` contract.
+does not: validate tensors (ops.py) or choose between backends (ops.py).
+
+A *kernel set* is everything one call configuration needs: the lowered mask
+(pointwise.py), the generated module (kernels.py, stored by cache.py) and, for
+static patterns, the plan's tile lists on the device. Patterns with run-time
+inputs (`same`, `routed`) build their plan per call from the inputs: the union
+over the batch (a tile is *full* only when full in every batch element), so
+one launch serves the whole batch.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from types import ModuleType
+
+import torch
+
+from attnc.analysis import TileList
+from attnc.errors import AttnError
+
+from .backend import Backend, Call
+
+MAX_HEAD_DIM = 256
+
+
+@dataclass(frozen=True)
+class TileLists:
+    """A plan's four tile lists as contiguous int32 device tensors."""
+
+    full: TileList
+    partial: TileList
+    full_t: TileList
+    partial_t: TileList
+
+    @staticmethod
+    def from_plan(plan, device) -> "TileLists":
+        def dev(t: TileList) -> TileList:
+            return TileList(t.counts.to(device, torch.int32).contiguous(), t.index.to(device, torch.int32).contiguous())
+        return TileLists(dev(plan.full), dev(plan.partial), dev(plan.full_t), dev(plan.partial_t))
+
+    @property
+    def heads(self) -> int:
+        return self.full.counts.shape[0]
+
+
+@dataclass
+class KernelSet:
+    key: str
+    lowered: object  # pointwise.Lowered
+    module: ModuleType
+    static_tables: dict
+    lists: TileLists | None  # None: built per call from run-time inputs
+
+
+def _triton_missing() -> str | None:
+    try:
+        import triton.language  # noqa: F401
+    except ImportError as exc:
+        return f"triton is not installed ({exc}); try `pip install triton` or backend='torch'"
+    return None
+
+
+def _interpreter_reason() -> str | None:
+    """Why CPU tensors cannot run in Triton's interpreter now, or None."""
+    if os.environ.get("TRITON_INTERPRET", "0") != "1":
+        return ("the Triton kernels need a CUDA device; these tensors are on the CPU "
+                "(set TRITON_INTERPRET=1 before importing triton to run the kernels in Triton's interpreter, "
+                "or use backend='torch')")
+    import triton.language as tl
+    if type(tl.standard.zeros).__name__ != "InterpretedFunction":
+        return ("TRITON_INTERPRET=1 was set after triton was imported: Triton decorates its own library at import, "
+                "so the interpreter cannot run; set TRITON_INTERPRET=1 in the environment before anything imports triton")
+    return None
+
+
+def _next_pow2(x: int) -> int:
+    return 1 << max(0, (x - 1).bit_length())
+
+
+class TritonBackend(Backend):
+    """Attention through kernels generated for the call's pattern and sizes.
+
+    >>> be = TritonBackend()                                    # default KernelConfig
+    >>> be.can_run(call, q)                                     # None, or why not
+    >>> out, lse = be.forward(call, q, k, v)
+    >>> dq, dk, dv = be.backward(call, q, k, v, out, lse, dout)
+
+    Kernels are specialised to (pattern, M, N, H, grid): a new length generates
+    and compiles a new module (cached on disk, see codegen/cache.py).
+    """
+
+    name = "triton"
+
+    def __init__(self, config=None, *, autotune: bool = False):
+        from attnc.codegen.kernels import KernelConfig
+
+        self.config = config or KernelConfig()
+        self.autotune = autotune
+        self._sets: dict[tuple, KernelSet] = {}
+        self._tuned: dict[tuple, object] = {}
+
+    # -- the contract
+    def can_run(self, call: Call, q: torch.Tensor) -> str | None:
+        missing = _triton_missing()
+        if missing:
+            return missing
+        if q.device.type == "cpu":
+            reason = _interpreter_reason()
+            if reason:
+                return reason
+        if q.device.type not in ("cpu", "cuda"):
+            return f"the Triton kernels run on CUDA (or the CPU interpreter), not on {q.device.type}; try backend='torch'"
+        if q.device.type == "cpu" and q.dtype == torch.bfloat16:
+            return ("Triton's interpreter cannot multiply bfloat16 tiles (numpy has no bfloat16: tl.dot sees raw "
+                    "16-bit integers); bfloat16 runs on a GPU. On the CPU try float16 / float32 or backend='torch'")
+        if q.dtype == torch.float64:
+            return "the Triton kernels compute in float16 / bfloat16 / float32; got float64: try backend='torch'"
+        if max(call.D, call.Dv) > MAX_HEAD_DIM:
+            return f"the Triton kernels support head dims up to {MAX_HEAD_DIM}, got D={call.D}, Dv={call.Dv}; try backend='torch'"
+        try:
+            self._lower(call)
+        except AttnError as exc:
+            return f"cannot generate Triton code for pattern '{call.pattern.name}': {exc.diagnostics[0].message}"
+        return None
+
+    def forward(self, call: Call, q, k, v):
+        config = self._config(call, q, k, v)
+        ks = self.kernels(call, q.device, config)
+        lists = ks.lists or self._input_lists(call, config, q.device)
+        tables = self._tables(ks, call, q)
+        B, Hq, M, D = q.shape
+        Hkv, N, Dv = k.shape[1], k.shape[2], v.shape[3]
+        out = torch.empty(B, Hq, M, Dv, dtype=q.dtype, device=q.device)
+        lse = torch.empty(B, Hq, M, dtype=torch.float32, device=q.device)
+        bm, bn = config.block
+        ks.module._attn_fwd[(-(-M // bm), B * Hq)](
+            q, k, v, out, lse, call.scale, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+            lists.full.counts, lists.full.index, lists.full.index.shape[-1],
+            lists.partial.counts, lists.partial.index, lists.partial.index.shape[-1], *tables,
+            M=M, N=N, HQ=Hq, GROUP=Hq // Hkv, PLAN_HEADS=lists.heads, D=D, DV=Dv, BLOCK_M=bm, BLOCK_N=bn,
+            BLOCK_D=max(16, _next_pow2(D)), BLOCK_DV=max(16, _next_pow2(Dv)), EVEN_N=N % bn == 0,
+            DOT_PRECISION=self._precision(q, config), num_warps=config.num_warps, num_stages=config.num_stages)
+        return out, lse
+
+    def backward(self, call: Call, q, k, v, out, lse, dout, dlse=None):
+        config = self._config(call, q, k, v)
+        ks = self.kernels(call, q.device, config)
+        lists = ks.lists or self._input_lists(call, config, q.device)
+        tables = self._tables(ks, call, q)
+        B, Hq, M, D = q.shape
+        Hkv, N, Dv = k.shape[1], k.shape[2], v.shape[3]
+        bm, bn = config.block
+        lse = lse.to(torch.float32).contiguous()
+        dout = dout.to(q.dtype)
+        delta = torch.empty(B, Hq, M, dtype=torch.float32, device=q.device)
+        has_dlse = dlse is not None
+        dlse_t = dlse.to(torch.float32).contiguous() if has_dlse else delta
+        BLOCK_D, BLOCK_DV = max(16, _next_pow2(D)), max(16, _next_pow2(Dv))
+        launch = dict(num_warps=config.num_warps, num_stages=config.num_stages)
+        ks.module._attn_bwd_preprocess[(-(-M // bm), B * Hq)](
+            out, dout, dlse_t, delta, *out.stride(), *dout.stride(),
+            M=M, HQ=Hq, DV=Dv, BLOCK_M=bm, BLOCK_DV=BLOCK_DV, HAS_DLSE=has_dlse, **launch)
+        dq = torch.empty(B, Hq, M, D, dtype=q.dtype, device=q.device)
+        dk = torch.empty(B, Hkv, N, D, dtype=k.dtype, device=q.device)
+        dv = torch.empty(B, Hkv, N, Dv, dtype=v.dtype, device=q.device)
+        common = dict(M=M, N=N, HQ=Hq, GROUP=Hq // Hkv, PLAN_HEADS=lists.heads, D=D, DV=Dv, BLOCK_M=bm, BLOCK_N=bn,
+                      BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV, DOT_PRECISION=self._precision(q, config), **launch)
+        strides = (*q.stride(), *k.stride(), *v.stride(), *dout.stride())
+        ks.module._attn_bwd_dkdv[(-(-N // bn), B * Hkv)](
+            q, k, v, dout, lse, delta, dk, dv, call.scale, *strides,
+            lists.full_t.counts, lists.full_t.index, lists.full_t.index.shape[-1],
+            lists.partial_t.counts, lists.partial_t.index, lists.partial_t.index.shape[-1], *tables, **common)
+        ks.module._attn_bwd_dq[(-(-M // bm), B * Hq)](
+            q, k, v, dout, lse, delta, dq, call.scale, *strides,
+            lists.full.counts, lists.full.index, lists.full.index.shape[-1],
+            lists.partial.counts, lists.partial.index, lists.partial.index.shape[-1], *tables, **common)
+        return dq, dk, dv
+
+    # -- kernel sets
+    @staticmethod
+    def _code_shapes(call: Call) -> dict:
+        """The parts of run-time input shapes that change the generated code."""
+        out = {}
+        for spec in call.pattern.ir.inputs:
+            t = call.inputs.get(spec.name)
+            if t is None:
+                continue
+            out[spec.name] = (t.shape[-1],) if spec.kind == "segments" else (t.shape[-3], 1, 1)
+        return out
+
+    def _lower(self, call: Call):
+        from attnc.codegen.pointwise import lower
+        return lower(call.pattern.ir, call.M, call.N, call.Hq, call.grid, self._code_shapes(call),
+                     sources=call.pattern.program.sources)
+
+    def kernels(self, call: Call, device, config=None) -> KernelSet:
+        """The kernel set for this call's configuration (generated, cached, memoised)."""
+        from attnc.codegen import cache
+        from attnc.codegen.kernels import generate, plan_summary
+
+        config = config or self.config
+        shapes = self._code_shapes(call)
+        memo = (call.pattern.text(), call.M, call.N, call.Hq, call.grid, tuple(sorted(shapes.items())), config,
+                str(device), cache.interpret_mode())
+        ks = self._sets.get(memo)
+        if ks is not None:
+            return ks
+        low = self._lower(call)
+        static = not call.pattern.ir.inputs
+        plan = call.plan(config.block) if static else None
+        plan_text = plan_summary(plan) if plan is not None else "built per call from the run-time inputs (union over the batch)"
+        options = {"M": call.M, "N": call.N, "H": call.Hq, "grid": call.grid, "inputs": shapes, "plan": plan_text}
+        key = cache.cache_key(low.text, options, config.key(), device_capability(device))
+        module = cache.load_module(key, lambda: generate(low, config, plan_text),
+                                   info={"pattern": low.text, "options": options, "config": config.key()})
+        tables = {t.name: t.data.to(device, torch.int32).contiguous() for t in low.tables if t.data is not None}
+        ks = KernelSet(key=key, lowered=low, module=module, static_tables=tables,
+                       lists=TileLists.from_plan(plan, device) if plan is not None else None)
+        self._sets[memo] = ks
+        return ks
+
+    def _tables(self, ks: KernelSet, call: Call, q) -> list[torch.Tensor]:
+        out = []
+        B = q.shape[0]
+        dyn = None
+        for t in ks.lowered.tables:
+            if t.data is not None:
+                out.append(ks.static_tables[t.name])
+                continue
+            if dyn is None:
+                dyn = ks.lowered.table_tensors(call.inputs, q.device)
+            x = dyn[t.name]
+            if x.shape[0] == 1 and B > 1:  # one set of inputs for the whole batch
+                x = x.expand(B, *x.shape[1:]).contiguous()
+            if x.shape[0] != B:
+                raise ValueError(f"{t.source}: expected batch size 1 or {B}, got {x.shape[0]}")
+            out.append(x)
+        return out
+
+    def _input_lists(self, call: Call, config, device) -> TileLists:
+        """Plan of a pattern with run-time inputs: per batch element from the
+        reference mask (row chunks), united over the batch."""
+        from attnc.reference import evaluate
+        from attnc.show import tile_stats
+
+        pat = call.pattern
+        batches, _ = pat._inputs(call.M, call.N, call.Hq, call.inputs)
+        full = nonempty = None
+        for inp in batches:
+            stats, _ = tile_stats(lambda lo, hi: evaluate(pat.ir, call.M, call.N, call.Hq, call.grid, inp, rows=(lo, hi)),
+                                  call.M, call.N, call.Hq, config.block)
+            f, ne = stats.counts == stats.sizes, stats.counts > 0
+            full = f if full is None else full & f
+            nonempty = ne if nonempty is None else nonempty | ne
+        if full.shape[0] > 1 and bool((full == full[:1]).all() and (nonempty == nonempty[:1]).all()):
+            full, nonempty = full[:1], nonempty[:1]
+        partial = nonempty & ~full
+
+        def dev(flags):
+            t = TileList.from_dense(flags)
+            return TileList(t.counts.to(device).contiguous(), t.index.to(device).contiguous())
+        return TileLists(dev(full), dev(partial), dev(full.transpose(1, 2)), dev(partial.transpose(1, 2)))
+
+    # -- knobs
+    @staticmethod
+    def _precision(q, config) -> str:
+        return "tf32" if (q.dtype == torch.float32 and config.allow_tf32) else "ieee"
+
+    def _config(self, call: Call, q, k, v):
+        """The configured tiles; with autotune on CUDA, the fastest forward of
+        kernels.AUTOTUNE_CONFIGS for this configuration (measured once)."""
+        if not (self.autotune and q.is_cuda):
+            return self.config
+        from attnc.codegen.kernels import AUTOTUNE_CONFIGS
+
+        memo = (call.pattern.text(), call.M, call.N, call.Hq, call.grid, q.shape[0], q.dtype, call.D, call.Dv)
+        best = self._tuned.get(memo)
+        if best is None:
+            import triton.testing
+            times = {}
+            saved, self.autotune = self.config, False
+            try:
+                for cfg in AUTOTUNE_CONFIGS:
+                    self.config = cfg
+                    try:
+                        times[cfg] = triton.testing.do_bench(lambda: self.forward(call, q, k, v), warmup=5, rep=20)
+                    except Exception:  # a config may not fit this device (shared memory): skip it
+                        continue
+            finally:
+                self.autotune, self.config = True, saved
+            best = min(times, key=times.get) if times else self.config
+            self._tuned[memo] = best
+        return best
+
+
+def device_capability(device) -> str:
+    """What the cache key records about the device: the CUDA capability, or
+    'cpu-interpreter'."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        return f"cuda-sm{major}{minor}"
+    return f"{device.type}-interpreter"

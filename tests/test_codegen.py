@@ -1,0 +1,420 @@
+"""Generated Triton kernels: golden source, determinism, the interpreter against
+the float64 reference (out, lse, dq, dk, dv) for every example and seeded
+random patterns, edge cases, backend reasons, the cache and `attnc compile`.
+
+Interpreter tests run with TRITON_INTERPRET=1 on CPU tensors (Triton reads it
+when a kernel module is imported, which the backend does on first use per
+configuration; the fixture below sets it before that). Sizes stay in the low
+hundreds of tokens: the interpreter runs each program in numpy.
+"""
+
+import ast
+import io
+import json
+import math
+import multiprocessing
+import random
+
+import pytest
+import torch
+
+import attnc
+from attnc.cli import main
+from attnc.codegen import cache
+from attnc.codegen.kernels import AUTOTUNE_CONFIGS, KernelConfig, compile_pattern
+from attnc.runtime.backend import Call
+from attnc.runtime.reference import dense_attention
+from attnc.runtime.triton_backend import TritonBackend
+from conftest import EXAMPLES
+from test_pointwise import LEAVES_1D, LEAVES_GRID, random_source
+
+pytest.importorskip("triton")
+
+
+@pytest.fixture(scope="session")
+def cache_root(tmp_path_factory):
+    return tmp_path_factory.mktemp("attnc-cache")
+
+
+@pytest.fixture(autouse=True)
+def private_cache(monkeypatch, cache_root):
+    monkeypatch.setenv("ATTNC_CACHE_DIR", str(cache_root))
+
+
+#: CPU tests of the kernels need the interpreter (conftest sets it without CUDA)
+interpreted = pytest.mark.skipif(not cache.interpret_mode(), reason="needs TRITON_INTERPRET=1 (set before triton is imported)")
+
+
+def example(name, **params):
+    return attnc.load(EXAMPLES / f"{name}.attn").pattern(name, **params)
+
+
+def make_call(pat, B, Hq, Hkv, M, N, D, Dv, grid=None, inputs=None):
+    M, N, H, grid = pat.resolve_sizes(M, N, Hq, grid)
+    return Call(pattern=pat, B=B, Hq=Hq, Hkv=Hkv, M=M, N=N, D=D, Dv=Dv, grid=grid, scale=1 / math.sqrt(D),
+                inputs=inputs or {})
+
+
+_BACKENDS: dict = {}
+
+
+def backend(tiles=(32, 32)) -> TritonBackend:
+    """One backend per tile shape for the whole session (its kernel sets are memoised)."""
+    if tiles not in _BACKENDS:
+        _BACKENDS[tiles] = TritonBackend(KernelConfig(block_m=tiles[0], block_n=tiles[1]))
+    return _BACKENDS[tiles]
+
+
+TOL = {torch.float32: dict(atol=1e-4, rtol=1e-4), torch.float16: dict(atol=1e-2, rtol=1e-2),
+       torch.bfloat16: dict(atol=6e-2, rtol=6e-2)}
+
+
+def check(pat, B=1, Hq=2, Hkv=1, M=40, N=None, D=16, Dv=None, grid=None, inputs=None, dtype=torch.float32,
+          tiles=(32, 32), device="cpu", seed=0):
+    """Forward and backward through TritonBackend against the float64 reference."""
+    Dv = Dv or D
+    call = make_call(pat, B, Hq, Hkv, M, N, D, Dv, grid, inputs)
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, Hq, call.M, D, generator=g).to(device, dtype)
+    k = torch.randn(B, Hkv, call.N, D, generator=g).to(device, dtype)
+    v = torch.randn(B, Hkv, call.N, Dv, generator=g).to(device, dtype)
+    be = backend(tiles)
+    assert be.can_run(call, q) is None
+    out, lse = be.forward(call, q, k, v)
+    mask = call.mask()
+    mask = mask[None] if mask.dim() == 3 else mask
+    qd, kd, vd = (x.detach().cpu().double().requires_grad_() for x in (q, k, v))
+    want_out, want_lse = dense_attention(qd, kd, vd, mask, call.scale)
+    empty = torch.isneginf(want_lse)
+    dout = torch.randn(out.shape, generator=g).to(device, dtype)
+    dlse = torch.randn(lse.shape, generator=g).masked_fill(empty, 0.0).to(device)
+    dq, dk, dv = be.backward(call, q, k, v, out, lse, dout, dlse)
+    (want_out * dout.cpu().double()).sum().add((want_lse.masked_fill(empty, 0) * dlse.cpu().double()).sum()).backward()
+    tol = TOL[dtype]
+    assert out.dtype == dtype and lse.dtype == torch.float32
+    assert torch.equal(torch.isneginf(lse.cpu()), empty), "rows without keys must have lse -inf exactly"
+    assert torch.all(out.cpu()[empty] == 0)
+    torch.testing.assert_close(out.cpu().double(), want_out.detach(), **tol)
+    torch.testing.assert_close(lse.cpu().double().masked_fill(empty, 0), want_lse.detach().masked_fill(empty, 0), **tol)
+    for got, want in ((dq, qd.grad), (dk, kd.grad), (dv, vd.grad)):
+        assert got.dtype == dtype and torch.isfinite(got).all()
+        torch.testing.assert_close(got.cpu().double(), want, **tol)
+    return call
+
+
+# ----------------------------------------------------------------------------- generated source
+
+
+GOLDEN_CASES = [
+    ("streaming_llm", dict(sinks=4, recent=64), 256, None, 2, None, "codegen_streaming_llm.py"),
+    ("bigbird", dict(b=16, r=2), 128, None, 1, None, "codegen_bigbird.py"),
+    ("mmdit", dict(r=3, text=8), None, None, 1, (8, 8), "codegen_mmdit.py"),
+]
+
+
+@pytest.mark.parametrize("name,params,M,N,H,grid,golden_name", GOLDEN_CASES)
+def test_generated_source_golden(name, params, M, N, H, grid, golden_name, golden):
+    pat = example(name, **params)
+    M = M or pat.resolve_sizes(1, None, H, grid)[1]
+    golden(golden_name, compile_pattern(pat, M, N, heads=H, grid=grid).source)
+
+
+EVERY_EXAMPLE = [
+    ("mistral", dict(window=20), 70, 1, None),
+    ("streaming_llm", dict(sinks=3, recent=17), 70, 1, None),
+    ("duo", {}, 64, 12, None),
+    ("longformer", dict(window=6, globals=3), 70, 1, None),
+    ("prefix_lm", dict(n=21), 70, 1, None),
+    ("bigbird", dict(b=8, r=2), 70, 1, None),
+    ("packed", {}, 70, 1, None),
+    ("natten2d", dict(size=3), None, 1, (7, 9)),
+    ("dinat", dict(size=3, dilation=2), None, 1, (7, 9)),
+    ("gna_strided", dict(size=(2, 3, 3), stride=(2, 2, 3)), None, 1, (3, 4, 6)),
+    ("swin_shifted", dict(win=3), None, 1, (7, 9)),
+    ("halo", dict(b=3, halo=1), None, 1, (7, 9)),
+    ("maxvit_grid", dict(g=3), None, 1, (6, 9)),
+    ("cswin", dict(sw=3), None, 4, (7, 9)),
+    ("mmdit", dict(r=2, text=6), None, 2, (7, 8)),
+]
+
+
+def test_every_example_has_a_codegen_case():
+    names = {p.stem for p in EXAMPLES.glob("*.attn")}
+    assert names - {c[0] for c in EVERY_EXAMPLE} == {"nsa_like"}
+
+
+@pytest.mark.parametrize("name,params,M,H,grid", EVERY_EXAMPLE)
+def test_source_parses_and_is_deterministic(name, params, M, H, grid):
+    pat = example(name, **params)
+    M = M or pat.resolve_sizes(1, None, H, grid)[1]
+    a = compile_pattern(pat, M, heads=H, grid=grid, config=KernelConfig(block_m=32, block_n=32))
+    b = compile_pattern(example(name, **params), M, heads=H, grid=grid, config=KernelConfig(block_m=32, block_n=32))
+    assert a.source == b.source
+    tree = ast.parse(a.source)
+    kernels = {f.name for f in tree.body if isinstance(f, ast.FunctionDef)}
+    assert {"_mask", "_attn_fwd", "_attn_bwd_preprocess", "_attn_bwd_dkdv", "_attn_bwd_dq"} <= kernels
+    assert f"# pattern: {pat.text()}" in a.source
+    assert "tl.static_assert" in a.source and "offs_m" in a.source and "m_i" in a.source
+
+
+# ----------------------------------------------------------------------------- numerics in the interpreter
+
+
+@interpreted
+@pytest.mark.parametrize("name,params,M,H,grid", EVERY_EXAMPLE)
+def test_interpreter_matches_reference_for_every_example(name, params, M, H, grid):
+    pat = example(name, **params)
+    inputs = None
+    if name == "packed":
+        inputs = {"doc": torch.tensor([[0] * 9 + [1] * 30 + [2] * 31])}
+    check(pat, Hq=H, Hkv=1, M=M or pat.resolve_sizes(1, None, H, grid)[1], grid=grid, inputs=inputs)
+
+
+@interpreted
+@pytest.mark.parametrize("seed", range(6))
+def test_interpreter_matches_reference_for_random_1d_patterns(seed):
+    rng = random.Random(seed)
+    src = random_source(rng, LEAVES_1D, depth=3)
+    N = rng.randint(20, 80)
+    M = rng.choice([N, rng.randint(1, N)])
+    check(attnc.loads(f"pattern p = {src}").pattern(), Hq=2, Hkv=rng.choice([1, 2]), M=M, N=N, seed=seed)
+
+
+@interpreted
+@pytest.mark.parametrize("seed", range(3))
+def test_interpreter_matches_reference_for_random_grid_patterns(seed):
+    rng = random.Random(500 + seed)
+    src = random_source(rng, LEAVES_GRID, depth=2)
+    grid = (rng.randint(6, 8), rng.randint(6, 8))
+    pat = attnc.loads(f"pattern p on grid(h, w) = {src}").pattern()
+    check(pat, Hq=2, Hkv=2, M=grid[0] * grid[1], grid=grid, seed=seed)
+
+
+@interpreted
+def test_empty_rows_give_zero_output_minus_inf_lse_and_finite_gradients():
+    pat = attnc.loads("pattern p = band(3, 2) & ~rows({4, 9}) - rows(20 .. 40)").pattern()
+    call = check(pat, Hq=2, Hkv=2, M=45, N=70, D=20)
+    assert not call.mask().any(-1).all()
+
+
+@interpreted
+def test_gqa_and_odd_lengths_and_m_less_than_n():
+    pat = example("streaming_llm", sinks=2, recent=11)
+    check(pat, B=2, Hq=6, Hkv=2, M=37, N=83, D=16, tiles=(16, 32))
+
+
+@interpreted
+@pytest.mark.parametrize("D,Dv", [(24, 40), (100, 16), (256, 8)])
+def test_head_dims_padded_to_powers_of_two(D, Dv):
+    check(example("mistral", window=9), Hq=1, Hkv=1, M=33, D=D, Dv=Dv)
+
+
+@interpreted
+def test_per_head_patterns_with_a_per_head_plan():
+    pat = attnc.loads("pattern p = heads { 0 => causal; 1 .. 3 => block(16); _ => sliding(5) | sink(2) }").pattern()
+    call = check(pat, Hq=4, Hkv=2, M=50, tiles=(16, 16))
+    assert call.plan((16, 16)).full.counts.shape[0] == 4
+
+
+@interpreted
+def test_float16():
+    check(example("prefix_lm", n=13), Hq=2, Hkv=1, M=50, dtype=torch.float16)
+
+
+@interpreted
+def test_routed_blocks_and_batched_segments():
+    sel = torch.tensor([[[[0, -1], [1, 0], [2, -1], [3, 1]]], [[[0, 0], [-1, -1], [0, 2], [3, -1]]]])
+    pat = attnc.loads("pattern p(sel: blocks(16)) = causal & routed(sel)").pattern()
+    check(pat, B=2, Hq=2, Hkv=2, M=60, inputs={"sel": sel}, tiles=(16, 16))
+    doc = torch.tensor([[0] * 20 + [1] * 30, [0] * 45 + [1] * 5])
+    check(example("packed"), B=2, Hq=1, Hkv=1, M=50, inputs={"doc": doc}, tiles=(16, 16))
+
+
+# ----------------------------------------------------------------------------- backend reasons
+
+
+@interpreted
+def test_backend_declines_with_reasons(monkeypatch):
+    be = backend()
+    pat = example("mistral", window=8)
+    call = make_call(pat, 1, 1, 1, 32, 32, 16, 16)
+    q = torch.zeros(1, 1, 32, 16)
+    assert be.can_run(call, q) is None
+    assert "float64" in be.can_run(call, q.double())
+    assert "up to 256" in be.can_run(make_call(pat, 1, 1, 1, 32, 32, 300, 16), torch.zeros(1, 1, 32, 300))
+    nsa = example("nsa_like")
+    assert "topk" in be.can_run(make_call(nsa, 1, 1, 1, 128, 128, 16, 16), torch.zeros(1, 1, 128, 16))
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert "TRITON_INTERPRET=1" in be.can_run(call, q)
+
+
+@interpreted
+def test_bfloat16_is_declined_by_the_interpreter_and_says_why():
+    """Triton 3.9's interpreter multiplies bfloat16 tiles as raw 16-bit integers
+    (numpy has no bfloat16), so bf16 runs on GPUs only."""
+    be = backend()
+    call = make_call(example("mistral", window=8), 1, 1, 1, 32, 32, 16, 16)
+    reason = be.can_run(call, torch.zeros(1, 1, 32, 16, dtype=torch.bfloat16))
+    assert reason is not None and "bfloat16" in reason and "GPU" in reason
+
+
+# ----------------------------------------------------------------------------- the cache
+
+
+def _key(text="pattern p = causal", M=64):
+    return cache.cache_key(text, {"M": M}, KernelConfig().key(), "cpu-interpreter")
+
+
+def test_cache_key_depends_on_everything_that_changes_the_kernel():
+    base = _key()
+    assert base == _key()
+    assert base != _key(text="pattern p = sliding(3)")
+    assert base != _key(M=65)
+    assert base != cache.cache_key("pattern p = causal", {"M": 64}, KernelConfig(block_m=32).key(), "cpu-interpreter")
+    assert base != cache.cache_key("pattern p = causal", {"M": 64}, KernelConfig().key(), "cuda-sm90")
+
+
+def test_cache_reuses_and_rebuilds_corrupted_entries():
+    key = _key(text="pattern cache_test = causal")
+    calls = []
+
+    def gen():
+        calls.append(1)
+        return "X = 1\n"
+
+    path, hit = cache.get_source(key, gen)
+    assert not hit and path.read_text() == "X = 1\n" and (path.parent / "meta.json").exists()
+    _, hit = cache.get_source(key, gen)
+    assert hit and len(calls) == 1
+    path.write_text("X = ")  # truncated
+    _, hit = cache.get_source(key, gen)
+    assert not hit and len(calls) == 2 and path.read_text() == "X = 1\n"
+    (path.parent / "meta.json").write_text("{not json")
+    _, hit = cache.get_source(key, gen)
+    assert not hit and len(calls) == 3
+    assert not [p for p in path.parent.iterdir() if p.name.endswith(".tmp")]
+
+
+def _compile_in_process(args):
+    cache_dir, M = args
+    import os
+    os.environ["ATTNC_CACHE_DIR"] = cache_dir
+    os.environ["TRITON_INTERPRET"] = "1"
+    import attnc
+    from attnc.codegen import cache as c
+    from attnc.codegen.kernels import compile_pattern
+    pat = attnc.loads("pattern p = sliding(5) | sink(1)").pattern()
+    src = compile_pattern(pat, M).source
+    key = c.cache_key(pat.text(), {"M": M}, "k", "cpu-interpreter")
+    mod = c.load_module(key, lambda: src)
+    return key, hasattr(mod, "_attn_fwd")
+
+
+def test_cache_is_safe_with_concurrent_processes(tmp_path, monkeypatch):
+    ctx = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
+    with ctx.Pool(4) as pool:
+        results = pool.map(_compile_in_process, [(str(tmp_path), 96)] * 8)
+    keys = {k for k, _ in results}
+    assert len(keys) == 1 and all(ok for _, ok in results)
+    key = keys.pop()
+    entry = tmp_path / key[:2] / key
+    assert sorted(p.name for p in entry.iterdir()) == ["kernel.py", "meta.json"]
+    meta = json.loads((entry / "meta.json").read_text())
+    monkeypatch.setenv("ATTNC_CACHE_DIR", str(tmp_path))
+    assert meta["key"] == key and "def _attn_fwd(" in cache.read_entry(key)
+
+
+def test_backend_reuses_the_cached_module_across_backends(cache_root):
+    pat = example("mistral", window=8)
+    call = make_call(pat, 1, 1, 1, 48, 48, 16, 16)
+    a = TritonBackend(KernelConfig(block_m=16, block_n=16)).kernels(call, "cpu")
+    before = {p for p in cache_root.rglob("kernel.py")}
+    b = TritonBackend(KernelConfig(block_m=16, block_n=16)).kernels(call, "cpu")
+    assert a.key == b.key and a.module is b.module
+    assert {p for p in cache_root.rglob("kernel.py")} == before
+    assert "sliding(window)" in (cache.entry_dir(a.key) / "kernel.py").read_text()
+
+
+def test_kernel_config_validates_and_autotune_set_is_small():
+    with pytest.raises(ValueError, match="power of two >= 16"):
+        KernelConfig(block_m=24)
+    with pytest.raises(ValueError, match="positive integer"):
+        KernelConfig(num_warps=0)
+    assert 1 <= len(AUTOTUNE_CONFIGS) <= 8
+
+
+# ----------------------------------------------------------------------------- attnc compile
+
+
+def run_cli(*argv):
+    out, err = io.StringIO(), io.StringIO()
+    code = main(list(argv), out, err)
+    return code, out.getvalue(), err.getvalue()
+
+
+def test_cli_compile_writes_source_and_plan(tmp_path):
+    code, out, err = run_cli("compile", str(EXAMPLES / "natten2d.attn"), "--set", "size=3", "--grid", "8x8",
+                             "--tile", "16x32", "-o", str(tmp_path / "k"))
+    assert code == 0, err
+    src = (tmp_path / "k" / "natten2d_8x8.py").read_text()
+    ast.parse(src)
+    meta = json.loads((tmp_path / "k" / "natten2d_8x8.json").read_text())
+    assert meta["plan"]["block"] == [16, 32] and meta["grid"] == [8, 8]
+    pat = example("natten2d", size=3)
+    dense = pat.plan(64, grid=(8, 8), block=(16, 32)).to_dense()[0]
+    for row, (full, part) in enumerate(zip(meta["plan"]["full"][0], meta["plan"]["partial"][0])):
+        assert sorted(full + part) == dense[row].nonzero().flatten().tolist()
+    assert "wrote" in out
+
+
+def test_cli_compile_errors(tmp_path):
+    code, _, err = run_cli("compile", str(EXAMPLES / "nsa_like.attn"), "--seq-len", "128", "-o", str(tmp_path))
+    assert code == 1 and "nsa_like.attn:" in err and "topk" in err
+    code, _, err = run_cli("compile", str(EXAMPLES / "mistral.attn"), "--seq-len", "128", "--tile", "24x16", "-o", str(tmp_path))
+    assert code == 2 and "--tile" in err
+    code, _, err = run_cli("compile", str(EXAMPLES / "mistral.attn"), "--seq-len", "128")
+    assert code == 2 and "-o" in err
+    (tmp_path / "file").write_text("")
+    code, _, err = run_cli("compile", str(EXAMPLES / "mistral.attn"), "--seq-len", "64", "-o", str(tmp_path / "file"))
+    assert code == 1 and "cannot write" in err
+
+
+def test_cli_compile_run_time_inputs(tmp_path):
+    code, out, _ = run_cli("compile", str(EXAMPLES / "packed.attn"), "--seq-len", "100", "-o", str(tmp_path))
+    assert code == 0 and "per call" in out
+    meta = json.loads((tmp_path / "packed_100.json").read_text())
+    assert meta["plan"] is None and meta["tables"][0]["kind"] == "segments"
+
+
+# ----------------------------------------------------------------------------- GPU
+
+
+GPU_CASES = [
+    ("streaming_llm", dict(sinks=4, recent=100), 1000, 1, None),
+    ("duo", {}, 600, 12, None),
+    ("bigbird", dict(b=32, r=3), 700, 2, None),
+    ("natten2d", dict(size=7), None, 2, (24, 30)),
+    ("mmdit", dict(r=4, text=20), None, 2, (16, 20)),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("name,params,M,H,grid", GPU_CASES)
+def test_gpu_matches_reference(name, params, M, H, grid, dtype):
+    pat = example(name, **params)
+    check(pat, B=2, Hq=H, Hkv=1, M=M or pat.resolve_sizes(1, None, H, grid)[1], grid=grid, D=64, dtype=dtype,
+          tiles=(64, 64), device="cuda")
+
+
+@pytest.mark.gpu
+def test_gpu_gqa_odd_lengths_head_dims_and_autotune():
+    check(example("mistral", window=77), B=1, Hq=8, Hkv=2, M=333, N=517, D=80, Dv=48, tiles=(64, 32), device="cuda")
+    pat = example("prefix_lm", n=100)
+    call = make_call(pat, 1, 2, 2, 512, 512, 64, 64)
+    q, k, v = (torch.randn(1, 2, 512, 64, device="cuda", dtype=torch.float16) for _ in range(3))
+    be = TritonBackend(autotune=True)
+    out, lse = be.forward(call, q, k, v)
+    want, _ = dense_attention(q.double().cpu(), k.double().cpu(), v.double().cpu(), call.mask()[None], call.scale)
+    torch.testing.assert_close(out.cpu().double(), want, atol=1e-2, rtol=1e-2)
+    assert len(be._tuned) == 1
