@@ -17,7 +17,7 @@ import torch
 
 from . import ir, syntax as ast
 from .elaborate import Elaborator, ModuleScope
-from .errors import AttnError, Collector, Span, error
+from .errors import AttnError, Collector, Span, error, source_lines
 from .reference import evaluate
 
 
@@ -125,7 +125,7 @@ class Program:
 
 def _text(sources: dict[str, str], span: Span) -> str:
     src = sources.get(span.file, "")
-    lines = src.splitlines()
+    lines = source_lines(src)
     if span.line == 0 or span.line > len(lines):
         return ""
     if span.line == span.end_line:

@@ -14,7 +14,7 @@ from importlib import resources
 import lark
 from lark import Lark, Token, Transformer, v_args
 
-from .errors import AttnError, Span, error
+from .errors import AttnError, Span, error, source_lines
 
 # ----------------------------------------------------------------------------- AST nodes
 
@@ -236,7 +236,7 @@ class _ToAst(Transformer):
     def __init__(self, file: str, source: str):
         super().__init__()
         self.file = file
-        self.lines = source.splitlines()
+        self.lines = source_lines(source)
 
     def s(self, meta) -> Span:
         return _span(self.file, meta)
@@ -488,9 +488,9 @@ def _syntax_diagnostic(exc: lark.UnexpectedInput, source: str, file: str):
     line = getattr(exc, "line", 1) or 1
     col = getattr(exc, "column", 1) or 1
     if isinstance(exc, lark.UnexpectedToken) and exc.token.type == "$END":
-        lines = source.splitlines() or [""]
-        line = len(lines)
-        col = len(lines[-1]) + 1
+        lines = source_lines(source)
+        line = max((i + 1 for i, text in enumerate(lines) if text.strip()), default=1)
+        col = len(lines[line - 1].rstrip()) + 1
         span = Span(file=file, line=line, col=col, end_line=line, end_col=col + 1)
         return error(span, "unexpected end of file: the last definition is incomplete")
     if isinstance(exc, lark.UnexpectedCharacters):
