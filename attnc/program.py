@@ -41,7 +41,11 @@ class PatternInfo:
 def _read(path: Path, span: Span | None, display: str) -> str:
     where = span or Span(file=display, line=1, col=1, end_line=1, end_col=2)
     try:
-        raw = path.read_bytes()
+        if path.exists() and not path.is_dir() and not path.is_file():
+            # a FIFO, socket or device (/dev/zero) would block or never end
+            raise AttnError(error(where, f"'{display}' is not a regular file"))
+        with path.open("rb") as fh:  # read at most one byte past the limit, whatever the file's size
+            raw = fh.read(ast.MAX_SOURCE_CHARS + 1)
     except IsADirectoryError:
         raise AttnError(error(where, f"'{display}' is a directory, not an .attn file")) from None
     except FileNotFoundError:
@@ -53,7 +57,7 @@ def _read(path: Path, span: Span | None, display: str) -> str:
     if b"\x00" in raw[:8192]:
         raise AttnError(error(where, f"'{display}' is a binary file, not .attn text"))
     if len(raw) > ast.MAX_SOURCE_CHARS:
-        raise AttnError(error(where, f"'{display}' is too large ({len(raw)} bytes; limit {ast.MAX_SOURCE_CHARS})"))
+        raise AttnError(error(where, f"'{display}' is too large (more than {ast.MAX_SOURCE_CHARS} bytes)"))
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as exc:
