@@ -110,8 +110,9 @@ def _sizes(pat):
     grid = (3, 4, 2)[: len(layout.axes)] or None
     try:
         M, N, H, grid = pat.resolve_sizes(1, None, 3, grid)
-    except ValueError:
-        COUNTS["outcome:size-error"] += 1
+    except AttnError as err:  # e.g. a text length seq(T) that depends on N
+        check_located(err, pat.program.sources)
+        COUNTS["outcome:size-diagnostic"] += 1
         return None
     if N > 400:
         return None
@@ -398,6 +399,24 @@ def test_the_limits_leave_room_for_real_patterns():
 def test_integer_overflow_is_a_diagnostic_not_a_wrong_mask(src, sizes, msg):
     with pytest.raises(AttnError, match=re.escape(msg)):
         attnc.loads(src, file=FILE).pattern(**sizes).mask(1024)
+
+
+@pytest.mark.parametrize("params,msg", [
+    ("(w = N // 4)", "the text length T of seq(T) must not depend on M or N"),
+    ("(w = M)", "the text length T of seq(T) must not depend on M or N"),
+    ("(w = H - 5)", "the text length T of seq(T) must be >= 0, got -2"),
+])
+def test_text_length_of_a_mixed_layout_is_checked_at_call_time(params, msg):
+    pat = attnc.loads(f"pattern p{params} on seq(w) + grid(a, b) = causal", file=FILE).pattern()
+    with pytest.raises(AttnError, match=re.escape(msg)) as info:
+        pat.mask(4, grid=(3, 4), heads=3)
+    check_located(info.value, {FILE: pat.program.sources[FILE]})
+
+
+def test_text_length_may_use_heads_axis_sizes_and_other_parameters():
+    for params, T in [("(w = H)", 3), ("(w = size(a))", 3), ("(v = 2, w = v * 2)", 4)]:
+        pat = attnc.loads(f"pattern p{params} on seq(w) + grid(a, b) = causal").pattern()
+        assert pat.mask(4, grid=(3, 4), heads=3).shape == (3, 4, T + 12)
 
 
 def test_huge_dilation_does_not_loop_over_every_group():
