@@ -299,15 +299,22 @@ class Evaluator:
         out = out.expand(out.shape[0], len(view.q), len(view.k))
         return self.in_grid(view, out) if uses_grid else out
 
+    def run_time_input(self, node, view) -> torch.Tensor:
+        if node.input not in view.inputs:
+            raise AttnError(error(node.span, f"this mask depends on the run-time input '{node.input}', which was not given here "
+                                  "(plans and pictures of such patterns need the tensor)",
+                                  f"pat.mask(M, N, {node.input}=tensor) or pat(q, k, v, {node.input}=tensor)"))
+        return view.inputs[node.input]
+
     def eval_Same(self, node, view):
-        doc = view.inputs[node.input]
+        doc = self.run_time_input(node, view)
         n = doc.shape[-1]
         ok = (view.q >= 0) & (view.q < n)
         dq = doc[view.q.clamp(0, n - 1)]
         return (dq[:, None] == doc[view.k][None, :]) & ok[:, None]
 
     def eval_Routed(self, node, view):
-        sel = view.inputs[node.input]  # [H or 1, nqb, kmax]
+        sel = self.run_time_input(node, view)  # [H or 1, nqb, kmax]
         b = self.val(node.block, view.env)
         nkb = _cdiv(view.L, b)
         hs, nqb, _ = sel.shape

@@ -424,3 +424,12 @@ def test_huge_dilation_does_not_loop_over_every_group():
     with watchdog(WATCHDOG_S):
         m = pat.mask(64)
     assert bool((m[0] == attnc.loads("pattern p = where q == k").pattern().mask(64)[0]).all())
+
+
+@pytest.mark.parametrize("src", ["pattern p(doc: segments) = causal & same(doc)",
+                                 "pattern p(sel: blocks(4)) = causal & routed(sel)"])
+def test_plan_of_a_pattern_with_run_time_inputs_is_a_diagnostic(src):
+    pat = attnc.loads(src, file=FILE).pattern()
+    with pytest.raises(AttnError, match="depends on the run-time input") as info:
+        pat.plan(16, block=(4, 4))
+    check_located(info.value, {FILE: src})
