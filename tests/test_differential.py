@@ -389,3 +389,13 @@ def test_a_wrong_op_is_caught(monkeypatch, _uncounted):
     case = next(c for c in map(patgen.generate, range(100)) if c.M > 2 and int(_mask(c, _bind(c)).sum()) > c.M)
     with pytest.raises(Mismatch, match="backend 'torch'"):
         check_op(case, _bind(case), _mask(case, _bind(case)))
+
+
+@pytest.mark.parametrize("src", ["pattern p = ~random(0, seed = 71)", "pattern p = causal - random(0)",
+                                 "pattern p = ~(random(0) & causal)"])
+def test_found_by_the_long_run_random_zero_under_complement(src):
+    """Seed 778 of the long run: random(0) gave the interval analysis zero slots,
+    and the complement of 'no slot' came out empty instead of full."""
+    case = patgen.Case(seed=778, expr=("prim", src.split(" = ", 1)[1]), axes=(), text_len=None, M=5, N=7, H=1,
+                       grid=None, block=(2, 3))
+    check_case(case, op=False)
