@@ -52,6 +52,8 @@ class ISet:
     def make(lo: torch.Tensor, hi: torch.Tensor, n: int) -> "ISet":
         while lo.dim() < 3:
             lo, hi = lo.unsqueeze(0), hi.unsqueeze(0)
+        if lo.shape[-1] == 0:  # no interval at all (random(0)): one empty slot, so complement sees a row
+            lo = hi = torch.full((*lo.shape[:-1], 1), n, dtype=torch.int64)
         lo = lo.clamp(0, n)
         hi = hi.clamp(0, n)
         empty = hi <= lo

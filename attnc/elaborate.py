@@ -166,6 +166,11 @@ def _is_int(v) -> bool:
     return isinstance(v, sympy.Expr)
 
 
+def _short(v: int) -> str:
+    text = str(v)
+    return text if len(text) <= 24 else f"{text[:10]}...{text[-4:]} ({len(text)} digits)"
+
+
 #: primitives whose IR node takes exactly the primitive's arguments
 _NODES = {"full": ir.Full, "none": ir.Empty, "causal": ir.Causal, "band": ir.Band, "sliding": ir.Sliding,
           "neighborhood": ir.Neighborhood, "block": ir.Block, "strided": ir.Strided, "sink": ir.Sink,
@@ -179,9 +184,17 @@ class Elaborator:
     """Turns pattern definitions into IR. Errors go to `self.diags`."""
 
     MAX_CALL_DEPTH = 64
+    #: Deepest nesting of expressions while elaborating, counted through `let`s
+    #: and pattern calls (each level costs a few Python frames; see
+    #: syntax.MAX_EXPR_DEPTH for the limit on one expression).
+    MAX_EVAL_DEPTH = 250
+    #: Largest integer exponent kept symbolically (`p ** 64`): `(p ** 64) ** 64`
+    #: would be p ** 4096, whose value no evaluator could hold.
+    MAX_EXPONENT = 64
 
     def __init__(self, diags: Collector):
         self.diags = diags
+        self.depth = 0
         self.bindings: dict[sympy.Symbol, ir.Int] = {}
         self.inputs: dict[str, ir.InputSpec] = {}
         self.call_stack: list[str] = []
@@ -313,6 +326,8 @@ class Elaborator:
         if isinstance(v, bool):
             return v
         if isinstance(v, int):
+            if abs(v) > ast.MAX_INT:
+                self.fail(span, f"parameter '{p.name}': {v} is too large (limit 2**60 = {ast.MAX_INT})")
             if top:
                 sym = ir.param_symbol(p.name)
                 self.bindings[sym] = sympy.Integer(v)
@@ -400,8 +415,16 @@ class Elaborator:
 
     # -- expressions
     def ev(self, e: ast.Expr, ctx: Ctx):
+        if self.depth >= self.MAX_EVAL_DEPTH:
+            self.fail(e.span, f"expression too complex: more than {self.MAX_EVAL_DEPTH} nested levels, "
+                      "counting the `let`s and pattern calls it goes through",
+                      "flatten long chains of `let`s or pattern calls")
         method = getattr(self, "ev_" + type(e).__name__)
-        return method(e, ctx)
+        self.depth += 1
+        try:
+            return method(e, ctx)
+        finally:
+            self.depth -= 1
 
     def ev_Num(self, e: ast.Num, ctx):
         return sympy.Integer(e.value)
@@ -533,9 +556,12 @@ class Elaborator:
 
     def call_pattern(self, ref: PatternRef, args, kwargs, span: Span, ctx: Ctx):
         pdef = ref.definition
-        if pdef.name in self.call_stack or len(self.call_stack) >= self.MAX_CALL_DEPTH:
+        if pdef.name in self.call_stack:
             chain = " -> ".join([*self.call_stack, pdef.name])
             self.fail(span, f"pattern '{pdef.name}' calls itself ({chain}); patterns cannot be recursive")
+        if len(self.call_stack) >= self.MAX_CALL_DEPTH:
+            chain = " -> ".join([*self.call_stack[:3], "...", *self.call_stack[-2:], pdef.name])
+            self.fail(span, f"pattern calls nested more than {self.MAX_CALL_DEPTH} deep ({chain})")
         if pdef.layout is not None:
             callee_layout = self.layout(pdef, ref.module)
             if callee_layout.axes != ctx.layout.axes:
@@ -775,24 +801,42 @@ class Elaborator:
                 self.fail(e.right.span, f"'{op}' by zero")
         if op == "**":
             rv = self.static_int(right)
-            if rv is not None and rv < 0:
+            if rv is None:
+                self.fail(e.right.span, "the exponent of '**' must be known when the pattern is bound "
+                          "(it cannot depend on M, N, H or grid sizes)")
+            if rv < 0:
                 self.fail(e.right.span, f"negative exponent {rv}: integer powers must be >= 0")
-            if rv is not None and rv > 64:
-                self.fail(e.right.span, f"exponent {rv} is too large (limit 64)")
+            if rv > self.MAX_EXPONENT:
+                self.fail(e.right.span, f"exponent {rv} is too large (limit {self.MAX_EXPONENT})")
         match op:
             case "+":
-                return left + right
+                res = left + right
             case "-":
-                return left - right
+                res = left - right
             case "*":
-                return left * right
+                res = left * right
             case "//":
-                return sympy.floor(left / right)
+                res = sympy.floor(left / right)
             case "%":
-                return sympy.Mod(left, right)
+                res = sympy.Mod(left, right)
             case "**":
-                return left ** right
-        raise ValueError(op)
+                res = left ** right
+            case _:
+                raise ValueError(op)
+        self.check_magnitude(res, e)
+        return res
+
+    def check_magnitude(self, v: ir.Int, e: ast.Binary) -> None:
+        """Keep integers inside what the evaluators can hold (syntax.MAX_INT)."""
+        if v.is_Integer:
+            if abs(int(v)) > ast.MAX_INT:
+                self.fail(e.span, f"integer value too large: {_short(int(v))} (limit 2**60 = {ast.MAX_INT})")
+            return
+        if e.op in ("*", "**"):
+            for pw in v.atoms(sympy.Pow):
+                if pw.exp.is_Integer and abs(int(pw.exp)) > self.MAX_EXPONENT:
+                    self.fail(e.span, f"this makes a power with exponent {int(pw.exp)} (limit {self.MAX_EXPONENT}): "
+                              "its value would not fit an integer")
 
     def ev_Compare(self, e: ast.Compare, ctx: Ctx):
         vals = [self.ev(x, ctx) for x in e.operands]

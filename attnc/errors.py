@@ -24,6 +24,13 @@ class Span:
         return f"{self.file}:{self.line}:{self.col}"
 
 
+def source_lines(source: str) -> list[str]:
+    """The lines of `source` as spans count them: split at "\n" only (the
+    parser's rule), not at the other breaks `str.splitlines` knows (\r, \x0c,
+    \u2028, ...), so line N of a span is line N here."""
+    return [line.removesuffix("\r") for line in source.split("\n")]
+
+
 NO_SPAN = Span(file="<builtin>", line=0, col=0, end_line=0, end_col=0)
 
 
@@ -38,7 +45,7 @@ class Diagnostic:
         head = f"{self.span}: {self.severity}: {self.message}"
         lines = [head]
         if source is not None and self.span.line > 0:
-            src_lines = source.splitlines()
+            src_lines = source_lines(source)
             if 0 < self.span.line <= len(src_lines):
                 text = src_lines[self.span.line - 1].replace("\t", " ")
                 width = 1

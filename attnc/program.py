@@ -17,7 +17,7 @@ import torch
 
 from . import ir, syntax as ast
 from .elaborate import Elaborator, ModuleScope
-from .errors import AttnError, Collector, Span, error
+from .errors import AttnError, Collector, Span, error, source_lines
 from .reference import evaluate
 
 
@@ -41,7 +41,11 @@ class PatternInfo:
 def _read(path: Path, span: Span | None, display: str) -> str:
     where = span or Span(file=display, line=1, col=1, end_line=1, end_col=2)
     try:
-        raw = path.read_bytes()
+        if path.exists() and not path.is_dir() and not path.is_file():
+            # a FIFO, socket or device (/dev/zero) would block or never end
+            raise AttnError(error(where, f"'{display}' is not a regular file"))
+        with path.open("rb") as fh:  # read at most one byte past the limit, whatever the file's size
+            raw = fh.read(ast.MAX_SOURCE_CHARS + 1)
     except IsADirectoryError:
         raise AttnError(error(where, f"'{display}' is a directory, not an .attn file")) from None
     except FileNotFoundError:
@@ -53,7 +57,7 @@ def _read(path: Path, span: Span | None, display: str) -> str:
     if b"\x00" in raw[:8192]:
         raise AttnError(error(where, f"'{display}' is a binary file, not .attn text"))
     if len(raw) > ast.MAX_SOURCE_CHARS:
-        raise AttnError(error(where, f"'{display}' is too large ({len(raw)} bytes; limit {ast.MAX_SOURCE_CHARS})"))
+        raise AttnError(error(where, f"'{display}' is too large (more than {ast.MAX_SOURCE_CHARS} bytes)"))
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -125,7 +129,7 @@ class Program:
 
 def _text(sources: dict[str, str], span: Span) -> str:
     src = sources.get(span.file, "")
-    lines = src.splitlines()
+    lines = source_lines(src)
     if span.line == 0 or span.line > len(lines):
         return ""
     if span.line == span.end_line:
@@ -327,7 +331,12 @@ class BoundPattern:
                 raise ValueError(f"grid: expected {len(layout.axes)} positive sizes for axes ({', '.join(layout.axes)}), got {grid!r}")
             T = 0
             if layout.text is not None:
-                T = _int(layout.text, {**self.ir.binding_map(), ir.H: H, ir.M: M, ir.N: N or M})
+                # N is T + the grid's size, so T may use H, size(a) and parameters but not M or N
+                env = {**self.ir.binding_map(), ir.H: H, **{ir.axis_size(a): g for a, g in zip(layout.axes, grid)}}
+                T = _int(layout.text, env)
+                if T is None or T < 0:
+                    why = "must not depend on M or N (N is T plus the grid's size)" if T is None else f"must be >= 0, got {T}"
+                    raise AttnError(error(layout.span, f"the text length T of seq(T) {why}"), self.program.sources)
             total = T + math.prod(grid)
             if N is None:
                 N = total
@@ -412,6 +421,9 @@ class BoundPattern:
                     raise ValueError(f"{name}: expected segment ids of shape [B, N] = [B, {N}], got {tuple(inputs[name].shape)}")
             else:
                 b = _int(spec.block, {**self.ir.binding_map(), ir.M: M, ir.N: N, ir.H: H})
+                if b is None or b < 1:
+                    raise AttnError(error(spec.span, f"the block size of '{name}' must be a positive integer here, got {b}"),
+                                    self.program.sources)
                 nqb, nkb = -(-M // b), -(-N // b)
                 if t.dim() == 3:
                     t = t[None]
@@ -550,11 +562,14 @@ def _tile(block) -> tuple[int, int]:
     return bm, bn
 
 
-def _int(expr, env) -> int:
+def _int(expr, env) -> int | None:
+    """The value of `expr` under `env` (bindings may refer to each other), None if unknown."""
     import sympy
-    v = sympy.sympify(expr).xreplace(env)
+    v = sympy.sympify(expr)
+    for _ in range(len(env) + 1):  # bindings are in terms of earlier ones: substitute to a fixed point
+        if isinstance(v, int) or not v.free_symbols:
+            break
+        v = v.xreplace(env)
     if isinstance(v, int):
         return v
-    if not v.is_Integer:
-        raise ValueError(f"cannot evaluate {expr} here")
-    return int(v)
+    return int(v) if v.is_Integer else None

@@ -24,6 +24,7 @@ import torch
 from . import ir
 from .constraints import violations
 from .errors import AttnError, error
+from .syntax import MAX_INT
 
 MASK32 = 0xFFFFFFFF
 
@@ -153,7 +154,11 @@ class Evaluator:
         if not v.is_Integer:
             missing = ", ".join(sorted(str(s) for s in v.free_symbols))
             raise AttnError(error(self.pattern.span, f"cannot evaluate {expr}: {missing} unknown"))
-        return int(v)
+        v = int(v)
+        if abs(v) > MAX_INT:
+            raise AttnError(error(self.pattern.span, f"{expr} evaluates to {v if abs(v) < 10**30 else 'a number'} "
+                                  f"beyond the integer limit 2**60 = {MAX_INT}"))
+        return v
 
     def set_contains(self, s: ir.SetVal, x: torch.Tensor, env) -> torch.Tensor:
         if isinstance(s, ir.SetList):
@@ -294,15 +299,22 @@ class Evaluator:
         out = out.expand(out.shape[0], len(view.q), len(view.k))
         return self.in_grid(view, out) if uses_grid else out
 
+    def run_time_input(self, node, view) -> torch.Tensor:
+        if node.input not in view.inputs:
+            raise AttnError(error(node.span, f"this mask depends on the run-time input '{node.input}', which was not given here "
+                                  "(plans and pictures of such patterns need the tensor)",
+                                  f"pat.mask(M, N, {node.input}=tensor) or pat(q, k, v, {node.input}=tensor)"))
+        return view.inputs[node.input]
+
     def eval_Same(self, node, view):
-        doc = view.inputs[node.input]
+        doc = self.run_time_input(node, view)
         n = doc.shape[-1]
         ok = (view.q >= 0) & (view.q < n)
         dq = doc[view.q.clamp(0, n - 1)]
         return (dq[:, None] == doc[view.k][None, :]) & ok[:, None]
 
     def eval_Routed(self, node, view):
-        sel = view.inputs[node.input]  # [H or 1, nqb, kmax]
+        sel = self.run_time_input(node, view)  # [H or 1, nqb, kmax]
         b = self.val(node.block, view.env)
         nkb = _cdiv(view.L, b)
         hs, nqb, _ = sel.shape
@@ -397,7 +409,7 @@ class Evaluator:
         out = torch.zeros(1, len(view.q), len(view.k), dtype=torch.bool)
         if not view.axes:
             d = self.val(node.d, view.env)
-            for g in range(d):
+            for g in torch.unique(view.q % d).tolist():  # only groups that occur: d may be huge
                 qi = (view.q % d == g).nonzero().flatten()
                 ki = (view.k % d == g).nonzero().flatten()
                 n_local = _cdiv(view.L - g, d)
@@ -408,7 +420,8 @@ class Evaluator:
                 out = self._scatter(out, r, qi, ki)
             return out
         ds = [self.val(_pick(node.d, i), view.env) for i in range(len(view.axes))]
-        for groups in _product([range(d) for d in ds]):
+        present = torch.unique(torch.stack([view.qc[a] % d for a, d in zip(view.axes, ds)], dim=1), dim=0)
+        for groups in present.tolist():  # only group combinations some query is in
             qsel = torch.ones(len(view.q), dtype=torch.bool)
             ksel = torch.ones(len(view.k), dtype=torch.bool)
             for a, d, g in zip(view.axes, ds, groups):
@@ -492,6 +505,14 @@ class Evaluator:
 def _arith(op, x, y, node):
     if op in ("//", "%") and bool((y == 0).any()):
         raise AttnError(error(node.span, f"division by zero in `where` ('{op}' by an expression that is 0 here)"))
+    # int64 wraps silently: refuse any result whose magnitude could pass MAX_INT
+    ax, ay = int(x.abs().max()) if x.numel() else 0, int(y.abs().max()) if y.numel() else 0
+    bound = {"+": ax + ay, "-": ax + ay, "*": ax * ay}.get(op, 0)
+    if op == "**":
+        bound = ax ** min(ay, 64) if ax > 1 and ay * ax.bit_length() <= 64 else (MAX_INT + 1 if ax > 1 else 1)
+    if bound > MAX_INT:
+        raise AttnError(error(node.span, f"integer overflow in `where`: '{op}' can reach {bound if bound < 10**30 else 'beyond 10**30'} "
+                              f"here, beyond the limit 2**60 = {MAX_INT}"))
     match op:
         case "+":
             return x + y
@@ -517,15 +538,6 @@ def _component(node: ir.Mask, i: int) -> ir.Mask:
     changes = {f.name: getattr(node, f.name)[i] for f in dataclasses.fields(node)
                if f.name != "span" and isinstance(getattr(node, f.name), tuple)}
     return dataclasses.replace(node, **changes) if changes else node
-
-
-def _product(ranges):
-    if not ranges:
-        yield ()
-        return
-    for x in ranges[0]:
-        for rest in _product(ranges[1:]):
-            yield (x, *rest)
 
 
 # ----------------------------------------------------------------------------- top-level views

@@ -14,7 +14,7 @@ from importlib import resources
 import lark
 from lark import Lark, Token, Transformer, v_args
 
-from .errors import AttnError, Span, error
+from .errors import AttnError, Span, error, source_lines
 
 # ----------------------------------------------------------------------------- AST nodes
 
@@ -194,6 +194,14 @@ class Module(Node):
 #: stack or memory (fuzzed inputs, generated files gone wrong).
 MAX_SOURCE_CHARS = 1_000_000
 MAX_NESTING = 200
+#: Deepest expression tree one definition may have (operators, calls, `let
+#: ... in`, brackets): a chain `a | b | c ...` is one level per operator.
+#: Every pass walks expressions recursively (about 2 Python frames a level),
+#: so this keeps them far from the interpreter's recursion limit.
+MAX_EXPR_DEPTH = 200
+#: Largest magnitude of any integer (literals, constants, bound values): the
+#: evaluators add and multiply positions in int64 without overflow below it.
+MAX_INT = 2**60
 
 
 # ----------------------------------------------------------------------------- parser
@@ -228,7 +236,7 @@ class _ToAst(Transformer):
     def __init__(self, file: str, source: str):
         super().__init__()
         self.file = file
-        self.lines = source.splitlines()
+        self.lines = source_lines(source)
 
     def s(self, meta) -> Span:
         return _span(self.file, meta)
@@ -328,7 +336,13 @@ class _ToAst(Transformer):
         return Along(span=self.s(meta), operand=ch[0], axis=str(ch[1]), axis_span=_span(self.file, ch[1]))
 
     def number(self, meta, ch):
-        return Num(span=self.s(meta), value=int(ch[0]))
+        text = str(ch[0])
+        # int() of a 5000-digit literal raises; anything past 19 digits is past MAX_INT anyway
+        value = int(text) if len(text) <= 19 else None
+        if value is None or value > MAX_INT:
+            shown = text if len(text) <= 24 else f"{text[:10]}...{text[-4:]} ({len(text)} digits)"
+            raise AttnError(error(self.s(meta), f"integer literal {shown} is too large (limit 2**60 = {MAX_INT})"))
+        return Num(span=self.s(meta), value=value)
 
     def true(self, meta, ch):
         return Bool(span=self.s(meta), value=True)
@@ -424,13 +438,33 @@ def parse(source: str, file: str = "<string>") -> Module:
         tree = _parser().parse(source)
     except lark.UnexpectedInput as exc:
         raise AttnError(_syntax_diagnostic(exc, source, file), {file: source}) from None
+    deep = _too_deep(tree)
+    if deep is not None:
+        raise AttnError(
+            error(_span(file, deep.meta),
+                  f"expression too deep: more than {MAX_EXPR_DEPTH} nested operators, calls or `let ... in` "
+                  "(a chain `a | b | c ...` counts one level per operator)",
+                  "split it into `let` definitions of at most a few dozen terms each"),
+            {file: source},
+        )
     try:
         return _ToAst(file, source).transform(tree)
-    except RecursionError:
-        raise AttnError(
-            error(Span(file=file, line=1, col=1, end_line=1, end_col=2), "expression too long to analyse"),
-            {file: source},
-        ) from None
+    except lark.exceptions.VisitError as exc:  # a diagnostic raised while building a node
+        if isinstance(exc.orig_exc, AttnError):
+            raise exc.orig_exc.with_sources({file: source}) from None
+        raise
+
+
+def _too_deep(tree: lark.Tree) -> lark.Tree | None:
+    """The first subtree deeper than MAX_EXPR_DEPTH, found without recursion."""
+    stack = [(tree, 0)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > MAX_EXPR_DEPTH:
+            return node
+        # leftmost first, so a long chain `a | b | ...` is reported where it starts
+        stack.extend((c, depth + 1) for c in reversed(node.children) if isinstance(c, lark.Tree))
+    return None
 
 
 def _max_nesting(source: str) -> tuple[int, tuple[int, int]]:
@@ -454,9 +488,9 @@ def _syntax_diagnostic(exc: lark.UnexpectedInput, source: str, file: str):
     line = getattr(exc, "line", 1) or 1
     col = getattr(exc, "column", 1) or 1
     if isinstance(exc, lark.UnexpectedToken) and exc.token.type == "$END":
-        lines = source.splitlines() or [""]
-        line = len(lines)
-        col = len(lines[-1]) + 1
+        lines = source_lines(source)
+        line = max((i + 1 for i, text in enumerate(lines) if text.strip()), default=1)
+        col = len(lines[line - 1].rstrip()) + 1
         span = Span(file=file, line=line, col=col, end_line=line, end_col=col + 1)
         return error(span, "unexpected end of file: the last definition is incomplete")
     if isinstance(exc, lark.UnexpectedCharacters):
