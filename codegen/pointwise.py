@@ -740,7 +740,7 @@ class _Lower(Evaluator):
         arms = []
         if not view.axes:
             d = self.val(node.d, view.env)
-            for g in range(d):
+            for g in torch.unique(view.qpos % d).tolist():  # only groups some query is in
                 qsel = view.qpos[view.qpos % d == g]
                 n_local = -(-(view.L - g) // d)
                 if len(qsel) == 0 or n_local <= 0:
@@ -751,8 +751,8 @@ class _Lower(Evaluator):
                 arms.append(b.and_(cond, self.eval(node.operand, sub)))
             return b.or_(*arms)
         ds = [self.val(_pick(node.d, i), view.env) for i in range(len(view.axes))]
-        from attnc.reference import _product
-        for groups in _product([range(d) for d in ds]):
+        present = torch.unique(torch.stack([view.qcpos[a] % d for a, d in zip(view.axes, ds)], dim=1), dim=0)
+        for groups in present.tolist():  # only group combinations some query is in (d may be huge)
             qmask = torch.ones(len(view.qpos), dtype=torch.bool)
             for a, d, g in zip(view.axes, ds, groups):
                 qmask &= view.qcpos[a] % d == g
