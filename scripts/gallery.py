@@ -231,7 +231,7 @@ def markdown(rows: list[Row]) -> str:
         f"`density` is exact (allowed pairs / all pairs). `tile_bound` and `predicted_speedup` come",
         f"from `pat.simulate(..., tile={TILE}, head_dim={HEAD_DIM}, gpu=\"{GPU}\")`: the FLOP bound",
         "of a kernel that skips empty tiles, and the roofline model's forward speedup over dense",
-        "FlashAttention (docs/simulator.md explains the model and its limits). At these small sizes",
+        "FlashAttention (docs/analysis.md, section 'The simulator', explains the model and its limits). At these small sizes",
         "the speedups are far below what the same patterns reach at production lengths.",
         "",
         "Reading the numbers: density and tile_bound can disagree wildly. Strided patterns",
