@@ -145,31 +145,44 @@ def _ranges(xs: list[int]) -> str:
     return ", ".join(parts)
 
 
-def render_png(path: str, pat, stats: TileStats, groups: list[list[int]], token_view: torch.Tensor | None = None) -> None:
-    """Block-density maps (fraction of allowed pairs per tile), one panel per distinct head,
-    plus a token-level zoom of the top-left corner when `token_view` is given."""
+def render_png(path: str, pat, stats: TileStats, groups: list[list[int]], token_view: torch.Tensor | None = None,
+               query_view: tuple[str, torch.Tensor] | None = None) -> None:
+    """Block-density maps (fraction of allowed pairs per tile, on a square-root colour scale so
+    that sparse partial tiles stay visible), one panel per distinct head,
+    plus a token-level zoom of the diagonal when `token_view` is given, plus a
+    `query_view = (title, image)` panel (e.g. the keys one query attends, laid out on the
+    grid) when given."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.colors import PowerNorm
 
     shown = groups[:4]
-    panels = len(shown) + (token_view is not None)
+    panels = len(shown) + (token_view is not None) + (query_view is not None)
     fig, axes = plt.subplots(1, panels, figsize=(4.2 * panels, 4.4), squeeze=False)
     frac = stats.counts.double() / stats.sizes.double()
     for ax, g in zip(axes[0], shown):
         h = g[0]
-        ax.imshow(frac[h].numpy(), cmap="Blues", vmin=0, vmax=1, interpolation="nearest")
+        ax.imshow(frac[h].numpy(), cmap="Blues", norm=PowerNorm(0.5, vmin=0, vmax=1), interpolation="nearest")
         label = f"head {h}" if len(g) == 1 else f"heads {_ranges(g)}"
         ax.set_title(f"{label}: density {stats.density(h):.3f}", fontsize=9)
         ax.set_xlabel(f"key tile ({stats.block[1]})")
         ax.set_ylabel(f"query tile ({stats.block[0]})")
+    rest = list(axes[0][len(shown):])
     if token_view is not None:
-        ax = axes[0][-1]
+        ax = rest.pop(0)
         ax.imshow(token_view.numpy(), cmap="Blues", vmin=0, vmax=1, interpolation="nearest")
         ax.set_title(f"token zoom, {token_view.shape[0]}x{token_view.shape[1]} at the diagonal (head {shown[0][0]})", fontsize=9)
         ax.set_xlabel("key")
         ax.set_ylabel("query")
+    if query_view is not None:
+        ax = rest.pop(0)
+        title, image = query_view
+        ax.imshow(image.numpy(), cmap="Blues", vmin=0, vmax=1, interpolation="nearest")
+        ax.set_title(title, fontsize=9)
+        ax.set_xticks([])
+        ax.set_yticks([])
     fig.suptitle(f"{pat.name}  (M={stats.M}, N={stats.N})", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

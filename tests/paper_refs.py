@@ -27,6 +27,11 @@ Sources:
 * Swin Transformer (arXiv 2103.14030), official ``SwinTransformerBlock`` mask code.
 * HaloNet (arXiv 2103.12731), MaxViT (arXiv 2204.01697), CSWin (arXiv 2107.00652),
   MM-DiT (SD3, arXiv 2403.03206) with a local image window.
+* Sparse Transformer (arXiv 1904.10509), section 4.2 (strided and fixed A1 / A2 sets).
+* MoA (arXiv 2406.14909): per-head spans S_h = alpha_h + beta_h * N with initial tokens.
+* Axial attention (arXiv 1912.12180), CrossFormer (arXiv 2108.00154, official
+  ``CrossFormerBlock`` grouping), HiLo / LITv2 (arXiv 2205.13213, official ``HiLo`` module),
+  BiFormer (arXiv 2303.08125, bi-level routing: region means, top-k regions, token gather).
 """
 
 from __future__ import annotations
@@ -54,6 +59,16 @@ __all__ = [
     "maxvit_grid",
     "cswin",
     "mmdit_local",
+    "sparse_strided",
+    "sparse_fixed",
+    "moa",
+    "maxvit_block",
+    "axial",
+    "crossformer_sda",
+    "crossformer_lda",
+    "hilo",
+    "video_window",
+    "biformer",
 ]
 
 
@@ -567,3 +582,201 @@ def mmdit_local(T, shape, r):
             dist2 = sum((a - c) ** 2 for a, c in zip(qc, kc))
             m[qa, j] = dist2 < r * r
     return m
+
+
+# --------------------------------------------------------------------------------------
+# Sparse Transformer (Child et al., 2019), MoA (Fu et al., 2024)
+# --------------------------------------------------------------------------------------
+
+
+def sparse_strided(M, N, l):
+    """Sparse Transformer strided attention, the merged-head form A1 | A2 (section 4.2):
+    A1(i) = {t, t+1, ..., i} with t = max(0, i - l); A2(i) = {j : (i - j) mod l = 0}.
+    The model is autoregressive, so only keys j <= i are ever attended."""
+    m = _empty(M, N)
+    for q in range(M):
+        i = _absolute(q, M, N)
+        for j in range(N):
+            if j > i:
+                continue
+            a1 = max(0, i - l) <= j
+            a2 = (i - j) % l == 0
+            m[q, j] = a1 or a2
+    return m
+
+
+def sparse_fixed(M, N, l, c):
+    """Sparse Transformer fixed attention, merged A1 | A2 (section 4.2):
+    A1(i) = {j : floor(j / l) = floor(i / l)}; A2(i) = {j : j mod l in {l - c, ..., l}};
+    autoregressive (j <= i)."""
+    m = _empty(M, N)
+    for q in range(M):
+        i = _absolute(q, M, N)
+        for j in range(N):
+            if j > i:
+                continue
+            a1 = j // l == i // l
+            a2 = l - c <= j % l <= l
+            m[q, j] = a1 or a2
+    return m
+
+
+def moa(M, N, spans, sinks):
+    """MoA: head h attends its `spans[h]` most recent tokens (itself included) plus the
+    first `sinks` tokens, causally. `spans[h]` is the head's elastic rule alpha_h + beta_h * N
+    already evaluated at this N. Returns [H, M, N]. Rows are filled with slices (the sizes
+    in tests reach a few thousand keys)."""
+    out = np.zeros((len(spans), M, N), dtype=bool)
+    for h, span in enumerate(spans):
+        for q in range(M):
+            qa = _absolute(q, M, N)
+            if qa < 0:
+                continue
+            out[h, q, max(0, qa - span + 1): qa + 1] = True  # the span ending at the query
+            out[h, q, : min(sinks, qa + 1)] = True  # initial tokens, never ahead of the query
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# Vision: MaxViT block, axial, CrossFormer, HiLo, a video pattern, BiFormer
+# --------------------------------------------------------------------------------------
+
+
+def _groups_to_mask(groups, N):
+    m = _empty(N, N)
+    for grp in groups:
+        for a in grp:
+            for c in grp:
+                m[a, c] = True
+    return m
+
+
+def maxvit_block(shape, p):
+    """MaxViT block attention: block_partition reshapes [H, W] to [H//p, p, W//p, p] and
+    attends within each p x p block.  H and W must be divisible by p."""
+    shape = _check_shape(shape)
+    H, W = shape
+    if H % p or W % p:
+        raise ValueError(f"maxvit_block: grid {shape!r} must be divisible by p={p}")
+    idx = np.arange(H * W).reshape(H // p, p, W // p, p).transpose(0, 2, 1, 3).reshape(-1, p * p)
+    return _groups_to_mask(idx, H * W)
+
+
+def axial(shape, axis):
+    """Axial attention along one axis of a 2-D image: axis 1 (width) is the row layer, where a
+    pixel attends the pixels of its own row; axis 0 (height) is the column layer."""
+    shape = _check_shape(shape)
+    H, W = shape
+    m = _empty(H * W, H * W)
+    for (i, j) in _coords(shape):
+        for (i2, j2) in _coords(shape):
+            m[_flat((i, j), shape), _flat((i2, j2), shape)] = (i == i2) if axis == 1 else (j == j2)
+    return m
+
+
+def crossformer_sda(shape, G):
+    """CrossFormer short-distance attention: x.reshape(B, H//G, G, W//G, G, C)
+    .permute(0, 1, 3, 2, 4, 5) -- groups of G x G adjacent embeddings."""
+    shape = _check_shape(shape)
+    H, W = shape
+    if H % G or W % G:
+        raise ValueError(f"crossformer_sda: grid {shape!r} must be divisible by G={G}")
+    idx = np.arange(H * W).reshape(H // G, G, W // G, G).transpose(0, 2, 1, 3).reshape(-1, G * G)
+    return _groups_to_mask(idx, H * W)
+
+
+def crossformer_lda(shape, I):
+    """CrossFormer long-distance attention with interval I: x.reshape(B, H//I, I, W//I, I, C)
+    .permute(0, 2, 4, 1, 3, 5) -- a group is every embedding whose coordinates agree modulo I."""
+    shape = _check_shape(shape)
+    H, W = shape
+    if H % I or W % I:
+        raise ValueError(f"crossformer_lda: grid {shape!r} must be divisible by I={I}")
+    idx = np.arange(H * W).reshape(H // I, I, W // I, I).transpose(1, 3, 0, 2).reshape(-1, (H // I) * (W // I))
+    return _groups_to_mask(idx, H * W)
+
+
+def hilo(H, shape, s, alpha_lo):
+    """HiLo attention, [H, M, N]. The official module gives the Lo-Fi branch
+    l_heads = int(H * alpha) heads and the Hi-Fi branch the other H - l_heads, and
+    concatenates (hifi, lofi) along channels, so Hi-Fi heads come first.
+    Hi-Fi: attention inside each s x s window (x.reshape(B, H//s, s, W//s, s, C)).
+    Lo-Fi: each query attends the s x s average-pooled keys of every window, so every token
+    contributes to every query: as a token-level mask, all pairs.
+    `alpha_lo` is the number of Lo-Fi heads (int(H * alpha))."""
+    shape = _check_shape(shape)
+    Hg, Wg = shape
+    if Hg % s or Wg % s:
+        raise ValueError(f"hilo: grid {shape!r} must be divisible by s={s}")
+    n = Hg * Wg
+    windows = np.arange(n).reshape(Hg // s, s, Wg // s, s).transpose(0, 2, 1, 3).reshape(-1, s * s)
+    hifi = _groups_to_mask(windows, n)
+    out = np.zeros((H, n, n), dtype=bool)
+    for h in range(H):
+        out[h] = hifi if h < H - alpha_lo else True
+    return out
+
+
+def video_window(shape, size, frames):
+    """Frame-causal video attention with a spatial neighborhood on a (T, H, W) token volume:
+    query (t, y, x) attends key (t2, y2, x2) iff t - frames < t2 <= t (its own and the
+    previous frames - 1 frames) and (y2, x2) lies in NATTEN's size x size neighborhood of
+    (y, x) (natten_axis on each spatial axis)."""
+    shape = _check_shape(shape)
+    T, Hg, Wg = shape
+    ys = [natten_axis(Hg, y, size) for y in range(Hg)]
+    xs = [natten_axis(Wg, x, size) for x in range(Wg)]
+    n = T * Hg * Wg
+    m = _empty(n, n)
+    for (t, y, x) in _coords(shape):
+        qp = _flat((t, y, x), shape)
+        for t2 in range(max(0, t - frames + 1), t + 1):
+            for y2 in ys[y]:
+                for x2 in xs[x]:
+                    m[qp, _flat((t2, y2, x2), shape)] = True
+    return m
+
+
+def biformer(q_img, k_img, region, topk):
+    """BiFormer bi-level routing attention on an image, in the image's own row-major order.
+
+    q_img, k_img: arrays [H, W, C] (one head's or the routing channels' queries and keys).
+    region: (rh, rw), the size of a region; the image is cut into (H//rh) x (W//rw) regions,
+    numbered row-major. Routing (paper, eq. 3-5): region-level queries and keys are the
+    per-region means; A = Qr Kr^T; each query region keeps the indices of its `topk` largest
+    entries. Token-to-token attention: a query attends every token of its routed regions.
+
+    Returns (mask [N, N] bool over row-major pixels, routed int array [n_regions, topk])."""
+    q_img = np.asarray(q_img, dtype=np.float64)
+    k_img = np.asarray(k_img, dtype=np.float64)
+    H, W, C = q_img.shape
+    rh, rw = region
+    if H % rh or W % rw:
+        raise ValueError(f"biformer: image {H}x{W} must be divisible by the region {rh}x{rw}")
+    nrh, nrw = H // rh, W // rw
+    nreg = nrh * nrw
+
+    def region_of(i, j):
+        return (i // rh) * nrw + j // rw
+
+    Qr = np.zeros((nreg, C))
+    Kr = np.zeros((nreg, C))
+    for i in range(H):
+        for j in range(W):
+            Qr[region_of(i, j)] += q_img[i, j] / (rh * rw)
+            Kr[region_of(i, j)] += k_img[i, j] / (rh * rw)
+    A = Qr @ Kr.T
+    routed = np.zeros((nreg, topk), dtype=np.int64)
+    for r in range(nreg):
+        order = sorted(range(nreg), key=lambda c: -A[r, c])
+        routed[r] = order[:topk]
+
+    n = H * W
+    m = _empty(n, n)
+    for i in range(H):
+        for j in range(W):
+            allowed = set(routed[region_of(i, j)].tolist())
+            for i2 in range(H):
+                for j2 in range(W):
+                    m[i * W + j, i2 * W + j2] = region_of(i2, j2) in allowed
+    return m, routed

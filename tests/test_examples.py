@@ -145,6 +145,120 @@ def test_nsa_like_parses_and_types():
         pat.mask(128)
 
 
+# ----------------------------------------------------------------------------- the rest of the library
+
+
+def load_from(file, name, **params):
+    return attnc.load(EXAMPLES / f"{file}.attn").pattern(name, **params)
+
+
+@pytest.mark.parametrize("M,N,l", [(37, 37, 6), (125, 125, 11), (30, 70, 8)])
+def test_sparse_strided(M, N, l):
+    same(load_from("sparse_transformer", "sparse_strided", l=l).mask(M, N)[0], ref.sparse_strided(M, N, l))
+
+
+@pytest.mark.parametrize("M,N,l,c", [(37, 37, 8, 2), (125, 125, 16, 4), (40, 90, 10, 3), (50, 50, 7, 7)])
+def test_sparse_fixed(M, N, l, c):
+    same(load_from("sparse_transformer", "sparse_fixed", l=l, c=c).mask(M, N)[0], ref.sparse_fixed(M, N, l, c))
+
+
+@pytest.mark.parametrize("M,N,H", [(300, 300, 4), (700, 2100, 8), (2100, 2100, 5)])
+def test_moa(M, N, H):
+    # MoA's elastic rules as written in examples/moa.attn, one per quarter of the heads
+    def span(h):
+        if h < H // 4:
+            return 256
+        if h < H // 2:
+            return 512 + N // 8
+        if h < 3 * H // 4:
+            return N // 4
+        return 1024 + N // 2
+    same(load("moa").mask(M, N, heads=H), ref.moa(M, N, [span(h) for h in range(H)], sinks=64))
+
+
+@pytest.mark.parametrize("N,size,dil,causal", [(37, 7, 1, False), (125, 8, 3, False), (40, 5, 2, True), (64, 2, 1, True)])
+def test_natten1d(N, size, dil, causal):
+    got = load("natten1d", size=size, dilation=dil, causal=causal).mask(N)[0]
+    same(got, ref.natten((N,), size, dilation=dil, causal=causal))
+
+
+@pytest.mark.parametrize("shape,size,dil", [((4, 7, 9), (3, 5, 4), (1, 1, 2)), ((6, 6, 6), 3, 2), ((5, 8, 7), (2, 7, 7), 1)])
+def test_natten3d(shape, size, dil):
+    n = int(np.prod(shape))
+    same(load("natten3d", size=size, dilation=dil).mask(n, grid=shape)[0], ref.natten(shape, size, dilation=dil))
+
+
+@pytest.mark.parametrize("shape,size", [((4, 8, 8), (2, 4, 4)), ((5, 9, 7), (2, 3, 4)), ((6, 6, 9), 3)])
+def test_gna_blocked(shape, size):
+    n = int(np.prod(shape))
+    got = load("gna_blocked", size=size).mask(n, grid=shape)[0]
+    same(got, ref.natten(shape, size, stride=size))
+    if all(L % s == 0 for L, s in zip(shape, size if isinstance(size, tuple) else (size,) * 3)):
+        same(got, ref.swin(shape, size, 0))  # stride == size is plain window attention
+
+
+@pytest.mark.parametrize("shape,win", [((14, 14), 7), ((8, 12), 4), ((9, 6), 3)])
+def test_swin(shape, win):
+    n = int(np.prod(shape))
+    same(load("swin", win=win).mask(n, grid=shape)[0], ref.swin(shape, win, 0))
+
+
+@pytest.mark.parametrize("shape,p", [((14, 14), 7), ((8, 12), 4)])
+def test_maxvit_block(shape, p):
+    n = int(np.prod(shape))
+    same(load("maxvit_block", p=p).mask(n, grid=shape)[0], ref.maxvit_block(shape, p))
+
+
+@pytest.mark.parametrize("shape", [(7, 9), (12, 5)])
+def test_axial(shape):
+    n = int(np.prod(shape))
+    same(load_from("axial", "axial_row").mask(n, grid=shape)[0], ref.axial(shape, axis=1))
+    same(load_from("axial", "axial_col").mask(n, grid=shape)[0], ref.axial(shape, axis=0))
+
+
+@pytest.mark.parametrize("shape,g,i", [((14, 14), 7, 2), ((16, 8), 4, 4), ((12, 18), 3, 6)])
+def test_crossformer(shape, g, i):
+    n = int(np.prod(shape))
+    same(load_from("crossformer", "crossformer_sda", g=g).mask(n, grid=shape)[0], ref.crossformer_sda(shape, g))
+    same(load_from("crossformer", "crossformer_lda", i=i).mask(n, grid=shape)[0], ref.crossformer_lda(shape, i))
+
+
+@pytest.mark.parametrize("shape,s,H", [((8, 8), 2, 10), ((12, 6), 3, 4), ((6, 6), 2, 1)])
+def test_hilo(shape, s, H):
+    n = int(np.prod(shape))
+    got = load("hilo", s=s).mask(n, grid=shape, heads=H)
+    same(got, ref.hilo(H, shape, s, int(H * 0.9)))  # the paper's alpha = 0.9, int() as in its code
+
+
+@pytest.mark.parametrize("shape,size,frames", [((4, 6, 7), 3, 2), ((5, 5, 8), 4, 5), ((3, 7, 7), 7, 1)])
+def test_video(shape, size, frames):
+    n = int(np.prod(shape))
+    same(load("video", size=size, frames=frames).mask(n, grid=shape)[0], ref.video_window(shape, size, frames))
+
+
+def test_video_defaults_to_every_previous_frame():
+    shape = (4, 7, 7)
+    n = int(np.prod(shape))
+    same(load("video").mask(n, grid=shape)[0], ref.video_window(shape, 7, shape[0]))
+
+
+@pytest.mark.parametrize("image,region,topk", [((16, 16), (8, 8), 1), ((16, 24), (8, 8), 2), ((24, 24), (8, 8), 4)])
+def test_biformer(image, region, topk):
+    """2-D regions: the reference routes on the image in its own row-major order; attnc
+    sees the tokens region by region (BiFormer's layout) and gets the routed region ids."""
+    Hi, Wi = image
+    rh, rw = region
+    gen = torch.Generator().manual_seed(topk)
+    q = torch.randn(Hi, Wi, 8, generator=gen)
+    k = torch.randn(Hi, Wi, 8, generator=gen)
+    want, routed = ref.biformer(q.numpy(), k.numpy(), region, topk)
+    # region-major order: new position p holds pixel perm[p]
+    rows = torch.arange(Hi * Wi).view(Hi // rh, rh, Wi // rw, rw).permute(0, 2, 1, 3).reshape(-1)
+    sel = torch.as_tensor(routed)[None, None]  # [B=1, H=1, regions, topk]
+    got = load("biformer").mask(Hi * Wi, sel=sel)[0, 0]
+    same(got, want[np.ix_(rows.numpy(), rows.numpy())])
+
+
 def test_every_spec_example_has_a_file():
     names = {"mistral", "streaming_llm", "duo", "bigbird", "natten2d", "dinat", "gna_strided", "swin_shifted", "halo",
              "maxvit_grid", "cswin", "prefix_lm", "packed", "nsa_like", "longformer", "mmdit"}
@@ -152,6 +266,18 @@ def test_every_spec_example_has_a_file():
         prog = attnc.load(EXAMPLES / f"{name}.attn")
         assert prog.names() == [name]
         assert prog.patterns()[0].description, f"{name} has no description comment"
+
+
+def test_library_patterns_cite_their_paper():
+    """Every pattern in examples/ carries a description naming its paper by arXiv id;
+    the library holds at least 25 patterns."""
+    import re
+    count = 0
+    for path in sorted(EXAMPLES.glob("*.attn")):
+        for info in attnc.load(path).patterns():
+            count += 1
+            assert re.search(r"arXiv \d{4}\.\d{4,5}", info.description or ""), f"{path.name}:{info.name} cites no arXiv id"
+    assert count >= 25, count
 
 
 def test_golden_ir_of_every_example(golden):

@@ -481,3 +481,106 @@ def test_mmdit_local():
         1..1.
         1...1
     """)).all()
+
+
+# ----------------------------------------------------------------------------- Sparse Transformer, MoA
+
+
+def test_sparse_strided():
+    m = R.sparse_strided(6, 6, 2)  # A1: i-2..i ; A2: (i - j) even
+    assert (m == lit("""
+        1.....
+        11....
+        111...
+        .111..
+        1.111.
+        .1.111
+    """)).all()
+    m = R.sparse_strided(2, 6, 3)  # qa = 4, 5
+    assert (m == lit("""
+        .1111.
+        ..1111
+    """)).all()
+    m = R.sparse_strided(8, 8, 2)
+    assert m[7, 1] and not m[7, 0] and not m[7, 4]
+
+
+def test_sparse_fixed():
+    m = R.sparse_fixed(6, 6, 3, 1)  # blocks {0,1,2}, {3,4,5}; summary cells j % 3 == 2
+    assert (m == lit("""
+        1.....
+        11....
+        111...
+        ..11..
+        ..111.
+        ..1111
+    """)).all()
+
+
+def test_moa():
+    m = R.moa(6, 6, spans=[2, 6], sinks=1)
+    assert m.shape == (2, 6, 6)
+    assert (m[0] == R.streaming_llm(6, 6, sinks=1, recent=2)).all()
+    assert (m[1] == np.tril(np.ones((6, 6), dtype=bool))).all()
+    assert (R.moa(2, 5, spans=[1], sinks=0)[0] == lit("""
+        ...1.
+        ....1
+    """)).all()
+
+
+# ----------------------------------------------------------------------------- vision
+
+
+def test_maxvit_block_and_crossformer_groups():
+    m = R.maxvit_block((4, 4), 2)
+    assert sorted(np.flatnonzero(m[0])) == [0, 1, 4, 5]
+    assert sorted(np.flatnonzero(m[15])) == [10, 11, 14, 15]
+    assert (R.crossformer_sda((4, 6), 2) == R.swin((4, 6), 2, 0)).all()
+    lda = R.crossformer_lda((4, 6), 2)  # same (i % 2, j % 2)
+    assert sorted(np.flatnonzero(lda[0])) == [0, 2, 4, 12, 14, 16]
+    assert sorted(np.flatnonzero(lda[7])) == [7, 9, 11, 19, 21, 23]
+    with pytest.raises(ValueError):
+        R.crossformer_lda((4, 5), 2)
+
+
+def test_axial():
+    row = R.axial((2, 3), axis=1)
+    col = R.axial((2, 3), axis=0)
+    assert sorted(np.flatnonzero(row[4])) == [3, 4, 5]
+    assert sorted(np.flatnonzero(col[4])) == [1, 4]
+
+
+def test_hilo():
+    m = R.hilo(4, (4, 4), 2, 3)  # one Hi-Fi head, three Lo-Fi heads
+    assert sorted(np.flatnonzero(m[0, 5])) == [0, 1, 4, 5]
+    assert m[1:].all()
+    assert (R.hilo(2, (2, 2), 2, 0)[1] == True).all()  # noqa: E712  one 2x2 window covers the map
+
+
+def test_video_window():
+    m = R.video_window((3, 2, 4), 2, 2)  # 2 x 4 frames, spatial window 2, two frames
+    # query (2, 1, 3): frames 1, 2; y window [0, 1]; x window [2, 3]
+    assert sorted(np.flatnonzero(m[2 * 8 + 1 * 4 + 3])) == [10, 11, 14, 15, 18, 19, 22, 23]
+    # query (0, 0, 0): frame 0 only; y [0, 1], x [0, 1]
+    assert sorted(np.flatnonzero(m[0])) == [0, 1, 4, 5]
+    # query (1, 0, 1): frames 0, 1; the even window leans left: x [0, 1]
+    assert sorted(np.flatnonzero(m[8 + 1])) == [0, 1, 4, 5, 8, 9, 12, 13]
+
+
+def test_biformer_routing():
+    H = W = 4
+    q = np.zeros((H, W, 2))
+    k = np.zeros((H, W, 2))
+    q[:2, :, 0] = 1.0  # top regions 0, 1 look along channel 0
+    q[2:, :, 1] = 1.0  # bottom regions 2, 3 along channel 1
+    k[:2, :2, 0] = 3.0  # region 0 has the largest channel-0 key
+    k[:2, 2:, 0] = 2.0  # region 1 the next
+    k[2:, 2:, 1] = 5.0  # region 3 the largest channel-1 key
+    k[2:, :2, 1] = 1.0
+    m, routed = R.biformer(q, k, (2, 2), 2)
+    assert routed.tolist() == [[0, 1], [0, 1], [3, 2], [3, 2]]
+    assert sorted(np.flatnonzero(m[0])) == list(range(8))  # top-left query: regions 0, 1 = the top half
+    assert sorted(np.flatnonzero(m[15])) == list(range(8, 16))
+    m1, r1 = R.biformer(q, k, (2, 2), 1)
+    assert r1[:, 0].tolist() == [0, 0, 3, 3]
+    assert sorted(np.flatnonzero(m1[5])) == [0, 1, 4, 5]
