@@ -46,7 +46,12 @@ interpreted = pytest.mark.skipif(not cache.interpret_mode(), reason="needs TRITO
 
 
 def example(name, **params):
-    return attnc.load(EXAMPLES / f"{name}.attn").pattern(name, **params)
+    """Pattern `name` from examples/ (files may hold several patterns)."""
+    for path in sorted(EXAMPLES.glob("*.attn")):
+        prog = attnc.load(path)
+        if name in prog.names():
+            return prog.pattern(name, **params)
+    raise LookupError(name)
 
 
 def make_call(pat, B, Hq, Hkv, M, N, D, Dv, grid=None, inputs=None):
@@ -135,11 +140,26 @@ EVERY_EXAMPLE = [
     ("maxvit_grid", dict(g=3), None, 1, (6, 9)),
     ("cswin", dict(sw=3), None, 4, (7, 9)),
     ("mmdit", dict(r=2, text=6), None, 2, (7, 8)),
+    ("axial_row", {}, None, 1, (5, 7)),
+    ("axial_col", {}, None, 1, (5, 7)),
+    ("biformer", {}, 70, 1, None),
+    ("crossformer_sda", dict(g=3), None, 1, (7, 9)),
+    ("crossformer_lda", dict(i=3), None, 1, (7, 9)),
+    ("gna_blocked", dict(size=(2, 3, 3)), None, 1, (3, 4, 6)),
+    ("hilo", dict(s=2), None, 4, (6, 7)),
+    ("maxvit_block", dict(p=3), None, 1, (7, 9)),
+    ("moa", dict(sinks=3), 70, 4, None),
+    ("natten1d", dict(size=5, dilation=2, causal=True), 70, 1, None),
+    ("natten3d", dict(size=(2, 3, 3)), None, 1, (3, 4, 6)),
+    ("sparse_strided", dict(l=8), 70, 1, None),
+    ("sparse_fixed", dict(l=16, c=4), 70, 1, None),
+    ("swin", dict(win=3), None, 1, (7, 9)),
+    ("video", dict(size=3), None, 1, (3, 4, 6)),
 ]
 
 
 def test_every_example_has_a_codegen_case():
-    names = {p.stem for p in EXAMPLES.glob("*.attn")}
+    names = {n for p in EXAMPLES.glob("*.attn") for n in attnc.load(p).names()}
     assert names - {c[0] for c in EVERY_EXAMPLE} == {"nsa_like"}
 
 
@@ -167,6 +187,8 @@ def test_interpreter_matches_reference_for_every_example(name, params, M, H, gri
     inputs = None
     if name == "packed":
         inputs = {"doc": torch.tensor([[0] * 9 + [1] * 30 + [2] * 31])}
+    if name == "biformer":  # 64-token regions: two query blocks, two key blocks
+        inputs = {"sel": torch.tensor([[[[0, -1], [1, 0]]]])}
     check(pat, Hq=H, Hkv=1, M=M or pat.resolve_sizes(1, None, H, grid)[1], grid=grid, inputs=inputs)
 
 

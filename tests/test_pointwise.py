@@ -44,19 +44,42 @@ EXAMPLE_CASES = [
     ("cswin", dict(sw=3), 81, None, 4, (9, 9)),
     ("mmdit", dict(r=3, text=7), 55, None, 2, (6, 8)),
     ("mmdit", dict(r=3, text=7), 30, None, 2, (6, 8)),
+    ("axial_row", {}, 35, None, 1, (5, 7)),
+    ("axial_col", {}, 20, None, 1, (5, 7)),
+    ("crossformer_sda", dict(g=3), 63, None, 1, (7, 9)),
+    ("crossformer_lda", dict(i=3), 63, None, 1, (7, 9)),
+    ("gna_blocked", dict(size=(2, 3, 3)), 72, None, 1, (3, 4, 6)),
+    ("hilo", dict(s=2), 42, None, 4, (6, 7)),
+    ("maxvit_block", dict(p=3), 63, None, 1, (7, 9)),
+    ("moa", dict(sinks=3), 70, 90, 4, None),
+    ("natten1d", dict(size=5, dilation=2, causal=True), 70, 70, 1, None),
+    ("natten3d", dict(size=(2, 3, 3)), 72, None, 1, (3, 4, 6)),
+    ("sparse_strided", dict(l=8), 70, 70, 1, None),
+    ("sparse_fixed", dict(l=16, c=4), 50, 70, 1, None),
+    ("swin", dict(win=3), 63, None, 1, (7, 9)),
+    ("video", dict(size=3), 72, None, 1, (3, 4, 6)),
 ]
+
+
+def example(name, **params):
+    """Pattern `name` from examples/ (files may hold several patterns)."""
+    for path in sorted(EXAMPLES.glob("*.attn")):
+        prog = attnc.load(path)
+        if name in prog.names():
+            return prog.pattern(name, **params)
+    raise LookupError(name)
 
 
 @pytest.mark.parametrize("name,params,M,N,H,grid", EXAMPLE_CASES)
 def test_evaluator_equals_reference_for_examples(name, params, M, N, H, grid):
-    pat = attnc.load(EXAMPLES / f"{name}.attn").pattern(name, **params)
+    pat = example(name, **params)
     got, want, _ = full_mask(pat, M, N, H, grid)
     assert torch.equal(got, want)
 
 
 def test_every_example_is_covered():
-    names = {p.stem for p in EXAMPLES.glob("*.attn")}
-    covered = {c[0] for c in EXAMPLE_CASES} | {"packed", "nsa_like"}
+    names = {n for p in EXAMPLES.glob("*.attn") for n in attnc.load(p).names()}
+    covered = {c[0] for c in EXAMPLE_CASES} | {"packed", "nsa_like", "biformer"}  # run-time inputs: own tests below
     assert names <= covered, names - covered
 
 
