@@ -495,12 +495,14 @@ class BoundPattern:
         if grid is not None:
             env.update({ir.axis_size(a): s for a, s in zip(self.ir.layout.axes, grid)})
         tables = dynamic.route(lowered, q, k, M, N, H, grid, batches, lambda e: _int(e, env))
-        return BoundPattern(self.program, lowered.pattern, self.params), {**inputs, **tables}
+        return self._routed, {**inputs, **tables}
 
     def _lowered(self):
+        """The topk-lowered IR and its BoundPattern, built once per pattern."""
         from . import dynamic
         if getattr(self, "_lowered_cache", None) is None:
             self._lowered_cache = dynamic.lower_topk(self.ir)
+            self._routed = BoundPattern(self.program, self._lowered_cache.pattern, self.params)
         return self._lowered_cache
 
     # -- the op
