@@ -375,9 +375,9 @@ class BoundPattern:
         except AttnError as err:
             raise err.with_sources(self.program.sources) from None
 
-    def _inputs(self, M: int, N: int, H: int, inputs: dict) -> tuple[list[dict], bool]:
-        """Validate run-time inputs; returns (one dict per batch element, whether
-        any input carried a batch dimension)."""
+    def check_input_names(self, inputs: dict) -> dict:
+        """Raise ValueError unless `inputs` names exactly the declared run-time
+        inputs; returns {name: InputSpec} in declaration order."""
         specs = {s.name: s for s in self.ir.inputs}
         for name in inputs:
             if name not in specs:
@@ -387,6 +387,12 @@ class BoundPattern:
             if name not in inputs:
                 raise ValueError(f"missing run-time input '{name}' ({spec.kind}): expected {name}=tensor; "
                                  f"try pat(q, k, v, {name}=...) or pat.mask(M, N, {name}=...)")
+        return specs
+
+    def _inputs(self, M: int, N: int, H: int, inputs: dict) -> tuple[list[dict], bool]:
+        """Validate run-time inputs; returns (one dict per batch element, whether
+        any input carried a batch dimension)."""
+        specs = self.check_input_names(inputs)
         if not specs:
             return [{}], False
         per_batch: list[dict] = []
