@@ -459,6 +459,22 @@ class BoundPattern:
         plan = self.plan(M, N, heads=heads, grid=grid, block=tile)
         return simulate_plan(plan, name=self.name, head_dim=head_dim, gpu=gpu, batch=batch)
 
+    # -- FlexAttention
+    def to_flex(self, M: int, N: int | None = None, *, heads: int | None = None, grid=None, block=(128, 128),
+                device="cpu", **inputs):
+        """``(mask_mod, block_mask)`` for ``torch.nn.attention.flex_attention``.
+
+        The ``BlockMask`` (``BLOCK_SIZE=block``) is built from this pattern's
+        tile plan, not by evaluating ``mask_mod`` on every position; ``mask_mod``
+        is exact everywhere (a lookup into the plan and the partial tiles' bits).
+        Run-time inputs are passed as keywords, as for the op.
+
+        >>> mask_mod, bm = pat.to_flex(4096, heads=8)
+        >>> out = torch.compile(flex_attention)(q, k, v, block_mask=bm)
+        """
+        from .runtime.flex import to_flex
+        return to_flex(self, M, N, heads=heads, grid=grid, block=block, device=device, **inputs)
+
     # -- the op
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, return_lse: bool = False,
                  scale: float | None = None, backend: str = "auto", grid=None, **inputs):
@@ -468,7 +484,11 @@ class BoundPattern:
         when ``Hq % Hkv == 0``. Returns ``out [B, Hq, M, Dv]`` (and
         ``lse [B, Hq, M]`` in float32 with ``return_lse=True``). Queries with
         no allowed key give 0 and lse ``-inf``. ``scale`` defaults to
-        ``1/sqrt(D)``.
+        ``1/sqrt(D)``. ``backend``: "auto" (Triton where it can run, else the
+        block-sparse torch path), "triton", "torch", "flex" (FlexAttention with
+        attnc's BlockMask; forward only on CPU) or "reference" (dense, for
+        checking). A registered ``torch.library`` op: works under autograd,
+        ``torch.autograd.gradcheck`` and ``torch.compile(fullgraph=True)``.
         """
         from .runtime.ops import attention
         return attention(self, q, k, v, return_lse=return_lse, scale=scale, backend=backend, grid=grid, inputs=inputs)
