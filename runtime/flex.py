@@ -48,11 +48,11 @@ def _plan_tables(call: Call, plan, inputs: dict | None):
     """(state int8 [Hx, nq, nk], slot int64 [Hx, nq, nk], bits bool [S, bm, bn])."""
     nq, nk = plan.shape
     bm, bn = plan.block
-    dense = plan.to_dense()  # 0 empty, 1 partial, 2 full
     masks = partial_tile_masks(call, plan, inputs)  # [Hx, nq, P, bm, bn]
-    Hx, _, P = plan.partial.index.shape
+    Hx, _, P = masks.shape[:3]
+    dense = plan.to_dense().expand(Hx, -1, -1)  # 0 empty, 1 partial, 2 full
     slot = torch.full((Hx, nq, nk + 1), -1, dtype=torch.int64)
-    idx = plan.partial.index.long()
+    idx = plan.partial.index.long().expand(Hx, -1, -1)
     flat = torch.arange(Hx * nq * P, dtype=torch.int64).view(Hx, nq, P)
     col = torch.where(idx < 0, nk, idx)
     slot.scatter_(2, col, torch.where(idx < 0, -1, flat))

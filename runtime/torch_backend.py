@@ -61,10 +61,12 @@ CONFIG = TorchPathConfig()
 
 
 def partial_tile_masks(call: Call, plan: Plan, inputs: dict | None = None, *, chunk_elements: int | None = None) -> torch.Tensor:
-    """The mask bits of every partial tile of `plan`: bool [Hx, nq, P, bm, bn].
+    """The mask bits of every partial tile of `plan`: bool [Hm, nq, P, bm, bn].
 
     Entry [h, i, p] is the tile (query tile i, key tile plan.partial.index[h, i, p])
-    of head h (of every head when Hx is 1); padding slots (index -1), rows
+    of head h; Hm is 1 when every head has the same bits (then the plan's
+    head dimension is 1 too), else the number of heads -- a plan may be shared
+    by heads whose partial tiles differ inside. Padding slots (index -1), rows
     beyond M and columns beyond N are False. Computed from the reference
     evaluator (`BoundPattern.mask_rows`) in row chunks; `inputs` is one batch
     element's run-time inputs. This is the only source of mask bits in the
@@ -74,27 +76,27 @@ def partial_tile_masks(call: Call, plan: Plan, inputs: dict | None = None, *, ch
     nq, nk = plan.shape
     M, N, H = call.M, call.N, call.Hq
     Hx, _, P = plan.partial.index.shape
-    out = torch.zeros(Hx, nq, P, bm, bn, dtype=torch.bool)
+    out = torch.zeros(H, nq, P, bm, bn, dtype=torch.bool)
     if int(plan.partial.counts.sum()) == 0:
-        return out
+        return out[:1]
     budget = chunk_elements or CONFIG.mask_chunk_elements
     tiles_per_chunk = max(1, budget // max(1, H * bm * N))
-    index = plan.partial.index.long()
+    index = plan.partial.index.long().expand(H, -1, -1)
+    hsel = torch.arange(H)[:, None, None]
     for t0 in range(0, nq, tiles_per_chunk):
         t1 = min(nq, t0 + tiles_per_chunk)
         if int(plan.partial.counts[:, t0:t1].sum()) == 0:
             continue
         lo, hi = t0 * bm, min(M, t1 * bm)
         rows = call.pattern.mask_rows(M, N, H, call.grid, lo, hi, inputs)  # [H, r, N]
-        rows = rows[:1] if Hx == 1 else rows
-        padded = torch.zeros(Hx, (t1 - t0) * bm, nk * bn, dtype=torch.bool)
+        padded = torch.zeros(H, (t1 - t0) * bm, nk * bn, dtype=torch.bool)
         padded[:, : hi - lo, :N] = rows
-        tiles = padded.view(Hx, t1 - t0, bm, nk, bn).permute(0, 1, 3, 2, 4)  # [Hx, t, nk, bm, bn]
-        idx = index[:, t0:t1]  # [Hx, t, P]
-        hsel = torch.arange(Hx)[:, None, None]
+        tiles = padded.view(H, t1 - t0, bm, nk, bn).permute(0, 1, 3, 2, 4)  # [H, t, nk, bm, bn]
+        idx = index[:, t0:t1]  # [H, t, P]
         tsel = torch.arange(t1 - t0)[None, :, None]
-        got = tiles[hsel, tsel, idx.clamp(min=0)]  # [Hx, t, P, bm, bn]
-        out[:, t0:t1] = got & (idx >= 0)[..., None, None]
+        out[:, t0:t1] = tiles[hsel, tsel, idx.clamp(min=0)] & (idx >= 0)[..., None, None]
+    if Hx == 1 and bool((out == out[:1]).all()):
+        return out[:1]
     return out
 
 
@@ -151,14 +153,14 @@ def build_schedule(call: Call, plan: Plan, masks: torch.Tensor, config: TorchPat
     bm, bn = plan.block
     nq, nk = plan.shape
     M, N = call.M, call.N
-    Hx = plan.full.counts.shape[0]
-    shared = Hx == 1
     Hq, Hkv = call.Hq, call.Hkv
     G = Hq // Hkv
+    Hx = masks.shape[0]  # 1: one plan and one set of bits for every head
+    shared = Hx == 1
     ragged = N % bn != 0
 
-    fcnt, fidx = plan.full.counts.long(), plan.full.index.long()
-    pcnt, pidx = plan.partial.counts.long(), plan.partial.index.long()
+    fcnt, fidx = (t.long().expand(Hx, *t.shape[1:]) for t in (plan.full.counts, plan.full.index))
+    pcnt, pidx = (t.long().expand(Hx, *t.shape[1:]) for t in (plan.partial.counts, plan.partial.index))
     # a full tile in the ragged last key column needs its columns >= N masked
     edge = torch.zeros(Hx, nq, dtype=torch.bool)
     if ragged:
@@ -169,7 +171,9 @@ def build_schedule(call: Call, plan: Plan, masks: torch.Tensor, config: TorchPat
     for h in range(Hx):
         for i in range(nq):
             nf = int(fcnt[h, i]) - int(edge[h, i])
-            units.append((h, i, nf, int(pcnt[h, i]) + int(edge[h, i])))
+            nm = int(pcnt[h, i]) + int(edge[h, i])
+            if nf + nm:  # a query tile with no key tile keeps out 0, lse -inf
+                units.append((h, i, nf, nm))
     # units ordered by their counts, so chunks hold units of similar shape
     units.sort(key=lambda u: (u[2], u[3], u[0], u[1]))
 
@@ -278,50 +282,57 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 class _Views:
-    """q / k / v padded to whole tiles and viewed for gathering (see [Note: schedule])."""
+    """q / k / v padded to whole tiles, as flat tile-major tensors [tiles, rows, D].
+
+    Gathers and scatters are index_select / index_copy_ / index_add_ along
+    dim 0 of those (contiguous row copies, the fast kernels), with flat
+    indices = a per-(batch, head group) base + the schedule's tile index.
+    """
 
     def __init__(self, sched: Schedule, call: Call, q, k, v, acc):
         bm, bn = sched.block
         B, Hq, Hkv = q.shape[0], call.Hq, call.Hkv
         G = Hq // Hkv
-        self.B, self.G, self.acc = B, G, acc
+        dev = q.device
+        self.B, self.acc = B, acc
         self.X = Hkv if sched.shared else 1
         self.Gu = G if sched.shared else 1
         self.bm, self.bn = bm, bn
-        self.M, self.N = call.M, call.N
-        Mp, Np = sched.nq * bm, sched.nk * bn
-        self.Mp, self.Np = Mp, Np
-        self.q = _pad(q, Mp).to(acc)
-        self.k = _pad(k, Np).to(acc)
-        self.v = _pad(v, Np).to(acc)
-
-    def tiles_q(self, t: torch.Tensor, sched: Schedule) -> torch.Tensor:
-        """[B, Hq, Mp, D] -> a view [B, X, G', tiles, bm, D] with tiles indexed by Chunk.q."""
-        D = t.shape[-1]
+        self.Mp, self.Np = sched.nq * bm, sched.nk * bn
+        self.q = _pad(q, self.Mp).to(acc)
+        self.k = _pad(k, self.Np).to(acc)
+        self.v = _pad(v, self.Np).to(acc)
+        # tiles of one (batch, head group): shared -> per (b, x, g) nq query tiles
+        # and per (b, x) nk key tiles; per-head -> all Hq*nq / Hkv*nk tiles of b
         if sched.shared:
-            return t.view(self.B, self.X, self.Gu, sched.nq, self.bm, D)
-        return t.reshape(self.B, 1, 1, -1, self.bm, D)
+            self.q_base = (torch.arange(B * self.X * self.Gu, device=dev) * sched.nq).view(B, self.X, 1, self.Gu)
+            self.k_base = (torch.arange(B * self.X, device=dev) * sched.nk).view(B, self.X, 1)
+        else:
+            self.q_base = (torch.arange(B, device=dev) * Hq * sched.nq).view(B, 1, 1, 1)
+            self.k_base = (torch.arange(B, device=dev) * Hkv * sched.nk).view(B, 1, 1)
 
-    def tiles_kv(self, t: torch.Tensor, sched: Schedule) -> torch.Tensor:
-        D = t.shape[-1]
-        if sched.shared:
-            return t.view(self.B, self.X, sched.nk, self.bn, D)
-        return t.reshape(self.B, 1, -1, self.bn, D)
+    def flat(self, t: torch.Tensor, rows: int) -> torch.Tensor:
+        """[B, H, L, D] (contiguous, L a multiple of rows) -> a view [tiles, rows, D]."""
+        return t.view(-1, rows, t.shape[-1])
 
-    def gather_q(self, tq: torch.Tensor, chunk: Chunk) -> torch.Tensor:
+    def q_index(self, chunk: Chunk) -> torch.Tensor:
+        return (self.q_base + chunk.q.view(1, 1, -1, 1)).reshape(-1)  # order (b, x, c, g)
+
+    def gather_q(self, tq: torch.Tensor, qi: torch.Tensor, c: int) -> torch.Tensor:
         """[B, X, c, G' * bm, D] (a copy)."""
-        g = tq.index_select(3, chunk.q)  # [B, X, G', c, bm, D]
-        B, X, Gu, c, bm, D = g.shape
-        return g.permute(0, 1, 3, 2, 4, 5).reshape(B, X, c, Gu * bm, D)
+        return tq.index_select(0, qi).view(self.B, self.X, c, self.Gu * self.bm, tq.shape[-1])
 
-    def scatter_q(self, tq: torch.Tensor, chunk: Chunk, val: torch.Tensor) -> None:
-        B, X, c, _, D = val.shape
-        val = val.view(B, X, c, self.Gu, self.bm, D).permute(0, 1, 3, 2, 4, 5)
-        tq.index_copy_(3, chunk.q, val.to(tq.dtype))
+    def scatter_q(self, tq: torch.Tensor, qi: torch.Tensor, val: torch.Tensor) -> None:
+        tq.index_copy_(0, qi, val.reshape(-1, self.bm, val.shape[-1]).to(tq.dtype))
 
-    def gather_kv(self, tk: torch.Tensor, group: Group, c: int) -> torch.Tensor:
-        g = tk.index_select(2, group.kv)  # [B, X, c * s, bn, D]
-        return g.view(g.shape[0], g.shape[1], c, group.slots * self.bn, g.shape[-1])
+    def kv_index(self, group: Group) -> torch.Tensor:
+        return (self.k_base + group.kv.view(1, 1, -1)).reshape(-1)  # order (b, x, c * s)
+
+    def gather_kv(self, tk: torch.Tensor, ki: torch.Tensor, group: Group, c: int) -> torch.Tensor:
+        return tk.index_select(0, ki).view(self.B, self.X, c, group.slots * self.bn, tk.shape[-1])
+
+    def add_kv(self, tk: torch.Tensor, ki: torch.Tensor, val: torch.Tensor) -> None:
+        tk.index_add_(0, ki, val.reshape(-1, self.bn, val.shape[-1]))
 
 
 def _pad(t: torch.Tensor, length: int) -> torch.Tensor:
@@ -357,38 +368,39 @@ def forward(call: Call, q, k, v, config: TorchPathConfig = CONFIG) -> tuple[torc
 def _forward_one(sched: Schedule, call: Call, q, k, v, acc):
     sched = _on_device(sched, q.device)
     w = _Views(sched, call, q, k, v, acc)
-    dev = q.device
-    tq = w.tiles_q(w.q, sched)
-    tk, tv = w.tiles_kv(w.k, sched), w.tiles_kv(w.v, sched)
-    out_p = torch.zeros(w.B, call.Hq, w.Mp, v.shape[-1], dtype=acc, device=dev)
-    lse_p = torch.zeros(w.B, call.Hq, w.Mp, 1, dtype=acc, device=dev)
-    tout, tlse = w.tiles_q(out_p, sched), w.tiles_q(lse_p, sched)
+    tq = w.flat(w.q, w.bm)
+    tk, tv = w.flat(w.k, w.bn), w.flat(w.v, w.bn)
+    out_p = torch.zeros(w.B, call.Hq, w.Mp, v.shape[-1], dtype=acc, device=q.device)
+    lse_p = torch.full((w.B, call.Hq, w.Mp, 1), float("-inf"), dtype=acc, device=q.device)
+    tout, tlse = w.flat(out_p, w.bm), w.flat(lse_p, w.bm)
     for chunk in sched.chunks:
         c = chunk.q.numel()
-        qc = w.gather_q(tq, chunk) * call.scale
+        qi = w.q_index(chunk)
+        qc = w.gather_q(tq, qi, c).mul_(call.scale)
         m_i = l_i = o_i = None
         for group in chunk.groups:
-            s = _scores(qc, w.gather_kv(tk, group, c), group, w.Gu, w.bm)
-            vc = w.gather_kv(tv, group, c)
+            ki = w.kv_index(group)
+            s = _scores(qc, w.gather_kv(tk, ki, group, c), group, w.Gu, w.bm)
+            vc = w.gather_kv(tv, ki, group, c)
             m_new = s.amax(-1, keepdim=True)
             if m_i is not None:
                 m_new = torch.maximum(m_new, m_i)
             # [Note: empty rows] a row with nothing allowed so far has max -inf; use 0 there
-            m_safe = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)
-            p = torch.exp(s.sub_(m_safe))
+            m_safe = m_new.masked_fill(torch.isinf(m_new), 0.0)
+            p = s.sub_(m_safe).exp_()
             if m_i is None:
                 l_i = p.sum(-1, keepdim=True)
                 o_i = torch.matmul(p, vc)
             else:
                 alpha = torch.exp(m_i - m_safe)
-                l_i = l_i * alpha + p.sum(-1, keepdim=True)
-                o_i = o_i * alpha + torch.matmul(p, vc)
+                l_i = l_i.mul_(alpha).add_(p.sum(-1, keepdim=True))
+                o_i = o_i.mul_(alpha).add_(torch.matmul(p, vc))
             m_i = m_safe
         empty = l_i == 0
-        o_i = torch.where(empty, torch.zeros_like(o_i), o_i / torch.where(empty, torch.ones_like(l_i), l_i))
-        lse_c = torch.where(empty, torch.full_like(l_i, float("-inf")), m_i + torch.log(l_i))
-        w.scatter_q(tout, chunk, o_i)
-        w.scatter_q(tlse, chunk, lse_c)
+        o_i = o_i.div_(l_i.masked_fill(empty, 1.0))
+        lse_c = (m_i + torch.log(l_i)).masked_fill_(empty, float("-inf"))
+        w.scatter_q(tout, qi, o_i)
+        w.scatter_q(tlse, qi, lse_c)
     return out_p[:, :, : call.M].to(q.dtype), lse_p[:, :, : call.M, 0]
 
 
@@ -407,35 +419,32 @@ def _backward_one(sched: Schedule, call: Call, q, k, v, out, lse, dout, dlse):
     delta = (dout.to(acc) * out.to(acc)).sum(-1)
     if dlse is not None:
         delta = delta - dlse.to(acc)
-    lse_safe = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse).to(acc)
+    lse_safe = lse.to(acc).masked_fill(torch.isinf(lse), 0.0)
+    row = _pad(torch.stack([lse_safe, delta], -1), w.Mp)  # [B, Hq, Mp, 2]
     do_p = _pad(dout, w.Mp).to(acc)
-    row = torch.stack([_pad(lse_safe[..., None], w.Mp)[..., 0], _pad(delta[..., None], w.Mp)[..., 0]], -1)  # [B, Hq, Mp, 2]
-    tq, tdo, trow = w.tiles_q(w.q, sched), w.tiles_q(do_p, sched), w.tiles_q(row, sched)
-    tk, tv = w.tiles_kv(w.k, sched), w.tiles_kv(w.v, sched)
+    tq, tdo, trow = w.flat(w.q, w.bm), w.flat(do_p, w.bm), w.flat(row, w.bm)
+    tk, tv = w.flat(w.k, w.bn), w.flat(w.v, w.bn)
     dq_p = torch.zeros_like(w.q)
     dk_p, dv_p = torch.zeros_like(w.k), torch.zeros_like(w.v)
-    tdq = w.tiles_q(dq_p, sched)
-    tdk, tdv = w.tiles_kv(dk_p, sched), w.tiles_kv(dv_p, sched)
+    tdq, tdk, tdv = w.flat(dq_p, w.bm), w.flat(dk_p, w.bn), w.flat(dv_p, w.bn)
     for chunk in sched.chunks:
         c = chunk.q.numel()
-        qc = w.gather_q(tq, chunk)
+        qi = w.q_index(chunk)
+        qc = w.gather_q(tq, qi, c)
         qs = qc * call.scale
-        doc = w.gather_q(tdo, chunk)
-        rc = w.gather_q(trow, chunk)
+        doc = w.gather_q(tdo, qi, c)
+        rc = w.gather_q(trow, qi, c)
         lse_c, delta_c = rc[..., :1], rc[..., 1:]
         dqc = torch.zeros_like(qc)
         for group in chunk.groups:
-            kc, vc = w.gather_kv(tk, group, c), w.gather_kv(tv, group, c)
-            p = torch.exp(_scores(qs, kc, group, w.Gu, w.bm).sub_(lse_c))
-            dp = torch.matmul(doc, vc.transpose(-1, -2))
-            ds = p * (dp - delta_c)
+            ki = w.kv_index(group)
+            kc, vc = w.gather_kv(tk, ki, group, c), w.gather_kv(tv, ki, group, c)
+            p = _scores(qs, kc, group, w.Gu, w.bm).sub_(lse_c).exp_()
+            ds = torch.matmul(doc, vc.transpose(-1, -2)).sub_(delta_c).mul_(p)
             dqc += torch.matmul(ds, kc)
-            dkc = torch.matmul(ds.transpose(-1, -2), qc) * call.scale
-            dvc = torch.matmul(p.transpose(-1, -2), doc)
-            B, X = dkc.shape[:2]
-            tdk.index_add_(2, group.kv, dkc.view(B, X, c * group.slots, w.bn, -1))
-            tdv.index_add_(2, group.kv, dvc.view(B, X, c * group.slots, w.bn, -1))
-        w.scatter_q(tdq, chunk, dqc * call.scale)
+            w.add_kv(tdk, ki, torch.matmul(ds.transpose(-1, -2), qc).mul_(call.scale))
+            w.add_kv(tdv, ki, torch.matmul(p.transpose(-1, -2), doc))
+        w.scatter_q(tdq, qi, dqc.mul_(call.scale))
     return (dq_p[:, :, : call.M].to(q.dtype), dk_p[:, :, : call.N].to(k.dtype), dv_p[:, :, : call.N].to(v.dtype))
 
 
