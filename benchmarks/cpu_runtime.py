@@ -91,6 +91,9 @@ def runners(pat, grid, q, k, v, H, N, with_flex: bool, with_dense: bool):
 
 def bench(args) -> None:
     torch.set_num_threads(args.threads)
+    # every (pattern, N) is a new compiled FlexAttention graph; past dynamo's
+    # recompile limit (8) flex_attention silently runs unfused and dense
+    torch._dynamo.config.recompile_limit = 256
     print(f"# attnc {attnc.__version__}, torch {torch.__version__}, python {platform.python_version()}, "
           f"{platform.machine()}, threads {torch.get_num_threads()}, B=1 H={args.heads} D={args.head_dim} fp32")
     for name in args.patterns.split(","):
