@@ -9,6 +9,7 @@
 
 from .errors import AttnError, Diagnostic, Span
 from .program import BoundPattern, CuSeqlens, PatternInfo, Program, cu_seqlens, load, loads
+from . import nn  # attnc.nn.SparseAttention, attnc.nn.register_hf
 
 __version__ = "0.1.0"
 

@@ -384,9 +384,9 @@ class BoundPattern:
         except AttnError as err:
             raise err.with_sources(self.program.sources) from None
 
-    def _inputs(self, M: int, N: int, H: int, inputs: dict) -> tuple[list[dict], bool]:
-        """Validate run-time inputs; returns (one dict per batch element, whether
-        any input carried a batch dimension)."""
+    def check_input_names(self, inputs: dict) -> dict:
+        """Raise ValueError unless `inputs` names exactly the declared run-time
+        inputs; returns {name: InputSpec} in declaration order."""
         specs = {s.name: s for s in self.ir.inputs}
         for name in inputs:
             if name not in specs:
@@ -396,6 +396,12 @@ class BoundPattern:
             if name not in inputs:
                 raise ValueError(f"missing run-time input '{name}' ({spec.kind}): expected {name}=tensor; "
                                  f"try pat(q, k, v, {name}=...) or pat.mask(M, N, {name}=...)")
+        return specs
+
+    def _inputs(self, M: int, N: int, H: int, inputs: dict) -> tuple[list[dict], bool]:
+        """Validate run-time inputs; returns (one dict per batch element, whether
+        any input carried a batch dimension)."""
+        specs = self.check_input_names(inputs)
         if not specs:
             return [{}], False
         per_batch: list[dict] = []
@@ -482,7 +488,7 @@ class BoundPattern:
         """
         from . import dynamic
 
-        if not dynamic.has_topk(self.ir):
+        if not self._has_topk():
             return self, inputs
         if not isinstance(q, torch.Tensor) or not isinstance(k, torch.Tensor) or q.dim() != 4 or k.dim() != 4:
             raise ValueError("route: expected q [B, Hq, M, D] and k [B, Hkv, N, D] tensors")
@@ -497,6 +503,12 @@ class BoundPattern:
         tables = dynamic.route(lowered, q, k, M, N, H, grid, batches, lambda e: _int(e, env))
         return self._routed, {**inputs, **tables}
 
+    def _has_topk(self) -> bool:
+        from . import dynamic
+        if getattr(self, "_topk", None) is None:
+            self._topk = dynamic.has_topk(self.ir)
+        return self._topk
+
     def _lowered(self):
         """The topk-lowered IR and its BoundPattern, built once per pattern."""
         from . import dynamic
@@ -504,6 +516,22 @@ class BoundPattern:
             self._lowered_cache = dynamic.lower_topk(self.ir)
             self._routed = BoundPattern(self.program, self._lowered_cache.pattern, self.params)
         return self._lowered_cache
+
+    # -- FlexAttention
+    def to_flex(self, M: int, N: int | None = None, *, heads: int | None = None, grid=None, block=(128, 128),
+                device="cpu", **inputs):
+        """``(mask_mod, block_mask)`` for ``torch.nn.attention.flex_attention``.
+
+        The ``BlockMask`` (``BLOCK_SIZE=block``) is built from this pattern's
+        tile plan, not by evaluating ``mask_mod`` on every position; ``mask_mod``
+        is exact everywhere (a lookup into the plan and the partial tiles' bits).
+        Run-time inputs are passed as keywords, as for the op.
+
+        >>> mask_mod, bm = pat.to_flex(4096, heads=8)
+        >>> out = torch.compile(flex_attention)(q, k, v, block_mask=bm)
+        """
+        from .runtime.flex import to_flex
+        return to_flex(self, M, N, heads=heads, grid=grid, block=block, device=device, **inputs)
 
     # -- the op
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, return_lse: bool = False,
@@ -514,7 +542,11 @@ class BoundPattern:
         when ``Hq % Hkv == 0``. Returns ``out [B, Hq, M, Dv]`` (and
         ``lse [B, Hq, M]`` in float32 with ``return_lse=True``). Queries with
         no allowed key give 0 and lse ``-inf``. ``scale`` defaults to
-        ``1/sqrt(D)``.
+        ``1/sqrt(D)``. ``backend``: "auto" (Triton where it can run, else the
+        block-sparse torch path), "triton", "torch", "flex" (FlexAttention with
+        attnc's BlockMask; forward only on CPU) or "reference" (dense, for
+        checking). A registered ``torch.library`` op: works under autograd,
+        ``torch.autograd.gradcheck`` and ``torch.compile(fullgraph=True)``.
         """
         from .runtime.ops import attention
         return attention(self, q, k, v, return_lse=return_lse, scale=scale, backend=backend, grid=grid, inputs=inputs)

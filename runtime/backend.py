@@ -41,6 +41,11 @@ class Call:
     grid: tuple[int, ...] | None
     scale: float
     inputs: dict[str, torch.Tensor] = field(default_factory=dict)
+    #: whether gradients will be asked for (FlexAttention declines on CPU then)
+    needs_grad: bool = False
+    #: whether the caller uses lse (return_lse=True or gradients); a backend
+    #: that cannot compute it may run when False and return lse filled with NaN
+    needs_lse: bool = True
 
     def plan(self, block: tuple[int, int]):
         """The tile plan for this call's sizes (analysis.Plan)."""

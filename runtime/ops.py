@@ -1,64 +1,237 @@
-"""Dispatch of `BoundPattern.__call__` to a backend.
+"""`BoundPattern.__call__` as a registered PyTorch op, dispatched to a backend.
 
-Each backend has a `can_run` predicate returning None or the reason it cannot
-run; `auto` takes the first that can and logs why the others declined, a forced
-backend raises its reason.
+input:  a bound pattern, q / k / v, the call's options and run-time inputs.
+output: out (and lse), differentiable, under eager, autograd and torch.compile.
+does not: compute attention itself (the backends do: torch_backend.py,
+        flex.py, reference.py, and triton_backend.py where it exists).
+
+[Note: the op] `attnc::attention` and `attnc::attention_backward` are
+`torch.library.custom_op`s with fake (meta) kernels, so torch.compile traces
+them as single graph nodes (no graph breaks) and autograd calls the chosen
+backend's own memory-lean backward. A pattern is not a valid op argument, so
+the op receives a string key into a registry of bound patterns (weak: a
+pattern that is gone is never kept alive by the registry) plus plain-typed
+call options; run-time inputs (segments, block tables) travel as tensors.
+Everything heavy -- resolving sizes, checking inputs, plans, masks, choosing
+the backend -- happens inside the op, where torch.compile does not trace.
+
+[Note: backend choice] Each backend has `can_run(call, q)` returning None or
+the reason it cannot run (NATTEN's pattern). `auto` tries "triton", then
+"torch", logging every decline on the "attnc.runtime" logger; a forced backend
+raises its reason as a ValueError.
 """
 
 from __future__ import annotations
 
+import functools
+import itertools
 import logging
+import weakref
 
 import torch
+from torch import Tensor
 
-from .reference import dense_attention
-from .validate import check_qkv
+from .backend import Backend, Call
+from .validate import check_finite_result, check_qkv
 
 log = logging.getLogger("attnc.runtime")
 
-BACKENDS = ("auto", "triton", "torch", "flex")
+BACKENDS = ("auto", "triton", "torch", "flex", "reference")
+AUTO_ORDER = ("triton", "torch")
 
 
-def _can_run_torch(pat, q) -> str | None:
-    return None
+# ----------------------------------------------------------------------------- backends
 
 
-def _not_yet(name: str):
-    def can_run(pat, q) -> str | None:
-        return (f"the '{name}' backend is not available in attnc {__import__('attnc').__version__} "
-                f"(generated kernels are not built yet); use backend='torch'")
-    return can_run
+class Unavailable(Backend):
+    """A backend that cannot be loaded here; it declines every call with the reason."""
+
+    def __init__(self, name: str, reason: str):
+        self.name = name
+        self.reason = reason
+
+    def can_run(self, call: Call, q: torch.Tensor) -> str | None:
+        return self.reason
 
 
-_PREDICATES = {"triton": _not_yet("triton"), "flex": _not_yet("flex"), "torch": _can_run_torch}
-_AUTO_ORDER = ("triton", "torch")
+@functools.cache
+def get_backend(name: str) -> Backend:
+    """The backend object named `name` (imported on first use)."""
+    if name == "torch":
+        from .torch_backend import TorchBackend
+        return TorchBackend()
+    if name == "reference":
+        from .reference import ReferenceBackend
+        return ReferenceBackend()
+    if name == "flex":
+        from .flex import FlexBackend
+        return FlexBackend()
+    if name == "triton":
+        try:
+            from .triton_backend import TritonBackend
+        except ImportError as exc:
+            return Unavailable("triton", f"the 'triton' backend is not available in this installation ({exc}); "
+                                         f"try backend='torch'")
+        return TritonBackend()
+    raise ValueError(f"backend: expected one of {', '.join(repr(b) for b in BACKENDS)}, got {name!r}")
 
 
-def choose_backend(pat, q: torch.Tensor, backend: str) -> str:
+def choose_backend(call: Call, q: torch.Tensor, backend: str) -> Backend:
+    """The backend that computes `call` (see [Note: backend choice])."""
     if backend not in BACKENDS:
         raise ValueError(f"backend: expected one of {', '.join(repr(b) for b in BACKENDS)}, got {backend!r}")
     if backend != "auto":
-        reason = _PREDICATES[backend](pat, q)
+        chosen = get_backend(backend)
+        reason = chosen.can_run(call, q)
         if reason:
-            raise ValueError(reason)
-        return backend
-    for name in _AUTO_ORDER:
-        reason = _PREDICATES[name](pat, q)
+            raise ValueError(f"backend={backend!r} cannot run this call: {reason}")
+        return chosen
+    reasons = []
+    for name in AUTO_ORDER:
+        candidate = get_backend(name)
+        if name == "triton" and q.device.type != "cuda":
+            # the interpreter is for testing kernels (backend="triton"); auto means fast
+            reason = f"auto uses the Triton kernels on CUDA only (tensors are on {q.device.type}); force backend='triton' to interpret them"
+        else:
+            reason = candidate.can_run(call, q)
         if reason is None:
-            return name
+            return candidate
         log.info("attnc: backend %r declined: %s", name, reason)
-    raise ValueError("no backend can run this call")
+        reasons.append(f"{name}: {reason}")
+    raise ValueError("no backend can run this call: " + "; ".join(reasons))
+
+
+# ----------------------------------------------------------------------------- the registry
+
+
+_PATTERNS: "weakref.WeakValueDictionary[str, object]" = weakref.WeakValueDictionary()
+_COUNTER = itertools.count()
+
+
+def pattern_key(pat) -> str:
+    """The registry key of a bound pattern (assigned on first use)."""
+    key = pat.__dict__.get("_op_key")
+    if key is None:
+        key = f"{pat.name}#{next(_COUNTER)}"
+        pat.__dict__["_op_key"] = key
+        _PATTERNS[key] = pat
+    return key
+
+
+def _lookup(key: str):
+    pat = _PATTERNS.get(key)
+    if pat is None:
+        raise ValueError(f"attnc::attention: expected the key of a live bound pattern, got {key!r}; "
+                         f"try calling the pattern object itself: pat(q, k, v)")
+    return pat
+
+
+def make_call(pat, q: Tensor, k: Tensor, v: Tensor, inputs: dict, grid, scale: float, needs_grad: bool = False,
+              needs_lse: bool = True) -> Call:
+    """A validated `Call` (sizes resolved, run-time inputs checked)."""
+    B, Hq, Hkv, M, N, D, scale = check_qkv(q, k, v, scale)
+    M, N, _, grid = pat.resolve_sizes(M, N, Hq, grid)
+    if inputs:
+        pat._inputs(M, N, Hq, inputs)  # shapes and values; raises ValueError
+    return Call(pattern=pat, B=B, Hq=Hq, Hkv=Hkv, M=M, N=N, D=D, Dv=v.shape[-1], grid=grid, scale=scale,
+                inputs=dict(inputs), needs_grad=needs_grad, needs_lse=needs_lse or needs_grad)
+
+
+def _prepare(key, q, k, v, inputs, grid, scale, backend, needs_grad, needs_lse) -> tuple[Call, Backend]:
+    pat = _lookup(key)
+    names = [s.name for s in pat.ir.inputs]
+    call = make_call(pat, q, k, v, dict(zip(names, inputs)), tuple(grid) if grid else None, scale, needs_grad, needs_lse)
+    return call, choose_backend(call, q, backend)
+
+
+# ----------------------------------------------------------------------------- the custom ops
+
+
+def _lse_dtype(q: Tensor) -> torch.dtype:
+    return torch.float64 if q.dtype == torch.float64 else torch.float32
+
+
+@torch.library.custom_op("attnc::attention", mutates_args=())
+def attention_op(q: Tensor, k: Tensor, v: Tensor, inputs: list[Tensor], key: str, grid: list[int], scale: float,
+                 backend: str, needs_grad: bool, needs_lse: bool) -> tuple[Tensor, Tensor]:
+    """out [B, Hq, M, Dv] and lse [B, Hq, M] of the pattern registered under `key`
+    (lse may be NaN when needs_lse and needs_grad are both False)."""
+    call, chosen = _prepare(key, q, k, v, inputs, grid, scale, backend, needs_grad, needs_lse)
+    out, lse = chosen.forward(call, q, k, v)
+    check_finite_result(q, k, v, out, lse, call.scale)
+    return out.contiguous(), lse.to(_lse_dtype(q)).contiguous()
+
+
+@attention_op.register_fake
+def _attention_fake(q, k, v, inputs, key, grid, scale, backend, needs_grad, needs_lse):
+    B, Hq, M, _ = q.shape
+    return q.new_empty(B, Hq, M, v.shape[-1]), q.new_empty(B, Hq, M, dtype=_lse_dtype(q))
+
+
+@torch.library.custom_op("attnc::attention_backward", mutates_args=())
+def attention_backward_op(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dout: Tensor, dlse: Tensor,
+                          inputs: list[Tensor], key: str, grid: list[int], scale: float,
+                          backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    """dq, dk, dv of sum(out * dout) + sum(lse * dlse)."""
+    call, chosen = _prepare(key, q, k, v, inputs, grid, scale, backend, True, True)
+    dq, dk, dv = chosen.backward(call, q, k, v, out, lse, dout.contiguous(), dlse.contiguous())
+    return dq.contiguous(), dk.contiguous(), dv.contiguous()
+
+
+@attention_backward_op.register_fake
+def _attention_backward_fake(q, k, v, out, lse, dout, dlse, inputs, key, grid, scale, backend):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, ins, key, grid, scale, backend, _, _ = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, *ins)
+    ctx.n_inputs, ctx.key, ctx.grid, ctx.scale, ctx.backend = len(ins), key, list(grid), scale, backend
+    # autograd wants the gradient structure to mirror the inputs: an empty
+    # int list is an empty list there, a non-empty one a single leaf
+    ctx.grid_grad = [] if not grid else None
+
+
+def _backward(ctx, dout, dlse):
+    q, k, v, out, lse, *ins = ctx.saved_tensors
+    if dlse is None:
+        dlse = torch.zeros_like(lse)
+    dq, dk, dv = attention_backward_op(q, k, v, out, lse, dout, dlse, ins, ctx.key, ctx.grid, ctx.scale, ctx.backend)
+    return dq, dk, dv, [None] * ctx.n_inputs, None, ctx.grid_grad, None, None, None, None
+
+
+attention_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------- the entry point
 
 
 def attention(pat, q, k, v, *, return_lse: bool, scale, backend: str, grid, inputs: dict):
-    B, Hq, Hkv, M, N, D, scale = check_qkv(q, k, v, scale)
-    M, N, H, grid = pat.resolve_sizes(M, N, Hq, grid)
-    chosen = choose_backend(pat, q, backend)
-    if chosen == "torch":
-        mask = pat.mask(M, N, heads=Hq, grid=grid, **inputs)
-        if mask.dim() == 3:
-            mask = mask[None]
-        out, lse = dense_attention(q, k, v, mask, scale)
-    if return_lse:
-        return out, lse.float() if lse.dtype != torch.float64 else lse
-    return out
+    """`BoundPattern.__call__`: validate what is cheap to validate here, then call the op."""
+    scale = check_qkv(q, k, v, scale)[-1]
+    if backend not in BACKENDS:
+        raise ValueError(f"backend: expected one of {', '.join(repr(b) for b in BACKENDS)}, got {backend!r}")
+    specs = pat.check_input_names(inputs)
+    from attnc.program import CuSeqlens
+    inputs = {n: (t.segment_ids(k.shape[2], n) if isinstance(t, CuSeqlens) else t) for n, t in inputs.items()}
+    if pat._has_topk():
+        # topk is lowered to routed(sel) with tables chosen from q and k (attnc/dynamic.py):
+        # every backend then runs the lowered pattern through its routed code path
+        pat, inputs = pat.route(q, k, grid=grid, **inputs)
+        specs = pat.check_input_names(inputs)
+    for name in specs:
+        if not isinstance(inputs[name], Tensor):
+            raise ValueError(f"{name}: expected a torch integer tensor, got {type(inputs[name]).__name__}; "
+                             f"try torch.as_tensor({name})")
+    if grid is None:
+        grid_list: list[int] = []
+    else:
+        gt = (grid,) if isinstance(grid, int) else grid
+        if not isinstance(gt, (tuple, list)) or not gt or not all(isinstance(g, int) and not isinstance(g, bool) for g in gt):
+            raise ValueError(f"grid: expected a tuple of positive integer sizes like (16, 16), got {grid!r}")
+        grid_list = list(gt)
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    out, lse = attention_op(q, k, v, [inputs[n] for n in specs], pattern_key(pat), grid_list,
+                            scale, backend, needs_grad, return_lse)
+    return (out, lse) if return_lse else out

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from .backend import Backend
+
 
 def dense_attention(q, k, v, mask: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """q [B, Hq, M, D], k/v [B, Hkv, N, *], mask bool broadcastable to [B, Hq, M, N].
@@ -39,3 +41,50 @@ def dense_attention(q, k, v, mask: torch.Tensor, scale: float) -> tuple[torch.Te
     out = torch.matmul(p, v.to(acc))
     lse = lse_safe.masked_fill(~nonempty, float("-inf"))
     return out.to(q.dtype), lse
+
+
+
+def dense_backward(q, k, v, mask, scale, out, lse, dout, dlse=None):
+    """Gradients of sum(out * dout) + sum(lse * dlse) by the textbook formulas,
+    densely: P = exp(S - lse), dS = P * (dout @ v^T - delta) with
+    delta = rowsum(dout * out) - dlse. Returns dq, dk, dv in the input dtypes."""
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    Hq, Hkv = q.shape[1], k.shape[1]
+    G = Hq // Hkv
+    ke, ve = (t.repeat_interleave(G, dim=1).to(acc) for t in (k, v))
+    qa, doa = q.to(acc), dout.to(acc)
+    s = torch.matmul(qa, ke.transpose(-1, -2)) * scale
+    lse_safe = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse).to(acc)
+    p = torch.exp(s - lse_safe[..., None]).masked_fill(~mask.to(q.device), 0.0)
+    delta = (doa * out.to(acc)).sum(-1)
+    if dlse is not None:
+        delta = delta - dlse.to(acc)
+    ds = p * (torch.matmul(doa, ve.transpose(-1, -2)) - delta[..., None])
+    dq = torch.matmul(ds, ke) * scale
+    dk = torch.matmul(ds.transpose(-1, -2), qa) * scale
+    dv = torch.matmul(p.transpose(-1, -2), doa)
+    B, N = k.shape[0], k.shape[2]
+    dk = dk.view(B, Hkv, G, N, -1).sum(2)
+    dv = dv.view(B, Hkv, G, N, -1).sum(2)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+class ReferenceBackend(Backend):
+    """The dense oracle as a backend ("reference"): O(B * H * M * N) memory, for checking."""
+
+    name = "reference"
+
+    def can_run(self, call, q) -> str | None:
+        from attnc import ir
+        if any(isinstance(n, ir.TopK) for n in ir.walk(call.pattern.ir.body)):
+            return "the reference backend cannot evaluate topk(...) (dynamic routing, issue 6)"
+        return None
+
+    def _mask(self, call, device):
+        mask = call.mask()
+        return (mask if mask.dim() == 4 else mask[None]).to(device)
+
+    def forward(self, call, q, k, v):
+        return dense_attention(q, k, v, self._mask(call, q.device), call.scale)
+
+    def backward(self, call, q, k, v, out, lse, dout, dlse=None):
+        return dense_backward(q, k, v, self._mask(call, q.device), call.scale, out, lse, dout, dlse)

@@ -49,3 +49,17 @@ def check_qkv(q, k, v, scale) -> tuple[int, int, int, int, int, int, float]:
     elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(float(scale)):
         raise ValueError(f"scale: expected a finite float, got {scale!r}; try scale=None for 1/sqrt(D)")
     return B, Hq, Hkv, M, N, D, float(scale)
+
+
+def check_finite_result(q, k, v, out, lse, scale: float) -> None:
+    """After a forward: NaN / inf in out or lse (lse -inf marks empty rows) is
+    never returned silently; say which input or which scale caused it."""
+    if bool(torch.isfinite(out).all()) and not bool((torch.isnan(lse) | (lse == float("inf"))).any()):
+        return
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not bool(torch.isfinite(t).all()):
+            raise ValueError(f"{name}: expected finite values, got inf or NaN; try torch.nan_to_num({name})")
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    big = float(q.abs().amax()) * float(k.abs().amax()) * q.shape[-1]
+    raise ValueError(f"scale * q.k overflows {acc}: expected |scale * q.k| < {torch.finfo(acc).max:.3g}, got scale={scale:g} "
+                     f"with |q.k| up to {big:.3g}; try a smaller scale or float64 inputs")

@@ -48,3 +48,19 @@ def pytest_collection_modifyitems(config, items):
         for item in items:
             if "gpu" in item.keywords:
                 item.add_marker(skip)
+
+
+def example_pattern(name: str, **params):
+    """Pattern `name` from examples/ (a file may hold several patterns)."""
+    import attnc
+    for path in sorted(EXAMPLES.glob("*.attn")):
+        prog = attnc.load(path)
+        if name in prog.names():
+            return prog.pattern(name, **params)
+    raise LookupError(f"no pattern {name!r} in examples/")
+
+
+def example_names() -> set[str]:
+    """Every pattern name defined in examples/*.attn."""
+    import attnc
+    return {n for path in EXAMPLES.glob("*.attn") for n in attnc.load(path).names()}

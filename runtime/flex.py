@@ -1,0 +1,231 @@
+"""FlexAttention interop: attnc's plan as a `BlockMask`, and the "flex" backend.
+
+input:  a bound pattern, sizes, a tile shape (and run-time inputs).
+output: `(mask_mod, BlockMask)` for `torch.nn.attention.flex_attention`, the
+        BlockMask built from attnc's Plan (`BlockMask.from_kv_blocks`), never by
+        evaluating mask_mod over N^2 positions (`create_block_mask`).
+does not: compile FlexAttention kernels (torch does) or evaluate masks itself:
+        mask bits come from torch_backend.partial_tile_masks.
+
+[Note: mask_mod] The exported mask_mod is a lookup, vmap- and compile-friendly:
+a tile state table [Bx, Hx, nq, nk] (0 empty, 1 partial, 2 full) and, for
+partial tiles, a slot into a bank of bit tiles [S, bm, bn]. It is exact at
+every (b, h, q, k), so it also serves FlexAttention on tiles it did not plan.
+Indices are clamped before the lookups (FlexAttention may evaluate padded
+positions) and positions outside [0, M) x [0, N) are False.
+
+[Note: edge tiles] FlexAttention's own BlockMask never marks a tile that
+crosses the end of the sequence as full (create_block_mask pads with False),
+so tiles in a ragged last row or column are exported as partial: mask_mod
+then sees every position there and the BlockMask equals create_block_mask's.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+
+from attnc import ir
+
+from .backend import Backend, Call
+from .torch_backend import partial_tile_masks, scan_plan
+
+
+def _flex():
+    from torch.nn.attention import flex_attention as fa
+    return fa
+
+
+def _ordered(dense: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """FlexAttention's (num_blocks, indices) layout of a dense bool [..., rows, cols]."""
+    counts = dense.sum(-1).to(torch.int32)
+    index = torch.argsort(dense.to(torch.int8), dim=-1, descending=True, stable=True).to(torch.int32)
+    return counts.contiguous(), index.contiguous()
+
+
+def _plan_tables(call: Call, plan, inputs: dict | None):
+    """(state int8 [Hx, nq, nk], slot int64 [Hx, nq, nk], bits bool [S, bm, bn])."""
+    nq, nk = plan.shape
+    bm, bn = plan.block
+    masks = partial_tile_masks(call, plan, inputs)  # [Hx, nq, P, bm, bn]
+    Hx, _, P = masks.shape[:3]
+    dense = plan.to_dense().expand(Hx, -1, -1)  # 0 empty, 1 partial, 2 full
+    slot = torch.full((Hx, nq, nk + 1), -1, dtype=torch.int64)
+    idx = plan.partial.index.long().expand(Hx, -1, -1)
+    flat = torch.arange(Hx * nq * P, dtype=torch.int64).view(Hx, nq, P)
+    col = torch.where(idx < 0, nk, idx)
+    slot.scatter_(2, col, torch.where(idx < 0, -1, flat))
+    return dense, slot[..., :nk], masks.reshape(Hx * nq * P, bm, bn)
+
+
+class FlexExport:
+    """What `to_flex` builds: tables behind mask_mod, and the BlockMask."""
+
+    def __init__(self, call: Call, block: tuple[int, int], batches: list[dict]):
+        M, N = call.M, call.N
+        bm, bn = block
+        states, slots, banks, fulls, partials = [], [], [], [], []
+        offset = 0
+        for inputs in batches:
+            plan = (call.pattern.plan(M, N, heads=call.Hq, grid=call.grid, block=block)
+                    if not call.pattern.ir.inputs else scan_plan(call, inputs, block))
+            state, slot, bits = _plan_tables(call, plan, inputs)
+            states.append(state)
+            slots.append(torch.where(slot >= 0, slot + offset, -1))
+            banks.append(bits)
+            offset += bits.shape[0]
+            full = state == 2
+            partial = state == 1
+            edge = torch.zeros_like(full)  # [Note: edge tiles]
+            if M % bm:
+                edge[:, -1, :] = True
+            if N % bn:
+                edge[:, :, -1] = True
+            fulls.append(full & ~edge)
+            partials.append(partial | (full & edge))
+        hx = max(s.shape[0] for s in states)
+        expand = lambda ts: torch.stack([t.expand(hx, -1, -1) for t in ts])  # noqa: E731
+        self.state = expand(states)  # [Bx, Hx, nq, nk]
+        self.slot = expand(slots)
+        bank = torch.cat(banks) if offset else torch.zeros(1, bm, bn, dtype=torch.bool)
+        self.bits = bank if bank.shape[0] else torch.zeros(1, bm, bn, dtype=torch.bool)
+        self.full = expand(fulls)
+        self.partial = expand(partials)
+        self.M, self.N, self.block = M, N, block
+
+    def mask_mod(self):
+        state, slot, bits = self.state, self.slot, self.bits
+        M, N = self.M, self.N
+        bm, bn = self.block
+        Bx, Hx = state.shape[0], state.shape[1]
+
+        def attnc_mask_mod(b, h, q_idx, kv_idx):
+            qi = q_idx.clamp(0, M - 1)
+            ki = kv_idx.clamp(0, N - 1)
+            bi = b.clamp(0, Bx - 1) if Bx > 1 else b * 0
+            hi = h.clamp(0, Hx - 1) if Hx > 1 else h * 0
+            tq, tk = qi // bm, ki // bn
+            st = state[bi, hi, tq, tk]
+            bit = bits[slot[bi, hi, tq, tk].clamp(min=0), qi % bm, ki % bn]
+            inside = (q_idx >= 0) & (q_idx < M) & (kv_idx >= 0) & (kv_idx < N)
+            return ((st == 2) | ((st == 1) & bit)) & inside
+
+        return attnc_mask_mod
+
+    def block_mask(self, mask_mod, device):
+        kv_num, kv_idx = _ordered(self.partial)
+        full_num, full_idx = _ordered(self.full)
+        bm = _flex().BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=self.block,
+                                              mask_mod=mask_mod, seq_lengths=(self.M, self.N))
+        return bm.to(device) if torch.device(device).type != "cpu" else bm
+
+    def to(self, device) -> "FlexExport":
+        for name in ("state", "slot", "bits", "full", "partial"):
+            setattr(self, name, getattr(self, name).to(device))
+        return self
+
+
+def to_flex(pat, M: int, N: int | None = None, *, heads: int | None = None, grid=None, block=(128, 128),
+            device="cpu", **inputs):
+    """`(mask_mod, block_mask)` for FlexAttention, built from attnc's plan.
+
+    ``mask_mod(b, h, q_idx, kv_idx) -> bool`` is exact for every position (a
+    lookup into the plan and the partial tiles' bits); ``block_mask`` is a
+    ``BlockMask`` with ``BLOCK_SIZE=block`` whose full / partial tiles are the
+    plan's. Pass run-time inputs as keywords (one plan per batch element).
+
+    >>> mask_mod, bm = pat.to_flex(4096, heads=8, block=(128, 128))
+    >>> out = torch.compile(flex_attention)(q, k, v, block_mask=bm)
+    """
+    M, N, H, grid = pat.resolve_sizes(M, N, heads, grid)
+    from attnc.program import _tile
+    block = _tile(block)
+    batches, _ = pat._inputs(M, N, H, inputs)
+    call = Call(pattern=pat, B=len(batches), Hq=H, Hkv=H, M=M, N=N, D=1, Dv=1, grid=grid, scale=1.0, inputs=dict(inputs))
+    export = FlexExport(call, block, batches).to(device)
+    mask_mod = export.mask_mod()
+    return mask_mod, export.block_mask(mask_mod, device)
+
+
+# ----------------------------------------------------------------------------- the backend
+
+
+_EXPORTS: "OrderedDict[tuple, tuple]" = OrderedDict()
+_compiled = None
+
+
+def _compiled_flex():
+    global _compiled
+    if _compiled is None:
+        _compiled = torch.compile(_flex().flex_attention, dynamic=False)
+    return _compiled
+
+
+class FlexBackend(Backend):
+    """FlexAttention (compiled) with attnc's BlockMask. Forward only on CPU:
+    FlexAttention has no CPU backward and no CPU logsumexp."""
+
+    name = "flex"
+    block = (128, 128)
+
+    def can_run(self, call: Call, q: torch.Tensor) -> str | None:
+        try:
+            _flex()
+        except ImportError:
+            return f"torch {torch.__version__} has no torch.nn.attention.flex_attention; try backend='torch'"
+        if any(isinstance(n, ir.TopK) for n in ir.walk(call.pattern.ir.body)):
+            return "topk(...) is dynamic (issue 6): FlexAttention export needs a static or input-driven plan"
+        if q.device.type == "cpu":
+            if call.needs_grad:
+                return "FlexAttention has no backward on CPU; try backend='torch' for training on CPU"
+            if call.needs_lse:
+                return "FlexAttention on CPU cannot return the logsumexp; try backend='torch' or return_lse=False"
+            if q.dtype == torch.float64:
+                return "FlexAttention on CPU supports float32, float16 and bfloat16, got float64; try backend='torch'"
+        return None
+
+    def _export(self, call: Call, device):
+        if call.pattern.ir.inputs:
+            batches, _ = call.pattern._inputs(call.M, call.N, call.Hq, dict(call.inputs))
+            export = FlexExport(call, self.block, batches).to(device)
+            mask_mod = export.mask_mod()
+            return mask_mod, export.block_mask(mask_mod, device)
+        key = (call.pattern.ir, call.M, call.N, call.Hq, call.grid, self.block, str(device))
+        if key not in _EXPORTS:
+            export = FlexExport(call, self.block, [{}]).to(device)
+            mask_mod = export.mask_mod()
+            _EXPORTS[key] = (mask_mod, export.block_mask(mask_mod, device))
+            while len(_EXPORTS) > 16:
+                _EXPORTS.popitem(last=False)
+        return _EXPORTS[key]
+
+    def _run(self, call: Call, q, k, v, lse: bool):
+        _, block_mask = self._export(call, q.device)
+        kw = dict(block_mask=block_mask, scale=call.scale, enable_gqa=call.Hq != call.Hkv)
+        if not lse:
+            return _compiled_flex()(q, k, v, **kw), None
+        fa = _flex()
+        if hasattr(fa, "AuxRequest"):
+            out, aux = _compiled_flex()(q, k, v, return_aux=fa.AuxRequest(lse=True), **kw)
+            return out, aux.lse
+        return _compiled_flex()(q, k, v, return_lse=True, **kw)
+
+    def forward(self, call: Call, q, k, v):
+        cpu = q.device.type == "cpu"
+        out, lse = self._run(call, q, k, v, lse=not cpu)
+        if lse is None:  # CPU: FlexAttention computes no logsumexp (call.needs_lse is False here)
+            lse = torch.full(q.shape[:-1], float("nan"), dtype=torch.float32, device=q.device)
+        else:
+            out = torch.where(torch.isneginf(lse)[..., None], torch.zeros_like(out), out)
+        return out, lse
+
+    def backward(self, call: Call, q, k, v, out, lse, dout, dlse=None):
+        # [Note: flex backward] backward needs only the saved out and lse, so the
+        # torch path's block-sparse recompute serves; FlexAttention's autograd
+        # cannot run inside a custom op's kernel (autograd is below it there).
+        if torch.isnan(lse).any():
+            raise ValueError("flex backward: expected the logsumexp of the forward, got NaN (FlexAttention on CPU "
+                             "computes none); try backend='torch'")
+        from .torch_backend import backward
+        return backward(call, q, k, v, out, lse, dout, dlse)

@@ -1,0 +1,487 @@
+"""The block-sparse PyTorch path: attention driven by the tile plan, on any device.
+
+input:  a validated `Call`, q / k / v (and for backward out, lse, dout, dlse).
+output: out, lse (forward); dq, dk, dv (backward), per the `Backend` contract.
+does not: validate tensors (ops.py), or decide masks itself: every mask bit of
+        a partial tile comes from `partial_tile_masks`, the one place masks come from.
+
+[Note: schedule] A `Schedule` is the plan turned into gather tables, built once
+per call configuration (pattern IR, sizes, heads, grid, tile) and cached. Work
+is split into *units*: a unit is one query tile and the heads that share its key
+tiles -- every query head of every key/value head when all heads have one plan
+(Hx = 1; GQA heads of one key/value head then share one gathered key block),
+one head otherwise. Units are sorted by their tile counts and cut into chunks
+of similar units, so padding is rare. For a chunk, the key / value tiles each
+unit needs are gathered into one contiguous block ([B, X, units, slots * bn, D]),
+and one batched matmul gives the scores of all its queries. Slots are ordered
+full tiles first (no mask arithmetic), then masked slots (partial tiles, plus
+full tiles at a ragged edge, plus padding as all-False tiles). Long slot lists
+are cut into groups of at most `max_group_keys` keys merged by online softmax,
+so memory stays O(chunk * keys-per-group) whatever the density.
+
+[Note: backward] Nothing of size N^2 is saved: backward regathers the same
+tiles, recomputes P = exp(S - lse) from the saved lse, and with
+delta = rowsum(dout * out) - dlse forms dS = P * (dout @ v^T - delta);
+dq of a unit is written once, dk / dv of the gathered tiles are added back with
+one index_add_ per group (deterministic on CPU).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+
+from attnc import ir
+from attnc.analysis import Plan, TileList
+
+from .backend import Backend, Call
+
+
+@dataclass(frozen=True)
+class TorchPathConfig:
+    """Knobs of the torch path, in one place.
+
+    block: (query tile, key tile); chunk_elements: score elements of one
+    chunk (per batch element); max_group_keys: keys merged per online-softmax step.
+    """
+
+    block: tuple[int, int] = (64, 64)
+    chunk_elements: int = 1 << 20
+    max_group_keys: int = 2048
+    mask_chunk_elements: int = 1 << 24
+
+
+CONFIG = TorchPathConfig()
+
+
+# ----------------------------------------------------------------------------- masks of partial tiles
+
+
+def partial_tile_masks(call: Call, plan: Plan, inputs: dict | None = None, *, chunk_elements: int | None = None) -> torch.Tensor:
+    """The mask bits of every partial tile of `plan`: bool [Hm, nq, P, bm, bn].
+
+    Entry [h, i, p] is the tile (query tile i, key tile plan.partial.index[h, i, p])
+    of head h; Hm is 1 when every head has the same bits (then the plan's
+    head dimension is 1 too), else the number of heads -- a plan may be shared
+    by heads whose partial tiles differ inside. Padding slots (index -1), rows
+    beyond M and columns beyond N are False. Computed from the reference
+    evaluator (`BoundPattern.mask_rows`) in row chunks; `inputs` is one batch
+    element's run-time inputs. This is the only source of mask bits in the
+    torch path and the FlexAttention export.
+    """
+    bm, bn = plan.block
+    nq, nk = plan.shape
+    M, N, H = call.M, call.N, call.Hq
+    Hx, _, P = plan.partial.index.shape
+    out = torch.zeros(H, nq, P, bm, bn, dtype=torch.bool)
+    if int(plan.partial.counts.sum()) == 0:
+        return out[:1] if Hx == 1 else out  # keep a per-head plan's head dimension
+    budget = chunk_elements or CONFIG.mask_chunk_elements
+    tiles_per_chunk = max(1, budget // max(1, H * bm * N))
+    index = plan.partial.index.long().expand(H, -1, -1)
+    hsel = torch.arange(H)[:, None, None]
+    for t0 in range(0, nq, tiles_per_chunk):
+        t1 = min(nq, t0 + tiles_per_chunk)
+        if int(plan.partial.counts[:, t0:t1].sum()) == 0:
+            continue
+        lo, hi = t0 * bm, min(M, t1 * bm)
+        rows = call.pattern.mask_rows(M, N, H, call.grid, lo, hi, inputs)  # [H, r, N]
+        padded = torch.zeros(H, (t1 - t0) * bm, nk * bn, dtype=torch.bool)
+        padded[:, : hi - lo, :N] = rows
+        tiles = padded.view(H, t1 - t0, bm, nk, bn).permute(0, 1, 3, 2, 4)  # [H, t, nk, bm, bn]
+        idx = index[:, t0:t1]  # [H, t, P]
+        tsel = torch.arange(t1 - t0)[None, :, None]
+        out[:, t0:t1] = tiles[hsel, tsel, idx.clamp(min=0)] & (idx >= 0)[..., None, None]
+    if Hx == 1 and bool((out == out[:1]).all()):
+        return out[:1]
+    return out
+
+
+def scan_plan(call: Call, inputs: dict, block: tuple[int, int]) -> Plan:
+    """The exact tile plan of one batch element of a pattern with run-time inputs."""
+    from attnc.show import tile_stats
+
+    M, N, H = call.M, call.N, call.Hq
+    stats, _ = tile_stats(lambda lo, hi: call.pattern.mask_rows(M, N, H, call.grid, lo, hi, inputs), M, N, H, block)
+    full = stats.counts == stats.sizes
+    nonempty = stats.counts > 0
+    if H > 1 and bool((full == full[:1]).all() and (nonempty == nonempty[:1]).all()):
+        full, nonempty = full[:1], nonempty[:1]
+    partial = nonempty & ~full
+    return Plan(M=M, N=N, heads=H, block=block,
+                full=TileList.from_dense(full), partial=TileList.from_dense(partial),
+                full_t=TileList.from_dense(full.transpose(1, 2)), partial_t=TileList.from_dense(partial.transpose(1, 2)),
+                allowed=int(stats.counts.sum()), method="exact-scan")
+
+
+# ----------------------------------------------------------------------------- schedules
+
+
+@dataclass(frozen=True)
+class Group:
+    """Consecutive slots of a chunk: the first `n_full` need no mask."""
+
+    kv: torch.Tensor  # int64 [c * s] flat key-tile indices
+    slots: int
+    n_full: int
+    mask: torch.Tensor | None  # bool [c, 1, bm, (s - n_full) * bn]
+
+
+@dataclass(frozen=True)
+class Chunk:
+    q: torch.Tensor  # int64 [c] flat query-tile index per unit
+    groups: tuple[Group, ...]
+
+
+@dataclass(frozen=True, eq=False)
+class Schedule:
+    """A plan as gather tables for the torch path (see [Note: schedule])."""
+
+    block: tuple[int, int]
+    shared: bool  # Hx == 1: a unit holds every head (X = Hkv, G' = Hq // Hkv)
+    nq: int
+    nk: int
+    chunks: tuple[Chunk, ...]
+    tiles: int  # (query tile, key tile) pairs visited per batch element and unit head group
+
+
+def build_schedule(call: Call, plan: Plan, masks: torch.Tensor, config: TorchPathConfig = CONFIG) -> Schedule:
+    """Turn a plan and its partial-tile masks into gather tables (pure function)."""
+    bm, bn = plan.block
+    nq, nk = plan.shape
+    M, N = call.M, call.N
+    Hq, Hkv = call.Hq, call.Hkv
+    G = Hq // Hkv
+    Hx = masks.shape[0]  # 1: one plan and one set of bits for every head
+    shared = Hx == 1
+    ragged = N % bn != 0
+
+    fcnt, fidx = (t.long().expand(Hx, *t.shape[1:]) for t in (plan.full.counts, plan.full.index))
+    pcnt, pidx = (t.long().expand(Hx, *t.shape[1:]) for t in (plan.partial.counts, plan.partial.index))
+    # a full tile in the ragged last key column needs its columns >= N masked
+    edge = torch.zeros(Hx, nq, dtype=torch.bool)
+    if ragged:
+        edge = ((fidx == nk - 1) & (torch.arange(fidx.shape[-1]) < fcnt[..., None])).any(-1)
+    col_ok = (torch.arange(nk * bn) < N).view(nk, bn)
+
+    units = []  # (hx, i, n_full, n_masked)
+    for h in range(Hx):
+        for i in range(nq):
+            nf = int(fcnt[h, i]) - int(edge[h, i])
+            nm = int(pcnt[h, i]) + int(edge[h, i])
+            if nf + nm:  # a query tile with no key tile keeps out 0, lse -inf
+                units.append((h, i, nf, nm))
+    # units ordered by their counts, so chunks hold units of similar shape
+    units.sort(key=lambda u: (u[2], u[3], u[0], u[1]))
+
+    heads_per_unit = Hq if shared else 1
+    chunks = []
+    pos = 0
+    tiles = 0
+    while pos < len(units):
+        # grow the chunk while its score block stays within the budget
+        end = pos + 1
+        width = units[pos][2] + units[pos][3]
+        while end < len(units):
+            w = max(width, units[end][2] + units[end][3])
+            if (end + 1 - pos) * heads_per_unit * bm * min(w * bn, config.max_group_keys) > config.chunk_elements:
+                break
+            width, end = w, end + 1
+        chunk_units = units[pos:end]
+        pos = end
+        f0 = min(u[2] for u in chunk_units)
+        n_masked = max(u[2] - f0 + u[3] for u in chunk_units)
+        c = len(chunk_units)
+        slots = torch.zeros(c, f0 + n_masked, dtype=torch.int64)  # key tile per slot
+        masks_c = torch.zeros(c, n_masked, bm, bn, dtype=torch.bool)
+        qidx = torch.empty(c, dtype=torch.int64)
+        kv_head = torch.zeros(c, dtype=torch.int64)
+        for j, (h, i, nf, nmask) in enumerate(chunk_units):
+            tiles += nf + nmask
+            qidx[j] = i if shared else h * nq + i
+            kv_head[j] = 0 if shared else h // G
+            full_tiles = [int(t) for t in fidx[h, i, : int(fcnt[h, i])]]
+            if edge[h, i]:
+                full_tiles.remove(nk - 1)
+            slots[j, :f0] = torch.tensor(full_tiles[:f0], dtype=torch.int64)
+            extra = full_tiles[f0:]
+            s = f0
+            for t in extra:  # full tiles beyond the chunk's common count: an all-True mask
+                slots[j, s] = t
+                masks_c[j, s - f0] = True
+                s += 1
+            if edge[h, i]:
+                slots[j, s] = nk - 1
+                masks_c[j, s - f0] = col_ok[nk - 1][None, :].expand(bm, bn)
+                s += 1
+            npart = int(pcnt[h, i])
+            if npart:
+                slots[j, s: s + npart] = pidx[h, i, :npart]
+                masks_c[j, s - f0: s - f0 + npart] = masks[h, i, :npart]
+            # remaining slots stay key tile 0 with an all-False mask (padding)
+        flat_kv = slots + (kv_head * (nk))[:, None]
+        groups = []
+        total = f0 + n_masked
+        per_group = max(1, config.max_group_keys // bn)
+        for g0 in range(0, total, per_group):
+            g1 = min(total, g0 + per_group)
+            n_full = max(0, min(f0, g1) - g0)
+            m = None
+            if g1 > g0 + n_full:
+                a, b = g0 + n_full - f0, g1 - f0
+                m = masks_c[:, a:b].permute(0, 2, 1, 3).reshape(c, 1, bm, (b - a) * bn).contiguous()
+            groups.append(Group(kv=flat_kv[:, g0:g1].reshape(-1).contiguous(), slots=g1 - g0, n_full=n_full, mask=m))
+        chunks.append(Chunk(q=qidx, groups=tuple(groups)))
+    return Schedule(block=(bm, bn), shared=shared, nq=nq, nk=nk, chunks=tuple(chunks), tiles=tiles)
+
+
+_SCHEDULES: "OrderedDict[tuple, Schedule]" = OrderedDict()
+_SCHEDULE_CACHE_SIZE = 32
+
+
+def schedules(call: Call, config: TorchPathConfig = CONFIG) -> list[tuple[slice, Schedule]]:
+    """(batch slice, schedule) pairs covering the batch.
+
+    Static patterns: one schedule, cached by (pattern IR, sizes, heads, grid,
+    Hkv, tile). Run-time inputs: one per distinct batch element, built from the
+    inputs (not cached: the inputs change from call to call).
+    """
+    block = (min(config.block[0], _pow2_at_least(call.M)), min(config.block[1], _pow2_at_least(call.N)))
+    if not call.pattern.ir.inputs:
+        key = (call.pattern.ir, call.M, call.N, call.Hq, call.Hkv, call.grid, block, config)
+        sched = _SCHEDULES.get(key)
+        if sched is None:
+            plan = call.pattern.plan(call.M, call.N, heads=call.Hq, grid=call.grid, block=block)
+            sched = build_schedule(call, plan, partial_tile_masks(call, plan), config)
+            _SCHEDULES[key] = sched
+            while len(_SCHEDULES) > _SCHEDULE_CACHE_SIZE:
+                _SCHEDULES.popitem(last=False)
+        _SCHEDULES.move_to_end(key)
+        return [(slice(0, call.B), sched)]
+    batches, batched = call.pattern._inputs(call.M, call.N, call.Hq, dict(call.inputs))
+    out = []
+    for b, inputs in enumerate(batches):
+        plan = scan_plan(call, inputs, block)
+        sched = build_schedule(call, plan, partial_tile_masks(call, plan, inputs), config)
+        out.append((slice(b, b + 1) if len(batches) > 1 else slice(0, call.B), sched))
+    return out
+
+
+def _pow2_at_least(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+# ----------------------------------------------------------------------------- the computation
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+class _Views:
+    """q / k / v padded to whole tiles, as flat tile-major tensors [tiles, rows, D].
+
+    Gathers and scatters are index_select / index_copy_ / index_add_ along
+    dim 0 of those (contiguous row copies, the fast kernels), with flat
+    indices = a per-(batch, head group) base + the schedule's tile index.
+    """
+
+    def __init__(self, sched: Schedule, call: Call, q, k, v, acc):
+        bm, bn = sched.block
+        B, Hq, Hkv = q.shape[0], call.Hq, call.Hkv
+        G = Hq // Hkv
+        dev = q.device
+        self.B, self.acc = B, acc
+        self.X = Hkv if sched.shared else 1
+        self.Gu = G if sched.shared else 1
+        self.bm, self.bn = bm, bn
+        self.Mp, self.Np = sched.nq * bm, sched.nk * bn
+        self.q = _pad(q, self.Mp).to(acc)
+        self.k = _pad(k, self.Np).to(acc)
+        self.v = _pad(v, self.Np).to(acc)
+        # tiles of one (batch, head group): shared -> per (b, x, g) nq query tiles
+        # and per (b, x) nk key tiles; per-head -> all Hq*nq / Hkv*nk tiles of b
+        if sched.shared:
+            self.q_base = (torch.arange(B * self.X * self.Gu, device=dev) * sched.nq).view(B, self.X, 1, self.Gu)
+            self.k_base = (torch.arange(B * self.X, device=dev) * sched.nk).view(B, self.X, 1)
+        else:
+            self.q_base = (torch.arange(B, device=dev) * Hq * sched.nq).view(B, 1, 1, 1)
+            self.k_base = (torch.arange(B, device=dev) * Hkv * sched.nk).view(B, 1, 1)
+
+    def flat(self, t: torch.Tensor, rows: int) -> torch.Tensor:
+        """[B, H, L, D] (contiguous, L a multiple of rows) -> a view [tiles, rows, D]."""
+        return t.view(-1, rows, t.shape[-1])
+
+    def q_index(self, chunk: Chunk) -> torch.Tensor:
+        return (self.q_base + chunk.q.view(1, 1, -1, 1)).reshape(-1)  # order (b, x, c, g)
+
+    def gather_q(self, tq: torch.Tensor, qi: torch.Tensor, c: int) -> torch.Tensor:
+        """[B, X, c, G' * bm, D] (a copy)."""
+        return tq.index_select(0, qi).view(self.B, self.X, c, self.Gu * self.bm, tq.shape[-1])
+
+    def scatter_q(self, tq: torch.Tensor, qi: torch.Tensor, val: torch.Tensor) -> None:
+        tq.index_copy_(0, qi, val.reshape(-1, self.bm, val.shape[-1]).to(tq.dtype))
+
+    def kv_index(self, group: Group) -> torch.Tensor:
+        return (self.k_base + group.kv.view(1, 1, -1)).reshape(-1)  # order (b, x, c * s)
+
+    def gather_kv(self, tk: torch.Tensor, ki: torch.Tensor, group: Group, c: int) -> torch.Tensor:
+        return tk.index_select(0, ki).view(self.B, self.X, c, group.slots * self.bn, tk.shape[-1])
+
+    def add_kv(self, tk: torch.Tensor, ki: torch.Tensor, val: torch.Tensor) -> None:
+        tk.index_add_(0, ki, val.reshape(-1, self.bn, val.shape[-1]))
+
+
+def _pad(t: torch.Tensor, length: int) -> torch.Tensor:
+    L = t.shape[2]
+    if L == length:
+        return t.contiguous()
+    return torch.nn.functional.pad(t, (0, 0, 0, length - L))
+
+
+def _scores(qc, kc, group: Group, Gu: int, bm: int) -> torch.Tensor:
+    """q_chunk @ k_chunk^T with the group's partial-tile masks applied (-inf)."""
+    s = torch.matmul(qc, kc.transpose(-1, -2))  # [B, X, c, G'bm, s*bn]
+    if group.mask is not None:
+        B, X, c, R, K = s.shape
+        cut = group.n_full * (K // group.slots)
+        sv = s.view(B, X, c, Gu, bm, K)[..., cut:]
+        sv.masked_fill_(~group.mask[:, :, :, :], float("-inf"))
+    return s
+
+
+def forward(call: Call, q, k, v, config: TorchPathConfig = CONFIG) -> tuple[torch.Tensor, torch.Tensor]:
+    acc = _acc_dtype(q.dtype)
+    B, Hq, M, _ = q.shape
+    out = q.new_zeros(B, Hq, M, v.shape[-1])
+    lse = torch.full((B, Hq, M), float("-inf"), dtype=acc, device=q.device)
+    for bs, sched in schedules(call, config):
+        o, l = _forward_one(sched, call, q[bs], k[bs], v[bs], acc)
+        out[bs] = o
+        lse[bs] = l
+    return out, lse
+
+
+def _forward_one(sched: Schedule, call: Call, q, k, v, acc):
+    sched = _on_device(sched, q.device)
+    w = _Views(sched, call, q, k, v, acc)
+    tq = w.flat(w.q, w.bm)
+    tk, tv = w.flat(w.k, w.bn), w.flat(w.v, w.bn)
+    out_p = torch.zeros(w.B, call.Hq, w.Mp, v.shape[-1], dtype=acc, device=q.device)
+    lse_p = torch.full((w.B, call.Hq, w.Mp, 1), float("-inf"), dtype=acc, device=q.device)
+    tout, tlse = w.flat(out_p, w.bm), w.flat(lse_p, w.bm)
+    for chunk in sched.chunks:
+        c = chunk.q.numel()
+        qi = w.q_index(chunk)
+        qc = w.gather_q(tq, qi, c).mul_(call.scale)
+        m_i = l_i = o_i = None
+        for group in chunk.groups:
+            ki = w.kv_index(group)
+            s = _scores(qc, w.gather_kv(tk, ki, group, c), group, w.Gu, w.bm)
+            vc = w.gather_kv(tv, ki, group, c)
+            m_new = s.amax(-1, keepdim=True)
+            if m_i is not None:
+                m_new = torch.maximum(m_new, m_i)
+            # [Note: empty rows] a row with nothing allowed so far has max -inf; use 0 there
+            m_safe = m_new.masked_fill(torch.isinf(m_new), 0.0)
+            p = s.sub_(m_safe).exp_()
+            if m_i is None:
+                l_i = p.sum(-1, keepdim=True)
+                o_i = torch.matmul(p, vc)
+            else:
+                alpha = torch.exp(m_i - m_safe)
+                l_i = l_i.mul_(alpha).add_(p.sum(-1, keepdim=True))
+                o_i = o_i.mul_(alpha).add_(torch.matmul(p, vc))
+            m_i = m_safe
+        empty = l_i == 0
+        o_i = o_i.div_(l_i.masked_fill(empty, 1.0))
+        lse_c = (m_i + torch.log(l_i)).masked_fill_(empty, float("-inf"))
+        w.scatter_q(tout, qi, o_i)
+        w.scatter_q(tlse, qi, lse_c)
+    return out_p[:, :, : call.M].to(q.dtype), lse_p[:, :, : call.M, 0]
+
+
+def backward(call: Call, q, k, v, out, lse, dout, dlse=None, config: TorchPathConfig = CONFIG):
+    dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    for bs, sched in schedules(call, config):
+        g = _backward_one(sched, call, q[bs], k[bs], v[bs], out[bs], lse[bs], dout[bs], None if dlse is None else dlse[bs])
+        dq[bs], dk[bs], dv[bs] = g
+    return dq, dk, dv
+
+
+def _backward_one(sched: Schedule, call: Call, q, k, v, out, lse, dout, dlse):
+    acc = _acc_dtype(q.dtype)
+    sched = _on_device(sched, q.device)
+    w = _Views(sched, call, q, k, v, acc)
+    delta = (dout.to(acc) * out.to(acc)).sum(-1)
+    if dlse is not None:
+        delta = delta - dlse.to(acc)
+    lse_safe = lse.to(acc).masked_fill(torch.isinf(lse), 0.0)
+    row = _pad(torch.stack([lse_safe, delta], -1), w.Mp)  # [B, Hq, Mp, 2]
+    do_p = _pad(dout, w.Mp).to(acc)
+    tq, tdo, trow = w.flat(w.q, w.bm), w.flat(do_p, w.bm), w.flat(row, w.bm)
+    tk, tv = w.flat(w.k, w.bn), w.flat(w.v, w.bn)
+    dq_p = torch.zeros_like(w.q)
+    dk_p, dv_p = torch.zeros_like(w.k), torch.zeros_like(w.v)
+    tdq, tdk, tdv = w.flat(dq_p, w.bm), w.flat(dk_p, w.bn), w.flat(dv_p, w.bn)
+    for chunk in sched.chunks:
+        c = chunk.q.numel()
+        qi = w.q_index(chunk)
+        qc = w.gather_q(tq, qi, c)
+        qs = qc * call.scale
+        doc = w.gather_q(tdo, qi, c)
+        rc = w.gather_q(trow, qi, c)
+        lse_c, delta_c = rc[..., :1], rc[..., 1:]
+        dqc = torch.zeros_like(qc)
+        for group in chunk.groups:
+            ki = w.kv_index(group)
+            kc, vc = w.gather_kv(tk, ki, group, c), w.gather_kv(tv, ki, group, c)
+            p = _scores(qs, kc, group, w.Gu, w.bm).sub_(lse_c).exp_()
+            ds = torch.matmul(doc, vc.transpose(-1, -2)).sub_(delta_c).mul_(p)
+            dqc += torch.matmul(ds, kc)
+            w.add_kv(tdk, ki, torch.matmul(ds.transpose(-1, -2), qc).mul_(call.scale))
+            w.add_kv(tdv, ki, torch.matmul(p.transpose(-1, -2), doc))
+        w.scatter_q(tdq, qi, dqc.mul_(call.scale))
+    return (dq_p[:, :, : call.M].to(q.dtype), dk_p[:, :, : call.N].to(k.dtype), dv_p[:, :, : call.N].to(v.dtype))
+
+
+@functools.lru_cache(maxsize=8)
+def _on_device(sched: Schedule, device: torch.device) -> Schedule:
+    """The schedule's tables on `device` (kept while the schedule is in use)."""
+    if device.type == "cpu":
+        return sched
+    chunks = tuple(Chunk(q=ch.q.to(device), groups=tuple(
+        Group(kv=g.kv.to(device), slots=g.slots, n_full=g.n_full, mask=None if g.mask is None else g.mask.to(device))
+        for g in ch.groups)) for ch in sched.chunks)
+    return Schedule(block=sched.block, shared=sched.shared, nq=sched.nq, nk=sched.nk, chunks=chunks, tiles=sched.tiles)
+
+
+# ----------------------------------------------------------------------------- the backend
+
+
+def _has(node: ir.Mask, kind) -> bool:
+    return any(isinstance(n, kind) for n in ir.walk(node))
+
+
+class TorchBackend(Backend):
+    """Block-sparse attention in PyTorch, on any device (the CPU default)."""
+
+    name = "torch"
+
+    def __init__(self, config: TorchPathConfig = CONFIG):
+        self.config = config
+
+    def can_run(self, call: Call, q: torch.Tensor) -> str | None:
+        if _has(call.pattern.ir.body, ir.TopK):
+            return ("the torch path does not evaluate topk(...) yet (dynamic routing, issue 6); "
+                    "try a static pattern or routed(sel) with precomputed block indices")
+        return None
+
+    def forward(self, call: Call, q, k, v):
+        return forward(call, q, k, v, self.config)
+
+    def backward(self, call: Call, q, k, v, out, lse, dout, dlse=None):
+        return backward(call, q, k, v, out, lse, dout, dlse, self.config)
