@@ -158,7 +158,7 @@ def attention_op(q: Tensor, k: Tensor, v: Tensor, inputs: list[Tensor], key: str
     (lse may be NaN when needs_lse and needs_grad are both False)."""
     call, chosen = _prepare(key, q, k, v, inputs, grid, scale, backend, needs_grad, needs_lse)
     out, lse = chosen.forward(call, q, k, v)
-    check_finite_result(q, k, v, out, lse, call.scale)
+    check_finite_result(q, k, v, out, lse if call.needs_lse else None, call.scale)
     return out.contiguous(), lse.to(_lse_dtype(q)).contiguous()
 
 

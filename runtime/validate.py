@@ -52,9 +52,11 @@ def check_qkv(q, k, v, scale) -> tuple[int, int, int, int, int, int, float]:
 
 
 def check_finite_result(q, k, v, out, lse, scale: float) -> None:
-    """After a forward: NaN / inf in out or lse (lse -inf marks empty rows) is
-    never returned silently; say which input or which scale caused it."""
-    if bool(torch.isfinite(out).all()) and not bool((torch.isnan(lse) | (lse == float("inf"))).any()):
+    """After a forward: NaN / inf in out or lse (lse -inf marks empty rows; pass
+    lse=None when the backend did not compute it) is never returned silently;
+    say which input or which scale caused it."""
+    bad_lse = lse is not None and bool((torch.isnan(lse) | (lse == float("inf"))).any())
+    if bool(torch.isfinite(out).all()) and not bad_lse:
         return
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not bool(torch.isfinite(t).all()):
