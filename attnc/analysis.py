@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from . import ir
-from .reference import Evaluator, View, neighborhood_window, random_table, top_view
+from .reference import Evaluator, View, _component, neighborhood_window, random_table, top_view
 
 #: largest number of intervals per query the closed form keeps (beyond: scan)
 MAX_INTERVALS = 64
@@ -110,6 +110,41 @@ def complement(a: ISet) -> ISet:
     return merge(ISet.make(lo, hi, a.n))
 
 
+def _fold(A: ISet, F: ISet, S: int) -> ISet:
+    """The set {c * S + f : c in A, f in F} over A.n * S positions (A, F merged)."""
+    A, F = _broadcast(A, F)
+    n = A.n * S
+    full = F.count() == S  # [Hx, Mq]
+    cnt = A.count()
+    partial_rows = cnt.masked_fill(full, 0)
+    C = int(partial_rows.max()) if partial_rows.numel() else 0
+    RF = F.lo.shape[-1]
+    if C * RF > MAX_INTERVALS:
+        raise NotIntervals(f"grid product with {C * RF} intervals per query")
+    scaled_lo, scaled_hi = A.lo * S, A.hi * S
+    if C == 0:
+        return merge(ISet.make(scaled_lo, scaled_hi, n))
+    # the j-th coordinate of A for j < C: find its interval by cumulative counts
+    sizes = A.hi - A.lo
+    cum = torch.cumsum(sizes, -1)
+    j = torch.arange(C, dtype=torch.int64).expand(*cum.shape[:-1], C).contiguous()
+    idx = torch.searchsorted(cum, j, right=True).clamp(max=sizes.shape[-1] - 1)
+    before = torch.gather(cum - sizes, -1, idx)
+    coord = torch.gather(A.lo, -1, idx) + (j - before)
+    valid = j < cnt[..., None]
+    base = (coord * S)[..., :, None]
+    lo = (base + F.lo[..., None, :]).flatten(-2)
+    hi = (base + F.hi[..., None, :]).flatten(-2)
+    keep = (valid[..., :, None] & (F.lo < F.n)[..., None, :]).flatten(-2) & ~full[..., None]
+    lo, hi = lo.masked_fill(~keep, n), hi.masked_fill(~keep, n)
+    f = full[..., None]
+    R = max(lo.shape[-1], scaled_lo.shape[-1])
+    pad = lambda t, fill: torch.cat([t, torch.full((*t.shape[:-1], R - t.shape[-1]), fill, dtype=t.dtype)], -1)
+    lo = torch.where(f, pad(scaled_lo.masked_fill(~f, n), n), pad(lo, n))
+    hi = torch.where(f, pad(scaled_hi.masked_fill(~f, n), n), pad(hi, n))
+    return merge(ISet.make(lo, hi, n))
+
+
 # ----------------------------------------------------------------------------- closed forms per primitive
 
 
@@ -117,11 +152,57 @@ class IntervalAnalysis(Evaluator):
     """The per-query interval sets of a 1-D pattern (raises NotIntervals)."""
 
     def eval(self, node: ir.Mask, view: View) -> ISet:  # type: ignore[override]
+        if isinstance(node, ir.AXISWISE) and view.axes:
+            self.check(node, view)
+            return self.grid_product(view, {a: self.axis_set(_component(node, i), view, a) for i, a in enumerate(view.axes)})
         method = getattr(self, "iv_" + type(node).__name__.rstrip("_"), None)
         if method is None:
             raise NotIntervals(type(node).__name__)
         self.check(node, view)
         return method(node, view)
+
+    # -- grids: products of per-axis interval sets
+    def axis_set(self, node: ir.Mask, view: View, axis: str) -> ISet:
+        """The 1-D interval set of `node` along `axis`, one row per query of `view`."""
+        # a 1-D set depends only on the coordinate and the axis length: evaluate
+        # every coordinate once (no unique() over the flat queries) and gather
+        L = view.env[ir.axis_size(axis)]
+        coords = torch.arange(L, dtype=torch.int64)
+        sub = View(q=coords, k=coords, env={**view.env, ir.M: L, ir.N: L})
+        s = merge(self.eval(node, sub))
+        return ISet(s.lo[:, view.qc[axis]], s.hi[:, view.qc[axis]], s.n)
+
+    def grid_product(self, view: View, per_axis: dict) -> ISet:
+        """Flat key intervals of the box product of per-axis sets (an absent axis is
+        unconstrained); tokens outside the grid part of a mixed layout get none.
+
+        [Note: products] Axes are folded from the fastest outwards. With F the
+        set over the inner axes (S positions) and A the set of the next axis: where
+        F is all of [0, S) the product is A's intervals scaled by S (adjacent rows
+        merge), otherwise every coordinate c of A contributes c * S + F. The
+        interval count stays the number of non-full inner rows, e.g. `size`
+        intervals for a 2-D neighborhood, instead of the keys' count.
+        """
+        sizes = [view.env[ir.axis_size(a)] for a in view.axes]
+        Mq = len(view.q)
+        F = None
+        S = 1
+        for axis, L in zip(reversed(view.axes), reversed(sizes)):
+            A = per_axis.get(axis)
+            if A is None:
+                z = torch.zeros(1, Mq, 1, dtype=torch.int64)
+                A = ISet(z, z + L, L)
+            F = A if F is None else _fold(A, F, S)
+            S *= L
+        T = view.L - S
+        lo, hi = F.lo + T, F.hi + T
+        if view.qin is not None:
+            out = ~view.qin.view(1, Mq, 1)
+            lo, hi = lo.masked_fill(out, view.L), hi.masked_fill(out, view.L)
+        return ISet.make(lo, hi, view.L)
+
+    def iv_Along(self, node, view):
+        return self.grid_product(view, {node.axis: self.axis_set(node.operand, view, node.axis)})
 
     def _iv(self, lo, hi, view) -> ISet:
         return ISet.make(lo[:, None], hi[:, None], view.L)
@@ -202,6 +283,14 @@ class IntervalAnalysis(Evaluator):
         valid = local < end[:, None]
         return merge(ISet.make(keys, torch.where(valid, keys + 1, keys), view.L))
 
+    def iv_Strided(self, node, view):
+        s = self.val(node.s, view.env)
+        C = -(-view.L // s)
+        if C > MAX_INTERVALS:
+            raise NotIntervals("strided with many keys per query")
+        keys = (view.q % s)[:, None] + s * torch.arange(C, dtype=torch.int64)[None, :]
+        return merge(ISet.make(keys, keys + 1, view.L))
+
     def iv_Random(self, node, view):
         r, seed = self.val(node.r, view.env), self.val(node.seed, view.env)
         if min(r, view.L) > MAX_INTERVALS:
@@ -263,11 +352,21 @@ class TileList:
 
     @staticmethod
     def from_dense(flags: torch.Tensor) -> "TileList":
-        counts = flags.sum(-1).to(torch.int32)
+        counts = flags.sum(-1)
         width = max(int(counts.max()) if counts.numel() else 0, 1)
-        order = torch.argsort((~flags).to(torch.int8), dim=-1, stable=True)[..., :width]
-        index = torch.where(torch.arange(width) < counts[..., None].long(), order, -1).to(torch.int32)
-        return TileList(counts, index)
+        h, r, c = flags.nonzero(as_tuple=True)  # row-major: columns ascend within a row
+        return TileList.from_coords(h, r, c, counts, width)
+
+    @staticmethod
+    def from_coords(h, r, c, counts, width) -> "TileList":
+        """From tile coordinates sorted by (h, r, c) and the per-row counts."""
+        Hx, rows = counts.shape
+        start = torch.cumsum(counts.flatten(), 0) - counts.flatten()
+        flat_row = h * rows + r
+        slot = torch.arange(len(c), dtype=torch.int64) - start[flat_row]
+        index = torch.full((Hx * rows * width,), -1, dtype=torch.int32)
+        index[flat_row * width + slot] = c.to(torch.int32)
+        return TileList(counts.to(torch.int32), index.view(Hx, rows, width))
 
 
 @dataclass(frozen=True)
@@ -344,16 +443,16 @@ def _classify_from_intervals(s: ISet, M: int, bm: int, bn: int, qrel: torch.Tens
     t_lo = s.lo // bn
     t_hi = (s.hi + bn - 1) // bn
 
-    def accumulate(a, b, ok):
-        diff = torch.zeros(Hx, nq, nk + 1, dtype=torch.int32)
-        ok = ok & real & (b > a)
-        ones = torch.ones(int(ok.sum()), dtype=torch.int32)
-        diff.index_put_((hidx[ok], qt[ok], a[ok]), ones, accumulate=True)
-        diff.index_put_((hidx[ok], qt[ok], b[ok]), -ones, accumulate=True)
-        return torch.cumsum(diff, dim=-1)[..., :nk]
+    row = (hidx * nq + qt) * (nk + 1)
+    size = Hx * nq * (nk + 1)
 
-    cover = accumulate(c_lo, c_hi, torch.ones_like(real))
-    touch = accumulate(t_lo, t_hi, torch.ones_like(real))
+    def accumulate(a, b):
+        ok = real & (b > a)
+        diff = torch.bincount((row + a)[ok], minlength=size) - torch.bincount((row + b)[ok], minlength=size)
+        return torch.cumsum(diff.view(Hx, nq, nk + 1), dim=-1)[..., :nk]
+
+    cover = accumulate(c_lo, c_hi)
+    touch = accumulate(t_lo, t_hi)
     rows = torch.full((nq,), bm, dtype=torch.int32)
     rows[-1] = M - bm * (nq - 1)
     return cover == rows.view(1, nq, 1), touch > 0
@@ -376,8 +475,8 @@ def plan_blocks(pattern: ir.PatternIR, M: int, N: int, heads: int, grid, *, bloc
     bm, bn = block
     method = "closed-form"
     try:
-        if pattern.layout.axes or pattern.inputs:
-            raise NotIntervals("grid layouts and run-time inputs use the scan")
+        if pattern.inputs:
+            raise NotIntervals("run-time inputs use the scan")
         view = top_view(pattern, M, N, heads, grid, {})
         s = merge(IntervalAnalysis(pattern).eval(pattern.body, view))
         full, nonempty = _classify_from_intervals(s, M, bm, bn, view.qrel)

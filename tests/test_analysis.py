@@ -88,7 +88,50 @@ def test_plan_matches_mask_for_random_patterns(src, M, N, block):
 def test_plan_of_examples(name, params, M, N, H, grid, block):
     pat = attnc.load(EXAMPLES / f"{name}.attn").pattern(name, **params)
     plan = check_plan(pat, M, N, H, block, grid)
-    assert plan.method == ("exact-scan" if grid else "closed-form")
+    assert plan.method == ("exact-scan" if name == "mmdit" else "closed-form")
+
+
+GRID_LEAVES = ["causal", "full", "sink({b})", "global({{{b}, {a}}})", "neighborhood({n})",
+               "neighborhood(({n}, 2), dilation = ({d}, 1), stride = ({s}, 1))", "neighborhood({n}, causal = true)",
+               "block({c}, shift = {b}, halo = {d})", "block(({c}, 2))", "band({d}, {b}) @ w", "sliding({c}) @ h",
+               "strided({c}) @ w", "band(1, 0)", "(block(2) @ h) & (strided(3) @ w)", "where q.h == k.w"]
+
+
+@st.composite
+def grid_patterns(draw, depth=2):
+    if depth == 0 or draw(st.booleans()):
+        leaf = draw(st.sampled_from(GRID_LEAVES))
+        vals = dict(a=draw(st.integers(1, 40)), b=draw(st.integers(0, 5)), c=draw(st.integers(1, 4)),
+                    n=draw(st.integers(2, 4)), d=draw(st.integers(1, 2)))
+        vals["s"] = draw(st.integers(1, vals["n"]))
+        return leaf.format(**vals)
+    op = draw(st.sampled_from(["|", "&", "-"]))
+    if draw(st.integers(0, 5)) == 0:
+        return f"~({draw(grid_patterns(depth - 1))})"
+    return f"({draw(grid_patterns(depth - 1))}) {op} ({draw(grid_patterns(depth - 1))})"
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(grid_patterns(), st.sampled_from([None, 0, 5]), st.integers(8, 11), st.integers(8, 12), st.integers(0, 6),
+       st.sampled_from([(16, 16), (7, 13), (12, 8)]))
+def test_plan_matches_mask_on_grids(src, text, gh, gw, short, block):
+    layout = "grid(h, w)" if text is None else f"seq({text}) + grid(h, w)"
+    pat = attnc.loads(f"pattern p on {layout} = {src}").pattern()
+    N = (text or 0) + gh * gw
+    plan = check_plan(pat, N - short, N, 2, block, (gh, gw))
+    assert plan.method == ("exact-scan" if "where" in src else "closed-form")
+
+
+def test_three_axis_products_and_mixed_layouts():
+    for src, grid in [("pattern p on seq(5) + grid(t, h, w) = causal & neighborhood((2, 3, 3), stride = (1, 2, 3)) | sink(3)",
+                       (3, 5, 6)),
+                      ("pattern p on grid(t, h, w) = band(1, 2) & ~(sliding(2) @ w)", (3, 5, 6)),
+                      ("pattern p on grid(t, h, w) = heads { 0 => block(2) @ t; _ => neighborhood((2, 3, 2), dilation = (1, 1, 2)) }",
+                       (4, 3, 5))]:
+        pat = attnc.loads(src).pattern()
+        N = pat.resolve_sizes(1, None, 2, grid)[1]
+        assert check_plan(pat, N, N, 2, (16, 8), grid).method == "closed-form"
+        assert check_plan(pat, N - 4, N, 2, (7, 9), grid).method == "closed-form"
 
 
 def test_natten_published_bounds():
@@ -118,6 +161,21 @@ def test_huge_sizes_are_planned_without_n_squared_memory():
     assert plan.method == "closed-form"
     n = 262_656
     assert plan.allowed == sum(min(q + 1, 2048) for q in range(n)) + sum(min(64, q + 1 - 2048) for q in range(2048, n) if q + 1 > 2048)
+
+
+def test_grid_with_text_tokens_is_planned_in_closed_form_at_262k_tokens():
+    # a 512x512 image plus 512 text tokens: N^2 = 69 G pairs, far beyond memory for a scan
+    src = "pattern p(text = 512) on seq(text) + grid(h, w) = global(0 .. text) | neighborhood(17)"
+    pat = attnc.loads(src).pattern()
+    n = 512 + 512 * 512
+    plan = pat.plan(n, grid=(512, 512), block=(128, 128))
+    assert plan.method == "closed-form"
+    assert plan.allowed == 512 * n + (n - 512) * 512 + 17 * 17 * 512 * 512
+    c = plan.counts()
+    # text rows (4 query tiles) and text columns (4 key tiles) are full. A 128-token tile is a quarter image row;
+    # the window's 17 columns make the four quarters of a row see 2, 3, 3, 2 key quarters in each of 17 rows
+    assert c["tiles_full"] == 4 * 2052 + 2048 * 4
+    assert c["tiles_partial"] == 512 * 17 * (2 + 3 + 3 + 2)
 
 
 def test_simulate_cli_json_and_table():
