@@ -470,15 +470,54 @@ def _classify_by_scan(pattern, M, N, H, grid, bm, bn) -> tuple[torch.Tensor, tor
     return full, nonempty, int(stats.counts.sum())
 
 
+def _interval_sets(pattern: ir.PatternIR, M: int, N: int, heads: int, grid) -> tuple[ISet, View]:
+    """Every query's allowed keys in closed form (raises NotIntervals)."""
+    if pattern.inputs:
+        raise NotIntervals("run-time inputs")
+    view = top_view(pattern, M, N, heads, grid, {})
+    return merge(IntervalAnalysis(pattern).eval(pattern.body, view)), view
+
+
+@dataclass(frozen=True)
+class RowReport:
+    """What the analysis proves about query rows, without building the mask."""
+
+    M: int
+    N: int
+    heads: int
+    empty_rows: int  # (head, query) rows with no allowed key: output 0, lse -inf
+    witness: tuple[int, int] | None  # (head, query row) of one empty row
+    dense: bool  # every pair allowed: sparsity buys nothing
+    allowed: int
+    method: str  # "closed-form" | "exact-scan"
+
+
+def row_report(pattern: ir.PatternIR, M: int, N: int, heads: int, grid) -> RowReport:
+    """Empty rows (with a witness) and full density from the interval sets' counts;
+    patterns without a closed form are scanned in row chunks."""
+    try:
+        s, _ = _interval_sets(pattern, M, N, heads, grid)
+        counts = s.count()  # [Hx, M]
+        method = "closed-form"
+    except NotIntervals:
+        from .reference import evaluate
+        from .show import tile_stats
+        _, counts = tile_stats(lambda lo, hi: evaluate(pattern, M, N, heads, grid, {}, rows=(lo, hi)), M, N, heads, (64, 64))
+        method = "exact-scan"
+    rep = heads // counts.shape[0]
+    empty = (counts == 0).nonzero()
+    witness = (int(empty[0, 0]), int(empty[0, 1])) if len(empty) else None
+    allowed = int(counts.sum()) * rep
+    return RowReport(M=M, N=N, heads=heads, empty_rows=len(empty) * rep, witness=witness,
+                     dense=allowed == heads * M * N, allowed=allowed, method=method)
+
+
 def plan_blocks(pattern: ir.PatternIR, M: int, N: int, heads: int, grid, *, block: tuple[int, int]) -> Plan:
     """The tile plan of a bound pattern (sizes already validated)."""
     bm, bn = block
     method = "closed-form"
     try:
-        if pattern.inputs:
-            raise NotIntervals("run-time inputs use the scan")
-        view = top_view(pattern, M, N, heads, grid, {})
-        s = merge(IntervalAnalysis(pattern).eval(pattern.body, view))
+        s, view = _interval_sets(pattern, M, N, heads, grid)
         full, nonempty = _classify_from_intervals(s, M, bm, bn, view.qrel)
         allowed = int(s.count().sum()) * (heads // s.lo.shape[0])
     except NotIntervals:

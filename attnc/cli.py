@@ -145,7 +145,6 @@ def _sizes(pat, seq_len, grid, heads):
 
 def cmd_check(args, out, err) -> int:
     from . import load
-    from .show import tile_stats
 
     status = 0
     sets = parse_sets(args.set)
@@ -168,18 +167,16 @@ def cmd_check(args, out, err) -> int:
                     print(f"{f}: note: '{name}' has run-time inputs; its empty rows depend on them", file=out)
                     continue
                 M, N, H, grid = _sizes(pat, args.seq_len, parse_grid(args.grid), args.heads)
-                stats, rows = tile_stats(lambda lo, hi: pat.mask_rows(M, N, H, grid, lo, hi), M, N, H, (64, 64))
+                rep = pat.check_rows(M, N, heads=H, grid=grid)
             except AttnError as e:
                 print(str(e), file=err)
                 status = 1
                 continue
-            empty = (rows == 0).nonzero()
-            if len(empty):
-                h, r = int(empty[0, 0]), int(empty[0, 1])
-                span = pat.ir.span
-                print(f"{span}: warning: pattern '{name}' has {len(empty)} empty query rows at M = N = {N}"
+            if rep.witness is not None:
+                h, r = rep.witness
+                print(f"{pat.ir.span}: warning: pattern '{name}' has {rep.empty_rows} empty query rows at M = N = {N}"
                       f" (e.g. head {h}, row {r}): they produce output 0 and lse -inf", file=out)
-            if int(stats.counts.sum()) == H * M * N:
+            if rep.dense:
                 print(f"{pat.ir.span}: warning: pattern '{name}' is fully dense at N = {N}: sparsity buys nothing", file=out)
     return status
 

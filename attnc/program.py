@@ -443,6 +443,26 @@ class BoundPattern:
         except AttnError as err:
             raise err.with_sources(self.program.sources) from None
 
+    def check_rows(self, M: int, N: int | None = None, *, heads: int | None = None, grid=None):
+        """Static row checks (`analysis.RowReport`): how many query rows attend no
+        key, one witness (head, row), and whether the pattern is fully dense.
+        Proved from the closed-form interval counts (no mask is built) when the
+        pattern has one, else by an exact scan in row chunks.
+
+        >>> attnc.loads("pattern p = sliding(4) - causal").pattern().check_rows(1 << 20).witness
+        (0, 0)
+        """
+        from .analysis import row_report
+
+        M, N, H, grid = self.resolve_sizes(M, N, heads, grid)
+        if self.ir.inputs:
+            raise ValueError(f"pattern '{self.name}' depends on run-time inputs ({', '.join(i.name for i in self.ir.inputs)}): "
+                             f"expected a static pattern; try pat.mask(..., {self.ir.inputs[0].name}=...) and inspect its rows")
+        try:
+            return row_report(self.ir, M, N, H, grid)
+        except AttnError as err:
+            raise err.with_sources(self.program.sources) from None
+
     def simulate(self, M: int, N: int | None = None, *, heads: int | None = None, head_dim: int = 128, grid=None,
                  tile=(128, 128), gpu: str = "h100", batch: int = 1):
         """Density, tile counts and the roofline speedup estimate (`SimReport`)."""

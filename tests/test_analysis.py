@@ -178,6 +178,43 @@ def test_grid_with_text_tokens_is_planned_in_closed_form_at_262k_tokens():
     assert c["tiles_partial"] == 512 * 17 * (2 + 3 + 3 + 2)
 
 
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(patterns(), st.integers(12, 90), st.integers(0, 30), st.integers(1, 3))
+def test_row_checks_match_the_mask(src, N, short, H):
+    pat = attnc.loads(f"pattern p = heads {{ 0 => {src}; _ => sliding(3) }}").pattern()
+    M = max(1, N - short)
+    rep = pat.check_rows(M, N, heads=H)
+    m = pat.mask(M, N, heads=H)
+    empty = (m.sum(-1) == 0).nonzero()
+    assert rep.empty_rows == len(empty)
+    assert rep.witness == (tuple(int(x) for x in empty[0]) if len(empty) else None)
+    assert rep.dense == bool(m.all())
+    assert rep.allowed == int(m.sum())
+
+
+def test_row_checks_are_proved_without_the_mask_at_a_million_tokens():
+    n = 1 << 20
+    rep = attnc.loads("pattern p = band(-2, 8) | (sink(4) & rows(0 .. 10))").pattern().check_rows(n, heads=8)
+    assert rep.method == "closed-form"
+    assert (rep.empty_rows, rep.witness, rep.dense) == (2 * 8, (0, n - 2), False)
+    rep = attnc.loads("pattern p = causal | ~causal").pattern().check_rows(n)
+    assert rep.dense and rep.witness is None and rep.allowed == n * n
+    grid = attnc.loads("pattern p on seq(3) + grid(h, w) = neighborhood(3) - band(0, 0)").pattern()
+    rep = grid.check_rows(3 + 1024 * 1024, grid=(1024, 1024))
+    assert rep.method == "closed-form" and rep.witness == (0, 0)  # text rows see nothing
+    assert rep.empty_rows == 3
+
+
+def test_check_cli_warns_from_the_closed_form(tmp_path):
+    import io
+    f = tmp_path / "p.attn"
+    f.write_text("pattern p = band(-2, 8)\npattern d = causal | ~causal\n")
+    out, err = io.StringIO(), io.StringIO()
+    assert main(["check", str(f), "--seq-len", str(1 << 22)], out=out, err=err) == 0, err.getvalue()
+    assert f"pattern 'p' has 2 empty query rows at M = N = {1 << 22} (e.g. head 0, row {(1 << 22) - 2})" in out.getvalue()
+    assert "pattern 'd' is fully dense" in out.getvalue()
+
+
 def test_simulate_cli_json_and_table():
     import io
     out, err = io.StringIO(), io.StringIO()
