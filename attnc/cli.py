@@ -221,6 +221,7 @@ def cmd_show(args, out, err) -> int:
     stats, rows = tile_stats(lambda lo, hi: pat.mask_rows(M, N, H, grid, lo, hi), M, N, H, block)
     groups = head_groups(stats, rows)
     print(render_text(pat, stats, rows, groups, args.width), file=out)
+    print(_formula_text(pat, M, N, int(stats.counts.sum()) // H if H else 0), file=out)
     if args.png:
         # token-level zoom: 128 queries and keys around the middle of the diagonal
         zq, zk = min(M, 128), min(N, 128)
@@ -234,6 +235,22 @@ def cmd_show(args, out, err) -> int:
             return 1
         print(f"wrote {args.png}", file=out)
     return 0
+
+
+def _formula_text(pat, M, N, allowed) -> str:
+    """The symbolic density and FLOPs of a 1-D pattern, checked against the exact count at this size."""
+    from .symbolic import NoFormula
+
+    try:
+        f = pat.formula()
+    except NoFormula as exc:
+        return f"density formula: none ({exc})"
+    lines = [f"density = {f.density}", f"flops   = {f.flops}   (forward; D = head dim, H = heads)",
+             f"exact when {f.condition_text()} (M = N)"]
+    if M == N and f.valid_at(N):
+        lines.append(f"at N = {N}: allowed = {f.allowed_at(N)} per head" +
+                     (" (matches the count above)" if f.allowed_at(N) == allowed else f" (MISMATCH with {allowed})"))
+    return "\n".join(lines)
 
 
 def parse_tile(text: str) -> tuple[int, int]:

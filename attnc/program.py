@@ -463,6 +463,20 @@ class BoundPattern:
         except AttnError as err:
             raise err.with_sources(self.program.sources) from None
 
+    def formula(self):
+        """Exact allowed pairs, density and forward FLOPs of this 1-D pattern as
+        sympy formulas of N and the parameters (self-attention, M = N), with the
+        conditions under which they hold (`symbolic.Formula`). Derived once per
+        bound pattern and cached. Raises `symbolic.NoFormula` (a ValueError)
+        saying why when the pattern has none (grids, block, strided, where, ...).
+
+        >>> str(attnc.loads("pattern p(w = 8) = sliding(w)").pattern().formula().density)
+        'w/N - w*(w - 1)/(2*N**2)'
+        """
+        from .symbolic import formula
+
+        return formula(self.ir)
+
     def simulate(self, M: int, N: int | None = None, *, heads: int | None = None, head_dim: int = 128, grid=None,
                  tile=(128, 128), gpu: str = "h100", batch: int = 1):
         """Density, tile counts and the roofline speedup estimate (`SimReport`)."""
@@ -471,7 +485,16 @@ class BoundPattern:
         if isinstance(head_dim, bool) or not isinstance(head_dim, int) or head_dim < 1:
             raise ValueError(f"head_dim: expected a positive integer, got {head_dim!r}")
         plan = self.plan(M, N, heads=heads, grid=grid, block=tile)
-        return simulate_plan(plan, name=self.name, head_dim=head_dim, gpu=gpu, batch=batch)
+        rep = simulate_plan(plan, name=self.name, head_dim=head_dim, gpu=gpu, batch=batch)
+        from .symbolic import NoFormula
+        try:
+            f = self.formula() if plan.M == plan.N else None
+        except NoFormula:
+            f = None
+        if f is not None and f.valid_at(plan.N):
+            import dataclasses
+            rep = dataclasses.replace(rep, density_formula=str(f.density), formula_exact_when=f.condition_text())
+        return rep
 
     # -- the op
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, return_lse: bool = False,

@@ -57,6 +57,8 @@ class SimReport:
     dense_ms: float
     sparse_ms: float
     method: str
+    density_formula: str | None = None  # sympy formula of N and the parameters (1-D, M = N), when one exists
+    formula_exact_when: str | None = None
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -80,6 +82,8 @@ class SimReport:
             ("roofline time", f"dense {self.dense_ms:.3f} ms, sparse {self.sparse_ms:.3f} ms (forward)"),
             ("plan", self.method),
         ]
+        if self.density_formula is not None:
+            rows.insert(4, ("density formula", f"{self.density_formula}   (exact when {self.formula_exact_when})"))
         w = max(len(k) for k, _ in rows)
         return "\n".join(f"{k.ljust(w)}  {v}" for k, v in rows)
 

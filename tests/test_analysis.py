@@ -241,3 +241,76 @@ def test_plan_string_and_errors():
         pat.plan(100, block=(0, 4))
     with pytest.raises(ValueError, match="gpu: expected one of"):
         pat.simulate(100, gpu="tpu")
+
+
+FORMULAS = [
+    ("pattern p(w = 64) = sliding(w)", "w/N - w*(w - 1)/(2*N**2)", [dict(w=5), dict(w=64), dict(w=300)]),
+    ("pattern p(l = 3, r = 5) = band(l, r)", "(l + r + 1)/N - (l**2 + l + r**2 + r)/(2*N**2)", [dict(l=1, r=0), dict(l=40, r=7)]),
+    ("pattern p = causal", "1/2 + 1/(2*N)", [{}]),
+    ("pattern p(sinks = 4, recent = 64) = sliding(recent) | (sink(sinks) & causal)", None,
+     [dict(sinks=2, recent=9), dict(sinks=4, recent=128)]),
+    ("pattern p(window = 16, globals = 4) = band(window, window) | global(0 .. globals)", None,
+     [dict(window=16, globals=4), dict(window=3, globals=2)]),
+    ("pattern p(n = 20) = causal | prefix(n)", "1/2 + 1/(2*N) + n*(n - 1)/(2*N**2)", [dict(n=2), dict(n=77)]),
+    ("pattern p(size = 7) = neighborhood(size)", "size/N", [dict(size=7), dict(size=30)]),
+    ("pattern p(size = 8) = neighborhood(size, causal = true)", None, [dict(size=8), dict(size=3)]),
+    ("pattern p(w = 10) = sliding(w) - band(2, 0)", "(w - 3)/N - (w - 3)*(w + 2)/(2*N**2)", [dict(w=10), dict(w=4)]),
+    ("pattern p(w = 6) = ~sliding(w) & causal", None, [dict(w=6)]),
+]
+
+
+@pytest.mark.parametrize("src,density,other_params", FORMULAS)
+def test_density_formulas_are_exact_where_valid(src, density, other_params):
+    import sympy
+    from attnc import ir
+    pat = attnc.loads(src).pattern()
+    f = pat.formula()
+    if density is not None:
+        assert str(f.density) == density
+    assert sympy.simplify(f.density - f.allowed / ir.N**2) == 0
+    assert pat.formula() is f  # derived once per bound pattern
+    # the formula is symbolic in the parameters: evaluate it at other bindings and other N
+    for params in other_params:
+        other = attnc.loads(src).pattern(**params)
+        env = {s: params.get(str(s), v) for s, v in f.bindings}
+        checked = 0
+        for N in (50, 97, 256, 1000, 2047, 4099):
+            full_env = {**env, ir.N: N}
+            if not all(bool(c.xreplace(full_env)) for c in f.conditions):
+                continue
+            exact = other.plan(N, block=(64, 64)).allowed
+            assert f.allowed.xreplace(full_env) == exact, (params, N)
+            assert f.flops.xreplace({**full_env, sympy.Symbol("D", integer=True, positive=True): 64, ir.H: 2}) == 4 * 64 * 2 * exact
+            checked += 1
+        assert checked >= 3
+
+
+def test_formula_validity_is_stated_and_checked():
+    f = attnc.loads("pattern p(w = 64) = sliding(w)").pattern().formula()
+    assert f.condition_text() == "w >= 2, N >= w + 1"
+    assert f.valid_at(65) and not f.valid_at(64)
+    assert f.allowed_at(1000) == attnc.loads("pattern p(w = 64) = sliding(w)").pattern().plan(1000).allowed
+    from attnc.symbolic import NoFormula
+    for src, why in [("pattern p = block(8)", "block has no closed-form count"),
+                     ("pattern p on grid(h, w) = neighborhood(3)", "grid layouts"),
+                     ("pattern p = neighborhood(5, stride = 2)", "dilated or strided")]:
+        with pytest.raises(NoFormula, match=why):
+            attnc.loads(src).pattern().formula()
+
+
+def test_show_and_simulate_print_the_formula():
+    import io
+    out, err = io.StringIO(), io.StringIO()
+    assert main(["show", str(EXAMPLES / "mistral.attn"), "--set", "window=100", "--seq-len", "1000"], out=out, err=err) == 0
+    text = out.getvalue()
+    assert "density = window/N - window*(window - 1)/(2*N**2)" in text
+    assert "exact when window >= 2, N >= window + 1 (M = N)" in text
+    assert "at N = 1000: allowed = 95050 per head (matches the count above)" in text
+    out = io.StringIO()
+    assert main(["show", str(EXAMPLES / "natten2d.attn"), "--grid", "8x8"], out=out, err=err) == 0
+    assert "density formula: none (grid layouts)" in out.getvalue()
+    out = io.StringIO()
+    assert main(["simulate", str(EXAMPLES / "mistral.attn"), "--seq-len", "8192", "--json"], out=out, err=err) == 0
+    rep = json.loads(out.getvalue())
+    assert rep["density_formula"] == "window/N - window*(window - 1)/(2*N**2)"
+    assert rep["formula_exact_when"] == "window >= 2, N >= window + 1"
