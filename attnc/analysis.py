@@ -24,6 +24,8 @@ which path built a plan.
 
 from __future__ import annotations
 
+import functools
+import math
 from dataclasses import dataclass
 
 import torch
@@ -387,7 +389,8 @@ class Plan:
     full_t: TileList
     partial_t: TileList
     allowed: int  # exact number of allowed (head, query, key) triples
-    method: str  # "closed-form" | "exact-scan"
+    method: str  # "closed-form" | "tile-boxes" (sound tile classes, exact evaluation inside undecided tiles)
+    tiles_evaluated: int = 0  # tiles whose mask was evaluated because the boxes left them undecided
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -458,16 +461,231 @@ def _classify_from_intervals(s: ISet, M: int, bm: int, bn: int, qrel: torch.Tens
     return cover == rows.view(1, nq, 1), touch > 0
 
 
-def _classify_by_scan(pattern, M, N, H, grid, bm, bn) -> tuple[torch.Tensor, torch.Tensor, int]:
-    from .reference import evaluate
-    from .show import tile_stats
+# ----------------------------------------------------------------------------- tile boxes (three-valued)
 
-    stats, _ = tile_stats(lambda lo, hi: evaluate(pattern, M, N, H, grid, {}, rows=(lo, hi)), M, N, H, (bm, bn))
-    full = stats.counts == stats.sizes
-    nonempty = stats.counts > 0
-    if H > 1 and bool((full == full[:1]).all() and (nonempty == nonempty[:1]).all()):
-        full, nonempty = full[:1], nonempty[:1]
-    return full, nonempty, int(stats.counts.sum())
+
+class TileBoxes:
+    """Sound tile classes of patterns without a closed form per query.
+
+    [Note: tile boxes] Every tile is a box: a query range, a key range and a
+    head. A sub-pattern with interval sets is classified exactly (full /
+    empty / partial); a `where` predicate is bounded by interval arithmetic
+    over the box (q in [q0, q1], k in [k0, k1], grid coordinates bounded per
+    axis), giving *must* (true at every point) and *may* (true at some point);
+    combinators combine the classes in three-valued logic. Anything else is
+    "unknown". The answer is sound, not exact: full means every pair allowed,
+    empty means none; only the undecided tiles are then evaluated exactly
+    (`_refine`), so the plan is still exact.
+    """
+
+    def __init__(self, pattern: ir.PatternIR, M: int, N: int, heads: int, grid, bm: int, bn: int):
+        self.pattern, self.M, self.N, self.H, self.bm, self.bn = pattern, M, N, heads, bm, bn
+        self.view = top_view(pattern, M, N, heads, grid, {})
+        self.ia = IntervalAnalysis(pattern)
+        nq, nk = -(-M // bm), -(-N // bn)
+        self.nq, self.nk = nq, nk
+        off = N - M
+        self.q0 = (torch.arange(nq) * bm + off).view(1, nq, 1)
+        self.q1 = (torch.clamp((torch.arange(nq) + 1) * bm, max=M) - 1 + off).view(1, nq, 1)
+        self.k0 = (torch.arange(nk) * bn).view(1, 1, nk)
+        self.k1 = torch.clamp((torch.arange(nk) + 1) * bn, max=N).view(1, 1, nk) - 1
+        layout = pattern.layout
+        self.sizes = [int(g) for g in grid] if layout.axes else []
+        self.T = N - math.prod(self.sizes) if layout.axes else 0
+
+    def classify(self, node: ir.Mask) -> tuple[torch.Tensor, torch.Tensor]:
+        """(full, nonempty) bool [Hx, nq, nk]: full => all pairs allowed, ~nonempty => none."""
+        try:
+            s = merge(self.ia.eval(node, self.view))
+            return _classify_from_intervals(s, self.M, self.bm, self.bn, self.view.qrel)
+        except NotIntervals:
+            pass
+        shape = (1, self.nq, self.nk)
+        match node:
+            case ir.Union_(parts=ps) | ir.Inter(parts=ps):
+                parts = [self.classify(p) for p in ps]
+                f, ne = parts[0]
+                for pf, pne in parts[1:]:
+                    f, ne = (f | pf, ne | pne) if isinstance(node, ir.Union_) else (f & pf, ne & pne)
+                return f, ne
+            case ir.Diff(left=a, right=b):
+                (fa, na), (fb, nb) = self.classify(a), self.classify(b)
+                return fa & ~nb, na & ~fb
+            case ir.Not(operand=a):
+                f, ne = self.classify(a)
+                return ~ne, ~f
+            case ir.Where(pred=p):
+                try:
+                    must, may, grid_used = self.box(p)
+                except NotIntervals:
+                    return torch.zeros(shape, dtype=torch.bool), torch.ones(shape, dtype=torch.bool)
+                must, may = must.expand(-1, self.nq, self.nk), may.expand(-1, self.nq, self.nk)
+                if grid_used and self.T:
+                    inside = (self.q0 >= self.T) & (self.k0 >= self.T)
+                    outside = (self.q1 < self.T) | (self.k1 < self.T)
+                    must, may = must & inside, may & ~outside
+                return must, may
+            case ir.Heads():
+                full = torch.zeros(self.H, self.nq, self.nk, dtype=torch.bool)
+                ne = full.clone()
+                for sel, arm in self.ia.head_arms(node, self.view):
+                    f, n = self.classify(arm.body)
+                    full[sel], ne[sel] = f.expand(self.H, -1, -1)[sel], n.expand(self.H, -1, -1)[sel]
+                return full, ne
+        return torch.zeros(shape, dtype=torch.bool), torch.ones(shape, dtype=torch.bool)
+
+    # -- interval arithmetic over the tile box
+    def coord(self, lo, hi, axis: str):
+        """Bounds of grid coordinate `axis` over flat positions [lo, hi] (grid part)."""
+        i = self.pattern.layout.axes.index(axis)
+        S = math.prod(self.sizes[i + 1:])
+        L = self.sizes[i]
+        lo, hi = (lo - self.T).clamp(min=0), (hi - self.T).clamp(min=0)
+        same = (lo // (S * L)) == (hi // (S * L))
+        return torch.where(same, (lo // S) % L, 0), torch.where(same, (hi // S) % L, L - 1)
+
+    def box(self, node: ir.PExpr):
+        """Numbers: (lo, hi, grid); booleans: (must, may, grid); tensors broadcast to [H?, nq, nk]."""
+        ev = self.ia
+        match node:
+            case ir.PVar(name="q", axis=None):
+                return self.q0, self.q1, False
+            case ir.PVar(name="k", axis=None):
+                return self.k0, self.k1, False
+            case ir.PVar(name="h", axis=None):
+                h = torch.arange(self.H).view(self.H, 1, 1)
+                return h, h, False
+            case ir.PVar(name=base, axis=ax):
+                if ax not in self.pattern.layout.axes:
+                    raise NotIntervals("unknown axis")
+                lo, hi = (self.q0, self.q1) if base == "q" else (self.k0, self.k1)
+                a, b = self.coord(lo, hi, ax)
+                return a, b, True
+            case ir.PConst(value=v):
+                c = torch.tensor(ev.val(v, self.view.env)).view(1, 1, 1)
+                return c, c, False
+            case ir.PNeg(operand=a):
+                lo, hi, g = self.box(a)
+                return -hi, -lo, g
+            case ir.PBin(op=op, left=a, right=b):
+                (al, ah, g1), (bl, bh, g2) = self.box(a), self.box(b)
+                return (*_interval_arith(op, al, ah, bl, bh), g1 or g2)
+            case ir.PCall(func=f, args=args):
+                vals = [self.box(x) for x in args]
+                g = any(v[2] for v in vals)
+                if f == "abs":
+                    lo, hi = vals[0][0], vals[0][1]
+                    return torch.where((lo <= 0) & (hi >= 0), 0, torch.minimum(lo.abs(), hi.abs())), torch.maximum(lo.abs(), hi.abs()), g
+                pick = torch.minimum if f == "min" else torch.maximum
+                lo, hi = vals[0][0], vals[0][1]
+                for v in vals[1:]:
+                    lo, hi = pick(lo, v[0]), pick(hi, v[1])
+                return lo, hi, g
+            case ir.PCmp(ops=ops, operands=xs):
+                vals = [self.box(x) for x in xs]
+                must, may = torch.tensor(True).view(1, 1, 1), torch.tensor(True).view(1, 1, 1)
+                for op, (al, ah, _), (bl, bh, _) in zip(ops, vals, vals[1:]):
+                    m, y = _compare(op, al, ah, bl, bh)
+                    must, may = must & m, may & y
+                return must, may, any(v[2] for v in vals)
+            case ir.PBool(op=op, parts=ps):
+                vals = [self.box(p) for p in ps]
+                must, may = vals[0][0], vals[0][1]
+                for m, y, _ in vals[1:]:
+                    must, may = (must & m, may & y) if op == "and" else (must | m, may | y)
+                return must, may, any(v[2] for v in vals)
+            case ir.PNot(operand=a):
+                must, may, g = self.box(a)
+                return ~may, ~must, g
+            case ir.PIn(item=i, collection=c):
+                lo, hi, g = self.box(i)
+                if isinstance(c, ir.SetRange):
+                    a, b, st = (ev.val(x, self.view.env) for x in (c.start, c.stop, c.step))
+                    inside = (lo >= a) & (hi < b)
+                    return inside & ((lo == hi) | (st == 1)) & (((lo - a) % st == 0) | (st == 1)), (hi >= a) & (lo < b), g
+                items = torch.tensor([ev.val(x, self.view.env) for x in c.items])
+                point = (lo == hi) & torch.isin(lo, items)
+                return point, (lo <= items.max()) & (hi >= items.min()), g
+        raise NotIntervals(type(node).__name__)
+
+
+def _interval_arith(op, al, ah, bl, bh):
+    if op == "+":
+        return al + bl, ah + bh
+    if op == "-":
+        return al - bh, ah - bl
+    if op in ("*", "//"):
+        if op == "//" and bool(((bl <= 0) & (bh >= 0)).any()):
+            raise NotIntervals("division by a range containing 0")
+        f = (lambda x, y: x * y) if op == "*" else (lambda x, y: torch.div(x, y, rounding_mode="floor"))
+        corners = [f(x, y) for x in (al, ah) for y in (bl, bh)]
+        return functools.reduce(torch.minimum, corners), functools.reduce(torch.maximum, corners)
+    if op == "%":
+        if not bool(((bl == bh) & (bl > 0)).all()):
+            raise NotIntervals("modulus by a non-constant or non-positive value")
+        same = torch.div(al, bl, rounding_mode="floor") == torch.div(ah, bl, rounding_mode="floor")
+        return torch.where(same, al % bl, 0), torch.where(same, ah % bl, bl - 1)
+    if op == "**":
+        if not bool(((bl == bh) & (bl >= 0)).all()):
+            raise NotIntervals("a power with a non-constant exponent")
+        e = bl
+        lo_p, hi_p = al ** e, ah ** e
+        even = e % 2 == 0
+        has0 = (al <= 0) & (ah >= 0)
+        lo = torch.where(even, torch.where(has0, 0, torch.minimum(lo_p, hi_p)), lo_p)
+        hi = torch.where(even, torch.maximum(lo_p, hi_p), hi_p)
+        return lo, hi
+    raise NotIntervals(op)
+
+
+def _compare(op, al, ah, bl, bh):
+    """(must, may) of `a op b` for a in [al, ah], b in [bl, bh]."""
+    if op == "<":
+        return ah < bl, al < bh
+    if op == "<=":
+        return ah <= bl, al <= bh
+    if op == ">":
+        return al > bh, ah > bl
+    if op == ">=":
+        return al >= bh, ah >= bl
+    point = (al == ah) & (bl == bh) & (al == bl)
+    overlap = (al <= bh) & (bl <= ah)
+    return (point, overlap) if op == "==" else (~overlap, ~point)
+
+
+def _refine(pattern, M, N, H, grid, bm, bn, full, nonempty) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Exact classes and allowed count, evaluating the mask only inside undecided tiles."""
+    Hx = max(full.shape[0], nonempty.shape[0])
+    full, nonempty = full.expand(Hx, -1, -1).clone(), nonempty.expand(Hx, -1, -1).clone()
+    nq, nk = full.shape[1:]
+    ksz = torch.full((nk,), bn, dtype=torch.int64)
+    ksz[-1] = N - bn * (nk - 1)
+    allowed = 0
+    undecided = nonempty & ~full
+    from .reference import evaluate
+    for qt in range(nq):
+        lo, hi = qt * bm, min(M, (qt + 1) * bm)
+        cols = undecided[:, qt].any(0).nonzero().flatten()
+        allowed += int((full[:, qt].to(torch.int64) * ksz).sum()) * (hi - lo)  # decided full tiles
+        if len(cols) == 0:
+            continue
+        keys = (cols[:, None] * bn + torch.arange(bn)[None, :]).flatten()
+        keys = keys[keys < N]
+        m = evaluate(pattern, M, N, H, grid, {}, rows=(lo, hi), keys=keys)  # [H, r, K]
+        per_tile = torch.zeros(H, len(cols), dtype=torch.int64).index_add_(1, torch.bucketize(keys, cols * bn, right=True) - 1,
+                                                                            m.sum(1).to(torch.int64))
+        counts = per_tile if Hx == H else per_tile[:1]
+        if Hx == 1 and H > 1 and not bool((per_tile == per_tile[:1]).all()):
+            # heads differ inside undecided tiles: widen the head dimension and redo this row
+            return _refine(pattern, M, N, H, grid, bm, bn, full.expand(H, -1, -1), nonempty.expand(H, -1, -1))
+        und = undecided[:, qt][:, cols]
+        allowed += int(counts[und].sum())
+        size = (hi - lo) * ksz[cols]
+        sub_full, sub_ne = full[:, qt, cols], nonempty[:, qt, cols]
+        sub_full[und] = (counts == size)[und]
+        sub_ne[und] = (counts > 0)[und]
+        full[:, qt, cols], nonempty[:, qt, cols] = sub_full, sub_ne
+    return full, nonempty, allowed * (H // Hx)
 
 
 def _interval_sets(pattern: ir.PatternIR, M: int, N: int, heads: int, grid) -> tuple[ISet, View]:
@@ -516,17 +734,21 @@ def plan_blocks(pattern: ir.PatternIR, M: int, N: int, heads: int, grid, *, bloc
     """The tile plan of a bound pattern (sizes already validated)."""
     bm, bn = block
     method = "closed-form"
+    evaluated = 0
     try:
         s, view = _interval_sets(pattern, M, N, heads, grid)
         full, nonempty = _classify_from_intervals(s, M, bm, bn, view.qrel)
         allowed = int(s.count().sum()) * (heads // s.lo.shape[0])
     except NotIntervals:
-        method = "exact-scan"
-        full, nonempty, allowed = _classify_by_scan(pattern, M, N, heads, grid, bm, bn)
+        method = "tile-boxes"
+        boxes = TileBoxes(pattern, M, N, heads, grid, bm, bn)
+        full, nonempty = boxes.classify(pattern.body)
+        evaluated = int((nonempty & ~full).sum())
+        full, nonempty, allowed = _refine(pattern, M, N, heads, grid, bm, bn, full, nonempty)
     partial = nonempty & ~full
     return Plan(
         M=M, N=N, heads=heads, block=(bm, bn),
         full=TileList.from_dense(full), partial=TileList.from_dense(partial),
         full_t=TileList.from_dense(full.transpose(1, 2)), partial_t=TileList.from_dense(partial.transpose(1, 2)),
-        allowed=allowed, method=method,
+        allowed=allowed, method=method, tiles_evaluated=evaluated,
     )

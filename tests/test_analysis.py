@@ -88,7 +88,7 @@ def test_plan_matches_mask_for_random_patterns(src, M, N, block):
 def test_plan_of_examples(name, params, M, N, H, grid, block):
     pat = attnc.load(EXAMPLES / f"{name}.attn").pattern(name, **params)
     plan = check_plan(pat, M, N, H, block, grid)
-    assert plan.method == ("exact-scan" if name == "mmdit" else "closed-form")
+    assert plan.method == ("tile-boxes" if name == "mmdit" else "closed-form")
 
 
 GRID_LEAVES = ["causal", "full", "sink({b})", "global({{{b}, {a}}})", "neighborhood({n})",
@@ -119,7 +119,23 @@ def test_plan_matches_mask_on_grids(src, text, gh, gw, short, block):
     pat = attnc.loads(f"pattern p on {layout} = {src}").pattern()
     N = (text or 0) + gh * gw
     plan = check_plan(pat, N - short, N, 2, block, (gh, gw))
-    assert plan.method == ("exact-scan" if "where" in src else "closed-form")
+    assert plan.method == ("tile-boxes" if "where" in src else "closed-form")
+
+
+def test_where_tiles_are_decided_by_interval_arithmetic():
+    # |q - k| over a tile box is bounded exactly, so only the tiles the band cuts are evaluated
+    pat = attnc.loads("pattern p = where abs(q - k) <= 40 and k <= q + 3 * 7").pattern()
+    plan = check_plan(pat, 700, 700, 1, (64, 64))
+    assert plan.method == "tile-boxes"
+    assert plan.tiles_evaluated == plan.counts()["tiles_partial"]
+    # MM-DiT's circle on a grid with text tokens: only tiles near the circle's edge are evaluated
+    pat = attnc.load(EXAMPLES / "mmdit.attn").pattern("mmdit", r=3, text=16)
+    plan = check_plan(pat, 16 + 48 * 48, 16 + 48 * 48, 1, (48, 48), (48, 48))
+    c = plan.counts()
+    assert 0 < plan.tiles_evaluated <= c["tiles_partial"] < c["tiles_total"] // 5
+    # heads in the predicate: h is a point in each box
+    pat = attnc.loads("pattern p = where k <= q - 5 * h or q % 7 == 0").pattern()
+    check_plan(pat, 300, 300, 3, (32, 16))
 
 
 def test_three_axis_products_and_mixed_layouts():
