@@ -110,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("file", metavar="FILE")
     sim.add_argument("-p", "--pattern", help="pattern name (optional when the file has one)")
     sim.add_argument("--set", action="append", metavar="K=V", help="bind a parameter")
-    size = sim.add_mutually_exclusive_group(required=True)
+    size = sim.add_mutually_exclusive_group()
     size.add_argument("--seq-len", type=int, metavar="N", help="sequence length (M = N)")
     size.add_argument("--grid", metavar="TxHxW", help="grid sizes, e.g. 16x44x80")
     sim.add_argument("--heads", type=int, default=1, metavar="H")
@@ -118,6 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--tile", default="128x128", metavar="BMxBN", help="tile shape (default 128x128)")
     sim.add_argument("--gpu", default="h100", choices=["a100", "h100", "h200", "b200"])
     sim.add_argument("--json", action="store_true", help="print the report as JSON")
+    sim.add_argument("--sweep", metavar="VAR=SPEC", help="simulate over N or a parameter: N=1024:65536:x2, "
+                     "N=1000:5000:+1000 or window=64,128,256 (a table, or JSON with --json)")
+    sim.add_argument("--png", metavar="OUT", help="with --sweep: plot speedup and bounds against the variable")
     return p
 
 
@@ -263,12 +266,54 @@ def cmd_simulate(args, out, err) -> int:
     tile = parse_tile(args.tile)
     if args.head_dim < 1:
         raise UsageError(f"--head-dim: expected a positive size, got {args.head_dim}")
+    if args.png and not args.sweep:
+        raise UsageError("--png: expected --sweep as well (the plot shows a sweep)")
     pat = _static_pattern(args, err, "simulate")
     if pat is None:
         return 1
+    if args.sweep:
+        return _simulate_sweep(args, pat, tile, out, err)
+    if args.seq_len is None and args.grid is None:
+        raise UsageError("attnc simulate: expected --seq-len N or --grid AxB (or --sweep N=...)")
     M, N, H, grid = _sizes(pat, args.seq_len, parse_grid(args.grid), args.heads)
     rep = pat.simulate(M, N, heads=H, head_dim=args.head_dim, grid=grid, tile=tile, gpu=args.gpu)
     print(rep.to_json() if args.json else rep.to_table(), file=out)
+    return 0
+
+
+def _simulate_sweep(args, pat, tile, out, err) -> int:
+    from .simulate import parse_sweep
+
+    try:
+        over, values = parse_sweep(args.sweep)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    grid = parse_grid(args.grid)
+    if over == "N":
+        if args.seq_len is not None or grid is not None:
+            raise UsageError("--sweep N=...: the sweep gives the length; drop --seq-len/--grid")
+        if pat.layout.axes:
+            raise UsageError(f"--sweep N: pattern '{pat.name}' is on {pat.layout}; sweep a parameter with --grid instead")
+        if min(values) < 1:
+            raise UsageError(f"--sweep: expected positive lengths, got {min(values)}")
+    elif args.seq_len is None and grid is None:
+        raise UsageError(f"--sweep {over}=...: expected --seq-len N or --grid AxB to simulate at")
+    else:
+        _sizes(pat, args.seq_len, grid, args.heads)
+    try:
+        sw = pat.sweep(over, values, N=args.seq_len, heads=args.heads, head_dim=args.head_dim, grid=grid, tile=tile,
+                       gpu=args.gpu)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    print(sw.to_json() if args.json else sw.to_table(), file=out)
+    if args.png:
+        try:
+            sw.plot(args.png)
+        except OSError as exc:
+            print(f"attnc simulate: cannot write {args.png!r}: {exc.strerror or exc}", file=err)
+            return 1
+        if not args.json:
+            print(f"wrote {args.png}", file=out)
     return 0
 
 

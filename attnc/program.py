@@ -496,6 +496,42 @@ class BoundPattern:
             rep = dataclasses.replace(rep, density_formula=str(f.density), formula_exact_when=f.condition_text())
         return rep
 
+    def sweep(self, over: str, values, *, N: int | None = None, heads: int | None = None, head_dim: int = 128,
+              grid=None, tile=(128, 128), gpu: str = "h100"):
+        """`simulate` at every value of one variable (`simulate.Sweep`, with
+        `to_table()`, `to_json()` and `plot(path)`): ``over="N"`` varies the
+        length (M = N, 1-D patterns), any other name rebinds that parameter
+        at length ``N``.
+
+        >>> sw = attnc.loads("pattern p(w = 64) = sliding(w)").pattern().sweep("N", [1024, 4096])
+        >>> [round(r.flop_bound, 1) for r in sw.reports]
+        [16.5, 64.5]
+        """
+        from .simulate import Sweep
+
+        values = tuple(values)
+        if not values:
+            raise ValueError("sweep: expected at least one value, got none; try values=[1024, 2048]")
+        reports = []
+        if over == "N":
+            if self.layout.axes:
+                raise ValueError(f"sweep over N: pattern '{self.name}' is on {self.layout}; expected a 1-D pattern; "
+                                 f"try sweeping a parameter at a fixed grid")
+            for v in values:
+                reports.append(self.simulate(v, v, heads=heads, head_dim=head_dim, tile=tile, gpu=gpu))
+        else:
+            info = next((i for i in self.program.patterns() if i.name == self.name), None)
+            known = [p.name for p in info.params] if info else []
+            if over not in known:
+                raise ValueError(f"sweep: expected N or a parameter of '{self.name}' ({', '.join(known) or 'none'}), got {over!r}")
+            if N is None and grid is None:
+                raise ValueError(f"sweep over {over}: expected a length N=... (or grid=...) to simulate at, got none")
+            for v in values:
+                pat = self.program.pattern(self.name, **{**self.params, over: v})
+                n = N if grid is None else pat.resolve_sizes(1, N, heads, grid)[1]
+                reports.append(pat.simulate(n, n, heads=heads, head_dim=head_dim, grid=grid, tile=tile, gpu=gpu))
+        return Sweep(over=over, values=values, reports=tuple(reports))
+
     # -- the op
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, return_lse: bool = False,
                  scale: float | None = None, backend: str = "auto", grid=None, **inputs):

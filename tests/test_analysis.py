@@ -330,3 +330,49 @@ def test_show_and_simulate_print_the_formula():
     rep = json.loads(out.getvalue())
     assert rep["density_formula"] == "window/N - window*(window - 1)/(2*N**2)"
     assert rep["formula_exact_when"] == "window >= 2, N >= window + 1"
+
+
+def test_sweep_api_matches_single_point_simulations():
+    pat = attnc.load(EXAMPLES / "mistral.attn").pattern("mistral", window=256)
+    sw = pat.sweep("N", [1024, 4096, 16384], heads=2, head_dim=64, tile=(64, 64), gpu="a100")
+    for n, rep in zip(sw.values, sw.reports):
+        assert rep == pat.simulate(n, heads=2, head_dim=64, tile=(64, 64), gpu="a100")
+    assert [r.N for r in sw.reports] == [1024, 4096, 16384]
+    sw = pat.sweep("window", [64, 512], N=4096)
+    assert [r.density for r in sw.reports] == [
+        attnc.load(EXAMPLES / "mistral.attn").pattern("mistral", window=w).plan(4096).density() for w in (64, 512)]
+    grid = attnc.load(EXAMPLES / "natten2d.attn").pattern("natten2d").sweep("size", [3, 5], grid=(12, 12), tile=(16, 16))
+    assert [r.N for r in grid.reports] == [144, 144] and grid.reports[0].density < grid.reports[1].density
+    with pytest.raises(ValueError, match="expected N or a parameter of 'mistral' \\(window\\), got 'size'"):
+        pat.sweep("size", [1], N=100)
+    with pytest.raises(ValueError, match="expected a 1-D pattern"):
+        attnc.load(EXAMPLES / "natten2d.attn").pattern("natten2d").sweep("N", [64])
+
+
+def test_sweep_cli_table_json_and_png(tmp_path):
+    import io
+    from attnc.simulate import parse_sweep
+    assert parse_sweep("N=1024:65536:x2") == ("N", tuple(1024 * 2 ** i for i in range(7)))
+    assert parse_sweep("N=1000:3000:+1000") == ("N", (1000, 2000, 3000))
+    assert parse_sweep("window=64,128") == ("window", (64, 128))
+    png = tmp_path / "sweep.png"
+    out, err = io.StringIO(), io.StringIO()
+    code = main(["simulate", str(EXAMPLES / "mistral.attn"), "--set", "window=512", "--sweep", "N=1024:8192:x2",
+                 "--png", str(png)], out=out, err=err)
+    assert code == 0, err.getvalue()
+    lines = out.getvalue().splitlines()
+    assert lines[1].split() == ["N", "density", "flop_bound", "tiles", "full+partial", "tile_bound", "speedup", "fwd",
+                                "speedup", "bwd"]
+    assert [ln.split()[0] for ln in lines[2:6]] == ["1024", "2048", "4096", "8192"]
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    out = io.StringIO()
+    assert main(["simulate", str(EXAMPLES / "mistral.attn"), "--seq-len", "4096", "--sweep", "window=64,128", "--json"],
+                out=out, err=err) == 0
+    data = json.loads(out.getvalue())
+    assert data["over"] == "window" and [r["N"] for r in data["reports"]] == [4096, 4096]
+    for argv, msg in [(["--sweep", "N=1:3"], "cannot read"), (["--sweep", "N=64,128", "--seq-len", "64"], "drop --seq-len"),
+                      (["--sweep", "window=4,8"], "expected --seq-len"), (["--png", str(png), "--seq-len", "64"], "expected --sweep"),
+                      ([], "expected --seq-len N or --grid")]:
+        err = io.StringIO()
+        assert main(["simulate", str(EXAMPLES / "mistral.attn"), *argv], out=io.StringIO(), err=err) == 2, argv
+        assert msg in err.getvalue(), (argv, err.getvalue())
