@@ -24,6 +24,7 @@ which path built a plan.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from dataclasses import dataclass
@@ -450,9 +451,10 @@ def _classify_from_intervals(s: ISet, M: int, bm: int, bn: int, qrel: torch.Tens
     size = Hx * nq * (nk + 1)
 
     def accumulate(a, b):
-        ok = real & (b > a)
-        diff = torch.bincount((row + a)[ok], minlength=size) - torch.bincount((row + b)[ok], minlength=size)
-        return torch.cumsum(diff.view(Hx, nq, nk + 1), dim=-1)[..., :nk]
+        ok = real & (b > a)  # empty slots go to a dump bin past the end
+        starts = torch.bincount(torch.where(ok, row + a, size).flatten(), minlength=size + 1)
+        ends = torch.bincount(torch.where(ok, row + b, size).flatten(), minlength=size + 1)
+        return torch.cumsum((starts - ends)[:size].view(Hx, nq, nk + 1), dim=-1)[..., :nk]
 
     cover = accumulate(c_lo, c_hi)
     touch = accumulate(t_lo, t_hi)
@@ -688,6 +690,23 @@ def _refine(pattern, M, N, H, grid, bm, bn, full, nonempty) -> tuple[torch.Tenso
     return full, nonempty, allowed * (H // Hx)
 
 
+@contextlib.contextmanager
+def _one_thread():
+    """[Note: threads] A plan is a few hundred small tensor ops (O(M) elements
+    each). Intra-op parallelism only adds barrier waits there: on the 2-core CI
+    machine under load one reduction took 7 ms with 2 threads and 0.05 ms with
+    one, and a 64K plan 1.2 s instead of 35 ms. So the builder runs on one
+    thread and restores the caller's setting."""
+    n = torch.get_num_threads()
+    if n != 1:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        if n != 1:
+            torch.set_num_threads(n)
+
+
 def _interval_sets(pattern: ir.PatternIR, M: int, N: int, heads: int, grid) -> tuple[ISet, View]:
     """Every query's allowed keys in closed form (raises NotIntervals)."""
     if pattern.inputs:
@@ -713,6 +732,11 @@ class RowReport:
 def row_report(pattern: ir.PatternIR, M: int, N: int, heads: int, grid) -> RowReport:
     """Empty rows (with a witness) and full density from the interval sets' counts;
     patterns without a closed form are scanned in row chunks."""
+    with _one_thread():
+        return _row_report(pattern, M, N, heads, grid)
+
+
+def _row_report(pattern, M, N, heads, grid) -> RowReport:
     try:
         s, _ = _interval_sets(pattern, M, N, heads, grid)
         counts = s.count()  # [Hx, M]
@@ -732,6 +756,11 @@ def row_report(pattern: ir.PatternIR, M: int, N: int, heads: int, grid) -> RowRe
 
 def plan_blocks(pattern: ir.PatternIR, M: int, N: int, heads: int, grid, *, block: tuple[int, int]) -> Plan:
     """The tile plan of a bound pattern (sizes already validated)."""
+    with _one_thread():
+        return _plan_blocks(pattern, M, N, heads, grid, block)
+
+
+def _plan_blocks(pattern, M, N, heads, grid, block) -> Plan:
     bm, bn = block
     method = "closed-form"
     evaluated = 0

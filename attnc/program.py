@@ -18,6 +18,7 @@ import torch
 from . import ir, syntax as ast
 from .elaborate import Elaborator, ModuleScope
 from .errors import AttnError, Collector, Span, error
+from .analysis import plan_blocks, row_report
 from .reference import evaluate
 
 
@@ -434,8 +435,6 @@ class BoundPattern:
         >>> plan.counts()["tiles_partial"], plan.method
         (31, 'closed-form')
         """
-        from .analysis import plan_blocks
-
         M, N, H, grid = self.resolve_sizes(M, N, heads, grid)
         block = _tile(block)
         try:
@@ -452,8 +451,6 @@ class BoundPattern:
         >>> attnc.loads("pattern p = sliding(4) - causal").pattern().check_rows(1 << 20).witness
         (0, 0)
         """
-        from .analysis import row_report
-
         M, N, H, grid = self.resolve_sizes(M, N, heads, grid)
         if self.ir.inputs:
             raise ValueError(f"pattern '{self.name}' depends on run-time inputs ({', '.join(i.name for i in self.ir.inputs)}): "
