@@ -165,14 +165,17 @@ class IntervalAnalysis(Evaluator):
         return method(node, view)
 
     # -- grids: products of per-axis interval sets
+    def coord_set(self, node: ir.Mask, view: View, axis: str) -> ISet:
+        """The 1-D interval set of `node` along `axis`, one row per coordinate 0 .. size(axis) - 1."""
+        L = view.env[ir.axis_size(axis)]
+        coords = torch.arange(L, dtype=torch.int64)
+        return merge(self.eval(node, View(q=coords, k=coords, env={**view.env, ir.M: L, ir.N: L})))
+
     def axis_set(self, node: ir.Mask, view: View, axis: str) -> ISet:
         """The 1-D interval set of `node` along `axis`, one row per query of `view`."""
         # a 1-D set depends only on the coordinate and the axis length: evaluate
         # every coordinate once (no unique() over the flat queries) and gather
-        L = view.env[ir.axis_size(axis)]
-        coords = torch.arange(L, dtype=torch.int64)
-        sub = View(q=coords, k=coords, env={**view.env, ir.M: L, ir.N: L})
-        s = merge(self.eval(node, sub))
+        s = self.coord_set(node, view, axis)
         return ISet(s.lo[:, view.qc[axis]], s.hi[:, view.qc[axis]], s.n)
 
     def grid_product(self, view: View, per_axis: dict) -> ISet:
@@ -392,9 +395,21 @@ class Plan:
     allowed: int  # exact number of allowed (head, query, key) triples
     method: str  # "closed-form" | "tile-boxes" (sound tile classes, exact evaluation inside undecided tiles)
     tiles_evaluated: int = 0  # tiles whose mask was evaluated because the boxes left them undecided
+    # N-D tiles on grids (None for 1-D tiles): the tile shapes, and the token order they imply.
+    # perm_q[i] is the query index (0..M-1) at position i of the tile-major order (tiles row-major
+    # over the tile grid, tokens row-major inside a tile); tile t holds positions
+    # offsets_q[t] .. offsets_q[t + 1] - 1 (edge tiles are smaller when sizes are not multiples).
+    # `block` is then (prod(query tile), prod(key tile)).
+    tile_shape: tuple | None = None
+    perm_q: torch.Tensor | None = None
+    perm_k: torch.Tensor | None = None
+    offsets_q: torch.Tensor | None = None
+    offsets_k: torch.Tensor | None = None
 
     @property
     def shape(self) -> tuple[int, int]:
+        if self.tile_shape is not None:
+            return len(self.offsets_q) - 1, len(self.offsets_k) - 1
         return -(-self.M // self.block[0]), -(-self.N // self.block[1])
 
     def to_dense(self) -> torch.Tensor:
@@ -428,7 +443,9 @@ class Plan:
         dense = self.to_dense()
         pic, f = ascii_map(dense[min(head, dense.shape[0] - 1)], max_cells)
         c = self.counts()
-        head_line = (f"plan {self.M}x{self.N}, tiles {self.block[0]}x{self.block[1]} ({self.method}): "
+        tiles = (f"{self.block[0]}x{self.block[1]}" if self.tile_shape is None else
+                 "/".join("x".join(map(str, t)) for t in self.tile_shape) + " (tile-major order)")
+        head_line = (f"plan {self.M}x{self.N}, tiles {tiles} ({self.method}): "
                      f"{c['tiles_full']} full, {c['tiles_partial']} partial of {c['tiles_total']}; density {self.density():.4f}")
         return head_line + ("" if f == 1 else f"\n(each character: {f}x{f} tiles)") + "\n" + pic
 
@@ -502,6 +519,10 @@ class TileBoxes:
             return _classify_from_intervals(s, self.M, self.bm, self.bn, self.view.qrel)
         except NotIntervals:
             pass
+        return self._combine(node)
+
+    def _combine(self, node: ir.Mask) -> tuple[torch.Tensor, torch.Tensor]:
+        """Three-valued combination of the children's classes (unknown for other leaves)."""
         shape = (1, self.nq, self.nk)
         match node:
             case ir.Union_(parts=ps) | ir.Inter(parts=ps):
@@ -655,39 +676,149 @@ def _compare(op, al, ah, bl, bh):
     return (point, overlap) if op == "==" else (~overlap, ~point)
 
 
-def _refine(pattern, M, N, H, grid, bm, bn, full, nonempty) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Exact classes and allowed count, evaluating the mask only inside undecided tiles."""
+def _refine(pattern, M, N, H, grid, order_q, off_q, order_k, off_k, full, nonempty) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Exact classes and allowed count, evaluating the mask only inside undecided tiles.
+
+    Query tile t holds query indices order_q[off_q[t]:off_q[t + 1]] (keys alike)."""
     Hx = max(full.shape[0], nonempty.shape[0])
     full, nonempty = full.expand(Hx, -1, -1).clone(), nonempty.expand(Hx, -1, -1).clone()
     nq, nk = full.shape[1:]
-    ksz = torch.full((nk,), bn, dtype=torch.int64)
-    ksz[-1] = N - bn * (nk - 1)
+    ksz = off_k[1:] - off_k[:-1]
+    tile_of_pos = torch.repeat_interleave(torch.arange(nk), ksz)
     allowed = 0
     undecided = nonempty & ~full
     from .reference import evaluate
     for qt in range(nq):
-        lo, hi = qt * bm, min(M, (qt + 1) * bm)
+        queries = order_q[off_q[qt]:off_q[qt + 1]]
+        allowed += int((full[:, qt].to(torch.int64) * ksz).sum()) * len(queries)  # decided full tiles
         cols = undecided[:, qt].any(0).nonzero().flatten()
-        allowed += int((full[:, qt].to(torch.int64) * ksz).sum()) * (hi - lo)  # decided full tiles
         if len(cols) == 0:
             continue
-        keys = (cols[:, None] * bn + torch.arange(bn)[None, :]).flatten()
-        keys = keys[keys < N]
-        m = evaluate(pattern, M, N, H, grid, {}, rows=(lo, hi), keys=keys)  # [H, r, K]
-        per_tile = torch.zeros(H, len(cols), dtype=torch.int64).index_add_(1, torch.bucketize(keys, cols * bn, right=True) - 1,
-                                                                            m.sum(1).to(torch.int64))
-        counts = per_tile if Hx == H else per_tile[:1]
+        pos = torch.cat([torch.arange(int(off_k[c]), int(off_k[c + 1])) for c in cols.tolist()])
+        m = evaluate(pattern, M, N, H, grid, {}, keys=order_k[pos], queries=queries)  # [H, r, K]
+        local = torch.bucketize(tile_of_pos[pos], cols)  # index into cols
+        per_tile = torch.zeros(H, len(cols), dtype=torch.int64).index_add_(1, local, m.sum(1).to(torch.int64))
         if Hx == 1 and H > 1 and not bool((per_tile == per_tile[:1]).all()):
-            # heads differ inside undecided tiles: widen the head dimension and redo this row
-            return _refine(pattern, M, N, H, grid, bm, bn, full.expand(H, -1, -1), nonempty.expand(H, -1, -1))
+            # heads differ inside undecided tiles: widen the head dimension and start over
+            return _refine(pattern, M, N, H, grid, order_q, off_q, order_k, off_k,
+                           full.expand(H, -1, -1), nonempty.expand(H, -1, -1))
+        counts = per_tile if Hx == H else per_tile[:1]
         und = undecided[:, qt][:, cols]
         allowed += int(counts[und].sum())
-        size = (hi - lo) * ksz[cols]
+        size = len(queries) * ksz[cols]
         sub_full, sub_ne = full[:, qt, cols], nonempty[:, qt, cols]
         sub_full[und] = (counts == size)[und]
         sub_ne[und] = (counts > 0)[und]
         full[:, qt, cols], nonempty[:, qt, cols] = sub_full, sub_ne
     return full, nonempty, allowed * (H // Hx)
+
+
+def _uniform(length: int, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Identity order and offsets of 1-D tiles of b tokens."""
+    off = torch.clamp(torch.arange(-(-length // b) + 1) * b, max=length)
+    return torch.arange(length), off
+
+
+# ----------------------------------------------------------------------------- N-D tiles on grids
+
+
+def tile_major(sizes: list[int], tile: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(order, offsets): grid tokens in tile-major order (tiles row-major over the tile grid,
+    tokens row-major inside a tile) and the start of every tile in that order."""
+    counts = [-(-L // t) for L, t in zip(sizes, tile)]
+    coords = torch.stack(torch.meshgrid(*[torch.arange(L) for L in sizes], indexing="ij"), -1).reshape(-1, len(sizes))
+    tid = torch.zeros(len(coords), dtype=torch.int64)
+    for i, (t, c) in enumerate(zip(tile, counts)):
+        tid = tid * c + coords[:, i] // t
+    flat = torch.arange(len(coords))
+    order = flat[torch.argsort(tid * len(coords) + flat)]  # stable: row-major inside a tile
+    per_tile = torch.bincount(tid, minlength=math.prod(counts))
+    return order, torch.cat([torch.zeros(1, dtype=torch.int64), torch.cumsum(per_tile, 0)])
+
+
+class NDTileBoxes(TileBoxes):
+    """Tile classes for N-D tiles: every tile is a box in grid coordinates.
+
+    A per-axis primitive (and `P @ a`) is a product over axes, so its N-D tile
+    classes are exact: a tile is full iff it is full along every axis, non-empty
+    iff non-empty along every axis (1-D classes from the axis' interval sets).
+    `where` is bounded on the box as in TileBoxes, with exact coordinate ranges;
+    other leaves are undecided and evaluated exactly."""
+
+    def __init__(self, pattern, N, heads, grid, tq, tk):
+        self.pattern, self.M, self.N, self.H = pattern, N, N, heads
+        self.view = top_view(pattern, N, N, heads, grid, {})
+        self.ia = IntervalAnalysis(pattern)
+        self.sizes, self.T = [int(g) for g in grid], 0
+        self.tq, self.tk = tq, tk
+        self.cq = [-(-L // t) for L, t in zip(self.sizes, tq)]
+        self.ck = [-(-L // t) for L, t in zip(self.sizes, tk)]
+        self.nq, self.nk = math.prod(self.cq), math.prod(self.ck)
+        # flat bounds of each tile box (row-major ravel is monotone in every coordinate)
+        self.q0, self.q1 = self._flat_bounds(tq, self.cq, (1, self.nq, 1))
+        self.k0, self.k1 = self._flat_bounds(tk, self.ck, (1, 1, self.nk))
+
+    def _axis_bounds(self, i, tile, counts):
+        t = torch.arange(counts[i])
+        return t * tile[i], torch.clamp((t + 1) * tile[i], max=self.sizes[i]) - 1
+
+    def _grid_index(self, counts):
+        return torch.stack(torch.meshgrid(*[torch.arange(c) for c in counts], indexing="ij"), -1).reshape(-1, len(counts))
+
+    def _flat_bounds(self, tile, counts, shape):
+        idx = self._grid_index(counts)
+        lo = torch.zeros(len(idx), dtype=torch.int64)
+        hi = torch.zeros(len(idx), dtype=torch.int64)
+        for i in range(len(self.sizes)):
+            a, b = self._axis_bounds(i, tile, counts)
+            lo, hi = lo * self.sizes[i] + a[idx[:, i]], hi * self.sizes[i] + b[idx[:, i]]
+        return lo.view(shape), hi.view(shape)
+
+    def coord(self, lo, hi, axis):
+        i = self.pattern.layout.axes.index(axis)
+        which = (self.tq, self.cq, (1, self.nq, 1)) if lo.shape[1] == self.nq and lo.shape[2] == 1 else (self.tk, self.ck, (1, 1, self.nk))
+        tile, counts, shape = which
+        a, b = self._axis_bounds(i, tile, counts)
+        idx = self._grid_index(counts)[:, i]
+        return a[idx].view(shape), b[idx].view(shape)
+
+    def axis_classes(self, node, axis) -> tuple[torch.Tensor, torch.Tensor]:
+        """1-D exact classes of `node` along `axis`: bool [Hx, cq_a, ck_a]."""
+        i = self.pattern.layout.axes.index(axis)
+        L = self.sizes[i]
+        return _classify_from_intervals(self.ia.coord_set(node, self.view, axis), L, self.tq[i], self.tk[i], torch.arange(L))
+
+    def product(self, per_axis: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        full = nonempty = None
+        d = len(self.sizes)
+        for i, axis in enumerate(self.pattern.layout.axes):
+            f, ne = per_axis.get(axis) or (torch.ones(1, self.cq[i], self.ck[i], dtype=torch.bool),) * 2
+            shape = [f.shape[0]] + [1] * (2 * d)
+            shape[1 + i], shape[1 + d + i] = self.cq[i], self.ck[i]
+            f, ne = f.view(shape), ne.view(shape)
+            full, nonempty = (f, ne) if full is None else (full & f, nonempty & ne)
+        Hx = full.shape[0]
+        full = full.expand(Hx, *self.cq, *self.ck).reshape(Hx, self.nq, self.nk)
+        nonempty = nonempty.expand(Hx, *self.cq, *self.ck).reshape(Hx, self.nq, self.nk)
+        return full, nonempty
+
+    def classify(self, node):
+        try:
+            if isinstance(node, ir.AXISWISE):
+                self.ia.check(node, self.view)
+                return self.product({a: self.axis_classes(_component(node, i), a) for i, a in enumerate(self.pattern.layout.axes)})
+            if isinstance(node, ir.Along):
+                return self.product({node.axis: self.axis_classes(node.operand, node.axis)})
+            if isinstance(node, ir.Full) or isinstance(node, ir.Empty):
+                v = isinstance(node, ir.Full)
+                t = torch.full((1, self.nq, self.nk), v, dtype=torch.bool)
+                return t, t
+        except NotIntervals:
+            pass
+        if isinstance(node, (ir.Union_, ir.Inter, ir.Diff, ir.Not, ir.Where, ir.Heads)):
+            return self._combine(node)
+        shape = (1, self.nq, self.nk)
+        return torch.zeros(shape, dtype=torch.bool), torch.ones(shape, dtype=torch.bool)
 
 
 @contextlib.contextmanager
@@ -760,7 +891,38 @@ def plan_blocks(pattern: ir.PatternIR, M: int, N: int, heads: int, grid, *, bloc
         return _plan_blocks(pattern, M, N, heads, grid, block)
 
 
+def _plan_nd(pattern, M, N, heads, grid, tq, tk) -> Plan:
+    """The plan of N-D tiles on a grid, in tile-major token order."""
+    sizes = [int(g) for g in grid]
+    boxes = NDTileBoxes(pattern, N, heads, grid, tq, tk)
+    full, nonempty = boxes.classify(pattern.body)
+    order_q, off_q = tile_major(sizes, tq)
+    order_k, off_k = tile_major(sizes, tk)
+    allowed = None
+    if isinstance(pattern.body, (*ir.AXISWISE, ir.Along)):
+        # a product's box classes are exact; the flat interval sets count the pairs
+        try:
+            s, _ = _interval_sets(pattern, M, N, heads, grid)
+            allowed = int(s.count().sum()) * (heads // s.lo.shape[0])
+        except NotIntervals:
+            pass
+    evaluated = 0
+    if allowed is None:
+        evaluated = int((nonempty & ~full).sum())
+        full, nonempty, allowed = _refine(pattern, M, N, heads, grid, order_q, off_q, order_k, off_k, full, nonempty)
+    partial = nonempty & ~full
+    return Plan(
+        M=M, N=N, heads=heads, block=(math.prod(tq), math.prod(tk)),
+        full=TileList.from_dense(full), partial=TileList.from_dense(partial),
+        full_t=TileList.from_dense(full.transpose(1, 2)), partial_t=TileList.from_dense(partial.transpose(1, 2)),
+        allowed=allowed, method="closed-form" if evaluated == 0 else "tile-boxes", tiles_evaluated=evaluated,
+        tile_shape=(tuple(tq), tuple(tk)), perm_q=order_q, perm_k=order_k, offsets_q=off_q, offsets_k=off_k,
+    )
+
+
 def _plan_blocks(pattern, M, N, heads, grid, block) -> Plan:
+    if isinstance(block[0], tuple):
+        return _plan_nd(pattern, M, N, heads, grid, *block)
     bm, bn = block
     method = "closed-form"
     evaluated = 0
@@ -773,7 +935,7 @@ def _plan_blocks(pattern, M, N, heads, grid, block) -> Plan:
         boxes = TileBoxes(pattern, M, N, heads, grid, bm, bn)
         full, nonempty = boxes.classify(pattern.body)
         evaluated = int((nonempty & ~full).sum())
-        full, nonempty, allowed = _refine(pattern, M, N, heads, grid, bm, bn, full, nonempty)
+        full, nonempty, allowed = _refine(pattern, M, N, heads, grid, *_uniform(M, bm), *_uniform(N, bn), full, nonempty)
     partial = nonempty & ~full
     return Plan(
         M=M, N=N, heads=heads, block=(bm, bn),

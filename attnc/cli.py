@@ -256,9 +256,16 @@ def _formula_text(pat, M, N, allowed) -> str:
     return "\n".join(lines)
 
 
-def parse_tile(text: str) -> tuple[int, int]:
+def parse_tile(text: str):
+    """`128x128` (query x key tokens) or `16x16/16x8` (N-D query tile / key tile shapes on a grid)."""
     if "/" in text:
-        raise UsageError(f"--tile: N-D tiles like {text!r} are not supported yet; use a 1-D tile such as 128x128")
+        try:
+            q, k = (tuple(int(p) for p in part.lower().split("x")) for part in text.split("/"))
+        except ValueError:
+            raise UsageError(f"--tile: expected N-D tile shapes like 16x16/16x8, got {text!r}") from None
+        if min(q + k) < 1:
+            raise UsageError(f"--tile: expected positive sizes, got {text!r}")
+        return q, k
     return parse_block(text)
 
 

@@ -436,7 +436,7 @@ class BoundPattern:
         (31, 'closed-form')
         """
         M, N, H, grid = self.resolve_sizes(M, N, heads, grid)
-        block = _tile(block)
+        block = _tile(block, self.layout, M, N)
         try:
             return plan_blocks(self.ir, M, N, H, grid, block=block)
         except AttnError as err:
@@ -544,15 +544,25 @@ class BoundPattern:
         return attention(self, q, k, v, return_lse=return_lse, scale=scale, backend=backend, grid=grid, inputs=inputs)
 
 
-def _tile(block) -> tuple[int, int]:
+def _tile(block, layout: ir.Layout, M: int, N: int) -> tuple:
+    """(bm, bn), or ((query tile shape), (key tile shape)) for N-D tiles on a grid."""
     if isinstance(block, int) and not isinstance(block, bool):
         block = (block, block)
     try:
         bm, bn = block
     except (TypeError, ValueError):
         raise ValueError(f"block: expected (query tile, key tile) like (128, 128), got {block!r}") from None
-    if any(isinstance(b, tuple) for b in (bm, bn)):
-        raise ValueError("block: N-D tiles such as ((16, 16), (16, 8)) are not supported yet; try 1-D tiles like (128, 128)")
+    if any(isinstance(b, (tuple, list)) for b in (bm, bn)):
+        d = len(layout.axes)
+        shapes = tuple(tuple(b) if isinstance(b, (tuple, list)) else (b,) * d for b in (bm, bn))
+        if not layout.axes or layout.text is not None:
+            raise ValueError(f"block: N-D tiles need a pattern on a pure grid, got one on {layout}; try 1-D tiles like (128, 128)")
+        if M != N:
+            raise ValueError(f"block: N-D tiles cover the whole grid: expected M = N, got M={M}, N={N}; try 1-D tiles")
+        if any(len(t) != d or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 1 for x in t) for t in shapes):
+            raise ValueError(f"block: expected two tile shapes of {d} positive sizes (one per axis of {layout}), "
+                             f"got {block!r}; try {tuple((8,) * d for _ in range(2))}")
+        return shapes
     if not all(isinstance(b, int) and not isinstance(b, bool) and b >= 1 for b in (bm, bn)):
         raise ValueError(f"block: expected positive tile sizes, got {block!r}")
     return bm, bn

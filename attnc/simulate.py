@@ -57,12 +57,16 @@ class SimReport:
     dense_ms: float
     sparse_ms: float
     method: str
+    permutation_ms: float = 0.0  # N-D tiles: gathering Q/K/V into tile-major order and O back (forward)
+    tile_shape: tuple | None = None  # N-D tiles: ((query tile shape), (key tile shape))
     density_formula: str | None = None  # sympy formula of N and the parameters (1-D, M = N), when one exists
     formula_exact_when: str | None = None
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["tile"] = list(self.tile)
+        if self.tile_shape is not None:
+            d["tile_shape"] = [list(t) for t in self.tile_shape]
         return d
 
     def to_json(self) -> str:
@@ -72,14 +76,17 @@ class SimReport:
         rows = [
             ("pattern", self.pattern),
             ("problem", f"M={self.M} N={self.N} heads={self.heads} head_dim={self.head_dim}"),
-            ("gpu / tile", f"{self.gpu} / {self.tile[0]}x{self.tile[1]}"),
+            ("gpu / tile", f"{self.gpu} / {self.tile[0]}x{self.tile[1]}" + (
+                "" if self.tile_shape is None else
+                f" tokens = " + "/".join("x".join(map(str, t)) for t in self.tile_shape) + " (tile-major order)")),
             ("density", f"{self.density:.6f}"),
             ("flop_bound", f"{self.flop_bound:.2f}x"),
             ("tiles", f"{self.tiles_full} full + {self.tiles_partial} partial of {self.tiles_total}"),
             ("tile_density", f"{self.tile_density:.6f}"),
             ("tile_bound", f"{self.tile_bound:.2f}x"),
             ("predicted_speedup", f"{self.predicted_speedup:.2f}x forward, {self.predicted_speedup_bwd:.2f}x backward"),
-            ("roofline time", f"dense {self.dense_ms:.3f} ms, sparse {self.sparse_ms:.3f} ms (forward)"),
+            ("roofline time", f"dense {self.dense_ms:.3f} ms, sparse {self.sparse_ms:.3f} ms (forward)" + (
+                f", of which token permutation {self.permutation_ms:.3f} ms" if self.tile_shape is not None else "")),
             ("plan", self.method),
         ]
         if self.density_formula is not None:
@@ -110,6 +117,14 @@ def simulate_plan(plan, *, name: str, head_dim: int, gpu: str, batch: int = 1, m
     f = model.bwd_flop_factor
     dense_b = _time(spec, f * c["tiles_total"] * tile_flops, 2 * c["tiles_total"] * kv_bytes + 2 * qo_bytes, model)
     sparse_b = _time(spec, f * eff_tiles * tile_flops, 2 * visited * kv_bytes + 2 * qo_bytes, model)
+    perm = perm_b = 0.0
+    if plan.tile_shape is not None:
+        # [Note: permutation cost] N-D tiles process tokens in tile-major order: forward gathers Q, K, V
+        # into it and scatters O back (each a read and a write); backward permutes dO in and dQ, dK, dV out.
+        row = 2.0 * D * e * batch * plan.heads  # read + write of one token's vector
+        perm = row * (plan.M + 2 * plan.N + plan.M) / (spec["tbps"] * 1e12)
+        perm_b = row * (2 * plan.M + 2 * plan.N) / (spec["tbps"] * 1e12)
+        sparse, sparse_b = sparse + perm, sparse_b + perm_b
     density = plan.density()
     return SimReport(
         pattern=name, gpu=gpu, M=plan.M, N=plan.N, heads=plan.heads, head_dim=D, tile=(bm, bn),
@@ -118,7 +133,8 @@ def simulate_plan(plan, *, name: str, head_dim: int, gpu: str, batch: int = 1, m
         tile_density=visited / c["tiles_total"], tile_bound=(c["tiles_total"] / visited) if visited else float("inf"),
         predicted_speedup=dense / sparse if sparse else float("inf"),
         predicted_speedup_bwd=dense_b / sparse_b if sparse_b else float("inf"),
-        dense_ms=dense * 1e3, sparse_ms=sparse * 1e3, method=plan.method,
+        dense_ms=dense * 1e3, sparse_ms=sparse * 1e3, method=plan.method, permutation_ms=perm * 1e3,
+        tile_shape=plan.tile_shape,
     )
 
 

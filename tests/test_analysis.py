@@ -141,6 +141,50 @@ def test_where_tiles_are_decided_by_interval_arithmetic():
     check_plan(pat, 300, 300, 3, (32, 16))
 
 
+def nd_tiles_from_mask(m: torch.Tensor, plan) -> torch.Tensor:
+    """int8 [H, nq, nk] classes of N-D tiles, from the mask permuted into the plan's tile-major order."""
+    mp = m[:, plan.perm_q][:, :, plan.perm_k].long()
+    oq, ok = plan.offsets_q.tolist(), plan.offsets_k.tolist()
+    out = torch.zeros(m.shape[0], len(oq) - 1, len(ok) - 1, dtype=torch.int8)
+    for i in range(len(oq) - 1):
+        for j in range(len(ok) - 1):
+            t = mp[:, oq[i]:oq[i + 1], ok[j]:ok[j + 1]]
+            c, size = t.sum((1, 2)), t.shape[1] * t.shape[2]
+            out[:, i, j] = torch.where(c == size, 2, torch.where(c == 0, 0, 1))
+    return out
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(grid_patterns(), st.integers(5, 10), st.integers(5, 11),
+       st.sampled_from([((4, 4), (4, 4)), ((3, 4), (4, 2)), ((2, 5), (5, 3)), ((1, 8), (8, 1))]))
+def test_nd_tile_plans_match_the_permuted_mask(src, gh, gw, tile):
+    pat = attnc.loads(f"pattern p on grid(h, w) = {src}").pattern()
+    N = gh * gw
+    plan = pat.plan(N, heads=2, grid=(gh, gw), block=tile)
+    m = pat.mask(N, heads=2, grid=(gh, gw))
+    assert torch.equal(torch.sort(plan.perm_q).values, torch.arange(N))
+    assert torch.equal(plan.to_dense().expand(2, -1, -1), nd_tiles_from_mask(m, plan))
+    assert plan.allowed == int(m.sum())
+    assert plan.block == (tile[0][0] * tile[0][1], tile[1][0] * tile[1][1])
+
+
+def test_nd_tiles_tile_major_order_and_exact_products():
+    pat = attnc.load(EXAMPLES / "natten2d.attn").pattern("natten2d", size=5)
+    plan = pat.plan(12 * 12, grid=(12, 12), block=((4, 4), (4, 2)))
+    # the first query tile is the top-left 4x4 box, row-major inside
+    assert plan.perm_q[:16].tolist() == [r * 12 + c for r in range(4) for c in range(4)]
+    assert plan.offsets_k.tolist() == list(range(0, 145, 8)) and plan.shape == (9, 18)
+    assert plan.method == "closed-form" and plan.tiles_evaluated == 0  # a product: box classes are exact
+    # non-multiple sizes: edge tiles are smaller
+    plan = pat.plan(10 * 11, grid=(10, 11), block=((4, 4), (3, 3)))
+    sizes = (plan.offsets_q[1:] - plan.offsets_q[:-1]).tolist()
+    assert sizes == [16, 16, 12, 16, 16, 12, 8, 8, 6]
+    with pytest.raises(ValueError, match="N-D tiles need a pattern on a pure grid"):
+        attnc.loads("pattern p = causal").pattern().plan(64, block=((8,), (8,)))
+    with pytest.raises(ValueError, match="expected M = N"):
+        pat.plan(100, 144, grid=(12, 12), block=((4, 4), (4, 4)))
+
+
 def test_three_axis_products_and_mixed_layouts():
     for src, grid in [("pattern p on seq(5) + grid(t, h, w) = causal & neighborhood((2, 3, 3), stride = (1, 2, 3)) | sink(3)",
                        (3, 5, 6)),
@@ -249,7 +293,12 @@ def test_simulate_cli_json_and_table():
     out = io.StringIO()
     assert main(["simulate", str(EXAMPLES / "natten2d.attn"), "--grid", "16x16", "--tile", "64x64"], out=out, err=err) == 0
     assert "tile_bound" in out.getvalue()
-    assert main(["simulate", str(EXAMPLES / "natten2d.attn"), "--grid", "16x16", "--tile", "16x8/16x8"], out=out, err=err) == 2
+    out = io.StringIO()
+    assert main(["simulate", str(EXAMPLES / "natten2d.attn"), "--grid", "16x16", "--tile", "8x8/8x4", "--json"], out=out, err=err) == 0
+    rep = json.loads(out.getvalue())
+    assert rep["tile_shape"] == [[8, 8], [8, 4]] and rep["tile"] == [64, 32] and rep["permutation_ms"] > 0
+    assert main(["simulate", str(EXAMPLES / "natten2d.attn"), "--grid", "16x16", "--tile", "8x8x2/8x4"], out=out, err=err) == 2
+    assert main(["simulate", str(EXAMPLES / "mistral.attn"), "--seq-len", "64", "--tile", "8x8/8x4"], out=out, err=err) == 2
 
 
 def test_plan_string_and_errors():
