@@ -6,7 +6,7 @@ output: a `Plan`: per query tile its full and partial key tiles, the
 does not: generate kernels; handle run-time inputs (their plans are built
         inside the op).
 
-[Note: interval sets] For 1-D layouts the analysis computes, for every query,
+[Note: interval sets] The analysis computes, for every query,
 its allowed keys as a short union of disjoint half-open intervals: a tensor
 pair lo/hi of shape [Hx, M, R] (Hx is 1 when all heads agree, R intervals per
 query; an empty slot is (N, N)). Primitives have closed forms (causal is
@@ -15,11 +15,13 @@ query; an empty slot is (N, N)). Primitives have closed forms (causal is
 intersection, gaps). From intervals, tiles are classified exactly by difference
 arrays: a key tile is *full* for a query tile when every query's interval
 covers it, *empty* when none touches it. Cost O(H * M * R + tiles), no N^2 term.
+On grids, per-axis primitives are products of per-axis sets ([Note: products]).
 
-Patterns that are not short interval unions per query (strided, dilation,
-`where`, grid layouts) fall back to an exact scan of the reference mask in row
-chunks: always exact, O(M * N) time, O(chunk * N) memory. `Plan.method` says
-which path built a plan.
+Patterns that are not short interval unions per query (`where`, `dilate`,
+many-key `strided`) are classified per tile box in three-valued logic and only
+undecided tiles are evaluated exactly ([Note: tile boxes]); N-D tiles on grids
+use the same boxes in tile-major token order (`NDTileBoxes`). `Plan.method`
+says which path built a plan; both are exact.
 """
 
 from __future__ import annotations
