@@ -83,20 +83,17 @@ class PL:
     segs: tuple[tuple[sympy.Expr, sympy.Expr], ...]
 
     @staticmethod
-    def const(e) -> "PL":
-        return PL(((sympy.Integer(0), sympy.sympify(e)),))
-
-    @staticmethod
-    def linear(e) -> "PL":
+    def of(e) -> "PL":
+        """One segment: the expression `e` of q on all of [0, N)."""
         return PL(((sympy.Integer(0), sympy.sympify(e)),))
 
     @staticmethod
     def step(at, before, after, order: Order) -> "PL":
         """`before` for q < at, `after` from there on (at clamped to [0, N])."""
         if order.cmp(at, 0) <= 0:
-            return PL.linear(after)
+            return PL.of(after)
         if order.cmp(at, ir.N) >= 0:
-            return PL.linear(before)
+            return PL.of(before)
         return PL(((sympy.Integer(0), sympy.sympify(before)), (sympy.sympify(at), sympy.sympify(after))))
 
 
@@ -193,7 +190,7 @@ class Counter:
 
     def __init__(self, order: Order):
         self.order = order
-        self.zero = PL.const(0)
+        self.zero = PL.of(0)
 
     def add(self, f, g, sign=1):
         return combine([f, g], lambda a, b: a + sign * b, self.order)
@@ -201,11 +198,11 @@ class Counter:
     def count(self, s: SetExpr) -> PL:
         o = self.order
         if s.op == "iv":
-            lo = extremum(s.iv.lo, PL.const(0), o, True)
-            hi = extremum(s.iv.hi, PL.const(ir.N), o, False)
+            lo = extremum(s.iv.lo, PL.of(0), o, True)
+            hi = extremum(s.iv.hi, PL.of(ir.N), o, False)
             return extremum(self.add(hi, lo, -1), self.zero, o, True)
         if s.op == "not":
-            return self.add(PL.const(ir.N), self.count(s.parts[0]), -1)
+            return self.add(PL.of(ir.N), self.count(s.parts[0]), -1)
         if s.op == "or":
             a, rest = s.parts[0], s.parts[1:]
             b = rest[0] if len(rest) == 1 else SetExpr("or", rest)
@@ -214,7 +211,7 @@ class Counter:
             # |P n ~X1 n ~X2| = |P| - |(P n X1) u (P n X2)|, P the positive parts' intersection
             pos = [p for p in s.parts if p.op != "not"]
             neg = [p.parts[0] for p in s.parts if p.op == "not"]
-            P = pos[0] if pos else _iv(PL.const(0), PL.const(ir.N))
+            P = pos[0] if pos else _iv(PL.of(0), PL.of(ir.N))
             for x in pos[1:]:
                 P = self.inter(P, x)
             if not neg:
@@ -264,7 +261,7 @@ class Builder:
         return m(node)
 
     def iv(self, lo, hi) -> SetExpr:
-        return _iv(PL.linear(lo), PL.linear(hi))
+        return _iv(PL.of(lo), PL.of(hi))
 
     def b_Full(self, n):
         return self.iv(0, ir.N)
@@ -286,7 +283,7 @@ class Builder:
 
     def b_Prefix(self, n):
         k = self.scalar(n.n)
-        return _iv(PL.const(0), PL.step(k, k, 0, self.o))
+        return _iv(PL.of(0), PL.step(k, k, 0, self.o))
 
     def _ranges(self, s) -> list[tuple]:
         if isinstance(s, ir.SetRange):
@@ -299,7 +296,7 @@ class Builder:
         parts = []
         for a, b in self._ranges(s):
             inside = combine([PL.step(a, 0, ir.N, self.o), PL.step(b, 0, ir.N, self.o)], lambda x, y: x - y, self.o)
-            parts.append(_iv(PL.const(0), inside))
+            parts.append(_iv(PL.of(0), inside))
         return parts[0] if len(parts) == 1 else SetExpr("or", tuple(parts))
 
     def _cols(self, s) -> SetExpr:
@@ -320,10 +317,10 @@ class Builder:
         if self.scalar(n.dilation) != 1 or self.scalar(n.stride) != 1:
             raise NoFormula("dilated or strided neighborhoods")
         if n.causal is True:
-            start = extremum(PL.linear(Q - (size - 1)), PL.const(0), self.o, True)
-            return _iv(start, PL.linear(Q + 1))
+            start = extremum(PL.of(Q - (size - 1)), PL.of(0), self.o, True)
+            return _iv(start, PL.of(Q + 1))
         wl = sympy.floor(size / 2)
-        start = extremum(extremum(PL.linear(Q - wl), PL.const(ir.N - size), self.o, False), PL.const(0), self.o, True)
+        start = extremum(extremum(PL.of(Q - wl), PL.of(ir.N - size), self.o, False), PL.of(0), self.o, True)
         return _iv(start, combine([start], lambda a: a + size, self.o))
 
     def b_Union(self, n):
@@ -369,7 +366,10 @@ class Formula:
     def allowed_at(self, N: int) -> int:
         """The formula's value at N for the bound parameters (exact when valid_at(N))."""
         fn = _lambdified(self.allowed, tuple(s for s, _ in self.bindings))
-        return int(fn(N, *[v for _, v in self.bindings]))
+        v = fn(N, *[v for _, v in self.bindings])
+        if not v.is_Integer:
+            raise ValueError(f"allowed_at: the formula gives {v} at N = {N}; expected an integer (is valid_at({N}) true?)")
+        return int(v)
 
     def condition_text(self) -> str:
         return ", ".join(_rel_text(c) for c in self.conditions) or "all N"
@@ -385,9 +385,10 @@ class Formula:
 
 @functools.lru_cache(maxsize=256)
 def _lambdified(expr: sympy.Expr, params: tuple):
-    """expr compiled once to a Python function of (N, *params) on exact integers/rationals."""
-    fn = sympy.lambdify((ir.N, *params), expr, modules=[{"floor": lambda x: x // 1}, "math"])
-    return lambda *args: Fraction(fn(*[Fraction(a) for a in args]))
+    """expr compiled once to a function of (N, *params). The sympy module keeps the
+    arithmetic exact (a float printer would turn 1/2 into 0.5 and lose N**2 > 2**53)."""
+    fn = sympy.lambdify((ir.N, *params), expr, modules="sympy")
+    return lambda *args: sympy.Rational(fn(*[sympy.Integer(a) for a in args]))
 
 
 def _rel_text(c) -> str:

@@ -358,6 +358,8 @@ def test_formula_validity_is_stated_and_checked():
     assert f.condition_text() == "w >= 2, N >= w + 1"
     assert f.valid_at(65) and not f.valid_at(64)
     assert f.allowed_at(1000) == attnc.loads("pattern p(w = 64) = sliding(w)").pattern().plan(1000).allowed
+    n = 10**9 + 7  # exact integer arithmetic beyond 2**53
+    assert attnc.loads("pattern p = causal").pattern().formula().allowed_at(n) == n * (n + 1) // 2
     from attnc.symbolic import NoFormula
     for src, why in [("pattern p = block(8)", "block has no closed-form count"),
                      ("pattern p on grid(h, w) = neighborhood(3)", "grid layouts"),
