@@ -365,8 +365,8 @@ class Formula:
 
     def allowed_at(self, N: int) -> int:
         """The formula's value at N for the bound parameters (exact when valid_at(N))."""
-        fn = _lambdified(self.allowed, tuple(s for s, _ in self.bindings))
-        v = fn(N, *[v for _, v in self.bindings])
+        # exact substitution: a compiled float function would turn 1/2 into 0.5 and lose N**2 > 2**53
+        v = self.allowed.xreplace({**{s: sympy.Integer(x) for s, x in self.bindings}, ir.N: sympy.Integer(N)})
         if not v.is_Integer:
             raise ValueError(f"allowed_at: the formula gives {v} at N = {N}; expected an integer (is valid_at({N}) true?)")
         return int(v)
@@ -381,14 +381,6 @@ class Formula:
     def to_dict(self) -> dict:
         return {"allowed": str(self.allowed), "density": str(self.density), "flops": str(self.flops),
                 "exact_when": [_rel_text(c) for c in self.conditions]}
-
-
-@functools.lru_cache(maxsize=256)
-def _lambdified(expr: sympy.Expr, params: tuple):
-    """expr compiled once to a function of (N, *params). The sympy module keeps the
-    arithmetic exact (a float printer would turn 1/2 into 0.5 and lose N**2 > 2**53)."""
-    fn = sympy.lambdify((ir.N, *params), expr, modules="sympy")
-    return lambda *args: sympy.Rational(fn(*[sympy.Integer(a) for a in args]))
 
 
 def _rel_text(c) -> str:
