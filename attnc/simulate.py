@@ -78,7 +78,7 @@ class SimReport:
             ("problem", f"M={self.M} N={self.N} heads={self.heads} head_dim={self.head_dim}"),
             ("gpu / tile", f"{self.gpu} / {self.tile[0]}x{self.tile[1]}" + (
                 "" if self.tile_shape is None else
-                f" tokens = " + "/".join("x".join(map(str, t)) for t in self.tile_shape) + " (tile-major order)")),
+                " tokens = " + "/".join("x".join(map(str, t)) for t in self.tile_shape) + " (tile-major order)")),
             ("density", f"{self.density:.6f}"),
             ("flop_bound", f"{self.flop_bound:.2f}x"),
             ("tiles", f"{self.tiles_full} full + {self.tiles_partial} partial of {self.tiles_total}"),
