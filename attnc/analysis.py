@@ -52,6 +52,7 @@ class ISet:
     lo: torch.Tensor  # int64 [Hx, Mq, R]
     hi: torch.Tensor
     n: int  # key length: intervals live in [0, n); (n, n) marks an empty slot
+    merged: bool = False  # sorted, disjoint, non-adjacent (merge() is then the identity)
 
     @staticmethod
     def make(lo: torch.Tensor, hi: torch.Tensor, n: int) -> "ISet":
@@ -60,7 +61,8 @@ class ISet:
         lo = lo.clamp(0, n)
         hi = hi.clamp(0, n)
         empty = hi <= lo
-        return ISet(lo.masked_fill(empty, n), hi.masked_fill(empty, n), n)
+        # one interval per query is merged by construction
+        return ISet(lo.masked_fill(empty, n), hi.masked_fill(empty, n), n, merged=lo.shape[-1] == 1)
 
     def count(self) -> torch.Tensor:
         """Allowed keys per query: int64 [Hx, Mq]."""
@@ -69,13 +71,15 @@ class ISet:
 
 def _broadcast(a: ISet, b: ISet) -> tuple[ISet, ISet]:
     h = max(a.lo.shape[0], b.lo.shape[0])
-    ea = ISet(a.lo.expand(h, -1, -1), a.hi.expand(h, -1, -1), a.n)
-    eb = ISet(b.lo.expand(h, -1, -1), b.hi.expand(h, -1, -1), b.n)
+    ea = ISet(a.lo.expand(h, -1, -1), a.hi.expand(h, -1, -1), a.n, a.merged)
+    eb = ISet(b.lo.expand(h, -1, -1), b.hi.expand(h, -1, -1), b.n, b.merged)
     return ea, eb
 
 
 def merge(s: ISet) -> ISet:
     """Sort and merge overlapping or adjacent intervals; drop all-empty slots."""
+    if s.merged:
+        return s
     lo, order = torch.sort(s.lo, dim=-1, stable=True)
     hi = torch.gather(s.hi, -1, order)
     cm = torch.cummax(hi, dim=-1).values
@@ -90,7 +94,7 @@ def merge(s: ISet) -> ISet:
     used = max(used, 1)
     if used > MAX_INTERVALS:
         raise NotIntervals(f"more than {MAX_INTERVALS} intervals per query")
-    return ISet(out.lo[..., :used], out.hi[..., :used], s.n) if used < R else out
+    return ISet(out.lo[..., :used], out.hi[..., :used], s.n, merged=True) if used < R else ISet(out.lo, out.hi, s.n, merged=True)
 
 
 def union(a: ISet, b: ISet) -> ISet:
@@ -178,7 +182,7 @@ class IntervalAnalysis(Evaluator):
         # a 1-D set depends only on the coordinate and the axis length: evaluate
         # every coordinate once (no unique() over the flat queries) and gather
         s = self.coord_set(node, view, axis)
-        return ISet(s.lo[:, view.qc[axis]], s.hi[:, view.qc[axis]], s.n)
+        return ISet(s.lo[:, view.qc[axis]], s.hi[:, view.qc[axis]], s.n, s.merged)
 
     def grid_product(self, view: View, per_axis: dict) -> ISet:
         """Flat key intervals of the box product of per-axis sets (an absent axis is
@@ -199,7 +203,7 @@ class IntervalAnalysis(Evaluator):
             A = per_axis.get(axis)
             if A is None:
                 z = torch.zeros(1, Mq, 1, dtype=torch.int64)
-                A = ISet(z, z + L, L)
+                A = ISet(z, z + L, L, merged=True)
             F = A if F is None else _fold(A, F, S)
             S *= L
         T = view.L - S
@@ -334,7 +338,7 @@ class IntervalAnalysis(Evaluator):
             r = s.lo.shape[-1]
             lo[sel, :, :r] = s.lo.expand(H, -1, -1)[sel]
             hi[sel, :, :r] = s.hi.expand(H, -1, -1)[sel]
-        return ISet(lo, hi, view.L)
+        return ISet(lo, hi, view.L, merged=all(s.merged for _, s in chosen))
 
     def iv_Blockwise(self, node, view):
         if view.axes:
