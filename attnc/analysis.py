@@ -6,7 +6,7 @@ output: a `Plan`: per query tile its full and partial key tiles, the
 does not: generate kernels; handle run-time inputs (their plans are built
         inside the op).
 
-[Note: interval sets] For 1-D layouts the analysis computes, for every query,
+[Note: interval sets] The analysis computes, for every query,
 its allowed keys as a short union of disjoint half-open intervals: a tensor
 pair lo/hi of shape [Hx, M, R] (Hx is 1 when all heads agree, R intervals per
 query; an empty slot is (N, N)). Primitives have closed forms (causal is
@@ -15,21 +15,26 @@ query; an empty slot is (N, N)). Primitives have closed forms (causal is
 intersection, gaps). From intervals, tiles are classified exactly by difference
 arrays: a key tile is *full* for a query tile when every query's interval
 covers it, *empty* when none touches it. Cost O(H * M * R + tiles), no N^2 term.
+On grids, per-axis primitives are products of per-axis sets ([Note: products]).
 
-Patterns that are not short interval unions per query (strided, dilation,
-`where`, grid layouts) fall back to an exact scan of the reference mask in row
-chunks: always exact, O(M * N) time, O(chunk * N) memory. `Plan.method` says
-which path built a plan.
+Patterns that are not short interval unions per query (`where`, `dilate`,
+many-key `strided`) are classified per tile box in three-valued logic and only
+undecided tiles are evaluated exactly ([Note: tile boxes]); N-D tiles on grids
+use the same boxes in tile-major token order (`NDTileBoxes`). `Plan.method`
+says which path built a plan; both are exact.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import math
 from dataclasses import dataclass
 
 import torch
 
 from . import ir
-from .reference import Evaluator, View, neighborhood_window, random_table, top_view
+from .reference import Evaluator, View, _component, neighborhood_window, random_table, top_view
 
 #: largest number of intervals per query the closed form keeps (beyond: scan)
 MAX_INTERVALS = 64
@@ -47,6 +52,7 @@ class ISet:
     lo: torch.Tensor  # int64 [Hx, Mq, R]
     hi: torch.Tensor
     n: int  # key length: intervals live in [0, n); (n, n) marks an empty slot
+    merged: bool = False  # sorted, disjoint, non-adjacent (merge() is then the identity)
 
     @staticmethod
     def make(lo: torch.Tensor, hi: torch.Tensor, n: int) -> "ISet":
@@ -57,7 +63,8 @@ class ISet:
         lo = lo.clamp(0, n)
         hi = hi.clamp(0, n)
         empty = hi <= lo
-        return ISet(lo.masked_fill(empty, n), hi.masked_fill(empty, n), n)
+        # one interval per query is merged by construction
+        return ISet(lo.masked_fill(empty, n), hi.masked_fill(empty, n), n, merged=lo.shape[-1] == 1)
 
     def count(self) -> torch.Tensor:
         """Allowed keys per query: int64 [Hx, Mq]."""
@@ -66,13 +73,15 @@ class ISet:
 
 def _broadcast(a: ISet, b: ISet) -> tuple[ISet, ISet]:
     h = max(a.lo.shape[0], b.lo.shape[0])
-    ea = ISet(a.lo.expand(h, -1, -1), a.hi.expand(h, -1, -1), a.n)
-    eb = ISet(b.lo.expand(h, -1, -1), b.hi.expand(h, -1, -1), b.n)
+    ea = ISet(a.lo.expand(h, -1, -1), a.hi.expand(h, -1, -1), a.n, a.merged)
+    eb = ISet(b.lo.expand(h, -1, -1), b.hi.expand(h, -1, -1), b.n, b.merged)
     return ea, eb
 
 
 def merge(s: ISet) -> ISet:
     """Sort and merge overlapping or adjacent intervals; drop all-empty slots."""
+    if s.merged:
+        return s
     lo, order = torch.sort(s.lo, dim=-1, stable=True)
     hi = torch.gather(s.hi, -1, order)
     cm = torch.cummax(hi, dim=-1).values
@@ -87,7 +96,7 @@ def merge(s: ISet) -> ISet:
     used = max(used, 1)
     if used > MAX_INTERVALS:
         raise NotIntervals(f"more than {MAX_INTERVALS} intervals per query")
-    return ISet(out.lo[..., :used], out.hi[..., :used], s.n) if used < R else out
+    return ISet(out.lo[..., :used], out.hi[..., :used], s.n, merged=True) if used < R else ISet(out.lo, out.hi, s.n, merged=True)
 
 
 def union(a: ISet, b: ISet) -> ISet:
@@ -112,6 +121,41 @@ def complement(a: ISet) -> ISet:
     return merge(ISet.make(lo, hi, a.n))
 
 
+def _fold(A: ISet, F: ISet, S: int) -> ISet:
+    """The set {c * S + f : c in A, f in F} over A.n * S positions (A, F merged)."""
+    A, F = _broadcast(A, F)
+    n = A.n * S
+    full = F.count() == S  # [Hx, Mq]
+    cnt = A.count()
+    partial_rows = cnt.masked_fill(full, 0)
+    C = int(partial_rows.max()) if partial_rows.numel() else 0
+    RF = F.lo.shape[-1]
+    if C * RF > MAX_INTERVALS:
+        raise NotIntervals(f"grid product with {C * RF} intervals per query")
+    scaled_lo, scaled_hi = A.lo * S, A.hi * S
+    if C == 0:
+        return merge(ISet.make(scaled_lo, scaled_hi, n))
+    # the j-th coordinate of A for j < C: find its interval by cumulative counts
+    sizes = A.hi - A.lo
+    cum = torch.cumsum(sizes, -1)
+    j = torch.arange(C, dtype=torch.int64).expand(*cum.shape[:-1], C).contiguous()
+    idx = torch.searchsorted(cum, j, right=True).clamp(max=sizes.shape[-1] - 1)
+    before = torch.gather(cum - sizes, -1, idx)
+    coord = torch.gather(A.lo, -1, idx) + (j - before)
+    valid = j < cnt[..., None]
+    base = (coord * S)[..., :, None]
+    lo = (base + F.lo[..., None, :]).flatten(-2)
+    hi = (base + F.hi[..., None, :]).flatten(-2)
+    keep = (valid[..., :, None] & (F.lo < F.n)[..., None, :]).flatten(-2) & ~full[..., None]
+    lo, hi = lo.masked_fill(~keep, n), hi.masked_fill(~keep, n)
+    f = full[..., None]
+    R = max(lo.shape[-1], scaled_lo.shape[-1])
+    pad = lambda t, fill: torch.cat([t, torch.full((*t.shape[:-1], R - t.shape[-1]), fill, dtype=t.dtype)], -1)
+    lo = torch.where(f, pad(scaled_lo.masked_fill(~f, n), n), pad(lo, n))
+    hi = torch.where(f, pad(scaled_hi.masked_fill(~f, n), n), pad(hi, n))
+    return merge(ISet.make(lo, hi, n))
+
+
 # ----------------------------------------------------------------------------- closed forms per primitive
 
 
@@ -119,11 +163,60 @@ class IntervalAnalysis(Evaluator):
     """The per-query interval sets of a 1-D pattern (raises NotIntervals)."""
 
     def eval(self, node: ir.Mask, view: View) -> ISet:  # type: ignore[override]
+        if isinstance(node, ir.AXISWISE) and view.axes:
+            self.check(node, view)
+            return self.grid_product(view, {a: self.axis_set(_component(node, i), view, a) for i, a in enumerate(view.axes)})
         method = getattr(self, "iv_" + type(node).__name__.rstrip("_"), None)
         if method is None:
             raise NotIntervals(type(node).__name__)
         self.check(node, view)
         return method(node, view)
+
+    # -- grids: products of per-axis interval sets
+    def coord_set(self, node: ir.Mask, view: View, axis: str) -> ISet:
+        """The 1-D interval set of `node` along `axis`, one row per coordinate 0 .. size(axis) - 1."""
+        L = view.env[ir.axis_size(axis)]
+        coords = torch.arange(L, dtype=torch.int64)
+        return merge(self.eval(node, View(q=coords, k=coords, env={**view.env, ir.M: L, ir.N: L})))
+
+    def axis_set(self, node: ir.Mask, view: View, axis: str) -> ISet:
+        """The 1-D interval set of `node` along `axis`, one row per query of `view`."""
+        # a 1-D set depends only on the coordinate and the axis length: evaluate
+        # every coordinate once (no unique() over the flat queries) and gather
+        s = self.coord_set(node, view, axis)
+        return ISet(s.lo[:, view.qc[axis]], s.hi[:, view.qc[axis]], s.n, s.merged)
+
+    def grid_product(self, view: View, per_axis: dict) -> ISet:
+        """Flat key intervals of the box product of per-axis sets (an absent axis is
+        unconstrained); tokens outside the grid part of a mixed layout get none.
+
+        [Note: products] Axes are folded from the fastest outwards. With F the
+        set over the inner axes (S positions) and A the set of the next axis: where
+        F is all of [0, S) the product is A's intervals scaled by S (adjacent rows
+        merge), otherwise every coordinate c of A contributes c * S + F. The
+        interval count stays the number of non-full inner rows, e.g. `size`
+        intervals for a 2-D neighborhood, instead of the keys' count.
+        """
+        sizes = [view.env[ir.axis_size(a)] for a in view.axes]
+        Mq = len(view.q)
+        F = None
+        S = 1
+        for axis, L in zip(reversed(view.axes), reversed(sizes)):
+            A = per_axis.get(axis)
+            if A is None:
+                z = torch.zeros(1, Mq, 1, dtype=torch.int64)
+                A = ISet(z, z + L, L, merged=True)
+            F = A if F is None else _fold(A, F, S)
+            S *= L
+        T = view.L - S
+        lo, hi = F.lo + T, F.hi + T
+        if view.qin is not None:
+            out = ~view.qin.view(1, Mq, 1)
+            lo, hi = lo.masked_fill(out, view.L), hi.masked_fill(out, view.L)
+        return ISet.make(lo, hi, view.L)
+
+    def iv_Along(self, node, view):
+        return self.grid_product(view, {node.axis: self.axis_set(node.operand, view, node.axis)})
 
     def _iv(self, lo, hi, view) -> ISet:
         return ISet.make(lo[:, None], hi[:, None], view.L)
@@ -204,6 +297,14 @@ class IntervalAnalysis(Evaluator):
         valid = local < end[:, None]
         return merge(ISet.make(keys, torch.where(valid, keys + 1, keys), view.L))
 
+    def iv_Strided(self, node, view):
+        s = self.val(node.s, view.env)
+        C = -(-view.L // s)
+        if C > MAX_INTERVALS:
+            raise NotIntervals("strided with many keys per query")
+        keys = (view.q % s)[:, None] + s * torch.arange(C, dtype=torch.int64)[None, :]
+        return merge(ISet.make(keys, keys + 1, view.L))
+
     def iv_Random(self, node, view):
         r, seed = self.val(node.r, view.env), self.val(node.seed, view.env)
         if min(r, view.L) > MAX_INTERVALS:
@@ -239,7 +340,7 @@ class IntervalAnalysis(Evaluator):
             r = s.lo.shape[-1]
             lo[sel, :, :r] = s.lo.expand(H, -1, -1)[sel]
             hi[sel, :, :r] = s.hi.expand(H, -1, -1)[sel]
-        return ISet(lo, hi, view.L)
+        return ISet(lo, hi, view.L, merged=all(s.merged for _, s in chosen))
 
     def iv_Blockwise(self, node, view):
         if view.axes:
@@ -265,11 +366,21 @@ class TileList:
 
     @staticmethod
     def from_dense(flags: torch.Tensor) -> "TileList":
-        counts = flags.sum(-1).to(torch.int32)
+        counts = flags.sum(-1)
         width = max(int(counts.max()) if counts.numel() else 0, 1)
-        order = torch.argsort((~flags).to(torch.int8), dim=-1, stable=True)[..., :width]
-        index = torch.where(torch.arange(width) < counts[..., None].long(), order, -1).to(torch.int32)
-        return TileList(counts, index)
+        h, r, c = flags.nonzero(as_tuple=True)  # row-major: columns ascend within a row
+        return TileList.from_coords(h, r, c, counts, width)
+
+    @staticmethod
+    def from_coords(h, r, c, counts, width) -> "TileList":
+        """From tile coordinates sorted by (h, r, c) and the per-row counts."""
+        Hx, rows = counts.shape
+        start = torch.cumsum(counts.flatten(), 0) - counts.flatten()
+        flat_row = h * rows + r
+        slot = torch.arange(len(c), dtype=torch.int64) - start[flat_row]
+        index = torch.full((Hx * rows * width,), -1, dtype=torch.int32)
+        index[flat_row * width + slot] = c.to(torch.int32)
+        return TileList(counts.to(torch.int32), index.view(Hx, rows, width))
 
 
 @dataclass(frozen=True)
@@ -290,10 +401,23 @@ class Plan:
     full_t: TileList
     partial_t: TileList
     allowed: int  # exact number of allowed (head, query, key) triples
-    method: str  # "closed-form" | "exact-scan"
+    method: str  # "closed-form" | "tile-boxes" (sound tile classes, exact evaluation inside undecided tiles)
+    tiles_evaluated: int = 0  # tiles whose mask was evaluated because the boxes left them undecided
+    # N-D tiles on grids (None for 1-D tiles): the tile shapes, and the token order they imply.
+    # perm_q[i] is the query index (0..M-1) at position i of the tile-major order (tiles row-major
+    # over the tile grid, tokens row-major inside a tile); tile t holds positions
+    # offsets_q[t] .. offsets_q[t + 1] - 1 (edge tiles are smaller when sizes are not multiples).
+    # `block` is then (prod(query tile), prod(key tile)).
+    tile_shape: tuple | None = None
+    perm_q: torch.Tensor | None = None
+    perm_k: torch.Tensor | None = None
+    offsets_q: torch.Tensor | None = None
+    offsets_k: torch.Tensor | None = None
 
     @property
     def shape(self) -> tuple[int, int]:
+        if self.tile_shape is not None:
+            return len(self.offsets_q) - 1, len(self.offsets_k) - 1
         return -(-self.M // self.block[0]), -(-self.N // self.block[1])
 
     def to_dense(self) -> torch.Tensor:
@@ -327,7 +451,9 @@ class Plan:
         dense = self.to_dense()
         pic, f = ascii_map(dense[min(head, dense.shape[0] - 1)], max_cells)
         c = self.counts()
-        head_line = (f"plan {self.M}x{self.N}, tiles {self.block[0]}x{self.block[1]} ({self.method}): "
+        tiles = (f"{self.block[0]}x{self.block[1]}" if self.tile_shape is None else
+                 "/".join("x".join(map(str, t)) for t in self.tile_shape) + " (tile-major order)")
+        head_line = (f"plan {self.M}x{self.N}, tiles {tiles} ({self.method}): "
                      f"{c['tiles_full']} full, {c['tiles_partial']} partial of {c['tiles_total']}; density {self.density():.4f}")
         return head_line + ("" if f == 1 else f"\n(each character: {f}x{f} tiles)") + "\n" + pic
 
@@ -346,51 +472,482 @@ def _classify_from_intervals(s: ISet, M: int, bm: int, bn: int, qrel: torch.Tens
     t_lo = s.lo // bn
     t_hi = (s.hi + bn - 1) // bn
 
-    def accumulate(a, b, ok):
-        diff = torch.zeros(Hx, nq, nk + 1, dtype=torch.int32)
-        ok = ok & real & (b > a)
-        ones = torch.ones(int(ok.sum()), dtype=torch.int32)
-        diff.index_put_((hidx[ok], qt[ok], a[ok]), ones, accumulate=True)
-        diff.index_put_((hidx[ok], qt[ok], b[ok]), -ones, accumulate=True)
-        return torch.cumsum(diff, dim=-1)[..., :nk]
+    row = (hidx * nq + qt) * (nk + 1)
+    size = Hx * nq * (nk + 1)
 
-    cover = accumulate(c_lo, c_hi, torch.ones_like(real))
-    touch = accumulate(t_lo, t_hi, torch.ones_like(real))
+    def accumulate(a, b):
+        ok = real & (b > a)  # empty slots go to a dump bin past the end
+        starts = torch.bincount(torch.where(ok, row + a, size).flatten(), minlength=size + 1)
+        ends = torch.bincount(torch.where(ok, row + b, size).flatten(), minlength=size + 1)
+        return torch.cumsum((starts - ends)[:size].view(Hx, nq, nk + 1), dim=-1)[..., :nk]
+
+    cover = accumulate(c_lo, c_hi)
+    touch = accumulate(t_lo, t_hi)
     rows = torch.full((nq,), bm, dtype=torch.int32)
     rows[-1] = M - bm * (nq - 1)
     return cover == rows.view(1, nq, 1), touch > 0
 
 
-def _classify_by_scan(pattern, M, N, H, grid, bm, bn) -> tuple[torch.Tensor, torch.Tensor, int]:
-    from .reference import evaluate
-    from .show import tile_stats
+# ----------------------------------------------------------------------------- tile boxes (three-valued)
 
-    stats, _ = tile_stats(lambda lo, hi: evaluate(pattern, M, N, H, grid, {}, rows=(lo, hi)), M, N, H, (bm, bn))
-    full = stats.counts == stats.sizes
-    nonempty = stats.counts > 0
-    if H > 1 and bool((full == full[:1]).all() and (nonempty == nonempty[:1]).all()):
-        full, nonempty = full[:1], nonempty[:1]
-    return full, nonempty, int(stats.counts.sum())
+
+class TileBoxes:
+    """Sound tile classes of patterns without a closed form per query.
+
+    [Note: tile boxes] Every tile is a box: a query range, a key range and a
+    head. A sub-pattern with interval sets is classified exactly (full /
+    empty / partial); a `where` predicate is bounded by interval arithmetic
+    over the box (q in [q0, q1], k in [k0, k1], grid coordinates bounded per
+    axis), giving *must* (true at every point) and *may* (true at some point);
+    combinators combine the classes in three-valued logic. Anything else is
+    "unknown". The answer is sound, not exact: full means every pair allowed,
+    empty means none; only the undecided tiles are then evaluated exactly
+    (`_refine`), so the plan is still exact.
+    """
+
+    def __init__(self, pattern: ir.PatternIR, M: int, N: int, heads: int, grid, bm: int, bn: int):
+        self.pattern, self.M, self.N, self.H, self.bm, self.bn = pattern, M, N, heads, bm, bn
+        self.view = top_view(pattern, M, N, heads, grid, {})
+        self.ia = IntervalAnalysis(pattern)
+        nq, nk = -(-M // bm), -(-N // bn)
+        self.nq, self.nk = nq, nk
+        off = N - M
+        self.q0 = (torch.arange(nq) * bm + off).view(1, nq, 1)
+        self.q1 = (torch.clamp((torch.arange(nq) + 1) * bm, max=M) - 1 + off).view(1, nq, 1)
+        self.k0 = (torch.arange(nk) * bn).view(1, 1, nk)
+        self.k1 = torch.clamp((torch.arange(nk) + 1) * bn, max=N).view(1, 1, nk) - 1
+        layout = pattern.layout
+        self.sizes = [int(g) for g in grid] if layout.axes else []
+        self.T = N - math.prod(self.sizes) if layout.axes else 0
+
+    def classify(self, node: ir.Mask) -> tuple[torch.Tensor, torch.Tensor]:
+        """(full, nonempty) bool [Hx, nq, nk]: full => all pairs allowed, ~nonempty => none."""
+        try:
+            s = merge(self.ia.eval(node, self.view))
+            return _classify_from_intervals(s, self.M, self.bm, self.bn, self.view.qrel)
+        except NotIntervals:
+            pass
+        return self._combine(node)
+
+    def _combine(self, node: ir.Mask) -> tuple[torch.Tensor, torch.Tensor]:
+        """Three-valued combination of the children's classes (unknown for other leaves)."""
+        shape = (1, self.nq, self.nk)
+        match node:
+            case ir.Union_(parts=ps) | ir.Inter(parts=ps):
+                parts = [self.classify(p) for p in ps]
+                f, ne = parts[0]
+                for pf, pne in parts[1:]:
+                    f, ne = (f | pf, ne | pne) if isinstance(node, ir.Union_) else (f & pf, ne & pne)
+                return f, ne
+            case ir.Diff(left=a, right=b):
+                (fa, na), (fb, nb) = self.classify(a), self.classify(b)
+                return fa & ~nb, na & ~fb
+            case ir.Not(operand=a):
+                f, ne = self.classify(a)
+                return ~ne, ~f
+            case ir.Where(pred=p):
+                try:
+                    must, may, grid_used = self.box(p)
+                except NotIntervals:
+                    return torch.zeros(shape, dtype=torch.bool), torch.ones(shape, dtype=torch.bool)
+                must, may = must.expand(-1, self.nq, self.nk), may.expand(-1, self.nq, self.nk)
+                if grid_used and self.T:
+                    inside = (self.q0 >= self.T) & (self.k0 >= self.T)
+                    outside = (self.q1 < self.T) | (self.k1 < self.T)
+                    must, may = must & inside, may & ~outside
+                return must, may
+            case ir.Heads():
+                full = torch.zeros(self.H, self.nq, self.nk, dtype=torch.bool)
+                ne = full.clone()
+                for sel, arm in self.ia.head_arms(node, self.view):
+                    f, n = self.classify(arm.body)
+                    full[sel], ne[sel] = f.expand(self.H, -1, -1)[sel], n.expand(self.H, -1, -1)[sel]
+                return full, ne
+        return torch.zeros(shape, dtype=torch.bool), torch.ones(shape, dtype=torch.bool)
+
+    # -- interval arithmetic over the tile box
+    def coord(self, lo, hi, axis: str):
+        """Bounds of grid coordinate `axis` over flat positions [lo, hi] (grid part)."""
+        i = self.pattern.layout.axes.index(axis)
+        S = math.prod(self.sizes[i + 1:])
+        L = self.sizes[i]
+        lo, hi = (lo - self.T).clamp(min=0), (hi - self.T).clamp(min=0)
+        same = (lo // (S * L)) == (hi // (S * L))
+        return torch.where(same, (lo // S) % L, 0), torch.where(same, (hi // S) % L, L - 1)
+
+    def box(self, node: ir.PExpr):
+        """Numbers: (lo, hi, grid); booleans: (must, may, grid); tensors broadcast to [H?, nq, nk]."""
+        ev = self.ia
+        match node:
+            case ir.PVar(name="q", axis=None):
+                return self.q0, self.q1, False
+            case ir.PVar(name="k", axis=None):
+                return self.k0, self.k1, False
+            case ir.PVar(name="h", axis=None):
+                h = torch.arange(self.H).view(self.H, 1, 1)
+                return h, h, False
+            case ir.PVar(name=base, axis=ax):
+                if ax not in self.pattern.layout.axes:
+                    raise NotIntervals("unknown axis")
+                lo, hi = (self.q0, self.q1) if base == "q" else (self.k0, self.k1)
+                a, b = self.coord(lo, hi, ax)
+                return a, b, True
+            case ir.PConst(value=v):
+                c = torch.tensor(ev.val(v, self.view.env)).view(1, 1, 1)
+                return c, c, False
+            case ir.PNeg(operand=a):
+                lo, hi, g = self.box(a)
+                return -hi, -lo, g
+            case ir.PBin(op=op, left=a, right=b):
+                (al, ah, g1), (bl, bh, g2) = self.box(a), self.box(b)
+                return (*_interval_arith(op, al, ah, bl, bh), g1 or g2)
+            case ir.PCall(func=f, args=args):
+                vals = [self.box(x) for x in args]
+                g = any(v[2] for v in vals)
+                if f == "abs":
+                    lo, hi = vals[0][0], vals[0][1]
+                    return torch.where((lo <= 0) & (hi >= 0), 0, torch.minimum(lo.abs(), hi.abs())), torch.maximum(lo.abs(), hi.abs()), g
+                pick = torch.minimum if f == "min" else torch.maximum
+                lo, hi = vals[0][0], vals[0][1]
+                for v in vals[1:]:
+                    lo, hi = pick(lo, v[0]), pick(hi, v[1])
+                return lo, hi, g
+            case ir.PCmp(ops=ops, operands=xs):
+                vals = [self.box(x) for x in xs]
+                must, may = torch.tensor(True).view(1, 1, 1), torch.tensor(True).view(1, 1, 1)
+                for op, (al, ah, _), (bl, bh, _) in zip(ops, vals, vals[1:]):
+                    m, y = _compare(op, al, ah, bl, bh)
+                    must, may = must & m, may & y
+                return must, may, any(v[2] for v in vals)
+            case ir.PBool(op=op, parts=ps):
+                vals = [self.box(p) for p in ps]
+                must, may = vals[0][0], vals[0][1]
+                for m, y, _ in vals[1:]:
+                    must, may = (must & m, may & y) if op == "and" else (must | m, may | y)
+                return must, may, any(v[2] for v in vals)
+            case ir.PNot(operand=a):
+                must, may, g = self.box(a)
+                return ~may, ~must, g
+            case ir.PIn(item=i, collection=c):
+                lo, hi, g = self.box(i)
+                if isinstance(c, ir.SetRange):
+                    a, b, st = (ev.val(x, self.view.env) for x in (c.start, c.stop, c.step))
+                    inside = (lo >= a) & (hi < b)
+                    return inside & ((lo == hi) | (st == 1)) & (((lo - a) % st == 0) | (st == 1)), (hi >= a) & (lo < b), g
+                items = torch.tensor([ev.val(x, self.view.env) for x in c.items])
+                point = (lo == hi) & torch.isin(lo, items)
+                return point, (lo <= items.max()) & (hi >= items.min()), g
+        raise NotIntervals(type(node).__name__)
+
+
+def _interval_arith(op, al, ah, bl, bh):
+    if op == "+":
+        return al + bl, ah + bh
+    if op == "-":
+        return al - bh, ah - bl
+    if op in ("*", "//"):
+        if op == "//" and bool(((bl <= 0) & (bh >= 0)).any()):
+            raise NotIntervals("division by a range containing 0")
+        f = (lambda x, y: x * y) if op == "*" else (lambda x, y: torch.div(x, y, rounding_mode="floor"))
+        corners = [f(x, y) for x in (al, ah) for y in (bl, bh)]
+        return functools.reduce(torch.minimum, corners), functools.reduce(torch.maximum, corners)
+    if op == "%":
+        if not bool(((bl == bh) & (bl > 0)).all()):
+            raise NotIntervals("modulus by a non-constant or non-positive value")
+        same = torch.div(al, bl, rounding_mode="floor") == torch.div(ah, bl, rounding_mode="floor")
+        return torch.where(same, al % bl, 0), torch.where(same, ah % bl, bl - 1)
+    if op == "**":
+        if not bool(((bl == bh) & (bl >= 0)).all()):
+            raise NotIntervals("a power with a non-constant exponent")
+        e = bl
+        lo_p, hi_p = al ** e, ah ** e
+        even = e % 2 == 0
+        has0 = (al <= 0) & (ah >= 0)
+        lo = torch.where(even, torch.where(has0, 0, torch.minimum(lo_p, hi_p)), lo_p)
+        hi = torch.where(even, torch.maximum(lo_p, hi_p), hi_p)
+        return lo, hi
+    raise NotIntervals(op)
+
+
+def _compare(op, al, ah, bl, bh):
+    """(must, may) of `a op b` for a in [al, ah], b in [bl, bh]."""
+    if op == "<":
+        return ah < bl, al < bh
+    if op == "<=":
+        return ah <= bl, al <= bh
+    if op == ">":
+        return al > bh, ah > bl
+    if op == ">=":
+        return al >= bh, ah >= bl
+    point = (al == ah) & (bl == bh) & (al == bl)
+    overlap = (al <= bh) & (bl <= ah)
+    return (point, overlap) if op == "==" else (~overlap, ~point)
+
+
+def _refine(pattern, M, N, H, grid, order_q, off_q, order_k, off_k, full, nonempty) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Exact classes and allowed count, evaluating the mask only inside undecided tiles.
+
+    Query tile t holds query indices order_q[off_q[t]:off_q[t + 1]] (keys alike)."""
+    Hx = max(full.shape[0], nonempty.shape[0])
+    full, nonempty = full.expand(Hx, -1, -1).clone(), nonempty.expand(Hx, -1, -1).clone()
+    nq, nk = full.shape[1:]
+    ksz = off_k[1:] - off_k[:-1]
+    tile_of_pos = torch.repeat_interleave(torch.arange(nk), ksz)
+    allowed = 0
+    undecided = nonempty & ~full
+    from .reference import evaluate
+    for qt in range(nq):
+        queries = order_q[off_q[qt]:off_q[qt + 1]]
+        allowed += int((full[:, qt].to(torch.int64) * ksz).sum()) * len(queries)  # decided full tiles
+        cols = undecided[:, qt].any(0).nonzero().flatten()
+        if len(cols) == 0:
+            continue
+        pos = torch.cat([torch.arange(int(off_k[c]), int(off_k[c + 1])) for c in cols.tolist()])
+        m = evaluate(pattern, M, N, H, grid, {}, keys=order_k[pos], queries=queries)  # [H, r, K]
+        local = torch.bucketize(tile_of_pos[pos], cols)  # index into cols
+        per_tile = torch.zeros(H, len(cols), dtype=torch.int64).index_add_(1, local, m.sum(1).to(torch.int64))
+        if Hx == 1 and H > 1 and not bool((per_tile == per_tile[:1]).all()):
+            # heads differ inside undecided tiles: widen the head dimension and start over
+            return _refine(pattern, M, N, H, grid, order_q, off_q, order_k, off_k,
+                           full.expand(H, -1, -1), nonempty.expand(H, -1, -1))
+        counts = per_tile if Hx == H else per_tile[:1]
+        und = undecided[:, qt][:, cols]
+        allowed += int(counts[und].sum())
+        size = len(queries) * ksz[cols]
+        sub_full, sub_ne = full[:, qt, cols], nonempty[:, qt, cols]
+        sub_full[und] = (counts == size)[und]
+        sub_ne[und] = (counts > 0)[und]
+        full[:, qt, cols], nonempty[:, qt, cols] = sub_full, sub_ne
+    return full, nonempty, allowed * (H // Hx)
+
+
+def _uniform(length: int, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Identity order and offsets of 1-D tiles of b tokens."""
+    off = torch.clamp(torch.arange(-(-length // b) + 1) * b, max=length)
+    return torch.arange(length), off
+
+
+# ----------------------------------------------------------------------------- N-D tiles on grids
+
+
+def tile_major(sizes: list[int], tile: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(order, offsets): grid tokens in tile-major order (tiles row-major over the tile grid,
+    tokens row-major inside a tile) and the start of every tile in that order."""
+    counts = [-(-L // t) for L, t in zip(sizes, tile)]
+    coords = torch.stack(torch.meshgrid(*[torch.arange(L) for L in sizes], indexing="ij"), -1).reshape(-1, len(sizes))
+    tid = torch.zeros(len(coords), dtype=torch.int64)
+    for i, (t, c) in enumerate(zip(tile, counts)):
+        tid = tid * c + coords[:, i] // t
+    flat = torch.arange(len(coords))
+    order = flat[torch.argsort(tid * len(coords) + flat)]  # stable: row-major inside a tile
+    per_tile = torch.bincount(tid, minlength=math.prod(counts))
+    return order, torch.cat([torch.zeros(1, dtype=torch.int64), torch.cumsum(per_tile, 0)])
+
+
+class NDTileBoxes(TileBoxes):
+    """Tile classes for N-D tiles: every tile is a box in grid coordinates.
+
+    A per-axis primitive (and `P @ a`) is a product over axes, so its N-D tile
+    classes are exact: a tile is full iff it is full along every axis, non-empty
+    iff non-empty along every axis (1-D classes from the axis' interval sets).
+    `where` is bounded on the box as in TileBoxes, with exact coordinate ranges;
+    other leaves are undecided and evaluated exactly."""
+
+    def __init__(self, pattern, N, heads, grid, tq, tk):
+        self.pattern, self.M, self.N, self.H = pattern, N, N, heads
+        self.view = top_view(pattern, N, N, heads, grid, {})
+        self.ia = IntervalAnalysis(pattern)
+        self.sizes, self.T = [int(g) for g in grid], 0
+        self.tq, self.tk = tq, tk
+        self.cq = [-(-L // t) for L, t in zip(self.sizes, tq)]
+        self.ck = [-(-L // t) for L, t in zip(self.sizes, tk)]
+        self.nq, self.nk = math.prod(self.cq), math.prod(self.ck)
+        # flat bounds of each tile box (row-major ravel is monotone in every coordinate)
+        self.q0, self.q1 = self._flat_bounds(tq, self.cq, (1, self.nq, 1))
+        self.k0, self.k1 = self._flat_bounds(tk, self.ck, (1, 1, self.nk))
+
+    def _axis_bounds(self, i, tile, counts):
+        t = torch.arange(counts[i])
+        return t * tile[i], torch.clamp((t + 1) * tile[i], max=self.sizes[i]) - 1
+
+    def _grid_index(self, counts):
+        return torch.stack(torch.meshgrid(*[torch.arange(c) for c in counts], indexing="ij"), -1).reshape(-1, len(counts))
+
+    def _flat_bounds(self, tile, counts, shape):
+        idx = self._grid_index(counts)
+        lo = torch.zeros(len(idx), dtype=torch.int64)
+        hi = torch.zeros(len(idx), dtype=torch.int64)
+        for i in range(len(self.sizes)):
+            a, b = self._axis_bounds(i, tile, counts)
+            lo, hi = lo * self.sizes[i] + a[idx[:, i]], hi * self.sizes[i] + b[idx[:, i]]
+        return lo.view(shape), hi.view(shape)
+
+    def coord(self, lo, hi, axis):
+        i = self.pattern.layout.axes.index(axis)
+        which = (self.tq, self.cq, (1, self.nq, 1)) if lo.shape[1] == self.nq and lo.shape[2] == 1 else (self.tk, self.ck, (1, 1, self.nk))
+        tile, counts, shape = which
+        a, b = self._axis_bounds(i, tile, counts)
+        idx = self._grid_index(counts)[:, i]
+        return a[idx].view(shape), b[idx].view(shape)
+
+    def axis_classes(self, node, axis) -> tuple[torch.Tensor, torch.Tensor]:
+        """1-D exact classes of `node` along `axis`: bool [Hx, cq_a, ck_a]."""
+        i = self.pattern.layout.axes.index(axis)
+        L = self.sizes[i]
+        return _classify_from_intervals(self.ia.coord_set(node, self.view, axis), L, self.tq[i], self.tk[i], torch.arange(L))
+
+    def product(self, per_axis: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        full = nonempty = None
+        d = len(self.sizes)
+        for i, axis in enumerate(self.pattern.layout.axes):
+            f, ne = per_axis.get(axis) or (torch.ones(1, self.cq[i], self.ck[i], dtype=torch.bool),) * 2
+            shape = [f.shape[0]] + [1] * (2 * d)
+            shape[1 + i], shape[1 + d + i] = self.cq[i], self.ck[i]
+            f, ne = f.view(shape), ne.view(shape)
+            full, nonempty = (f, ne) if full is None else (full & f, nonempty & ne)
+        Hx = full.shape[0]
+        full = full.expand(Hx, *self.cq, *self.ck).reshape(Hx, self.nq, self.nk)
+        nonempty = nonempty.expand(Hx, *self.cq, *self.ck).reshape(Hx, self.nq, self.nk)
+        return full, nonempty
+
+    def classify(self, node):
+        try:
+            if isinstance(node, ir.AXISWISE):
+                self.ia.check(node, self.view)
+                return self.product({a: self.axis_classes(_component(node, i), a) for i, a in enumerate(self.pattern.layout.axes)})
+            if isinstance(node, ir.Along):
+                return self.product({node.axis: self.axis_classes(node.operand, node.axis)})
+            if isinstance(node, ir.Full) or isinstance(node, ir.Empty):
+                v = isinstance(node, ir.Full)
+                t = torch.full((1, self.nq, self.nk), v, dtype=torch.bool)
+                return t, t
+        except NotIntervals:
+            pass
+        if isinstance(node, (ir.Union_, ir.Inter, ir.Diff, ir.Not, ir.Where, ir.Heads)):
+            return self._combine(node)
+        shape = (1, self.nq, self.nk)
+        return torch.zeros(shape, dtype=torch.bool), torch.ones(shape, dtype=torch.bool)
+
+
+@contextlib.contextmanager
+def _one_thread():
+    """[Note: threads] A plan is a few hundred small tensor ops (O(M) elements
+    each). Intra-op parallelism only adds barrier waits there: on the 2-core CI
+    machine under load one reduction took 7 ms with 2 threads and 0.05 ms with
+    one, and a 64K plan 1.2 s instead of 35 ms. So the builder runs on one
+    thread and restores the caller's setting."""
+    n = torch.get_num_threads()
+    if n != 1:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        if n != 1:
+            torch.set_num_threads(n)
+
+
+def _interval_sets(pattern: ir.PatternIR, M: int, N: int, heads: int, grid) -> tuple[ISet, View]:
+    """Every query's allowed keys in closed form (raises NotIntervals)."""
+    if pattern.inputs:
+        raise NotIntervals("run-time inputs")
+    view = top_view(pattern, M, N, heads, grid, {})
+    return merge(IntervalAnalysis(pattern).eval(pattern.body, view)), view
+
+
+@dataclass(frozen=True)
+class RowReport:
+    """What the analysis proves about query rows, without building the mask."""
+
+    M: int
+    N: int
+    heads: int
+    empty_rows: int  # (head, query) rows with no allowed key: output 0, lse -inf
+    witness: tuple[int, int] | None  # (head, query row) of one empty row
+    dense: bool  # every pair allowed: sparsity buys nothing
+    allowed: int
+    method: str  # "closed-form" | "exact-scan"
+
+
+def row_report(pattern: ir.PatternIR, M: int, N: int, heads: int, grid) -> RowReport:
+    """Empty rows (with a witness) and full density from the interval sets' counts;
+    patterns without a closed form are scanned in row chunks."""
+    with _one_thread():
+        return _row_report(pattern, M, N, heads, grid)
+
+
+def _row_report(pattern, M, N, heads, grid) -> RowReport:
+    try:
+        s, _ = _interval_sets(pattern, M, N, heads, grid)
+        counts = s.count()  # [Hx, M]
+        method = "closed-form"
+    except NotIntervals:
+        from .reference import evaluate
+        from .show import tile_stats
+        _, counts = tile_stats(lambda lo, hi: evaluate(pattern, M, N, heads, grid, {}, rows=(lo, hi)), M, N, heads, (64, 64))
+        method = "exact-scan"
+    rep = heads // counts.shape[0]
+    empty = (counts == 0).nonzero()
+    witness = (int(empty[0, 0]), int(empty[0, 1])) if len(empty) else None
+    allowed = int(counts.sum()) * rep
+    return RowReport(M=M, N=N, heads=heads, empty_rows=len(empty) * rep, witness=witness,
+                     dense=allowed == heads * M * N, allowed=allowed, method=method)
 
 
 def plan_blocks(pattern: ir.PatternIR, M: int, N: int, heads: int, grid, *, block: tuple[int, int]) -> Plan:
     """The tile plan of a bound pattern (sizes already validated)."""
+    with _one_thread():
+        return _plan_blocks(pattern, M, N, heads, grid, block)
+
+
+def _plan_nd(pattern, M, N, heads, grid, tq, tk) -> Plan:
+    """The plan of N-D tiles on a grid, in tile-major token order."""
+    sizes = [int(g) for g in grid]
+    boxes = NDTileBoxes(pattern, N, heads, grid, tq, tk)
+    full, nonempty = boxes.classify(pattern.body)
+    order_q, off_q = tile_major(sizes, tq)
+    order_k, off_k = tile_major(sizes, tk)
+    allowed = None
+    if isinstance(pattern.body, (*ir.AXISWISE, ir.Along)):
+        # a product's box classes are exact; the flat interval sets count the pairs
+        try:
+            s, _ = _interval_sets(pattern, M, N, heads, grid)
+            allowed = int(s.count().sum()) * (heads // s.lo.shape[0])
+        except NotIntervals:
+            pass
+    evaluated = 0
+    if allowed is None:
+        evaluated = int((nonempty & ~full).sum())
+        full, nonempty, allowed = _refine(pattern, M, N, heads, grid, order_q, off_q, order_k, off_k, full, nonempty)
+    partial = nonempty & ~full
+    return Plan(
+        M=M, N=N, heads=heads, block=(math.prod(tq), math.prod(tk)),
+        full=TileList.from_dense(full), partial=TileList.from_dense(partial),
+        full_t=TileList.from_dense(full.transpose(1, 2)), partial_t=TileList.from_dense(partial.transpose(1, 2)),
+        allowed=allowed, method="closed-form" if evaluated == 0 else "tile-boxes", tiles_evaluated=evaluated,
+        tile_shape=(tuple(tq), tuple(tk)), perm_q=order_q, perm_k=order_k, offsets_q=off_q, offsets_k=off_k,
+    )
+
+
+def _plan_blocks(pattern, M, N, heads, grid, block) -> Plan:
+    if isinstance(block[0], tuple):
+        return _plan_nd(pattern, M, N, heads, grid, *block)
     bm, bn = block
     method = "closed-form"
+    evaluated = 0
     try:
-        if pattern.layout.axes or pattern.inputs:
-            raise NotIntervals("grid layouts and run-time inputs use the scan")
-        view = top_view(pattern, M, N, heads, grid, {})
-        s = merge(IntervalAnalysis(pattern).eval(pattern.body, view))
+        s, view = _interval_sets(pattern, M, N, heads, grid)
         full, nonempty = _classify_from_intervals(s, M, bm, bn, view.qrel)
         allowed = int(s.count().sum()) * (heads // s.lo.shape[0])
     except NotIntervals:
-        method = "exact-scan"
-        full, nonempty, allowed = _classify_by_scan(pattern, M, N, heads, grid, bm, bn)
+        method = "tile-boxes"
+        boxes = TileBoxes(pattern, M, N, heads, grid, bm, bn)
+        full, nonempty = boxes.classify(pattern.body)
+        evaluated = int((nonempty & ~full).sum())
+        full, nonempty, allowed = _refine(pattern, M, N, heads, grid, *_uniform(M, bm), *_uniform(N, bn), full, nonempty)
     partial = nonempty & ~full
     return Plan(
         M=M, N=N, heads=heads, block=(bm, bn),
         full=TileList.from_dense(full), partial=TileList.from_dense(partial),
         full_t=TileList.from_dense(full.transpose(1, 2)), partial_t=TileList.from_dense(partial.transpose(1, 2)),
-        allowed=allowed, method=method,
+        allowed=allowed, method=method, tiles_evaluated=evaluated,
     )

@@ -110,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("file", metavar="FILE")
     sim.add_argument("-p", "--pattern", help="pattern name (optional when the file has one)")
     sim.add_argument("--set", action="append", metavar="K=V", help="bind a parameter")
-    size = sim.add_mutually_exclusive_group(required=True)
+    size = sim.add_mutually_exclusive_group()
     size.add_argument("--seq-len", type=int, metavar="N", help="sequence length (M = N)")
     size.add_argument("--grid", metavar="TxHxW", help="grid sizes, e.g. 16x44x80")
     sim.add_argument("--heads", type=int, default=1, metavar="H")
@@ -118,6 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--tile", default="128x128", metavar="BMxBN", help="tile shape (default 128x128)")
     sim.add_argument("--gpu", default="h100", choices=["a100", "h100", "h200", "b200"])
     sim.add_argument("--json", action="store_true", help="print the report as JSON")
+    sim.add_argument("--sweep", metavar="VAR=SPEC", help="simulate over N or a parameter: N=1024:65536:x2, "
+                     "N=1000:5000:+1000 or window=64,128,256 (a table, or JSON with --json)")
+    sim.add_argument("--png", metavar="OUT", help="with --sweep: plot speedup and bounds against the variable")
 
     cp = sub.add_parser("compile", help="write the generated Triton kernels and the plan metadata (JSON)")
     cp.add_argument("file", metavar="FILE")
@@ -156,7 +159,6 @@ def _sizes(pat, seq_len, grid, heads):
 
 def cmd_check(args, out, err) -> int:
     from . import load
-    from .show import tile_stats
 
     status = 0
     sets = parse_sets(args.set)
@@ -179,18 +181,16 @@ def cmd_check(args, out, err) -> int:
                     print(f"{f}: note: '{name}' has run-time inputs; its empty rows depend on them", file=out)
                     continue
                 M, N, H, grid = _sizes(pat, args.seq_len, parse_grid(args.grid), args.heads)
-                stats, rows = tile_stats(lambda lo, hi: pat.mask_rows(M, N, H, grid, lo, hi), M, N, H, (64, 64))
+                rep = pat.check_rows(M, N, heads=H, grid=grid)
             except AttnError as e:
                 print(str(e), file=err)
                 status = 1
                 continue
-            empty = (rows == 0).nonzero()
-            if len(empty):
-                h, r = int(empty[0, 0]), int(empty[0, 1])
-                span = pat.ir.span
-                print(f"{span}: warning: pattern '{name}' has {len(empty)} empty query rows at M = N = {N}"
+            if rep.witness is not None:
+                h, r = rep.witness
+                print(f"{pat.ir.span}: warning: pattern '{name}' has {rep.empty_rows} empty query rows at M = N = {N}"
                       f" (e.g. head {h}, row {r}): they produce output 0 and lse -inf", file=out)
-            if int(stats.counts.sum()) == H * M * N:
+            if rep.dense:
                 print(f"{pat.ir.span}: warning: pattern '{name}' is fully dense at N = {N}: sparsity buys nothing", file=out)
     return status
 
@@ -235,6 +235,7 @@ def cmd_show(args, out, err) -> int:
     stats, rows = tile_stats(lambda lo, hi: pat.mask_rows(M, N, H, grid, lo, hi), M, N, H, block)
     groups = head_groups(stats, rows)
     print(render_text(pat, stats, rows, groups, args.width), file=out)
+    print(_formula_text(pat, M, N, int(stats.counts.sum()) // H if H else 0), file=out)
     if args.png:
         # token-level zoom: 128 queries and keys around the middle of the diagonal
         zq, zk = min(M, 128), min(N, 128)
@@ -250,9 +251,32 @@ def cmd_show(args, out, err) -> int:
     return 0
 
 
-def parse_tile(text: str) -> tuple[int, int]:
+def _formula_text(pat, M, N, allowed) -> str:
+    """The symbolic density and FLOPs of a 1-D pattern, checked against the exact count at this size."""
+    from .symbolic import NoFormula
+
+    try:
+        f = pat.formula()
+    except NoFormula as exc:
+        return f"density formula: none ({exc})"
+    lines = [f"density = {f.density}", f"flops   = {f.flops}   (forward; D = head dim, H = heads)",
+             f"exact when {f.condition_text()} (M = N)"]
+    if M == N and f.valid_at(N):
+        lines.append(f"at N = {N}: allowed = {f.allowed_at(N)} per head" +
+                     (" (matches the count above)" if f.allowed_at(N) == allowed else f" (MISMATCH with {allowed})"))
+    return "\n".join(lines)
+
+
+def parse_tile(text: str):
+    """`128x128` (query x key tokens) or `16x16/16x8` (N-D query tile / key tile shapes on a grid)."""
     if "/" in text:
-        raise UsageError(f"--tile: N-D tiles like {text!r} are not supported yet; use a 1-D tile such as 128x128")
+        try:
+            q, k = (tuple(int(p) for p in part.lower().split("x")) for part in text.split("/"))
+        except ValueError:
+            raise UsageError(f"--tile: expected N-D tile shapes like 16x16/16x8, got {text!r}") from None
+        if min(q + k) < 1:
+            raise UsageError(f"--tile: expected positive sizes, got {text!r}")
+        return q, k
     return parse_block(text)
 
 
@@ -260,9 +284,15 @@ def cmd_simulate(args, out, err) -> int:
     tile = parse_tile(args.tile)
     if args.head_dim < 1:
         raise UsageError(f"--head-dim: expected a positive size, got {args.head_dim}")
+    if args.png and not args.sweep:
+        raise UsageError("--png: expected --sweep as well (the plot shows a sweep)")
     pat = _static_pattern(args, err, "simulate")
     if pat is None:
         return 1
+    if args.sweep:
+        return _simulate_sweep(args, pat, tile, out, err)
+    if args.seq_len is None and args.grid is None:
+        raise UsageError("attnc simulate: expected --seq-len N or --grid AxB (or --sweep N=...)")
     M, N, H, grid = _sizes(pat, args.seq_len, parse_grid(args.grid), args.heads)
     rep = pat.simulate(M, N, heads=H, head_dim=args.head_dim, grid=grid, tile=tile, gpu=args.gpu)
     print(rep.to_json() if args.json else rep.to_table(), file=out)
@@ -277,6 +307,8 @@ def cmd_compile(args, out, err) -> int:
     from .codegen.kernels import KernelConfig, compile_pattern
 
     bm, bn = parse_tile(args.tile)
+    if isinstance(bm, tuple):
+        raise UsageError(f"--tile: the generated kernels use 1-D tiles like 64x64, got {args.tile!r}")
     try:
         config = KernelConfig(block_m=bm, block_n=bn)
     except ValueError as exc:
@@ -296,6 +328,42 @@ def cmd_compile(args, out, err) -> int:
     plan = compiled.plan
     print(f"wrote {d / (stem + '.py')} and {d / (stem + '.json')}", file=out)
     print(f"plan: {'per call, from the run-time inputs' if plan is None else plan.to_string().splitlines()[0]}", file=out)
+    return 0
+
+
+def _simulate_sweep(args, pat, tile, out, err) -> int:
+    from .simulate import parse_sweep
+
+    try:
+        over, values = parse_sweep(args.sweep)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    grid = parse_grid(args.grid)
+    if over == "N":
+        if args.seq_len is not None or grid is not None:
+            raise UsageError("--sweep N=...: the sweep gives the length; drop --seq-len/--grid")
+        if pat.layout.axes:
+            raise UsageError(f"--sweep N: pattern '{pat.name}' is on {pat.layout}; sweep a parameter with --grid instead")
+        if min(values) < 1:
+            raise UsageError(f"--sweep: expected positive lengths, got {min(values)}")
+    elif args.seq_len is None and grid is None:
+        raise UsageError(f"--sweep {over}=...: expected --seq-len N or --grid AxB to simulate at")
+    else:
+        _sizes(pat, args.seq_len, grid, args.heads)
+    try:
+        sw = pat.sweep(over, values, N=args.seq_len, heads=args.heads, head_dim=args.head_dim, grid=grid, tile=tile,
+                       gpu=args.gpu)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    print(sw.to_json() if args.json else sw.to_table(), file=out)
+    if args.png:
+        try:
+            sw.plot(args.png)
+        except OSError as exc:
+            print(f"attnc simulate: cannot write {args.png!r}: {exc.strerror or exc}", file=err)
+            return 1
+        if not args.json:
+            print(f"wrote {args.png}", file=out)
     return 0
 
 

@@ -18,6 +18,7 @@ import torch
 from . import ir, syntax as ast
 from .elaborate import Elaborator, ModuleScope
 from .errors import AttnError, Collector, Span, error, source_lines
+from .analysis import plan_blocks, row_report
 from .reference import evaluate
 
 
@@ -456,14 +457,44 @@ class BoundPattern:
         >>> plan.counts()["tiles_partial"], plan.method
         (31, 'closed-form')
         """
-        from .analysis import plan_blocks
-
         M, N, H, grid = self.resolve_sizes(M, N, heads, grid)
-        block = _tile(block)
+        block = _tile(block, self.layout, M, N)
         try:
             return plan_blocks(self.ir, M, N, H, grid, block=block)
         except AttnError as err:
             raise err.with_sources(self.program.sources) from None
+
+    def check_rows(self, M: int, N: int | None = None, *, heads: int | None = None, grid=None):
+        """Static row checks (`analysis.RowReport`): how many query rows attend no
+        key, one witness (head, row), and whether the pattern is fully dense.
+        Proved from the closed-form interval counts (no mask is built) when the
+        pattern has one, else by an exact scan in row chunks.
+
+        >>> attnc.loads("pattern p = sliding(4) - causal").pattern().check_rows(1 << 20).witness
+        (0, 0)
+        """
+        M, N, H, grid = self.resolve_sizes(M, N, heads, grid)
+        if self.ir.inputs:
+            raise ValueError(f"pattern '{self.name}' depends on run-time inputs ({', '.join(i.name for i in self.ir.inputs)}): "
+                             f"expected a static pattern; try pat.mask(..., {self.ir.inputs[0].name}=...) and inspect its rows")
+        try:
+            return row_report(self.ir, M, N, H, grid)
+        except AttnError as err:
+            raise err.with_sources(self.program.sources) from None
+
+    def formula(self):
+        """Exact allowed pairs, density and forward FLOPs of this 1-D pattern as
+        sympy formulas of N and the parameters (self-attention, M = N), with the
+        conditions under which they hold (`symbolic.Formula`). Derived once per
+        bound pattern and cached. Raises `symbolic.NoFormula` (a ValueError)
+        saying why when the pattern has none (grids, block, strided, where, ...).
+
+        >>> str(attnc.loads("pattern p(w = 8) = sliding(w)").pattern().formula().density)
+        'w/N - w*(w - 1)/(2*N**2)'
+        """
+        from .symbolic import formula
+
+        return formula(self.ir)
 
     def simulate(self, M: int, N: int | None = None, *, heads: int | None = None, head_dim: int = 128, grid=None,
                  tile=(128, 128), gpu: str = "h100", batch: int = 1):
@@ -473,7 +504,52 @@ class BoundPattern:
         if isinstance(head_dim, bool) or not isinstance(head_dim, int) or head_dim < 1:
             raise ValueError(f"head_dim: expected a positive integer, got {head_dim!r}")
         plan = self.plan(M, N, heads=heads, grid=grid, block=tile)
-        return simulate_plan(plan, name=self.name, head_dim=head_dim, gpu=gpu, batch=batch)
+        rep = simulate_plan(plan, name=self.name, head_dim=head_dim, gpu=gpu, batch=batch)
+        from .symbolic import NoFormula
+        try:
+            f = self.formula() if plan.M == plan.N else None
+        except NoFormula:
+            f = None
+        if f is not None and f.valid_at(plan.N):
+            import dataclasses
+            rep = dataclasses.replace(rep, density_formula=str(f.density), formula_exact_when=f.condition_text())
+        return rep
+
+    def sweep(self, over: str, values, *, N: int | None = None, heads: int | None = None, head_dim: int = 128,
+              grid=None, tile=(128, 128), gpu: str = "h100"):
+        """`simulate` at every value of one variable (`simulate.Sweep`, with
+        `to_table()`, `to_json()` and `plot(path)`): ``over="N"`` varies the
+        length (M = N, 1-D patterns), any other name rebinds that parameter
+        at length ``N``.
+
+        >>> sw = attnc.loads("pattern p(w = 64) = sliding(w)").pattern().sweep("N", [1024, 4096])
+        >>> [round(r.flop_bound, 1) for r in sw.reports]
+        [16.5, 64.5]
+        """
+        from .simulate import Sweep
+
+        values = tuple(values)
+        if not values:
+            raise ValueError("sweep: expected at least one value, got none; try values=[1024, 2048]")
+        reports = []
+        if over == "N":
+            if self.layout.axes:
+                raise ValueError(f"sweep over N: pattern '{self.name}' is on {self.layout}; expected a 1-D pattern; "
+                                 f"try sweeping a parameter at a fixed grid")
+            for v in values:
+                reports.append(self.simulate(v, v, heads=heads, head_dim=head_dim, tile=tile, gpu=gpu))
+        else:
+            info = next((i for i in self.program.patterns() if i.name == self.name), None)
+            known = [p.name for p in info.params] if info else []
+            if over not in known:
+                raise ValueError(f"sweep: expected N or a parameter of '{self.name}' ({', '.join(known) or 'none'}), got {over!r}")
+            if N is None and grid is None:
+                raise ValueError(f"sweep over {over}: expected a length N=... (or grid=...) to simulate at, got none")
+            for v in values:
+                pat = self.program.pattern(self.name, **{**self.params, over: v})
+                n = N if grid is None else pat.resolve_sizes(1, N, heads, grid)[1]
+                reports.append(pat.simulate(n, n, heads=heads, head_dim=head_dim, grid=grid, tile=tile, gpu=gpu))
+        return Sweep(over=over, values=values, reports=tuple(reports))
 
     # -- dynamic routing
     def route(self, q: torch.Tensor, k: torch.Tensor, *, grid=None, **inputs) -> tuple["BoundPattern", dict]:
@@ -582,15 +658,25 @@ def cu_seqlens(offsets: torch.Tensor) -> CuSeqlens:
     return CuSeqlens(offsets)
 
 
-def _tile(block) -> tuple[int, int]:
+def _tile(block, layout: ir.Layout, M: int, N: int) -> tuple:
+    """(bm, bn), or ((query tile shape), (key tile shape)) for N-D tiles on a grid."""
     if isinstance(block, int) and not isinstance(block, bool):
         block = (block, block)
     try:
         bm, bn = block
     except (TypeError, ValueError):
         raise ValueError(f"block: expected (query tile, key tile) like (128, 128), got {block!r}") from None
-    if any(isinstance(b, tuple) for b in (bm, bn)):
-        raise ValueError("block: N-D tiles such as ((16, 16), (16, 8)) are not supported yet; try 1-D tiles like (128, 128)")
+    if any(isinstance(b, (tuple, list)) for b in (bm, bn)):
+        d = len(layout.axes)
+        shapes = tuple(tuple(b) if isinstance(b, (tuple, list)) else (b,) * d for b in (bm, bn))
+        if not layout.axes or layout.text is not None:
+            raise ValueError(f"block: N-D tiles need a pattern on a pure grid, got one on {layout}; try 1-D tiles like (128, 128)")
+        if M != N:
+            raise ValueError(f"block: N-D tiles cover the whole grid: expected M = N, got M={M}, N={N}; try 1-D tiles")
+        if any(len(t) != d or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 1 for x in t) for t in shapes):
+            raise ValueError(f"block: expected two tile shapes of {d} positive sizes (one per axis of {layout}), "
+                             f"got {block!r}; try {tuple((8,) * d for _ in range(2))}")
+        return shapes
     if not all(isinstance(b, int) and not isinstance(b, bool) and b >= 1 for b in (bm, bn)):
         raise ValueError(f"block: expected positive tile sizes, got {block!r}")
     return bm, bn

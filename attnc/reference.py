@@ -544,8 +544,10 @@ def _component(node: ir.Mask, i: int) -> ir.Mask:
 
 
 def top_view(pattern: ir.PatternIR, M: int, N: int, heads: int, grid, inputs: dict,
-             rows: tuple[int, int] | None = None) -> View:
-    """The view of the whole problem (or of query rows `rows`)."""
+             rows: tuple[int, int] | None = None, keys: torch.Tensor | None = None,
+             queries: torch.Tensor | None = None) -> View:
+    """The view of the whole problem (or of query rows `rows` / query indices
+    `queries`, and the key positions `keys`)."""
     env = {ir.M: M, ir.N: N, ir.H: heads}
     layout = pattern.layout
     if layout.axes:
@@ -555,9 +557,9 @@ def top_view(pattern: ir.PatternIR, M: int, N: int, heads: int, grid, inputs: di
     for sym, value in pattern.bindings:
         env[sym] = ev.val(value, env)
     lo, hi = rows if rows is not None else (0, M)
-    qrel = torch.arange(lo, hi, dtype=torch.int64)
+    qrel = torch.arange(lo, hi, dtype=torch.int64) if queries is None else queries.to(torch.int64)
     q = qrel + (N - M)
-    k = torch.arange(N, dtype=torch.int64)
+    k = torch.arange(N, dtype=torch.int64) if keys is None else keys.to(torch.int64)
     view = View(q=q, k=k, env=env, qrel=qrel, inputs=inputs)
     if layout.axes:
         T = ev.val(layout.text, env) if layout.text is not None else 0
@@ -574,8 +576,9 @@ def top_view(pattern: ir.PatternIR, M: int, N: int, heads: int, grid, inputs: di
 
 
 def evaluate(pattern: ir.PatternIR, M: int, N: int, heads: int, grid, inputs: dict,
-             rows: tuple[int, int] | None = None) -> torch.Tensor:
-    """bool [H, rows, N] (heads broadcast out)."""
-    view = top_view(pattern, M, N, heads, grid, inputs, rows)
+             rows: tuple[int, int] | None = None, keys: torch.Tensor | None = None,
+             queries: torch.Tensor | None = None) -> torch.Tensor:
+    """bool [H, rows, N] (heads broadcast out); [H, len(queries), len(keys)] for subsets."""
+    view = top_view(pattern, M, N, heads, grid, inputs, rows, keys, queries)
     out = Evaluator(pattern).eval(pattern.body, view)
     return out.expand(heads, -1, -1)

@@ -57,10 +57,16 @@ class SimReport:
     dense_ms: float
     sparse_ms: float
     method: str
+    permutation_ms: float = 0.0  # N-D tiles: gathering Q/K/V into tile-major order and O back (forward)
+    tile_shape: tuple | None = None  # N-D tiles: ((query tile shape), (key tile shape))
+    density_formula: str | None = None  # sympy formula of N and the parameters (1-D, M = N), when one exists
+    formula_exact_when: str | None = None
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["tile"] = list(self.tile)
+        if self.tile_shape is not None:
+            d["tile_shape"] = [list(t) for t in self.tile_shape]
         return d
 
     def to_json(self) -> str:
@@ -70,16 +76,21 @@ class SimReport:
         rows = [
             ("pattern", self.pattern),
             ("problem", f"M={self.M} N={self.N} heads={self.heads} head_dim={self.head_dim}"),
-            ("gpu / tile", f"{self.gpu} / {self.tile[0]}x{self.tile[1]}"),
+            ("gpu / tile", f"{self.gpu} / {self.tile[0]}x{self.tile[1]}" + (
+                "" if self.tile_shape is None else
+                " tokens = " + "/".join("x".join(map(str, t)) for t in self.tile_shape) + " (tile-major order)")),
             ("density", f"{self.density:.6f}"),
             ("flop_bound", f"{self.flop_bound:.2f}x"),
             ("tiles", f"{self.tiles_full} full + {self.tiles_partial} partial of {self.tiles_total}"),
             ("tile_density", f"{self.tile_density:.6f}"),
             ("tile_bound", f"{self.tile_bound:.2f}x"),
             ("predicted_speedup", f"{self.predicted_speedup:.2f}x forward, {self.predicted_speedup_bwd:.2f}x backward"),
-            ("roofline time", f"dense {self.dense_ms:.3f} ms, sparse {self.sparse_ms:.3f} ms (forward)"),
+            ("roofline time", f"dense {self.dense_ms:.3f} ms, sparse {self.sparse_ms:.3f} ms (forward)" + (
+                f", of which token permutation {self.permutation_ms:.3f} ms" if self.tile_shape is not None else "")),
             ("plan", self.method),
         ]
+        if self.density_formula is not None:
+            rows.insert(4, ("density formula", f"{self.density_formula}   (exact when {self.formula_exact_when})"))
         w = max(len(k) for k, _ in rows)
         return "\n".join(f"{k.ljust(w)}  {v}" for k, v in rows)
 
@@ -106,6 +117,14 @@ def simulate_plan(plan, *, name: str, head_dim: int, gpu: str, batch: int = 1, m
     f = model.bwd_flop_factor
     dense_b = _time(spec, f * c["tiles_total"] * tile_flops, 2 * c["tiles_total"] * kv_bytes + 2 * qo_bytes, model)
     sparse_b = _time(spec, f * eff_tiles * tile_flops, 2 * visited * kv_bytes + 2 * qo_bytes, model)
+    perm = perm_b = 0.0
+    if plan.tile_shape is not None:
+        # [Note: permutation cost] N-D tiles process tokens in tile-major order: forward gathers Q, K, V
+        # into it and scatters O back (each a read and a write); backward permutes dO in and dQ, dK, dV out.
+        row = 2.0 * D * e * batch * plan.heads  # read + write of one token's vector
+        perm = row * (plan.M + 2 * plan.N + plan.M) / (spec["tbps"] * 1e12)
+        perm_b = row * (2 * plan.M + 2 * plan.N) / (spec["tbps"] * 1e12)
+        sparse, sparse_b = sparse + perm, sparse_b + perm_b
     density = plan.density()
     return SimReport(
         pattern=name, gpu=gpu, M=plan.M, N=plan.N, heads=plan.heads, head_dim=D, tile=(bm, bn),
@@ -114,5 +133,94 @@ def simulate_plan(plan, *, name: str, head_dim: int, gpu: str, batch: int = 1, m
         tile_density=visited / c["tiles_total"], tile_bound=(c["tiles_total"] / visited) if visited else float("inf"),
         predicted_speedup=dense / sparse if sparse else float("inf"),
         predicted_speedup_bwd=dense_b / sparse_b if sparse_b else float("inf"),
-        dense_ms=dense * 1e3, sparse_ms=sparse * 1e3, method=plan.method,
+        dense_ms=dense * 1e3, sparse_ms=sparse * 1e3, method=plan.method, permutation_ms=perm * 1e3,
+        tile_shape=plan.tile_shape,
     )
+
+
+# ----------------------------------------------------------------------------- sweeps
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """Simulator reports over a range of one variable: `N` (M = N) or a pattern parameter."""
+
+    over: str
+    values: tuple
+    reports: tuple  # SimReport per value
+
+    def to_dict(self) -> dict:
+        return {"over": self.over, "values": list(self.values), "reports": [r.to_dict() for r in self.reports]}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    def to_table(self) -> str:
+        head = (self.over, "density", "flop_bound", "tiles full+partial", "tile_bound", "speedup fwd", "speedup bwd")
+        rows = [head] + [(str(v), f"{r.density:.6f}", f"{r.flop_bound:.2f}x", f"{r.tiles_full}+{r.tiles_partial}",
+                          f"{r.tile_bound:.2f}x", f"{r.predicted_speedup:.2f}x", f"{r.predicted_speedup_bwd:.2f}x")
+                         for v, r in zip(self.values, self.reports)]
+        widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
+        r0 = self.reports[0]
+        title = f"{r0.pattern} on {r0.gpu}, tile {r0.tile[0]}x{r0.tile[1]}, heads={r0.heads} head_dim={r0.head_dim}"
+        lines = [title] + ["  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in rows]
+        return "\n".join(lines)
+
+    def plot(self, path: str) -> None:
+        """Speedup, tile bound and FLOP bound against the swept variable (PNG, matplotlib Agg)."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        xs = list(self.values)
+        fig, ax = plt.subplots(figsize=(6.4, 4.2))
+        ax.plot(xs, [r.flop_bound for r in self.reports], "o--", label="flop_bound (1 / density)")
+        ax.plot(xs, [r.tile_bound for r in self.reports], "s-", label="tile_bound")
+        ax.plot(xs, [r.predicted_speedup for r in self.reports], "^-", label="predicted speedup (fwd)")
+        ax.plot(xs, [r.predicted_speedup_bwd for r in self.reports], "v:", label="predicted speedup (bwd)")
+        if len(xs) > 1 and min(xs) > 0 and max(xs) / min(xs) >= 8:
+            ax.set_xscale("log", base=2)
+        ax.set_xlabel(self.over)
+        ax.set_ylabel("x over dense")
+        r0 = self.reports[0]
+        ax.set_title(f"{r0.pattern}: {r0.gpu}, tile {r0.tile[0]}x{r0.tile[1]}", fontsize=10)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+
+
+def parse_sweep(text: str) -> tuple[str, tuple[int, ...]]:
+    """`N=1024:65536:x2` (geometric), `N=1000:5000:+1000` (arithmetic) or `window=64,128,256`."""
+    name, eq, spec = text.partition("=")
+    name = name.strip()
+    if not eq or not name or not spec.strip():
+        raise ValueError(f"--sweep: expected NAME=START:STOP:xFACTOR, NAME=START:STOP:+STEP or NAME=V1,V2,..., got {text!r}")
+    try:
+        if ":" in spec:
+            start, stop, step = spec.split(":")
+            a, b = int(start), int(stop)
+            if step.startswith("x"):
+                f = int(step[1:])
+                if f < 2 or a < 1:
+                    raise ValueError
+                vals = []
+                v = a
+                while v <= b:
+                    vals.append(v)
+                    v *= f
+            else:
+                st = int(step.lstrip("+"))
+                if st < 1:
+                    raise ValueError
+                vals = list(range(a, b + 1, st))
+        else:
+            vals = [int(v) for v in spec.split(",")]
+    except ValueError:
+        raise ValueError(f"--sweep: cannot read {spec!r}; expected START:STOP:xFACTOR (factor >= 2), START:STOP:+STEP "
+                         f"or V1,V2,... with integers, e.g. N=1024:65536:x2 or window=64,128,256") from None
+    if not vals or len(vals) > 64:
+        raise ValueError(f"--sweep: expected 1 to 64 values, got {len(vals)} from {spec!r}")
+    return name, tuple(vals)

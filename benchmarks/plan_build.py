@@ -2,6 +2,7 @@
 create_block_mask (torch.compile'd, warm), side by side, same pattern.
 
     python benchmarks/plan_build.py [--sizes 16384 65536 131072] [--out benchmarks/results/plan_build.md]
+    python benchmarks/plan_build.py --large     # MM-DiT-sized grids attnc alone (create_block_mask: 69 G pairs)
 
 Pattern: causal sliding window 512 + 4 sink tokens, 128x128 tiles, B = H = 1.
 Each measurement runs in a fresh subprocess so peak RSS is its own; attnc is
@@ -77,6 +78,29 @@ def measure(method: str, n: int, repeats: int, timeout: int) -> dict:
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
+LARGE = [
+    ("neighborhood (closed form)", "pattern p(text = 512) on seq(text) + grid(h, w) = global(0 .. text) | neighborhood(17)"),
+    ("circle, where (tile boxes)", "pattern p(text = 512) on seq(text) + grid(h, w) = "
+                                   "global(0 .. text) | where (q.h - k.h)**2 + (q.w - k.w)**2 < 3*3"),
+]
+
+
+def large() -> list[str]:
+    """512x512 image + 512 text tokens (262 656 tokens), 128x128 tiles: attnc only."""
+    import attnc
+    lines = ["| pattern (512 text + 512x512 grid) | method | build s | tiles full + partial | undecided tiles evaluated |",
+             "|---|---|---|---|---|"]
+    for label, src in LARGE:
+        pat = attnc.loads(src).pattern()
+        t = time.perf_counter()
+        plan = pat.plan(512 + 512 * 512, grid=(512, 512), block=(128, 128))
+        dt = time.perf_counter() - t
+        c = plan.counts()
+        lines.append(f"| {label} | {plan.method} | {dt:.1f} | {c['tiles_full']} + {c['tiles_partial']} | {plan.tiles_evaluated} |")
+        print(lines[-1], flush=True)
+    return lines
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sizes", type=int, nargs="+", default=[16384, 65536, 131072])
@@ -84,7 +108,11 @@ def main() -> None:
     ap.add_argument("--timeout", type=int, default=900)
     ap.add_argument("--out", default=None)
     ap.add_argument("--one", nargs=2, metavar=("METHOD", "N"))
+    ap.add_argument("--large", action="store_true", help="time the 262 656-token grid plans instead")
     args = ap.parse_args()
+    if args.large:
+        large()
+        return
     if args.one:
         print(json.dumps(one(args.one[0], int(args.one[1]), args.repeats)))
         return

@@ -140,7 +140,9 @@ def to_flex(pat, M: int, N: int | None = None, *, heads: int | None = None, grid
     """
     M, N, H, grid = pat.resolve_sizes(M, N, heads, grid)
     from attnc.program import _tile
-    block = _tile(block)
+    block = _tile(block, pat.layout, M, N)
+    if isinstance(block[0], tuple):
+        raise ValueError(f"block: a BlockMask has 1-D tiles (BLOCK_SIZE), got N-D tiles {block!r}; try block=(128, 128)")
     batches, _ = pat._inputs(M, N, H, inputs)
     call = Call(pattern=pat, B=len(batches), Hq=H, Hkv=H, M=M, N=N, D=1, Dv=1, grid=grid, scale=1.0, inputs=dict(inputs))
     export = FlexExport(call, block, batches).to(device)

@@ -4,7 +4,7 @@
 # pattern: pattern mmdit(r = 3, text = 8) on seq(text) + grid(h, w) = (global(0 .. text) | (where (((q.h - k.h) ** 2) + ((q.w - k.w) ** 2)) < r**2))
 # sizes:   M=72 queries, N=72 keys, H=1 query heads, grid=8x8
 # mask:    q < 8 or k < 8 or ((max(q - 8, 0) // 8 - max(k - 8, 0) // 8) * (max(q - 8, 0) // 8 - max(k - 8, 0) // 8) + (max(q - 8, 0) % 8 - max(k - 8, 0) % 8) * (max(q - 8, 0) % 8 - max(k - 8, 0) % 8) < 9 and q >= 8 and k >= 8)
-# plan:    64x64 tiles (exact-scan, one plan for all heads): 0 full + 4 partial of 4
+# plan:    64x64 tiles (tile-boxes, one plan for all heads): 0 full + 4 partial of 4
 # config:  BLOCK_M=64 BLOCK_N=64 num_warps=4 num_stages=2 allow_tf32=False
 #
 # Forward: one program per (query tile, batch * head); online softmax over the

@@ -1,0 +1,468 @@
+"""Symbolic density: allowed pairs of a 1-D pattern as an exact formula of N
+and the pattern's parameters.
+
+input:  a bound PatternIR on `seq` (self-attention, M = N).
+output: a `Formula`: allowed pairs, density and forward FLOPs as sympy
+        expressions, with the conditions under which they are exact.
+does not: handle grids, heads, strided/dilated/blocked/random structure or
+        `where` (they raise NoFormula with the reason); count pairs for a given
+        size (analysis.py does, exactly, for every pattern).
+
+[Note: piecewise-linear counts] Every supported primitive gives each query q
+one or a few key intervals whose ends are linear in q (band: [q - l, q + r + 1)).
+The number of allowed keys of q is then a piecewise-linear function of q,
+built by inclusion-exclusion over the intervals (|A u B| = |A| + |B| - |A n B|,
+an intersection of intervals is an interval) and clamping to [0, N). A
+piecewise function is a list of segments [s_i, s_i+1) of q, each with a
+linear expression; summing each segment in closed form gives the total.
+Breakpoints are symbolic, so they must be ordered: the order is the one they
+have for the bound parameter values and N large (compared by the coefficient
+of N first, then by value). Every comparison decided that way is recorded as a
+condition; the formula is exact exactly when all conditions hold (e.g.
+`N >= l + r + 1` for band(l, r)). Conditions without N restrict the
+parameters (`n <= w`).
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from fractions import Fraction
+
+import sympy
+
+from . import ir
+
+Q = sympy.Symbol("q", integer=True)
+D = sympy.Symbol("D", integer=True, positive=True)  # head dim, for FLOPs
+
+
+class NoFormula(ValueError):
+    """The pattern has no closed-form count here (the message says why)."""
+
+
+# ----------------------------------------------------------------------------- ordering with recorded conditions
+
+
+class Order:
+    """Compares symbolic positions as they compare for the bound values and N large."""
+
+    def __init__(self, values: dict):
+        self.values = values  # parameter symbol -> int (N stays symbolic)
+        self.conditions: set = set()
+
+    def key(self, e) -> tuple:
+        v = sympy.expand(sympy.sympify(e).xreplace(self.values))
+        if v.free_symbols - {ir.N}:
+            raise NoFormula(f"cannot order {e}: depends on {', '.join(map(str, v.free_symbols - {ir.N}))}")
+        poly = sympy.Poly(v, ir.N)
+        if poly.degree() > 1 or not all(c.is_Rational for c in poly.all_coeffs()):
+            raise NoFormula(f"position {e} is not linear in N")
+        c1 = sympy.Rational(poly.coeff_monomial(ir.N))
+        c0 = sympy.Rational(sympy.expand(v - c1 * ir.N))
+        return Fraction(int(c1.p), int(c1.q)), Fraction(int(c0.p), int(c0.q))
+
+    def cmp(self, a, b) -> int:
+        """-1, 0 or 1; records the condition that makes the answer hold symbolically."""
+        ka, kb = self.key(a), self.key(b)
+        r = (ka > kb) - (ka < kb)
+        diff = sympy.expand(sympy.sympify(a) - sympy.sympify(b))
+        if diff.free_symbols:
+            rel = {-1: sympy.Lt, 0: sympy.Eq, 1: sympy.Gt}[r](diff, 0)
+            self.conditions.add(rel)
+        return r
+
+
+# ----------------------------------------------------------------------------- piecewise-linear functions of q on [0, N)
+
+
+@dataclass(frozen=True)
+class PL:
+    """Segments (start, expr): expr holds for start <= q < next start (last: < N)."""
+
+    segs: tuple[tuple[sympy.Expr, sympy.Expr], ...]
+
+    @staticmethod
+    def of(e) -> "PL":
+        """One segment: the expression `e` of q on all of [0, N)."""
+        return PL(((sympy.Integer(0), sympy.sympify(e)),))
+
+    @staticmethod
+    def step(at, before, after, order: Order) -> "PL":
+        """`before` for q < at, `after` from there on (at clamped to [0, N])."""
+        if order.cmp(at, 0) <= 0:
+            return PL.of(after)
+        if order.cmp(at, ir.N) >= 0:
+            return PL.of(before)
+        return PL(((sympy.Integer(0), sympy.sympify(before)), (sympy.sympify(at), sympy.sympify(after))))
+
+
+def _points(fs: list[PL], order: Order) -> list:
+    pts: list = []
+    for f in fs:
+        for s, _ in f.segs:
+            if not any(order.cmp(s, p) == 0 for p in pts):
+                pts.append(s)
+    return sorted(pts, key=functools.cmp_to_key(order.cmp))
+
+
+def _at(f: PL, start, order: Order):
+    """The expression of f on the segment beginning at `start` (a breakpoint of f's refinement)."""
+    cur = f.segs[0][1]
+    for s, e in f.segs:
+        if order.cmp(s, start) <= 0:
+            cur = e
+    return cur
+
+
+def combine(fs: list[PL], fn, order: Order) -> PL:
+    pts = _points(fs, order)
+    return PL(tuple((p, sympy.expand(fn(*[_at(f, p, order) for f in fs]))) for p in pts))
+
+
+def _ends(pts, i):
+    return pts[i], (pts[i + 1] if i + 1 < len(pts) else ir.N)
+
+
+def extremum(f: PL, g: PL, order: Order, pick_max: bool) -> PL:
+    """max(f, g) or min(f, g), splitting segments where the two lines cross."""
+    pts = _points([f, g], order)
+    out = []
+    for i, p in enumerate(pts):
+        s, e = _ends(pts, i)
+        a, b = _at(f, p, order), _at(g, p, order)
+        d = sympy.Poly(sympy.expand(a - b), Q)
+        slope = d.coeff_monomial(Q) if d.degree() >= 1 else 0
+        if d.degree() > 1:
+            raise NoFormula("a count that is not linear in q")
+        c = sympy.expand(a - b - slope * Q)
+        if slope == 0:
+            first_is_f = order.cmp(c, 0) >= 0  # a >= b
+            out.append((s, a if first_is_f == pick_max else b))
+            continue
+        if slope not in (1, -1):
+            raise NoFormula("interval ends with slopes other than 0 and 1")
+        x = -c / slope  # a == b at q = x
+        # for q < x: sign(a - b) = -sign(slope)
+        lower_f = (slope < 0)  # a > b below x
+        below = a if lower_f == pick_max else b
+        above = b if lower_f == pick_max else a
+        if order.cmp(x, s) <= 0:
+            out.append((s, above))
+        elif order.cmp(x, e) >= 0:
+            out.append((s, below))
+        else:
+            out += [(s, below), (x, above)]
+    return PL(tuple(out))
+
+
+def sum_over_q(f: PL, order: Order) -> sympy.Expr:
+    total = sympy.Integer(0)
+    pts = [s for s, _ in f.segs]
+    for i, (s, e_expr) in enumerate(f.segs):
+        _, e = _ends(pts, i)
+        total += sympy.summation(e_expr, (Q, s, e - 1))
+    return sympy.factor_terms(sympy.expand(total))
+
+
+# ----------------------------------------------------------------------------- sets of keys per query
+
+
+@dataclass(frozen=True)
+class Iv:
+    lo: PL
+    hi: PL
+
+
+@dataclass(frozen=True)
+class SetExpr:
+    op: str  # "iv" | "or" | "and" | "not"
+    parts: tuple
+    iv: Iv | None = None
+
+
+def _iv(lo: PL, hi: PL) -> SetExpr:
+    return SetExpr("iv", (), Iv(lo, hi))
+
+
+class Counter:
+    """Per-query key counts of set expressions, by inclusion-exclusion."""
+
+    def __init__(self, order: Order):
+        self.order = order
+        self.zero = PL.of(0)
+
+    def add(self, f, g, sign=1):
+        return combine([f, g], lambda a, b: a + sign * b, self.order)
+
+    def count(self, s: SetExpr) -> PL:
+        o = self.order
+        if s.op == "iv":
+            lo = extremum(s.iv.lo, PL.of(0), o, True)
+            hi = extremum(s.iv.hi, PL.of(ir.N), o, False)
+            return extremum(self.add(hi, lo, -1), self.zero, o, True)
+        if s.op == "not":
+            return self.add(PL.of(ir.N), self.count(s.parts[0]), -1)
+        if s.op == "or":
+            a, rest = s.parts[0], s.parts[1:]
+            b = rest[0] if len(rest) == 1 else SetExpr("or", rest)
+            return self.add(self.add(self.count(a), self.count(b)), self.count(self.inter(a, b)), -1)
+        if s.op == "and":
+            # |P n ~X1 n ~X2| = |P| - |(P n X1) u (P n X2)|, P the positive parts' intersection
+            pos = [p for p in s.parts if p.op != "not"]
+            neg = [p.parts[0] for p in s.parts if p.op == "not"]
+            P = pos[0] if pos else _iv(PL.of(0), PL.of(ir.N))
+            for x in pos[1:]:
+                P = self.inter(P, x)
+            if not neg:
+                return self.count(P)  # P has no "and" left only when all parts were intervals or unions
+            minus = SetExpr("or", tuple(self.inter(P, x) for x in neg)) if len(neg) > 1 else self.inter(P, neg[0])
+            return self.add(self.count(P), self.count(minus), -1)
+        raise AssertionError(s.op)
+
+    def inter(self, a: SetExpr, b: SetExpr) -> SetExpr:
+        """a & b: intervals intersected, unions distributed, anything else a flat "and"."""
+        o = self.order
+        if a.op == "iv" and b.op == "iv":
+            return _iv(extremum(a.iv.lo, b.iv.lo, o, True), extremum(a.iv.hi, b.iv.hi, o, False))
+        for x, y in ((a, b), (b, a)):
+            if x.op == "or":
+                return SetExpr("or", tuple(self.inter(p, y) for p in x.parts))
+        parts = []
+        for x in (a, b):
+            parts += list(x.parts) if x.op == "and" else [x]
+        pos = [p for p in parts if p.op != "not"]
+        if len(pos) > 1 and all(p.op in ("iv", "or") for p in pos):
+            merged = pos[0]
+            for p in pos[1:]:
+                merged = self.inter(merged, p)
+            parts = [merged] + [p for p in parts if p.op == "not"]
+        return SetExpr("and", tuple(parts))
+
+
+# ----------------------------------------------------------------------------- primitives
+
+
+class Builder:
+    """Mask IR -> SetExpr over symbolic q (absolute position) and N."""
+
+    def __init__(self, order: Order):
+        self.o = order
+
+    def scalar(self, v) -> sympy.Expr:
+        if isinstance(v, tuple):
+            raise NoFormula("per-axis arguments")
+        return sympy.sympify(v)
+
+    def build(self, node: ir.Mask) -> SetExpr:
+        m = getattr(self, "b_" + type(node).__name__.rstrip("_"), None)
+        if m is None:
+            raise NoFormula(f"{ir.pformat(node).split('(')[0]} has no closed-form count")
+        return m(node)
+
+    def iv(self, lo, hi) -> SetExpr:
+        return _iv(PL.of(lo), PL.of(hi))
+
+    def b_Full(self, n):
+        return self.iv(0, ir.N)
+
+    def b_Empty(self, n):
+        return self.iv(0, 0)
+
+    def b_Causal(self, n):
+        return self.iv(0, Q + 1)
+
+    def b_Band(self, n):
+        return self.iv(Q - self.scalar(n.left), Q + self.scalar(n.right) + 1)
+
+    def b_Sliding(self, n):
+        return self.iv(Q - self.scalar(n.w) + 1, Q + 1)
+
+    def b_Sink(self, n):
+        return self.iv(0, self.scalar(n.n))
+
+    def b_Prefix(self, n):
+        k = self.scalar(n.n)
+        return _iv(PL.of(0), PL.step(k, k, 0, self.o))
+
+    def _ranges(self, s) -> list[tuple]:
+        if isinstance(s, ir.SetRange):
+            if s.step != 1:
+                raise NoFormula("a set with a step")
+            return [(s.start, s.stop)]
+        return [(i, i + 1) for i in s.items]
+
+    def _rows(self, s) -> SetExpr:
+        parts = []
+        for a, b in self._ranges(s):
+            inside = combine([PL.step(a, 0, ir.N, self.o), PL.step(b, 0, ir.N, self.o)], lambda x, y: x - y, self.o)
+            parts.append(_iv(PL.of(0), inside))
+        return parts[0] if len(parts) == 1 else SetExpr("or", tuple(parts))
+
+    def _cols(self, s) -> SetExpr:
+        parts = [self.iv(a, b) for a, b in self._ranges(s)]
+        return parts[0] if len(parts) == 1 else SetExpr("or", tuple(parts))
+
+    def b_Rows(self, n):
+        return self._rows(n.tokens)
+
+    def b_Cols(self, n):
+        return self._cols(n.tokens)
+
+    def b_Global(self, n):
+        return SetExpr("or", (self._rows(n.tokens), self._cols(n.tokens)))
+
+    def b_Neighborhood(self, n):
+        size = self.scalar(n.size)
+        if self.scalar(n.dilation) != 1 or self.scalar(n.stride) != 1:
+            raise NoFormula("dilated or strided neighborhoods")
+        if n.causal is True:
+            start = extremum(PL.of(Q - (size - 1)), PL.of(0), self.o, True)
+            return _iv(start, PL.of(Q + 1))
+        wl = sympy.floor(size / 2)
+        start = extremum(extremum(PL.of(Q - wl), PL.of(ir.N - size), self.o, False), PL.of(0), self.o, True)
+        return _iv(start, combine([start], lambda a: a + size, self.o))
+
+    def b_Union(self, n):
+        return SetExpr("or", tuple(self.build(p) for p in n.parts))
+
+    def b_Inter(self, n):
+        out = self.build(n.parts[0])
+        for p in n.parts[1:]:
+            out = Counter(self.o).inter(out, self.build(p))
+        return out
+
+    def b_Diff(self, n):
+        return Counter(self.o).inter(self.build(n.left), SetExpr("not", (self.build(n.right),)))
+
+    def b_Not(self, n):
+        return SetExpr("not", (self.build(n.operand),))
+
+
+# ----------------------------------------------------------------------------- formulas
+
+
+@dataclass(frozen=True)
+class Formula:
+    """Exact counts of a 1-D self-attention pattern (M = N) as formulas.
+
+    `allowed` (pairs per head), `density = allowed / N**2` and `flops`
+    (forward, 4 * D * H * allowed: QK^T and PV) are sympy expressions of N,
+    the parameters, D (head dim) and H (heads). They are exact whenever every
+    relation in `conditions` holds; `valid_at(N)` checks that for the bound
+    parameter values.
+    """
+
+    allowed: sympy.Expr
+    density: sympy.Expr
+    flops: sympy.Expr
+    conditions: tuple  # sympy relations
+    bindings: tuple  # (symbol, bound int) of the parameters
+
+    def valid_at(self, N: int) -> bool:
+        env = {**dict(self.bindings), ir.N: N}
+        return all(bool(c.xreplace(env)) for c in self.conditions)
+
+    def allowed_at(self, N: int) -> int:
+        """The formula's value at N for the bound parameters (exact when valid_at(N))."""
+        # exact substitution: a compiled float function would turn 1/2 into 0.5 and lose N**2 > 2**53
+        v = self.allowed.xreplace({**{s: sympy.Integer(x) for s, x in self.bindings}, ir.N: sympy.Integer(N)})
+        if not v.is_Integer:
+            raise ValueError(f"allowed_at: the formula gives {v} at N = {N}; expected an integer (is valid_at({N}) true?)")
+        return int(v)
+
+    def condition_text(self) -> str:
+        return ", ".join(_rel_text(c) for c in self.conditions) or "all N"
+
+    def to_text(self) -> str:
+        return (f"allowed = {self.allowed}\ndensity = {self.density}\nflops   = {self.flops}   (forward)\n"
+                f"exact when {self.condition_text()}")
+
+    def to_dict(self) -> dict:
+        return {"allowed": str(self.allowed), "density": str(self.density), "flops": str(self.flops),
+                "exact_when": [_rel_text(c) for c in self.conditions]}
+
+
+def _rel_text(c) -> str:
+    return f"{c.lhs} {c.rel_op} {c.rhs}"
+
+
+@functools.lru_cache(maxsize=128)
+def formula(pattern: ir.PatternIR) -> Formula:
+    """The exact count formula of a bound 1-D pattern (cached per pattern:
+    repeated calls do not re-derive it). Raises NoFormula with the reason."""
+    if pattern.layout.axes or pattern.layout.text is not None:
+        raise NoFormula("grid layouts")
+    if pattern.inputs:
+        raise NoFormula("run-time inputs")
+    values: dict = {}
+    for sym, v in pattern.bindings:
+        v = sympy.sympify(v).xreplace(values)
+        if v.free_symbols:
+            raise NoFormula(f"parameter {sym} = {v} depends on the sizes")
+        values[sym] = int(v)
+    order = Order(values)
+    sets = Builder(order).build(pattern.body)
+    counts = Counter(order).count(sets)
+    allowed = sum_over_q(counts, order)
+    conditions = tuple(sorted(_simplify_conditions(order.conditions, values), key=lambda c: (ir.N in c.free_symbols, str(c))))
+    density = sympy.collect(sympy.expand(allowed / ir.N**2), ir.N, sympy.factor)
+    return Formula(allowed=allowed, density=density,
+                   flops=sympy.factor_terms(4 * D * ir.H * allowed), conditions=conditions,
+                   bindings=tuple((s, values[s]) for s, _ in pattern.bindings))
+
+
+def _simplify_conditions(conds, values) -> list:
+    """The recorded relations as `expr >= bound` (integers: `x > b` is `x >= b + 1`),
+    tightest bound per expression, lower bounds on N dominated by another
+    (given the parameters' own lower bounds) dropped."""
+    lower: dict = {}  # expr -> bound: expr >= bound
+    eqs = []
+    for c in conds:
+        if c in (sympy.true, sympy.false):
+            continue
+        d = sympy.expand(c.lhs - c.rhs)
+        op = c.rel_op
+        if op == "==":
+            eqs.append(sympy.Eq(d, 0))
+            continue
+        if op in ("<", "<="):
+            d, op = -d, {"<": ">", "<=": ">="}[op]
+        const, expr = d.as_coeff_Add()
+        bound = -const + (1 if op == ">" else 0)
+        if ir.N in expr.free_symbols:
+            k = expr.coeff(ir.N)
+            expr, bound = ir.N, sympy.expand((bound - (expr - k * ir.N)) / k)
+            lower.setdefault(ir.N, set()).add(bound)
+            continue
+        coeff, rest = expr.as_coeff_Mul()
+        if coeff < 0:  # -w >= b  is  w <= -b: keep as an upper bound
+            eqs.append(sympy.Le(rest, sympy.expand(-bound / coeff)))
+            continue
+        key = rest
+        b = sympy.ceiling(bound / coeff)
+        cur = lower.get(key)
+        lower[key] = b if cur is None else sympy.Max(cur, b)
+    param_low = {k: v for k, v in lower.items() if k != ir.N and k.is_Symbol}
+
+    def at_least(e) -> bool:
+        """e >= 0 for every parameter value allowed by param_low."""
+        const, rest = sympy.expand(e).as_coeff_Add()
+        total = const
+        for term in sympy.Add.make_args(rest):
+            if term == 0:
+                continue
+            c, sym = term.as_coeff_Mul()
+            if not sym.is_Symbol or c < 0 or sym not in param_low:
+                return False
+            total += c * param_low[sym]
+        return total >= 0
+
+    out = list(eqs)
+    for key, b in lower.items():
+        if key != ir.N and (key.is_Symbol or not at_least(key - b)):
+            out.append(sympy.Ge(key, b))
+    ns = list(lower.get(ir.N, ()))
+    keep = [b for b in ns if not any(o != b and at_least(o - b) for o in ns)]
+    out += [sympy.Ge(ir.N, b) for b in keep]
+    return out
