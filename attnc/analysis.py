@@ -305,6 +305,32 @@ class IntervalAnalysis(Evaluator):
         keys = (view.q % s)[:, None] + s * torch.arange(C, dtype=torch.int64)[None, :]
         return merge(ISet.make(keys, keys + 1, view.L))
 
+    def iv_Same(self, node, view):
+        # keys of the query's own segment: one interval when every id is one contiguous run
+        doc = view.inputs[node.input].to(torch.int64)
+        n = doc.shape[-1]
+        starts = torch.ones(n, dtype=torch.bool)
+        starts[1:] = doc[1:] != doc[:-1]
+        run = torch.cumsum(starts.to(torch.int64), 0) - 1  # run index of every position
+        if int(run[-1]) + 1 != len(torch.unique(doc)):
+            raise NotIntervals("a segment id occurs in several runs")
+        run_lo = starts.nonzero().flatten()
+        run_hi = torch.cat([run_lo[1:], torch.tensor([n])])
+        r = run[view.q.clamp(0, n - 1)]
+        ok = (view.q >= 0) & (view.q < n)
+        lo = torch.where(ok, run_lo[r], 0)
+        return self._iv(lo, torch.where(ok, run_hi[r], 0), view)
+
+    def iv_Routed(self, node, view):
+        sel = view.inputs[node.input].to(torch.int64)  # [H or 1, nqb, kmax], -1 ignored
+        b = self.val(node.block, view.env)
+        if sel.shape[-1] > MAX_INTERVALS:
+            raise NotIntervals("routed with many blocks per query block")
+        rows = sel[:, view.qrel // b]  # [Hs, Mq, kmax]
+        lo = torch.where(rows >= 0, rows * b, view.L)
+        hi = torch.where(rows >= 0, (rows + 1) * b, view.L)
+        return merge(ISet.make(lo, hi, view.L))
+
     def iv_Random(self, node, view):
         r, seed = self.val(node.r, view.env), self.val(node.seed, view.env)
         if min(r, view.L) > MAX_INTERVALS:
@@ -846,11 +872,12 @@ def _one_thread():
             torch.set_num_threads(n)
 
 
-def _interval_sets(pattern: ir.PatternIR, M: int, N: int, heads: int, grid) -> tuple[ISet, View]:
-    """Every query's allowed keys in closed form (raises NotIntervals)."""
-    if pattern.inputs:
+def _interval_sets(pattern: ir.PatternIR, M: int, N: int, heads: int, grid, inputs: dict | None = None) -> tuple[ISet, View]:
+    """Every query's allowed keys in closed form (raises NotIntervals). `inputs`:
+    one batch element's run-time inputs (segments with contiguous ids, block tables)."""
+    if pattern.inputs and not inputs:
         raise NotIntervals("run-time inputs")
-    view = top_view(pattern, M, N, heads, grid, {})
+    view = top_view(pattern, M, N, heads, grid, inputs or {})
     return merge(IntervalAnalysis(pattern).eval(pattern.body, view)), view
 
 
@@ -893,10 +920,33 @@ def _row_report(pattern, M, N, heads, grid) -> RowReport:
                      dense=allowed == heads * M * N, allowed=allowed, method=method)
 
 
-def plan_blocks(pattern: ir.PatternIR, M: int, N: int, heads: int, grid, *, block: tuple[int, int]) -> Plan:
-    """The tile plan of a bound pattern (sizes already validated)."""
+def plan_blocks(pattern: ir.PatternIR, M: int, N: int, heads: int, grid, *, block: tuple[int, int],
+                inputs: dict | None = None) -> Plan:
+    """The tile plan of a bound pattern (sizes already validated). Patterns with
+    run-time inputs are planned for one batch element's `inputs` in closed form
+    (contiguous segments: O(N); block tables: O(M * kmax))."""
     with _one_thread():
+        if inputs:
+            return _plan_with_inputs(pattern, M, N, heads, grid, block, inputs)
         return _plan_blocks(pattern, M, N, heads, grid, block)
+
+
+def _plan_with_inputs(pattern, M, N, heads, grid, block, inputs) -> Plan:
+    if isinstance(block[0], tuple):
+        raise ValueError("block: N-D tiles are not supported with run-time inputs; try 1-D tiles like (128, 128)")
+    bm, bn = block
+    try:
+        s, view = _interval_sets(pattern, M, N, heads, grid, inputs)
+    except NotIntervals as exc:
+        raise ValueError(f"cannot plan pattern '{pattern.name}' from its run-time inputs in closed form ({exc}); "
+                         f"the op scans such inputs itself") from None
+    full, nonempty = _classify_from_intervals(s, M, bm, bn, view.qrel)
+    allowed = int(s.count().sum()) * (heads // s.lo.shape[0])
+    partial = nonempty & ~full
+    return Plan(M=M, N=N, heads=heads, block=(bm, bn),
+                full=TileList.from_dense(full), partial=TileList.from_dense(partial),
+                full_t=TileList.from_dense(full.transpose(1, 2)), partial_t=TileList.from_dense(partial.transpose(1, 2)),
+                allowed=allowed, method="closed-form")
 
 
 def _plan_nd(pattern, M, N, heads, grid, tq, tk) -> Plan:

@@ -118,6 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--tile", default="128x128", metavar="BMxBN", help="tile shape (default 128x128)")
     sim.add_argument("--gpu", default="h100", choices=["a100", "h100", "h200", "b200"])
     sim.add_argument("--json", action="store_true", help="print the report as JSON")
+    sim.add_argument("--routed-density", type=float, metavar="D",
+                     help="dynamic patterns: route this fraction of key blocks per query block (routed inputs and topk)")
     sim.add_argument("--sweep", metavar="VAR=SPEC", help="simulate over N or a parameter: N=1024:65536:x2, "
                      "N=1000:5000:+1000 or window=64,128,256 (a table, or JSON with --json)")
     sim.add_argument("--png", metavar="OUT", help="with --sweep: plot speedup and bounds against the variable")
@@ -286,15 +288,26 @@ def cmd_simulate(args, out, err) -> int:
         raise UsageError(f"--head-dim: expected a positive size, got {args.head_dim}")
     if args.png and not args.sweep:
         raise UsageError("--png: expected --sweep as well (the plot shows a sweep)")
-    pat = _static_pattern(args, err, "simulate")
-    if pat is None:
+    from . import load
+
+    pat = load(args.file).pattern(args.pattern, **parse_sets(args.set))
+    if any(i.kind == "segments" for i in pat.ir.inputs):
+        pat = _static_pattern(args, err, "simulate")  # segments cannot be invented: says so
         return 1
+    if args.routed_density is not None and not 0 < args.routed_density <= 1:
+        raise UsageError(f"--routed-density: expected a fraction in (0, 1], got {args.routed_density}")
+    if pat.ir.inputs and args.routed_density is None:
+        raise UsageError(f"pattern '{pat.name}' routes key blocks at run time ({pat.ir.inputs[0].name}): "
+                         f"expected --routed-density D; try --routed-density 0.1")
     if args.sweep:
+        if pat.ir.inputs or pat._has_topk():
+            raise UsageError("--sweep: dynamic patterns are simulated one point at a time; drop --sweep")
         return _simulate_sweep(args, pat, tile, out, err)
     if args.seq_len is None and args.grid is None:
         raise UsageError("attnc simulate: expected --seq-len N or --grid AxB (or --sweep N=...)")
     M, N, H, grid = _sizes(pat, args.seq_len, parse_grid(args.grid), args.heads)
-    rep = pat.simulate(M, N, heads=H, head_dim=args.head_dim, grid=grid, tile=tile, gpu=args.gpu)
+    rep = pat.simulate(M, N, heads=H, head_dim=args.head_dim, grid=grid, tile=tile, gpu=args.gpu,
+                       routed_density=args.routed_density)
     print(rep.to_json() if args.json else rep.to_table(), file=out)
     return 0
 

@@ -184,3 +184,49 @@ def route(lowered: Lowered, q: torch.Tensor, k: torch.Tensor, M: int, N: int, H:
         elig = eligible_blocks(lowered, site, b, M, N, H, grid, batches)
         tables[site.input] = select(pooled_scores(q, k, b), elig, kk)
     return tables
+
+
+def synthetic_inputs(pattern, M: int, N: int, H: int, grid, density: float | None, inputs: dict,
+                     seed: int = 0) -> tuple[object, dict]:
+    """For the simulator: (pattern, inputs) where every `topk` is lowered and every
+    block table that was not given is drawn at `density` (a fraction of the key
+    blocks per query block, chosen at random with `seed`). `topk(k)` keeps its
+    `k` unless `density` is given, then k = ceil(density * key blocks); its
+    blocks are drawn among the eligible ones, as the op would choose them.
+    Segment inputs cannot be invented: they must be passed."""
+    import math
+
+    from .program import _int
+
+    env = {**pattern.ir.binding_map(), ir.M: M, ir.N: N, ir.H: H}
+    if grid is not None:
+        env.update({ir.axis_size(a): s for a, s in zip(pattern.ir.layout.axes, grid)})
+    if density is not None and not (isinstance(density, (int, float)) and 0 < density <= 1):
+        raise ValueError(f"routed_density: expected a fraction in (0, 1], got {density!r}; try 0.1")
+    g = torch.Generator().manual_seed(seed)
+    inputs = dict(inputs)
+    for spec in pattern.ir.inputs:
+        if spec.name in inputs:
+            continue
+        if spec.kind == "segments":
+            raise ValueError(f"simulate: pattern '{pattern.name}' needs its segments input '{spec.name}': "
+                             f"expected {spec.name}=ids [N]; try pat.simulate(..., {spec.name}=torch.tensor(ids))")
+        if density is None:
+            raise ValueError(f"simulate: pattern '{pattern.name}' routes blocks at run time ('{spec.name}'): "
+                             f"expected {spec.name}=table or a density; try routed_density=0.1 (--routed-density 0.1)")
+        b = _int(spec.block, env)
+        nq, nk = -(-M // b), -(-N // b)
+        k = max(1, math.ceil(density * nk))
+        inputs[spec.name] = torch.rand(H, nq, nk, generator=g).topk(k, dim=-1).indices
+    if not has_topk(pattern.ir):
+        return pattern, inputs
+    lowered = pattern._lowered()
+    batches, _ = pattern._inputs(M, N, H, inputs)
+    for site in lowered.sites:
+        kk, b = _int(site.node.k, env), _int(site.node.block, env)
+        nq, nk = -(-M // b), -(-N // b)
+        if density is not None:
+            kk = max(1, math.ceil(density * nk))
+        elig = eligible_blocks(lowered, site, b, M, N, H, grid, batches)[0].expand(H, nq, nk)
+        inputs[site.input] = select(torch.rand(1, H, nq, nk, generator=g), elig[None], kk)[0]
+    return pattern._routed, inputs

@@ -449,7 +449,7 @@ class BoundPattern:
         return per_batch, batched
 
     # -- analysis
-    def plan(self, M: int, N: int | None = None, *, heads: int | None = None, grid=None, block=(128, 128)):
+    def plan(self, M: int, N: int | None = None, *, heads: int | None = None, grid=None, block=(128, 128), **inputs):
         """Tile plan: per query tile its full and partial key tiles (and the
         transposed view), built from the pattern's structure (see analysis.py).
 
@@ -459,8 +459,15 @@ class BoundPattern:
         """
         M, N, H, grid = self.resolve_sizes(M, N, heads, grid)
         block = _tile(block, self.layout, M, N)
+        one = None
+        if inputs or self.ir.inputs:
+            batches, _ = self._inputs(M, N, H, inputs)
+            if len(batches) != 1:
+                raise ValueError(f"plan: expected the run-time inputs of one batch element, got {len(batches)}; "
+                                 f"try plan(..., {next(iter(inputs))}=x[0])")
+            one = batches[0]
         try:
-            return plan_blocks(self.ir, M, N, H, grid, block=block)
+            return plan_blocks(self.ir, M, N, H, grid, block=block, inputs=one)
         except AttnError as err:
             raise err.with_sources(self.program.sources) from None
 
@@ -497,12 +504,24 @@ class BoundPattern:
         return formula(self.ir)
 
     def simulate(self, M: int, N: int | None = None, *, heads: int | None = None, head_dim: int = 128, grid=None,
-                 tile=(128, 128), gpu: str = "h100", batch: int = 1):
-        """Density, tile counts and the roofline speedup estimate (`SimReport`)."""
+                 tile=(128, 128), gpu: str = "h100", batch: int = 1, routed_density: float | None = None, **inputs):
+        """Density, tile counts and the roofline speedup estimate (`SimReport`).
+
+        Dynamic patterns: pass their run-time inputs (one batch element), or
+        ``routed_density=0.1`` to draw every missing block table (and every
+        ``topk``'s choice, k = ceil(0.1 * key blocks)) at that density; without
+        it ``topk(k)`` is simulated with its own k among its eligible blocks.
+        """
         from .simulate import simulate_plan
 
         if isinstance(head_dim, bool) or not isinstance(head_dim, int) or head_dim < 1:
             raise ValueError(f"head_dim: expected a positive integer, got {head_dim!r}")
+        if self.ir.inputs or routed_density is not None or self._has_topk():
+            from .dynamic import synthetic_inputs
+            M, N, H, grid = self.resolve_sizes(M, N, heads, grid)
+            pat, inputs = synthetic_inputs(self, M, N, H, grid, routed_density, inputs)
+            plan = pat.plan(M, N, heads=H, grid=grid, block=tile, **inputs)
+            return simulate_plan(plan, name=self.name, head_dim=head_dim, gpu=gpu, batch=batch)
         plan = self.plan(M, N, heads=heads, grid=grid, block=tile)
         rep = simulate_plan(plan, name=self.name, head_dim=head_dim, gpu=gpu, batch=batch)
         from .symbolic import NoFormula

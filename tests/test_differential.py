@@ -365,8 +365,8 @@ def test_a_wrong_plan_is_caught_and_shrunk(monkeypatch, _uncounted):
 
     real = analysis.plan_blocks
 
-    def broken(pattern, M, N, heads, grid, *, block):
-        plan = real(pattern, M, N, heads, grid, block=block)
+    def broken(pattern, M, N, heads, grid, *, block, inputs=None):
+        plan = real(pattern, M, N, heads, grid, block=block, inputs=inputs)
         if plan.full.counts.sum() == 0:
             return plan
         # forget the full tiles: they would be skipped

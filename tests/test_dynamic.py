@@ -123,3 +123,70 @@ def test_bad_cu_seqlens_say_what_was_expected(offsets, msg):
     pat = attnc.load(EXAMPLES / "packed.attn").pattern()
     with pytest.raises(ValueError, match=msg):
         pat.mask(10, doc=attnc.cu_seqlens(torch.tensor(offsets)))
+
+
+def _tiles_from_mask(mask, bm, bn):
+    """int8 [H, nq, nk]: 0 empty, 1 partial, 2 full, from a dense bool mask [H, M, N]."""
+    H, M, N = mask.shape
+    nq, nk = -(-M // bm), -(-N // bn)
+    out = torch.zeros(H, nq, nk, dtype=torch.int8)
+    for i in range(nq):
+        for j in range(nk):
+            t = mask[:, i * bm:(i + 1) * bm, j * bn:(j + 1) * bn]
+            out[:, i, j] = torch.where(t.all(-1).all(-1), 2, torch.where(t.any(-1).any(-1), 1, 0))
+    return out
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_plans_from_run_time_inputs_match_the_mask(seed):
+    g = torch.Generator().manual_seed(seed)
+    M, N, H = 37 + seed * 7, 61 + seed * 5, 2
+    cuts = torch.sort(torch.randperm(N - 1, generator=g)[:3] + 1).values
+    lengths = torch.diff(torch.cat([torch.tensor([0]), cuts, torch.tensor([N])]))
+    doc = torch.repeat_interleave(torch.arange(4), lengths)
+    packed = attnc.loads("pattern p(doc: segments) = causal & same(doc) | sink(2)").pattern()
+    plan = packed.plan(M, N, heads=H, block=(8, 16), doc=doc)
+    mask = packed.mask(M, N, heads=H, doc=doc)
+    assert torch.equal(plan.to_dense().expand(H, -1, -1), _tiles_from_mask(mask, 8, 16))
+    assert plan.allowed == int(mask.sum()) and plan.method == "closed-form"
+    b = 8
+    sel = torch.randint(-1, -(-N // b), (H, -(-M // b), 3), generator=g)
+    routed = attnc.loads(f"pattern r(sel: blocks({b})) = routed(sel) & ~causal | sliding(3)").pattern()
+    plan = routed.plan(M, N, heads=H, block=(16, 8), sel=sel)
+    mask = routed.mask(M, N, heads=H, sel=sel)
+    assert torch.equal(plan.to_dense().expand(H, -1, -1), _tiles_from_mask(mask, 16, 8))
+    assert plan.allowed == int(mask.sum())
+
+
+def test_plan_with_inputs_says_what_it_cannot_do():
+    packed = attnc.load(EXAMPLES / "packed.attn").pattern()
+    with pytest.raises(ValueError, match="one batch element"):
+        packed.plan(8, doc=torch.zeros(2, 8, dtype=torch.long))
+    with pytest.raises(ValueError, match="several runs"):
+        packed.plan(8, doc=torch.tensor([0, 0, 1, 1, 0, 0, 1, 1]))
+
+
+def test_simulate_dynamic_patterns_with_a_routed_density():
+    import io
+
+    from attnc.cli import main
+
+    # the diagonal block is static, so never eligible: topk adds exactly 4 other blocks per query block
+    rep = attnc.loads("pattern p = topk(4, block = 64) | block(64)").pattern().simulate(4096, tile=(64, 64))
+    assert (rep.tiles_full, rep.tiles_partial, rep.density) == (64 * 5, 0, 5 / 64)
+    rep = attnc.loads("pattern p = topk(4, block = 64) | block(64)").pattern().simulate(
+        4096, tile=(64, 64), routed_density=0.5)  # a density overrides k: 32 eligible blocks + the diagonal
+    assert rep.tiles_full == 64 * 33
+    routed = attnc.loads("pattern r(sel: blocks(64)) = routed(sel)").pattern()
+    rep = routed.simulate(4096, tile=(64, 64), routed_density=0.25)
+    assert rep.tiles_full == 64 * 16 and rep.tiles_partial == 0 and rep.density == 0.25
+    with pytest.raises(ValueError, match="try routed_density=0.1"):
+        routed.simulate(4096)
+    with pytest.raises(ValueError, match="expected a fraction"):
+        routed.simulate(4096, routed_density=2.0)
+    out, err = io.StringIO(), io.StringIO()
+    path = EXAMPLES / "biformer.attn"
+    assert main(["simulate", str(path), "--seq-len", "4096", "--tile", "64x64", "--routed-density", "0.25"], out, err) == 0
+    assert "0.25" in out.getvalue() and "tile_bound         4.00x" in out.getvalue()
+    assert main(["simulate", str(path), "--seq-len", "4096"], out, err) == 2
+    assert "--routed-density 0.1" in err.getvalue()
