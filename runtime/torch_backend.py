@@ -101,10 +101,17 @@ def partial_tile_masks(call: Call, plan: Plan, inputs: dict | None = None, *, ch
 
 
 def scan_plan(call: Call, inputs: dict, block: tuple[int, int]) -> Plan:
-    """The exact tile plan of one batch element of a pattern with run-time inputs."""
+    """The exact tile plan of one batch element of a pattern with run-time inputs:
+    in closed form from the inputs when the analysis has one (contiguous segments,
+    block tables: O(N) / O(M * kmax)), else by scanning the mask in row chunks."""
+    from attnc.analysis import plan_blocks
     from attnc.show import tile_stats
 
     M, N, H = call.M, call.N, call.Hq
+    try:
+        return plan_blocks(call.pattern.ir, M, N, H, call.grid, block=block, inputs=inputs)
+    except ValueError:
+        pass  # e.g. a segment id in several runs: scan
     stats, _ = tile_stats(lambda lo, hi: call.pattern.mask_rows(M, N, H, call.grid, lo, hi, inputs), M, N, H, block)
     full = stats.counts == stats.sizes
     nonempty = stats.counts > 0
