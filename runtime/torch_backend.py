@@ -159,7 +159,7 @@ def build_schedule(call: Call, plan: Plan, masks: torch.Tensor, config: TorchPat
     """Turn a plan and its partial-tile masks into gather tables (pure function)."""
     bm, bn = plan.block
     nq, nk = plan.shape
-    M, N = call.M, call.N
+    N = call.N
     Hq, Hkv = call.Hq, call.Hkv
     G = Hq // Hkv
     Hx = masks.shape[0]  # 1: one plan and one set of bits for every head

@@ -228,7 +228,7 @@ def markdown(rows: list[Row]) -> str:
         "token-level zoom on the diagonal (first head shown) and, on grids, the keys of the centre",
         "query drawn on the grid (videos: one small image per frame, in order).",
         "",
-        f"`density` is exact (allowed pairs / all pairs). `tile_bound` and `predicted_speedup` come",
+        "`density` is exact (allowed pairs / all pairs). `tile_bound` and `predicted_speedup` come",
         f"from `pat.simulate(..., tile={TILE}, head_dim={HEAD_DIM}, gpu=\"{GPU}\")`: the FLOP bound",
         "of a kernel that skips empty tiles, and the roofline model's forward speedup over dense",
         "FlashAttention (docs/analysis.md, section 'The simulator', explains the model and its limits). At these small sizes",

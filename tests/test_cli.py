@@ -1,7 +1,6 @@
 """The CLI, in process through main(argv): verbs, exit codes, bad files."""
 
 import io
-import json  # noqa: F401  (kept for future --json verbs)
 
 import pytest
 from hypothesis import given, settings, strategies as st

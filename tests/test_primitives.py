@@ -5,7 +5,6 @@ M != N, on 2-D and 3-D grids."""
 import itertools
 import math
 
-import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
