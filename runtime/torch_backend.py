@@ -35,6 +35,7 @@ from dataclasses import dataclass
 import torch
 
 from attnc import ir
+from attnc.errors import AttnError
 from attnc.analysis import Plan, TileList
 
 from .backend import Backend, Call
@@ -67,10 +68,14 @@ def partial_tile_masks(call: Call, plan: Plan, inputs: dict | None = None, *, ch
     of head h; Hm is 1 when every head has the same bits (then the plan's
     head dimension is 1 too), else the number of heads -- a plan may be shared
     by heads whose partial tiles differ inside. Padding slots (index -1), rows
-    beyond M and columns beyond N are False. Computed from the reference
-    evaluator (`BoundPattern.mask_rows`) in row chunks; `inputs` is one batch
-    element's run-time inputs. This is the only source of mask bits in the
-    torch path and the FlexAttention export.
+    beyond M and columns beyond N are False. `inputs` is one batch element's
+    run-time inputs. This is the only source of mask bits in the torch path and
+    the FlexAttention export.
+
+    [Note: mask bits] The bits come from the pointwise lowering
+    (codegen/pointwise.py, the expression the Triton kernels print) evaluated
+    only on the partial tiles: O(partial tiles * bm * bn). Patterns it cannot
+    lower fall back to the reference evaluator's rows (O(M * N)).
     """
     bm, bn = plan.block
     nq, nk = plan.shape
@@ -80,6 +85,21 @@ def partial_tile_masks(call: Call, plan: Plan, inputs: dict | None = None, *, ch
     if int(plan.partial.counts.sum()) == 0:
         return out[:1] if Hx == 1 else out  # keep a per-head plan's head dimension
     budget = chunk_elements or CONFIG.mask_chunk_elements
+    fn = _pointwise(call, inputs)
+    if fn is not None:
+        index = plan.partial.index.long().expand(H, -1, -1)
+        tiles_per_chunk = max(1, budget // max(1, H * P * bm * bn))
+        h = torch.arange(H).view(H, 1, 1, 1, 1)
+        for t0 in range(0, nq, tiles_per_chunk):
+            t1 = min(nq, t0 + tiles_per_chunk)
+            idx = index[:, t0:t1]  # [H, t, P]
+            q = (torch.arange(t0, t1) * bm).view(1, -1, 1, 1, 1) + torch.arange(bm).view(1, 1, 1, bm, 1)
+            k = idx.clamp(min=0)[..., None, None] * bn + torch.arange(bn).view(1, 1, 1, 1, bn)
+            ok = (q < M) & (k < N) & (idx >= 0)[..., None, None]
+            out[:, t0:t1] = fn(q.clamp(max=M - 1), k.clamp(max=N - 1), h, 0) & ok
+        if Hx == 1 and bool((out == out[:1]).all()):
+            return out[:1]
+        return out
     tiles_per_chunk = max(1, budget // max(1, H * bm * N))
     index = plan.partial.index.long().expand(H, -1, -1)
     hsel = torch.arange(H)[:, None, None]
@@ -98,6 +118,18 @@ def partial_tile_masks(call: Call, plan: Plan, inputs: dict | None = None, *, ch
     if Hx == 1 and bool((out == out[:1]).all()):
         return out[:1]
     return out
+
+
+def _pointwise(call: Call, inputs: dict | None):
+    """The pattern's pointwise mask function (q, k, h, b) -> bool, or None when it has none."""
+    from attnc.codegen.pointwise import lower
+
+    batched = {n: t[None] for n, t in (inputs or {}).items()}  # one batch element: b = 0
+    try:
+        low = lower(call.pattern.ir, call.M, call.N, call.Hq, call.grid, {n: tuple(t.shape) for n, t in batched.items()})
+        return low.evaluator(batched)
+    except AttnError:
+        return None
 
 
 def scan_plan(call: Call, inputs: dict, block: tuple[int, int]) -> Plan:
