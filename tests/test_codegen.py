@@ -440,3 +440,19 @@ def test_gpu_gqa_odd_lengths_head_dims_and_autotune():
     want, _ = dense_attention(q.double().cpu(), k.double().cpu(), v.double().cpu(), call.mask()[None], call.scale)
     torch.testing.assert_close(out.cpu().double(), want, atol=1e-2, rtol=1e-2)
     assert len(be._tuned) == 1
+
+
+@interpreted
+def test_topk_through_the_op_on_the_triton_backend_and_empty_selections():
+    """topk is lowered to routed(sel): the kernels run it like any block table."""
+    pat = attnc.loads("pattern p = causal & (topk(2, block = 16) | sliding(5)) & ~rows({3})").pattern()
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(1, 2, 70, 16, generator=g) for _ in range(3))
+    qd, kd, vd = (t.clone().requires_grad_() for t in (q, k, v))
+    out, lse = pat(qd, kd, vd, return_lse=True, backend="triton")
+    low, tables = pat.route(q, k)
+    want, want_lse = low(q, k, v, return_lse=True, backend="reference", **tables)
+    torch.testing.assert_close(out, want, **TOL[torch.float32])
+    assert torch.all(out[:, :, 3] == 0) and torch.all(torch.isneginf(lse[:, :, 3]))  # an empty row: zeros, not NaN
+    out.sum().backward()
+    assert all(torch.isfinite(t.grad).all() for t in (qd, kd, vd))
