@@ -12,6 +12,7 @@ pattern); `forward` / `backward` follow the shapes documented there.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -56,23 +57,23 @@ class Call:
         return self.pattern.mask(self.M, self.N, heads=self.Hq, grid=self.grid, **self.inputs)
 
 
-class Backend:
-    """Base class of the attention backends ("torch", "triton", "flex")."""
+class Backend(ABC):
+    """Base class of the attention backends ("torch", "triton", "flex", "reference")."""
 
     name: str = ""
 
+    @abstractmethod
     def can_run(self, call: Call, q: torch.Tensor) -> str | None:
         """None when this backend can compute `call` for tensors like `q`, else the reason."""
-        raise NotImplementedError
 
+    @abstractmethod
     def forward(self, call: Call, q, k, v) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns out [B, Hq, M, Dv] in q's dtype and lse [B, Hq, M] (float32; float64
         for float64 inputs), natural log; rows with no allowed key: out 0, lse -inf."""
-        raise NotImplementedError
 
+    @abstractmethod
     def backward(self, call: Call, q, k, v, out, lse, dout, dlse=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Returns dq, dk, dv (shapes and dtypes of q, k, v): gradients of
         sum(out * dout) + sum(lse * dlse) (dlse [B, Hq, M] or None), computed
         from the saved out and lse without N^2 state. With
         delta = rowsum(dout * out) - dlse: dS = P * (dout @ v^T - delta)."""
-        raise NotImplementedError

@@ -53,6 +53,12 @@ class Unavailable(Backend):
     def can_run(self, call: Call, q: torch.Tensor) -> str | None:
         return self.reason
 
+    def forward(self, call, q, k, v):  # never chosen: can_run always declines
+        raise ValueError(f"backend={self.name!r} cannot run this call: {self.reason}")
+
+    def backward(self, call, q, k, v, out, lse, dout, dlse=None):
+        raise ValueError(f"backend={self.name!r} cannot run this call: {self.reason}")
+
 
 @functools.cache
 def get_backend(name: str) -> Backend:
