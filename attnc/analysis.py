@@ -440,6 +440,15 @@ class Plan:
     offsets_q: torch.Tensor | None = None
     offsets_k: torch.Tensor | None = None
 
+    @staticmethod
+    def from_flags(full: torch.Tensor, nonempty: torch.Tensor, **fields) -> "Plan":
+        """The plan of bool [Hx, nq, nk] tile classes (full implies nonempty);
+        `fields` are the other Plan fields (M, N, heads, block, allowed, method, ...)."""
+        partial = nonempty & ~full
+        return Plan(full=TileList.from_dense(full), partial=TileList.from_dense(partial),
+                    full_t=TileList.from_dense(full.transpose(1, 2)),
+                    partial_t=TileList.from_dense(partial.transpose(1, 2)), **fields)
+
     @property
     def shape(self) -> tuple[int, int]:
         if self.tile_shape is not None:
@@ -926,27 +935,7 @@ def plan_blocks(pattern: ir.PatternIR, M: int, N: int, heads: int, grid, *, bloc
     run-time inputs are planned for one batch element's `inputs` in closed form
     (contiguous segments: O(N); block tables: O(M * kmax))."""
     with _one_thread():
-        if inputs:
-            return _plan_with_inputs(pattern, M, N, heads, grid, block, inputs)
-        return _plan_blocks(pattern, M, N, heads, grid, block)
-
-
-def _plan_with_inputs(pattern, M, N, heads, grid, block, inputs) -> Plan:
-    if isinstance(block[0], tuple):
-        raise ValueError("block: N-D tiles are not supported with run-time inputs; try 1-D tiles like (128, 128)")
-    bm, bn = block
-    try:
-        s, view = _interval_sets(pattern, M, N, heads, grid, inputs)
-    except NotIntervals as exc:
-        raise ValueError(f"cannot plan pattern '{pattern.name}' from its run-time inputs in closed form ({exc}); "
-                         f"the op scans such inputs itself") from None
-    full, nonempty = _classify_from_intervals(s, M, bm, bn, view.qrel)
-    allowed = int(s.count().sum()) * (heads // s.lo.shape[0])
-    partial = nonempty & ~full
-    return Plan(M=M, N=N, heads=heads, block=(bm, bn),
-                full=TileList.from_dense(full), partial=TileList.from_dense(partial),
-                full_t=TileList.from_dense(full.transpose(1, 2)), partial_t=TileList.from_dense(partial.transpose(1, 2)),
-                allowed=allowed, method="closed-form")
+        return _plan_blocks(pattern, M, N, heads, grid, block, inputs)
 
 
 def _plan_nd(pattern, M, N, heads, grid, tq, tk) -> Plan:
@@ -968,36 +957,33 @@ def _plan_nd(pattern, M, N, heads, grid, tq, tk) -> Plan:
     if allowed is None:
         evaluated = int((nonempty & ~full).sum())
         full, nonempty, allowed = _refine(pattern, M, N, heads, grid, order_q, off_q, order_k, off_k, full, nonempty)
-    partial = nonempty & ~full
-    return Plan(
-        M=M, N=N, heads=heads, block=(math.prod(tq), math.prod(tk)),
-        full=TileList.from_dense(full), partial=TileList.from_dense(partial),
-        full_t=TileList.from_dense(full.transpose(1, 2)), partial_t=TileList.from_dense(partial.transpose(1, 2)),
+    return Plan.from_flags(
+        full, nonempty, M=M, N=N, heads=heads, block=(math.prod(tq), math.prod(tk)),
         allowed=allowed, method="closed-form" if evaluated == 0 else "tile-boxes", tiles_evaluated=evaluated,
         tile_shape=(tuple(tq), tuple(tk)), perm_q=order_q, perm_k=order_k, offsets_q=off_q, offsets_k=off_k,
     )
 
 
-def _plan_blocks(pattern, M, N, heads, grid, block) -> Plan:
+def _plan_blocks(pattern, M, N, heads, grid, block, inputs=None) -> Plan:
     if isinstance(block[0], tuple):
+        if inputs:
+            raise ValueError("block: N-D tiles are not supported with run-time inputs; try 1-D tiles like (128, 128)")
         return _plan_nd(pattern, M, N, heads, grid, *block)
     bm, bn = block
     method = "closed-form"
     evaluated = 0
     try:
-        s, view = _interval_sets(pattern, M, N, heads, grid)
+        s, view = _interval_sets(pattern, M, N, heads, grid, inputs)
         full, nonempty = _classify_from_intervals(s, M, bm, bn, view.qrel)
         allowed = int(s.count().sum()) * (heads // s.lo.shape[0])
-    except NotIntervals:
+    except NotIntervals as exc:
+        if inputs:  # the tile boxes and _refine know no run-time inputs
+            raise ValueError(f"cannot plan pattern '{pattern.name}' from its run-time inputs in closed form ({exc}); "
+                             f"the op scans such inputs itself") from None
         method = "tile-boxes"
         boxes = TileBoxes(pattern, M, N, heads, grid, bm, bn)
         full, nonempty = boxes.classify(pattern.body)
         evaluated = int((nonempty & ~full).sum())
         full, nonempty, allowed = _refine(pattern, M, N, heads, grid, *_uniform(M, bm), *_uniform(N, bn), full, nonempty)
-    partial = nonempty & ~full
-    return Plan(
-        M=M, N=N, heads=heads, block=(bm, bn),
-        full=TileList.from_dense(full), partial=TileList.from_dense(partial),
-        full_t=TileList.from_dense(full.transpose(1, 2)), partial_t=TileList.from_dense(partial.transpose(1, 2)),
-        allowed=allowed, method=method, tiles_evaluated=evaluated,
-    )
+    return Plan.from_flags(full, nonempty, M=M, N=N, heads=heads, block=(bm, bn), allowed=allowed, method=method,
+                           tiles_evaluated=evaluated)

@@ -36,7 +36,7 @@ import torch
 
 from attnc import ir
 from attnc.errors import AttnError
-from attnc.analysis import Plan, TileList
+from attnc.analysis import Plan
 
 from .backend import Backend, Call
 
@@ -149,11 +149,8 @@ def scan_plan(call: Call, inputs: dict, block: tuple[int, int]) -> Plan:
     nonempty = stats.counts > 0
     if H > 1 and bool((full == full[:1]).all() and (nonempty == nonempty[:1]).all()):
         full, nonempty = full[:1], nonempty[:1]
-    partial = nonempty & ~full
-    return Plan(M=M, N=N, heads=H, block=block,
-                full=TileList.from_dense(full), partial=TileList.from_dense(partial),
-                full_t=TileList.from_dense(full.transpose(1, 2)), partial_t=TileList.from_dense(partial.transpose(1, 2)),
-                allowed=int(stats.counts.sum()), method="exact-scan")
+    return Plan.from_flags(full, nonempty, M=M, N=N, heads=H, block=block, allowed=int(stats.counts.sum()),
+                           method="exact-scan")
 
 
 # ----------------------------------------------------------------------------- schedules

@@ -247,21 +247,13 @@ class TritonBackend(Backend):
         """Plan of a pattern with run-time inputs: per batch element (closed form
         from the inputs where the analysis has one, else the reference mask in row
         chunks), united over the batch."""
-        from attnc.analysis import plan_blocks
-        from attnc.reference import evaluate
-        from attnc.show import tile_stats
+        from .torch_backend import scan_plan
 
-        pat = call.pattern
-        batches, _ = pat._inputs(call.M, call.N, call.Hq, call.inputs)
+        batches, _ = call.pattern._inputs(call.M, call.N, call.Hq, call.inputs)
         full = nonempty = None
         for inp in batches:
-            try:  # closed form from the inputs (contiguous segments, block tables)
-                dense = plan_blocks(pat.ir, call.M, call.N, call.Hq, call.grid, block=config.block, inputs=inp).to_dense()
-                f, ne = dense == 2, dense > 0
-            except ValueError:  # no closed form: scan the mask in row chunks
-                stats, _ = tile_stats(lambda lo, hi: evaluate(pat.ir, call.M, call.N, call.Hq, call.grid, inp, rows=(lo, hi)),
-                                      call.M, call.N, call.Hq, config.block)
-                f, ne = stats.counts == stats.sizes, stats.counts > 0
+            dense = scan_plan(call, inp, config.block).to_dense()
+            f, ne = dense == 2, dense > 0
             full = f if full is None else full & f
             nonempty = ne if nonempty is None else nonempty | ne
         if full.shape[0] > 1 and bool((full == full[:1]).all() and (nonempty == nonempty[:1]).all()):
