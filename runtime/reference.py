@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from .validate import raise_nonfinite
+
 from .backend import Backend
 
 
@@ -26,12 +28,7 @@ def dense_attention(q, k, v, mask: torch.Tensor, scale: float) -> tuple[torch.Te
     s = torch.matmul(q.to(acc), k.to(acc).transpose(-1, -2)) * scale
     s = s.masked_fill(~mask, float("-inf"))
     if not bool(torch.isfinite(s.masked_fill(~mask, 0.0)).all()):
-        for name, t in (("q", q), ("k", k)):
-            if not bool(torch.isfinite(t).all()):
-                raise ValueError(f"{name}: expected finite values, got inf or NaN; try torch.nan_to_num({name})")
-        big = float(q.abs().amax()) * float(k.abs().amax()) * q.shape[-1]
-        raise ValueError(f"scale * q.k overflows {acc}: expected |scale * q.k| < {torch.finfo(acc).max:.3g}, got scale={scale:g} "
-                         f"with |q.k| up to {big:.3g}; try a smaller scale or float64 inputs")
+        raise_nonfinite(scale, q=q, k=k)  # the scores alone: v is not involved yet
     # [Note: empty rows] a row with no allowed key would make logsumexp -inf and
     # its backward NaN (0 * exp(-inf + inf)); give such rows a finite stand-in
     # for the normaliser so p is exactly 0 there and every gradient stays finite.

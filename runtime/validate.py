@@ -58,7 +58,14 @@ def check_finite_result(q, k, v, out, lse, scale: float) -> None:
     bad_lse = lse is not None and bool((torch.isnan(lse) | (lse == float("inf"))).any())
     if bool(torch.isfinite(out).all()) and not bad_lse:
         return
-    for name, t in (("q", q), ("k", k), ("v", v)):
+    raise_nonfinite(scale, q=q, k=k, v=v)
+
+
+def raise_nonfinite(scale: float, **tensors):
+    """The ValueError for a non-finite attention: the input (q, k, v) that holds
+    inf / NaN, else the scale that makes scale * q.k overflow."""
+    q, k = tensors["q"], tensors["k"]
+    for name, t in tensors.items():
         if not bool(torch.isfinite(t).all()):
             raise ValueError(f"{name}: expected finite values, got inf or NaN; try torch.nan_to_num({name})")
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
