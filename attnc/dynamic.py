@@ -196,11 +196,9 @@ def synthetic_inputs(pattern, M: int, N: int, H: int, grid, density: float | Non
     Segment inputs cannot be invented: they must be passed."""
     import math
 
-    from .program import _int
+    def value(expr) -> int:
+        return pattern._value(expr, M, N, H, grid)
 
-    env = {**pattern.ir.binding_map(), ir.M: M, ir.N: N, ir.H: H}
-    if grid is not None:
-        env.update({ir.axis_size(a): s for a, s in zip(pattern.ir.layout.axes, grid)})
     if density is not None and not (isinstance(density, (int, float)) and 0 < density <= 1):
         raise ValueError(f"routed_density: expected a fraction in (0, 1], got {density!r}; try 0.1")
     g = torch.Generator().manual_seed(seed)
@@ -214,7 +212,7 @@ def synthetic_inputs(pattern, M: int, N: int, H: int, grid, density: float | Non
         if density is None:
             raise ValueError(f"simulate: pattern '{pattern.name}' routes blocks at run time ('{spec.name}'): "
                              f"expected {spec.name}=table or a density; try routed_density=0.1 (--routed-density 0.1)")
-        b = _int(spec.block, env)
+        b = value(spec.block)
         nq, nk = -(-M // b), -(-N // b)
         k = max(1, math.ceil(density * nk))
         inputs[spec.name] = torch.rand(H, nq, nk, generator=g).topk(k, dim=-1).indices
@@ -223,7 +221,7 @@ def synthetic_inputs(pattern, M: int, N: int, H: int, grid, density: float | Non
     lowered = pattern._lowered()
     batches, _ = pattern._inputs(M, N, H, inputs)
     for site in lowered.sites:
-        kk, b = _int(site.node.k, env), _int(site.node.block, env)
+        kk, b = value(site.node.k), value(site.node.block)
         nq, nk = -(-M // b), -(-N // b)
         if density is not None:
             kk = max(1, math.ceil(density * nk))

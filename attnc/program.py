@@ -592,11 +592,15 @@ class BoundPattern:
         M, N, H, grid = self.resolve_sizes(M, N, H, grid)
         batches, _ = self._inputs(M, N, H, inputs)
         lowered = self._lowered()
+        tables = dynamic.route(lowered, q, k, M, N, H, grid, batches, lambda e: self._value(e, M, N, H, grid))
+        return self._routed, {**inputs, **tables}
+
+    def _value(self, expr, M: int, N: int, H: int, grid) -> int | None:
+        """An integer expression of this pattern (parameters, M, N, H, size(a)) at these sizes."""
         env = {**self.ir.binding_map(), ir.M: M, ir.N: N, ir.H: H}
         if grid is not None:
             env.update({ir.axis_size(a): s for a, s in zip(self.ir.layout.axes, grid)})
-        tables = dynamic.route(lowered, q, k, M, N, H, grid, batches, lambda e: _int(e, env))
-        return self._routed, {**inputs, **tables}
+        return _int(expr, env)
 
     def _has_topk(self) -> bool:
         from . import dynamic
