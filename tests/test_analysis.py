@@ -8,20 +8,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 import attnc
 from attnc.cli import main
-from conftest import EXAMPLES
-
-
-def tiles_from_mask(m: torch.Tensor, bm: int, bn: int) -> torch.Tensor:
-    """int8 [H, nq, nk]: 0 empty, 1 partial, 2 full, straight from the dense mask."""
-    H, M, N = m.shape
-    nq, nk = -(-M // bm), -(-N // bn)
-    pad = torch.zeros(H, nq * bm, nk * bn, dtype=torch.int64)
-    valid = torch.zeros_like(pad)
-    pad[:, :M, :N] = m.long()
-    valid[:, :M, :N] = 1
-    cnt = pad.view(H, nq, bm, nk, bn).sum((2, 4))
-    size = valid.view(H, nq, bm, nk, bn).sum((2, 4))
-    return torch.where(cnt == size, 2, torch.where(cnt == 0, 0, 1)).to(torch.int8)
+from conftest import EXAMPLES, tiles_from_mask
 
 
 def check_plan(pat, M, N, H, block, grid=None):

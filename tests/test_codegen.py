@@ -25,7 +25,7 @@ from attnc.codegen.kernels import AUTOTUNE_CONFIGS, KernelConfig, compile_patter
 from attnc.runtime.backend import Call
 from attnc.runtime.reference import dense_attention
 from attnc.runtime.triton_backend import TritonBackend
-from conftest import EXAMPLES
+from conftest import EXAMPLES, example_names, example_pattern
 from test_pointwise import LEAVES_1D, LEAVES_GRID, random_source
 
 pytest.importorskip("triton")
@@ -45,13 +45,7 @@ def private_cache(monkeypatch, cache_root):
 interpreted = pytest.mark.skipif(not cache.interpret_mode(), reason="needs TRITON_INTERPRET=1 (set before triton is imported)")
 
 
-def example(name, **params):
-    """Pattern `name` from examples/ (files may hold several patterns)."""
-    for path in sorted(EXAMPLES.glob("*.attn")):
-        prog = attnc.load(path)
-        if name in prog.names():
-            return prog.pattern(name, **params)
-    raise LookupError(name)
+example = example_pattern
 
 
 def make_call(pat, B, Hq, Hkv, M, N, D, Dv, grid=None, inputs=None):
@@ -159,7 +153,7 @@ EVERY_EXAMPLE = [
 
 
 def test_every_example_has_a_codegen_case():
-    names = {n for p in EXAMPLES.glob("*.attn") for n in attnc.load(p).names()}
+    names = example_names()
     assert names - {c[0] for c in EVERY_EXAMPLE} == {"nsa_like"}
 
 

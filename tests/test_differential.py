@@ -25,6 +25,7 @@ import torch
 
 import attnc
 import patgen
+from conftest import tiles_from_mask
 from counts import print_line
 
 LONG = bool(os.environ.get("ATTNC_LONG"))
@@ -83,21 +84,6 @@ def naive_attention(q, k, v, mask, scale):
     out = torch.einsum("bhmn,bhnd->bhmd", e / safe, v)
     lse = torch.where(nonempty, row_max + torch.log(safe), torch.full_like(safe, -math.inf)).squeeze(-1)
     return out, lse
-
-
-def tiles_from_mask(mask: torch.Tensor, bm: int, bn: int) -> torch.Tensor:
-    """int8 [H, query tiles, key tiles]: 2 all allowed, 1 some, 0 none."""
-    H, M, N = mask.shape
-    nq, nk = -(-M // bm), -(-N // bn)
-    padded = torch.zeros(H, nq * bm, nk * bn, dtype=torch.int32)
-    padded[:, :M, :N] = mask.int()
-    counts = padded.view(H, nq, bm, nk, bn).sum(dim=(2, 4))
-    rows = torch.full((nq,), bm)
-    rows[-1] = M - bm * (nq - 1)
-    cols = torch.full((nk,), bn)
-    cols[-1] = N - bn * (nk - 1)
-    sizes = rows[:, None] * cols[None, :]
-    return torch.where(counts == sizes, 2, torch.where(counts > 0, 1, 0)).to(torch.int8)
 
 
 def tile_list_dense(lst, rows: int, cols: int) -> torch.Tensor:

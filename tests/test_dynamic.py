@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import attnc
-from conftest import EXAMPLES
+from conftest import EXAMPLES, tiles_from_mask
 
 
 def hand_static(M, N, window, sinks):
@@ -125,18 +125,6 @@ def test_bad_cu_seqlens_say_what_was_expected(offsets, msg):
         pat.mask(10, doc=attnc.cu_seqlens(torch.tensor(offsets)))
 
 
-def _tiles_from_mask(mask, bm, bn):
-    """int8 [H, nq, nk]: 0 empty, 1 partial, 2 full, from a dense bool mask [H, M, N]."""
-    H, M, N = mask.shape
-    nq, nk = -(-M // bm), -(-N // bn)
-    out = torch.zeros(H, nq, nk, dtype=torch.int8)
-    for i in range(nq):
-        for j in range(nk):
-            t = mask[:, i * bm:(i + 1) * bm, j * bn:(j + 1) * bn]
-            out[:, i, j] = torch.where(t.all(-1).all(-1), 2, torch.where(t.any(-1).any(-1), 1, 0))
-    return out
-
-
 @pytest.mark.parametrize("seed", range(6))
 def test_plans_from_run_time_inputs_match_the_mask(seed):
     g = torch.Generator().manual_seed(seed)
@@ -147,14 +135,14 @@ def test_plans_from_run_time_inputs_match_the_mask(seed):
     packed = attnc.loads("pattern p(doc: segments) = causal & same(doc) | sink(2)").pattern()
     plan = packed.plan(M, N, heads=H, block=(8, 16), doc=doc)
     mask = packed.mask(M, N, heads=H, doc=doc)
-    assert torch.equal(plan.to_dense().expand(H, -1, -1), _tiles_from_mask(mask, 8, 16))
+    assert torch.equal(plan.to_dense().expand(H, -1, -1), tiles_from_mask(mask, 8, 16))
     assert plan.allowed == int(mask.sum()) and plan.method == "closed-form"
     b = 8
     sel = torch.randint(-1, -(-N // b), (H, -(-M // b), 3), generator=g)
     routed = attnc.loads(f"pattern r(sel: blocks({b})) = routed(sel) & ~causal | sliding(3)").pattern()
     plan = routed.plan(M, N, heads=H, block=(16, 8), sel=sel)
     mask = routed.mask(M, N, heads=H, sel=sel)
-    assert torch.equal(plan.to_dense().expand(H, -1, -1), _tiles_from_mask(mask, 16, 8))
+    assert torch.equal(plan.to_dense().expand(H, -1, -1), tiles_from_mask(mask, 16, 8))
     assert plan.allowed == int(mask.sum())
 
 

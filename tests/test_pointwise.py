@@ -10,7 +10,7 @@ import torch
 
 import attnc
 from attnc.codegen.pointwise import Builder, Const, LoweringError, Var, lower, to_text, triton_mask_source
-from conftest import EXAMPLES
+from conftest import EXAMPLES, example_names, example_pattern
 
 
 def full_mask(pat, M, N=None, H=1, grid=None, **inputs):
@@ -61,13 +61,7 @@ EXAMPLE_CASES = [
 ]
 
 
-def example(name, **params):
-    """Pattern `name` from examples/ (files may hold several patterns)."""
-    for path in sorted(EXAMPLES.glob("*.attn")):
-        prog = attnc.load(path)
-        if name in prog.names():
-            return prog.pattern(name, **params)
-    raise LookupError(name)
+example = example_pattern
 
 
 @pytest.mark.parametrize("name,params,M,N,H,grid", EXAMPLE_CASES)
@@ -78,7 +72,7 @@ def test_evaluator_equals_reference_for_examples(name, params, M, N, H, grid):
 
 
 def test_every_example_is_covered():
-    names = {n for p in EXAMPLES.glob("*.attn") for n in attnc.load(p).names()}
+    names = example_names()
     covered = {c[0] for c in EXAMPLE_CASES} | {"packed", "nsa_like", "biformer"}  # run-time inputs: own tests below
     assert names <= covered, names - covered
 
