@@ -224,7 +224,30 @@ class Builder:
         lo, hi = self.bounds(a)
         if isinstance(b, Const) and b.value > 0 and lo is not None and hi is not None and lo // b.value == hi // b.value:
             return self.c(lo // b.value)
+        split = self._split_multiple(a, b)
+        if split is not None:
+            return split[0]
         return Op("floordiv", (a, b))
+
+    def _split_multiple(self, a: Expr, b: Expr) -> tuple[Expr, Expr] | None:
+        """(a // c, a % c) when a = z * m + v with c dividing m and 0 <= v < c
+        (for any integer z): the unravel of a ravel gives back its coordinates."""
+        if not (isinstance(b, Const) and b.value > 0):
+            return None
+        c = b.value
+        terms = [(a, self.c(0))]
+        if isinstance(a, Op) and a.op == "add":
+            terms = [(a.args[0], a.args[1]), (a.args[1], a.args[0])]
+        for u, v in terms:
+            if not (isinstance(u, Op) and u.op == "mul"):
+                continue
+            z, m = u.args if isinstance(u.args[1], Const) else u.args[::-1]
+            if not isinstance(m, Const) or m.value % c:
+                continue
+            lo, hi = self.bounds(v)
+            if lo is not None and hi is not None and lo >= 0 and hi < c:
+                return self.mul(z, self.c(m.value // c)), v
+        return None
 
     def mod(self, a: Expr, b: Expr) -> Expr:
         if isinstance(b, Const) and b.value == 0:
@@ -236,6 +259,9 @@ class Builder:
         lo, hi = self.bounds(a)
         if isinstance(b, Const) and b.value > 0 and lo is not None and hi is not None and lo // b.value == hi // b.value:
             return self.sub(a, self.c(lo // b.value * b.value))
+        split = self._split_multiple(a, b)
+        if split is not None:
+            return split[1]
         return Op("mod", (a, b))
 
     def minimum(self, a: Expr, b: Expr) -> Expr:
@@ -403,6 +429,9 @@ class Lowered:
     expr: Expr
     tables: tuple[Table, ...]
     var_bounds: tuple[tuple[str, tuple[int | None, int | None]], ...]
+    #: N-D tiles (see `permute`): ((query tile shape), (key tile shape)); then `q` / `k` are
+    #: positions of the padded tile-major order and M / N its padded lengths
+    tiles: tuple | None = None
 
     def uses(self, name: str) -> bool:
         """Whether the expression reads variable `name` ("q", "k", "h", "b")."""
@@ -901,6 +930,97 @@ def lower(pattern: ir.PatternIR, M: int, N: int | None = None, H: int = 1, grid=
     tables = tuple(low.tables[n] for n in sorted(low.tables))
     return Lowered(name=pattern.name, text=ir.pattern_text(pattern), M=M, N=N, H=H, grid=grid, expr=expr,
                    tables=tables, var_bounds=tuple(sorted(var_bounds.items())))
+
+
+def permute(low: Lowered, tile_q: tuple[int, ...], tile_k: tuple[int, ...]) -> Lowered:
+    """The mask of a pure-grid pattern in the padded tile-major token order of N-D tiles.
+
+    [Note: N-D tiles] Every grid axis is padded to a multiple of the tile's extent
+    on it, so every tile is full size: tile t holds positions t * BLOCK .. (t + 1)
+    * BLOCK - 1 (BLOCK = prod(tile)), tiles row-major over the tile grid, tokens
+    row-major inside a tile (the plan's `tile_major` order, plus the padding).
+    The returned expression is `low.expr` with `q` and `k` replaced by
+
+        p -> (p // BLOCK, p % BLOCK) -> (tile coords, coords in the tile)
+          -> x_i = tile_i * t_i + r_i -> flat index ravel(min(x_i, L_i - 1))
+
+    and'ed with `x_i < L_i` on every axis (padded positions are never allowed;
+    the clamp keeps table lookups in range). The builder's ravel/unravel folding
+    turns the original `flat // L` and `flat % L` back into the coordinates, so
+    the kernel computes grid coordinates once per position. M / N become the
+    padded lengths; `tables` and `h`, `b` are unchanged.
+
+    >>> low = lower(attnc.loads("pattern p on grid(y, x) = neighborhood(3)").pattern().ir, 36, 36, 1, (6, 6))
+    >>> permute(low, (4, 4), (4, 4)).M
+    64
+    """
+    if not low.grid or low.M != low.N or low.tiles is not None:
+        raise ValueError(f"permute: expected a pattern lowered on a pure grid with M = N, got grid={low.grid}, "
+                         f"M={low.M}, N={low.N}")
+    sizes = [int(s) for s in low.grid]
+    for name, t in (("query", tile_q), ("key", tile_k)):
+        if len(t) != len(sizes):
+            raise ValueError(f"permute: expected a {name} tile of {len(sizes)} sizes (one per grid axis), got {t!r}")
+    Mp, Np = padded_length(sizes, tile_q), padded_length(sizes, tile_k)
+    bounds = dict(low.var_bounds)
+    bounds.update(q=(0, Mp - 1), k=(0, Np - 1))
+    b = Builder(bounds)
+    q_flat, q_ok = _tile_major_position(b, Var("q"), sizes, tile_q)
+    k_flat, k_ok = _tile_major_position(b, Var("k"), sizes, tile_k)
+    expr = b.and_(q_ok, k_ok, substitute(b, low.expr, {"q": q_flat, "k": k_flat}))
+    return Lowered(name=low.name, text=low.text, M=Mp, N=Np, H=low.H, grid=low.grid, expr=expr, tables=low.tables,
+                   var_bounds=tuple(sorted(bounds.items())), tiles=(tuple(tile_q), tuple(tile_k)))
+
+
+def padded_length(sizes, tile) -> int:
+    """Tokens of the padded tile-major order: every axis rounded up to a multiple of its tile extent."""
+    return math.prod(-(-int(L) // t) * t for L, t in zip(sizes, tile))
+
+
+def _tile_major_position(b: Builder, p: Expr, sizes: list[int], tile) -> tuple[Expr, Expr]:
+    """(flat grid index, valid) of position `p` of the padded tile-major order (see `permute`)."""
+    counts = [-(-L // t) for L, t in zip(sizes, tile)]
+    block = math.prod(tile)
+    tcoords = _unravel_expr(b, b.floordiv(p, b.c(block)), counts)
+    rcoords = _unravel_expr(b, b.mod(p, b.c(block)), list(tile))
+    xs = [b.add(b.mul(tc, b.c(t)), rc) for tc, t, rc in zip(tcoords, tile, rcoords)]
+    valid = b.and_(*[b.lt(x, b.c(L)) for x, L in zip(xs, sizes)])
+    flat = b.minimum(xs[0], b.c(sizes[0] - 1))
+    for x, L in zip(xs[1:], sizes[1:]):
+        flat = b.add(b.mul(flat, b.c(L)), b.minimum(x, b.c(L - 1)))
+    return flat, valid
+
+
+_REBUILD = {
+    "add": Builder.add, "sub": Builder.sub, "mul": Builder.mul, "floordiv": Builder.floordiv, "mod": Builder.mod,
+    "min": Builder.minimum, "max": Builder.maximum, "neg": Builder.neg, "abs": Builder.abs,
+    "and": Builder.and_, "or": Builder.or_, "not": Builder.not_,
+}
+
+
+def substitute(b: Builder, e: Expr, env: dict[str, Expr]) -> Expr:
+    """`e` with variables replaced by expressions, rebuilt through `b` (so it folds
+    again under b's variable ranges)."""
+    memo: dict[Expr, Expr] = {}
+
+    def go(x: Expr) -> Expr:
+        got = memo.get(x)
+        if got is not None:
+            return got
+        if isinstance(x, Var):
+            r = env.get(x.name, x)
+        elif isinstance(x, Const):
+            r = x
+        elif isinstance(x, Lookup):
+            r = Lookup(x.table, tuple(go(i) for i in x.index), None if x.bit is None else go(x.bit))
+        elif x.op in COMPARE:
+            r = b.cmp(x.op, go(x.args[0]), go(x.args[1]))
+        else:
+            r = _REBUILD[x.op](b, *[go(a) for a in x.args])
+        memo[x] = r
+        return r
+
+    return go(e)
 
 
 def _unravel_expr(b: Builder, flat: Expr, sizes: list[int]) -> list[Expr]:
