@@ -19,6 +19,7 @@ lists are the Plan's `TileList`s: counts [Hx, rows] and indices
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from string import Template
 
@@ -40,8 +41,16 @@ class KernelConfig:
     num_warps: int = 4
     num_stages: int = 2
     allow_tf32: bool = False
+    #: N-D tiles on a grid, spelled like `plan(block=...)`: ((query tile shape), (key tile shape)),
+    #: e.g. ((8, 8), (8, 4)); block_m / block_n become their token counts (see codegen/ndtiles.py)
+    tile: tuple | None = None
 
     def __post_init__(self):
+        if self.tile is not None:
+            from .ndtiles import check_tile
+            object.__setattr__(self, "tile", check_tile(self.tile, (self.block_m, self.block_n)))
+            object.__setattr__(self, "block_m", math.prod(self.tile[0]))
+            object.__setattr__(self, "block_n", math.prod(self.tile[1]))
         for name in ("block_m", "block_n"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 16 or v & (v - 1):
@@ -57,8 +66,9 @@ class KernelConfig:
         return self.block_m, self.block_n
 
     def key(self) -> str:
+        tile = "" if self.tile is None else " tile=" + "/".join("x".join(map(str, t)) for t in self.tile)
         return (f"BLOCK_M={self.block_m} BLOCK_N={self.block_n} num_warps={self.num_warps} "
-                f"num_stages={self.num_stages} allow_tf32={self.allow_tf32}")
+                f"num_stages={self.num_stages} allow_tf32={self.allow_tf32}{tile}")
 
 
 #: The small set tried on a GPU by `TritonBackend(autotune=True)`.
@@ -435,6 +445,9 @@ def compile_pattern(pat, M: int, N: int | None = None, *, heads: int | None = No
     from .pointwise import lower
 
     config = config or KernelConfig()
+    if config.tile is not None:
+        from .ndtiles import compile_nd
+        return compile_nd(pat, M, N, heads=heads, grid=grid, config=config, input_shapes=input_shapes)
     M, N, H, grid = pat.resolve_sizes(M, N, heads, grid)
     low = lower(pat.ir, M, N, H, grid, input_shapes, sources=pat.program.sources)
     plan = None if pat.ir.inputs else pat.plan(M, N, heads=H, grid=grid, block=config.block)

@@ -16,7 +16,7 @@ one launch serves the whole batch.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from types import ModuleType
 
 import torch
@@ -56,6 +56,22 @@ class KernelSet:
     module: ModuleType
     static_tables: dict
     lists: TileLists | None  # None: built per call from run-time inputs
+    #: N-D tiles: the padded tile-major layout (ndtiles.TileLayout) and, on the device, the
+    #: padded position of every query / key token (built once per kernel set)
+    layout: object | None = None
+    pos_q: torch.Tensor | None = None
+    pos_k: torch.Tensor | None = None
+
+    def to_tiles(self, x: torch.Tensor, side: str, fill: float = 0.0) -> torch.Tensor:
+        """[B, H, L, ...] in grid order -> [B, H, L', ...] in the padded tile-major order."""
+        pos, length = (self.pos_q, self.layout.M) if side == "q" else (self.pos_k, self.layout.N)
+        out = x.new_full((*x.shape[:2], length, *x.shape[3:]), fill)
+        out[:, :, pos] = x
+        return out
+
+    def from_tiles(self, x: torch.Tensor, side: str) -> torch.Tensor:
+        """The inverse of `to_tiles` (padded positions dropped)."""
+        return x[:, :, self.pos_q if side == "q" else self.pos_k].contiguous()
 
 
 def _triton_missing() -> str | None:
@@ -123,6 +139,11 @@ class TritonBackend(Backend):
             return "the Triton kernels compute in float16 / bfloat16 / float32; got float64: try backend='torch'"
         if max(call.D, call.Dv) > MAX_HEAD_DIM:
             return f"the Triton kernels support head dims up to {MAX_HEAD_DIM}, got D={call.D}, Dv={call.Dv}; try backend='torch'"
+        if self.config.tile is not None:
+            from attnc.codegen.ndtiles import nd_reason
+            reason = nd_reason(call.pattern, call.M, call.N, self.config.tile)
+            if reason:
+                return reason
         try:
             self._lower(call)
         except AttnError as exc:
@@ -132,6 +153,12 @@ class TritonBackend(Backend):
     def forward(self, call: Call, q, k, v):
         config = self._config(call, q, k, v)
         ks = self.kernels(call, q.device, config)
+        if ks.layout is not None:  # N-D tiles: run in the padded tile-major order
+            out, lse = self._forward(call, ks, config, ks.to_tiles(q, "q"), ks.to_tiles(k, "k"), ks.to_tiles(v, "k"))
+            return ks.from_tiles(out, "q"), ks.from_tiles(lse, "q")
+        return self._forward(call, ks, config, q, k, v)
+
+    def _forward(self, call: Call, ks: KernelSet, config, q, k, v):
         lists = ks.lists or self._input_lists(call, config, q.device)
         tables = self._tables(ks, call, q)
         B, Hq, M, D = q.shape
@@ -151,6 +178,16 @@ class TritonBackend(Backend):
     def backward(self, call: Call, q, k, v, out, lse, dout, dlse=None):
         config = self._config(call, q, k, v)
         ks = self.kernels(call, q.device, config)
+        if ks.layout is not None:
+            # padded rows: zero out / dout / dlse and lse -inf, so they add nothing to dk, dv
+            dq, dk, dv = self._backward(
+                call, ks, config, ks.to_tiles(q, "q"), ks.to_tiles(k, "k"), ks.to_tiles(v, "k"), ks.to_tiles(out, "q"),
+                ks.to_tiles(lse, "q", float("-inf")), ks.to_tiles(dout, "q"),
+                None if dlse is None else ks.to_tiles(dlse, "q"))
+            return ks.from_tiles(dq, "q"), ks.from_tiles(dk, "k"), ks.from_tiles(dv, "k")
+        return self._backward(call, ks, config, q, k, v, out, lse, dout, dlse)
+
+    def _backward(self, call: Call, ks: KernelSet, config, q, k, v, out, lse, dout, dlse):
         lists = ks.lists or self._input_lists(call, config, q.device)
         tables = self._tables(ks, call, q)
         B, Hq, M, D = q.shape
@@ -213,15 +250,26 @@ class TritonBackend(Backend):
             return ks
         low = self._lower(call)
         static = not call.pattern.ir.inputs
-        plan = call.plan(config.block) if static else None
-        plan_text = plan_summary(plan) if plan is not None else "built per call from the run-time inputs (union over the batch)"
+        layout = None
+        if config.tile is not None:
+            from attnc.codegen.ndtiles import TileLayout, header_text
+            layout = TileLayout(call.grid, *config.tile)
+            low = layout.lower(low)
+            plan = layout.kernel_plan(call.plan(config.tile))
+            plan_text = header_text(layout, plan)
+        else:
+            plan = call.plan(config.block) if static else None
+            plan_text = plan_summary(plan) if plan is not None else "built per call from the run-time inputs (union over the batch)"
         options = {"M": call.M, "N": call.N, "H": call.Hq, "grid": call.grid, "inputs": shapes, "plan": plan_text}
         key = cache.cache_key(low.text, options, config.key(), device_capability(device))
         module = cache.load_module(key, lambda: generate(low, config, plan_text),
                                    info={"pattern": low.text, "options": options, "config": config.key()})
         tables = {t.name: t.data.to(device, torch.int32).contiguous() for t in low.tables if t.data is not None}
         ks = KernelSet(key=key, lowered=low, module=module, static_tables=tables,
-                       lists=TileLists.from_plan(plan, device) if plan is not None else None)
+                       lists=TileLists.from_plan(plan, device) if plan is not None else None, layout=layout)
+        if layout is not None:
+            ks.pos_q = layout.positions("q").to(device)
+            ks.pos_k = layout.positions("k").to(device)
         self._sets[memo] = ks
         return ks
 
@@ -272,7 +320,8 @@ class TritonBackend(Backend):
 
     def _config(self, call: Call, q, k, v):
         """The configured tiles; with autotune on CUDA, the fastest forward of
-        kernels.AUTOTUNE_CONFIGS for this configuration (measured once)."""
+        kernels.AUTOTUNE_CONFIGS for this configuration (measured once; with N-D
+        tiles only their warps and stages vary)."""
         if not (self.autotune and q.is_cuda):
             return self.config
         from attnc.codegen.kernels import AUTOTUNE_CONFIGS
@@ -283,8 +332,12 @@ class TritonBackend(Backend):
             import triton.testing
             times = {}
             saved, self.autotune = self.config, False
+            candidates = AUTOTUNE_CONFIGS
+            if saved.tile is not None:  # N-D tiles are the user's choice: tune warps and stages only
+                candidates = dict.fromkeys(replace(saved, num_warps=c.num_warps, num_stages=c.num_stages)
+                                           for c in AUTOTUNE_CONFIGS)
             try:
-                for cfg in AUTOTUNE_CONFIGS:
+                for cfg in candidates:
                     self.config = cfg
                     try:
                         times[cfg] = triton.testing.do_bench(lambda: self.forward(call, q, k, v), warmup=5, rep=20)

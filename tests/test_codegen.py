@@ -58,9 +58,11 @@ _BACKENDS: dict = {}
 
 
 def backend(tiles=(32, 32)) -> TritonBackend:
-    """One backend per tile shape for the whole session (its kernel sets are memoised)."""
+    """One backend per tile shape for the whole session (its kernel sets are memoised);
+    ((query tile shape), (key tile shape)) means N-D tiles."""
     if tiles not in _BACKENDS:
-        _BACKENDS[tiles] = TritonBackend(KernelConfig(block_m=tiles[0], block_n=tiles[1]))
+        nd = isinstance(tiles[0], tuple)
+        _BACKENDS[tiles] = TritonBackend(KernelConfig(tile=tiles) if nd else KernelConfig(block_m=tiles[0], block_n=tiles[1]))
     return _BACKENDS[tiles]
 
 

@@ -1,0 +1,237 @@
+"""N-D tiles on grids: the padded tile-major token order, its plan and its kernels.
+
+input:  a pure-grid pattern at concrete sizes and N-D tile shapes
+        ((query tile shape), (key tile shape)), as `KernelConfig(tile=...)`.
+output: `TileLayout` (where every grid token sits in the padded tile-major
+        order: index tensors for the runtime's gather / scatter), the plan's
+        tile lists in that order, and the generated module: the unchanged
+        kernels over M' x N' positions with `_mask` composed with the
+        permutation (`pointwise.permute`, see [Note: N-D tiles] there).
+does not: launch anything; runtime/triton_backend.py gathers q, k, v into the
+        order, runs the kernels and scatters out, lse and the gradients back.
+
+[Note: why pad] Edge tiles of the analysis' tile-major order are smaller when a
+grid size is not a multiple of the tile (`Plan.offsets_q`). The kernels want
+every tile to be BLOCK_M = prod(query tile) consecutive rows, so each grid axis
+is padded to a multiple of the tile's extent on it: tile t of the plan is then
+positions t * BLOCK_M .. (t + 1) * BLOCK_M - 1, with the padding at the tile's
+out-of-grid coordinates. Padded positions hold zero vectors and are never
+allowed by the mask; a tile that contains padding is therefore demoted from
+*full* to *partial* (full tiles skip the mask), which only touches edge tiles.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+
+import torch
+
+from attnc.analysis import Plan
+
+from .kernels import Compiled, KernelConfig, generate
+from .pointwise import lower, padded_length, permute
+
+
+def tile_text(tile) -> str:
+    """`8x8/8x4`: the CLI's spelling of ((8, 8), (8, 4))."""
+    return "/".join("x".join(map(str, t)) for t in tile)
+
+
+def check_tile(tile, block: tuple[int, int]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """`KernelConfig.tile` normalised to two tuples (ValueError with expected / got / try otherwise).
+
+    Each tile's token count is a kernel tile (BLOCK_M / BLOCK_N): a power of two
+    >= 16, what tl.dot needs. `block` is the config's (block_m, block_n): the
+    defaults (64, 64) or the same token counts."""
+    try:
+        tq, tk = (tuple(t) for t in tile)
+    except (TypeError, ValueError):
+        raise ValueError(f"KernelConfig.tile: expected ((query tile shape), (key tile shape)) like ((8, 8), (8, 4)), "
+                         f"got {tile!r}") from None
+    for name, t in (("query", tq), ("key", tk)):
+        if not t or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 1 for x in t):
+            raise ValueError(f"KernelConfig.tile: expected a {name} tile shape of positive sizes, got {t!r}; "
+                             f"try ((8, 8), (8, 4))")
+        n = math.prod(t)
+        if n < 16 or n & (n - 1):
+            raise ValueError(f"KernelConfig.tile: expected tile shapes of a power of two >= 16 tokens (tl.dot needs "
+                             f"16), got the {name} tile {'x'.join(map(str, t))} = {n} tokens; try 4x4, 8x4 or 8x8")
+    if len(tq) != len(tk):
+        raise ValueError(f"KernelConfig.tile: expected query and key tiles over the same axes, got {tile_text((tq, tk))}; "
+                         f"try {tile_text((tq, tq))}")
+    counts = (math.prod(tq), math.prod(tk))
+    if tuple(block) not in ((64, 64), counts):
+        raise ValueError(f"KernelConfig: block_m / block_n follow the N-D tile ({counts[0]} / {counts[1]} tokens), "
+                         f"got block_m={block[0]}, block_n={block[1]}; try KernelConfig(tile={(tq, tk)!r}) alone")
+    return tq, tk
+
+
+def nd_reason(pat, M: int, N: int, tile) -> str | None:
+    """Why N-D tiles `tile` cannot run pattern `pat` at (M, N), or None."""
+    from attnc.program import _tile
+
+    if pat.ir.inputs:
+        names = ", ".join(i.name for i in pat.ir.inputs)
+        return (f"N-D tiles (KernelConfig(tile={tile!r})) are planned when the kernels are built, but pattern "
+                f"'{pat.name}' has run-time inputs ({names}); try 1-D tiles like KernelConfig(block_m=64, block_n=64)")
+    try:
+        _tile(tile, pat.layout, M, N)
+    except ValueError as exc:
+        return f"KernelConfig(tile={tile!r}): {exc}"
+    return None
+
+
+@dataclass(frozen=True)
+class TileLayout:
+    """The padded tile-major order of N-D tiles on a grid (see [Note: why pad]).
+
+    >>> lay = TileLayout((10, 14), (4, 4), (8, 4))
+    >>> lay.M, lay.N, lay.block                 # 12x16 and 16x16 padded grids
+    (192, 256, (16, 32))
+    >>> lay.positions("q")[:5].tolist()         # where grid tokens 0..4 (row 0) go
+    [0, 1, 2, 3, 16]
+    """
+
+    grid: tuple[int, ...]
+    tile_q: tuple[int, ...]
+    tile_k: tuple[int, ...]
+
+    def __post_init__(self):
+        object.__setattr__(self, "grid", tuple(int(g) for g in self.grid))
+        for t in (self.tile_q, self.tile_k):
+            if len(t) != len(self.grid):
+                raise ValueError(f"tile: expected one size per grid axis ({len(self.grid)}), got {t!r}")
+
+    @property
+    def block(self) -> tuple[int, int]:
+        return math.prod(self.tile_q), math.prod(self.tile_k)
+
+    @property
+    def M(self) -> int:
+        """Query positions of the padded order."""
+        return padded_length(self.grid, self.tile_q)
+
+    @property
+    def N(self) -> int:
+        """Key positions of the padded order."""
+        return padded_length(self.grid, self.tile_k)
+
+    def _tile(self, side: str):
+        if side not in ("q", "k"):
+            raise ValueError(f"side: expected 'q' or 'k', got {side!r}")
+        return self.tile_q if side == "q" else self.tile_k
+
+    def positions(self, side: str) -> torch.Tensor:
+        """int64 [L]: the padded position of every grid token (row-major flat index)."""
+        tile = self._tile(side)
+        counts = [-(-L // t) for L, t in zip(self.grid, tile)]
+        flat = torch.arange(math.prod(self.grid))
+        coords, rem = [], flat
+        for L in reversed(self.grid):
+            coords.append(rem % L)
+            rem = rem // L
+        coords.reverse()
+        tid = torch.zeros_like(flat)
+        off = torch.zeros_like(flat)
+        for x, t, c in zip(coords, tile, counts):
+            tid = tid * c + x // t
+            off = off * t + x % t
+        return tid * math.prod(tile) + off
+
+    def order(self, side: str) -> torch.Tensor:
+        """int64 [M' or N']: the grid token at every padded position, -1 for padding."""
+        pos = self.positions(side)
+        out = torch.full((self.M if side == "q" else self.N,), -1, dtype=torch.int64)
+        out[pos] = torch.arange(len(pos))
+        return out
+
+    def lower(self, low):
+        """The lowered mask in this order (`pointwise.permute`)."""
+        return permute(low, self.tile_q, self.tile_k)
+
+    def check(self, plan: Plan) -> None:
+        """That the N-D plan numbers tiles like this layout: tile t of the plan is
+        positions t * BLOCK .. of the padded order, minus the padding."""
+        if plan.tile_shape != (self.tile_q, self.tile_k):
+            raise ValueError(f"plan: expected N-D tiles {tile_text((self.tile_q, self.tile_k))}, got "
+                             f"{plan.tile_shape}; build it with block={(self.tile_q, self.tile_k)!r}")
+        for side, perm, offsets, bl in (("q", plan.perm_q, plan.offsets_q, self.block[0]),
+                                        ("k", plan.perm_k, plan.offsets_k, self.block[1])):
+            order = self.order(side)
+            valid = order >= 0
+            counts = valid.view(-1, bl).sum(1)
+            if not (torch.equal(order[valid], perm) and torch.equal(counts, offsets[1:] - offsets[:-1])):
+                raise RuntimeError(f"internal error: the plan's tile-major order ({side}) differs from the padded "
+                                   f"layout of tiles {tile_text((self.tile_q, self.tile_k))} on grid {self.grid}")
+
+    def kernel_plan(self, plan: Plan) -> Plan:
+        """The plan the kernels run: the same tiles, with every full tile that
+        contains padding (on either side) demoted to partial, since full tiles
+        skip the mask that rejects padded positions."""
+        self.check(plan)
+        dense = plan.to_dense()
+        full, nonempty = dense == 2, dense > 0
+        whole_q = (plan.offsets_q[1:] - plan.offsets_q[:-1]) == self.block[0]
+        whole_k = (plan.offsets_k[1:] - plan.offsets_k[:-1]) == self.block[1]
+        full = full & whole_q[None, :, None] & whole_k[None, None, :]
+        keep = {f.name: getattr(plan, f.name) for f in fields(plan)
+                if f.name not in ("full", "partial", "full_t", "partial_t")}
+        return Plan.from_flags(full, nonempty, **keep)
+
+    def describe(self) -> str:
+        """What the header of a generated module says about the permutation."""
+        def padded(tile):
+            return "x".join(str(-(-L // t) * t) for L, t in zip(self.grid, tile))
+        return (f"N-D tiles {tile_text((self.tile_q, self.tile_k))} on grid {'x'.join(map(str, self.grid))}, "
+                f"tile-major order padded to {padded(self.tile_q)} / {padded(self.tile_k)}:\n"
+                f"#          q, k are positions 0..{self.M - 1} / 0..{self.N - 1}; position p is in tile p // "
+                f"BLOCK, row-major offset p % BLOCK inside it\n"
+                f"#          (BLOCK_M = {self.block[0]}, BLOCK_N = {self.block[1]}); padded positions are never "
+                f"allowed; the runtime gathers q, k, v\n"
+                f"#          into this order and scatters out, lse, dq, dk, dv back")
+
+
+def plan_summary(plan: Plan) -> str:
+    """`kernels.plan_summary` for N-D plans: the tile shapes instead of token counts."""
+    c = plan.counts()
+    hx = plan.full.counts.shape[0]
+    heads = "one plan for all heads" if hx == 1 else f"{hx} per-head plans"
+    return (f"{tile_text(plan.tile_shape)} tiles = {plan.block[0]}/{plan.block[1]} tokens ({plan.method}, {heads}): "
+            f"{c['tiles_full']} full + {c['tiles_partial']} partial of {c['tiles_total']}")
+
+
+def header_text(layout: TileLayout, plan: Plan) -> str:
+    """The `plan:` header lines of an N-D module (plan, then the permutation)."""
+    return plan_summary(plan) + "\n# tokens:  " + layout.describe()
+
+
+@dataclass(frozen=True)
+class NDCompiled(Compiled):
+    """`Compiled` for N-D tiles: the plan is the kernels' plan (in the padded
+    order) and `layout` says where every token goes."""
+
+    layout: TileLayout | None = None
+
+    def metadata(self) -> dict:
+        meta = super().metadata()
+        lay = self.layout
+        meta["plan"]["tile_shape"] = [list(lay.tile_q), list(lay.tile_k)]
+        meta["plan"]["summary"] = plan_summary(self.plan)
+        meta["permutation"] = {"tile_q": list(lay.tile_q), "tile_k": list(lay.tile_k), "M_padded": lay.M,
+                               "N_padded": lay.N, "order_q": lay.order("q").tolist(), "order_k": lay.order("k").tolist()}
+        return meta
+
+
+def compile_nd(pat, M: int, N: int | None = None, *, heads: int | None = None, grid=None,
+               config: KernelConfig, input_shapes: dict | None = None) -> NDCompiled:
+    """`kernels.compile_pattern` for `config.tile` (N-D tiles on a pure grid)."""
+    M, N, H, grid = pat.resolve_sizes(M, N, heads, grid)
+    reason = nd_reason(pat, M, N, config.tile)
+    if reason:
+        raise ValueError(reason)
+    layout = TileLayout(grid, *config.tile)
+    low = layout.lower(lower(pat.ir, M, N, H, grid, input_shapes, sources=pat.program.sources))
+    plan = layout.kernel_plan(pat.plan(M, N, heads=H, grid=grid, block=config.tile))
+    return NDCompiled(source=generate(low, config, header_text(layout, plan)), lowered=low, plan=plan, config=config,
+                      layout=layout)
