@@ -132,7 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     size.add_argument("--seq-len", type=int, metavar="N", help="sequence length (M = N)")
     size.add_argument("--grid", metavar="AxB", help="grid sizes, e.g. 64x64")
     cp.add_argument("--heads", type=int, default=None, metavar="H")
-    cp.add_argument("--tile", default="64x64", metavar="BMxBN", help="kernel tile (powers of two >= 16; default 64x64)")
+    cp.add_argument("--tile", default="64x64", metavar="BMxBN",
+                    help="kernel tile (powers of two >= 16; default 64x64), or N-D tiles on a grid like 8x8/8x4")
     cp.add_argument("-o", "--out", required=True, metavar="DIR", help="output directory (created if missing)")
     return p
 
@@ -320,10 +321,8 @@ def cmd_compile(args, out, err) -> int:
     from .codegen.kernels import KernelConfig, compile_pattern
 
     bm, bn = parse_tile(args.tile)
-    if isinstance(bm, tuple):
-        raise UsageError(f"--tile: the generated kernels use 1-D tiles like 64x64, got {args.tile!r}")
-    try:
-        config = KernelConfig(block_m=bm, block_n=bn)
+    try:  # N-D tiles (16x16/16x8) generate kernels in the tile-major token order (codegen/ndtiles.py)
+        config = KernelConfig(tile=(bm, bn)) if isinstance(bm, tuple) else KernelConfig(block_m=bm, block_n=bn)
     except ValueError as exc:
         raise UsageError(f"--tile: {exc}") from None
     pat = load(args.file).pattern(args.pattern, **parse_sets(args.set))
