@@ -634,7 +634,7 @@ class BoundPattern:
 
     # -- the op
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, return_lse: bool = False,
-                 scale: float | None = None, backend: str = "auto", grid=None, **inputs):
+                 scale: float | None = None, backend: str = "auto", grid=None, block=None, **inputs):
         """Attention restricted to the pattern.
 
         q ``[B, Hq, M, D]``, k ``[B, Hkv, N, D]``, v ``[B, Hkv, N, Dv]``; GQA
@@ -646,9 +646,14 @@ class BoundPattern:
         attnc's BlockMask; forward only on CPU) or "reference" (dense, for
         checking). A registered ``torch.library`` op: works under autograd,
         ``torch.autograd.gradcheck`` and ``torch.compile(fullgraph=True)``.
+        ``block`` picks the Triton kernels' tiles, spelled like ``plan(block=)``:
+        ``(64, 32)``, or N-D tiles on a pure grid such as ``((8, 8), (8, 4))``
+        (tokens permuted into tile-major order, see docs/codegen.md); other
+        backends choose their own tiles.
         """
         from .runtime.ops import attention
-        return attention(self, q, k, v, return_lse=return_lse, scale=scale, backend=backend, grid=grid, inputs=inputs)
+        return attention(self, q, k, v, return_lse=return_lse, scale=scale, backend=backend, grid=grid, inputs=inputs,
+                         block=block)
 
 
 @dataclass(frozen=True)

@@ -73,12 +73,12 @@ def nd_reason(pat, M: int, N: int, tile) -> str | None:
 
     if pat.ir.inputs:
         names = ", ".join(i.name for i in pat.ir.inputs)
-        return (f"N-D tiles (KernelConfig(tile={tile!r})) are planned when the kernels are built, but pattern "
+        return (f"N-D tiles {tile!r} are planned when the kernels are built, but pattern "
                 f"'{pat.name}' has run-time inputs ({names}); try 1-D tiles like KernelConfig(block_m=64, block_n=64)")
     try:
         _tile(tile, pat.layout, M, N)
     except ValueError as exc:
-        return f"KernelConfig(tile={tile!r}): {exc}"
+        return f"N-D tiles {tile!r}: {exc}"
     return None
 
 

@@ -47,6 +47,10 @@ class Call:
     #: whether the caller uses lse (return_lse=True or gradients); a backend
     #: that cannot compute it may run when False and return lse filled with NaN
     needs_lse: bool = True
+    #: the Triton kernels' tiles from `pat(..., block=...)`, spelled like `plan(block=)`:
+    #: (bm, bn), or ((query tile shape), (key tile shape)) for N-D tiles on a grid; None:
+    #: the backend's own configuration. Other backends choose their own tiles.
+    block: tuple | None = None
 
     def plan(self, block: tuple[int, int]):
         """The tile plan for this call's sizes (analysis.Plan)."""

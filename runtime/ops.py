@@ -27,6 +27,7 @@ import functools
 import itertools
 import logging
 import weakref
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -133,20 +134,63 @@ def _lookup(key: str):
 
 
 def make_call(pat, q: Tensor, k: Tensor, v: Tensor, inputs: dict, grid, scale: float, needs_grad: bool = False,
-              needs_lse: bool = True) -> Call:
+              needs_lse: bool = True, block: tuple | None = None) -> Call:
     """A validated `Call` (sizes resolved, run-time inputs checked)."""
     B, Hq, Hkv, M, N, D, scale = check_qkv(q, k, v, scale)
     M, N, _, grid = pat.resolve_sizes(M, N, Hq, grid)
     if inputs:
         pat._inputs(M, N, Hq, inputs)  # shapes and values; raises ValueError
     return Call(pattern=pat, B=B, Hq=Hq, Hkv=Hkv, M=M, N=N, D=D, Dv=v.shape[-1], grid=grid, scale=scale,
-                inputs=dict(inputs), needs_grad=needs_grad, needs_lse=needs_lse or needs_grad)
+                inputs=dict(inputs), needs_grad=needs_grad, needs_lse=needs_lse or needs_grad, block=block)
 
 
-def _prepare(key, q, k, v, inputs, grid, scale, backend, needs_grad, needs_lse) -> tuple[Call, Backend]:
+def check_block(block) -> tuple | None:
+    """`block=` of `pat(...)`, spelled like `plan(block=)`: None, bm (square), (bm, bn), or
+    ((query tile shape), (key tile shape)) for N-D tiles; normalised to tuples. Whether the
+    kernels can use it (powers of two, a pure grid) is the Triton backend's `can_run`."""
+    if block is None:
+        return None
+    if isinstance(block, int) and not isinstance(block, bool):
+        block = (block, block)
+    try:
+        bm, bn = block
+        if isinstance(bm, (tuple, list)) or isinstance(bn, (tuple, list)):
+            bm, bn = tuple(bm), tuple(bn)
+            sizes = bm + bn
+            if len(bm) != len(bn) or not bm:
+                raise TypeError
+        else:
+            sizes = (bm, bn)
+    except (TypeError, ValueError):
+        sizes = None
+    if sizes is None or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 1 for x in sizes):
+        raise ValueError(f"block: expected the kernels' tiles like (64, 64), or N-D tiles on a grid like "
+                         f"((8, 8), (8, 4)), got {block!r}")
+    return bm, bn
+
+
+def _encode_block(block: tuple | None) -> list[int] | None:
+    """The op's int-list form of `block`: [bm, bn], or [d, *query tile, *key tile]."""
+    if block is None:
+        return None
+    bm, bn = block
+    return [len(bm), *bm, *bn] if isinstance(bm, tuple) else [bm, bn]
+
+
+def _decode_block(enc: list[int] | None) -> tuple | None:
+    if not enc:
+        return None
+    if len(enc) == 2:
+        return enc[0], enc[1]
+    d = enc[0]
+    return tuple(enc[1:1 + d]), tuple(enc[1 + d:1 + 2 * d])
+
+
+def _prepare(key, q, k, v, inputs, grid, scale, backend, needs_grad, needs_lse, block) -> tuple[Call, Backend]:
     pat = _lookup(key)
     names = [s.name for s in pat.ir.inputs]
-    call = make_call(pat, q, k, v, dict(zip(names, inputs)), tuple(grid) if grid else None, scale, needs_grad, needs_lse)
+    call = make_call(pat, q, k, v, dict(zip(names, inputs)), tuple(grid) if grid else None, scale, needs_grad, needs_lse,
+                     _decode_block(block))
     return call, choose_backend(call, q, backend)
 
 
@@ -159,17 +203,17 @@ def _lse_dtype(q: Tensor) -> torch.dtype:
 
 @torch.library.custom_op("attnc::attention", mutates_args=())
 def attention_op(q: Tensor, k: Tensor, v: Tensor, inputs: list[Tensor], key: str, grid: list[int], scale: float,
-                 backend: str, needs_grad: bool, needs_lse: bool) -> tuple[Tensor, Tensor]:
+                 backend: str, needs_grad: bool, needs_lse: bool, block: Optional[list[int]]) -> tuple[Tensor, Tensor]:
     """out [B, Hq, M, Dv] and lse [B, Hq, M] of the pattern registered under `key`
-    (lse may be NaN when needs_lse and needs_grad are both False)."""
-    call, chosen = _prepare(key, q, k, v, inputs, grid, scale, backend, needs_grad, needs_lse)
+    (lse may be NaN when needs_lse and needs_grad are both False); `block`: `_encode_block`."""
+    call, chosen = _prepare(key, q, k, v, inputs, grid, scale, backend, needs_grad, needs_lse, block)
     out, lse = chosen.forward(call, q, k, v)
     check_finite_result(q, k, v, out, lse if call.needs_lse else None, call.scale)
     return out.contiguous(), lse.to(_lse_dtype(q)).contiguous()
 
 
 @attention_op.register_fake
-def _attention_fake(q, k, v, inputs, key, grid, scale, backend, needs_grad, needs_lse):
+def _attention_fake(q, k, v, inputs, key, grid, scale, backend, needs_grad, needs_lse, block):
     B, Hq, M, _ = q.shape
     return q.new_empty(B, Hq, M, v.shape[-1]), q.new_empty(B, Hq, M, dtype=_lse_dtype(q))
 
@@ -177,23 +221,24 @@ def _attention_fake(q, k, v, inputs, key, grid, scale, backend, needs_grad, need
 @torch.library.custom_op("attnc::attention_backward", mutates_args=())
 def attention_backward_op(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dout: Tensor, dlse: Tensor,
                           inputs: list[Tensor], key: str, grid: list[int], scale: float,
-                          backend: str) -> tuple[Tensor, Tensor, Tensor]:
+                          backend: str, block: Optional[list[int]]) -> tuple[Tensor, Tensor, Tensor]:
     """dq, dk, dv of sum(out * dout) + sum(lse * dlse)."""
-    call, chosen = _prepare(key, q, k, v, inputs, grid, scale, backend, True, True)
+    call, chosen = _prepare(key, q, k, v, inputs, grid, scale, backend, True, True, block)
     dq, dk, dv = chosen.backward(call, q, k, v, out, lse, dout.contiguous(), dlse.contiguous())
     return dq.contiguous(), dk.contiguous(), dv.contiguous()
 
 
 @attention_backward_op.register_fake
-def _attention_backward_fake(q, k, v, out, lse, dout, dlse, inputs, key, grid, scale, backend):
+def _attention_backward_fake(q, k, v, out, lse, dout, dlse, inputs, key, grid, scale, backend, block):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, ins, key, grid, scale, backend, _, _ = inputs
+    q, k, v, ins, key, grid, scale, backend, _, _, block = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, *ins)
     ctx.n_inputs, ctx.key, ctx.grid, ctx.scale, ctx.backend = len(ins), key, list(grid), scale, backend
+    ctx.block = block
     # autograd wants the gradient structure to mirror the inputs: an empty
     # int list is an empty list there, a non-empty one a single leaf
     ctx.grid_grad = [] if not grid else None
@@ -203,8 +248,9 @@ def _backward(ctx, dout, dlse):
     q, k, v, out, lse, *ins = ctx.saved_tensors
     if dlse is None:
         dlse = torch.zeros_like(lse)
-    dq, dk, dv = attention_backward_op(q, k, v, out, lse, dout, dlse, ins, ctx.key, ctx.grid, ctx.scale, ctx.backend)
-    return dq, dk, dv, [None] * ctx.n_inputs, None, ctx.grid_grad, None, None, None, None
+    dq, dk, dv = attention_backward_op(q, k, v, out, lse, dout, dlse, ins, ctx.key, ctx.grid, ctx.scale, ctx.backend,
+                                       ctx.block)
+    return dq, dk, dv, [None] * ctx.n_inputs, None, ctx.grid_grad, None, None, None, None, None
 
 
 attention_op.register_autograd(_backward, setup_context=_setup_context)
@@ -213,9 +259,10 @@ attention_op.register_autograd(_backward, setup_context=_setup_context)
 # ----------------------------------------------------------------------------- the entry point
 
 
-def attention(pat, q, k, v, *, return_lse: bool, scale, backend: str, grid, inputs: dict):
+def attention(pat, q, k, v, *, return_lse: bool, scale, backend: str, grid, inputs: dict, block=None):
     """`BoundPattern.__call__`: validate what is cheap to validate here, then call the op."""
     scale = check_qkv(q, k, v, scale)[-1]
+    block = check_block(block)
     if backend not in BACKENDS:
         raise ValueError(f"backend: expected one of {', '.join(repr(b) for b in BACKENDS)}, got {backend!r}")
     specs = pat.check_input_names(inputs)
@@ -239,5 +286,5 @@ def attention(pat, q, k, v, *, return_lse: bool, scale, backend: str, grid, inpu
         grid_list = list(gt)
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     out, lse = attention_op(q, k, v, [inputs[n] for n in specs], pattern_key(pat), grid_list,
-                            scale, backend, needs_grad, return_lse)
+                            scale, backend, needs_grad, return_lse, _encode_block(block))
     return (out, lse) if return_lse else out

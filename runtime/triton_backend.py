@@ -15,6 +15,7 @@ one launch serves the whole batch.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, replace
 from types import ModuleType
@@ -139,9 +140,13 @@ class TritonBackend(Backend):
             return "the Triton kernels compute in float16 / bfloat16 / float32; got float64: try backend='torch'"
         if max(call.D, call.Dv) > MAX_HEAD_DIM:
             return f"the Triton kernels support head dims up to {MAX_HEAD_DIM}, got D={call.D}, Dv={call.Dv}; try backend='torch'"
-        if self.config.tile is not None:
+        try:
+            config = self.call_config(call)
+        except ValueError as exc:
+            return f"block={call.block!r}: {exc}"
+        if config.tile is not None:
             from attnc.codegen.ndtiles import nd_reason
-            reason = nd_reason(call.pattern, call.M, call.N, self.config.tile)
+            reason = nd_reason(call.pattern, call.M, call.N, config.tile)
             if reason:
                 return reason
         try:
@@ -151,7 +156,9 @@ class TritonBackend(Backend):
         return None
 
     def forward(self, call: Call, q, k, v):
-        config = self._config(call, q, k, v)
+        return self._run_forward(call, self._config(call, q, k, v), q, k, v)
+
+    def _run_forward(self, call: Call, config, q, k, v):
         ks = self.kernels(call, q.device, config)
         if ks.layout is not None:  # N-D tiles: run in the padded tile-major order
             out, lse = self._forward(call, ks, config, ks.to_tiles(q, "q"), ks.to_tiles(k, "k"), ks.to_tiles(v, "k"))
@@ -241,7 +248,7 @@ class TritonBackend(Backend):
         from attnc.codegen import cache
         from attnc.codegen.kernels import generate, plan_summary
 
-        config = config or self.config
+        config = config or self.call_config(call)
         shapes = self._code_shapes(call)
         memo = (call.pattern.text(), call.M, call.N, call.Hq, call.grid, tuple(sorted(shapes.items())), config,
                 str(device), cache.interpret_mode())
@@ -318,34 +325,41 @@ class TritonBackend(Backend):
     def _precision(q, config) -> str:
         return "tf32" if (q.dtype == torch.float32 and config.allow_tf32) else "ieee"
 
-    def _config(self, call: Call, q, k, v):
-        """The configured tiles; with autotune on CUDA, the fastest forward of
-        kernels.AUTOTUNE_CONFIGS for this configuration (measured once; with N-D
-        tiles only their warps and stages vary)."""
-        if not (self.autotune and q.is_cuda):
+    def call_config(self, call: Call):
+        """The backend's `KernelConfig` with the call's tiles (`pat(..., block=...)`), if any:
+        (bm, bn) sets block_m / block_n, ((query tile shape), (key tile shape)) N-D tiles.
+        Raises ValueError (expected / got / try) for tiles the kernels cannot use."""
+        if call.block is None:
             return self.config
+        bm, bn = call.block
+        if isinstance(bm, tuple):
+            return replace(self.config, tile=call.block, block_m=math.prod(bm), block_n=math.prod(bn))
+        return replace(self.config, tile=None, block_m=bm, block_n=bn)
+
+    def _config(self, call: Call, q, k, v):
+        """The call's tiles (`call_config`); with autotune on CUDA, the fastest
+        forward of kernels.AUTOTUNE_CONFIGS for this configuration (measured once;
+        when the tiles are chosen, by `block=` or N-D tiles, only warps and stages vary)."""
+        base = self.call_config(call)
+        if not (self.autotune and q.is_cuda):
+            return base
         from attnc.codegen.kernels import AUTOTUNE_CONFIGS
 
-        memo = (call.pattern.text(), call.M, call.N, call.Hq, call.grid, q.shape[0], q.dtype, call.D, call.Dv)
+        memo = (call.pattern.text(), call.M, call.N, call.Hq, call.grid, q.shape[0], q.dtype, call.D, call.Dv, base)
         best = self._tuned.get(memo)
         if best is None:
             import triton.testing
             times = {}
-            saved, self.autotune = self.config, False
             candidates = AUTOTUNE_CONFIGS
-            if saved.tile is not None:  # N-D tiles are the user's choice: tune warps and stages only
-                candidates = dict.fromkeys(replace(saved, num_warps=c.num_warps, num_stages=c.num_stages)
+            if call.block is not None or base.tile is not None:
+                candidates = dict.fromkeys(replace(base, num_warps=c.num_warps, num_stages=c.num_stages)
                                            for c in AUTOTUNE_CONFIGS)
-            try:
-                for cfg in candidates:
-                    self.config = cfg
-                    try:
-                        times[cfg] = triton.testing.do_bench(lambda: self.forward(call, q, k, v), warmup=5, rep=20)
-                    except Exception:  # a config may not fit this device (shared memory): skip it
-                        continue
-            finally:
-                self.autotune, self.config = True, saved
-            best = min(times, key=times.get) if times else self.config
+            for cfg in candidates:
+                try:
+                    times[cfg] = triton.testing.do_bench(lambda: self._run_forward(call, cfg, q, k, v), warmup=5, rep=20)
+                except Exception:  # a config may not fit this device (shared memory): skip it
+                    continue
+            best = min(times, key=times.get) if times else base
             self._tuned[memo] = best
         return best
 
