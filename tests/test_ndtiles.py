@@ -304,3 +304,13 @@ def test_n_d_mask_golden(golden):
     plan = lines.index(next(line for line in lines if line.startswith("# plan:")))
     head = lines[plan: plan + 5]  # plan and permutation
     golden("ndtiles_natten2d_mask.py", "\n".join(head) + "\n\n" + TritonPrinter(c.lowered).source())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_nd_tiles_on_gpu(dtype):
+    """The same check on CUDA (skipped without a device): a grid that is not a tile multiple, GQA."""
+    check(example_pattern("natten2d", size=7), B=2, Hq=4, Hkv=2, M=720, grid=(24, 30), tiles=((8, 8), (8, 8)),
+          D=64, dtype=dtype, device="cuda")
+    check(grid_pattern("neighborhood((3, 5), dilation = (1, 2), causal = (true, false))"), M=720, grid=(24, 30),
+          tiles=((16, 8), (8, 8)), D=40, dtype=dtype, device="cuda")
