@@ -494,7 +494,7 @@ class Derivation:
         self.ev.check(node, View(q=self.view.q, k=self.view.k, env=env))
         m = getattr(self, "r_" + type(node).__name__.rstrip("_"), None)
         if m is None:
-            raise NoClosedForm(f"{ir.pformat(node).split('(')[0]} (keys are not a few monotone ranges per query)")
+            raise NoClosedForm(f"{type(node).__name__.rstrip('_').lower()} (keys are not a few monotone ranges per query)")
         out = m(node, env, dom)
         pruned = []
         for r in out:
