@@ -409,7 +409,8 @@ def normalize(ranges: list[Range], dom: Domain, join: bool = True) -> list[Range
         work = merged
     else:
         raise NoClosedForm("key ranges do not settle")
-    work = _coalesce(work, join)
+    work = [Range(simplify(r.lo, _points(r.g0, r.g1)), simplify(r.hi, _points(r.g0, r.g1)), r.g0, r.g1, r.heads)
+            for r in _coalesce(work, join)]
     if len(work) > MAX_RANGES:
         raise NoClosedForm(f"{len(work)} key ranges per query (at most {MAX_RANGES})")
     return sorted(work, key=lambda r: (int(ev(r.lo, torch.tensor([r.g0]))[0]), r.g0, r.g1))
