@@ -34,7 +34,8 @@ anything else (or no derivation) falls back to tile lists, per direction.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import functools
+from dataclasses import dataclass
 
 import torch
 
@@ -413,7 +414,21 @@ def normalize(ranges: list[Range], dom: Domain, join: bool = True) -> list[Range
             for r in _coalesce(work, join)]
     if len(work) > MAX_RANGES:
         raise NoClosedForm(f"{len(work)} key ranges per query (at most {MAX_RANGES})")
-    return sorted(work, key=lambda r: (int(ev(r.lo, torch.tensor([r.g0]))[0]), r.g0, r.g1))
+    return sorted(work, key=functools.cmp_to_key(_order))
+
+
+def _order(A: Range, B: Range) -> int:
+    """A before B when A's keys start no later wherever both apply (the kernels need
+    ranges in order of their first tile); ranges that never overlap: by guard."""
+    c0, c1 = max(A.g0, B.g0), min(A.g1, B.g1)
+    if c0 >= c1:
+        return -1 if A.g0 < B.g0 else 1
+    d = ev(A.lo, _points(c0, c1)) - ev(B.lo, _points(c0, c1))
+    if bool((d <= 0).all()) and not bool((d == 0).all()):
+        return -1
+    if bool((d >= 0).all()) and not bool((d == 0).all()):
+        return 1
+    return (A.g0 > B.g0) - (A.g0 < B.g0) or (A.g1 > B.g1) - (A.g1 < B.g1)
 
 
 def _merge_once(work: list[Range]) -> list[Range] | None:

@@ -6,7 +6,7 @@
 # mask:    (k > q - 64 and k <= q) or (k < 4 and k <= q)
 # plan:    64x64 tiles (closed-form, one plan for all heads): 0 full + 18 partial of 32
 # config:  BLOCK_M=64 BLOCK_N=64 num_warps=4 num_stages=2 allow_tf32=False
-# loops:   forward and dQ: closed form (3 key ranges); dK/dV: closed form (2 query ranges)
+# loops:   forward and dQ: closed form (2 key ranges); dK/dV: closed form (2 query ranges)
 #
 # Forward: one program per (query tile, batch * head); online softmax over the
 # plan's full tiles (no mask arithmetic), then its partial tiles (`_mask`).
@@ -50,29 +50,6 @@ def _split(first, full_first, full_end, end, full, done):
 
 @triton.jit
 def _key_tiles_0(q0, q1, h, N: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Keys [0, q + 1) of positions q0 <= q < q1 (for 0 <= q < 68).
-
-    Returns (first, full_first, full_end, end, full): tiles [first, end) touched,
-    [full_first, full_end) full when `full` (every position of the tile is in range)."""
-    s = tl.maximum(q0, 0)  # clipped to the range's positions [0, 68)
-    e = tl.minimum(q1, 68)
-    active = s < e
-    q_first = tl.minimum(s, 67)
-    q_last = tl.maximum(e - 1, 0)
-    lo_first = tl.zeros_like(q_first) + 0
-    lo_last = tl.zeros_like(q_last) + 0
-    hi_first = q_first + 1
-    hi_last = q_last + 1
-    first = tl.where(active, lo_first // BLOCK_N, 0)
-    end = tl.where(active, tl.cdiv(hi_last, BLOCK_N), 0)
-    full_first = tl.cdiv(lo_last, BLOCK_N)
-    full_end = tl.where(hi_first >= N, tl.cdiv(N, BLOCK_N), hi_first // BLOCK_N)  # ragged last tile
-    full = active & (s == q0) & (e == q1)
-    return first, full_first, full_end, end, full
-
-
-@triton.jit
-def _key_tiles_1(q0, q1, h, N: tl.constexpr, BLOCK_N: tl.constexpr):
     """Keys [0, 4) of positions q0 <= q < q1 (for 68 <= q < 256).
 
     Returns (first, full_first, full_end, end, full): tiles [first, end) touched,
@@ -95,25 +72,23 @@ def _key_tiles_1(q0, q1, h, N: tl.constexpr, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
-def _key_tiles_2(q0, q1, h, N: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Keys [q - 63, q + 1) of positions q0 <= q < q1 (for 68 <= q < 256).
+def _key_tiles_1(q0, q1, h, N: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Keys [(0 if q < 68 else q - 63), q + 1) of positions q0 <= q < q1.
 
     Returns (first, full_first, full_end, end, full): tiles [first, end) touched,
     [full_first, full_end) full when `full` (every position of the tile is in range)."""
-    s = tl.maximum(q0, 68)  # clipped to the range's positions [68, 256)
-    e = tl.minimum(q1, 256)
-    active = s < e
-    q_first = tl.minimum(s, 255)
-    q_last = tl.maximum(e - 1, 68)
-    lo_first = q_first - 63
-    lo_last = q_last - 63
+    active = q0 < q1
+    q_first = q0
+    q_last = q1 - 1
+    lo_first = tl.where(q_first < 68, 0, q_first - 63)
+    lo_last = tl.where(q_last < 68, 0, q_last - 63)
     hi_first = q_first + 1
     hi_last = q_last + 1
     first = tl.where(active, lo_first // BLOCK_N, 0)
     end = tl.where(active, tl.cdiv(hi_last, BLOCK_N), 0)
     full_first = tl.cdiv(lo_last, BLOCK_N)
     full_end = tl.where(hi_first >= N, tl.cdiv(N, BLOCK_N), hi_first // BLOCK_N)  # ragged last tile
-    full = active & (s == q0) & (e == q1)
+    full = active
     return first, full_first, full_end, end, full
 
 
@@ -230,7 +205,7 @@ def _attn_fwd(Q, K, V, Out, Lse, sm_scale,
     q0 = start_m * BLOCK_M + (N - M)  # absolute positions of this tile's queries: [q0, q1)
     q1 = tl.minimum(start_m * BLOCK_M + BLOCK_M, M) + (N - M)
     done = start_m * 0  # key tiles before `done` were visited by an earlier range
-    # range 0: keys [0, q + 1) for 0 <= q < 68
+    # range 0: keys [0, 4) for 68 <= q < 256
     first, full_first, full_end, end, full = _key_tiles_0(q0, q1, off_h, N, BLOCK_N)
     start, full_start, full_stop, done = _split(first, full_first, full_end, end, full, done)
     acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, K_base, V_base, stride_kn, stride_kd, stride_vn, stride_vd,
@@ -245,23 +220,8 @@ def _attn_fwd(Q, K, V, Out, Lse, sm_scale,
                                     qk_scale, full_stop, done,
                                     offs_m, offs_n, offs_d, offs_dv, off_h, off_b,
                                     M, N, D, DV, BLOCK_N, EVEN_N, True, DOT_PRECISION)
-    # range 1: keys [0, 4) for 68 <= q < 256
+    # range 1: keys [(0 if q < 68 else q - 63), q + 1)
     first, full_first, full_end, end, full = _key_tiles_1(q0, q1, off_h, N, BLOCK_N)
-    start, full_start, full_stop, done = _split(first, full_first, full_end, end, full, done)
-    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, K_base, V_base, stride_kn, stride_kd, stride_vn, stride_vd,
-                                    qk_scale, start, full_start,
-                                    offs_m, offs_n, offs_d, offs_dv, off_h, off_b,
-                                    M, N, D, DV, BLOCK_N, EVEN_N, True, DOT_PRECISION)
-    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, K_base, V_base, stride_kn, stride_kd, stride_vn, stride_vd,
-                                    qk_scale, full_start, full_stop,
-                                    offs_m, offs_n, offs_d, offs_dv, off_h, off_b,
-                                    M, N, D, DV, BLOCK_N, EVEN_N, False, DOT_PRECISION)
-    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, K_base, V_base, stride_kn, stride_kd, stride_vn, stride_vd,
-                                    qk_scale, full_stop, done,
-                                    offs_m, offs_n, offs_d, offs_dv, off_h, off_b,
-                                    M, N, D, DV, BLOCK_N, EVEN_N, True, DOT_PRECISION)
-    # range 2: keys [q - 63, q + 1) for 68 <= q < 256
-    first, full_first, full_end, end, full = _key_tiles_2(q0, q1, off_h, N, BLOCK_N)
     start, full_start, full_stop, done = _split(first, full_first, full_end, end, full, done)
     acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, K_base, V_base, stride_kn, stride_kd, stride_vn, stride_vd,
                                     qk_scale, start, full_start,
@@ -473,7 +433,7 @@ def _attn_bwd_dq(Q, K, V, DO, Lse, Delta, DQ, sm_scale,
     q0 = start_m * BLOCK_M + (N - M)  # absolute positions of this tile's queries: [q0, q1)
     q1 = tl.minimum(start_m * BLOCK_M + BLOCK_M, M) + (N - M)
     done = start_m * 0  # key tiles before `done` were visited by an earlier range
-    # range 0: keys [0, q + 1) for 0 <= q < 68
+    # range 0: keys [0, 4) for 68 <= q < 256
     first, full_first, full_end, end, full = _key_tiles_0(q0, q1, off_h, N, BLOCK_N)
     start, full_start, full_stop, done = _split(first, full_first, full_end, end, full, done)
     dq = _attn_bwd_dq_inner(dq, q, do, lse, delta, K_base, V_base, stride_kn, stride_kd, stride_vn, stride_vd,
@@ -488,23 +448,8 @@ def _attn_bwd_dq(Q, K, V, DO, Lse, Delta, DQ, sm_scale,
                             qk_scale, full_stop, done,
                             offs_m, offs_n, offs_d, offs_dv, off_h, off_b,
                             M, N, D, DV, BLOCK_N, True, DOT_PRECISION)
-    # range 1: keys [0, 4) for 68 <= q < 256
+    # range 1: keys [(0 if q < 68 else q - 63), q + 1)
     first, full_first, full_end, end, full = _key_tiles_1(q0, q1, off_h, N, BLOCK_N)
-    start, full_start, full_stop, done = _split(first, full_first, full_end, end, full, done)
-    dq = _attn_bwd_dq_inner(dq, q, do, lse, delta, K_base, V_base, stride_kn, stride_kd, stride_vn, stride_vd,
-                            qk_scale, start, full_start,
-                            offs_m, offs_n, offs_d, offs_dv, off_h, off_b,
-                            M, N, D, DV, BLOCK_N, True, DOT_PRECISION)
-    dq = _attn_bwd_dq_inner(dq, q, do, lse, delta, K_base, V_base, stride_kn, stride_kd, stride_vn, stride_vd,
-                            qk_scale, full_start, full_stop,
-                            offs_m, offs_n, offs_d, offs_dv, off_h, off_b,
-                            M, N, D, DV, BLOCK_N, False, DOT_PRECISION)
-    dq = _attn_bwd_dq_inner(dq, q, do, lse, delta, K_base, V_base, stride_kn, stride_kd, stride_vn, stride_vd,
-                            qk_scale, full_stop, done,
-                            offs_m, offs_n, offs_d, offs_dv, off_h, off_b,
-                            M, N, D, DV, BLOCK_N, True, DOT_PRECISION)
-    # range 2: keys [q - 63, q + 1) for 68 <= q < 256
-    first, full_first, full_end, end, full = _key_tiles_2(q0, q1, off_h, N, BLOCK_N)
     start, full_start, full_stop, done = _split(first, full_first, full_end, end, full, done)
     dq = _attn_bwd_dq_inner(dq, q, do, lse, delta, K_base, V_base, stride_kn, stride_kd, stride_vn, stride_vd,
                             qk_scale, start, full_start,
