@@ -23,6 +23,7 @@ import math
 from dataclasses import dataclass
 from string import Template
 
+from .bounds import loop_bounds
 from .pointwise import Lowered, TritonPrinter, _table_arg, to_text
 
 
@@ -89,6 +90,7 @@ _MODULE = Template('''\
 # mask:    $mask_text
 # plan:    $plan_text
 # config:  $config
+# loops:   $loops_text
 #
 # Forward: one program per (query tile, batch * head); online softmax over the
 # plan's full tiles (no mask arithmetic), then its partial tiles (`_mask`).
@@ -103,21 +105,21 @@ LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
 
 TABLES = $tables
+CLOSED_FORM = $closed_form  # (forward and dQ, dK/dV): loop bounds as arithmetic instead of tile lists
 
 
 $mask_source
-
+$bounds_source
 @triton.jit
 def _attn_fwd_inner(acc, l_i, m_i, q, K_base, V_base, stride_kn, stride_kd, stride_vn, stride_vd, qk_scale,
-                    tile_index, tile_count, offs_m, offs_n, offs_d, offs_dv, off_h, off_b$tbl_args,
+                    $rows_tiles, offs_m, offs_n, offs_d, offs_dv, off_h, off_b$tbl_args,
                     M: tl.constexpr, N: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
                     BLOCK_N: tl.constexpr, EVEN_N: tl.constexpr, MASKED: tl.constexpr,
                     DOT_PRECISION: tl.constexpr):
     q_idx = tl.minimum(offs_m, M - 1)
-    for j in range(0, tile_count):
-        start_n = tl.load(tile_index + j) * BLOCK_N
+$rows_loop
         cols = start_n + offs_n
-        kT = tl.load(K_base + cols[None, :] * stride_kn + offs_d[:, None] * stride_kd,
+        kT = tl.load(K_base + cols[None, :].to(tl.int64) * stride_kn + offs_d[:, None] * stride_kd,
                      mask=(cols[None, :] < N) & (offs_d[:, None] < D), other=0.0)
         qk = tl.dot(q, kT, input_precision=DOT_PRECISION) * qk_scale
         if MASKED:
@@ -135,7 +137,7 @@ def _attn_fwd_inner(acc, l_i, m_i, q, K_base, V_base, stride_kn, stride_kd, stri
         alpha = tl.math.exp2(m_i - m_sub)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
-        v = tl.load(V_base + cols[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
+        v = tl.load(V_base + cols[:, None].to(tl.int64) * stride_vn + offs_dv[None, :] * stride_vd,
                     mask=(cols[:, None] < N) & (offs_dv[None, :] < DV), other=0.0)
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
         m_i = m_ij
@@ -148,15 +150,14 @@ def _attn_fwd(Q, K, V, Out, Lse, sm_scale,
               stride_kb, stride_kh, stride_kn, stride_kd,
               stride_vb, stride_vh, stride_vn, stride_vd,
               stride_ob, stride_oh, stride_om, stride_od,
-              FullCount, FullIndex, full_width, PartCount, PartIndex, part_width$tbl_args,
-              M: tl.constexpr, N: tl.constexpr, HQ: tl.constexpr, GROUP: tl.constexpr, PLAN_HEADS: tl.constexpr,
+$fwd_params              M: tl.constexpr, N: tl.constexpr, HQ: tl.constexpr, GROUP: tl.constexpr, PLAN_HEADS: tl.constexpr,
               D: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
               BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, EVEN_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
     tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16, "tl.dot needs tiles of at least 16")
     tl.static_assert(BLOCK_D >= D and BLOCK_DV >= DV, "head dims are padded up to BLOCK_D / BLOCK_DV")
     tl.static_assert(HQ % GROUP == 0, "query heads come in GQA groups")
     start_m = tl.program_id(0)
-    off_hb = tl.program_id(1)
+    off_hb = tl.program_id(1).to(tl.int64)  # int64: offsets beyond 2**31 elements
     off_b = off_hb // HQ
     off_h = off_hb % HQ
     off_kh = off_h // GROUP
@@ -164,7 +165,7 @@ def _attn_fwd(Q, K, V, Out, Lse, sm_scale,
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    q = tl.load(Q + off_b * stride_qb + off_h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+    q = tl.load(Q + off_b * stride_qb + off_h * stride_qh + offs_m[:, None].to(tl.int64) * stride_qm + offs_d[None, :] * stride_qd,
                 mask=(offs_m[:, None] < M) & (offs_d[None, :] < D), other=0.0)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -172,21 +173,13 @@ def _attn_fwd(Q, K, V, Out, Lse, sm_scale,
     qk_scale = sm_scale * LOG2E
     K_base = K + off_b * stride_kb + off_kh * stride_kh
     V_base = V + off_b * stride_vb + off_kh * stride_vh
-    row = (off_h % PLAN_HEADS) * tl.cdiv(M, BLOCK_M) + start_m
-    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, K_base, V_base, stride_kn, stride_kd, stride_vn, stride_vd,
-                                    qk_scale, FullIndex + row * full_width, tl.load(FullCount + row),
-                                    offs_m, offs_n, offs_d, offs_dv, off_h, off_b$tbl_args,
-                                    M, N, D, DV, BLOCK_N, EVEN_N, False, DOT_PRECISION)
-    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, K_base, V_base, stride_kn, stride_kd, stride_vn, stride_vd,
-                                    qk_scale, PartIndex + row * part_width, tl.load(PartCount + row),
-                                    offs_m, offs_n, offs_d, offs_dv, off_h, off_b$tbl_args,
-                                    M, N, D, DV, BLOCK_N, EVEN_N, True, DOT_PRECISION)
+$fwd_body
     # rows with no allowed key: output 0 and lse -inf
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
     acc = acc / l_safe[:, None]
     lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * LN2)
-    tl.store(Out + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od,
+    tl.store(Out + off_b * stride_ob + off_h * stride_oh + offs_m[:, None].to(tl.int64) * stride_om + offs_dv[None, :] * stride_od,
              acc.to(Out.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_dv[None, :] < DV))
     tl.store(Lse + off_hb * M + offs_m, lse, mask=offs_m < M)
 
@@ -198,15 +191,15 @@ def _attn_bwd_preprocess(O, DO, DLse, Delta,
                          M: tl.constexpr, HQ: tl.constexpr, DV: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr, HAS_DLSE: tl.constexpr):
     start_m = tl.program_id(0)
-    off_hb = tl.program_id(1)
+    off_hb = tl.program_id(1).to(tl.int64)  # int64: offsets beyond 2**31 elements
     off_b = off_hb // HQ
     off_h = off_hb % HQ
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_dv = tl.arange(0, BLOCK_DV)
     mask = (offs_m[:, None] < M) & (offs_dv[None, :] < DV)
-    o = tl.load(O + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od,
+    o = tl.load(O + off_b * stride_ob + off_h * stride_oh + offs_m[:, None].to(tl.int64) * stride_om + offs_dv[None, :] * stride_od,
                 mask=mask, other=0.0).to(tl.float32)
-    do = tl.load(DO + off_b * stride_dob + off_h * stride_doh + offs_m[:, None] * stride_dom + offs_dv[None, :] * stride_dod,
+    do = tl.load(DO + off_b * stride_dob + off_h * stride_doh + offs_m[:, None].to(tl.int64) * stride_dom + offs_dv[None, :] * stride_dod,
                  mask=mask, other=0.0).to(tl.float32)
     delta = tl.sum(o * do, axis=1)
     if HAS_DLSE:
@@ -217,16 +210,15 @@ def _attn_bwd_preprocess(O, DO, DLse, Delta,
 @triton.jit
 def _attn_bwd_dkdv_inner(dk, dv, k, v, Q_base, DO_base, Lse_base, Delta_base,
                          stride_qm, stride_qd, stride_dom, stride_dod, qk_scale,
-                         tile_index, tile_count, offs_m, offs_n, offs_d, offs_dv, off_h, off_b$tbl_args,
+                         $cols_tiles, offs_m, offs_n, offs_d, offs_dv, off_h, off_b$tbl_args,
                          M: tl.constexpr, N: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
                          BLOCK_M: tl.constexpr, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr):
     k_idx = tl.minimum(offs_n, N - 1)
-    for j in range(0, tile_count):
-        start_m = tl.load(tile_index + j) * BLOCK_M
+$cols_loop
         rows = start_m + offs_m
-        q = tl.load(Q_base + rows[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+        q = tl.load(Q_base + rows[:, None].to(tl.int64) * stride_qm + offs_d[None, :] * stride_qd,
                     mask=(rows[:, None] < M) & (offs_d[None, :] < D), other=0.0)
-        do = tl.load(DO_base + rows[:, None] * stride_dom + offs_dv[None, :] * stride_dod,
+        do = tl.load(DO_base + rows[:, None].to(tl.int64) * stride_dom + offs_dv[None, :] * stride_dod,
                      mask=(rows[:, None] < M) & (offs_dv[None, :] < DV), other=0.0)
         lse = tl.load(Lse_base + rows, mask=rows < M, other=0.0)
         # empty rows (lse -inf) have p = 0: use +inf so exp2(s - lse) is 0, not NaN
@@ -250,22 +242,21 @@ def _attn_bwd_dkdv(Q, K, V, DO, Lse, Delta, DK, DV_, sm_scale,
                    stride_kb, stride_kh, stride_kn, stride_kd,
                    stride_vb, stride_vh, stride_vn, stride_vd,
                    stride_dob, stride_doh, stride_dom, stride_dod,
-                   FullCount, FullIndex, full_width, PartCount, PartIndex, part_width$tbl_args,
-                   M: tl.constexpr, N: tl.constexpr, HQ: tl.constexpr, GROUP: tl.constexpr, PLAN_HEADS: tl.constexpr,
+$dkdv_params                   M: tl.constexpr, N: tl.constexpr, HQ: tl.constexpr, GROUP: tl.constexpr, PLAN_HEADS: tl.constexpr,
                    D: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, DOT_PRECISION: tl.constexpr):
     tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16, "tl.dot needs tiles of at least 16")
     start_n = tl.program_id(0)
-    off_hb = tl.program_id(1)  # batch * key/value head
+    off_hb = tl.program_id(1).to(tl.int64)  # batch * key/value head (int64: offsets beyond 2**31 elements)
     off_b = off_hb // (HQ // GROUP)
     off_kh = off_hb % (HQ // GROUP)
     offs_n = start_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    k = tl.load(K + off_b * stride_kb + off_kh * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+    k = tl.load(K + off_b * stride_kb + off_kh * stride_kh + offs_n[:, None].to(tl.int64) * stride_kn + offs_d[None, :] * stride_kd,
                 mask=(offs_n[:, None] < N) & (offs_d[None, :] < D), other=0.0)
-    v = tl.load(V + off_b * stride_vb + off_kh * stride_vh + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
+    v = tl.load(V + off_b * stride_vb + off_kh * stride_vh + offs_n[:, None].to(tl.int64) * stride_vn + offs_dv[None, :] * stride_vd,
                 mask=(offs_n[:, None] < N) & (offs_dv[None, :] < DV), other=0.0)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
@@ -276,17 +267,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, Lse, Delta, DK, DV_, sm_scale,
         DO_base = DO + off_b * stride_dob + off_h * stride_doh
         Lse_base = Lse + (off_b * HQ + off_h) * M
         Delta_base = Delta + (off_b * HQ + off_h) * M
-        row = (off_h % PLAN_HEADS) * tl.cdiv(N, BLOCK_N) + start_n
-        dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, Q_base, DO_base, Lse_base, Delta_base,
-                                      stride_qm, stride_qd, stride_dom, stride_dod, qk_scale,
-                                      FullIndex + row * full_width, tl.load(FullCount + row),
-                                      offs_m, offs_n, offs_d, offs_dv, off_h, off_b$tbl_args,
-                                      M, N, D, DV, BLOCK_M, False, DOT_PRECISION)
-        dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, Q_base, DO_base, Lse_base, Delta_base,
-                                      stride_qm, stride_qd, stride_dom, stride_dod, qk_scale,
-                                      PartIndex + row * part_width, tl.load(PartCount + row),
-                                      offs_m, offs_n, offs_d, offs_dv, off_h, off_b$tbl_args,
-                                      M, N, D, DV, BLOCK_M, True, DOT_PRECISION)
+$dkdv_body
     dk *= sm_scale
     # DK / DV_ are contiguous [B, Hkv, N, D] / [B, Hkv, N, DV]
     tl.store(DK + (off_hb * N + offs_n[:, None]) * D + offs_d[None, :], dk.to(DK.dtype.element_ty),
@@ -297,16 +278,15 @@ def _attn_bwd_dkdv(Q, K, V, DO, Lse, Delta, DK, DV_, sm_scale,
 
 @triton.jit
 def _attn_bwd_dq_inner(dq, q, do, lse, delta, K_base, V_base, stride_kn, stride_kd, stride_vn, stride_vd, qk_scale,
-                       tile_index, tile_count, offs_m, offs_n, offs_d, offs_dv, off_h, off_b$tbl_args,
+                       $rows_tiles, offs_m, offs_n, offs_d, offs_dv, off_h, off_b$tbl_args,
                        M: tl.constexpr, N: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
                        BLOCK_N: tl.constexpr, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr):
     q_idx = tl.minimum(offs_m, M - 1)
-    for j in range(0, tile_count):
-        start_n = tl.load(tile_index + j) * BLOCK_N
+$rows_loop
         cols = start_n + offs_n
-        k = tl.load(K_base + cols[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+        k = tl.load(K_base + cols[:, None].to(tl.int64) * stride_kn + offs_d[None, :] * stride_kd,
                     mask=(cols[:, None] < N) & (offs_d[None, :] < D), other=0.0)
-        v = tl.load(V_base + cols[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
+        v = tl.load(V_base + cols[:, None].to(tl.int64) * stride_vn + offs_dv[None, :] * stride_vd,
                     mask=(cols[:, None] < N) & (offs_dv[None, :] < DV), other=0.0)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
         p = tl.math.exp2(qk - lse[:, None])
@@ -325,13 +305,12 @@ def _attn_bwd_dq(Q, K, V, DO, Lse, Delta, DQ, sm_scale,
                  stride_kb, stride_kh, stride_kn, stride_kd,
                  stride_vb, stride_vh, stride_vn, stride_vd,
                  stride_dob, stride_doh, stride_dom, stride_dod,
-                 FullCount, FullIndex, full_width, PartCount, PartIndex, part_width$tbl_args,
-                 M: tl.constexpr, N: tl.constexpr, HQ: tl.constexpr, GROUP: tl.constexpr, PLAN_HEADS: tl.constexpr,
+$dq_params                 M: tl.constexpr, N: tl.constexpr, HQ: tl.constexpr, GROUP: tl.constexpr, PLAN_HEADS: tl.constexpr,
                  D: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, DOT_PRECISION: tl.constexpr):
     tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16, "tl.dot needs tiles of at least 16")
     start_m = tl.program_id(0)
-    off_hb = tl.program_id(1)
+    off_hb = tl.program_id(1).to(tl.int64)  # int64: offsets beyond 2**31 elements
     off_b = off_hb // HQ
     off_h = off_hb % HQ
     off_kh = off_h // GROUP
@@ -339,9 +318,9 @@ def _attn_bwd_dq(Q, K, V, DO, Lse, Delta, DQ, sm_scale,
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    q = tl.load(Q + off_b * stride_qb + off_h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+    q = tl.load(Q + off_b * stride_qb + off_h * stride_qh + offs_m[:, None].to(tl.int64) * stride_qm + offs_d[None, :] * stride_qd,
                 mask=(offs_m[:, None] < M) & (offs_d[None, :] < D), other=0.0)
-    do = tl.load(DO + off_b * stride_dob + off_h * stride_doh + offs_m[:, None] * stride_dom + offs_dv[None, :] * stride_dod,
+    do = tl.load(DO + off_b * stride_dob + off_h * stride_doh + offs_m[:, None].to(tl.int64) * stride_dom + offs_dv[None, :] * stride_dod,
                  mask=(offs_m[:, None] < M) & (offs_dv[None, :] < DV), other=0.0)
     lse = tl.load(Lse + off_hb * M + offs_m, mask=offs_m < M, other=0.0)
     lse = tl.where(lse == float("-inf"), float("inf"), lse) * LOG2E
@@ -350,15 +329,7 @@ def _attn_bwd_dq(Q, K, V, DO, Lse, Delta, DQ, sm_scale,
     qk_scale = sm_scale * LOG2E
     K_base = K + off_b * stride_kb + off_kh * stride_kh
     V_base = V + off_b * stride_vb + off_kh * stride_vh
-    row = (off_h % PLAN_HEADS) * tl.cdiv(M, BLOCK_M) + start_m
-    dq = _attn_bwd_dq_inner(dq, q, do, lse, delta, K_base, V_base, stride_kn, stride_kd, stride_vn, stride_vd,
-                            qk_scale, FullIndex + row * full_width, tl.load(FullCount + row),
-                            offs_m, offs_n, offs_d, offs_dv, off_h, off_b$tbl_args,
-                            M, N, D, DV, BLOCK_N, False, DOT_PRECISION)
-    dq = _attn_bwd_dq_inner(dq, q, do, lse, delta, K_base, V_base, stride_kn, stride_kd, stride_vn, stride_vd,
-                            qk_scale, PartIndex + row * part_width, tl.load(PartCount + row),
-                            offs_m, offs_n, offs_d, offs_dv, off_h, off_b$tbl_args,
-                            M, N, D, DV, BLOCK_N, True, DOT_PRECISION)
+$dq_body
     dq *= sm_scale
     # DQ is contiguous [B, HQ, M, D]
     tl.store(DQ + (off_hb * M + offs_m[:, None]) * D + offs_d[None, :], dq.to(DQ.dtype.element_ty),
@@ -374,12 +345,168 @@ def plan_summary(plan) -> str:
             f"{c['tiles_partial']} partial of {c['tiles_total']}")
 
 
-def generate(low: Lowered, config: KernelConfig, plan_text: str = "built from run-time inputs per call") -> str:
+_LIST_PARAMS = "FullCount, FullIndex, full_width, PartCount, PartIndex, part_width"
+
+# the inner-loop calls of each kernel; {tiles} are the loop's two tile arguments, {masked} True / False
+_CALLS = {
+    "fwd": ("    ", """acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, K_base, V_base, stride_kn, stride_kd, stride_vn, stride_vd,
+                                qk_scale, {tiles},
+                                offs_m, offs_n, offs_d, offs_dv, off_h, off_b{tbl},
+                                M, N, D, DV, BLOCK_N, EVEN_N, {masked}, DOT_PRECISION)"""),
+    "dkdv": ("        ", """dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, Q_base, DO_base, Lse_base, Delta_base,
+                              stride_qm, stride_qd, stride_dom, stride_dod, qk_scale,
+                              {tiles},
+                              offs_m, offs_n, offs_d, offs_dv, off_h, off_b{tbl},
+                              M, N, D, DV, BLOCK_M, {masked}, DOT_PRECISION)"""),
+    "dq": ("    ", """dq = _attn_bwd_dq_inner(dq, q, do, lse, delta, K_base, V_base, stride_kn, stride_kd, stride_vn, stride_vd,
+                        qk_scale, {tiles},
+                        offs_m, offs_n, offs_d, offs_dv, off_h, off_b{tbl},
+                        M, N, D, DV, BLOCK_N, {masked}, DOT_PRECISION)"""),
+}
+
+
+def _call(kind: str, tiles: str, masked: bool, tbl: str) -> str:
+    indent, text = _CALLS[kind]
+    body = text.format(tiles=tiles, masked=masked, tbl=tbl)
+    return "\n".join(indent + line for line in body.split("\n"))
+
+
+def _list_body(kind: str, tbl: str) -> str:
+    """Two loops over the plan's tile lists: full tiles, then partial ones."""
+    indent = _CALLS[kind][0]
+    rows = "tl.cdiv(N, BLOCK_N) + start_n" if kind == "dkdv" else "tl.cdiv(M, BLOCK_M) + start_m"
+    return "\n".join([f"{indent}row = (off_h % PLAN_HEADS) * {rows}",
+                      _call(kind, "FullIndex + row * full_width, tl.load(FullCount + row)", False, tbl),
+                      _call(kind, "PartIndex + row * part_width, tl.load(PartCount + row)", True, tbl)])
+
+
+def _closed_body(kind: str, rs, tbl: str) -> str:
+    """Per range: its tiles in closed form, clipped after the previous range, then
+    a masked prefix, the full middle (no mask) and a masked suffix."""
+    indent = _CALLS[kind][0]
+    fn, args = ("_query_tiles", "k0, k1, off_h, M, BLOCK_M") if kind == "dkdv" else ("_key_tiles", "q0, q1, off_h, N, BLOCK_N")
+    out = []
+    if kind == "dkdv":
+        out += [f"{indent}k0 = start_n * BLOCK_N  # this tile's keys: [k0, k1)",
+                f"{indent}k1 = tl.minimum(k0 + BLOCK_N, N)",
+                f"{indent}done = start_n * 0  # query tiles before `done` were visited by an earlier range"]
+    else:
+        out += [f"{indent}q0 = start_m * BLOCK_M + (N - M)  # absolute positions of this tile's queries: [q0, q1)",
+                f"{indent}q1 = tl.minimum(start_m * BLOCK_M + BLOCK_M, M) + (N - M)",
+                f"{indent}done = start_m * 0  # key tiles before `done` were visited by an earlier range"]
+    for i, (text, _) in enumerate(_range_list(rs)):
+        out += [f"{indent}# range {i}: {text}",
+                f"{indent}first, full_first, full_end, end, full = {fn}_{i}({args})",
+                f"{indent}start, full_start, full_stop, done = _split(first, full_first, full_end, end, full, done)",
+                _call(kind, "start, full_start", True, tbl),
+                _call(kind, "full_start, full_stop", False, tbl),
+                _call(kind, "full_stop, done", True, tbl)]
+    if not _range_list(rs):
+        out.append(f"{indent}# the pattern allows no pair: nothing to visit")
+    return "\n".join(out)
+
+
+def _range_list(rs) -> list:
+    """[(text, (head bits, Range))] in kernel order: every group's ranges (a head
+    outside a group finds its ranges inactive)."""
+    var = "q" if rs.direction == "rows" else "k"
+    out = []
+    for bits, ranges in rs.groups:
+        for r in ranges:
+            t = (f"{'keys' if var == 'q' else 'query rows'} {r.text(var, rs.domain)}"
+                 + ("" if bits == -1 else f" (heads {_bits_text(bits)})"))
+            out.append((t, (bits, r)))
+    return out
+
+
+def _bits_text(bits: int) -> str:
+    return "{" + ", ".join(str(h) for h in range(bits.bit_length()) if (bits >> h) & 1) + "}"
+
+
+_SPLIT = '''@triton.jit
+def _split(first, full_first, full_end, end, full, done):
+    """One range of tiles: [first, end) touched, [full_first, full_end) full when
+    `full`. Clipped to start at `done` (an earlier range visited the tiles before
+    it): (start, full_start, full_stop, stop), [start, full_start) and
+    [full_stop, stop) masked. Ranges come in order of their first tile, so no
+    tile is skipped and none is visited twice."""
+    start = tl.maximum(first, done)
+    stop = tl.maximum(end, start)
+    full_start = tl.where(full, tl.minimum(tl.maximum(full_first, start), stop), stop)
+    full_stop = tl.where(full, tl.minimum(tl.maximum(full_end, full_start), stop), stop)
+    return start, full_start, full_stop, stop
+'''
+
+
+def _range_helper(rs, i: int, bits: int, r) -> str:
+    """`_key_tiles_i(q0, q1, h, N, BLOCK_N)` (or `_query_tiles_i(k0, k1, h, M, BLOCK_M)`):
+    the tiles of range i for the positions [x0, x1) of one tile, by monotonicity:
+    touched [lo(first) // B, cdiv(hi(last), B)), full [cdiv(lo(last), B), hi(first) // B)."""
+    import torch
+
+    from .bounds import to_text, to_triton
+
+    rows = rs.direction == "rows"
+    v = "q" if rows else "k"
+    L, B = ("N", "BLOCK_N") if rows else ("M", "BLOCK_M")
+    name = f"_key_tiles_{i}" if rows else f"_query_tiles_{i}"
+    what = "keys" if rows else "query rows"
+    doc = (f'    """{what.capitalize()} [{to_text(r.lo, v)}, {to_text(r.hi, v)}) of positions {v}0 <= {v} < {v}1'
+           + ("" if (r.g0, r.g1) == rs.domain else f" (for {r.g0} <= {v} < {r.g1})")
+           + ("" if bits == -1 else f", heads {_bits_text(bits)}") + f".\n\n"
+           f"    Returns (first, full_first, full_end, end, full): tiles [first, end) touched,\n"
+           f'    [full_first, full_end) full when `full` (every position of the tile is in range)."""')
+    lines = [f"@triton.jit", f"def {name}({v}0, {v}1, h, {L}: tl.constexpr, {B}: tl.constexpr):", doc]
+    guarded = (r.g0, r.g1) != rs.domain
+    if guarded:
+        lines += [f"    s = tl.maximum({v}0, {r.g0})  # clipped to the range's positions [{r.g0}, {r.g1})",
+                  f"    e = tl.minimum({v}1, {r.g1})",
+                  f"    active = s < e",
+                  f"    {v}_first = tl.minimum(s, {r.g1 - 1})",
+                  f"    {v}_last = tl.maximum(e - 1, {r.g0})"]
+    else:
+        lines += [f"    active = {v}0 < {v}1", f"    {v}_first = {v}0", f"    {v}_last = {v}1 - 1"]
+    if bits != -1:
+        from .bounds import _head_runs
+        runs = _head_runs(bits, bits.bit_length())
+        cond = " | ".join(f"(h == {a})" if b == a + 1 else f"((h >= {a}) & (h < {b}))" for a, b in runs)
+        lines.append(f"    active = active & ({cond})")
+    xs = torch.arange(r.g0, r.g1, dtype=torch.int64)
+    for end, expr in (("lo", r.lo), ("hi", r.hi)):
+        for where in ("first", "last"):
+            code = to_triton(expr, f"{v}_{where}", xs)
+            if code.lstrip("(-").isdigit():  # a constant: keep it a tensor like the others
+                code = f"tl.zeros_like({v}_{where}) + {code}"
+            lines.append(f"    {end}_{where} = {code}")
+    lines += [f"    first = tl.where(active, lo_first // {B}, 0)",
+              f"    end = tl.where(active, tl.cdiv(hi_last, {B}), 0)",
+              f"    full_first = tl.cdiv(lo_last, {B})",
+              f"    full_end = tl.where(hi_first >= {L}, tl.cdiv({L}, {B}), hi_first // {B})  # ragged last tile",
+              f"    full = active" + (f" & (s == {v}0) & (e == {v}1)" if guarded else ""),
+              f"    return first, full_first, full_end, end, full"]
+    return "\n".join(lines) + "\n"
+
+
+def bounds_source(bounds) -> str:
+    """The closed-form helpers of a module (empty when both directions read tile lists)."""
+    if bounds is None or not any(bounds.closed):
+        return ""
+    parts = [_SPLIT]
+    for rs in (bounds.rows, bounds.cols):
+        if rs is not None:
+            parts += [_range_helper(rs, i, bits, r) for i, (_, (bits, r)) in enumerate(_range_list(rs))]
+    return "\n" + "\n\n".join(parts) + "\n"
+
+
+def generate(low: Lowered, config: KernelConfig, plan_text: str = "built from run-time inputs per call",
+             bounds=None) -> str:
     """The Triton module for a lowered pattern (deterministic text).
 
-    `plan_text` describes the plan for the header (see `plan_summary`); the
-    plan's tile lists themselves are kernel arguments, so one module serves any
-    plan of the same sizes (run-time inputs change the plan, not the code).
+    `plan_text` describes the plan for the header (see `plan_summary`). `bounds`
+    (`bounds.LoopBounds`, or None: tile lists) says per direction whether the
+    loops are closed-form arithmetic or read the plan's tile lists, which are
+    then kernel arguments, so one module serves any plan of the same sizes
+    (run-time inputs change the plan, not the code).
     """
     from attnc import __version__
 
@@ -388,6 +515,15 @@ def generate(low: Lowered, config: KernelConfig, plan_text: str = "built from ru
     if len(mask_text) > 400:
         mask_text = mask_text[:397] + "..."
     tables = "(" + "".join(f"{t.name!r}, " for t in low.tables) + ")" if low.tables else "()"
+    rows_closed, cols_closed = bounds.closed if bounds is not None else (False, False)
+    loops_text = bounds.summary() if bounds is not None else "tile lists (plan built per call)"
+
+    def params(indent: int, closed: bool) -> str:
+        text = ", ".join(([] if closed else [_LIST_PARAMS]) + [_table_arg(t.name) for t in low.tables])
+        return " " * indent + text + ",\n" if text else ""
+
+    loop = {True: ("tile_lo, tile_hi", "    for j in range(tile_lo, tile_hi):\n        {s} = j * {b}"),
+            False: ("tile_index, tile_count", "    for j in range(0, tile_count):\n        {s} = tl.load(tile_index + j) * {b}")}
     src = _MODULE.substitute(
         version=__version__,
         pattern=low.text,
@@ -396,9 +532,22 @@ def generate(low: Lowered, config: KernelConfig, plan_text: str = "built from ru
         mask_text=mask_text,
         plan_text=plan_text,
         config=config.key(),
+        loops_text=loops_text,
         tables=tables,
+        closed_form=repr((rows_closed, cols_closed)),
         mask_source=TritonPrinter(low).source().rstrip("\n") + "\n",
+        bounds_source=bounds_source(bounds),
         tbl_args=tbl_args,
+        rows_tiles=loop[rows_closed][0],
+        cols_tiles=loop[cols_closed][0],
+        rows_loop=loop[rows_closed][1].format(s="start_n", b="BLOCK_N"),
+        cols_loop=loop[cols_closed][1].format(s="start_m", b="BLOCK_M"),
+        fwd_params=params(14, rows_closed),
+        dkdv_params=params(19, cols_closed),
+        dq_params=params(17, rows_closed),
+        fwd_body=_closed_body("fwd", bounds.rows, tbl_args) if rows_closed else _list_body("fwd", tbl_args),
+        dkdv_body=_closed_body("dkdv", bounds.cols, tbl_args) if cols_closed else _list_body("dkdv", tbl_args),
+        dq_body=_closed_body("dq", bounds.rows, tbl_args) if rows_closed else _list_body("dq", tbl_args),
     )
     return src
 
@@ -412,6 +561,7 @@ class Compiled:
     lowered: Lowered
     plan: object | None
     config: KernelConfig
+    bounds: object | None = None  # bounds.LoopBounds
 
     def metadata(self) -> dict:
         """JSON-ready description: pattern, sizes, config and the plan's tile lists."""
@@ -421,6 +571,8 @@ class Compiled:
                 "tables": [{"name": t.name, "kind": t.kind, "shape": list(t.shape), "batched": t.batched}
                            for t in low.tables],
                 "mask": to_text(low.expr)}
+        if self.bounds is not None:
+            meta["loops"] = {"summary": self.bounds.summary(), **self.bounds.to_dict()}
         if plan is None:
             meta["plan"] = None
             return meta
@@ -452,4 +604,5 @@ def compile_pattern(pat, M: int, N: int | None = None, *, heads: int | None = No
     low = lower(pat.ir, M, N, H, grid, input_shapes, sources=pat.program.sources)
     plan = None if pat.ir.inputs else pat.plan(M, N, heads=H, grid=grid, block=config.block)
     text = plan_summary(plan) if plan is not None else "built per call from the run-time inputs (union over the batch)"
-    return Compiled(source=generate(low, config, text), lowered=low, plan=plan, config=config)
+    bounds = loop_bounds(pat.ir, M, N, H, config.block, plan)
+    return Compiled(source=generate(low, config, text, bounds), lowered=low, plan=plan, config=config, bounds=bounds)

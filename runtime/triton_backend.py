@@ -56,7 +56,8 @@ class KernelSet:
     lowered: object  # pointwise.Lowered
     module: ModuleType
     static_tables: dict
-    lists: TileLists | None  # None: built per call from run-time inputs
+    lists: TileLists | None  # None: built per call from run-time inputs (or not needed: closed form)
+    closed: tuple[bool, bool] = (False, False)  # closed-form loop bounds: (forward and dQ, dK/dV)
     #: N-D tiles: the padded tile-major layout (ndtiles.TileLayout) and, on the device, the
     #: padded position of every query / key token (built once per kernel set)
     layout: object | None = None
@@ -166,7 +167,7 @@ class TritonBackend(Backend):
         return self._forward(call, ks, config, q, k, v)
 
     def _forward(self, call: Call, ks: KernelSet, config, q, k, v):
-        lists = ks.lists or self._input_lists(call, config, q.device)
+        lists = self._lists(ks, call, config, q.device)
         tables = self._tables(ks, call, q)
         B, Hq, M, D = q.shape
         Hkv, N, Dv = k.shape[1], k.shape[2], v.shape[3]
@@ -175,9 +176,8 @@ class TritonBackend(Backend):
         bm, bn = config.block
         ks.module._attn_fwd[(-(-M // bm), B * Hq)](
             q, k, v, out, lse, call.scale, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-            lists.full.counts, lists.full.index, lists.full.index.shape[-1],
-            lists.partial.counts, lists.partial.index, lists.partial.index.shape[-1], *tables,
-            M=M, N=N, HQ=Hq, GROUP=Hq // Hkv, PLAN_HEADS=lists.heads, D=D, DV=Dv, BLOCK_M=bm, BLOCK_N=bn,
+            *_list_args(lists, 0, ks.closed[0]), *tables,
+            M=M, N=N, HQ=Hq, GROUP=Hq // Hkv, PLAN_HEADS=lists.heads if lists else 1, D=D, DV=Dv, BLOCK_M=bm, BLOCK_N=bn,
             BLOCK_D=max(16, _next_pow2(D)), BLOCK_DV=max(16, _next_pow2(Dv)), EVEN_N=N % bn == 0,
             DOT_PRECISION=self._precision(q, config), num_warps=config.num_warps, num_stages=config.num_stages)
         return out, lse
@@ -195,7 +195,7 @@ class TritonBackend(Backend):
         return self._backward(call, ks, config, q, k, v, out, lse, dout, dlse)
 
     def _backward(self, call: Call, ks: KernelSet, config, q, k, v, out, lse, dout, dlse):
-        lists = ks.lists or self._input_lists(call, config, q.device)
+        lists = self._lists(ks, call, config, q.device)
         tables = self._tables(ks, call, q)
         B, Hq, M, D = q.shape
         Hkv, N, Dv = k.shape[1], k.shape[2], v.shape[3]
@@ -213,17 +213,15 @@ class TritonBackend(Backend):
         dq = torch.empty(B, Hq, M, D, dtype=q.dtype, device=q.device)
         dk = torch.empty(B, Hkv, N, D, dtype=k.dtype, device=q.device)
         dv = torch.empty(B, Hkv, N, Dv, dtype=v.dtype, device=q.device)
-        common = dict(M=M, N=N, HQ=Hq, GROUP=Hq // Hkv, PLAN_HEADS=lists.heads, D=D, DV=Dv, BLOCK_M=bm, BLOCK_N=bn,
+        common = dict(M=M, N=N, HQ=Hq, GROUP=Hq // Hkv, PLAN_HEADS=lists.heads if lists else 1, D=D, DV=Dv, BLOCK_M=bm, BLOCK_N=bn,
                       BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV, DOT_PRECISION=self._precision(q, config), **launch)
         strides = (*q.stride(), *k.stride(), *v.stride(), *dout.stride())
         ks.module._attn_bwd_dkdv[(-(-N // bn), B * Hkv)](
             q, k, v, dout, lse, delta, dk, dv, call.scale, *strides,
-            lists.full_t.counts, lists.full_t.index, lists.full_t.index.shape[-1],
-            lists.partial_t.counts, lists.partial_t.index, lists.partial_t.index.shape[-1], *tables, **common)
+            *_list_args(lists, 1, ks.closed[1]), *tables, **common)
         ks.module._attn_bwd_dq[(-(-M // bm), B * Hq)](
             q, k, v, dout, lse, delta, dq, call.scale, *strides,
-            lists.full.counts, lists.full.index, lists.full.index.shape[-1],
-            lists.partial.counts, lists.partial.index, lists.partial.index.shape[-1], *tables, **common)
+            *_list_args(lists, 0, ks.closed[0]), *tables, **common)
         return dq, dk, dv
 
     # -- kernel sets
@@ -246,6 +244,7 @@ class TritonBackend(Backend):
     def kernels(self, call: Call, device, config=None) -> KernelSet:
         """The kernel set for this call's configuration (generated, cached, memoised)."""
         from attnc.codegen import cache
+        from attnc.codegen.bounds import loop_bounds
         from attnc.codegen.kernels import generate, plan_summary
 
         config = config or self.call_config(call)
@@ -267,18 +266,27 @@ class TritonBackend(Backend):
         else:
             plan = call.plan(config.block) if static else None
             plan_text = plan_summary(plan) if plan is not None else "built per call from the run-time inputs (union over the batch)"
-        options = {"M": call.M, "N": call.N, "H": call.Hq, "grid": call.grid, "inputs": shapes, "plan": plan_text}
+        bounds = loop_bounds(call.pattern.ir, call.M, call.N, call.Hq, config.block, plan)
+        options = {"M": call.M, "N": call.N, "H": call.Hq, "grid": call.grid, "inputs": shapes, "plan": plan_text,
+                   "loops": bounds.summary()}
         key = cache.cache_key(low.text, options, config.key(), device_capability(device))
-        module = cache.load_module(key, lambda: generate(low, config, plan_text),
+        module = cache.load_module(key, lambda: generate(low, config, plan_text, bounds),
                                    info={"pattern": low.text, "options": options, "config": config.key()})
         tables = {t.name: t.data.to(device, torch.int32).contiguous() for t in low.tables if t.data is not None}
         ks = KernelSet(key=key, lowered=low, module=module, static_tables=tables,
-                       lists=TileLists.from_plan(plan, device) if plan is not None else None, layout=layout)
+                       lists=TileLists.from_plan(plan, device) if plan is not None and not all(bounds.closed) else None,
+                       closed=bounds.closed, layout=layout)
         if layout is not None:
             ks.pos_q = layout.positions("q").to(device)
             ks.pos_k = layout.positions("k").to(device)
         self._sets[memo] = ks
         return ks
+
+    def _lists(self, ks: KernelSet, call: Call, config, device) -> TileLists | None:
+        """The tile lists the kernels read (None when every loop is closed-form)."""
+        if ks.lists is not None or all(ks.closed):
+            return ks.lists
+        return self._input_lists(call, config, device)
 
     def _tables(self, ks: KernelSet, call: Call, q) -> list[torch.Tensor]:
         out = []
@@ -362,6 +370,15 @@ class TritonBackend(Backend):
             best = min(times, key=times.get) if times else base
             self._tuned[memo] = best
         return best
+
+
+def _list_args(lists: TileLists | None, direction: int, closed: bool) -> tuple:
+    """A kernel's tile-list arguments: none for closed-form loops; else the plan's
+    full and partial lists (direction 0: per query tile, 1: per key tile)."""
+    if closed:
+        return ()
+    full, part = (lists.full, lists.partial) if direction == 0 else (lists.full_t, lists.partial_t)
+    return (full.counts, full.index, full.index.shape[-1], part.counts, part.index, part.index.shape[-1])
 
 
 def device_capability(device) -> str:

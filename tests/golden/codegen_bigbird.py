@@ -6,6 +6,7 @@
 # mask:    (k // 16 >= q // 16 - 1 and k // 16 <= q // 16 + 1) or q // 16 == 0 or q // 16 == 7 or k // 16 == 0 or k // 16 == 7 or bit(random0[q // 16, 0], k // 16)
 # plan:    64x64 tiles (closed-form, one plan for all heads): 0 full + 4 partial of 4
 # config:  BLOCK_M=64 BLOCK_N=64 num_warps=4 num_stages=2 allow_tf32=False
+# loops:   tile lists (random (keys are not a few monotone ranges per query))
 #
 # Forward: one program per (query tile, batch * head); online softmax over the
 # plan's full tiles (no mask arithmetic), then its partial tiles (`_mask`).
@@ -20,6 +21,7 @@ LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
 
 TABLES = ('random0', )
+CLOSED_FORM = (False, False)  # (forward and dQ, dK/dV): loop bounds as arithmetic instead of tile lists
 
 
 @triton.jit
@@ -43,7 +45,7 @@ def _attn_fwd_inner(acc, l_i, m_i, q, K_base, V_base, stride_kn, stride_kd, stri
     for j in range(0, tile_count):
         start_n = tl.load(tile_index + j) * BLOCK_N
         cols = start_n + offs_n
-        kT = tl.load(K_base + cols[None, :] * stride_kn + offs_d[:, None] * stride_kd,
+        kT = tl.load(K_base + cols[None, :].to(tl.int64) * stride_kn + offs_d[:, None] * stride_kd,
                      mask=(cols[None, :] < N) & (offs_d[:, None] < D), other=0.0)
         qk = tl.dot(q, kT, input_precision=DOT_PRECISION) * qk_scale
         if MASKED:
@@ -61,7 +63,7 @@ def _attn_fwd_inner(acc, l_i, m_i, q, K_base, V_base, stride_kn, stride_kd, stri
         alpha = tl.math.exp2(m_i - m_sub)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
-        v = tl.load(V_base + cols[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
+        v = tl.load(V_base + cols[:, None].to(tl.int64) * stride_vn + offs_dv[None, :] * stride_vd,
                     mask=(cols[:, None] < N) & (offs_dv[None, :] < DV), other=0.0)
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
         m_i = m_ij
@@ -82,7 +84,7 @@ def _attn_fwd(Q, K, V, Out, Lse, sm_scale,
     tl.static_assert(BLOCK_D >= D and BLOCK_DV >= DV, "head dims are padded up to BLOCK_D / BLOCK_DV")
     tl.static_assert(HQ % GROUP == 0, "query heads come in GQA groups")
     start_m = tl.program_id(0)
-    off_hb = tl.program_id(1)
+    off_hb = tl.program_id(1).to(tl.int64)  # int64: offsets beyond 2**31 elements
     off_b = off_hb // HQ
     off_h = off_hb % HQ
     off_kh = off_h // GROUP
@@ -90,7 +92,7 @@ def _attn_fwd(Q, K, V, Out, Lse, sm_scale,
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    q = tl.load(Q + off_b * stride_qb + off_h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+    q = tl.load(Q + off_b * stride_qb + off_h * stride_qh + offs_m[:, None].to(tl.int64) * stride_qm + offs_d[None, :] * stride_qd,
                 mask=(offs_m[:, None] < M) & (offs_d[None, :] < D), other=0.0)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -112,7 +114,7 @@ def _attn_fwd(Q, K, V, Out, Lse, sm_scale,
     l_safe = tl.where(empty, 1.0, l_i)
     acc = acc / l_safe[:, None]
     lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * LN2)
-    tl.store(Out + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od,
+    tl.store(Out + off_b * stride_ob + off_h * stride_oh + offs_m[:, None].to(tl.int64) * stride_om + offs_dv[None, :] * stride_od,
              acc.to(Out.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_dv[None, :] < DV))
     tl.store(Lse + off_hb * M + offs_m, lse, mask=offs_m < M)
 
@@ -124,15 +126,15 @@ def _attn_bwd_preprocess(O, DO, DLse, Delta,
                          M: tl.constexpr, HQ: tl.constexpr, DV: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr, HAS_DLSE: tl.constexpr):
     start_m = tl.program_id(0)
-    off_hb = tl.program_id(1)
+    off_hb = tl.program_id(1).to(tl.int64)  # int64: offsets beyond 2**31 elements
     off_b = off_hb // HQ
     off_h = off_hb % HQ
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_dv = tl.arange(0, BLOCK_DV)
     mask = (offs_m[:, None] < M) & (offs_dv[None, :] < DV)
-    o = tl.load(O + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od,
+    o = tl.load(O + off_b * stride_ob + off_h * stride_oh + offs_m[:, None].to(tl.int64) * stride_om + offs_dv[None, :] * stride_od,
                 mask=mask, other=0.0).to(tl.float32)
-    do = tl.load(DO + off_b * stride_dob + off_h * stride_doh + offs_m[:, None] * stride_dom + offs_dv[None, :] * stride_dod,
+    do = tl.load(DO + off_b * stride_dob + off_h * stride_doh + offs_m[:, None].to(tl.int64) * stride_dom + offs_dv[None, :] * stride_dod,
                  mask=mask, other=0.0).to(tl.float32)
     delta = tl.sum(o * do, axis=1)
     if HAS_DLSE:
@@ -150,9 +152,9 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, Q_base, DO_base, Lse_base, Delta_base,
     for j in range(0, tile_count):
         start_m = tl.load(tile_index + j) * BLOCK_M
         rows = start_m + offs_m
-        q = tl.load(Q_base + rows[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+        q = tl.load(Q_base + rows[:, None].to(tl.int64) * stride_qm + offs_d[None, :] * stride_qd,
                     mask=(rows[:, None] < M) & (offs_d[None, :] < D), other=0.0)
-        do = tl.load(DO_base + rows[:, None] * stride_dom + offs_dv[None, :] * stride_dod,
+        do = tl.load(DO_base + rows[:, None].to(tl.int64) * stride_dom + offs_dv[None, :] * stride_dod,
                      mask=(rows[:, None] < M) & (offs_dv[None, :] < DV), other=0.0)
         lse = tl.load(Lse_base + rows, mask=rows < M, other=0.0)
         # empty rows (lse -inf) have p = 0: use +inf so exp2(s - lse) is 0, not NaN
@@ -182,16 +184,16 @@ def _attn_bwd_dkdv(Q, K, V, DO, Lse, Delta, DK, DV_, sm_scale,
                    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, DOT_PRECISION: tl.constexpr):
     tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16, "tl.dot needs tiles of at least 16")
     start_n = tl.program_id(0)
-    off_hb = tl.program_id(1)  # batch * key/value head
+    off_hb = tl.program_id(1).to(tl.int64)  # batch * key/value head (int64: offsets beyond 2**31 elements)
     off_b = off_hb // (HQ // GROUP)
     off_kh = off_hb % (HQ // GROUP)
     offs_n = start_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    k = tl.load(K + off_b * stride_kb + off_kh * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+    k = tl.load(K + off_b * stride_kb + off_kh * stride_kh + offs_n[:, None].to(tl.int64) * stride_kn + offs_d[None, :] * stride_kd,
                 mask=(offs_n[:, None] < N) & (offs_d[None, :] < D), other=0.0)
-    v = tl.load(V + off_b * stride_vb + off_kh * stride_vh + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
+    v = tl.load(V + off_b * stride_vb + off_kh * stride_vh + offs_n[:, None].to(tl.int64) * stride_vn + offs_dv[None, :] * stride_vd,
                 mask=(offs_n[:, None] < N) & (offs_dv[None, :] < DV), other=0.0)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
@@ -230,9 +232,9 @@ def _attn_bwd_dq_inner(dq, q, do, lse, delta, K_base, V_base, stride_kn, stride_
     for j in range(0, tile_count):
         start_n = tl.load(tile_index + j) * BLOCK_N
         cols = start_n + offs_n
-        k = tl.load(K_base + cols[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+        k = tl.load(K_base + cols[:, None].to(tl.int64) * stride_kn + offs_d[None, :] * stride_kd,
                     mask=(cols[:, None] < N) & (offs_d[None, :] < D), other=0.0)
-        v = tl.load(V_base + cols[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
+        v = tl.load(V_base + cols[:, None].to(tl.int64) * stride_vn + offs_dv[None, :] * stride_vd,
                     mask=(cols[:, None] < N) & (offs_dv[None, :] < DV), other=0.0)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
         p = tl.math.exp2(qk - lse[:, None])
@@ -257,7 +259,7 @@ def _attn_bwd_dq(Q, K, V, DO, Lse, Delta, DQ, sm_scale,
                  BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, DOT_PRECISION: tl.constexpr):
     tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16, "tl.dot needs tiles of at least 16")
     start_m = tl.program_id(0)
-    off_hb = tl.program_id(1)
+    off_hb = tl.program_id(1).to(tl.int64)  # int64: offsets beyond 2**31 elements
     off_b = off_hb // HQ
     off_h = off_hb % HQ
     off_kh = off_h // GROUP
@@ -265,9 +267,9 @@ def _attn_bwd_dq(Q, K, V, DO, Lse, Delta, DQ, sm_scale,
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    q = tl.load(Q + off_b * stride_qb + off_h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+    q = tl.load(Q + off_b * stride_qb + off_h * stride_qh + offs_m[:, None].to(tl.int64) * stride_qm + offs_d[None, :] * stride_qd,
                 mask=(offs_m[:, None] < M) & (offs_d[None, :] < D), other=0.0)
-    do = tl.load(DO + off_b * stride_dob + off_h * stride_doh + offs_m[:, None] * stride_dom + offs_dv[None, :] * stride_dod,
+    do = tl.load(DO + off_b * stride_dob + off_h * stride_doh + offs_m[:, None].to(tl.int64) * stride_dom + offs_dv[None, :] * stride_dod,
                  mask=(offs_m[:, None] < M) & (offs_dv[None, :] < DV), other=0.0)
     lse = tl.load(Lse + off_hb * M + offs_m, mask=offs_m < M, other=0.0)
     lse = tl.where(lse == float("-inf"), float("inf"), lse) * LOG2E

@@ -6,6 +6,7 @@
 # mask:    (k > q - 64 and k <= q) or (k < 4 and k <= q)
 # plan:    64x64 tiles (closed-form, one plan for all heads): 0 full + 18 partial of 32
 # config:  BLOCK_M=64 BLOCK_N=64 num_warps=4 num_stages=2 allow_tf32=False
+# loops:   forward and dQ: closed form (2 key ranges); dK/dV: closed form (2 query ranges)
 #
 # Forward: one program per (query tile, batch * head); online softmax over the
 # plan's full tiles (no mask arithmetic), then its partial tiles (`_mask`).
@@ -20,6 +21,7 @@ LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
 
 TABLES = ()
+CLOSED_FORM = (True, True)  # (forward and dQ, dK/dV): loop bounds as arithmetic instead of tile lists
 
 
 @triton.jit
@@ -33,16 +35,120 @@ def _mask(q, k, h, b):
 
 
 @triton.jit
+def _split(first, full_first, full_end, end, full, done):
+    """One range of tiles: [first, end) touched, [full_first, full_end) full when
+    `full`. Clipped to start at `done` (an earlier range visited the tiles before
+    it): (start, full_start, full_stop, stop), [start, full_start) and
+    [full_stop, stop) masked. Ranges come in order of their first tile, so no
+    tile is skipped and none is visited twice."""
+    start = tl.maximum(first, done)
+    stop = tl.maximum(end, start)
+    full_start = tl.where(full, tl.minimum(tl.maximum(full_first, start), stop), stop)
+    full_stop = tl.where(full, tl.minimum(tl.maximum(full_end, full_start), stop), stop)
+    return start, full_start, full_stop, stop
+
+
+@triton.jit
+def _key_tiles_0(q0, q1, h, N: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Keys [0, 4) of positions q0 <= q < q1 (for 68 <= q < 256).
+
+    Returns (first, full_first, full_end, end, full): tiles [first, end) touched,
+    [full_first, full_end) full when `full` (every position of the tile is in range)."""
+    s = tl.maximum(q0, 68)  # clipped to the range's positions [68, 256)
+    e = tl.minimum(q1, 256)
+    active = s < e
+    q_first = tl.minimum(s, 255)
+    q_last = tl.maximum(e - 1, 68)
+    lo_first = tl.zeros_like(q_first) + 0
+    lo_last = tl.zeros_like(q_last) + 0
+    hi_first = tl.zeros_like(q_first) + 4
+    hi_last = tl.zeros_like(q_last) + 4
+    first = tl.where(active, lo_first // BLOCK_N, 0)
+    end = tl.where(active, tl.cdiv(hi_last, BLOCK_N), 0)
+    full_first = tl.cdiv(lo_last, BLOCK_N)
+    full_end = tl.where(hi_first >= N, tl.cdiv(N, BLOCK_N), hi_first // BLOCK_N)  # ragged last tile
+    full = active & (s == q0) & (e == q1)
+    return first, full_first, full_end, end, full
+
+
+@triton.jit
+def _key_tiles_1(q0, q1, h, N: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Keys [(0 if q < 68 else q - 63), q + 1) of positions q0 <= q < q1.
+
+    Returns (first, full_first, full_end, end, full): tiles [first, end) touched,
+    [full_first, full_end) full when `full` (every position of the tile is in range)."""
+    active = q0 < q1
+    q_first = q0
+    q_last = q1 - 1
+    lo_first = tl.where(q_first < 68, 0, q_first - 63)
+    lo_last = tl.where(q_last < 68, 0, q_last - 63)
+    hi_first = q_first + 1
+    hi_last = q_last + 1
+    first = tl.where(active, lo_first // BLOCK_N, 0)
+    end = tl.where(active, tl.cdiv(hi_last, BLOCK_N), 0)
+    full_first = tl.cdiv(lo_last, BLOCK_N)
+    full_end = tl.where(hi_first >= N, tl.cdiv(N, BLOCK_N), hi_first // BLOCK_N)  # ragged last tile
+    full = active
+    return first, full_first, full_end, end, full
+
+
+@triton.jit
+def _query_tiles_0(k0, k1, h, M: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Query rows [k, 256) of positions k0 <= k < k1 (for 0 <= k < 4).
+
+    Returns (first, full_first, full_end, end, full): tiles [first, end) touched,
+    [full_first, full_end) full when `full` (every position of the tile is in range)."""
+    s = tl.maximum(k0, 0)  # clipped to the range's positions [0, 4)
+    e = tl.minimum(k1, 4)
+    active = s < e
+    k_first = tl.minimum(s, 3)
+    k_last = tl.maximum(e - 1, 0)
+    lo_first = k_first
+    lo_last = k_last
+    hi_first = tl.zeros_like(k_first) + 256
+    hi_last = tl.zeros_like(k_last) + 256
+    first = tl.where(active, lo_first // BLOCK_M, 0)
+    end = tl.where(active, tl.cdiv(hi_last, BLOCK_M), 0)
+    full_first = tl.cdiv(lo_last, BLOCK_M)
+    full_end = tl.where(hi_first >= M, tl.cdiv(M, BLOCK_M), hi_first // BLOCK_M)  # ragged last tile
+    full = active & (s == k0) & (e == k1)
+    return first, full_first, full_end, end, full
+
+
+@triton.jit
+def _query_tiles_1(k0, k1, h, M: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Query rows [k, (68 if k < 5 else min(256, k + 64))) of positions k0 <= k < k1 (for 4 <= k < 256).
+
+    Returns (first, full_first, full_end, end, full): tiles [first, end) touched,
+    [full_first, full_end) full when `full` (every position of the tile is in range)."""
+    s = tl.maximum(k0, 4)  # clipped to the range's positions [4, 256)
+    e = tl.minimum(k1, 256)
+    active = s < e
+    k_first = tl.minimum(s, 255)
+    k_last = tl.maximum(e - 1, 4)
+    lo_first = k_first
+    lo_last = k_last
+    hi_first = tl.where(k_first < 5, 68, tl.minimum(256, k_first + 64))
+    hi_last = tl.where(k_last < 5, 68, tl.minimum(256, k_last + 64))
+    first = tl.where(active, lo_first // BLOCK_M, 0)
+    end = tl.where(active, tl.cdiv(hi_last, BLOCK_M), 0)
+    full_first = tl.cdiv(lo_last, BLOCK_M)
+    full_end = tl.where(hi_first >= M, tl.cdiv(M, BLOCK_M), hi_first // BLOCK_M)  # ragged last tile
+    full = active & (s == k0) & (e == k1)
+    return first, full_first, full_end, end, full
+
+
+@triton.jit
 def _attn_fwd_inner(acc, l_i, m_i, q, K_base, V_base, stride_kn, stride_kd, stride_vn, stride_vd, qk_scale,
-                    tile_index, tile_count, offs_m, offs_n, offs_d, offs_dv, off_h, off_b,
+                    tile_lo, tile_hi, offs_m, offs_n, offs_d, offs_dv, off_h, off_b,
                     M: tl.constexpr, N: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
                     BLOCK_N: tl.constexpr, EVEN_N: tl.constexpr, MASKED: tl.constexpr,
                     DOT_PRECISION: tl.constexpr):
     q_idx = tl.minimum(offs_m, M - 1)
-    for j in range(0, tile_count):
-        start_n = tl.load(tile_index + j) * BLOCK_N
+    for j in range(tile_lo, tile_hi):
+        start_n = j * BLOCK_N
         cols = start_n + offs_n
-        kT = tl.load(K_base + cols[None, :] * stride_kn + offs_d[:, None] * stride_kd,
+        kT = tl.load(K_base + cols[None, :].to(tl.int64) * stride_kn + offs_d[:, None] * stride_kd,
                      mask=(cols[None, :] < N) & (offs_d[:, None] < D), other=0.0)
         qk = tl.dot(q, kT, input_precision=DOT_PRECISION) * qk_scale
         if MASKED:
@@ -60,7 +166,7 @@ def _attn_fwd_inner(acc, l_i, m_i, q, K_base, V_base, stride_kn, stride_kd, stri
         alpha = tl.math.exp2(m_i - m_sub)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
-        v = tl.load(V_base + cols[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
+        v = tl.load(V_base + cols[:, None].to(tl.int64) * stride_vn + offs_dv[None, :] * stride_vd,
                     mask=(cols[:, None] < N) & (offs_dv[None, :] < DV), other=0.0)
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
         m_i = m_ij
@@ -73,7 +179,6 @@ def _attn_fwd(Q, K, V, Out, Lse, sm_scale,
               stride_kb, stride_kh, stride_kn, stride_kd,
               stride_vb, stride_vh, stride_vn, stride_vd,
               stride_ob, stride_oh, stride_om, stride_od,
-              FullCount, FullIndex, full_width, PartCount, PartIndex, part_width,
               M: tl.constexpr, N: tl.constexpr, HQ: tl.constexpr, GROUP: tl.constexpr, PLAN_HEADS: tl.constexpr,
               D: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
               BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, EVEN_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
@@ -81,7 +186,7 @@ def _attn_fwd(Q, K, V, Out, Lse, sm_scale,
     tl.static_assert(BLOCK_D >= D and BLOCK_DV >= DV, "head dims are padded up to BLOCK_D / BLOCK_DV")
     tl.static_assert(HQ % GROUP == 0, "query heads come in GQA groups")
     start_m = tl.program_id(0)
-    off_hb = tl.program_id(1)
+    off_hb = tl.program_id(1).to(tl.int64)  # int64: offsets beyond 2**31 elements
     off_b = off_hb // HQ
     off_h = off_hb % HQ
     off_kh = off_h // GROUP
@@ -89,7 +194,7 @@ def _attn_fwd(Q, K, V, Out, Lse, sm_scale,
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    q = tl.load(Q + off_b * stride_qb + off_h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+    q = tl.load(Q + off_b * stride_qb + off_h * stride_qh + offs_m[:, None].to(tl.int64) * stride_qm + offs_d[None, :] * stride_qd,
                 mask=(offs_m[:, None] < M) & (offs_d[None, :] < D), other=0.0)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -97,13 +202,37 @@ def _attn_fwd(Q, K, V, Out, Lse, sm_scale,
     qk_scale = sm_scale * LOG2E
     K_base = K + off_b * stride_kb + off_kh * stride_kh
     V_base = V + off_b * stride_vb + off_kh * stride_vh
-    row = (off_h % PLAN_HEADS) * tl.cdiv(M, BLOCK_M) + start_m
+    q0 = start_m * BLOCK_M + (N - M)  # absolute positions of this tile's queries: [q0, q1)
+    q1 = tl.minimum(start_m * BLOCK_M + BLOCK_M, M) + (N - M)
+    done = start_m * 0  # key tiles before `done` were visited by an earlier range
+    # range 0: keys [0, 4) for 68 <= q < 256
+    first, full_first, full_end, end, full = _key_tiles_0(q0, q1, off_h, N, BLOCK_N)
+    start, full_start, full_stop, done = _split(first, full_first, full_end, end, full, done)
     acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, K_base, V_base, stride_kn, stride_kd, stride_vn, stride_vd,
-                                    qk_scale, FullIndex + row * full_width, tl.load(FullCount + row),
+                                    qk_scale, start, full_start,
+                                    offs_m, offs_n, offs_d, offs_dv, off_h, off_b,
+                                    M, N, D, DV, BLOCK_N, EVEN_N, True, DOT_PRECISION)
+    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, K_base, V_base, stride_kn, stride_kd, stride_vn, stride_vd,
+                                    qk_scale, full_start, full_stop,
                                     offs_m, offs_n, offs_d, offs_dv, off_h, off_b,
                                     M, N, D, DV, BLOCK_N, EVEN_N, False, DOT_PRECISION)
     acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, K_base, V_base, stride_kn, stride_kd, stride_vn, stride_vd,
-                                    qk_scale, PartIndex + row * part_width, tl.load(PartCount + row),
+                                    qk_scale, full_stop, done,
+                                    offs_m, offs_n, offs_d, offs_dv, off_h, off_b,
+                                    M, N, D, DV, BLOCK_N, EVEN_N, True, DOT_PRECISION)
+    # range 1: keys [(0 if q < 68 else q - 63), q + 1)
+    first, full_first, full_end, end, full = _key_tiles_1(q0, q1, off_h, N, BLOCK_N)
+    start, full_start, full_stop, done = _split(first, full_first, full_end, end, full, done)
+    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, K_base, V_base, stride_kn, stride_kd, stride_vn, stride_vd,
+                                    qk_scale, start, full_start,
+                                    offs_m, offs_n, offs_d, offs_dv, off_h, off_b,
+                                    M, N, D, DV, BLOCK_N, EVEN_N, True, DOT_PRECISION)
+    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, K_base, V_base, stride_kn, stride_kd, stride_vn, stride_vd,
+                                    qk_scale, full_start, full_stop,
+                                    offs_m, offs_n, offs_d, offs_dv, off_h, off_b,
+                                    M, N, D, DV, BLOCK_N, EVEN_N, False, DOT_PRECISION)
+    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, K_base, V_base, stride_kn, stride_kd, stride_vn, stride_vd,
+                                    qk_scale, full_stop, done,
                                     offs_m, offs_n, offs_d, offs_dv, off_h, off_b,
                                     M, N, D, DV, BLOCK_N, EVEN_N, True, DOT_PRECISION)
     # rows with no allowed key: output 0 and lse -inf
@@ -111,7 +240,7 @@ def _attn_fwd(Q, K, V, Out, Lse, sm_scale,
     l_safe = tl.where(empty, 1.0, l_i)
     acc = acc / l_safe[:, None]
     lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * LN2)
-    tl.store(Out + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od,
+    tl.store(Out + off_b * stride_ob + off_h * stride_oh + offs_m[:, None].to(tl.int64) * stride_om + offs_dv[None, :] * stride_od,
              acc.to(Out.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_dv[None, :] < DV))
     tl.store(Lse + off_hb * M + offs_m, lse, mask=offs_m < M)
 
@@ -123,15 +252,15 @@ def _attn_bwd_preprocess(O, DO, DLse, Delta,
                          M: tl.constexpr, HQ: tl.constexpr, DV: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr, HAS_DLSE: tl.constexpr):
     start_m = tl.program_id(0)
-    off_hb = tl.program_id(1)
+    off_hb = tl.program_id(1).to(tl.int64)  # int64: offsets beyond 2**31 elements
     off_b = off_hb // HQ
     off_h = off_hb % HQ
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_dv = tl.arange(0, BLOCK_DV)
     mask = (offs_m[:, None] < M) & (offs_dv[None, :] < DV)
-    o = tl.load(O + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od,
+    o = tl.load(O + off_b * stride_ob + off_h * stride_oh + offs_m[:, None].to(tl.int64) * stride_om + offs_dv[None, :] * stride_od,
                 mask=mask, other=0.0).to(tl.float32)
-    do = tl.load(DO + off_b * stride_dob + off_h * stride_doh + offs_m[:, None] * stride_dom + offs_dv[None, :] * stride_dod,
+    do = tl.load(DO + off_b * stride_dob + off_h * stride_doh + offs_m[:, None].to(tl.int64) * stride_dom + offs_dv[None, :] * stride_dod,
                  mask=mask, other=0.0).to(tl.float32)
     delta = tl.sum(o * do, axis=1)
     if HAS_DLSE:
@@ -142,16 +271,16 @@ def _attn_bwd_preprocess(O, DO, DLse, Delta,
 @triton.jit
 def _attn_bwd_dkdv_inner(dk, dv, k, v, Q_base, DO_base, Lse_base, Delta_base,
                          stride_qm, stride_qd, stride_dom, stride_dod, qk_scale,
-                         tile_index, tile_count, offs_m, offs_n, offs_d, offs_dv, off_h, off_b,
+                         tile_lo, tile_hi, offs_m, offs_n, offs_d, offs_dv, off_h, off_b,
                          M: tl.constexpr, N: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
                          BLOCK_M: tl.constexpr, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr):
     k_idx = tl.minimum(offs_n, N - 1)
-    for j in range(0, tile_count):
-        start_m = tl.load(tile_index + j) * BLOCK_M
+    for j in range(tile_lo, tile_hi):
+        start_m = j * BLOCK_M
         rows = start_m + offs_m
-        q = tl.load(Q_base + rows[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+        q = tl.load(Q_base + rows[:, None].to(tl.int64) * stride_qm + offs_d[None, :] * stride_qd,
                     mask=(rows[:, None] < M) & (offs_d[None, :] < D), other=0.0)
-        do = tl.load(DO_base + rows[:, None] * stride_dom + offs_dv[None, :] * stride_dod,
+        do = tl.load(DO_base + rows[:, None].to(tl.int64) * stride_dom + offs_dv[None, :] * stride_dod,
                      mask=(rows[:, None] < M) & (offs_dv[None, :] < DV), other=0.0)
         lse = tl.load(Lse_base + rows, mask=rows < M, other=0.0)
         # empty rows (lse -inf) have p = 0: use +inf so exp2(s - lse) is 0, not NaN
@@ -175,22 +304,21 @@ def _attn_bwd_dkdv(Q, K, V, DO, Lse, Delta, DK, DV_, sm_scale,
                    stride_kb, stride_kh, stride_kn, stride_kd,
                    stride_vb, stride_vh, stride_vn, stride_vd,
                    stride_dob, stride_doh, stride_dom, stride_dod,
-                   FullCount, FullIndex, full_width, PartCount, PartIndex, part_width,
                    M: tl.constexpr, N: tl.constexpr, HQ: tl.constexpr, GROUP: tl.constexpr, PLAN_HEADS: tl.constexpr,
                    D: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, DOT_PRECISION: tl.constexpr):
     tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16, "tl.dot needs tiles of at least 16")
     start_n = tl.program_id(0)
-    off_hb = tl.program_id(1)  # batch * key/value head
+    off_hb = tl.program_id(1).to(tl.int64)  # batch * key/value head (int64: offsets beyond 2**31 elements)
     off_b = off_hb // (HQ // GROUP)
     off_kh = off_hb % (HQ // GROUP)
     offs_n = start_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    k = tl.load(K + off_b * stride_kb + off_kh * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+    k = tl.load(K + off_b * stride_kb + off_kh * stride_kh + offs_n[:, None].to(tl.int64) * stride_kn + offs_d[None, :] * stride_kd,
                 mask=(offs_n[:, None] < N) & (offs_d[None, :] < D), other=0.0)
-    v = tl.load(V + off_b * stride_vb + off_kh * stride_vh + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
+    v = tl.load(V + off_b * stride_vb + off_kh * stride_vh + offs_n[:, None].to(tl.int64) * stride_vn + offs_dv[None, :] * stride_vd,
                 mask=(offs_n[:, None] < N) & (offs_dv[None, :] < DV), other=0.0)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
@@ -201,15 +329,43 @@ def _attn_bwd_dkdv(Q, K, V, DO, Lse, Delta, DK, DV_, sm_scale,
         DO_base = DO + off_b * stride_dob + off_h * stride_doh
         Lse_base = Lse + (off_b * HQ + off_h) * M
         Delta_base = Delta + (off_b * HQ + off_h) * M
-        row = (off_h % PLAN_HEADS) * tl.cdiv(N, BLOCK_N) + start_n
+        k0 = start_n * BLOCK_N  # this tile's keys: [k0, k1)
+        k1 = tl.minimum(k0 + BLOCK_N, N)
+        done = start_n * 0  # query tiles before `done` were visited by an earlier range
+        # range 0: query rows [k, 256) for 0 <= k < 4
+        first, full_first, full_end, end, full = _query_tiles_0(k0, k1, off_h, M, BLOCK_M)
+        start, full_start, full_stop, done = _split(first, full_first, full_end, end, full, done)
         dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, Q_base, DO_base, Lse_base, Delta_base,
                                       stride_qm, stride_qd, stride_dom, stride_dod, qk_scale,
-                                      FullIndex + row * full_width, tl.load(FullCount + row),
+                                      start, full_start,
+                                      offs_m, offs_n, offs_d, offs_dv, off_h, off_b,
+                                      M, N, D, DV, BLOCK_M, True, DOT_PRECISION)
+        dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, Q_base, DO_base, Lse_base, Delta_base,
+                                      stride_qm, stride_qd, stride_dom, stride_dod, qk_scale,
+                                      full_start, full_stop,
                                       offs_m, offs_n, offs_d, offs_dv, off_h, off_b,
                                       M, N, D, DV, BLOCK_M, False, DOT_PRECISION)
         dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, Q_base, DO_base, Lse_base, Delta_base,
                                       stride_qm, stride_qd, stride_dom, stride_dod, qk_scale,
-                                      PartIndex + row * part_width, tl.load(PartCount + row),
+                                      full_stop, done,
+                                      offs_m, offs_n, offs_d, offs_dv, off_h, off_b,
+                                      M, N, D, DV, BLOCK_M, True, DOT_PRECISION)
+        # range 1: query rows [k, (68 if k < 5 else min(256, k + 64))) for 4 <= k < 256
+        first, full_first, full_end, end, full = _query_tiles_1(k0, k1, off_h, M, BLOCK_M)
+        start, full_start, full_stop, done = _split(first, full_first, full_end, end, full, done)
+        dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, Q_base, DO_base, Lse_base, Delta_base,
+                                      stride_qm, stride_qd, stride_dom, stride_dod, qk_scale,
+                                      start, full_start,
+                                      offs_m, offs_n, offs_d, offs_dv, off_h, off_b,
+                                      M, N, D, DV, BLOCK_M, True, DOT_PRECISION)
+        dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, Q_base, DO_base, Lse_base, Delta_base,
+                                      stride_qm, stride_qd, stride_dom, stride_dod, qk_scale,
+                                      full_start, full_stop,
+                                      offs_m, offs_n, offs_d, offs_dv, off_h, off_b,
+                                      M, N, D, DV, BLOCK_M, False, DOT_PRECISION)
+        dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, Q_base, DO_base, Lse_base, Delta_base,
+                                      stride_qm, stride_qd, stride_dom, stride_dod, qk_scale,
+                                      full_stop, done,
                                       offs_m, offs_n, offs_d, offs_dv, off_h, off_b,
                                       M, N, D, DV, BLOCK_M, True, DOT_PRECISION)
     dk *= sm_scale
@@ -222,16 +378,16 @@ def _attn_bwd_dkdv(Q, K, V, DO, Lse, Delta, DK, DV_, sm_scale,
 
 @triton.jit
 def _attn_bwd_dq_inner(dq, q, do, lse, delta, K_base, V_base, stride_kn, stride_kd, stride_vn, stride_vd, qk_scale,
-                       tile_index, tile_count, offs_m, offs_n, offs_d, offs_dv, off_h, off_b,
+                       tile_lo, tile_hi, offs_m, offs_n, offs_d, offs_dv, off_h, off_b,
                        M: tl.constexpr, N: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
                        BLOCK_N: tl.constexpr, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr):
     q_idx = tl.minimum(offs_m, M - 1)
-    for j in range(0, tile_count):
-        start_n = tl.load(tile_index + j) * BLOCK_N
+    for j in range(tile_lo, tile_hi):
+        start_n = j * BLOCK_N
         cols = start_n + offs_n
-        k = tl.load(K_base + cols[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+        k = tl.load(K_base + cols[:, None].to(tl.int64) * stride_kn + offs_d[None, :] * stride_kd,
                     mask=(cols[:, None] < N) & (offs_d[None, :] < D), other=0.0)
-        v = tl.load(V_base + cols[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
+        v = tl.load(V_base + cols[:, None].to(tl.int64) * stride_vn + offs_dv[None, :] * stride_vd,
                     mask=(cols[:, None] < N) & (offs_dv[None, :] < DV), other=0.0)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
         p = tl.math.exp2(qk - lse[:, None])
@@ -250,13 +406,12 @@ def _attn_bwd_dq(Q, K, V, DO, Lse, Delta, DQ, sm_scale,
                  stride_kb, stride_kh, stride_kn, stride_kd,
                  stride_vb, stride_vh, stride_vn, stride_vd,
                  stride_dob, stride_doh, stride_dom, stride_dod,
-                 FullCount, FullIndex, full_width, PartCount, PartIndex, part_width,
                  M: tl.constexpr, N: tl.constexpr, HQ: tl.constexpr, GROUP: tl.constexpr, PLAN_HEADS: tl.constexpr,
                  D: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, DOT_PRECISION: tl.constexpr):
     tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16, "tl.dot needs tiles of at least 16")
     start_m = tl.program_id(0)
-    off_hb = tl.program_id(1)
+    off_hb = tl.program_id(1).to(tl.int64)  # int64: offsets beyond 2**31 elements
     off_b = off_hb // HQ
     off_h = off_hb % HQ
     off_kh = off_h // GROUP
@@ -264,9 +419,9 @@ def _attn_bwd_dq(Q, K, V, DO, Lse, Delta, DQ, sm_scale,
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    q = tl.load(Q + off_b * stride_qb + off_h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+    q = tl.load(Q + off_b * stride_qb + off_h * stride_qh + offs_m[:, None].to(tl.int64) * stride_qm + offs_d[None, :] * stride_qd,
                 mask=(offs_m[:, None] < M) & (offs_d[None, :] < D), other=0.0)
-    do = tl.load(DO + off_b * stride_dob + off_h * stride_doh + offs_m[:, None] * stride_dom + offs_dv[None, :] * stride_dod,
+    do = tl.load(DO + off_b * stride_dob + off_h * stride_doh + offs_m[:, None].to(tl.int64) * stride_dom + offs_dv[None, :] * stride_dod,
                  mask=(offs_m[:, None] < M) & (offs_dv[None, :] < DV), other=0.0)
     lse = tl.load(Lse + off_hb * M + offs_m, mask=offs_m < M, other=0.0)
     lse = tl.where(lse == float("-inf"), float("inf"), lse) * LOG2E
@@ -275,13 +430,37 @@ def _attn_bwd_dq(Q, K, V, DO, Lse, Delta, DQ, sm_scale,
     qk_scale = sm_scale * LOG2E
     K_base = K + off_b * stride_kb + off_kh * stride_kh
     V_base = V + off_b * stride_vb + off_kh * stride_vh
-    row = (off_h % PLAN_HEADS) * tl.cdiv(M, BLOCK_M) + start_m
+    q0 = start_m * BLOCK_M + (N - M)  # absolute positions of this tile's queries: [q0, q1)
+    q1 = tl.minimum(start_m * BLOCK_M + BLOCK_M, M) + (N - M)
+    done = start_m * 0  # key tiles before `done` were visited by an earlier range
+    # range 0: keys [0, 4) for 68 <= q < 256
+    first, full_first, full_end, end, full = _key_tiles_0(q0, q1, off_h, N, BLOCK_N)
+    start, full_start, full_stop, done = _split(first, full_first, full_end, end, full, done)
     dq = _attn_bwd_dq_inner(dq, q, do, lse, delta, K_base, V_base, stride_kn, stride_kd, stride_vn, stride_vd,
-                            qk_scale, FullIndex + row * full_width, tl.load(FullCount + row),
+                            qk_scale, start, full_start,
+                            offs_m, offs_n, offs_d, offs_dv, off_h, off_b,
+                            M, N, D, DV, BLOCK_N, True, DOT_PRECISION)
+    dq = _attn_bwd_dq_inner(dq, q, do, lse, delta, K_base, V_base, stride_kn, stride_kd, stride_vn, stride_vd,
+                            qk_scale, full_start, full_stop,
                             offs_m, offs_n, offs_d, offs_dv, off_h, off_b,
                             M, N, D, DV, BLOCK_N, False, DOT_PRECISION)
     dq = _attn_bwd_dq_inner(dq, q, do, lse, delta, K_base, V_base, stride_kn, stride_kd, stride_vn, stride_vd,
-                            qk_scale, PartIndex + row * part_width, tl.load(PartCount + row),
+                            qk_scale, full_stop, done,
+                            offs_m, offs_n, offs_d, offs_dv, off_h, off_b,
+                            M, N, D, DV, BLOCK_N, True, DOT_PRECISION)
+    # range 1: keys [(0 if q < 68 else q - 63), q + 1)
+    first, full_first, full_end, end, full = _key_tiles_1(q0, q1, off_h, N, BLOCK_N)
+    start, full_start, full_stop, done = _split(first, full_first, full_end, end, full, done)
+    dq = _attn_bwd_dq_inner(dq, q, do, lse, delta, K_base, V_base, stride_kn, stride_kd, stride_vn, stride_vd,
+                            qk_scale, start, full_start,
+                            offs_m, offs_n, offs_d, offs_dv, off_h, off_b,
+                            M, N, D, DV, BLOCK_N, True, DOT_PRECISION)
+    dq = _attn_bwd_dq_inner(dq, q, do, lse, delta, K_base, V_base, stride_kn, stride_kd, stride_vn, stride_vd,
+                            qk_scale, full_start, full_stop,
+                            offs_m, offs_n, offs_d, offs_dv, off_h, off_b,
+                            M, N, D, DV, BLOCK_N, False, DOT_PRECISION)
+    dq = _attn_bwd_dq_inner(dq, q, do, lse, delta, K_base, V_base, stride_kn, stride_kd, stride_vn, stride_vd,
+                            qk_scale, full_stop, done,
                             offs_m, offs_n, offs_d, offs_dv, off_h, off_b,
                             M, N, D, DV, BLOCK_N, True, DOT_PRECISION)
     dq *= sm_scale
