@@ -341,6 +341,8 @@ class BoundPattern:
             total = T + math.prod(grid)
             if N is None:
                 N = total
+            if M is None:  # on a grid the sizes follow from it
+                M = N
             if N != total:
                 extra = f"{T} text tokens + " if layout.text is not None else ""
                 raise ValueError(f"N: expected {extra}{' * '.join(map(str, grid))} = {total} tokens for grid={grid}, got N={N}; "
@@ -351,6 +353,8 @@ class BoundPattern:
             if grid is not None:
                 raise ValueError(f"pattern '{self.name}' is on seq: expected grid=None, got grid={grid!r}; "
                                  f"try declaring it `on grid(...)`")
+            if M is None:
+                raise ValueError(f"pattern '{self.name}' is on seq: expected the query length M, got None; try M=1024")
             if N is None:
                 N = M
         return M, N, H, grid

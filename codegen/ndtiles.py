@@ -29,6 +29,7 @@ import torch
 
 from attnc.analysis import Plan
 
+from .bounds import loop_bounds
 from .kernels import Compiled, KernelConfig, generate
 from .pointwise import lower, padded_length, permute
 
@@ -233,5 +234,6 @@ def compile_nd(pat, M: int, N: int | None = None, *, heads: int | None = None, g
     layout = TileLayout(grid, *config.tile)
     low = layout.lower(lower(pat.ir, M, N, H, grid, input_shapes, sources=pat.program.sources))
     plan = layout.kernel_plan(pat.plan(M, N, heads=H, grid=grid, block=config.tile))
-    return NDCompiled(source=generate(low, config, header_text(layout, plan)), lowered=low, plan=plan, config=config,
+    bounds = loop_bounds(pat.ir, M, N, H, config.block, plan)  # N-D tiles: tile lists, with that reason
+    return NDCompiled(source=generate(low, config, header_text(layout, plan), bounds), lowered=low, plan=plan, config=config,
                       layout=layout)

@@ -417,3 +417,12 @@ def test_sweep_cli_table_json_and_png(tmp_path):
         err = io.StringIO()
         assert main(["simulate", str(EXAMPLES / "mistral.attn"), *argv], out=io.StringIO(), err=err) == 2, argv
         assert msg in err.getvalue(), (argv, err.getvalue())
+
+
+def test_resolve_sizes_without_M():
+    """On a grid the sizes follow from `grid=`; on seq a missing M is a clear error."""
+    grid_pat = attnc.loads("pattern p on grid(Y, X) = neighborhood(3)").pattern()
+    assert grid_pat.resolve_sizes(None, None, None, (6, 10)) == (60, 60, 1, (6, 10))
+    seq_pat = attnc.loads("pattern p = causal").pattern()
+    with pytest.raises(ValueError, match="expected the query length M"):
+        seq_pat.resolve_sizes(None, None, None, None)
