@@ -61,11 +61,14 @@ class ISet:
             lo, hi = lo.unsqueeze(0), hi.unsqueeze(0)
         if lo.shape[-1] == 0:  # no interval at all (random(0)): one empty slot, so complement sees a row
             lo = hi = torch.full((*lo.shape[:-1], 1), n, dtype=torch.int64)
-        lo = lo.clamp(0, n)
+        lo = lo.clamp(0, n)  # new tensors: filled in place below
         hi = hi.clamp(0, n)
         empty = hi <= lo
+        if bool(empty.any()):
+            lo.masked_fill_(empty, n)
+            hi.masked_fill_(empty, n)
         # one interval per query is merged by construction
-        return ISet(lo.masked_fill(empty, n), hi.masked_fill(empty, n), n, merged=lo.shape[-1] == 1)
+        return ISet(lo, hi, n, merged=lo.shape[-1] == 1)
 
     def count(self) -> torch.Tensor:
         """Allowed keys per query: int64 [Hx, Mq]."""
@@ -104,15 +107,19 @@ def merge(s: ISet) -> ISet:
 
 def _merge2(s: ISet) -> ISet:
     """merge() of two slots without sorting (unions and complements of single
-    intervals): a dozen elementwise ops instead of sort, cummax and scatters."""
-    n = s.n
-    l1, l2, h1, h2 = s.lo[..., 0], s.lo[..., 1], s.hi[..., 0], s.hi[..., 1]
+    intervals): a few elementwise ops instead of sort, cummax and scatters."""
+    return _merge_pair(s.lo[..., 0], s.hi[..., 0], s.lo[..., 1], s.hi[..., 1], s.n)
+
+
+def _merge_pair(l1, h1, l2, h2, n: int) -> ISet:
+    """The merged set of two intervals per query ([Hx, Mq] each, made: empty = (n, n))."""
     swap = l2 < l1  # empty slots (n, n) sort last
-    a_lo, a_hi = torch.where(swap, l2, l1), torch.where(swap, h2, h1)
-    b_lo, b_hi = torch.where(swap, l1, l2), torch.where(swap, h1, h2)
+    a_lo, b_lo = torch.minimum(l1, l2), torch.maximum(l1, l2)
+    a_hi, b_hi = torch.where(swap, h2, h1), torch.where(swap, h1, h2)
     join = b_lo <= a_hi  # overlapping or adjacent (an empty second slot joins harmlessly)
-    a_hi = torch.maximum(a_hi, b_hi.masked_fill(~join, 0))
-    if not bool(torch.any(b_lo.masked_fill_(join, n) < n)):
+    a_hi = torch.where(join, torch.maximum(a_hi, b_hi), a_hi)
+    b_lo.masked_fill_(join, n)
+    if not bool((b_lo < n).any()):
         return ISet(a_lo[..., None], a_hi[..., None], n, merged=True)
     b_hi.masked_fill_(join, n)
     return ISet(torch.stack([a_lo, b_lo], -1), torch.stack([a_hi, b_hi], -1), n, merged=True)
@@ -120,6 +127,8 @@ def _merge2(s: ISet) -> ISet:
 
 def union(a: ISet, b: ISet) -> ISet:
     a, b = _broadcast(a, b)
+    if a.lo.shape[-1] == 1 and b.lo.shape[-1] == 1:
+        return _merge_pair(a.lo[..., 0], a.hi[..., 0], b.lo[..., 0], b.hi[..., 0], a.n)
     return merge(ISet(torch.cat([a.lo, b.lo], -1), torch.cat([a.hi, b.hi], -1), a.n))
 
 
@@ -602,33 +611,38 @@ def _sparse_tiles(s: ISet, bm: int, bn: int) -> tuple[np.ndarray, np.ndarray]:
     N = s.n
     Hx, Mq, R = s.lo.shape
     nq, nk = -(-Mq // bm), -(-N // bn)
-    # slot-major [R, Hx * nq, bm]: reductions over a tile's queries run along the last axis
-    lo, hi = s.lo.numpy().transpose(2, 0, 1), s.hi.numpy().transpose(2, 0, 1)
+    # slot-major [R, Hx * nq, bm] copies: reductions over a tile's queries run along the last axis
+    dt = np.int32 if N + 2 * bn < 2**31 else np.int64
+    lo, hi = (x.numpy().transpose(2, 0, 1).astype(dt, order="C") for x in (s.lo, s.hi))
     pad = nq * bm - Mq
     if pad:  # the short last tile repeats its last query: no class changes
         lo = np.concatenate([lo, np.repeat(lo[..., -1:], pad, -1)], -1)
         hi = np.concatenate([hi, np.repeat(hi[..., -1:], pad, -1)], -1)
-    lo, hi = np.ascontiguousarray(lo).reshape(R, Hx * nq, bm), np.ascontiguousarray(hi).reshape(R, Hx * nq, bm)
+    lo, hi = lo.reshape(R, Hx * nq, bm), hi.reshape(R, Hx * nq, bm)
     real = lo < N
-    t_lo = np.where(real, lo // bn, nk)
-    t_hi = np.where(real, (hi + (bn - 1)) // bn, 0)
-    c_lo = (lo + (bn - 1)) // bn  # an empty slot (N, N) covers nothing: [nk, nk)
-    c_hi = hi // bn if N % bn == 0 else np.where(hi == N, nk, hi // bn)
-    # the conditions above, per pair of consecutive queries
+    # an empty slot becomes [-bn, -bn): key tile -1 in all four ranges below
+    np.putmask(lo, ~real, -bn)
+    np.putmask(hi, ~real, -bn)
+    shift = bn.bit_length() - 1 if bn & (bn - 1) == 0 else None
+    div = (lambda x: x >> shift) if shift is not None else (lambda x: x // bn)
+    t_lo, t_hi = div(lo), div(hi + (bn - 1))  # touched key tiles [t_lo, t_hi)
+    c_lo, c_hi = div(lo + (bn - 1)), div(hi)  # covered key tiles [c_lo, c_hi)
+    if N % bn:  # the short last key tile is covered by intervals that reach N
+        np.putmask(c_hi, hi == N, nk)
+    # consecutive queries keep the slot (-1 marks a missing one), t_hi never decreases,
+    # each range starts before the previous one ends
     b0 = t_hi[..., :-1]
-    bad = (real[..., 1:] != real[..., :-1]) | (real[..., 1:] & ((t_hi[..., 1:] < b0) | (t_lo[..., 1:] > b0)))
-    bad = bad.any(-1).any(0)  # [Hx * nq]
-    T_lo, T_hi = t_lo.min(-1).T, t_hi.max(-1).T  # [Hx * nq, R]
-    F_lo, F_hi = c_lo.max(-1).T, c_hi.min(-1).T
-    if R > 1:
-        cov = c_hi > c_lo
-        m_lo, m_hi = np.where(cov, c_lo, nk).min(-1).T, np.where(cov, c_hi, 0).max(-1).T
+    bad = ((t_hi[..., 1:] < b0) | (t_lo[..., 1:] > b0)).any(-1).any(0)  # [Hx * nq]
+    T_lo, T_hi = t_lo.min(-1).T.astype(np.int64), t_hi.max(-1).T.astype(np.int64)  # [Hx * nq, R]
+    F_lo, F_hi = c_lo.max(-1).T.astype(np.int64), c_hi.min(-1).T.astype(np.int64)
+    if R > 1:  # the slots' may-cover ranges (a superset: non-covering queries included) must be disjoint
+        m_lo, m_hi = c_lo.min(-1).T, c_hi.max(-1).T
         order = np.argsort(m_lo, axis=-1, kind="stable")
         m_lo, m_hi = np.take_along_axis(m_lo, order, -1), np.maximum.accumulate(np.take_along_axis(m_hi, order, -1), -1)
         bad |= (m_lo[:, 1:] < m_hi[:, :-1]).any(-1)
     good = ~bad[:, None]
-    keys = _expand(T_lo, np.where(good, T_hi, 0), nk)
-    fkeys = _expand(F_lo, np.where(good, F_hi, 0), nk)
+    keys = _expand(T_lo, np.where(good, T_hi, T_lo), nk)
+    fkeys = _expand(F_lo, np.where(good, F_hi, F_lo), nk)
     rows = np.flatnonzero(bad)
     if len(rows):
         # exact classes of the bad tiles by difference arrays over their queries
