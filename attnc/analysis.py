@@ -587,10 +587,11 @@ def _expand(lo: np.ndarray, hi: np.ndarray, nk: int) -> np.ndarray:
     return (idx // lo.shape[-1]) * nk + lo.ravel()[idx] + (np.arange(len(idx)) - first[idx])
 
 
-def _sparse_tiles(s: ISet, bm: int, bn: int) -> tuple[np.ndarray, np.ndarray]:
+def _sparse_tiles(s: ISet, bm: int, bn: int) -> tuple[np.ndarray, np.ndarray, int]:
     """The non-empty tiles of whole query tiles (the last may be short) from merged
     interval sets, without a dense [nq, nk] map: sorted unique int64 keys
-    (h * nq + query tile) * nk + key tile, and bool `full` per key.
+    (h * nq + query tile) * nk + key tile, bool `full` per key, and the number
+    of allowed (head, query, key) triples of the set.
 
     [Note: sparse tiles] Per query tile and interval slot r (a query's r-th
     interval, in tile units: touched key tiles [t_lo, t_hi), covered ones
@@ -614,6 +615,7 @@ def _sparse_tiles(s: ISet, bm: int, bn: int) -> tuple[np.ndarray, np.ndarray]:
     # slot-major [R, Hx * nq, bm] copies: reductions over a tile's queries run along the last axis
     dt = np.int32 if N + 2 * bn < 2**31 else np.int64
     lo, hi = (x.numpy().transpose(2, 0, 1).astype(dt, order="C") for x in (s.lo, s.hi))
+    allowed = int(np.subtract(hi, lo).sum(dtype=np.int64))  # empty slots are (N, N)
     pad = nq * bm - Mq
     if pad:  # the short last tile repeats its last query: no class changes
         lo = np.concatenate([lo, np.repeat(lo[..., -1:], pad, -1)], -1)
@@ -667,7 +669,7 @@ def _sparse_tiles(s: ISet, bm: int, bn: int) -> tuple[np.ndarray, np.ndarray]:
         keys = keys[np.concatenate([[True], keys[1:] != keys[:-1]])]
     pos = np.searchsorted(fkeys, keys).clip(max=max(len(fkeys) - 1, 0))
     full = fkeys[pos] == keys if len(fkeys) else np.zeros(len(keys), dtype=bool)
-    return keys, full
+    return keys, full, allowed
 
 
 #: queries per chunk of the closed-form plan builder (bounds its working memory)
@@ -692,8 +694,8 @@ def _closed_form_plan(pattern: ir.PatternIR, M: int, N: int, heads: int, grid, b
             Hx = s.lo.shape[0]
         elif s.lo.shape[0] != Hx:  # heads come from the IR and the inputs' shapes, never from rows
             raise AssertionError(f"chunks disagree on heads: {Hx} vs {s.lo.shape[0]}")
-        allowed += int((s.hi - s.lo).sum())
-        keys, full = _sparse_tiles(s, bm, bn)
+        keys, full, count = _sparse_tiles(s, bm, bn)
+        allowed += count
         if step < M:  # chunk keys (h * cq + local tile) * nk + key tile -> global
             cq = -(-(min(q0 + step, M) - q0) // bm)
             row, kt = keys // nk, keys % nk
