@@ -12,9 +12,11 @@ pair lo/hi of shape [Hx, M, R] (Hx is 1 when all heads agree, R intervals per
 query; an empty slot is (N, N)). Primitives have closed forms (causal is
 [0, qa + 1), band is [qa - l, qa + r + 1), a neighborhood is NATTEN's window,
 ...), and the combinators are set algebra on intervals (merge, pairwise
-intersection, gaps). From intervals, tiles are classified exactly by difference
-arrays: a key tile is *full* for a query tile when every query's interval
-covers it, *empty* when none touches it. Cost O(H * M * R + tiles), no N^2 term.
+intersection, gaps). From intervals, 1-D tiles are classified exactly by
+per-tile reductions over the queries' touched / covered key-tile ranges, without
+a dense tile map ([Note: sparse tiles]): a key tile is *full* for a query tile
+when every query covers it, *empty* when none touches it. Cost O(H * M * R +
+non-empty tiles), no N^2 or nq * nk term.
 On grids, per-axis primitives are products of per-axis sets ([Note: products]).
 
 Patterns that are not short interval unions per query (`where`, `dilate`,
