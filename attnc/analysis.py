@@ -12,9 +12,11 @@ pair lo/hi of shape [Hx, M, R] (Hx is 1 when all heads agree, R intervals per
 query; an empty slot is (N, N)). Primitives have closed forms (causal is
 [0, qa + 1), band is [qa - l, qa + r + 1), a neighborhood is NATTEN's window,
 ...), and the combinators are set algebra on intervals (merge, pairwise
-intersection, gaps). From intervals, tiles are classified exactly by difference
-arrays: a key tile is *full* for a query tile when every query's interval
-covers it, *empty* when none touches it. Cost O(H * M * R + tiles), no N^2 term.
+intersection, gaps). From intervals, 1-D tiles are classified exactly by
+per-tile reductions over the queries' touched / covered key-tile ranges, without
+a dense tile map ([Note: sparse tiles]): a key tile is *full* for a query tile
+when every query covers it, *empty* when none touches it. Cost O(H * M * R +
+non-empty tiles), no N^2 or nq * nk term.
 On grids, per-axis primitives are products of per-axis sets ([Note: products]).
 
 Patterns that are not short interval unions per query (`where`, `dilate`,
@@ -31,6 +33,7 @@ import functools
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from . import ir
@@ -60,11 +63,14 @@ class ISet:
             lo, hi = lo.unsqueeze(0), hi.unsqueeze(0)
         if lo.shape[-1] == 0:  # no interval at all (random(0)): one empty slot, so complement sees a row
             lo = hi = torch.full((*lo.shape[:-1], 1), n, dtype=torch.int64)
-        lo = lo.clamp(0, n)
+        lo = lo.clamp(0, n)  # new tensors: filled in place below
         hi = hi.clamp(0, n)
         empty = hi <= lo
+        if bool(empty.any()):
+            lo.masked_fill_(empty, n)
+            hi.masked_fill_(empty, n)
         # one interval per query is merged by construction
-        return ISet(lo.masked_fill(empty, n), hi.masked_fill(empty, n), n, merged=lo.shape[-1] == 1)
+        return ISet(lo, hi, n, merged=lo.shape[-1] == 1)
 
     def count(self) -> torch.Tensor:
         """Allowed keys per query: int64 [Hx, Mq]."""
@@ -82,6 +88,8 @@ def merge(s: ISet) -> ISet:
     """Sort and merge overlapping or adjacent intervals; drop all-empty slots."""
     if s.merged:
         return s
+    if s.lo.shape[-1] == 2:
+        return _merge2(s)
     lo, order = torch.sort(s.lo, dim=-1, stable=True)
     hi = torch.gather(s.hi, -1, order)
     cm = torch.cummax(hi, dim=-1).values
@@ -99,8 +107,30 @@ def merge(s: ISet) -> ISet:
     return ISet(out.lo[..., :used], out.hi[..., :used], s.n, merged=True) if used < R else ISet(out.lo, out.hi, s.n, merged=True)
 
 
+def _merge2(s: ISet) -> ISet:
+    """merge() of two slots without sorting (unions and complements of single
+    intervals): a few elementwise ops instead of sort, cummax and scatters."""
+    return _merge_pair(s.lo[..., 0], s.hi[..., 0], s.lo[..., 1], s.hi[..., 1], s.n)
+
+
+def _merge_pair(l1, h1, l2, h2, n: int) -> ISet:
+    """The merged set of two intervals per query ([Hx, Mq] each, made: empty = (n, n))."""
+    swap = l2 < l1  # empty slots (n, n) sort last
+    a_lo, b_lo = torch.minimum(l1, l2), torch.maximum(l1, l2)
+    a_hi, b_hi = torch.where(swap, h2, h1), torch.where(swap, h1, h2)
+    join = b_lo <= a_hi  # overlapping or adjacent (an empty second slot joins harmlessly)
+    a_hi = torch.where(join, torch.maximum(a_hi, b_hi), a_hi)
+    b_lo.masked_fill_(join, n)
+    if not bool((b_lo < n).any()):
+        return ISet(a_lo[..., None], a_hi[..., None], n, merged=True)
+    b_hi.masked_fill_(join, n)
+    return ISet(torch.stack([a_lo, b_lo], -1), torch.stack([a_hi, b_hi], -1), n, merged=True)
+
+
 def union(a: ISet, b: ISet) -> ISet:
     a, b = _broadcast(a, b)
+    if a.lo.shape[-1] == 1 and b.lo.shape[-1] == 1:
+        return _merge_pair(a.lo[..., 0], a.hi[..., 0], b.lo[..., 0], b.hi[..., 0], a.n)
     return merge(ISet(torch.cat([a.lo, b.lo], -1), torch.cat([a.hi, b.hi], -1), a.n))
 
 
@@ -409,6 +439,19 @@ class TileList:
         return TileList(counts.to(torch.int32), index.view(Hx, rows, width))
 
 
+    @staticmethod
+    def from_rows(row: np.ndarray, col: np.ndarray, Hx: int, rows: int) -> "TileList":
+        """From int64 numpy coordinates sorted by (row, col), row = h * rows + r."""
+        counts = np.bincount(row, minlength=Hx * rows)
+        width = max(int(counts.max()) if counts.size else 0, 1)
+        start = np.cumsum(counts) - counts
+        slot = np.arange(len(row)) - start[row]
+        index = np.full(Hx * rows * width, -1, dtype=np.int32)
+        index[row * width + slot] = col
+        return TileList(torch.from_numpy(counts.astype(np.int32)).view(Hx, rows),
+                        torch.from_numpy(index).view(Hx, rows, width))
+
+
 @dataclass(frozen=True)
 class Plan:
     """Which tiles a kernel must visit, like FlexAttention's BlockMask but named.
@@ -448,6 +491,21 @@ class Plan:
         return Plan(full=TileList.from_dense(full), partial=TileList.from_dense(partial),
                     full_t=TileList.from_dense(full.transpose(1, 2)),
                     partial_t=TileList.from_dense(partial.transpose(1, 2)), **fields)
+
+    @staticmethod
+    def from_tiles(keys: np.ndarray, full: np.ndarray, Hx: int, nq: int, nk: int, **fields) -> "Plan":
+        """The plan of the non-empty tiles `keys` = (h * nq + query tile) * nk + key tile
+        (int64, sorted, unique) and their bool `full` flags; no dense [nq, nk] map."""
+        row, kt = keys // nk, keys % nk
+        h, qt = row // nq, row % nq
+        key_t = (h * nk + kt) * nq + qt
+        order = np.argsort(key_t, kind="stable")
+        row_t, qt_t, full_t = key_t[order] // nq, qt[order], full[order]
+        part, part_t = ~full, ~full_t
+        return Plan(full=TileList.from_rows(row[full], kt[full], Hx, nq),
+                    partial=TileList.from_rows(row[part], kt[part], Hx, nq),
+                    full_t=TileList.from_rows(row_t[full_t], qt_t[full_t], Hx, nk),
+                    partial_t=TileList.from_rows(row_t[part_t], qt_t[part_t], Hx, nk), **fields)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -521,6 +579,136 @@ def _classify_from_intervals(s: ISet, M: int, bm: int, bn: int, qrel: torch.Tens
     rows = torch.full((nq,), bm, dtype=torch.int32)
     rows[-1] = M - bm * (nq - 1)
     return cover == rows.view(1, nq, 1), touch > 0
+
+
+def _expand(lo: np.ndarray, hi: np.ndarray, nk: int) -> np.ndarray:
+    """Keys row * nk + t of every tile t in the ranges [lo, hi) of [rows, R] arrays."""
+    n = np.maximum(hi - lo, 0).ravel()
+    idx = np.repeat(np.arange(n.size), n)
+    first = np.cumsum(n) - n
+    return (idx // lo.shape[-1]) * nk + lo.ravel()[idx] + (np.arange(len(idx)) - first[idx])
+
+
+def _sparse_tiles(s: ISet, bm: int, bn: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """The non-empty tiles of whole query tiles (the last may be short) from merged
+    interval sets, without a dense [nq, nk] map: sorted unique int64 keys
+    (h * nq + query tile) * nk + key tile, bool `full` per key, and the number
+    of allowed (head, query, key) triples of the set.
+
+    [Note: sparse tiles] Per query tile and interval slot r (a query's r-th
+    interval, in tile units: touched key tiles [t_lo, t_hi), covered ones
+    [c_lo, c_hi)), two reductions over the tile's queries give its classes:
+    * non-empty tiles = union over r of the union over q of [t_lo, t_hi), which
+      is the one range [min t_lo, max t_hi) when every query of the tile has slot
+      r (or none does), t_hi does not decrease and each range starts before
+      the previous one ends;
+    * full tiles = union over r of the intersection over q of [c_lo, c_hi), i.e.
+      [max c_lo, min c_hi), when no key tile may be covered through two slots:
+      the slots' ranges [min c_lo, max c_hi) over covering queries are disjoint
+      (a query's own intervals are disjoint, so then every query must cover a
+      full tile through the same slot).
+    Tiles where a condition fails (a slot appears or splits inside the tile,
+    a random or dilated pattern) are classified exactly by difference arrays over
+    their own queries only. Cost O(Hx * M * R) elementwise plus O(non-empty tiles);
+    memory O(M * R + non-empty tiles + bad tiles * nk)."""
+    N = s.n
+    Hx, Mq, R = s.lo.shape
+    nq, nk = -(-Mq // bm), -(-N // bn)
+    # slot-major [R, Hx * nq, bm] copies: reductions over a tile's queries run along the last axis
+    dt = np.int32 if N + 2 * bn < 2**31 else np.int64
+    lo, hi = (x.numpy().transpose(2, 0, 1).astype(dt, order="C") for x in (s.lo, s.hi))
+    allowed = int(np.subtract(hi, lo).sum(dtype=np.int64))  # empty slots are (N, N)
+    pad = nq * bm - Mq
+    if pad:  # the short last tile repeats its last query: no class changes
+        lo = np.concatenate([lo, np.repeat(lo[..., -1:], pad, -1)], -1)
+        hi = np.concatenate([hi, np.repeat(hi[..., -1:], pad, -1)], -1)
+    lo, hi = lo.reshape(R, Hx * nq, bm), hi.reshape(R, Hx * nq, bm)
+    real = lo < N
+    # an empty slot becomes [-bn, -bn): key tile -1 in all four ranges below
+    np.putmask(lo, ~real, -bn)
+    np.putmask(hi, ~real, -bn)
+    shift = bn.bit_length() - 1 if bn & (bn - 1) == 0 else None
+    div = (lambda x: x >> shift) if shift is not None else (lambda x: x // bn)
+    t_lo, t_hi = div(lo), div(hi + (bn - 1))  # touched key tiles [t_lo, t_hi)
+    c_lo, c_hi = div(lo + (bn - 1)), div(hi)  # covered key tiles [c_lo, c_hi)
+    if N % bn:  # the short last key tile is covered by intervals that reach N
+        np.putmask(c_hi, hi == N, nk)
+    # consecutive queries keep the slot (-1 marks a missing one), t_hi never decreases,
+    # each range starts before the previous one ends
+    b0 = t_hi[..., :-1]
+    bad = ((t_hi[..., 1:] < b0) | (t_lo[..., 1:] > b0)).any(-1).any(0)  # [Hx * nq]
+    T_lo, T_hi = t_lo.min(-1).T.astype(np.int64), t_hi.max(-1).T.astype(np.int64)  # [Hx * nq, R]
+    F_lo, F_hi = c_lo.max(-1).T.astype(np.int64), c_hi.min(-1).T.astype(np.int64)
+    if R > 1:  # the slots' may-cover ranges (a superset: non-covering queries included) must be disjoint
+        m_lo, m_hi = c_lo.min(-1).T, c_hi.max(-1).T
+        order = np.argsort(m_lo, axis=-1, kind="stable")
+        m_lo, m_hi = np.take_along_axis(m_lo, order, -1), np.maximum.accumulate(np.take_along_axis(m_hi, order, -1), -1)
+        bad |= (m_lo[:, 1:] < m_hi[:, :-1]).any(-1)
+    good = ~bad[:, None]
+    keys = _expand(T_lo, np.where(good, T_hi, T_lo), nk)
+    fkeys = _expand(F_lo, np.where(good, F_hi, F_lo), nk)
+    rows = np.flatnonzero(bad)
+    if len(rows):
+        # exact classes of the bad tiles by difference arrays over their queries
+        b_real = real[:, rows]
+        base = (np.arange(len(rows)) * (nk + 1))[None, :, None]
+        size = len(rows) * (nk + 1)
+
+        def count(a, b, ok):
+            starts = np.bincount(np.where(ok, base + a, size).ravel(), minlength=size + 1)
+            ends = np.bincount(np.where(ok, base + b, size).ravel(), minlength=size + 1)
+            return np.cumsum((starts - ends)[:size].reshape(len(rows), nk + 1), -1)[:, :nk]
+
+        bc_lo, bc_hi = c_lo[:, rows], c_hi[:, rows]
+        touch = count(t_lo[:, rows], t_hi[:, rows], b_real)
+        cover = count(bc_lo, bc_hi, b_real & (bc_hi > bc_lo))
+        r_t, k_t = np.nonzero(touch > 0)
+        r_f, k_f = np.nonzero(cover == bm)
+        keys = np.concatenate([keys, rows[r_t] * nk + k_t])
+        fkeys = np.concatenate([fkeys, rows[r_f] * nk + k_f])
+    if R > 1 or len(rows):  # slots may touch the same tile (np.unique would import numpy.ma: 7 ms cold)
+        keys, fkeys = np.sort(keys), np.sort(fkeys)
+        keys = keys[np.concatenate([[True], keys[1:] != keys[:-1]])]
+    pos = np.searchsorted(fkeys, keys).clip(max=max(len(fkeys) - 1, 0))
+    full = fkeys[pos] == keys if len(fkeys) else np.zeros(len(keys), dtype=bool)
+    return keys, full, allowed
+
+
+#: queries per chunk of the closed-form plan builder (bounds its working memory)
+PLAN_CHUNK = 16384
+
+
+def _closed_form_plan(pattern: ir.PatternIR, M: int, N: int, heads: int, grid, bm: int, bn: int,
+                      inputs: dict | None) -> Plan:
+    """The plan from interval sets (raises NotIntervals), in chunks of whole query tiles:
+    working memory O(PLAN_CHUNK * R), plus O(non-empty tiles) for the result."""
+    if pattern.inputs and not inputs:
+        raise NotIntervals("run-time inputs")
+    ia = IntervalAnalysis(pattern)
+    nq, nk = -(-M // bm), -(-N // bn)
+    step = bm * max(1, PLAN_CHUNK // bm)
+    no_keys = torch.zeros(0, dtype=torch.int64)
+    parts, allowed, Hx = [], 0, None
+    for q0 in range(0, M, step):
+        view = top_view(pattern, M, N, heads, grid, inputs or {}, rows=(q0, min(q0 + step, M)), keys=no_keys)
+        s = merge(ia.eval(pattern.body, view))
+        if Hx is None:
+            Hx = s.lo.shape[0]
+        elif s.lo.shape[0] != Hx:  # heads come from the IR and the inputs' shapes, never from rows
+            raise AssertionError(f"chunks disagree on heads: {Hx} vs {s.lo.shape[0]}")
+        keys, full, count = _sparse_tiles(s, bm, bn)
+        allowed += count
+        if step < M:  # chunk keys (h * cq + local tile) * nk + key tile -> global
+            cq = -(-(min(q0 + step, M) - q0) // bm)
+            row, kt = keys // nk, keys % nk
+            keys = ((row // cq) * nq + row % cq + q0 // bm) * nk + kt
+        parts.append((keys, full))
+    keys, full = (np.concatenate(x) for x in zip(*parts)) if len(parts) > 1 else parts[0]
+    if len(parts) > 1 and Hx > 1:
+        order = np.argsort(keys, kind="stable")
+        keys, full = keys[order], full[order]
+    return Plan.from_tiles(keys, full, Hx, nq, nk, M=M, N=N, heads=heads, block=(bm, bn),
+                           allowed=allowed * (heads // Hx), method="closed-form")
 
 
 # ----------------------------------------------------------------------------- tile boxes (three-valued)
@@ -970,20 +1158,15 @@ def _plan_blocks(pattern, M, N, heads, grid, block, inputs=None) -> Plan:
             raise ValueError("block: N-D tiles are not supported with run-time inputs; try 1-D tiles like (128, 128)")
         return _plan_nd(pattern, M, N, heads, grid, *block)
     bm, bn = block
-    method = "closed-form"
-    evaluated = 0
     try:
-        s, view = _interval_sets(pattern, M, N, heads, grid, inputs)
-        full, nonempty = _classify_from_intervals(s, M, bm, bn, view.qrel)
-        allowed = int(s.count().sum()) * (heads // s.lo.shape[0])
+        return _closed_form_plan(pattern, M, N, heads, grid, bm, bn, inputs)
     except NotIntervals as exc:
         if inputs:  # the tile boxes and _refine know no run-time inputs
             raise ValueError(f"cannot plan pattern '{pattern.name}' from its run-time inputs in closed form ({exc}); "
                              f"the op scans such inputs itself") from None
-        method = "tile-boxes"
-        boxes = TileBoxes(pattern, M, N, heads, grid, bm, bn)
-        full, nonempty = boxes.classify(pattern.body)
-        evaluated = int((nonempty & ~full).sum())
-        full, nonempty, allowed = _refine(pattern, M, N, heads, grid, *_uniform(M, bm), *_uniform(N, bn), full, nonempty)
-    return Plan.from_flags(full, nonempty, M=M, N=N, heads=heads, block=(bm, bn), allowed=allowed, method=method,
+    boxes = TileBoxes(pattern, M, N, heads, grid, bm, bn)
+    full, nonempty = boxes.classify(pattern.body)
+    evaluated = int((nonempty & ~full).sum())
+    full, nonempty, allowed = _refine(pattern, M, N, heads, grid, *_uniform(M, bm), *_uniform(N, bn), full, nonempty)
+    return Plan.from_flags(full, nonempty, M=M, N=N, heads=heads, block=(bm, bn), allowed=allowed, method="tile-boxes",
                            tiles_evaluated=evaluated)

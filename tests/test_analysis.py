@@ -7,6 +7,7 @@ import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 import attnc
+from attnc import analysis
 from attnc.cli import main
 from conftest import EXAMPLES, tiles_from_mask
 
@@ -59,6 +60,38 @@ def patterns(draw, depth=2):
 def test_plan_matches_mask_for_random_patterns(src, M, N, block):
     pat = attnc.loads(f"pattern p = {src}").pattern()
     check_plan(pat, M, N, 1, block)
+
+
+@settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(patterns(), patterns(), st.integers(12, 140), st.integers(12, 140), st.sampled_from([(16, 16), (7, 13), (5, 32)]),
+       st.sampled_from([13, 40]))
+def test_closed_form_plans_in_chunks_match_the_mask(src_a, src_b, M, N, block, chunk):
+    # queries in chunks of whole query tiles (PLAN_CHUNK is 16K), per-head plans assembled across chunks
+    pat = attnc.loads(f"pattern p = heads {{ 0 => {src_a}; _ => {src_b} }}").pattern()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(analysis, "PLAN_CHUNK", chunk)
+        check_plan(pat, M, N, 3, block)
+
+
+def test_sparse_tile_classes_need_no_dense_tile_map():
+    # 2**20 queries and keys in 16x16 tiles: 4.3 G tiles, of which 0.5 M are non-empty. A dense
+    # [nq, nk] map (or difference arrays over it) would need gigabytes; the closed form builds the
+    # lists from the non-empty tiles, in chunks of queries. The pattern is the same for every
+    # query tile away from the ends, so its figures are linear in N: fitted on two sizes checked
+    # against the mask, they predict the large plan exactly.
+    pat = attnc.loads("pattern p = sliding(40) | band(-100, 130)").pattern()
+
+    def figures(plan):
+        c = plan.counts()
+        return c["tiles_full"], c["tiles_partial"], plan.allowed
+
+    f1, f2 = (figures(check_plan(pat, n, n, 1, (16, 16))) for n in (1024, 2048))
+    n = 2**20
+    plan = pat.plan(n, block=(16, 16))
+    assert plan.method == "closed-form" and plan.shape == (n // 16, n // 16)
+    k = (n - 1024) // 1024
+    assert figures(plan) == tuple(a + k * (b - a) for a, b in zip(f1, f2))
+    assert plan.partial.index.shape == (1, n // 16, 7) and plan.full_t.index.shape == (1, n // 16, 1)
 
 
 @pytest.mark.parametrize("name,params,M,N,H,grid,block", [
