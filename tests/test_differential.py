@@ -470,3 +470,88 @@ def test_found_by_the_long_run_random_zero_under_complement(src):
     case = patgen.Case(seed=778, expr=("prim", src.split(" = ", 1)[1]), axes=(), text_len=None, M=5, N=7, H=1,
                        grid=None, block=(2, 3))
     check_case(case, op=False)
+
+
+def _drop_a_tile(plan):
+    """`plan` without the last tile of its first non-empty query-tile row (a
+    partial one when the row has any): the bug of a backend that skips a tile."""
+    from attnc import analysis
+
+    for lst, name in ((plan.partial, "partial"), (plan.full, "full")):
+        rows = (lst.counts[0] > 0).nonzero()
+        if len(rows):
+            i = int(rows[0])
+            counts, index = lst.counts.clone(), lst.index.clone()
+            counts[:, i] -= 1
+            index[:, i, counts[0, i]] = -1
+            return dataclasses.replace(plan, **{name: analysis.TileList(counts, index)})
+    return plan
+
+
+def _break(backend: str, monkeypatch) -> None:
+    """Make `backend` drop a tile of every plan it runs, through its own tables."""
+    from collections import OrderedDict
+
+    from attnc.runtime import flex, ops, torch_backend
+
+    if backend == "torch":
+        real = torch_backend.build_schedule
+        monkeypatch.setattr(torch_backend, "build_schedule", lambda call, plan, masks, config=torch_backend.CONFIG:
+                            real(call, _drop_a_tile(plan), masks, config))
+        monkeypatch.setattr(torch_backend, "_SCHEDULES", OrderedDict())  # no schedule cached before the break
+    elif backend == "triton":
+        from attnc.runtime import triton_backend
+
+        real_lists = triton_backend.TileLists.from_plan
+        monkeypatch.setattr(triton_backend.TileLists, "from_plan",
+                            staticmethod(lambda plan, device: real_lists(_drop_a_tile(plan), device)))
+        monkeypatch.setattr(ops.get_backend("triton"), "_sets", {})  # no kernel set memoised before the break
+    else:
+        real_tables = flex._plan_tables
+
+        def tables(call, plan, inputs):
+            state, slot, bits = real_tables(call, plan, inputs)
+            state = state.clone()
+            state.view(-1)[int((state.view(-1) > 0).nonzero()[0])] = 0  # the first non-empty tile: empty
+            return state, slot, bits
+
+        monkeypatch.setattr(flex, "_plan_tables", tables)
+
+
+BROKEN = {  # backend -> (the check that runs it, what its failure message names, shrink budget)
+    "torch": (functools.partial(check_case, backends=[("torch", torch.float32, 2e-5)]), "backend 'torch'", 300),
+    "triton": (functools.partial(check_case, backends=[("triton", torch.float32, 1e-4)]), "backend 'triton'", 25),
+    "flex": (functools.partial(check_case, op=False, flex=True), "flex export", 300),
+}
+
+
+@pytest.mark.parametrize("backend", sorted(BROKEN))
+def test_a_backend_that_drops_a_tile_is_reported_as_a_minimal_snippet(backend, monkeypatch, _uncounted):
+    """Every backend's failure reaches the user the same way: the seed, a shrunk
+    `.attn` snippet with its sizes, and which backend differs where."""
+    if backend == "flex" and FLEX is None:
+        pytest.skip("FlexAttention is not available in this torch")
+    check, names, budget = BROKEN[backend]
+    _break(backend, monkeypatch)
+    failing = None
+    for seed in range(200):
+        case = patgen.generate(seed)
+        if case.M < 2 or case.N > 40 or (backend == "triton" and case.inputs):
+            continue
+        try:
+            check(case)
+        except Mismatch as exc:
+            failing = case, exc
+            break
+    assert failing is not None, f"a {backend} backend that drops a tile passed 200 cases"
+    case, exc = failing
+    text = report(case, exc, check=check, budget=budget)
+    head, snippet = text.split("\n", 1)
+    assert head == f"differential failure (seed {case.seed}); minimal snippet:", text
+    assert snippet.startswith("# M=") and f"seed={case.seed}" in snippet.splitlines()[0], text
+    source = snippet.splitlines()[1]
+    assert source.startswith("pattern p") and len(source) <= len(case.source().strip()), text
+    assert snippet.splitlines()[:2] != case.snippet().splitlines()[:2], "the case was not shrunk"
+    assert f"\nMismatch: {names}" in text, text  # what differs, named by backend
+    attnc.loads(source, file="snippet.attn").pattern()  # the snippet is a valid pattern to paste
+    print(text)
