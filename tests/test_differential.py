@@ -499,6 +499,7 @@ def _break(backend: str, monkeypatch) -> None:
         monkeypatch.setattr(torch_backend, "build_schedule", lambda call, plan, masks, config=torch_backend.CONFIG:
                             real(call, _drop_a_tile(plan), masks, config))
         monkeypatch.setattr(torch_backend, "_SCHEDULES", OrderedDict())  # no schedule cached before the break
+        monkeypatch.setattr(torch_backend, "_INPUT_SCHEDULES", OrderedDict())
     elif backend == "triton":
         from attnc.runtime import triton_backend
 

@@ -267,3 +267,48 @@ def test_scan_plan_for_inputs_matches_the_mask():
     state = plan.to_dense()[0]
     assert torch.equal(state > 0, tiles > 0)
     assert plan.allowed == int(dense.sum())
+
+
+def test_schedules_of_run_time_inputs_are_cached_by_content(monkeypatch):
+    """[Note: input schedules]: equal inputs (any tensor holding them) reuse the
+    schedule, different or changed-in-place inputs build their own, the cache is
+    bounded, and a result is never computed with another input's schedule."""
+    from collections import OrderedDict
+
+    from attnc.runtime import torch_backend
+
+    monkeypatch.setattr(torch_backend, "_INPUT_SCHEDULES", OrderedDict())
+    builds = []
+    real = torch_backend.build_schedule
+    monkeypatch.setattr(torch_backend, "build_schedule", lambda *a, **kw: builds.append(1) or real(*a, **kw))
+    pat = load("packed")
+    q, k, v = tensors(1, 2, 1, 30, 30, 8)
+
+    def run(doc):
+        call = make_call(pat, q, k, v, {"doc": doc}, None, None)
+        return [s for _, s in torch_backend.schedules(call, TINY)]
+
+    doc = torch.tensor([0] * 9 + [1] * 14 + [2] * 7)
+    first = run(doc)
+    assert run(doc.clone()) == first and len(builds) == 1  # equal values, another tensor: reused
+    other = torch.tensor([0] * 20 + [1] * 10)
+    assert run(other) != first and len(builds) == 2
+    doc[25:] = 3  # changed in place: the same tensor object, new content
+    assert run(doc) != first and len(builds) == 3
+    # per batch element: a batch of [doc, other] builds only the changed element
+    both = run(torch.stack([torch.tensor([0] * 9 + [1] * 14 + [2] * 7), other]))
+    assert both == first + [run(other)[0]] and len(builds) == 3
+    for i in range(torch_backend._INPUT_CACHE_SIZE + 4):  # bounded
+        run(torch.tensor([0] * (i + 1) + [1] * (29 - i)))
+    assert len(torch_backend._INPUT_SCHEDULES) == torch_backend._INPUT_CACHE_SIZE
+    # through the op (forward + backward share the schedule): still the reference's numbers
+    ref = [t.clone().requires_grad_() for t in (q, k, v)]
+    got = [t.clone().requires_grad_() for t in (q, k, v)]
+    for _ in range(2):
+        out = pat(*got, doc=doc, backend="torch")
+        want = pat(*ref, doc=doc, backend="reference")
+        torch.testing.assert_close(out, want)
+        out.sum().backward()
+        want.sum().backward()
+        for a, b in zip(got, ref):
+            torch.testing.assert_close(a.grad, b.grad)
