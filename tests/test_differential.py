@@ -61,7 +61,7 @@ def _report_counts(request):
     print_line(request.config,
                f"differential: {c['patterns']} patterns ({c['grid']} grid, {c['mixed']} mixed, {c['inputs']} with run-time "
                f"inputs, {c['heads']} with heads, {c['rows_empty']} with empty rows), {c['plans']} plans "
-               f"({c['tiles']} tiles), {c['algebra']} algebra checks, {c['op']} op comparisons "
+               f"({c['tiles']} tiles; {c['plans_scanned']} input plans left to the backends' scan), {c['algebra']} algebra checks, {c['op']} op comparisons "
                f"({per_backend}), {c['flex_export']} flex exports (mask_mod, BlockMask, eager), "
                f"{c['flex_compiled']} compiled flex runs, {c['flex_skipped']} flex skipped")
 
@@ -132,21 +132,38 @@ def check_algebra(case, pat, mask):
 
 
 def check_plan(case, pat, mask):
+    """The plan against the mask's tiles; with run-time inputs, the plan of each
+    batch element (closed form from the inputs) against that element's mask."""
+    if not case.inputs:
+        _check_one_plan(case, pat.plan(case.M, case.N, heads=case.H, grid=case.grid, block=case.block), mask[0])
+        return
+    for b in range(mask.shape[0]):
+        one = {n: t[b] for n, t in case.tensors().items()}
+        try:
+            plan = pat.plan(case.M, case.N, heads=case.H, grid=case.grid, block=case.block, **one)
+        except ValueError as exc:  # no closed form for these inputs: the backends scan the mask instead
+            if "closed form" not in str(exc):
+                raise
+            COUNTS["plans_scanned"] += 1
+            continue
+        _check_one_plan(case, plan, mask[b], f"batch element {b}: ")
+
+
+def _check_one_plan(case, plan, mask, where=""):
     bm, bn = case.block
-    plan = pat.plan(case.M, case.N, heads=case.H, grid=case.grid, block=case.block)
-    want = tiles_from_mask(mask[0], bm, bn)
+    want = tiles_from_mask(mask, bm, bn)
     got = plan.to_dense().expand_as(want)
     if not torch.equal(got, want):
         h, i, j = (got != want).nonzero()[0].tolist()
         names = {0: "empty", 1: "partial", 2: "full"}
-        raise Mismatch(f"plan ({plan.method}) says tile (head {h}, q-tile {i}, k-tile {j}) is {names[int(got[h, i, j])]}, "
-                       f"the mask says {names[int(want[h, i, j])]}")
-    if plan.allowed != int(mask[0].sum()):
-        raise Mismatch(f"plan.allowed = {plan.allowed}, the mask has {int(mask[0].sum())} allowed pairs")
+        raise Mismatch(f"{where}plan ({plan.method}) says tile (head {h}, q-tile {i}, k-tile {j}) is "
+                       f"{names[int(got[h, i, j])]}, the mask says {names[int(want[h, i, j])]}")
+    if plan.allowed != int(mask.sum()):
+        raise Mismatch(f"{where}plan.allowed = {plan.allowed}, the mask has {int(mask.sum())} allowed pairs")
     nq, nk = plan.shape
     for fwd, back, what in ((plan.full, plan.full_t, "full"), (plan.partial, plan.partial_t, "partial")):
         if not torch.equal(tile_list_dense(fwd, nq, nk).transpose(1, 2), tile_list_dense(back, nk, nq)):
-            raise Mismatch(f"plan.{what}_t is not the transpose of plan.{what}")
+            raise Mismatch(f"{where}plan.{what}_t is not the transpose of plan.{what}")
     COUNTS["plans"] += 1
     COUNTS["tiles"] += want.numel()
 
@@ -211,8 +228,7 @@ def check_case(case: patgen.Case, *, op: bool = True, flex=False, backends=None)
     pat = _bind(case)
     mask = _mask(case, pat)
     check_algebra(case, pat, mask)
-    if not case.inputs:
-        check_plan(case, pat, mask)
+    check_plan(case, pat, mask)
     if op:
         check_op(case, pat, mask, backends)
     if flex:
