@@ -34,7 +34,7 @@ from counts import print_line
 LONG = bool(os.environ.get("ATTNC_LONG"))
 N_PATTERNS = 1200 if LONG else 80
 #: the FlexAttention export (pat.to_flex: mask_mod, BlockMask, eager flex_attention) on every n-th seed
-FLEX_EVERY = 2 if LONG else 8
+FLEX_EVERY = 2 if LONG else 16
 N_FLEX_COMPILED = 12 if LONG else 1  # each is a compilation (~4 s on CPU)
 SEED_BASE = int(os.environ.get("ATTNC_SEED", "0"))  # rerun another slice: ATTNC_SEED=100000
 
