@@ -402,13 +402,11 @@ def test_compiled_flex_attention_with_the_export_agrees(i, _recompiles):
     check = functools.partial(check_case, op=False, flex="compiled")
     try:
         check(case)
-    except Mismatch as exc:
+    except Exception as exc:  # noqa: BLE001 - shrink and report whatever broke, unless torch cannot compile here
+        if type(exc).__name__ in ("InductorError", "CppCompileError", "BackendCompilerFailed"):  # no C++ toolchain
+            COUNTS["flex_skipped"] += 1
+            pytest.skip(f"compiled flex_attention cannot run here: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
         pytest.fail(report(case, exc, check=check, budget=40), pytrace=False)
-    except Exception as exc:  # noqa: BLE001 - no C++ toolchain, an unsupported shape...
-        if isinstance(exc, attnc.AttnError):
-            raise
-        COUNTS["flex_skipped"] += 1
-        pytest.skip(f"compiled flex_attention cannot run here: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
 
 
 # ----------------------------------------------------------------------------- the harness itself bites
