@@ -86,19 +86,22 @@ def partial_tile_masks(call: Call, plan: Plan, inputs: dict | None = None, *, ch
     if int(plan.partial.counts.sum()) == 0:
         return out[:1] if Hx == 1 else out  # keep a per-head plan's head dimension
     budget = chunk_elements or CONFIG.mask_chunk_elements
-    fn = _pointwise(call, inputs)
+    fn, uses_h = _pointwise(call, inputs)
     if fn is not None:
-        index = plan.partial.index.long().expand(H, -1, -1)
-        tiles_per_chunk = max(1, budget // max(1, H * P * bm * bn))
-        h = torch.arange(H).view(H, 1, 1, 1, 1)
+        # one plan for every head and bits that do not read h: evaluate one head, not H copies
+        He = 1 if Hx == 1 and not uses_h else H
+        out = out[:He]
+        index = plan.partial.index.long().expand(He, -1, -1)
+        tiles_per_chunk = max(1, budget // max(1, He * P * bm * bn))
+        h = torch.arange(He).view(He, 1, 1, 1, 1)
         for t0 in range(0, nq, tiles_per_chunk):
             t1 = min(nq, t0 + tiles_per_chunk)
-            idx = index[:, t0:t1]  # [H, t, P]
+            idx = index[:, t0:t1]  # [He, t, P]
             q = (torch.arange(t0, t1) * bm).view(1, -1, 1, 1, 1) + torch.arange(bm).view(1, 1, 1, bm, 1)
             k = idx.clamp(min=0)[..., None, None] * bn + torch.arange(bn).view(1, 1, 1, 1, bn)
             ok = (q < M) & (k < N) & (idx >= 0)[..., None, None]
             out[:, t0:t1] = fn(q.clamp(max=M - 1), k.clamp(max=N - 1), h, 0) & ok
-        if Hx == 1 and bool((out == out[:1]).all()):
+        if Hx == 1 and He > 1 and bool((out == out[:1]).all()):
             return out[:1]
         return out
     tiles_per_chunk = max(1, budget // max(1, H * bm * N))
@@ -122,15 +125,16 @@ def partial_tile_masks(call: Call, plan: Plan, inputs: dict | None = None, *, ch
 
 
 def _pointwise(call: Call, inputs: dict | None):
-    """The pattern's pointwise mask function (q, k, h, b) -> bool, or None when it has none."""
+    """(the pattern's pointwise mask function (q, k, h, b) -> bool, whether it
+    reads h), or (None, True) when the pattern has no pointwise lowering."""
     from attnc.codegen.pointwise import lower
 
     batched = {n: t[None] for n, t in (inputs or {}).items()}  # one batch element: b = 0
     try:
         low = lower(call.pattern.ir, call.M, call.N, call.Hq, call.grid, {n: tuple(t.shape) for n, t in batched.items()})
-        return low.evaluator(batched)
+        return low.evaluator(batched), low.uses("h")
     except AttnError:
-        return None
+        return None, True
 
 
 def scan_plan(call: Call, inputs: dict, block: tuple[int, int]) -> Plan:

@@ -255,6 +255,39 @@ def test_partial_tile_masks_are_the_reference_tiles(src, M, N, H, grid, block):
                 assert torch.equal(tile, want), (h, i, j)
 
 
+@pytest.mark.parametrize("src,H,b,heads_evaluated", [
+    ("pattern p(doc: segments) = causal & same(doc)", 8, 8, 1),  # bits of every head alike: one head evaluated
+    ("pattern p = heads { 0 => causal; _ => block(3) }", 3, 32, 3),  # bits per head: every head evaluated
+])
+def test_partial_tile_masks_evaluate_one_head_when_the_bits_do_not_read_h(monkeypatch, src, H, b, heads_evaluated):
+    from attnc.runtime import torch_backend
+
+    seen = []
+    real = torch_backend._pointwise
+
+    def spy(call, inputs):
+        fn, uses_h = real(call, inputs)
+        return (lambda q, k, h, batch: seen.append(h.shape[0]) or fn(q, k, h, batch)), uses_h
+
+    monkeypatch.setattr(torch_backend, "_pointwise", spy)
+    pat = attnc.loads(src).pattern()
+    inputs = {"doc": torch.tensor([0] * 7 + [1] * 13)} if "doc" in src else {}
+    call = Call(pattern=pat, B=1, Hq=H, Hkv=H, M=20, N=20, D=1, Dv=1, grid=None, scale=1.0, inputs=inputs)
+    plan = scan_plan(call, inputs, (b, b)) if inputs else pat.plan(20, heads=H, block=(b, b))
+    masks = partial_tile_masks(call, plan, inputs)
+    assert set(seen) == {heads_evaluated}
+    dense = pat.mask(20, heads=H, **inputs)
+    dense = dense[0] if dense.dim() == 4 else dense
+    for h in range(H):  # every head's tiles are those of the mask
+        for i in range(plan.shape[0]):
+            for p, j in enumerate(plan.partial.index[min(h, plan.partial.index.shape[0] - 1), i].tolist()):
+                if j >= 0:
+                    want = torch.zeros(b, b, dtype=torch.bool)
+                    part = dense[h, i * b:(i + 1) * b, j * b:(j + 1) * b]
+                    want[: part.shape[0], : part.shape[1]] = part
+                    assert torch.equal(masks[min(h, masks.shape[0] - 1), i, p], want), (h, i, j)
+
+
 def test_scan_plan_for_inputs_matches_the_mask():
     pat = load("packed")
     doc = torch.tensor([0] * 13 + [1] * 20)
