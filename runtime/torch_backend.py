@@ -29,6 +29,7 @@ one index_add_ per group (deterministic on CPU).
 from __future__ import annotations
 
 import functools
+import hashlib
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -85,19 +86,22 @@ def partial_tile_masks(call: Call, plan: Plan, inputs: dict | None = None, *, ch
     if int(plan.partial.counts.sum()) == 0:
         return out[:1] if Hx == 1 else out  # keep a per-head plan's head dimension
     budget = chunk_elements or CONFIG.mask_chunk_elements
-    fn = _pointwise(call, inputs)
+    fn, uses_h = _pointwise(call, inputs)
     if fn is not None:
-        index = plan.partial.index.long().expand(H, -1, -1)
-        tiles_per_chunk = max(1, budget // max(1, H * P * bm * bn))
-        h = torch.arange(H).view(H, 1, 1, 1, 1)
+        # one plan for every head and bits that do not read h: evaluate one head, not H copies
+        He = 1 if Hx == 1 and not uses_h else H
+        out = out[:He]
+        index = plan.partial.index.long().expand(He, -1, -1)
+        tiles_per_chunk = max(1, budget // max(1, He * P * bm * bn))
+        h = torch.arange(He).view(He, 1, 1, 1, 1)
         for t0 in range(0, nq, tiles_per_chunk):
             t1 = min(nq, t0 + tiles_per_chunk)
-            idx = index[:, t0:t1]  # [H, t, P]
+            idx = index[:, t0:t1]  # [He, t, P]
             q = (torch.arange(t0, t1) * bm).view(1, -1, 1, 1, 1) + torch.arange(bm).view(1, 1, 1, bm, 1)
             k = idx.clamp(min=0)[..., None, None] * bn + torch.arange(bn).view(1, 1, 1, 1, bn)
             ok = (q < M) & (k < N) & (idx >= 0)[..., None, None]
             out[:, t0:t1] = fn(q.clamp(max=M - 1), k.clamp(max=N - 1), h, 0) & ok
-        if Hx == 1 and bool((out == out[:1]).all()):
+        if Hx == 1 and He > 1 and bool((out == out[:1]).all()):
             return out[:1]
         return out
     tiles_per_chunk = max(1, budget // max(1, H * bm * N))
@@ -121,15 +125,16 @@ def partial_tile_masks(call: Call, plan: Plan, inputs: dict | None = None, *, ch
 
 
 def _pointwise(call: Call, inputs: dict | None):
-    """The pattern's pointwise mask function (q, k, h, b) -> bool, or None when it has none."""
+    """(the pattern's pointwise mask function (q, k, h, b) -> bool, whether it
+    reads h), or (None, True) when the pattern has no pointwise lowering."""
     from attnc.codegen.pointwise import lower
 
     batched = {n: t[None] for n, t in (inputs or {}).items()}  # one batch element: b = 0
     try:
         low = lower(call.pattern.ir, call.M, call.N, call.Hq, call.grid, {n: tuple(t.shape) for n, t in batched.items()})
-        return low.evaluator(batched)
+        return low.evaluator(batched), low.uses("h")
     except AttnError:
-        return None
+        return None, True
 
 
 def scan_plan(call: Call, inputs: dict, block: tuple[int, int]) -> Plan:
@@ -276,32 +281,60 @@ def build_schedule(call: Call, plan: Plan, masks: torch.Tensor, config: TorchPat
 
 _SCHEDULES: "OrderedDict[tuple, Schedule]" = OrderedDict()
 _SCHEDULE_CACHE_SIZE = 32
+#: schedules of patterns with run-time inputs, by the inputs' content ([Note: input schedules])
+_INPUT_SCHEDULES: "OrderedDict[tuple, Schedule]" = OrderedDict()
+_INPUT_CACHE_SIZE = 16
+
+
+def inputs_digest(inputs: dict[str, torch.Tensor]) -> tuple:
+    """A content key of one batch element's run-time inputs: per input its name,
+    dtype, shape and a 128-bit BLAKE2 hash of its values (O(size), on the CPU)."""
+    out = []
+    for name in sorted(inputs):
+        t = inputs[name].detach().cpu().contiguous()
+        out.append((name, str(t.dtype), tuple(t.shape), hashlib.blake2b(t.numpy().tobytes(), digest_size=16).digest()))
+    return tuple(out)
+
+
+def _cached(cache: OrderedDict, size: int, key: tuple, build) -> Schedule:
+    sched = cache.get(key)
+    if sched is None:
+        sched = cache[key] = build()
+        while len(cache) > size:
+            cache.popitem(last=False)
+    cache.move_to_end(key)
+    return sched
 
 
 def schedules(call: Call, config: TorchPathConfig = CONFIG) -> list[tuple[slice, Schedule]]:
     """(batch slice, schedule) pairs covering the batch.
 
     Static patterns: one schedule, cached by (pattern IR, sizes, heads, grid,
-    Hkv, tile). Run-time inputs: one per distinct batch element, built from the
-    inputs (not cached: the inputs change from call to call).
+    Hkv, tile). Run-time inputs: one per distinct batch element, cached by the
+    same and the element's inputs' content (see [Note: input schedules]).
+
+    [Note: input schedules] A pattern with run-time inputs (segments, block
+    tables) needs its plan, partial-tile bits and gather tables rebuilt when the
+    inputs change -- but a training step calls forward and backward with the
+    same inputs, and packed batches often repeat. So they are kept in a small
+    LRU (`_INPUT_CACHE_SIZE`) keyed by a hash of the inputs' values
+    (`inputs_digest`): equal values hit whatever tensor holds them, an in-place
+    change misses. Hashing costs O(inputs) per call, far below a rebuild.
     """
     block = (min(config.block[0], _pow2_at_least(call.M)), min(config.block[1], _pow2_at_least(call.N)))
+    key = (call.pattern.ir, call.M, call.N, call.Hq, call.Hkv, call.grid, block, config)
     if not call.pattern.ir.inputs:
-        key = (call.pattern.ir, call.M, call.N, call.Hq, call.Hkv, call.grid, block, config)
-        sched = _SCHEDULES.get(key)
-        if sched is None:
+        def build():
             plan = call.pattern.plan(call.M, call.N, heads=call.Hq, grid=call.grid, block=block)
-            sched = build_schedule(call, plan, partial_tile_masks(call, plan), config)
-            _SCHEDULES[key] = sched
-            while len(_SCHEDULES) > _SCHEDULE_CACHE_SIZE:
-                _SCHEDULES.popitem(last=False)
-        _SCHEDULES.move_to_end(key)
-        return [(slice(0, call.B), sched)]
+            return build_schedule(call, plan, partial_tile_masks(call, plan), config)
+        return [(slice(0, call.B), _cached(_SCHEDULES, _SCHEDULE_CACHE_SIZE, key, build))]
     batches, batched = call.pattern._inputs(call.M, call.N, call.Hq, dict(call.inputs))
     out = []
     for b, inputs in enumerate(batches):
-        plan = scan_plan(call, inputs, block)
-        sched = build_schedule(call, plan, partial_tile_masks(call, plan, inputs), config)
+        def build(inputs=inputs):
+            plan = scan_plan(call, inputs, block)
+            return build_schedule(call, plan, partial_tile_masks(call, plan, inputs), config)
+        sched = _cached(_INPUT_SCHEDULES, _INPUT_CACHE_SIZE, key + (inputs_digest(inputs),), build)
         out.append((slice(b, b + 1) if len(batches) > 1 else slice(0, call.B), sched))
     return out
 

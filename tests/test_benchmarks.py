@@ -30,3 +30,10 @@ def test_gpu_benchmark_smoke_records_rows_with_simulator_columns(tmp_path, capsy
 def test_gpu_benchmark_rejects_unknown_cases(capsys):
     assert load("gpu").main(["--smoke", "--cases", "nope"]) == 2
     assert "unknown cases" in capsys.readouterr().err
+
+
+def test_dynamic_benchmark_smoke_prints_both_packed_rows(capsys):
+    assert load("dynamic").main(["--n", "256", "--heads", "2", "--head-dim", "8", "--docs", "3", "--reps", "1",
+                                 "--skip-topk"]) == 0
+    text = capsys.readouterr().out
+    assert "same documents every call | dense SDPA fwd" in text and "new documents every call | attnc fwd" in text

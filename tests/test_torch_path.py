@@ -255,6 +255,39 @@ def test_partial_tile_masks_are_the_reference_tiles(src, M, N, H, grid, block):
                 assert torch.equal(tile, want), (h, i, j)
 
 
+@pytest.mark.parametrize("src,H,b,heads_evaluated", [
+    ("pattern p(doc: segments) = causal & same(doc)", 8, 8, 1),  # bits of every head alike: one head evaluated
+    ("pattern p = heads { 0 => causal; _ => block(3) }", 3, 32, 3),  # bits per head: every head evaluated
+])
+def test_partial_tile_masks_evaluate_one_head_when_the_bits_do_not_read_h(monkeypatch, src, H, b, heads_evaluated):
+    from attnc.runtime import torch_backend
+
+    seen = []
+    real = torch_backend._pointwise
+
+    def spy(call, inputs):
+        fn, uses_h = real(call, inputs)
+        return (lambda q, k, h, batch: seen.append(h.shape[0]) or fn(q, k, h, batch)), uses_h
+
+    monkeypatch.setattr(torch_backend, "_pointwise", spy)
+    pat = attnc.loads(src).pattern()
+    inputs = {"doc": torch.tensor([0] * 7 + [1] * 13)} if "doc" in src else {}
+    call = Call(pattern=pat, B=1, Hq=H, Hkv=H, M=20, N=20, D=1, Dv=1, grid=None, scale=1.0, inputs=inputs)
+    plan = scan_plan(call, inputs, (b, b)) if inputs else pat.plan(20, heads=H, block=(b, b))
+    masks = partial_tile_masks(call, plan, inputs)
+    assert set(seen) == {heads_evaluated}
+    dense = pat.mask(20, heads=H, **inputs)
+    dense = dense[0] if dense.dim() == 4 else dense
+    for h in range(H):  # every head's tiles are those of the mask
+        for i in range(plan.shape[0]):
+            for p, j in enumerate(plan.partial.index[min(h, plan.partial.index.shape[0] - 1), i].tolist()):
+                if j >= 0:
+                    want = torch.zeros(b, b, dtype=torch.bool)
+                    part = dense[h, i * b:(i + 1) * b, j * b:(j + 1) * b]
+                    want[: part.shape[0], : part.shape[1]] = part
+                    assert torch.equal(masks[min(h, masks.shape[0] - 1), i, p], want), (h, i, j)
+
+
 def test_scan_plan_for_inputs_matches_the_mask():
     pat = load("packed")
     doc = torch.tensor([0] * 13 + [1] * 20)
@@ -267,3 +300,48 @@ def test_scan_plan_for_inputs_matches_the_mask():
     state = plan.to_dense()[0]
     assert torch.equal(state > 0, tiles > 0)
     assert plan.allowed == int(dense.sum())
+
+
+def test_schedules_of_run_time_inputs_are_cached_by_content(monkeypatch):
+    """[Note: input schedules]: equal inputs (any tensor holding them) reuse the
+    schedule, different or changed-in-place inputs build their own, the cache is
+    bounded, and a result is never computed with another input's schedule."""
+    from collections import OrderedDict
+
+    from attnc.runtime import torch_backend
+
+    monkeypatch.setattr(torch_backend, "_INPUT_SCHEDULES", OrderedDict())
+    builds = []
+    real = torch_backend.build_schedule
+    monkeypatch.setattr(torch_backend, "build_schedule", lambda *a, **kw: builds.append(1) or real(*a, **kw))
+    pat = load("packed")
+    q, k, v = tensors(1, 2, 1, 30, 30, 8)
+
+    def run(doc):
+        call = make_call(pat, q, k, v, {"doc": doc}, None, None)
+        return [s for _, s in torch_backend.schedules(call, TINY)]
+
+    doc = torch.tensor([0] * 9 + [1] * 14 + [2] * 7)
+    first = run(doc)
+    assert run(doc.clone()) == first and len(builds) == 1  # equal values, another tensor: reused
+    other = torch.tensor([0] * 20 + [1] * 10)
+    assert run(other) != first and len(builds) == 2
+    doc[25:] = 3  # changed in place: the same tensor object, new content
+    assert run(doc) != first and len(builds) == 3
+    # per batch element: a batch of [doc, other] builds only the changed element
+    both = run(torch.stack([torch.tensor([0] * 9 + [1] * 14 + [2] * 7), other]))
+    assert both == first + [run(other)[0]] and len(builds) == 3
+    for i in range(torch_backend._INPUT_CACHE_SIZE + 4):  # bounded
+        run(torch.tensor([0] * (i + 1) + [1] * (29 - i)))
+    assert len(torch_backend._INPUT_SCHEDULES) == torch_backend._INPUT_CACHE_SIZE
+    # through the op (forward + backward share the schedule): still the reference's numbers
+    ref = [t.clone().requires_grad_() for t in (q, k, v)]
+    got = [t.clone().requires_grad_() for t in (q, k, v)]
+    for _ in range(2):
+        out = pat(*got, doc=doc, backend="torch")
+        want = pat(*ref, doc=doc, backend="reference")
+        torch.testing.assert_close(out, want)
+        out.sum().backward()
+        want.sum().backward()
+        for a, b in zip(got, ref):
+            torch.testing.assert_close(a.grad, b.grad)
