@@ -413,43 +413,59 @@ class IntervalAnalysis(Evaluator):
 # ----------------------------------------------------------------------------- plans
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class TileList:
-    """Per row of tiles, the column indices of some tiles (padded with -1)."""
+    """Per row of tiles, the column indices of some tiles, stored compressed:
+    row r (flat over heads, r = h * rows + row) holds
+    `cols[start[r] : start[r] + counts[r]]`, ascending, so a plan's memory is
+    proportional to its non-empty tiles. `index` is the padded view the kernels
+    and the torch path read ([Hx, rows, max count], -1 padded), made on first use.
+    """
 
     counts: torch.Tensor  # int32 [Hx, rows]
-    index: torch.Tensor  # int32 [Hx, rows, max_count]
+    cols: torch.Tensor  # int32 [number of tiles], row-major
+
+    @functools.cached_property
+    def index(self) -> torch.Tensor:
+        """int32 [Hx, rows, max(counts)] (at least 1 wide), padded with -1."""
+        Hx, rows = self.counts.shape
+        cnt = self.counts.flatten().long()
+        width = max(int(cnt.max()) if cnt.numel() else 0, 1)
+        flat_row = self.flat_rows()
+        slot = torch.arange(len(self.cols), dtype=torch.int64, device=cnt.device) - (torch.cumsum(cnt, 0) - cnt)[flat_row]
+        index = torch.full((Hx * rows * width,), -1, dtype=torch.int32, device=cnt.device)
+        index[flat_row * width + slot] = self.cols.to(torch.int32)
+        return index.view(Hx, rows, width)
+
+    def flat_rows(self) -> torch.Tensor:
+        """int64 [number of tiles]: the flat row (h * rows + row) of every entry of `cols`."""
+        cnt = self.counts.flatten().long()
+        return torch.repeat_interleave(torch.arange(len(cnt), device=cnt.device), cnt)
+
+    @staticmethod
+    def from_padded(counts: torch.Tensor, index: torch.Tensor) -> "TileList":
+        """From per-row counts and a -1 padded index (the entries past a row's count are ignored)."""
+        width = index.shape[-1]
+        keep = torch.arange(width, device=index.device) < counts[..., None].long()
+        t = TileList(counts.to(torch.int32), index[keep].to(torch.int32))
+        t.__dict__["index"] = index.to(torch.int32)  # already padded: no need to rebuild it
+        return t
+
+    def to(self, device) -> "TileList":
+        """Contiguous int32 copies on `device` (with the padded view, which kernels read)."""
+        return TileList.from_padded(self.counts.to(device, torch.int32).contiguous(),
+                                    self.index.to(device, torch.int32).contiguous())
 
     @staticmethod
     def from_dense(flags: torch.Tensor) -> "TileList":
-        counts = flags.sum(-1)
-        width = max(int(counts.max()) if counts.numel() else 0, 1)
         h, r, c = flags.nonzero(as_tuple=True)  # row-major: columns ascend within a row
-        return TileList.from_coords(h, r, c, counts, width)
-
-    @staticmethod
-    def from_coords(h, r, c, counts, width) -> "TileList":
-        """From tile coordinates sorted by (h, r, c) and the per-row counts."""
-        Hx, rows = counts.shape
-        start = torch.cumsum(counts.flatten(), 0) - counts.flatten()
-        flat_row = h * rows + r
-        slot = torch.arange(len(c), dtype=torch.int64) - start[flat_row]
-        index = torch.full((Hx * rows * width,), -1, dtype=torch.int32)
-        index[flat_row * width + slot] = c.to(torch.int32)
-        return TileList(counts.to(torch.int32), index.view(Hx, rows, width))
-
+        return TileList(flags.sum(-1).to(torch.int32), c.to(torch.int32))
 
     @staticmethod
     def from_rows(row: np.ndarray, col: np.ndarray, Hx: int, rows: int) -> "TileList":
         """From int64 numpy coordinates sorted by (row, col), row = h * rows + r."""
-        counts = np.bincount(row, minlength=Hx * rows)
-        width = max(int(counts.max()) if counts.size else 0, 1)
-        start = np.cumsum(counts) - counts
-        slot = np.arange(len(row)) - start[row]
-        index = np.full(Hx * rows * width, -1, dtype=np.int32)
-        index[row * width + slot] = col
-        return TileList(torch.from_numpy(counts.astype(np.int32)).view(Hx, rows),
-                        torch.from_numpy(index).view(Hx, rows, width))
+        counts = np.bincount(row, minlength=Hx * rows).astype(np.int32)
+        return TileList(torch.from_numpy(counts).view(Hx, rows), torch.from_numpy(col.astype(np.int32)))
 
 
 @dataclass(frozen=True)
@@ -517,10 +533,9 @@ class Plan:
         """int8 [Hx, query tiles, key tiles]: 0 empty, 1 partial, 2 full."""
         nq, nk = self.shape
         out = torch.zeros(self.full.counts.shape[0], nq, nk + 1, dtype=torch.int8)
+        flat = out.view(-1)
         for lst, val in ((self.partial, 1), (self.full, 2)):
-            idx = lst.index.long().clamp(min=-1)
-            idx = torch.where(idx < 0, nk, idx)
-            out.scatter_(2, idx, val)
+            flat[lst.flat_rows() * (nk + 1) + lst.cols.long()] = val
         return out[..., :nk]
 
     def density(self) -> float:

@@ -41,9 +41,7 @@ class TileLists:
 
     @staticmethod
     def from_plan(plan, device) -> "TileLists":
-        def dev(t: TileList) -> TileList:
-            return TileList(t.counts.to(device, torch.int32).contiguous(), t.index.to(device, torch.int32).contiguous())
-        return TileLists(dev(plan.full), dev(plan.partial), dev(plan.full_t), dev(plan.partial_t))
+        return TileLists(*(t.to(device) for t in (plan.full, plan.partial, plan.full_t, plan.partial_t)))
 
     @property
     def heads(self) -> int:
@@ -323,10 +321,7 @@ class TritonBackend(Backend):
             full, nonempty = full[:1], nonempty[:1]
         partial = nonempty & ~full
 
-        def dev(flags):
-            t = TileList.from_dense(flags)
-            return TileList(t.counts.to(device).contiguous(), t.index.to(device).contiguous())
-        return TileLists(dev(full), dev(partial), dev(full.transpose(1, 2)), dev(partial.transpose(1, 2)))
+        return TileLists(*(TileList.from_dense(f).to(device) for f in (full, partial, full.transpose(1, 2), partial.transpose(1, 2))))
 
     # -- knobs
     @staticmethod

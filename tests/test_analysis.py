@@ -94,6 +94,29 @@ def test_sparse_tile_classes_need_no_dense_tile_map():
     assert plan.partial.index.shape == (1, n // 16, 7) and plan.full_t.index.shape == (1, n // 16, 1)
 
 
+def test_plan_memory_follows_the_non_empty_tiles():
+    # A sink column: key tile 0 is non-empty for every query tile, so a padded transposed list
+    # would be nk x nq (2**16 x 2**16 int32 = 16 GiB here). Tile lists are stored compressed
+    # (one int32 per non-empty tile) and padded only when a consumer reads `.index`.
+    pat = attnc.loads("pattern p = sliding(64) | (sink(4) & causal)").pattern()
+    f1, f2 = (check_plan(pat, n, n, 1, (16, 16)).counts() for n in (1024, 2048))
+    n = 2**20
+    plan = pat.plan(n, block=(16, 16))
+    c = plan.counts()
+    k = (n - 1024) // 1024
+    assert c["tiles_total"] == (n // 16) ** 2
+    assert all(c[key] == f1[key] + k * (f2[key] - f1[key]) for key in ("tiles_full", "tiles_partial"))
+    lists = (plan.full, plan.partial, plan.full_t, plan.partial_t)
+    assert sum(len(t.cols) for t in lists) == 2 * (c["tiles_full"] + c["tiles_partial"])
+    assert all("index" not in t.__dict__ for t in lists)  # nothing padded was built
+    assert int(plan.partial_t.counts[0, 0] + plan.full_t.counts[0, 0]) == n // 16  # the sink column: every query tile
+    # the padded view, where a consumer asks for it, agrees with the compressed rows
+    small = check_plan(pat, 300, 300, 1, (16, 16))
+    for t in (small.full, small.partial, small.full_t, small.partial_t):
+        rows = [row[:int(cnt)].tolist() for row, cnt in zip(t.index[0], t.counts[0])]
+        assert sum(rows, []) == t.cols.tolist() and (t.index[0] >= -1).all()
+
+
 @pytest.mark.parametrize("name,params,M,N,H,grid,block", [
     ("mistral", dict(window=50), 125, 125, 1, None, (16, 16)),
     ("streaming_llm", dict(sinks=3, recent=20), 232, 232, 1, None, (32, 32)),

@@ -502,7 +502,7 @@ def _drop_a_tile(plan):
             counts, index = lst.counts.clone(), lst.index.clone()
             counts[:, i] -= 1
             index[:, i, counts[0, i]] = -1
-            return dataclasses.replace(plan, **{name: analysis.TileList(counts, index)})
+            return dataclasses.replace(plan, **{name: analysis.TileList.from_padded(counts, index)})
     return plan
 
 
