@@ -741,21 +741,22 @@ def range_tiles(r: Range, a0: torch.Tensor, a1: torch.Tensor, length: int, bn: i
     return first, full_first, full_end, end, full
 
 
-def simulate(rs: Ranges, H: int, tiles: tuple[int, int]) -> torch.Tensor:
-    """int8 [H, row tiles, col tiles] of the tiles the kernel visits: 0 not at
-    all, 1 masked, 2 unmasked; raises AssertionError on a tile visited twice."""
+def visited(rs: Ranges, H: int, tiles: tuple[int, int]) -> tuple[list, tuple[int, int]]:
+    """The tiles the kernel visits, without a dense tile map: per head, sorted
+    int64 keys `row * col_tiles + col` and their int8 kinds (1 masked, 2
+    unmasked), and (row tiles, col tiles). Tiles outside the column range count
+    as visited (keys past the end): a kernel must never go there. Raises
+    AssertionError on a tile visited twice. Cost O(row tiles * ranges + visits)."""
     bm, bn = tiles  # (tile of x, tile of the ranges' values)
     x0, x1 = rs.domain
     n = x1 - x0
     nr, nc = -(-n // bm), -(-rs.length // bn)
     t = torch.arange(nr, dtype=torch.int64)
     a0, a1 = t * bm + x0, torch.clamp((t + 1) * bm, max=n) + x0
-    cols = torch.arange(nc, dtype=torch.int64)[None, :]
-    out = torch.zeros(H, nr, nc, dtype=torch.int8)
+    out = []
     for h in range(H):
-        visits = torch.zeros(nr, nc, dtype=torch.int64)
-        kind = torch.zeros(nr, nc, dtype=torch.int8)
         done = torch.zeros(nr, dtype=torch.int64)
+        segs = []  # (first tile, end tile, kind) per row
         for bits, ranges in rs.groups:
             if not (bits >> h) & 1:
                 continue
@@ -765,15 +766,50 @@ def simulate(rs: Ranges, H: int, tiles: tuple[int, int]) -> torch.Tensor:
                 stop = torch.maximum(end, start)
                 fs = torch.where(full, torch.minimum(torch.maximum(f_first, start), stop), stop)
                 fe = torch.where(full, torch.minimum(torch.maximum(f_end, fs), stop), stop)
-                inside = (cols >= start[:, None]) & (cols < stop[:, None])
-                unmasked = (cols >= fs[:, None]) & (cols < fe[:, None])
-                visits += inside.to(torch.int64)
-                kind = torch.where(inside, torch.where(unmasked, 2, 1).to(torch.int8), kind)
+                segs += [(start, fs, 1), (fs, fe, 2), (fe, stop, 1)]
                 done = stop
-        if bool((visits > 1).any()):
+        keys, kinds = [torch.zeros(0, dtype=torch.int64)], [torch.zeros(0, dtype=torch.int8)]
+        for lo, hi, kind in segs:
+            cnt = (hi - lo).clamp(min=0)
+            row = torch.repeat_interleave(t, cnt)
+            col = torch.arange(len(row), dtype=torch.int64) - (torch.cumsum(cnt, 0) - cnt)[row] + lo[row]
+            col = torch.where((col < 0) | (col >= nc), nc, col)  # outside: a key no plan tile has
+            keys.append(row * (nc + 1) + col)
+            kinds.append(torch.full((len(row),), kind, dtype=torch.int8))
+        k, kd = torch.cat(keys), torch.cat(kinds)
+        k, order = torch.sort(k, stable=True)
+        if bool((k[1:] == k[:-1]).any()):
             raise AssertionError("a tile visited twice")
-        out[h] = kind
-    return out
+        out.append((k, kd[order]))
+    return out, (nr, nc)
+
+
+def simulate(rs: Ranges, H: int, tiles: tuple[int, int]) -> torch.Tensor:
+    """int8 [H, row tiles, col tiles] of the tiles the kernel visits: 0 not at
+    all, 1 masked, 2 unmasked (small sizes: tests and pictures); raises
+    AssertionError on a tile visited twice or outside the columns."""
+    per_head, (nr, nc) = visited(rs, H, tiles)
+    out = torch.zeros(H, nr * (nc + 1), dtype=torch.int8)
+    for h, (k, kd) in enumerate(per_head):
+        if bool((k % (nc + 1) == nc).any()):
+            raise AssertionError("a tile outside the columns visited")
+        out[h, k] = kd
+    return out.view(H, nr, nc + 1)[..., :nc]
+
+
+def _plan_keys(full, partial, h: int, nc: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Head h's tiles of a plan direction (compressed TileLists) as sorted keys
+    `row * (nc + 1) + col` and kinds (1 partial, 2 full)."""
+    hx = min(h, full.counts.shape[0] - 1)
+    rows = full.counts.shape[1]
+    keys, kinds = [], []
+    for lst, kind in ((partial, 1), (full, 2)):
+        fr = lst.flat_rows()
+        mine = fr // rows == hx
+        keys.append((fr[mine] % rows) * (nc + 1) + lst.cols[mine].long())
+        kinds.append(torch.full((int(mine.sum()),), kind, dtype=torch.int8))
+    k, order = torch.sort(torch.cat(keys))
+    return k, torch.cat(kinds)[order]
 
 
 # ----------------------------------------------------------------------------- loop bounds for a kernel module
@@ -820,25 +856,33 @@ class LoopBounds:
                 "cols_reason": self.cols_reason or None}
 
 
-def _check(rs: Ranges, H: int, tiles: tuple[int, int], want: torch.Tensor) -> str:
-    """'' when the ranges reproduce the plan's tile classes `want` [Hx, r, c], else why not."""
+def _check(rs: Ranges, H: int, tiles: tuple[int, int], full, partial) -> str:
+    """'' when the ranges reproduce a plan direction's tile classes (its
+    compressed `full` / `partial` TileLists), else why not; no dense tile map."""
     for _, ranges in rs.groups:
         for r in ranges:
             xs = _points(r.g0, r.g1)
             if not (fits_int32(r.lo, xs) and fits_int32(r.hi, xs)):
                 return "bounds beyond int32"
     try:
-        got = simulate(rs, H, tiles)
+        per_head, (_, nc) = visited(rs, H, tiles)
     except AssertionError as exc:
         return str(exc)
-    want = want.expand(H, -1, -1)
-    if torch.equal(got, want):
+    missed = extra = masked = unmasked = 0
+    for h, (got_k, got_kind) in enumerate(per_head):
+        want_k, want_kind = _plan_keys(full, partial, h, nc)
+        if torch.equal(got_k, want_k) and torch.equal(got_kind, want_kind):
+            continue
+        pos = torch.searchsorted(want_k, got_k).clamp(max=max(len(want_k) - 1, 0))
+        hit = want_k[pos] == got_k if len(want_k) else torch.zeros_like(got_k, dtype=torch.bool)
+        extra += int((~hit).sum())
+        masked += int((hit & (got_kind == 1) & (want_kind[pos] == 2)).sum())
+        unmasked += int((hit & (got_kind == 2) & (want_kind[pos] == 1)).sum())
+        missed += len(want_k) - int(hit.sum())
+    if missed == extra == masked == unmasked == 0:
         return ""
-    extra = int(((got > 0) & (want == 0)).sum())
-    masked = int(((got == 1) & (want == 2)).sum())
-    missed = int(((got == 0) & (want > 0)).sum())
     return (f"the closed form differs from the plan at these sizes ({missed} tiles missed, {extra} empty tiles "
-            f"visited, {masked} full tiles masked)")
+            f"visited, {masked} full tiles masked, {unmasked} partial tiles unmasked)")
 
 
 def loop_bounds(pattern: ir.PatternIR, M: int, N: int, H: int, block: tuple[int, int], plan=None) -> LoopBounds:
@@ -851,7 +895,6 @@ def loop_bounds(pattern: ir.PatternIR, M: int, N: int, H: int, block: tuple[int,
         return LoopBounds(rows_reason=why, cols_reason=why, heads=H)
     if plan.tile_shape is not None:
         return LoopBounds(rows_reason="N-D tiles", cols_reason="N-D tiles", heads=H)
-    dense = plan.to_dense()
     bm, bn = block
     rows = cols = None
     why_rows = why_cols = ""
@@ -861,12 +904,12 @@ def loop_bounds(pattern: ir.PatternIR, M: int, N: int, H: int, block: tuple[int,
         except NoClosedForm as exc:
             return LoopBounds(rows_reason=str(exc), cols_reason=str(exc), heads=H)
         if rows is None:
-            why_rows = _check(r, H, (bm, bn), dense)
+            why_rows = _check(r, H, (bm, bn), plan.full, plan.partial)
             rows = None if why_rows else r
         if cols is None:
             try:
                 c = col_ranges(r, M, N, join)
-                why_cols = _check(c, H, (bn, bm), dense.transpose(1, 2))
+                why_cols = _check(c, H, (bn, bm), plan.full_t, plan.partial_t)
                 cols = None if why_cols else c
             except NoClosedForm as exc:
                 why_cols = str(exc)

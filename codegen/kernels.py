@@ -27,6 +27,11 @@ from .bounds import loop_bounds
 from .pointwise import Lowered, TritonPrinter, _table_arg, to_text
 
 
+#: largest tile (tokens per side) a kernel accepts: 256 x 256 scores already fill
+#: a GPU's registers; larger tiles would only fail later, at compile or launch time
+MAX_BLOCK = 256
+
+
 @dataclass(frozen=True)
 class KernelConfig:
     """The tuning knobs of the generated kernels, in one place.
@@ -54,9 +59,9 @@ class KernelConfig:
             object.__setattr__(self, "block_n", math.prod(self.tile[1]))
         for name in ("block_m", "block_n"):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 16 or v & (v - 1):
-                raise ValueError(f"KernelConfig.{name}: expected a power of two >= 16 (tl.dot needs 16), got {v!r}; "
-                                 f"try 16, 32, 64 or 128")
+            if isinstance(v, bool) or not isinstance(v, int) or v < 16 or v > MAX_BLOCK or v & (v - 1):
+                raise ValueError(f"KernelConfig.{name}: expected a power of two from 16 (tl.dot needs 16) to {MAX_BLOCK} "
+                                 f"tokens, got {v!r}; try 16, 32, 64 or 128")
         for name in ("num_warps", "num_stages"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import functools
 import itertools
 import logging
+import numbers
 import weakref
 from typing import Optional
 
@@ -163,9 +164,15 @@ def check_block(block) -> tuple | None:
             sizes = (bm, bn)
     except (TypeError, ValueError):
         sizes = None
+    if sizes is not None and all(isinstance(x, numbers.Integral) and not isinstance(x, bool) for x in sizes):
+        sizes = tuple(int(x) for x in sizes)
+        if isinstance(bm, tuple):
+            bm, bn = sizes[:len(bm)], sizes[len(bm):]
+        else:
+            bm, bn = sizes
     if sizes is None or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 1 for x in sizes):
-        raise ValueError(f"block: expected the kernels' tiles like (64, 64), or N-D tiles on a grid like "
-                         f"((8, 8), (8, 4)), got {block!r}")
+        raise ValueError(f"block: expected the kernels' tiles as two positive integers, or two N-D tile shapes on a "
+                         f"grid, got {block!r}; try block=(64, 64) or block=((8, 8), (8, 4))")
     return bm, bn
 
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -296,13 +297,22 @@ def inputs_digest(inputs: dict[str, torch.Tensor]) -> tuple:
     return tuple(out)
 
 
+_CACHE_LOCK = threading.Lock()
+
+
 def _cached(cache: OrderedDict, size: int, key: tuple, build) -> Schedule:
-    sched = cache.get(key)
-    if sched is None:
-        sched = cache[key] = build()
+    """LRU lookup; safe when several threads run the op (build runs outside the lock)."""
+    with _CACHE_LOCK:
+        sched = cache.get(key)
+        if sched is not None:
+            cache.move_to_end(key)
+            return sched
+    sched = build()
+    with _CACHE_LOCK:
+        sched = cache.setdefault(key, sched)
+        cache.move_to_end(key)
         while len(cache) > size:
             cache.popitem(last=False)
-    cache.move_to_end(key)
     return sched
 
 

@@ -356,8 +356,10 @@ def test_backend_reuses_the_cached_module_across_backends(cache_root):
 
 
 def test_kernel_config_validates_and_autotune_set_is_small():
-    with pytest.raises(ValueError, match="power of two >= 16"):
+    with pytest.raises(ValueError, match="power of two from 16"):
         KernelConfig(block_m=24)
+    with pytest.raises(ValueError, match="to 256 tokens, got 512"):
+        KernelConfig(block_n=512)
     with pytest.raises(ValueError, match="positive integer"):
         KernelConfig(num_warps=0)
     assert 1 <= len(AUTOTUNE_CONFIGS) <= 8

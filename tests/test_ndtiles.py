@@ -236,14 +236,20 @@ def test_op_block_argument_runs_n_d_tiles_under_autograd():
 def test_op_block_argument_errors():
     pat = grid_pattern("neighborhood(3)")
     q = torch.zeros(1, 1, 64, 16)
-    with pytest.raises(ValueError, match="expected the kernels' tiles like \\(64, 64\\)"):
+    with pytest.raises(ValueError, match="expected the kernels' tiles as two positive integers"):
         pat(q, q, q, grid=(8, 8), block=((4, 4), (8,)))
     with pytest.raises(ValueError, match="3x4 = 12 tokens"):
         pat(q, q, q, grid=(8, 8), block=((3, 4), (4, 4)), backend="triton")
     with pytest.raises(ValueError, match="pure grid, got one on seq"):
         attnc.loads("pattern p = causal").pattern()(q, q, q, block=((4, 4), (4, 4)), backend="triton")
-    with pytest.raises(ValueError, match="power of two >= 16"):
+    with pytest.raises(ValueError, match="power of two from 16"):
         pat(q, q, q, grid=(8, 8), block=(24, 16), backend="triton")
+    with pytest.raises(ValueError, match="to 256 tokens"):  # not a 4 TiB allocation
+        pat(q, q, q, grid=(8, 8), block=(2**40, 16), backend="triton")
+    with pytest.raises(ValueError, match="try block=\\(64, 64\\)"):
+        pat(q, q, q, grid=(8, 8), block=(16,))
+    import numpy as np  # numpy integers are integers
+    assert pat(q, q, q, grid=(8, 8), block=(np.int64(16), np.int64(16)), backend="triton").shape == (1, 1, 64, 16)
     # other backends choose their own tiles: the torch path runs with any block
     assert pat(q, q, q, grid=(8, 8), block=((4, 4), (4, 4)), backend="torch").shape == (1, 1, 64, 16)
 
