@@ -873,8 +873,11 @@ def _check(rs: Ranges, H: int, tiles: tuple[int, int], full, partial) -> str:
         want_k, want_kind = _plan_keys(full, partial, h, nc)
         if torch.equal(got_k, want_k) and torch.equal(got_kind, want_kind):
             continue
-        pos = torch.searchsorted(want_k, got_k).clamp(max=max(len(want_k) - 1, 0))
-        hit = want_k[pos] == got_k if len(want_k) else torch.zeros_like(got_k, dtype=torch.bool)
+        if len(want_k) == 0:  # the plan has no tile for this head
+            extra += len(got_k)
+            continue
+        pos = torch.searchsorted(want_k, got_k).clamp(max=len(want_k) - 1)
+        hit = want_k[pos] == got_k
         extra += int((~hit).sum())
         masked += int((hit & (got_kind == 1) & (want_kind[pos] == 2)).sum())
         unmasked += int((hit & (got_kind == 2) & (want_kind[pos] == 1)).sum())

@@ -254,6 +254,8 @@ def test_check_against_the_plan_needs_no_tile_map():
     assert _check(rows, 1, tiles, mine.full, mine.partial) == ""
     why = _check(rows, 1, tiles, theirs.full, theirs.partial)
     assert "empty tiles visited" in why and "full tiles masked" in why and not why.startswith("the closed form differs from the plan at these sizes (0 tiles missed, 0 empty")
+    nothing = attnc.loads("pattern p = causal - causal").pattern().plan(M, block=tiles)  # a plan without tiles
+    assert "empty tiles visited" in _check(rows, 1, tiles, nothing.full, nothing.partial)
     n = 2**18
     big = pat.plan(n, block=(64, 64))
     lb = loop_bounds(pat.ir, n, n, 1, (64, 64), big)
