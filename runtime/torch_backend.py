@@ -300,7 +300,7 @@ def inputs_digest(inputs: dict[str, torch.Tensor]) -> tuple:
 _CACHE_LOCK = threading.Lock()
 
 
-def _cached(cache: OrderedDict, size: int, key: tuple, build) -> Schedule:
+def _cached(cache: OrderedDict, size: int, key: tuple, build):
     """LRU lookup; safe when several threads run the op (build runs outside the lock)."""
     with _CACHE_LOCK:
         sched = cache.get(key)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections import OrderedDict
 from dataclasses import dataclass, replace
 from types import ModuleType
 
@@ -72,6 +73,11 @@ class KernelSet:
     def from_tiles(self, x: torch.Tensor, side: str) -> torch.Tensor:
         """The inverse of `to_tiles` (padded positions dropped)."""
         return x[:, :, self.pos_q if side == "q" else self.pos_k].contiguous()
+
+
+#: tile lists of patterns with run-time inputs, by the inputs' content (bounded LRU)
+_INPUT_LISTS: "OrderedDict[tuple, TileLists]" = OrderedDict()
+_INPUT_CACHE_SIZE = 16
 
 
 def _triton_missing() -> str | None:
@@ -308,20 +314,28 @@ class TritonBackend(Backend):
         """Plan of a pattern with run-time inputs: per batch element (closed form
         from the inputs where the analysis has one, else the reference mask in row
         chunks), united over the batch."""
-        from .torch_backend import scan_plan
+        from .torch_backend import _cached, inputs_digest, scan_plan
 
         batches, _ = call.pattern._inputs(call.M, call.N, call.Hq, call.inputs)
-        full = nonempty = None
-        for inp in batches:
-            dense = scan_plan(call, inp, config.block).to_dense()
-            f, ne = dense == 2, dense > 0
-            full = f if full is None else full & f
-            nonempty = ne if nonempty is None else nonempty | ne
-        if full.shape[0] > 1 and bool((full == full[:1]).all() and (nonempty == nonempty[:1]).all()):
-            full, nonempty = full[:1], nonempty[:1]
-        partial = nonempty & ~full
 
-        return TileLists(*(TileList.from_dense(f).to(device) for f in (full, partial, full.transpose(1, 2), partial.transpose(1, 2))))
+        def build() -> TileLists:
+            full = nonempty = None
+            for inp in batches:
+                dense = scan_plan(call, inp, config.block).to_dense()
+                f, ne = dense == 2, dense > 0
+                full = f if full is None else full & f
+                nonempty = ne if nonempty is None else nonempty | ne
+            if full.shape[0] > 1 and bool((full == full[:1]).all() and (nonempty == nonempty[:1]).all()):
+                full, nonempty = full[:1], nonempty[:1]
+            partial = nonempty & ~full
+            return TileLists(*(TileList.from_dense(f).to(device)
+                               for f in (full, partial, full.transpose(1, 2), partial.transpose(1, 2))))
+
+        # forward and backward of a step see the same inputs: one build, keyed by their content
+        # (the torch path's input-schedule cache, [Note: input schedules] in torch_backend.py)
+        key = (call.pattern.ir, call.M, call.N, call.Hq, call.grid, config.block, str(device),
+               tuple(inputs_digest(inp) for inp in batches))
+        return _cached(_INPUT_LISTS, _INPUT_CACHE_SIZE, key, build)
 
     # -- knobs
     @staticmethod

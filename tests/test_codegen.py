@@ -248,6 +248,24 @@ def test_routed_blocks_and_batched_segments():
     check(example("packed"), B=2, Hq=1, Hkv=1, M=50, inputs={"doc": doc}, tiles=(16, 16))
 
 
+def test_run_time_input_lists_are_built_once_per_input_content():
+    """Forward and backward of a step (and repeated packed batches) reuse the tile lists
+    built from equal inputs; other values, or an in-place change, rebuild them."""
+    from attnc.runtime import triton_backend as tb
+    pat = example("packed")
+    be = backend((16, 16))
+    config = be.call_config(make_call(pat, 1, 1, 1, 50, 50, 16, 16))
+    doc = torch.tensor([[0] * 20 + [1] * 30])
+    lists = lambda d: be._input_lists(make_call(pat, 1, 1, 1, 50, 50, 16, 16, inputs={"doc": d}), config, "cpu")
+    first = lists(doc)
+    assert lists(doc.clone()) is first  # equal values in another tensor
+    other = lists(torch.tensor([[0] * 40 + [1] * 10]))
+    assert other is not first and not torch.equal(other.partial.index, first.partial.index)
+    doc[0, 20:30] = 0  # in place: now [0]*30 + [1]*20
+    assert lists(doc) is not first
+    assert len(tb._INPUT_LISTS) <= tb._INPUT_CACHE_SIZE
+
+
 # ----------------------------------------------------------------------------- backend reasons
 
 
