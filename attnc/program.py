@@ -7,8 +7,10 @@ does not: compute anything heavy at load; masks are evaluated on demand.
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -286,6 +288,17 @@ def loads(source: str, file: str = "<string>") -> Program:
 # ----------------------------------------------------------------------------- bound patterns
 
 
+#: Every live bound pattern by its op key (the `attnc::attention` op names its pattern by
+#: this string; runtime/ops.py looks it up). Weak: a pattern nobody holds is forgotten.
+_LIVE_PATTERNS: "weakref.WeakValueDictionary[str, BoundPattern]" = weakref.WeakValueDictionary()
+_KEY_COUNTER = itertools.count()
+
+
+def live_pattern(key: str) -> "BoundPattern | None":
+    """The live bound pattern with this op key, or None."""
+    return _LIVE_PATTERNS.get(key)
+
+
 class BoundPattern:
     """A pattern with its parameters bound; callable as an attention op.
 
@@ -293,9 +306,17 @@ class BoundPattern:
     """
 
     def __init__(self, program: Program, pattern: ir.PatternIR, params: dict):
+        from . import dynamic
+
         self.program = program
         self.ir = pattern
         self.params = params
+        # [Note: traced first calls] Everything `pat(q, k, v)` reads before the op is
+        # computed here, eagerly: under torch.compile(fullgraph=True) the first call may
+        # be traced, and dynamo cannot trace IR walks (networkx) or a registry write.
+        self._topk = dynamic.has_topk(pattern)
+        self.op_key = f"{pattern.name}#{next(_KEY_COUNTER)}"
+        _LIVE_PATTERNS[self.op_key] = self
 
     @property
     def name(self) -> str:
@@ -607,9 +628,6 @@ class BoundPattern:
         return _int(expr, env)
 
     def _has_topk(self) -> bool:
-        from . import dynamic
-        if getattr(self, "_topk", None) is None:
-            self._topk = dynamic.has_topk(self.ir)
         return self._topk
 
     def _lowered(self):

@@ -24,10 +24,8 @@ raises its reason as a ValueError.
 from __future__ import annotations
 
 import functools
-import itertools
 import logging
 import numbers
-import weakref
 from typing import Optional
 
 import torch
@@ -112,22 +110,15 @@ def choose_backend(call: Call, q: torch.Tensor, backend: str) -> Backend:
 # ----------------------------------------------------------------------------- the registry
 
 
-_PATTERNS: "weakref.WeakValueDictionary[str, object]" = weakref.WeakValueDictionary()
-_COUNTER = itertools.count()
-
-
 def pattern_key(pat) -> str:
-    """The registry key of a bound pattern (assigned on first use)."""
-    key = pat.__dict__.get("_op_key")
-    if key is None:
-        key = f"{pat.name}#{next(_COUNTER)}"
-        pat.__dict__["_op_key"] = key
-        _PATTERNS[key] = pat
-    return key
+    """The registry key of a bound pattern (assigned when it is bound, attnc/program.py)."""
+    return pat.op_key
 
 
 def _lookup(key: str):
-    pat = _PATTERNS.get(key)
+    from attnc.program import live_pattern
+
+    pat = live_pattern(key)
     if pat is None:
         raise ValueError(f"attnc::attention: expected the key of a live bound pattern, got {key!r}; "
                          f"try calling the pattern object itself: pat(q, k, v)")

@@ -107,7 +107,12 @@ def test_single_key_rows_return_that_value(backend, dtype):
     # exactly 0 in exact arithmetic; the block-sparse paths form dS = P * (dP - delta) with rounding
     torch.testing.assert_close(q.grad, torch.zeros_like(q), rtol=0, atol=t)
     torch.testing.assert_close(k.grad, torch.zeros_like(k), rtol=0, atol=t)
-    assert torch.all(v.grad[:, :, keys].float() == 1)
+    # dV[key] = p * 1 with p = exp(s - lse) = 1 in exact arithmetic; the kernels form s and
+    # lse in the log2 domain, so p is off by the rounding of s: a few ulps of |s|, not more
+    s = want.detach().abs().amax().item()
+    bound = 8 * torch.finfo(dtype).eps * (1 + s)
+    torch.testing.assert_close(v.grad[:, :, keys].float(), torch.ones_like(v.grad[:, :, keys].float()),
+                               rtol=0, atol=bound)
 
 
 @pytest.mark.parametrize("scale", [0.0, 1e-30, 1e-8, 1.0, 1e4, 1e30, -1e4])

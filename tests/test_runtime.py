@@ -145,7 +145,12 @@ def test_bad_call_arguments():
 
 
 def test_flex_attention_agrees_on_semantics():
-    """FlexAttention (an independent implementation) with attnc's mask as a dense mask_mod."""
+    """FlexAttention (an independent implementation), eager, with attnc's mask as a dense
+    mask_mod and with attnc's own export (`pat.to_flex`).
+
+    Eager on purpose: compiled FlexAttention on CPU (torch 2.13) returns NaN / garbage for
+    some heads when the mask_mod captures a dense tensor (3 of 4 fresh runs, while eager
+    flex and a dense softmax agree with attnc): an upstream CPU inductor defect, not ours."""
     flex = pytest.importorskip("torch.nn.attention.flex_attention")
     pat = attnc.load(EXAMPLES / "streaming_llm.attn").pattern(sinks=2, recent=5)
     M = N = 40
@@ -155,12 +160,11 @@ def test_flex_attention_agrees_on_semantics():
         return dense[qi, ki]
 
     q, k, v = (rand(1, 2, M, 16, seed=s) for s in (1, 2, 3))
+    got = pat(q, k, v)
     bm = flex.create_block_mask(mask_mod, 1, 1, M, N, device="cpu")
-    try:
-        want = torch.compile(flex.flex_attention)(q, k, v, block_mask=bm)
-    except Exception as exc:  # pragma: no cover - depends on the local compiler toolchain
-        pytest.skip(f"FlexAttention unavailable here: {type(exc).__name__}")
-    torch.testing.assert_close(pat(q, k, v), want, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(got, flex.flex_attention(q, k, v, block_mask=bm), rtol=1e-5, atol=1e-5)
+    export_mod, export_bm = pat.to_flex(M, N, heads=2)
+    torch.testing.assert_close(got, flex.flex_attention(q, k, v, block_mask=export_bm), rtol=1e-5, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------- the registered op
@@ -193,22 +197,27 @@ def test_gradcheck_gqa_and_inputs(one_thread):
 
 
 def test_torch_compile_fullgraph_forward_and_backward(one_thread):
+    """The op's FIRST call is traced (no eager warm-up), with the default inductor backend,
+    forward and backward; a static pattern, a grid and a run-time input in one graph."""
     pat = attnc.loads("pattern p(w = 4) = sliding(w) | (sink(1) & causal)").pattern(w=3)
     grid_pat = attnc.load(EXAMPLES / "natten2d.attn").pattern(size=3)
+    packed = attnc.load(EXAMPLES / "packed.attn").pattern()
+    doc = torch.tensor([0] * 5 + [1] * 7)
 
     def loss(q, k, v, q2):
         out, lse = pat(q, k, v, return_lse=True)
         out2 = grid_pat(q2, q2, q2, grid=(4, 5), backend="torch")
-        return (out * out).sum() + lse.sum() + out2.sum()
+        out3 = packed(q, k, v, doc=doc)
+        return (out * out).sum() + lse.sum() + out2.sum() + (out3 * out).sum()
 
-    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
+    compiled = torch.compile(loss, fullgraph=True)
     args = [rand(1, 2, 12, 8, seed=1), rand(1, 1, 12, 8, seed=2), rand(1, 1, 12, 8, seed=3), rand(1, 1, 20, 8, seed=4)]
-    eager_args = [a.clone().requires_grad_() for a in args]
     comp_args = [a.clone().requires_grad_() for a in args]
+    got = compiled(*comp_args)  # first call of every pattern: inside the compiled region
+    got.backward()
+    eager_args = [a.clone().requires_grad_() for a in args]
     want = loss(*eager_args)
     want.backward()
-    got = compiled(*comp_args)
-    got.backward()
     torch.testing.assert_close(got, want)
     for a, b in zip(comp_args, eager_args):
         torch.testing.assert_close(a.grad, b.grad)
