@@ -37,3 +37,17 @@ def test_dynamic_benchmark_smoke_prints_both_packed_rows(capsys):
                                  "--skip-topk"]) == 0
     text = capsys.readouterr().out
     assert "same documents every call | dense SDPA fwd" in text and "new documents every call | attnc fwd" in text
+
+
+def test_gpu_benchmark_native_mask_mods_match_attnc_and_the_check_can_fail():
+    gpu = load("gpu")
+    cases = [c for c in gpu.smoke_cases() if c.native is not None]
+    assert {c.name for c in cases} >= {"1d-w2k-s256", "2d-w80-s16", "llm-32k", "per-head-32k"}
+    for case in cases:
+        assert gpu.check_native(case, 4) == 0, case.name
+    # an off-by-one window (and a stride the pattern does not have) is caught
+    stride = next(c for c in cases if c.name == "1d-w2k-s256")
+    assert gpu.check_native(gpu.Case(stride.name, stride.source, stride.params, stride.n, native=gpu.neighborhood_1d(512, 65, 16)), 4) > 0
+    assert gpu.check_native(gpu.Case(stride.name, stride.source, stride.params, stride.n, native=gpu.neighborhood_1d(512, 64)), 4) > 0
+    per_head = next(c for c in cases if c.name == "per-head-32k")
+    assert gpu.check_native(gpu.Case(per_head.name, per_head.source, n=per_head.n, native=gpu.sliding_sinks(64, 4)), 4) > 0

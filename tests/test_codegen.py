@@ -26,19 +26,10 @@ from attnc.runtime.backend import Call
 from attnc.runtime.reference import dense_attention
 from attnc.runtime.triton_backend import TritonBackend
 from conftest import EXAMPLES, example_names, example_pattern
+from kernel_check import TOL, backend, cache_root, check, make_call, private_cache  # noqa: F401 (fixtures, shared helpers)
 from test_pointwise import LEAVES_1D, LEAVES_GRID, random_source
 
 import triton  # noqa: E402,F401  (a core test dependency: conftest stops the run without it)
-
-
-@pytest.fixture(scope="session")
-def cache_root(tmp_path_factory):
-    return tmp_path_factory.mktemp("attnc-cache")
-
-
-@pytest.fixture(autouse=True)
-def private_cache(monkeypatch, cache_root):
-    monkeypatch.setenv("ATTNC_CACHE_DIR", str(cache_root))
 
 
 #: CPU tests of the kernels need the interpreter (conftest sets it without CUDA)
@@ -46,61 +37,6 @@ interpreted = pytest.mark.skipif(not cache.interpret_mode(), reason="needs TRITO
 
 
 example = example_pattern
-
-
-def make_call(pat, B, Hq, Hkv, M, N, D, Dv, grid=None, inputs=None):
-    M, N, H, grid = pat.resolve_sizes(M, N, Hq, grid)
-    return Call(pattern=pat, B=B, Hq=Hq, Hkv=Hkv, M=M, N=N, D=D, Dv=Dv, grid=grid, scale=1 / math.sqrt(D),
-                inputs=inputs or {})
-
-
-_BACKENDS: dict = {}
-
-
-def backend(tiles=(32, 32)) -> TritonBackend:
-    """One backend per tile shape for the whole session (its kernel sets are memoised);
-    ((query tile shape), (key tile shape)) means N-D tiles."""
-    if tiles not in _BACKENDS:
-        nd = isinstance(tiles[0], tuple)
-        _BACKENDS[tiles] = TritonBackend(KernelConfig(tile=tiles) if nd else KernelConfig(block_m=tiles[0], block_n=tiles[1]))
-    return _BACKENDS[tiles]
-
-
-TOL = {torch.float32: dict(atol=1e-4, rtol=1e-4), torch.float16: dict(atol=1e-2, rtol=1e-2),
-       torch.bfloat16: dict(atol=6e-2, rtol=6e-2)}
-
-
-def check(pat, B=1, Hq=2, Hkv=1, M=40, N=None, D=16, Dv=None, grid=None, inputs=None, dtype=torch.float32,
-          tiles=(32, 32), device="cpu", seed=0):
-    """Forward and backward through TritonBackend against the float64 reference."""
-    Dv = Dv or D
-    call = make_call(pat, B, Hq, Hkv, M, N, D, Dv, grid, inputs)
-    g = torch.Generator().manual_seed(seed)
-    q = torch.randn(B, Hq, call.M, D, generator=g).to(device, dtype)
-    k = torch.randn(B, Hkv, call.N, D, generator=g).to(device, dtype)
-    v = torch.randn(B, Hkv, call.N, Dv, generator=g).to(device, dtype)
-    be = backend(tiles)
-    assert be.can_run(call, q) is None
-    out, lse = be.forward(call, q, k, v)
-    mask = call.mask()
-    mask = mask[None] if mask.dim() == 3 else mask
-    qd, kd, vd = (x.detach().cpu().double().requires_grad_() for x in (q, k, v))
-    want_out, want_lse = dense_attention(qd, kd, vd, mask, call.scale)
-    empty = torch.isneginf(want_lse)
-    dout = torch.randn(out.shape, generator=g).to(device, dtype)
-    dlse = torch.randn(lse.shape, generator=g).masked_fill(empty, 0.0).to(device)
-    dq, dk, dv = be.backward(call, q, k, v, out, lse, dout, dlse)
-    (want_out * dout.cpu().double()).sum().add((want_lse.masked_fill(empty, 0) * dlse.cpu().double()).sum()).backward()
-    tol = TOL[dtype]
-    assert out.dtype == dtype and lse.dtype == torch.float32
-    assert torch.equal(torch.isneginf(lse.cpu()), empty), "rows without keys must have lse -inf exactly"
-    assert torch.all(out.cpu()[empty] == 0)
-    torch.testing.assert_close(out.cpu().double(), want_out.detach(), **tol)
-    torch.testing.assert_close(lse.cpu().double().masked_fill(empty, 0), want_lse.detach().masked_fill(empty, 0), **tol)
-    for got, want in ((dq, qd.grad), (dk, kd.grad), (dv, vd.grad)):
-        assert got.dtype == dtype and torch.isfinite(got).all()
-        torch.testing.assert_close(got.cpu().double(), want, **tol)
-    return call
 
 
 # ----------------------------------------------------------------------------- generated source
