@@ -14,9 +14,9 @@ mkdir -p "$OUT"
 T0=$(date +%s)
 stamp() { echo "[$(( $(date +%s) - T0 )) s] $*"; }
 PY=${PYTHON:-python3}
-PYTEST_S=${PYTEST_S:-150}    # stage limits, seconds (sum + installs stays under ~420)
-BENCH_S=${BENCH_S:-210}      # hard limit of the benchmark process
-BUDGET_S=${BUDGET_S:-180}    # the benchmark's own budget: it stops starting steps and writes its results
+PYTEST_S=${PYTEST_S:-190}    # stage limits, seconds (sum + installs stays under ~420)
+BENCH_S=${BENCH_S:-230}      # hard limit of the benchmark process
+BUDGET_S=${BUDGET_S:-205}    # the benchmark's own budget: it stops starting steps and writes its results
 
 {
 stamp "install"
@@ -45,7 +45,7 @@ PY
 [ -d /tmp/attnc-pkg ] && export PYTHONPATH=/tmp/attnc-pkg:$PYTHONPATH
 
 stamp "pytest -m gpu (limit ${PYTEST_S} s)" | tee -a "$OUT/setup.log"
-timeout -k 10 "$PYTEST_S" $PY -m pytest -m gpu -q -x -n 12 --timeout 300 -p no:cacheprovider -rfEs --durations=15 \
+timeout -k 10 "$PYTEST_S" $PY -m pytest -m gpu -q --maxfail=40 -n 14 --timeout 300 -p no:cacheprovider -rfEs --durations=15 \
     2>&1 | tee "$OUT/pytest.log"
 echo "pytest exit ${PIPESTATUS[0]} (124: stage limit)" | tee -a "$OUT/pytest.log"
 
