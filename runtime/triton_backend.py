@@ -320,7 +320,7 @@ class TritonBackend(Backend):
         chunks), united over the batch."""
         from .torch_backend import _cached, inputs_digest, scan_plan
 
-        batches, _ = call.pattern._inputs(call.M, call.N, call.Hq, call.inputs)
+        batches, _ = call.pattern._inputs(call.M, call.N, call.Hq, call.inputs, batch=call.B)
 
         def build() -> TileLists:
             full = nonempty = None

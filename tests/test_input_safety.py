@@ -137,3 +137,56 @@ def test_an_input_named_like_an_internal_table_changes_nothing(src):
     assert all(not t.name.startswith("in_") for t in low.tables if t.source is None)
     src_text = triton_mask_source(low)
     assert all(f"tbl_{n}" in src_text for n in names)
+
+
+# ----------------------------------------------------------------------------- batch broadcasting
+
+
+BATCHED = "pattern p(doc: segments, sel: blocks(4)) = (causal & same(doc)) | routed(sel)"
+
+
+def _batched_inputs(B_doc, B_sel, H=2, M=8, N=8):
+    g = torch.Generator().manual_seed(3)
+    return {"doc": torch.randint(0, 3, (B_doc, N), generator=g).sort(-1).values,
+            "sel": torch.randint(-1, 2, (B_sel, H, M // 4, 2), generator=g)}
+
+
+@pytest.mark.parametrize("B_doc, B_sel", [(1, 1), (3, 1), (1, 3), (3, 3)])
+def test_inputs_of_batch_one_or_b_broadcast_alike_on_every_backend(B_doc, B_sel):
+    pat = attnc.loads(BATCHED).pattern()
+    check_every_backend(pat, 3, 2, 8, 8, **_batched_inputs(B_doc, B_sel))
+
+
+@pytest.mark.parametrize("B_doc, B_sel", [(2, 1), (1, 2), (4, 3), (3, 2)])
+@pytest.mark.parametrize("backend", ("auto", "reference", "torch", "triton", "flex"))
+def test_a_batch_neither_one_nor_b_is_the_same_value_error_on_every_backend(B_doc, B_sel, backend):
+    pat = attnc.loads(BATCHED).pattern()
+    q, k, v = qkv(3, 2, 8, 8)
+    with pytest.raises(ValueError) as info:
+        with torch.no_grad():
+            pat(q, k, v, backend=backend, **_batched_inputs(B_doc, B_sel))
+    bad = "doc" if B_doc not in (1, 3) else "sel"
+    got = B_doc if bad == "doc" else B_sel
+    assert str(info.value).startswith(f"{bad}: expected batch size 1 (shared by the whole batch) or 3 (q's batch), got {got}")
+    assert "try" in str(info.value)
+
+
+def test_inputs_without_q_agree_among_themselves():
+    pat = attnc.loads(BATCHED).pattern()
+    assert pat.mask(8, heads=2, **_batched_inputs(1, 3)).shape == (3, 2, 8, 8)
+    with pytest.raises(ValueError, match=r"sel: expected batch size 1 \(shared by the whole batch\) or 3 \(the batch of 'doc'\), got 2"):
+        pat.mask(8, heads=2, **_batched_inputs(3, 2))
+    with pytest.raises(ValueError, match="the batch of 'doc'"):
+        pat.to_flex(8, heads=2, block=(4, 4), **_batched_inputs(3, 2))
+
+
+@pytest.mark.parametrize("bad", [2, 2**31, 2**40, -2, -2**40])
+@pytest.mark.parametrize("backend", ("reference", "torch", "triton", "flex"))
+def test_block_ids_out_of_range_are_refused_before_any_narrowing(bad, backend):
+    pat = attnc.loads(BATCHED).pattern()
+    q, k, v = qkv(3, 2, 8, 8)
+    inputs = _batched_inputs(3, 3)
+    inputs["sel"][1, 0, 1, 0] = bad  # 2 key blocks of 4: only 0, 1 and -1 are valid
+    with pytest.raises(ValueError, match=r"sel: expected key-block indices in \[0, 2\) or -1 for padding, got .*; try"):
+        with torch.no_grad():
+            pat(q, k, v, backend=backend, **inputs)
