@@ -115,9 +115,12 @@ class Ctx:
     in_where: bool = False
     along: str | None = None  # inside `P @ a`
     transformed: bool = False  # inside dilate / blockwise / @
+    #: locals named q, k or h: name -> what binds it ("parameter" / "let binding"); inside
+    #: `where` those names are positions and the head, so a use there is an error
+    hidden: dict[str, str] = field(default_factory=dict)
 
     def child(self, **kw) -> "Ctx":
-        c = Ctx(self.module, self.layout, dict(self.locals), self.in_where, self.along, self.transformed)
+        c = Ctx(self.module, self.layout, dict(self.locals), self.in_where, self.along, self.transformed, dict(self.hidden))
         for k, v in kw.items():
             setattr(c, k, v)
         return c
@@ -160,6 +163,13 @@ PRIMITIVES: dict[str, tuple[list[tuple[str, str, object]], str]] = {
 }
 FUNCTIONS = {"min": "min(a, b, ...)", "max": "max(a, b, ...)", "abs": "abs(x)", "size": "size(axis)"}
 INPUT_TYPES = {"segments": 0, "blocks": 1}
+
+
+def _note_hidden(ctx: Ctx, name: str, kind: str) -> None:
+    """Record a local named q, k or h: inside `where` those names are the positions and the
+    head, so a `where` that uses one would silently ignore the local (`ev_Name` refuses it)."""
+    if name in ("q", "k", "h"):
+        ctx.hidden[name] = kind
 
 
 def _is_int(v) -> bool:
@@ -231,6 +241,7 @@ class Elaborator:
                 ctx.locals[p.name] = self.param_value(p, ctx, values, top=True)
             except _Abort:
                 ctx.locals[p.name] = POISON
+            _note_hidden(ctx, p.name, "parameter")
         layout = self.layout_text(pdef, ctx, layout)
         ctx.layout = layout
         self.call_stack.append(pdef.name)
@@ -434,7 +445,12 @@ class Elaborator:
 
     def ev_Name(self, e: ast.Name, ctx: Ctx):
         name = e.id
-        if ctx.in_where and name in ("q", "k", "h"):  # positions shadow parameters named q, k, h
+        if ctx.in_where and name in ("q", "k", "h"):
+            if name in ctx.hidden:  # a parameter / let named q, k or h would be silently hidden here
+                what = "the head index" if name == "h" else ("the query position" if name == "q" else "the key position")
+                kind = ctx.hidden[name]
+                self.fail(e.span, f"'{name}' inside `where` is {what}, but a {kind} named '{name}' is in scope "
+                                  f"and would be hidden", f"rename the {kind} (e.g. '{name}_') or use it outside `where`")
             return Pos(ir.PVar(name=name, span=e.span), False)
         if name in ctx.locals:
             return ctx.locals[name]
@@ -500,6 +516,8 @@ class Elaborator:
         v = self.ev(e.value, ctx)
         inner = ctx.child()
         inner.locals[e.name] = v
+        inner.hidden.pop(e.name, None)
+        _note_hidden(inner, e.name, "let binding")
         return self.ev(e.body, inner)
 
     def ev_Call(self, e: ast.Call, ctx: Ctx):
@@ -597,6 +615,7 @@ class Elaborator:
                 inner.locals[p.name] = v
             else:
                 inner.locals[p.name] = self.param_value(p, inner, {}, top=False)
+            _note_hidden(inner, p.name, "parameter")
         self.call_stack.append(pdef.name)
         try:
             return self.mask_of(pdef.body, inner, what=f"the body of pattern '{pdef.name}'")

@@ -7,11 +7,13 @@ does not: define masks (the pattern does) or pick kernels (the op does).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import torch
 from torch import nn
 
+from . import ir as _ir
 from .program import BoundPattern, load
 
 
@@ -115,25 +117,114 @@ class SparseAttention(nn.Module):
 # ----------------------------------------------------------------------------- Hugging Face transformers
 
 
+def with_key_padding(pattern: BoundPattern) -> tuple[BoundPattern, str]:
+    """``(pattern & same(pad), pad)``: the pattern with one more `segments` input, `pad`
+    (a name none of its inputs has), for key padding masks (`padding_ids`).
+
+    [Note: padding] A padding mask composes with any pattern as `same` over ids
+    that are 0 for every real token and distinct negative numbers for the padded
+    ones (`padding_ids`): a real query then sees exactly the real keys its pattern
+    allows, a padded query at most itself. The pattern's positions stay absolute
+    (padding included), as in transformers' own masks.
+    """
+    taken = {s.name for s in pattern.ir.inputs}
+    pad = "key_padding"
+    while pad in taken:
+        pad += "_"
+    ir = pattern.ir
+    spec = _ir.InputSpec(name=pad, kind="segments")
+    body = _ir.Inter(parts=(ir.body, _ir.Same(input=pad, span=ir.body.span)), span=ir.body.span)
+    padded = BoundPattern(pattern.program, dataclasses.replace(ir, body=body, inputs=ir.inputs + (spec,)), pattern.params)
+    return padded, pad
+
+
+def padding_ids(valid: torch.Tensor) -> torch.Tensor:
+    """bool [B, N] key validity -> int64 segment ids: 0 where valid, -1 - position where padded."""
+    pos = torch.arange(valid.shape[-1], device=valid.device)
+    return torch.where(valid, torch.zeros_like(pos), -1 - pos).expand(valid.shape).contiguous()
+
+
+def hf_key_validity(attention_mask, B: int, N: int) -> torch.Tensor | None:
+    """The keys a transformers ``attention_mask`` allows: bool [B or 1, N], or None
+    when it masks no key (or is None).
+
+    A 2-D mask ``[B, >= N]`` (1 / True = a real token; the last N columns are the
+    keys, as transformers slices it) is padding. A 4-D mask ``[B, 1 or H, M, N]``
+    (bool, or additive float with 0 where allowed) is the model's own mask: the
+    pattern replaces it, so it is accepted only when it hides no key from every
+    query; padding inside it is refused with a ValueError, never dropped in
+    silence. (transformers 4.x unmasks padded query rows of 4-D masks only for
+    its own "sdpa" implementation, never for a registered name.)
+    """
+    if attention_mask is None:
+        return None
+    m = attention_mask
+    if not isinstance(m, torch.Tensor) or m.dim() not in (2, 4):
+        got = f"{m.dim()}-D tensor of shape {tuple(m.shape)}" if isinstance(m, torch.Tensor) else type(m).__name__
+        raise ValueError(f"attnc attention: expected attention_mask as None, a 2-D padding mask [B, N] or a 4-D mask "
+                         f"[B, 1, M, N], got a {got}; try attention_mask=None or the tokenizer's 2-D mask")
+    allowed = m if m.dtype == torch.bool else (m != 0 if m.dim() == 2 else m == 0)
+    if m.dim() == 2:
+        if m.shape[0] not in (1, B) or m.shape[1] < N:
+            raise ValueError(f"attnc attention: expected a 2-D attention_mask of shape [{B}, >= {N}] (one column per key), "
+                             f"got {tuple(m.shape)}; try the tokenizer's attention_mask for this batch")
+        valid = allowed[:, -N:]
+        return None if bool(valid.all()) else valid
+    if m.shape[0] not in (1, B) or m.shape[-1] != N:
+        raise ValueError(f"attnc attention: expected a 4-D attention_mask of shape [{B}, 1, M, {N}], got {tuple(m.shape)}")
+    hidden = ~allowed.flatten(1, 2).any(1)  # [B, N]: keys no query (of any head) may see
+    if bool(hidden.any()):
+        b, j = (int(x) for x in hidden.nonzero()[0])
+        raise ValueError(
+            f"attnc attention: expected attention_mask to be None or a 2-D padding mask; got a 4-D mask that hides key {j} "
+            f"of batch element {b} from every query (padding?). The pattern replaces the model's mask, and padding cannot "
+            f"be separated from a 4-D mask; try attnc.nn.register_hf (it asks transformers for the 2-D mask), or pass "
+            f"the padding as a segments input of the pattern")
+    return None
+
+
 def hf_attention(pattern: BoundPattern, *, backend: str = "auto"):
     """An attention function in the form of Hugging Face transformers' registry.
 
     ``fn(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs)``
     with query ``[B, H, M, D]`` and key / value ``[B, Hkv, N, D]`` (GQA kept),
     returning ``(attn_output [B, M, H, D], None)``. The pattern replaces the
-    model's own mask: ``attention_mask`` is not applied (use ``same(doc)`` for
-    packed or padded batches, passed as ``kwargs[name]``).
+    model's own mask; a padding ``attention_mask`` (2-D ``[B, N]``, what
+    `register_hf` makes transformers pass) is composed with it: padded keys are
+    never attended ([Note: padding], `with_key_padding`). A 4-D mask that hides
+    keys is refused (`hf_key_validity`). Run-time inputs of the pattern come
+    from ``kwargs[name]``.
     """
     names = [s.name for s in pattern.ir.inputs]
+    padded = None
 
     def attnc_attention(module, query, key, value, attention_mask=None, scaling=None, dropout=0.0, **kwargs):
+        nonlocal padded
         if dropout and getattr(module, "training", False):
             raise ValueError(f"attnc attention: expected dropout=0.0, got {dropout}; try attention_dropout=0.0 in the config")
         inputs = {n: kwargs[n] for n in names if n in kwargs}
-        out = pattern(query, key, value, scale=scaling, backend=backend, **inputs)
+        valid = hf_key_validity(attention_mask, query.shape[0], key.shape[2])
+        if valid is None:
+            out = pattern(query, key, value, scale=scaling, backend=backend, **inputs)
+        else:
+            if padded is None:
+                padded = with_key_padding(pattern)
+            pat, pad = padded
+            out = pat(query, key, value, scale=scaling, backend=backend, **inputs, **{pad: padding_ids(valid)})
         return out.transpose(1, 2).contiguous(), None
 
     return attnc_attention
+
+
+def hf_padding_mask(batch_size: int, q_length: int, kv_length: int, q_offset: int = 0, kv_offset: int = 0,
+                    mask_function=None, attention_mask: torch.Tensor | None = None, **kwargs):
+    """The mask function `register_hf` gives transformers for the name (its
+    ``AttentionMaskInterface``): the 2-D padding mask ``[B, kv_length]`` (bool), or None
+    when nothing is padded. The pattern is the rest of the mask."""
+    if attention_mask is None:
+        return None
+    mask = attention_mask[:, -kv_length:].to(torch.bool)
+    return None if mask.shape[1] == kv_length and bool(mask.all()) else mask
 
 
 def register_hf(pattern: BoundPattern, name: str = "attnc", *, backend: str = "auto") -> str:
@@ -154,4 +245,14 @@ def register_hf(pattern: BoundPattern, name: str = "attnc", *, backend: str = "a
     else:  # transformers before AttentionInterface (< 4.50): the module-level dict
         from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
         ALL_ATTENTION_FUNCTIONS[name] = fn
+    # transformers >= 4.53 builds masks per attention implementation, and gives an unknown
+    # one no mask at all -- the padding would be lost. Ask for the 2-D padding mask.
+    masks = getattr(transformers, "AttentionMaskInterface", None)
+    if masks is None:
+        try:
+            from transformers.masking_utils import AttentionMaskInterface as masks
+        except ImportError:  # older: the model passes its own 4-D mask (hf_key_validity)
+            masks = None
+    if masks is not None:
+        masks.register(name, hf_padding_mask)
     return name

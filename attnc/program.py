@@ -424,14 +424,24 @@ class BoundPattern:
                                  f"try pat(q, k, v, {name}=...) or pat.mask(M, N, {name}=...)")
         return specs
 
-    def _inputs(self, M: int, N: int, H: int, inputs: dict) -> tuple[list[dict], bool]:
+    def _inputs(self, M: int, N: int, H: int, inputs: dict, batch: int | None = None) -> tuple[list[dict], bool]:
         """Validate run-time inputs; returns (one dict per batch element, whether
-        any input carried a batch dimension)."""
+        any input carried a batch dimension).
+
+        [Note: input batches] The broadcasting rule, the same for every backend:
+        an input's batch dimension (absent = 1) is 1 -- one input shared by the
+        whole batch -- or the batch `batch` of q when the op is called; anything
+        else is a ValueError (expected / got / try). Without `batch` (`mask`,
+        `to_flex`) the inputs' batches must agree the same way among
+        themselves. The list returned has one entry when every input has batch
+        1, else one per batch element. The op checks this once, in
+        `runtime/ops.make_call`, before any backend runs."""
         specs = self.check_input_names(inputs)
         if not specs:
             return [{}], False
         per_batch: list[dict] = []
-        B = None
+        B = batch
+        first = None  # the input that set B when no batch is given
         batched = False
         normalized = {}
         for name, spec in specs.items():
@@ -450,7 +460,8 @@ class BoundPattern:
                 if t.dim() == 1:
                     t = t[None]
                 if t.dim() != 2 or t.shape[-1] != N:
-                    raise ValueError(f"{name}: expected segment ids of shape [B, N] = [B, {N}], got {tuple(inputs[name].shape)}")
+                    raise ValueError(f"{name}: expected segment ids of shape [B, N] = [B, {N}], got {tuple(inputs[name].shape)}; "
+                                     f"try one id per key position, or attnc.cu_seqlens(offsets)")
             else:
                 b = _int(spec.block, {**self.ir.binding_map(), ir.M: M, ir.N: N, ir.H: H})
                 if b is None or b < 1:
@@ -461,15 +472,23 @@ class BoundPattern:
                     t = t[None]
                 if t.dim() != 4 or t.shape[2] != nqb or t.shape[1] not in (1, H):
                     raise ValueError(f"{name}: expected block indices of shape [B, H, ceil(M/{b}), kmax] = [B, {H}, {nqb}, kmax], "
-                                     f"got {tuple(inputs[name].shape)}")
+                                     f"got {tuple(inputs[name].shape)}; try H or 1 heads and one row per query block")
                 if t.numel() and (int(t.min()) < -1 or int(t.max()) >= nkb):
                     raise ValueError(f"{name}: expected key-block indices in [0, {nkb}) or -1 for padding, "
-                                     f"got values in [{int(t.min())}, {int(t.max())}]")
-            if B is not None and t.shape[0] != B and t.shape[0] != 1:
-                raise ValueError(f"{name}: expected batch size {B}, got {t.shape[0]}")
-            B = max(B or 1, t.shape[0])
+                                     f"got values in [{int(t.min())}, {int(t.max())}]; try {name}.masked_fill(({name} < 0) | "
+                                     f"({name} >= {nkb}), -1) to drop the others")
+            got = t.shape[0]
+            if B is None or (batch is None and B == 1):
+                if got > 1 or B is None:
+                    B, first = got, name
+            elif got not in (1, B):
+                whose = "q's batch" if batch is not None else f"the batch of '{first}'"
+                raise ValueError(f"{name}: expected batch size 1 (shared by the whole batch) or {B} ({whose}), got {got} "
+                                 f"(shape {tuple(inputs[name].shape)}); try one entry per batch element, {B} in all, "
+                                 f"or a single one for every element")
             normalized[name] = t
-        for bi in range(B or 1):
+        rows = 1 if all(t.shape[0] == 1 for t in normalized.values()) else B
+        for bi in range(rows):
             per_batch.append({n: (t[bi] if t.shape[0] > 1 else t[0]) for n, t in normalized.items()})
         return per_batch, batched
 
@@ -615,7 +634,7 @@ class BoundPattern:
         B, H, M, _ = q.shape
         N = k.shape[2]
         M, N, H, grid = self.resolve_sizes(M, N, H, grid)
-        batches, _ = self._inputs(M, N, H, inputs)
+        batches, _ = self._inputs(M, N, H, inputs, batch=B)
         lowered = self._lowered()
         tables = dynamic.route(lowered, q, k, M, N, H, grid, batches, lambda e: self._value(e, M, N, H, grid))
         return self._routed, {**inputs, **tables}

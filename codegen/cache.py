@@ -51,6 +51,24 @@ def cache_dir() -> Path:
     return Path(env) if env else Path.home() / ".cache" / "attnc"
 
 
+_CODEGEN_HASH: str | None = None
+
+
+def codegen_hash() -> str:
+    """sha256 (16 hex digits) of the code generator's own source files (this package's
+    *.py). The generated text is a function of them: with it in the key, a changed
+    generator (a new attnc checkout sharing ~/.cache/attnc, an edited lowering) can
+    never import a stale kernel whose table layout no longer matches the tables it
+    is given -- `attnc.__version__` alone does not change between commits."""
+    global _CODEGEN_HASH
+    if _CODEGEN_HASH is None:
+        h = hashlib.sha256()
+        for path in sorted(Path(__file__).resolve().parent.glob("*.py")):
+            h.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+        _CODEGEN_HASH = h.hexdigest()[:16]
+    return _CODEGEN_HASH
+
+
 def versions() -> dict[str, str]:
     from attnc import __version__
     try:
@@ -58,7 +76,7 @@ def versions() -> dict[str, str]:
         tv = triton.__version__
     except ImportError:  # the key is still well defined; loading will fail later with a clear reason
         tv = "none"
-    return {"attnc": __version__, "triton": tv, "python": platform.python_version()}
+    return {"attnc": __version__, "codegen": codegen_hash(), "triton": tv, "python": platform.python_version()}
 
 
 def cache_key(pattern_text: str, options: dict, config_key: str, device: str) -> str:

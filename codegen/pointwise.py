@@ -73,10 +73,30 @@ class Lookup(Expr):
     bit: Expr | None = None
 
 
+def input_table_name(source: str) -> str:
+    """The table of the run-time input `source`: ``in_<source>``.
+
+    [Note: table names] Table names become Triton argument names (`tbl_<name>`),
+    so they are identifiers; they live in two disjoint namespaces. A run-time
+    input's table is ``in_`` plus the user's name; tables the lowering makes
+    itself (random bits) never start with ``in_`` (`_internal_table_name`). So
+    no user name -- ``random0`` included -- can select, replace or alias an
+    internal table.
+    """
+    return f"in_{source}"
+
+
+def _internal_table_name(kind: str, index: int) -> str:
+    name = f"{kind}{index}"
+    assert not name.startswith("in_"), name  # [Note: table names]
+    return name
+
+
 @dataclass(frozen=True)
 class Table:
     """A tensor the mask reads: contiguous, int32; `batched` tables have a
-    leading batch dimension indexed by `b` (run-time inputs)."""
+    leading batch dimension indexed by `b` (run-time inputs). Names: see
+    [Note: table names] (`input_table_name`)."""
 
     name: str
     shape: tuple[int, ...]  # without the batch dimension
@@ -494,10 +514,29 @@ def _as_tensor(x, device):
     return torch.tensor(int(x), dtype=torch.int64, device=device)
 
 
+def dense_ranks(ids: torch.Tensor) -> torch.Tensor:
+    """int64 [B, n] segment ids -> their dense ranks per row (0 .. distinct - 1), int64.
+
+    [Note: exact ids] The tables the mask reads are int32 (Triton, the torch
+    evaluator), but segment ids are any int64 (hashes, 2**40, negative ones).
+    `same` only compares ids of one batch element, so replacing each row's ids by
+    their rank among the row's distinct ids keeps every equality and inequality
+    exactly, and ranks are < n, which int32 holds. Narrowing the ids themselves
+    would make 0 and 2**32 the same document.
+    """
+    if ids.numel() == 0:
+        return ids
+    srt, order = torch.sort(ids, dim=-1)
+    new = torch.ones_like(srt, dtype=torch.bool)
+    new[..., 1:] = srt[..., 1:] != srt[..., :-1]
+    ranks = torch.cumsum(new.to(torch.int64), dim=-1) - 1
+    return torch.empty_like(ranks).scatter_(-1, order, ranks)
+
+
 def _input_table(t: Table, raw: torch.Tensor) -> torch.Tensor:
     raw = raw.to(torch.int64)
     if t.kind == "segments":
-        return raw[None] if raw.dim() == 1 else raw
+        return dense_ranks(raw[None] if raw.dim() == 1 else raw)
     # blocks: [B, Hs, nqb, kmax] of key-block ids (-1 = none) -> bitsets [B, Hs, nqb, words]
     if raw.dim() == 3:
         raw = raw[None]
@@ -657,24 +696,29 @@ class _Lower(Evaluator):
         return self.b.and_(self.b.lt(view.q, n), self.b.lt(view.k, n))
 
     def lw_Random(self, node, view):
+        # [Note: random rows] the generator is defined for every row the view's queries
+        # have -- negative ones too (M > N: qa = q + N - M < 0; `row` enters as its low
+        # 32 bits), exactly as pat.mask draws them -- so the table holds the rows
+        # qpos.min() .. qpos.max() of this view, not 0 .. n - 1, and only k is bounded.
         b = self.b
         r, seed = self.val(node.r, view.env), self.val(node.seed, view.env)
         n = view.L
-        key = (n, r, seed)
+        lo, hi = int(view.qpos.min()), int(view.qpos.max())
+        key = (n, r, seed, lo, hi)
         name = self._random.get(key)
         if name is None:
-            name = f"random{len(self._random)}"
+            name = _internal_table_name("random", len(self._random))
             self._random[key] = name
-            rows = torch.arange(n, dtype=torch.int64)
+            rows = torch.arange(lo, hi + 1, dtype=torch.int64)
             table = random_table(rows, n, r, seed)
-            bits = torch.zeros(n, n + 1, dtype=torch.bool)
+            bits = torch.zeros(len(rows), n + 1, dtype=torch.bool)
             bits.scatter_(1, table, True)
             packed = pack_bits(bits[:, :n])
             self.tables[name] = Table(name=name, shape=tuple(packed.shape), batched=False, data=packed, kind="random")
-        row = b.clamp(view.q, 0, n - 1)
+        row = b.clamp(b.sub(view.q, b.c(lo)), 0, hi - lo)
         col = b.clamp(view.k, 0, n - 1)
         hit = Lookup(name, (row, b.floordiv(col, b.c(32))), b.mod(col, b.c(32)))
-        return b.and_(hit, b.ge(view.q, b.c(0)), b.lt(view.q, b.c(n)), b.ge(view.k, b.c(0)), b.lt(view.k, b.c(n)))
+        return b.and_(hit, b.ge(view.k, b.c(0)), b.lt(view.k, b.c(n)))
 
     def lw_Where(self, node, view):
         val, uses_grid = self.pos(node.pred, view)
@@ -684,7 +728,7 @@ class _Lower(Evaluator):
         b = self.b
         shape = self.input_shapes.get(node.input)
         n = shape[-1] if shape else self.env_top[ir.N]
-        name = node.input
+        name = input_table_name(node.input)
         self.tables.setdefault(name, Table(name=name, shape=(n,), batched=True, source=node.input, kind="segments"))
         dq = Lookup(name, (Var("b"), b.clamp(view.q, 0, n - 1)))
         dk = Lookup(name, (Var("b"), b.clamp(view.k, 0, n - 1)))
@@ -699,7 +743,7 @@ class _Lower(Evaluator):
         nqb, nkb = -(-M // blk), -(-N // blk)
         shape = self.input_shapes.get(node.input)
         hs = shape[-3] if shape else 1
-        name = node.input
+        name = input_table_name(node.input)
         self.tables.setdefault(name, Table(name=name, shape=(hs, nqb, -(-nkb // 32)), batched=True, source=node.input,
                                            kind="blocks", block=blk))
         kb = b.floordiv(view.k, b.c(blk))

@@ -189,7 +189,7 @@ class FlexBackend(Backend):
 
     def _export(self, call: Call, device):
         if call.pattern.ir.inputs:
-            batches, _ = call.pattern._inputs(call.M, call.N, call.Hq, dict(call.inputs))
+            batches, _ = call.pattern._inputs(call.M, call.N, call.Hq, dict(call.inputs), batch=call.B)
             export = FlexExport(call, self.block, batches).to(device)
             mask_mod = export.mask_mod()
             return mask_mod, export.block_mask(mask_mod, device)

@@ -131,7 +131,9 @@ def make_call(pat, q: Tensor, k: Tensor, v: Tensor, inputs: dict, grid, scale: f
     B, Hq, Hkv, M, N, D, scale = check_qkv(q, k, v, scale)
     M, N, _, grid = pat.resolve_sizes(M, N, Hq, grid)
     if inputs:
-        pat._inputs(M, N, Hq, inputs)  # shapes and values; raises ValueError
+        # shapes, values and the batch rule ([Note: input batches], attnc/program.py), once for
+        # every backend: a backend never sees an input whose batch is neither 1 nor B
+        pat._inputs(M, N, Hq, inputs, batch=B)
     return Call(pattern=pat, B=B, Hq=Hq, Hkv=Hkv, M=M, N=N, D=D, Dv=v.shape[-1], grid=grid, scale=scale,
                 inputs=dict(inputs), needs_grad=needs_grad, needs_lse=needs_lse or needs_grad, block=block)
 

@@ -338,7 +338,7 @@ def schedules(call: Call, config: TorchPathConfig = CONFIG) -> list[tuple[slice,
             plan = call.pattern.plan(call.M, call.N, heads=call.Hq, grid=call.grid, block=block)
             return build_schedule(call, plan, partial_tile_masks(call, plan), config)
         return [(slice(0, call.B), _cached(_SCHEDULES, _SCHEDULE_CACHE_SIZE, key, build))]
-    batches, batched = call.pattern._inputs(call.M, call.N, call.Hq, dict(call.inputs))
+    batches, batched = call.pattern._inputs(call.M, call.N, call.Hq, dict(call.inputs), batch=call.B)
     out = []
     for b, inputs in enumerate(batches):
         def build(inputs=inputs):

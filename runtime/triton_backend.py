@@ -250,6 +250,7 @@ class TritonBackend(Backend):
         from attnc.codegen import cache
         from attnc.codegen.bounds import loop_bounds
         from attnc.codegen.kernels import generate, plan_summary
+        from attnc.codegen.pointwise import to_text
 
         config = config or self.call_config(call)
         shapes = self._code_shapes(call)
@@ -271,8 +272,11 @@ class TritonBackend(Backend):
             plan = call.plan(config.block) if static else None
             plan_text = plan_summary(plan) if plan is not None else "built per call from the run-time inputs (union over the batch)"
         bounds = loop_bounds(call.pattern.ir, call.M, call.N, call.Hq, config.block, plan)
+        # the lowered mask and its tables decide the generated text: in the key, so a lowering that
+        # changes (with the same canonical IR text) never reuses a kernel built for other tables
         options = {"M": call.M, "N": call.N, "H": call.Hq, "grid": call.grid, "inputs": shapes, "plan": plan_text,
-                   "loops": bounds.summary()}
+                   "loops": bounds.summary(), "mask": to_text(low.expr),
+                   "tables": [(t.name, t.shape, t.kind, t.batched) for t in low.tables]}
         key = cache.cache_key(low.text, options, config.key(), device_capability(device))
         module = cache.load_module(key, lambda: generate(low, config, plan_text, bounds),
                                    info={"pattern": low.text, "options": options, "config": config.key()})
@@ -316,7 +320,7 @@ class TritonBackend(Backend):
         chunks), united over the batch."""
         from .torch_backend import _cached, inputs_digest, scan_plan
 
-        batches, _ = call.pattern._inputs(call.M, call.N, call.Hq, call.inputs)
+        batches, _ = call.pattern._inputs(call.M, call.N, call.Hq, call.inputs, batch=call.B)
 
         def build() -> TileLists:
             full = nonempty = None

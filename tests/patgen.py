@@ -67,6 +67,9 @@ class Case:
     grid: tuple[int, ...] | None
     block: tuple[int, int]  # the plan's tile
     inputs: tuple[tuple[str, str, int], ...] = ()  # (name, "segments" | "blocks", block size)
+    #: how segment ids are drawn (`ID_STYLES`): "small" ids 0..2, or values that collide or
+    #: wrap when narrowed to int32, negative ones, ids in several runs
+    id_style: str = "small"
 
     def source(self) -> str:
         params = ", ".join(f"{n}: segments" if kind == "segments" else f"{n}: blocks({b})" for n, kind, b in self.inputs)
@@ -77,7 +80,7 @@ class Case:
 
     def snippet(self) -> str:
         return (f"# M={self.M} N={self.N} heads={self.H} grid={self.grid} block={self.block} seed={self.seed}"
-                f"{' inputs: see tensors(seed)' if self.inputs else ''}\n" + self.source())
+                f"{f' inputs: see tensors(seed), ids {self.id_style}' if self.inputs else ''}\n" + self.source())
 
     def tensors(self, batch: int = 2) -> dict[str, torch.Tensor]:
         """The run-time inputs, drawn from the case's seed."""
@@ -85,13 +88,32 @@ class Case:
         out = {}
         for name, kind, b in self.inputs:
             if kind == "segments":
-                # sorted document ids: packed sequences
-                out[name] = torch.sort(torch.randint(0, 3, (batch, self.N), generator=g), dim=-1).values
+                # sorted document ids: packed sequences; then mapped to the case's id style
+                ids = torch.sort(torch.randint(0, 3, (batch, self.N), generator=g), dim=-1).values
+                if self.id_style == "unsorted":  # an id in several runs: plans are scanned, not closed-form
+                    ids = torch.randint(0, 3, (batch, self.N), generator=g) * 2**32 + 7
+                out[name] = ID_STYLES[self.id_style][ids] if self.id_style != "unsorted" else ids
             else:
                 nqb, nkb = -(-self.M // b), -(-self.N // b)
                 kmax = 1 + int(torch.randint(0, 3, (1,), generator=g))
                 out[name] = torch.randint(-1, nkb, (batch, self.H, nqb, kmax), generator=g)
         return out
+
+
+#: segment id styles: the ids 0, 1, 2 are replaced by these values. All but "small" hold
+#: distinct ids that are equal once cast to int32 (a lowering that narrows them merges documents)
+ID_STYLES = {
+    "small": torch.tensor([0, 1, 2]),
+    "wide": torch.tensor([0, 2**32, 2**33]),                    # int32: 0, 0, 0
+    "edges": torch.tensor([2**31 - 1, 2**31, -2**31 - 1]),       # int32: 2**31 - 1, -2**31, 2**31 - 1
+    "extremes": torch.tensor([-2**63, 2**63 - 1, -1]),           # int32: 0, -1, -1
+    "negative": torch.tensor([-3, -2**40, -1 - 2**32]),          # int32: -3, 0, -1
+    "unsorted": torch.tensor([0, 1, 2]),                         # (drawn apart, see Case.tensors)
+}
+#: names a run-time input may get: some equal names the lowering or the adapters use for
+#: their own tables / inputs (random0, in_doc, topk_sel0, key_padding), which must not interfere
+SEGMENT_NAMES = ("doc", "random0", "random1", "in_doc", "key_padding")
+BLOCK_NAMES = ("sel", "random0", "in_sel", "topk_sel0")
 
 
 # ----------------------------------------------------------------------------- generation
@@ -272,8 +294,9 @@ def _mask(rng, ctx: Ctx, depth: int) -> tuple:
     return ("blockwise", text, _mask(rng, inner, depth - 1))
 
 
-def generate(seed: int, *, max_depth: int = 4) -> Case:
-    """A random valid pattern with sizes, determined by `seed`."""
+def generate(seed: int, *, max_depth: int = 4, force_inputs: bool = False) -> Case:
+    """A random valid pattern with sizes, determined by `seed`. `force_inputs`: the
+    pattern always reads a run-time input (one is added when none was drawn)."""
     rng = random.Random(seed)
     H = rng.choice([1, 1, 2, 3, 4])
     kind = rng.choice(["seq", "seq", "seq", "grid", "grid", "mixed"])
@@ -303,8 +326,56 @@ def generate(seed: int, *, max_depth: int = 4) -> Case:
     used = render(expr)
     inputs = [i for i in inputs if f"({i[0]})" in used]
     block = (rng.randrange(1, 17), rng.randrange(1, 17))
-    return Case(seed=seed, expr=expr, axes=axes, text_len=text_len, M=M, N=N, H=H, grid=grid, block=block,
+    case = Case(seed=seed, expr=expr, axes=axes, text_len=text_len, M=M, N=N, H=H, grid=grid, block=block,
                 inputs=tuple(inputs))
+    return _extremes(case, random.Random(f"extremes-{seed}"), force_inputs)
+
+
+def _extremes(case: Case, rng: random.Random, force_inputs: bool) -> Case:
+    """Edge cases drawn from a second stream (so the draws above keep their seeds): more
+    queries than keys on seq (qa < 0 for the first rows), input names that equal internal
+    table names, segment ids past int32, and with `force_inputs` an input in every pattern."""
+    changes = {}
+    if case.grid is None and rng.random() < 0.12:
+        changes["M"] = case.N + rng.randrange(1, 9)
+    inputs = list(case.inputs)
+    expr = case.expr
+    if force_inputs and not inputs:
+        if rng.random() < 0.6:
+            inputs.append(("doc", "segments", 0))
+            prim = ("prim", "same(doc)")
+        else:
+            inputs.append(("sel", "blocks", rng.randrange(1, 9)))
+            prim = ("prim", "routed(sel)")
+        expr = ("bin", rng.choice(["|", "&"]), expr, prim)
+    if inputs and rng.random() < 0.5:
+        renamed = []
+        for name, kind, b in inputs:
+            pool = [n for n in (SEGMENT_NAMES if kind == "segments" else BLOCK_NAMES) if n not in {r[0] for r in renamed}]
+            new = rng.choice(pool)
+            expr = _rename(expr, name, new)
+            renamed.append((new, kind, b))
+        inputs = renamed
+    changes.update(expr=expr, inputs=tuple(inputs))
+    if any(kind == "segments" for _, kind, _ in inputs) and rng.random() < (0.8 if force_inputs else 0.5):
+        changes["id_style"] = rng.choice([s for s in ID_STYLES if s != "small"])
+    return dataclasses.replace(case, **changes)
+
+
+def _rename(e, old: str, new: str):
+    """`e` with the run-time input `old` called `new` (same(old) / routed(old))."""
+    kind = e[0]
+    if kind == "prim":
+        return ("prim", e[1].replace(f"({old})", f"({new})"))
+    if kind == "bin":
+        return ("bin", e[1], _rename(e[2], old, new), _rename(e[3], old, new))
+    if kind == "not":
+        return ("not", _rename(e[1], old, new))
+    if kind == "heads":
+        return ("heads", tuple((sel, _rename(body, old, new)) for sel, body in e[1]))
+    if kind == "let":
+        return ("let", e[1], e[2], _rename(e[3], old, new))
+    return (kind, e[1], _rename(e[2], old, new))  # along, dilate, blockwise
 
 
 # ----------------------------------------------------------------------------- shrinking

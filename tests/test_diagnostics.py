@@ -42,6 +42,8 @@ MISTAKES = {
     "bad_layout": "pattern p on grd(h, w) = full",
     "layout_mismatch": "pattern g on grid(h, w) = block(2)\npattern p = g",
     "reserved_param": "pattern p(N = 4) = sliding(N)",
+    "param_hidden_in_where": "pattern p(k = 3) = where q - k < 8",
+    "let_hidden_in_where": "pattern p = let h = 2 in where h == 0 | causal",
     "negative_range_step": "pattern p = global(0 .. 10 step 0)",
     "several_errors_at_once": "pattern a = bnd(1, 1)\npattern b = sliding(x)\npattern c = sink(causal)",
 }

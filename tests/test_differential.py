@@ -52,6 +52,13 @@ BACKENDS: list[tuple[str, torch.dtype, float]] = [
 #: backends too slow for every pattern (the Triton interpreter): run on every n-th seed
 SLOW_BACKENDS = {"triton": 2 if LONG else 10}
 
+#: patterns forced to read run-time inputs (seeds 40 000+): extreme ids, colliding names,
+#: and the refusals (batch mismatch, out-of-range block ids) on every backend
+N_INPUT_CASES = 200 if LONG else 10
+INPUT_SEED = 40_000
+#: in the input sweep, Triton (interpreter) and the flex export run on every n-th case
+INPUT_SLOW_EVERY = 1 if LONG else 5
+
 COUNTS: collections.Counter = collections.Counter()
 CHUNK = 40  # patterns per test item, so a failure names a small seed range
 
@@ -66,7 +73,9 @@ def _report_counts(request):
                f"inputs, {c['heads']} with heads, {c['rows_empty']} with empty rows), {c['plans']} plans "
                f"({c['tiles']} tiles; {c['plans_scanned']} input plans left to the backends' scan), {c['algebra']} algebra checks, {c['op']} op comparisons "
                f"({per_backend}), {c['flex_export']} flex exports (mask_mod, BlockMask, eager), "
-               f"{c['flex_compiled']} compiled flex runs, {c['flex_skipped']} flex skipped"
+               f"{c['flex_compiled']} compiled flex runs, {c['flex_skipped']} flex skipped; "
+               f"{c['more_queries']} with M > N, {c['input_cases']} input cases ({c['wide_ids']} with ids past int32, "
+               f"{c['renamed']} with internal-looking names), {c['refusals']} uniform refusals"
                + (f"; triton left out: {TRITON_REASON}" if TRITON_REASON else ""))
 
 
@@ -225,10 +234,48 @@ def _close(got, want, tol, what):
         raise Mismatch(f"{what} differs at {idx}: got {float(got[idx]):.6g}, want {float(want[idx]):.6g}")
 
 
-def check_case(case: patgen.Case, *, op: bool = True, flex=False, backends=None) -> None:
+#: every backend the op can be forced to, for the refusals (they fail before computing)
+REFUSING_BACKENDS = ("reference", "torch", "flex") + (() if TRITON_REASON else ("triton",))
+
+
+def _refused(case, pat, backend, inputs, batch, want: str) -> None:
+    q, k, v = (t.float() for t in _qkv(case, torch.float32, case.seed))
+    q, k, v = (t[:1].expand(batch, *t.shape[1:]) for t in (q, k, v))
+    try:
+        with torch.no_grad():
+            pat(q, k, v, backend=backend, grid=case.grid, **inputs)
+    except ValueError as exc:
+        if not str(exc).startswith(want) or "try" not in str(exc):
+            raise Mismatch(f"backend {backend!r}: refused with {str(exc)[:200]!r}, want a message starting {want!r} and a try") from None
+        COUNTS["refusals"] += 1
+        return
+    except Exception as exc:  # noqa: BLE001 - anything but the ValueError is the bug
+        raise Mismatch(f"backend {backend!r}: {type(exc).__name__} instead of ValueError {want!r}: {exc}") from None
+    raise Mismatch(f"backend {backend!r}: accepted inputs it must refuse ({want!r})")
+
+
+def check_refusals(case, pat) -> None:
+    """Bad run-time inputs get one ValueError, the same on every backend: a batch that
+    is neither 1 nor q's batch, and block ids outside [0, ceil(N/b)) or -1."""
+    good = case.tensors(batch=3)
+    name = case.inputs[0][0]
+    for backend in REFUSING_BACKENDS:
+        _refused(case, pat, backend, good, 2,
+                 f"{name}: expected batch size 1 (shared by the whole batch) or 2 (q's batch), got 3")
+    for sel, kind, b in case.inputs:
+        if kind != "blocks":
+            continue
+        bad = {n: t[:2].clone() for n, t in good.items()}
+        nkb = -(-case.N // b)
+        bad[sel].view(-1)[case.seed % bad[sel].numel()] = nkb + 2**31 if case.seed % 2 else -2 - 2**40
+        for backend in REFUSING_BACKENDS:
+            _refused(case, pat, backend, bad, 2, f"{sel}: expected key-block indices in [0, {nkb}) or -1 for padding")
+
+
+def check_case(case: patgen.Case, *, op: bool = True, flex=False, backends=None, refusals: bool = False) -> None:
     """Every check of one case. `flex`: False, True (the export, eager) or
     "compiled"; `backends`: the op's backends (default BACKENDS, slow ones on
-    every n-th seed)."""
+    every n-th seed); `refusals`: bad inputs are refused alike by every backend."""
     pat = _bind(case)
     mask = _mask(case, pat)
     check_algebra(case, pat, mask)
@@ -237,6 +284,8 @@ def check_case(case: patgen.Case, *, op: bool = True, flex=False, backends=None)
         check_op(case, pat, mask, backends)
     if flex:
         check_flex(case, pat, mask, compiled=flex == "compiled")
+    if refusals and case.inputs:
+        check_refusals(case, pat)
 
 
 def _still_fails(check):
@@ -282,6 +331,35 @@ def test_reference_plan_and_op_agree(chunk):
         COUNTS["inputs"] += bool(case.inputs)
         COUNTS["heads"] += "heads {" in case.source()
         COUNTS["rows_empty"] += bool((~_mask(case, _bind(case)).any(-1)).any())
+        COUNTS["more_queries"] += case.M > case.N
+
+
+def _count_inputs(case) -> None:
+    COUNTS["input_cases"] += 1
+    COUNTS["wide_ids"] += case.id_style not in ("small",)
+    COUNTS["renamed"] += any(n not in ("doc", "sel") for n, _, _ in case.inputs)
+
+
+@pytest.mark.parametrize("chunk", range(-(-N_INPUT_CASES // CHUNK)))
+def test_runtime_inputs_with_extreme_values_and_names_agree(chunk):
+    """Patterns that always read run-time inputs: segment ids past int32 (equal once
+    narrowed), negative and int64-extreme ids, ids in several runs, input names equal
+    to internal table names, M > N; every backend (Triton and the flex export on every
+    n-th case) against the naive softmax, and the uniform refusals of bad inputs."""
+    lo = INPUT_SEED + SEED_BASE + chunk * CHUNK
+    for seed in range(lo, min(lo + CHUNK, INPUT_SEED + SEED_BASE + N_INPUT_CASES)):
+        case = patgen.generate(seed, force_inputs=True)
+        slow = (seed - INPUT_SEED) % INPUT_SLOW_EVERY == 0
+        backends = [b for b in BACKENDS if b[0] not in SLOW_BACKENDS or slow]
+        check = functools.partial(check_case, flex=FLEX is not None and slow, backends=backends, refusals=True)
+        try:
+            check(case)
+        except Exception as exc:  # noqa: BLE001 - shrink and report whatever broke
+            pytest.fail(report(case, exc, check=check), pytrace=False)
+        COUNTS["patterns"] += 1
+        COUNTS["inputs"] += 1
+        COUNTS["more_queries"] += case.M > case.N
+        _count_inputs(case)
 
 
 def _flex_module():
@@ -427,6 +505,12 @@ def test_generator_is_seeded_and_valid():
             kinds[word] += word in src
     missing = [w for w, n in kinds.items() if n == 0]
     assert not missing, f"the generator never produced {missing} in 300 seeds"
+    forced = [patgen.generate(INPUT_SEED + s, force_inputs=True) for s in range(200)]
+    assert all(c.inputs for c in forced)
+    assert {c.id_style for c in forced} == set(patgen.ID_STYLES)
+    names = {n for c in forced for n, _, _ in c.inputs}
+    assert {"random0", "in_doc", "in_sel", "topk_sel0", "key_padding"} <= names, names
+    assert sum(patgen.generate(s).M > patgen.generate(s).N for s in range(300)) > 10
 
 
 @pytest.fixture

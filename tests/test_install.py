@@ -23,3 +23,9 @@ def test_the_test_extra_installs_triton():
     meta = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
     assert any(req.startswith("triton") for req in meta["test"])
     assert "triton" in (ROOT / "scripts" / "test.sh").read_text()
+
+
+def test_the_test_extra_installs_transformers():
+    """tests/test_hf.py imports it at the top: the adapter is tested, never skipped."""
+    meta = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert any(req.startswith("transformers") for req in meta["test"])

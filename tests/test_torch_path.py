@@ -318,7 +318,8 @@ def test_schedules_of_run_time_inputs_are_cached_by_content(monkeypatch):
     q, k, v = tensors(1, 2, 1, 30, 30, 8)
 
     def run(doc):
-        call = make_call(pat, q, k, v, {"doc": doc}, None, None)
+        B = doc.shape[0] if doc.dim() == 2 else 1  # an input batch is 1 or q's batch ([Note: input batches])
+        call = make_call(pat, *(t.expand(B, *t.shape[1:]) for t in (q, k, v)), {"doc": doc}, None, None)
         return [s for _, s in torch_backend.schedules(call, TINY)]
 
     doc = torch.tensor([0] * 9 + [1] * 14 + [2] * 7)
