@@ -37,3 +37,29 @@ def test_brackets_in_comments_and_strings_do_not_count_toward_the_nesting_limit(
     src = "# " + "(" * 300 + "\n" + '# "' + "{" * 300 + '"\npattern p = causal  # ' + "(" * 500 + "\n"
     assert attnc.loads(src).pattern().mask(4).sum() == 10
     assert "nested too deeply" in diag("pattern p = " + "(" * 201 + "causal" + ")" * 201)
+
+
+def _chain(step: str, n: int, first: str = "pattern p0 = causal\n") -> str:
+    return first + "".join(step.format(i=i, j=i - 1) for i in range(1, n))
+
+
+@pytest.mark.parametrize("src,name", [
+    (_chain("pattern p{i} = p{j} | p{j}\n", 40), "p39"),
+    (_chain("pattern p{i} = p{j} & p{j} | p{j}\n", 40), "p39"),
+    (_chain("let a{i} = a{j} | a{j}\n", 40, "let a0 = sliding(3)\n") + "pattern p = a39", "p"),
+    (_chain("let a{i} = a{j} + a{j} - a{j}\n", 40, "let a0 = 3\n") + "pattern p = sliding(a39)", "p"),
+    (_chain("pattern p{i}(w = 2) = p{j}(w = w) | p{j}(w = w + 0)\n", 40, "pattern p0(w = 2) = sliding(w)\n"), "p39"),
+])
+def test_reusing_the_previous_definition_twice_is_linear(src, name):
+    # used to double the work at every line: 18 lines took ~19 s, 40 lines would take days
+    import time
+    t0 = time.perf_counter()
+    pat = attnc.loads(src).pattern(name)
+    assert pat.mask(8).shape == (1, 8, 8)
+    assert time.perf_counter() - t0 < 20  # generous: the old code needs ~2**40 steps here
+
+
+def test_a_pattern_whose_tree_doubles_at_every_line_is_refused_quickly():
+    src = _chain("pattern p{i} = p{j} | ~p{j}\n", 40)
+    err = diag(src)
+    assert re.search(r"x\.attn:\d+:9: error: pattern 'p\d+' is too large: more than 20000", err), err
