@@ -265,7 +265,7 @@ def _formula_text(pat, M, N, allowed) -> str:
     try:
         f = pat.formula()
     except NoFormula as exc:
-        return f"density formula: none ({exc})"
+        return f"density formula: none ({exc}); the densities above are exact counts at this size"
     lines = [f"density = {f.density}", f"flops   = {f.flops}   (forward; D = head dim, H = heads)",
              f"exact when {f.condition_text()} (M = N)"]
     if M == N and f.valid_at(N):

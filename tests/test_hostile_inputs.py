@@ -63,3 +63,27 @@ def test_a_pattern_whose_tree_doubles_at_every_line_is_refused_quickly():
     src = _chain("pattern p{i} = p{j} | ~p{j}\n", 40)
     err = diag(src)
     assert re.search(r"x\.attn:\d+:9: error: pattern 'p\d+' is too large: more than 20000", err), err
+
+
+@pytest.mark.parametrize("body", [" | ".join(f"sliding({3 * i + 1})" for i in range(8)), "global({0, 1000000})",
+                                  "rows({0, 5, 9}) | cols({1, 2})"])
+def test_the_density_formula_gives_up_within_its_budget(body, tmp_path):
+    # used to run for minutes (inclusion-exclusion over every sub-union)
+    from attnc.cli import main
+    from attnc.symbolic import NoFormula
+    pat = attnc.loads(f"pattern p = {body}").pattern()
+    with pytest.raises(NoFormula, match="too many terms for a closed form"):
+        pat.formula()
+    f = tmp_path / "p.attn"
+    f.write_text(f"pattern p = {body}\n")
+    import io
+    out, err = io.StringIO(), io.StringIO()
+    assert main(["show", str(f), "--seq-len", "128"], out, err) == 0, err.getvalue()
+    assert "density formula: none (too many terms" in out.getvalue()
+    assert "exact counts at this size" in out.getvalue()
+
+
+@pytest.mark.parametrize("body", ["global({})", "rows({})", "cols({})", "cols({}) | sliding(3)"])
+def test_empty_sets_have_a_formula(body):
+    pat = attnc.loads(f"pattern p = {body}").pattern()
+    assert pat.formula().allowed_at(40) == int(pat.mask(40).sum())
