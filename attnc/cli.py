@@ -23,9 +23,16 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{self.prog}: error: {message}\n{self.format_usage().strip()}")
 
 
+#: longest `--set` value read (a set of a few hundred tokens); longer text is refused unread
+MAX_SET_CHARS = 4096
+
+
 def parse_value(text: str):
     """A `--set` value: 3, -2, true, (3, 5), 3x5, {0, 5}, 0..16."""
     t = text.strip()
+    if len(t) > MAX_SET_CHARS:
+        raise UsageError(f"--set: value of {len(t)} characters; expected at most {MAX_SET_CHARS} "
+                         "(an integer, true/false, (3, 5), {0, 5} or 0..16)")
     if t in ("true", "false"):
         return t == "true"
     if ".." in t:
@@ -38,7 +45,8 @@ def parse_value(text: str):
         return tuple(int(p) for p in t.split("x"))
     try:
         v = pyast.literal_eval(t)
-    except (ValueError, SyntaxError):
+    except (ValueError, SyntaxError, TypeError, RecursionError, MemoryError, OverflowError):
+        # RecursionError: 1+1+... or ------1 thousands deep; ValueError: 5000-digit integers
         raise UsageError(f"--set: cannot read value {text!r}; expected an integer, true/false, (3, 5), {{0, 5}} or 0..16") from None
     if isinstance(v, list):
         v = tuple(v)

@@ -87,3 +87,48 @@ def test_the_density_formula_gives_up_within_its_budget(body, tmp_path):
 def test_empty_sets_have_a_formula(body):
     pat = attnc.loads(f"pattern p = {body}").pattern()
     assert pat.formula().allowed_at(40) == int(pat.mask(40).sum())
+
+
+@pytest.mark.parametrize("src,sizes,msg", [
+    ("pattern p(w = 4 // (N - 16)) = sliding(w)", {}, "divides by zero at these sizes (N = 16)"),
+    ("pattern p(w = 4 % (N - 16)) = sliding(w + 1)", {}, "divides by zero at these sizes (N = 16)"),
+    ("pattern p = neighborhood(17)", {}, "neighborhood needs size * dilation <= length, got 17 * 1 > 16"),
+    ("pattern p = heads { 0 => causal }", {"heads": 2}, "head 1 of 2 is not covered"),
+])
+def test_call_time_size_problems_are_located_value_errors(src, sizes, msg):
+    pat = attnc.loads(src, file="x.attn").pattern()
+    for call in (lambda: pat.mask(16, **sizes), lambda: pat.plan(16, block=(4, 4), **sizes)):
+        with pytest.raises(ValueError) as info:  # the docs: bad sizes raise ValueError
+            call()
+        assert isinstance(info.value, AttnError) and msg in str(info.value), str(info.value)
+        assert str(info.value).startswith("x.attn:1:")
+
+
+@pytest.mark.parametrize("pname", ["self", "name"])
+def test_parameters_named_like_the_binding_methods_arguments(pname):
+    prog = attnc.loads(f"pattern p({pname} = 1) = sliding({pname})")
+    assert prog.pattern("p", **{pname: 3}).mask(8)[0, 7].sum() == 3
+    assert prog.pattern(**{pname: 2}).mask(8)[0, 7].sum() == 2
+
+
+def test_bad_scale_and_empty_value_dim_are_value_errors():
+    import torch
+    pat = attnc.loads("pattern p = causal").pattern()
+    q = torch.randn(1, 1, 4, 4)
+    for backend in ("torch", "reference"):
+        with pytest.raises(ValueError, match="scale: expected a finite float, got an integer of 401 digits"):
+            pat(q, q, q, scale=10**400, backend=backend)
+        with pytest.raises(ValueError, match="Dv=0"):
+            pat(q, q, torch.randn(1, 1, 4, 0), backend=backend)
+
+
+@pytest.mark.parametrize("value", ["1" + "+1" * 5000, "-" * 5000 + "1", "(" * 300 + "1" + ")" * 300,
+                                   "9" * 5000, "3x" + "9" * 5000, "{" + ", ".join(["1"] * 3000) + "}"])
+def test_pathological_set_values_are_usage_errors(tmp_path, value):
+    import io
+    from attnc.cli import main
+    f = tmp_path / "w.attn"
+    f.write_text("pattern p(w = 4) = sliding(w)\n")
+    out, err = io.StringIO(), io.StringIO()
+    assert main(["show", str(f), "--seq-len", "16", "--set", "w=" + value], out, err) in (1, 2)
+    assert "Traceback" not in err.getvalue() and err.getvalue().strip()
