@@ -7,10 +7,10 @@
 15
 """
 
-from .errors import AttnError, Diagnostic, Span
+from .errors import AttnError, Diagnostic, SizeError, Span
 from .program import BoundPattern, CuSeqlens, PatternInfo, Program, cu_seqlens, load, loads
 from . import nn  # noqa: F401  (attnc.nn.SparseAttention, attnc.nn.register_hf)
 
 __version__ = "0.1.0"
 
-__all__ = ["AttnError", "BoundPattern", "CuSeqlens", "cu_seqlens", "nn", "Diagnostic", "PatternInfo", "Program", "Span", "load", "loads", "__version__"]
+__all__ = ["AttnError", "SizeError", "BoundPattern", "CuSeqlens", "cu_seqlens", "nn", "Diagnostic", "PatternInfo", "Program", "Span", "load", "loads", "__version__"]

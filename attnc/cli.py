@@ -23,9 +23,16 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{self.prog}: error: {message}\n{self.format_usage().strip()}")
 
 
+#: longest `--set` value read (a set of a few hundred tokens); longer text is refused unread
+MAX_SET_CHARS = 4096
+
+
 def parse_value(text: str):
     """A `--set` value: 3, -2, true, (3, 5), 3x5, {0, 5}, 0..16."""
     t = text.strip()
+    if len(t) > MAX_SET_CHARS:
+        raise UsageError(f"--set: value of {len(t)} characters; expected at most {MAX_SET_CHARS} "
+                         "(an integer, true/false, (3, 5), {0, 5} or 0..16)")
     if t in ("true", "false"):
         return t == "true"
     if ".." in t:
@@ -38,7 +45,8 @@ def parse_value(text: str):
         return tuple(int(p) for p in t.split("x"))
     try:
         v = pyast.literal_eval(t)
-    except (ValueError, SyntaxError):
+    except (ValueError, SyntaxError, TypeError, RecursionError, MemoryError, OverflowError):
+        # RecursionError: 1+1+... or ------1 thousands deep; ValueError: 5000-digit integers
         raise UsageError(f"--set: cannot read value {text!r}; expected an integer, true/false, (3, 5), {{0, 5}} or 0..16") from None
     if isinstance(v, list):
         v = tuple(v)
@@ -135,6 +143,10 @@ def build_parser() -> argparse.ArgumentParser:
     cp.add_argument("--tile", default="64x64", metavar="BMxBN",
                     help="kernel tile (powers of two >= 16; default 64x64), or N-D tiles on a grid like 8x8/8x4")
     cp.add_argument("-o", "--out", required=True, metavar="DIR", help="output directory (created if missing)")
+    for verb in (c, ls, s, sim, cp):
+        verb.add_argument("-I", "--include", action="append", default=[], metavar="DIR",
+                          help="also resolve imports in DIR (repeatable; before $ATTNC_PATH); imports read .attn "
+                               "files inside the loaded file's folder tree or these folders only")
     return p
 
 
@@ -168,7 +180,7 @@ def cmd_check(args, out, err) -> int:
     evaluate = args.seq_len is not None or args.grid is not None
     for f in args.files:
         try:
-            prog = load(f)
+            prog = load(f, search_path=args.include)
         except AttnError as e:
             print(str(e), file=err)
             status = 1
@@ -201,7 +213,7 @@ def cmd_check(args, out, err) -> int:
 def cmd_list(args, out, err) -> int:
     from . import load
 
-    prog = load(args.file)  # an AttnError reaches main: printed, exit 1
+    prog = load(args.file, search_path=args.include)  # an AttnError reaches main: printed, exit 1
     for info in prog.patterns():
         params = ", ".join(
             f"{p.name}: {p.type}" if p.type else (f"{p.name} = {p.default}" if p.default is not None else p.name)
@@ -217,7 +229,7 @@ def _static_pattern(args, err, verb):
     None, after a message, when it needs run-time tensors."""
     from . import load
 
-    pat = load(args.file).pattern(args.pattern, **parse_sets(args.set))
+    pat = load(args.file, search_path=args.include).pattern(args.pattern, **parse_sets(args.set))
     if pat.ir.inputs:
         names = ", ".join(i.name for i in pat.ir.inputs)
         print(f"attnc {verb}: pattern '{pat.name}' depends on run-time inputs ({names}); "
@@ -261,7 +273,7 @@ def _formula_text(pat, M, N, allowed) -> str:
     try:
         f = pat.formula()
     except NoFormula as exc:
-        return f"density formula: none ({exc})"
+        return f"density formula: none ({exc}); the densities above are exact counts at this size"
     lines = [f"density = {f.density}", f"flops   = {f.flops}   (forward; D = head dim, H = heads)",
              f"exact when {f.condition_text()} (M = N)"]
     if M == N and f.valid_at(N):
@@ -291,7 +303,7 @@ def cmd_simulate(args, out, err) -> int:
         raise UsageError("--png: expected --sweep as well (the plot shows a sweep)")
     from . import load
 
-    pat = load(args.file).pattern(args.pattern, **parse_sets(args.set))
+    pat = load(args.file, search_path=args.include).pattern(args.pattern, **parse_sets(args.set))
     if any(i.kind == "segments" for i in pat.ir.inputs):
         pat = _static_pattern(args, err, "simulate")  # segments cannot be invented: says so
         return 1
@@ -325,7 +337,7 @@ def cmd_compile(args, out, err) -> int:
         config = KernelConfig(tile=(bm, bn)) if isinstance(bm, tuple) else KernelConfig(block_m=bm, block_n=bn)
     except ValueError as exc:
         raise UsageError(f"--tile: {exc}") from None
-    pat = load(args.file).pattern(args.pattern, **parse_sets(args.set))
+    pat = load(args.file, search_path=args.include).pattern(args.pattern, **parse_sets(args.set))
     M, N, H, grid = _sizes(pat, args.seq_len, parse_grid(args.grid), args.heads)
     compiled = compile_pattern(pat, M, N, heads=H, grid=grid, config=config)
     stem = f"{pat.name}_{'x'.join(map(str, grid)) if grid else N}"

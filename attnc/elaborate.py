@@ -58,6 +58,18 @@ class _Abort(Exception):
     """Unwinds one expression after its diagnostic has been recorded."""
 
 
+_FAILED = object()  # a memoised failure
+_MISSING = object()
+
+
+def _memo_key(v):
+    """A hashable stand-in for an evaluated argument: IR values by identity (hashing
+    a DAG-shaped mask would walk its whole tree), the rest by value."""
+    if isinstance(v, (ir.Mask, PatternRef, InputRef, Pos)):
+        return ("id", id(v))
+    return v
+
+
 def type_name(v) -> str:
     if isinstance(v, bool):
         return "a boolean"
@@ -201,6 +213,9 @@ class Elaborator:
     #: Largest integer exponent kept symbolically (`p ** 64`): `(p ** 64) ** 64`
     #: would be p ** 4096, whose value no evaluator could hold.
     MAX_EXPONENT = 64
+    #: Largest bound pattern, counted as a tree (lets and pattern calls inlined): every
+    #: later pass (IR text, hashing, the evaluators, code generation) walks the tree.
+    MAX_IR_NODES = 20_000
 
     def __init__(self, diags: Collector):
         self.diags = diags
@@ -209,6 +224,11 @@ class Elaborator:
         self.inputs: dict[str, ir.InputSpec] = {}
         self.call_stack: list[str] = []
         self.let_stack: list[str] = []
+        # [Note: shared sub-results] A `let` or a pattern call is elaborated once per
+        # context and its value reused, so `let a2 = a1 | a1` chains (and patterns that
+        # call the previous one twice) cost linear, not exponential, time: the IR is a DAG
+        # whose shared vertices are the same Python objects. Failures are memoised too.
+        self.memo: dict[tuple, object] = {}
 
     # -- diagnostics
     def fail(self, span: Span, message: str, hint: str | None = None):
@@ -247,6 +267,13 @@ class Elaborator:
         self.call_stack.append(pdef.name)
         body = self.mask_of(pdef.body, ctx, what=f"the body of pattern '{pdef.name}'")
         self.call_stack.pop()
+        size = ir.tree_size(body, self.MAX_IR_NODES)
+        if size > self.MAX_IR_NODES:
+            self.diags.add(error(pdef.name_span, f"pattern '{pdef.name}' is too large: more than {self.MAX_IR_NODES} "
+                                 "operators and primitives once its lets and pattern calls are written out",
+                                 "a chain where each definition uses the previous one twice doubles at every step; "
+                                 "reuse a definition once (P | P is P)"))
+            body = ir.Empty(span=pdef.body.span)
         return ir.PatternIR(
             name=pdef.name, layout=layout, body=body,
             bindings=tuple(self.bindings.items()), inputs=tuple(self.inputs.values()), span=pdef.span,
@@ -483,7 +510,18 @@ class Elaborator:
         close = difflib.get_close_matches(name, candidates, n=1)
         self.fail(span, f"unknown {what} '{name}'", f"did you mean '{close[0]}'?" if close else None)
 
+    def _recall(self, key: tuple):
+        """The memoised value for key (see [Note: shared sub-results]), _MISSING, or _Abort replayed."""
+        v = self.memo.get(key, _MISSING)
+        if v is _FAILED:
+            raise _Abort
+        return v
+
     def let_value(self, let: ast.Let, scope: ModuleScope, ctx: Ctx):
+        memo_key = ("let", id(let), ctx.layout, ctx.in_where, ctx.along, ctx.transformed)
+        v = self._recall(memo_key)
+        if v is not _MISSING:
+            return v
         key = f"{let.span.file}:{let.name}"
         if key in self.let_stack:
             chain = " -> ".join([*self.let_stack[self.let_stack.index(key):], key]).replace(f"{let.span.file}:", "")
@@ -491,9 +529,14 @@ class Elaborator:
         self.let_stack.append(key)
         try:
             # module-level lets see module names only, not the caller's locals
-            return self.ev(let.value, Ctx(scope, ctx.layout, {}, ctx.in_where, ctx.along, ctx.transformed))
+            v = self.ev(let.value, Ctx(scope, ctx.layout, {}, ctx.in_where, ctx.along, ctx.transformed))
+        except _Abort:
+            self.memo[memo_key] = _FAILED
+            raise
         finally:
             self.let_stack.pop()
+        self.memo[memo_key] = v
+        return v
 
     def ev_Coord(self, e: ast.Coord, ctx: Ctx):
         if e.base not in ("q", "k"):
@@ -605,6 +648,16 @@ class Elaborator:
             evaluated[name] = self.ev(v, ctx)
             if evaluated[name] is POISON:
                 raise _Abort
+        try:
+            memo_key = ("call", id(pdef), ctx.layout, ctx.along, ctx.transformed,
+                        tuple(sorted((n, _memo_key(v)) for n, v in evaluated.items())))
+            hash(memo_key)
+        except TypeError:  # a value without a stable key: elaborate afresh
+            memo_key = None
+        else:
+            v = self._recall(memo_key)
+            if v is not _MISSING:
+                return v[1]
         inner = Ctx(ref.module, ctx.layout, {}, False, ctx.along, ctx.transformed)
         for p in params:
             if p.name in evaluated:
@@ -618,9 +671,12 @@ class Elaborator:
             _note_hidden(inner, p.name, "parameter")
         self.call_stack.append(pdef.name)
         try:
-            return self.mask_of(pdef.body, inner, what=f"the body of pattern '{pdef.name}'")
+            v = self.mask_of(pdef.body, inner, what=f"the body of pattern '{pdef.name}'")
         finally:
             self.call_stack.pop()
+        if memo_key is not None:  # the arguments stay referenced, so the ids in the key stay valid
+            self.memo[memo_key] = (evaluated, v)
+        return v
 
     # -- primitives
     def call_primitive(self, name, args, kwargs, span: Span, func_span: Span, ctx: Ctx):
@@ -790,6 +846,9 @@ class Elaborator:
                     return ir.Diff(left=left, right=right, span=e.span)
                 cls = ir.Union_ if op == "|" else ir.Inter
                 parts = [p for side in (left, right) for p in (side.parts if isinstance(side, cls) else (side,))]
+                parts = list({id(p): p for p in parts}.values())  # P | P is P (shared sub-results are one object)
+                if len(parts) == 1:
+                    return parts[0]
                 return cls(parts=tuple(parts), span=e.span)
             other = right if isinstance(left, ir.Mask) else left
             hint = None

@@ -85,6 +85,13 @@ class AttnError(Exception):
         return type(self)(list(self.diagnostics), merged)
 
 
+class SizeError(AttnError, ValueError):
+    """A located diagnostic that depends on the sizes of a call (M, N, H, grid): a
+    constraint such as `size * dilation <= length`, or a default that divides by zero
+    at these sizes. Both an `AttnError` (it points at the text) and the `ValueError`
+    the docs promise for bad sizes."""
+
+
 def error(span: Span, message: str, hint: str | None = None) -> Diagnostic:
     return Diagnostic(span=span, message=message, severity="error", hint=hint)
 

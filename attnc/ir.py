@@ -399,6 +399,30 @@ class PatternIR:
 # ----------------------------------------------------------------------------- traversal and printing
 
 
+def tree_size(root, limit: int) -> int:
+    """The number of IR nodes (masks, heads arms and `where` nodes) in `root` written out
+    as a tree, counted on the DAG (each shared vertex once, with its size memoised by
+    identity) and capped just above `limit`: linear in the DAG even when the tree is
+    exponentially larger."""
+    import dataclasses
+
+    sizes: dict[int, int] = {}
+    stack = [(root, False)]
+    while stack:
+        node, done = stack.pop()
+        if id(node) in sizes:
+            continue
+        kids = [v for f in dataclasses.fields(node) if f.name != "span"
+                for v in (getattr(node, f.name) if isinstance(getattr(node, f.name), tuple) else (getattr(node, f.name),))
+                if isinstance(v, (Mask, PNode, HeadArm))]
+        if not done:
+            stack.append((node, True))
+            stack.extend((k, False) for k in kids if id(k) not in sizes)
+            continue
+        sizes[id(node)] = min(limit + 1, 1 + sum(sizes[id(k)] for k in kids))
+    return sizes[id(root)]
+
+
 def walk(node: Mask) -> Iterator[Mask]:
     """Every distinct node of the DAG below `node`, children before parents."""
     yield from nx.topological_sort(dag(node).reverse(copy=False))

@@ -105,7 +105,7 @@ class Program:
             out.append(PatternInfo(pdef.name, tuple(params), layout, pdef.description, pdef.span.file, pdef.span.line))
         return out
 
-    def pattern(self, name: str | None = None, **params) -> "BoundPattern":
+    def pattern(self, name: str | None = None, /, **params) -> "BoundPattern":
         """Bind a pattern's parameters; `name` may be omitted when the file has one pattern."""
         pdef = self._find(name)
         diags = Collector()
@@ -152,14 +152,50 @@ def _display(path: Path) -> str:
     return str(path) if rel.startswith("..") else rel
 
 
+#: extra import directories, separated like PATH (os.pathsep), after any `search_path=` / `-I DIR`
+PATH_ENV = "ATTNC_PATH"
+
+
+def search_dirs(search_path=None) -> list[Path]:
+    """The explicit import directories: `search_path` entries, then $ATTNC_PATH's."""
+    dirs = [Path(d) for d in (search_path or ())]
+    dirs += [Path(d) for d in os.environ.get(PATH_ENV, "").split(os.pathsep) if d]
+    out = []
+    for d in dirs:
+        try:
+            out.append(d.resolve())
+        except (OSError, RuntimeError):  # a symlink loop names no directory
+            continue
+    return out
+
+
+def _inside(path: Path, root: Path) -> bool:
+    return path == root or root in path.parents
+
+
 class _Loader:
-    def __init__(self):
+    """Reads a file and its imports.
+
+    [Note: import confinement] `import "x.attn"` names an `.attn` file relative to
+    the importing file's folder, or else relative to one of the explicit search
+    directories (`search_path=`, `attnc -I DIR`, $ATTNC_PATH), in that order. The
+    file it resolves to (symlinks followed) must end in `.attn` and lie inside the
+    folder tree of the file given to `load` (the working directory for `loads`) or of
+    a search directory; anything else is refused before it is opened, so an import
+    can neither read files outside those trees nor echo a line of a file that is
+    not an `.attn` source in a diagnostic.
+    """
+
+    def __init__(self, root_dir: Path, search_path=None):
         self.sources: dict[str, str] = {}
         self.modules: dict[str, ast.Module] = {}
         self.scopes: dict[str, ModuleScope] = {}
         self.graph = nx.DiGraph()  # file -> imported file
         self.diags = Collector()
         self.base: dict[str, Path | None] = {}
+        self.search = search_dirs(search_path)
+        self.roots = [root_dir, *self.search]
+        self.resolved: dict[tuple[str, ast.Import], str] = {}  # (file, import) -> display name of its target
 
     def load_text(self, source: str, file: str, base: Path | None) -> None:
         self.sources[file] = source
@@ -175,12 +211,45 @@ class _Loader:
             if isinstance(item, ast.Import):
                 self.load_import(file, item)
 
+    def resolve(self, file: str, item: ast.Import) -> Path:
+        """The real path an import names (see the note above); AttnError when refused."""
+        if not Path(item.path).name.endswith(".attn") or Path(item.path).name == ".attn":
+            raise AttnError(error(item.span, f"import \"{item.path}\": an import names an .attn file", 'import "common.attn"'))
+        base = self.base[file] or Path.cwd()
+        candidates = [base / item.path] + [d / item.path for d in self.search]
+        refused = first = None
+        for cand in candidates:
+            try:
+                real = cand.resolve()
+            except (OSError, RuntimeError):  # RuntimeError: a symlink loop (Python < 3.13)
+                raise AttnError(error(item.span, f"import \"{item.path}\": cannot resolve '{cand}': "
+                                      "a symbolic link loop or an unreadable folder")) from None
+            first = first or real
+            if not real.exists():
+                continue
+            if not real.name.endswith(".attn"):
+                raise AttnError(error(item.span, f"import \"{item.path}\" resolves to '{real}', which is not an .attn file "
+                                      "(imports follow symbolic links and read .attn files only)"))
+            if not any(_inside(real, r) for r in self.roots):
+                refused = refused or real
+                continue
+            return real
+        if refused is not None:
+            roots = ", ".join(f"'{r}'" for r in self.roots)
+            raise AttnError(error(item.span, f"import \"{item.path}\" resolves to '{refused}', outside the folders "
+                                  f"imports may read ({roots})",
+                                  f"add its folder to the search path: attnc -I DIR, attnc.load(..., search_path=[DIR]) "
+                                  f"or ${PATH_ENV}"))
+        return first  # missing everywhere: _read reports the usual, relative meaning
+
     def load_import(self, file: str, item: ast.Import) -> None:
-        base = self.base[file]
-        if base is None:
-            base = Path.cwd()
-        target = (base / item.path).resolve()
+        try:
+            target = self.resolve(file, item)
+        except AttnError as err:
+            self.diags.extend(err)
+            return
         display = _display(target)
+        self.resolved[(file, item)] = display
         self.graph.add_edge(file, display)
         try:
             cycle = nx.find_cycle(self.graph, source=file)
@@ -209,7 +278,7 @@ class _Loader:
             scope = ModuleScope(module)
             for item in module.items:
                 if isinstance(item, ast.Import):
-                    dep = self.scopes.get(_display((Path(self.base[file] or Path.cwd()) / item.path).resolve()))
+                    dep = self.scopes.get(self.resolved.get((file, item), ""))
                     if dep is None:
                         continue
                     for name in [*dep.lets, *dep.patterns]:
@@ -265,22 +334,40 @@ def _finish(loader: _Loader, root: str) -> Program:
     return Program(root, loader.scopes, loader.sources, order)
 
 
-def load(path: str | os.PathLike) -> Program:
+def load(path: str | os.PathLike, search_path=None) -> Program:
     """Parse and check an `.attn` file and everything it imports.
 
+    Imports resolve relative to the importing file, then to each directory of
+    `search_path` (and of $ATTNC_PATH), and may only read `.attn` files inside the
+    folder tree of `path` or of a search directory (docs/language.md, Imports).
     Raises `AttnError` with every diagnostic found (``FILE:LINE:COL: error: ...``).
     """
     p = Path(path)
-    display = _display(p.resolve()) if p.exists() else str(path)
+    try:
+        real = p.resolve()
+    except (OSError, RuntimeError):  # RuntimeError: a symlink loop (Python < 3.13)
+        real = None
+    display = _display(real) if real is not None and real.exists() else str(path)
     text = _read(p, None, display)
-    loader = _Loader()
-    loader.load_text(text, display, p.resolve().parent)
-    return _finish(loader, display)
+    folder = real.parent if real is not None else Path.cwd().resolve()
+    loader = _Loader(folder, search_path)
+    loader.load_text(text, display, folder)
+    try:
+        return _finish(loader, display)
+    except AttnError as err:
+        if display.endswith(".attn") or not any(d.span.file == display for d in err.diagnostics):
+            raise
+        # asked for by name, but not named like an .attn source: say so without echoing any of its text
+        where = Span(file=display, line=1, col=1, end_line=1, end_col=2)
+        raise AttnError(error(where, f"'{display}' is not an .attn source: its name does not end in .attn and it "
+                              "does not parse as one (its contents are not shown)",
+                              "rename it to NAME.attn if it is one")) from None
 
 
-def loads(source: str, file: str = "<string>") -> Program:
-    """Parse and check `.attn` source text; imports resolve from the working directory."""
-    loader = _Loader()
+def loads(source: str, file: str = "<string>", search_path=None) -> Program:
+    """Parse and check `.attn` source text; imports resolve from the working
+    directory (and `search_path`), confined like `load`'s."""
+    loader = _Loader(Path.cwd().resolve(), search_path)
     loader.load_text(source, file, None)
     return _finish(loader, file)
 

@@ -23,7 +23,7 @@ import torch
 
 from . import ir
 from .constraints import violations
-from .errors import AttnError, error
+from .errors import AttnError, SizeError, error
 from .syntax import MAX_INT
 
 MASK32 = 0xFFFFFFFF
@@ -146,17 +146,24 @@ class Evaluator:
             return expr
         if isinstance(expr, int):
             return expr
-        v = expr.xreplace(env)
+        try:
+            v = expr.xreplace(env)
+            if not isinstance(v, int) and not v.is_Integer and not v.has(sympy.zoo, sympy.nan):
+                v = sympy.simplify(v)
+        except ZeroDivisionError:  # sympy.Mod(x, 0)
+            v = sympy.zoo
         if isinstance(v, int):
             return v
-        if not v.is_Integer:
-            v = sympy.simplify(v)
+        if v.has(sympy.zoo, sympy.nan, sympy.oo, -sympy.oo):
+            sizes = ", ".join(f"{s} = {env[s]}" for s in sorted(expr.free_symbols, key=str) if s in env)
+            raise SizeError(error(self.pattern.span, f"{expr} divides by zero at these sizes ({sizes})",
+                                  "guard the divisor, e.g. max(1, N - 16), or call with other sizes"))
         if not v.is_Integer:
             missing = ", ".join(sorted(str(s) for s in v.free_symbols))
             raise AttnError(error(self.pattern.span, f"cannot evaluate {expr}: {missing} unknown"))
         v = int(v)
         if abs(v) > MAX_INT:
-            raise AttnError(error(self.pattern.span, f"{expr} evaluates to {v if abs(v) < 10**30 else 'a number'} "
+            raise SizeError(error(self.pattern.span, f"{expr} evaluates to {v if abs(v) < 10**30 else 'a number'} "
                                   f"beyond the integer limit 2**60 = {MAX_INT}"))
         return v
 
@@ -166,7 +173,7 @@ class Evaluator:
             return torch.isin(x, items)
         a, b, st = self.val(s.start, env), self.val(s.stop, env), self.val(s.step, env)
         if st < 1:
-            raise AttnError(error(self.pattern.span, f"a range step must be >= 1, got {st}"))
+            raise SizeError(error(self.pattern.span, f"a range step must be >= 1, got {st}"))
         return (x >= a) & (x < b) & ((x - a) % st == 0)
 
     # -- dispatch
@@ -174,7 +181,7 @@ class Evaluator:
         """Argument constraints, now that the view's sizes make every value known."""
         problems = violations(node, lambda v: self.val(v, view.env))
         if problems:
-            raise AttnError(error(node.span, problems[0]))
+            raise SizeError(error(node.span, problems[0]))
 
     def eval(self, node: ir.Mask, view: View) -> torch.Tensor:
         """bool [1 or H, Mq, Nk]."""
@@ -238,9 +245,9 @@ class Evaluator:
         d = self.val(node.dilation, view.env)
         s = self.val(node.stride, view.env)
         if size * d > view.L:
-            raise AttnError(error(node.span, f"neighborhood needs size * dilation <= length, got {size} * {d} > {view.L}"))
+            raise SizeError(error(node.span, f"neighborhood needs size * dilation <= length, got {size} * {d} > {view.L}"))
         if s > size:
-            raise AttnError(error(node.span, f"neighborhood stride must be <= size, got stride {s} > size {size}"))
+            raise SizeError(error(node.span, f"neighborhood stride must be <= size, got stride {s} > size {size}"))
         return size, d, s, bool(node.causal)
 
     def eval_Neighborhood(self, node, view):
@@ -367,7 +374,7 @@ class Evaluator:
             done |= sel
         if not bool(done.all()):
             missing = int((~done).nonzero()[0, 0])
-            raise AttnError(error(node.span, f"head {missing} of {H} is not covered by any arm of heads {{ ... }}",
+            raise SizeError(error(node.span, f"head {missing} of {H} is not covered by any arm of heads {{ ... }}",
                                   "add a catch-all arm `_ => P`"))
         return chosen
 

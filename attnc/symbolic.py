@@ -44,12 +44,21 @@ class NoFormula(ValueError):
 # ----------------------------------------------------------------------------- ordering with recorded conditions
 
 
+#: Most breakpoint comparisons one formula may make. Inclusion-exclusion over a union of
+#: n terms makes ~2**n intersections (8 `sliding` terms, or `global` of a few tokens, took
+#: minutes); the examples need at most ~1200. Past the budget the formula gives up with
+#: NoFormula, and `attnc show` / `simulate` report exact counts at the size asked instead.
+#: A count of steps, not a timeout: the outcome is the same on every machine.
+MAX_COMPARISONS = 3000
+
+
 class Order:
     """Compares symbolic positions as they compare for the bound values and N large."""
 
-    def __init__(self, values: dict):
+    def __init__(self, values: dict, budget: int = MAX_COMPARISONS):
         self.values = values  # parameter symbol -> int (N stays symbolic)
         self.conditions: set = set()
+        self.budget = budget
 
     def key(self, e) -> tuple:
         v = sympy.expand(sympy.sympify(e).xreplace(self.values))
@@ -64,6 +73,10 @@ class Order:
 
     def cmp(self, a, b) -> int:
         """-1, 0 or 1; records the condition that makes the answer hold symbolically."""
+        self.budget -= 1
+        if self.budget < 0:
+            raise NoFormula(f"too many terms for a closed form (more than {MAX_COMPARISONS} comparisons of "
+                            "interval ends; unions of many terms grow exponentially)")
         ka, kb = self.key(a), self.key(b)
         r = (ka > kb) - (ka < kb)
         diff = sympy.expand(sympy.sympify(a) - sympy.sympify(b))
@@ -293,6 +306,8 @@ class Builder:
         return [(i, i + 1) for i in s.items]
 
     def _rows(self, s) -> SetExpr:
+        if not self._ranges(s):
+            return self.iv(0, 0)  # the empty set: no rows
         parts = []
         for a, b in self._ranges(s):
             inside = combine([PL.step(a, 0, ir.N, self.o), PL.step(b, 0, ir.N, self.o)], lambda x, y: x - y, self.o)
@@ -300,7 +315,7 @@ class Builder:
         return parts[0] if len(parts) == 1 else SetExpr("or", tuple(parts))
 
     def _cols(self, s) -> SetExpr:
-        parts = [self.iv(a, b) for a, b in self._ranges(s)]
+        parts = [self.iv(a, b) for a, b in self._ranges(s)] or [self.iv(0, 0)]
         return parts[0] if len(parts) == 1 else SetExpr("or", tuple(parts))
 
     def b_Rows(self, n):

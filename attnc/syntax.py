@@ -8,6 +8,8 @@ does not: resolve names, check types or evaluate anything (see elaborate.py).
 from __future__ import annotations
 
 import functools
+import re
+import threading
 from dataclasses import dataclass, field
 from importlib import resources
 
@@ -207,10 +209,39 @@ MAX_INT = 2**60
 # ----------------------------------------------------------------------------- parser
 
 
+#: keyword terminals (lark names anonymous string terminals after their text)
+_KEYWORDS = ("IMPORT", "LET", "PATTERN", "ON", "IN", "STEP", "TRUE", "FALSE", "HEADS", "WHERE", "OR", "AND", "NOT")
+_LEXED = threading.local()  # the keyword tokens of the parse running in this thread
+
+
+def _note_keyword(tok: Token) -> Token:
+    seen = getattr(_LEXED, "keywords", None)
+    if seen is not None:
+        seen.append(tok)
+    return tok
+
+
 @functools.cache
 def _parser() -> Lark:
     text = resources.files("attnc.grammar").joinpath("attn.lark").read_text(encoding="utf-8")
-    return Lark(text, parser="lalr", propagate_positions=True, maybe_placeholders=True)
+    # The contextual lexer matches a keyword where only a keyword may come, even as the
+    # start of a longer word (`ongrid` as `on grid`); the keyword tokens are recorded so
+    # that parse() can refuse a keyword glued to the name after it.
+    return Lark(text, parser="lalr", propagate_positions=True, maybe_placeholders=True,
+                lexer_callbacks={k: _note_keyword for k in _KEYWORDS})
+
+
+def _glued_keyword(source: str, file: str, keywords: list[Token]):
+    """A diagnostic for the first keyword directly followed by a name character, or None."""
+    for tok in keywords:
+        end = tok.start_pos + len(tok)
+        if end < len(source) and (source[end].isalnum() or source[end] == "_"):
+            m = _WORD.match(source, tok.start_pos)
+            word = m.group(0) if m else str(tok)
+            span = Span(file=file, line=tok.line, col=tok.column, end_line=tok.line, end_col=tok.column + len(word))
+            return error(span, f"missing space: the keyword '{tok}' runs into the name after it ('{word}')",
+                         f"{tok} {word[len(str(tok)):]}")
+    return None
 
 
 def _span(file: str, meta_or_tok) -> Span:
@@ -434,10 +465,17 @@ def parse(source: str, file: str = "<string>") -> Module:
                   f"expression nested too deeply (more than {MAX_NESTING} levels of brackets)"),
             {file: source},
         )
+    _LEXED.keywords = keywords = []
     try:
         tree = _parser().parse(source)
     except lark.UnexpectedInput as exc:
-        raise AttnError(_syntax_diagnostic(exc, source, file), {file: source}) from None
+        raise AttnError(_glued_keyword(source, file, keywords) or _syntax_diagnostic(exc, source, file),
+                        {file: source}) from None
+    finally:
+        _LEXED.keywords = None
+    glued = _glued_keyword(source, file, keywords)
+    if glued is not None:
+        raise AttnError(glued, {file: source})
     deep = _too_deep(tree)
     if deep is not None:
         raise AttnError(
@@ -467,14 +505,27 @@ def _too_deep(tree: lark.Tree) -> lark.Tree | None:
     return None
 
 
+_WORD = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
 def _max_nesting(source: str) -> tuple[int, tuple[int, int]]:
+    """The deepest bracket nesting of the code (comments and strings do not count) and where it is."""
     depth = best = 0
     where = (1, 1)
     line, col = 1, 0
+    skip_to = None  # inside a comment: "\n"; inside a string: '"' (strings end at the line too)
     for ch in source:
         col += 1
         if ch == "\n":
             line, col = line + 1, 0
+            skip_to = None
+        elif skip_to is not None:
+            if ch == skip_to:
+                skip_to = None
+        elif ch == "#":
+            skip_to = "\n"
+        elif ch == '"':
+            skip_to = '"'
         elif ch in "({":
             depth += 1
             if depth > best:

@@ -17,6 +17,19 @@ parses and its checksum matches kernel.py; anything else (a truncated or
 corrupted file, a writer caught between the two renames) is regenerated.
 Several processes compiling the same pattern at once therefore all succeed and
 leave one valid entry: they write identical bytes.
+
+[Note: trust] kernel.py is imported, i.e. executed, and cache keys are
+predictable (a hash of public inputs), so whoever can write into the cache can
+run code in every process that reads it. The cache root is created 0700, entry
+folders 0700 and files 0600 (mkstemp). Before an entry is read, the entry
+folder, its `key[:2]` parent, the cache root and both files must be owned by
+the current user, not writable by group or others, and (below the root) not
+symbolic links; otherwise the entry is ignored with one warning and the kernel
+is generated again into a private temporary folder (tempfile.mkdtemp, 0700) for
+this process. A cache root that cannot be created, is not a folder, is not
+writable or is not private gets the same fallback and one warning; an entry
+that fails to import is regenerated and imported once more. The threat left:
+another process of the same user (it could edit the code anyway).
 """
 
 from __future__ import annotations
@@ -26,8 +39,10 @@ import importlib.util
 import json
 import os
 import platform
+import stat
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 from types import ModuleType
 from typing import Callable
@@ -91,6 +106,70 @@ def entry_dir(key: str) -> Path:
     return cache_dir() / key[:2] / key
 
 
+_FALLBACK: Path | None = None  # this process's private folder when the cache cannot be trusted or used
+_WARNED: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _WARNED:
+        _WARNED.add(message)
+        warnings.warn(message, RuntimeWarning, stacklevel=4)
+
+
+def fallback_dir() -> Path:
+    """A private temporary folder for this process (created 0700 by mkdtemp)."""
+    global _FALLBACK
+    if _FALLBACK is None:
+        _FALLBACK = Path(tempfile.mkdtemp(prefix="attnc-kernels-"))
+    return _FALLBACK
+
+
+def untrusted(path: Path, follow: bool = False) -> str | None:
+    """Why `path` may not be trusted (owned by someone else, writable by group or others,
+    a symbolic link unless `follow`), or None."""
+    st = os.stat(path) if follow else os.lstat(path)
+    if not follow and stat.S_ISLNK(st.st_mode):
+        return f"{path} is a symbolic link"
+    uid = os.getuid() if hasattr(os, "getuid") else None
+    if uid is not None and st.st_uid != uid:
+        return f"{path} is owned by uid {st.st_uid}, not by this user (uid {uid})"
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        return f"{path} is writable by group or others (mode {stat.S_IMODE(st.st_mode):o})"
+    return None
+
+
+def usable_root() -> Path:
+    """The cache root, created 0700 if missing; the private fallback folder (with one
+    warning) when it cannot be created or is not private to this user."""
+    root = cache_dir()
+    try:
+        root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if not root.is_dir():
+            raise NotADirectoryError(f"{root} is not a folder")
+        why = untrusted(root, follow=True)  # the root itself may be reached through a link (~/.cache -> ...)
+    except OSError as exc:
+        why = f"cannot use {root}: {exc.strerror or exc}"
+    if why is None:
+        return root
+    _warn_once(f"attnc kernel cache: {why}; generating kernels into {fallback_dir()} for this process "
+               "(set ATTNC_CACHE_DIR to a private folder of yours)")
+    return fallback_dir()
+
+
+def _entry_untrusted(root: Path, key: str) -> str | None:
+    d = root / key[:2] / key
+    try:
+        for p in (root / key[:2], d, d / "kernel.py", d / "meta.json"):
+            why = untrusted(p)
+            if why is not None:
+                return why
+    except FileNotFoundError:
+        return None  # absent: nothing to trust yet
+    except OSError as exc:
+        return f"cannot inspect {d}: {exc.strerror or exc}"
+    return None
+
+
 def _atomic_write(path: Path, data: bytes) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -107,9 +186,9 @@ def _atomic_write(path: Path, data: bytes) -> None:
         raise
 
 
-def read_entry(key: str) -> str | None:
+def read_entry(key: str, root: Path | None = None) -> str | None:
     """The cached source for `key`, or None when absent or not valid."""
-    d = entry_dir(key)
+    d = (cache_dir() if root is None else root) / key[:2] / key
     try:
         meta = json.loads((d / "meta.json").read_text())
         src = (d / "kernel.py").read_bytes()
@@ -123,10 +202,13 @@ def read_entry(key: str) -> str | None:
         return None
 
 
-def write_entry(key: str, source: str, info: dict | None = None) -> Path:
-    """Store `source` under `key` (atomically); returns the kernel.py path."""
-    d = entry_dir(key)
-    d.mkdir(parents=True, exist_ok=True)
+def write_entry(key: str, source: str, info: dict | None = None, root: Path | None = None) -> Path:
+    """Store `source` under `key` (atomically, folders 0700, files 0600); returns the kernel.py path."""
+    root = cache_dir() if root is None else root
+    root.mkdir(mode=0o700, parents=True, exist_ok=True)
+    (root / key[:2]).mkdir(mode=0o700, exist_ok=True)
+    d = root / key[:2] / key
+    d.mkdir(mode=0o700, exist_ok=True)
     data = source.encode("utf-8")
     _atomic_write(d / "kernel.py", data)
     meta = {"key": key, "sha256": hashlib.sha256(data).hexdigest(), "versions": versions(), **(info or {})}
@@ -134,12 +216,29 @@ def write_entry(key: str, source: str, info: dict | None = None) -> Path:
     return d / "kernel.py"
 
 
-def get_source(key: str, generate: Callable[[], str], info: dict | None = None) -> tuple[Path, bool]:
-    """(path of kernel.py, whether it was a cache hit); generates and stores on a miss."""
-    src = read_entry(key)
-    if src is not None:
-        return entry_dir(key) / "kernel.py", True
-    return write_entry(key, generate(), info), False
+def get_source(key: str, generate: Callable[[], str], info: dict | None = None,
+               fresh: bool = False) -> tuple[Path, bool]:
+    """(path of kernel.py, whether it was a cache hit); generates and stores on a miss.
+    Entries that are not private to this user are ignored (see [Note: trust]);
+    `fresh` regenerates even when a valid entry exists."""
+    root = usable_root()
+    why = _entry_untrusted(root, key)
+    if why is not None:
+        _warn_once(f"attnc kernel cache: ignoring an entry: {why}; regenerating it into {fallback_dir()}")
+        root = fallback_dir()
+    elif not fresh:
+        src = read_entry(key, root)
+        if src is not None:
+            return root / key[:2] / key / "kernel.py", True
+    source = generate()
+    try:
+        return write_entry(key, source, info, root), False
+    except OSError as exc:
+        if root == fallback_dir():
+            raise
+        _warn_once(f"attnc kernel cache: cannot write to {root}: {exc.strerror or exc}; "
+                   f"generating kernels into {fallback_dir()} for this process")
+        return write_entry(key, source, info, fallback_dir()), False
 
 
 def load_module(key: str, generate: Callable[[], str], info: dict | None = None) -> ModuleType:
@@ -152,7 +251,22 @@ def load_module(key: str, generate: Callable[[], str], info: dict | None = None)
     mod = _LOADED.get((key, interpret))
     if mod is not None:
         return mod
-    path, _ = get_source(key, generate, info)
+    path, hit = get_source(key, generate, info)
+    try:
+        mod = _import(key, path, interpret)
+    except Exception as exc:
+        if not hit:
+            raise
+        # a self-consistent entry that does not import (written by another version, damaged
+        # in a way the checksum cannot see): regenerate it once
+        _warn_once(f"attnc kernel cache: the cached {path} failed to import ({type(exc).__name__}: {exc}); regenerating it")
+        path, _ = get_source(key, generate, info, fresh=True)
+        mod = _import(key, path, interpret)
+    _LOADED[(key, interpret)] = mod
+    return mod
+
+
+def _import(key: str, path: Path, interpret: bool) -> ModuleType:
     name = f"attnc_kernel_{key[:24]}_{'interp' if interpret else 'jit'}"
     spec = importlib.util.spec_from_file_location(name, path)
     mod = importlib.util.module_from_spec(spec)
@@ -162,5 +276,4 @@ def load_module(key: str, generate: Callable[[], str], info: dict | None = None)
     except BaseException:
         sys.modules.pop(name, None)
         raise
-    _LOADED[(key, interpret)] = mod
     return mod

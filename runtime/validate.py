@@ -13,6 +13,13 @@ import torch
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
+def _finite_float(x) -> bool:
+    try:
+        return math.isfinite(float(x))
+    except OverflowError:  # an int past float's range (10**400)
+        return False
+
+
 def check_qkv(q, k, v, scale) -> tuple[int, int, int, int, int, int, float]:
     """Returns (B, Hq, Hkv, M, N, D, scale)."""
     for name, t in (("q", q), ("k", k), ("v", v)):
@@ -32,7 +39,7 @@ def check_qkv(q, k, v, scale) -> tuple[int, int, int, int, int, int, float]:
                          f"try k.to(q.device), v.to(q.device)")
     B, Hq, M, D = q.shape
     Bk, Hkv, N, Dk = k.shape
-    Bv, Hv, Nv, _ = v.shape
+    Bv, Hv, Nv, Dv = v.shape
     if Bk != B or Bv != B:
         raise ValueError(f"expected one batch size, got q {B}, k {Bk}, v {Bv}")
     if Dk != D:
@@ -42,12 +49,14 @@ def check_qkv(q, k, v, scale) -> tuple[int, int, int, int, int, int, float]:
     if Hkv == 0 or Hq % Hkv != 0:
         raise ValueError(f"expected the query heads to be a multiple of the key/value heads (GQA), got Hq={Hq} and Hkv={Hkv}; "
                          f"try Hkv in the divisors of {Hq}")
-    if M == 0 or N == 0 or D == 0:
-        raise ValueError(f"expected non-empty tensors, got M={M}, N={N}, D={D}")
+    if M == 0 or N == 0 or D == 0 or Dv == 0:
+        raise ValueError(f"expected non-empty tensors, got M={M}, N={N}, D={D}, Dv={Dv} (v's last dimension); "
+                         "try at least one query, key and feature")
     if scale is None:
         scale = 1.0 / math.sqrt(D)
-    elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(float(scale)):
-        raise ValueError(f"scale: expected a finite float, got {scale!r}; try scale=None for 1/sqrt(D)")
+    elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not _finite_float(scale):
+        shown = repr(scale) if len(repr(scale)) <= 40 else f"an integer of {len(str(abs(scale)))} digits"
+        raise ValueError(f"scale: expected a finite float, got {shown}; try scale=None for 1/sqrt(D)")
     return B, Hq, Hkv, M, N, D, float(scale)
 
 

@@ -43,7 +43,8 @@ def test_diamond_imports_are_not_cycles(tmp_path):
 
 @pytest.mark.parametrize("target,setup,msg,where", [
     ("missing.attn", None, "file not found", "main.attn:2:1"),
-    ("sub", "dir", "is a directory", "main.attn:2:1"),
+    ("sub.attn", "dir", "is a directory", "main.attn:2:1"),
+    ("sub", "dir", "an import names an .attn file", "main.attn:2:1"),
     ("bin.attn", b"\x00\x01pattern", "is a binary file", "main.attn:2:1"),
     ("latin.attn", "pattern p = causal # caf\xe9\n".encode("latin-1"), "is not UTF-8 text", "latin.attn:1:25"),
 ])

@@ -229,7 +229,10 @@ def test_imports(tmp_path):
     (tmp_path / "common.attn").write_text("let R = 2\npattern win(w = R) = sliding(w)\n")
     (tmp_path / "sub").mkdir()
     (tmp_path / "sub" / "main.attn").write_text('import "../common.attn"\npattern p = win(w = R + 1) | sink(1)\n')
-    got = attnc.load(tmp_path / "sub" / "main.attn").pattern("p").mask(10)[0]
+    # a parent folder is outside the loaded file's tree: it must be opened explicitly (docs/language.md)
+    with pytest.raises(attnc.AttnError, match="outside the folders imports may read"):
+        attnc.load(tmp_path / "sub" / "main.attn")
+    got = attnc.load(tmp_path / "sub" / "main.attn", search_path=[tmp_path]).pattern("p").mask(10)[0]
     assert torch.equal(got, brute(10, 10, lambda q, k: q - 3 < k <= q or k < 1))
 
 
