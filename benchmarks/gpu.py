@@ -334,6 +334,12 @@ def run_case(case: Case, args, device: torch.device, dtype: torch.dtype, deadlin
     # methods, most important first: the budget cuts from the end
     methods = {"attnc": lambda qq, kk, vv: pat(qq, kk, vv, grid=case.grid, backend=args.attnc_backend,
                                                block=case.attnc_block, **inputs)}
+    if args.attnc_configs:  # the default config, set again before its calls (the others swap it)
+        from attnc.runtime.ops import get_backend
+        default_config = get_backend("triton").config
+        methods["attnc"] = _with_config(pat, case, inputs, default_config)
+    for spec in args.attnc_configs or ():  # the same op with other kernel configs (tiles, warps, stages)
+        methods[f"attnc@{spec}"] = _with_config(pat, case, inputs, parse_config(spec))
     native_bm = attnc_bm = None
     if not args.no_flex:
         try:
@@ -425,6 +431,29 @@ def run_case(case: Case, args, device: torch.device, dtype: torch.dtype, deadlin
     return row
 
 
+def parse_config(spec: str):
+    """'128x64w8s3' -> KernelConfig(block_m=128, block_n=64, num_warps=8, num_stages=3)."""
+    import re
+    from attnc.codegen.kernels import KernelConfig
+    m = re.fullmatch(r"(\d+)x(\d+)w(\d+)s(\d+)", spec)
+    if not m:
+        raise ValueError(f"--attnc-configs: expected BMxBNwWARPSsSTAGES like 128x64w8s3, got {spec!r}")
+    bm, bn, w, st = map(int, m.groups())
+    return KernelConfig(block_m=bm, block_n=bn, num_warps=w, num_stages=st)
+
+
+def _with_config(pat, case: Case, inputs: dict, config):
+    """The op on the Triton backend with `config`: the backend object's config is set at every
+    call and left set, so the backward of a fwd+bwd step (run after this returns) uses it too;
+    methods run one after another. Kernel sets are memoised per config: each compiles once."""
+    from attnc.runtime.ops import get_backend
+
+    def run(qq, kk, vv):
+        get_backend("triton").config = config
+        return pat(qq, kk, vv, grid=case.grid, backend="triton", block=case.attnc_block, **inputs)
+    return run
+
+
 def _ratios(row: dict, rep) -> None:
     for mode in ("fwd", "fwdbwd"):
         dense, ours = row.get(f"dense_sdpa_{mode}_ms"), row.get(f"attnc_{mode}_ms")
@@ -464,6 +493,17 @@ def table(rows: list[dict]) -> str:
               "rows; setup times in ms):", "", "| " + " | ".join(checks) + " |", "|" + "---|" * len(checks)]
     for r in rows:
         lines.append("| " + " | ".join(fmt(r.get(c)) for c in checks) + " |")
+    variants = sorted({k[:-len("_fwd_ms")] for r in rows for k in r if k.startswith("attnc@") and k.endswith("_fwd_ms")})
+    if variants:  # --attnc-configs: every config's times, and FlexAttention's (native) time over it
+        lines += ["", "attnc kernel configs (ms; 'x flex' = native FlexAttention time / this config's time):", "",
+                  "| case | config | max abs diff | fwd ms | x flex fwd | fwd+bwd ms | x flex fwd+bwd |", "|---|---|---|---|---|---|---|"]
+        for r in rows:
+            for name in ["attnc"] + variants:
+                cells = [r["case"], "default" if name == "attnc" else name[len("attnc@"):], fmt(r.get(f"{name}_max_abs_diff"))]
+                for mode in ("fwd", "fwdbwd"):
+                    ours, flex = r.get(f"{name}_{mode}_ms"), r.get(f"flex_native_{mode}_ms")
+                    cells += [fmt(ours), fmt(flex / ours if ours and flex else None)]
+                lines.append("| " + " | ".join(cells) + " |")
     errors = [f"- {r['case']}: {k} = {v}" for r in rows for k, v in r.items() if k.endswith("_error")]
     return "\n".join(lines + (["", "Errors / declines:"] + errors if errors else []))
 
@@ -480,6 +520,7 @@ def main(argv=None) -> int:
     ap.add_argument("--fwd-only", action="store_true")
     ap.add_argument("--no-flex", action="store_true")
     ap.add_argument("--attnc-backend", default="auto")
+    ap.add_argument("--attnc-configs", nargs="*", help="also time attnc's kernels with these configs, e.g. 128x64w8s3")
     ap.add_argument("--check-rows", type=int, default=256, help="query rows per sampled range in the output check")
     ap.add_argument("--budget-s", type=float, default=None,
                     help="wall-clock budget of the whole run: each case gets an equal share of what is left; "
