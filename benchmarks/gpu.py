@@ -354,7 +354,7 @@ def run_case(case: Case, args, device: torch.device, dtype: torch.dtype, deadlin
                 native_bm = timed("create_block_mask_ms", lambda: create_block_mask(
                     mask_mod, None, heads, M, N, device=device, BLOCK_SIZE=case.tile, **kw))
                 methods["flex_native"] = lambda qq, kk, vv: flex(qq, kk, vv, block_mask=native_bm)
-            if case.export:
+            if case.export and not args.no_export:
                 _, attnc_bm = timed("attnc_to_flex_ms", lambda: pat.to_flex(M, N, heads=H, grid=case.grid, block=case.tile,
                                                                              device=device, **inputs))
                 methods["flex_attnc_mask"] = lambda qq, kk, vv: flex(qq, kk, vv, block_mask=attnc_bm)
@@ -519,6 +519,7 @@ def main(argv=None) -> int:
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--fwd-only", action="store_true")
     ap.add_argument("--no-flex", action="store_true")
+    ap.add_argument("--no-export", action="store_true", help="leave out FlexAttention fed attnc's export")
     ap.add_argument("--attnc-backend", default="auto")
     ap.add_argument("--attnc-configs", nargs="*", help="also time attnc's kernels with these configs, e.g. 128x64w8s3")
     ap.add_argument("--check-rows", type=int, default=256, help="query rows per sampled range in the output check")
