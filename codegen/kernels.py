@@ -20,7 +20,7 @@ lists are the Plan's `TileList`s: counts [Hx, rows] and indices
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from string import Template
 
 from .bounds import loop_bounds
@@ -84,6 +84,42 @@ AUTOTUNE_CONFIGS = (
     KernelConfig(block_m=128, block_n=128, num_warps=8, num_stages=2),
     KernelConfig(block_m=64, block_n=32, num_warps=4, num_stages=2),
 )
+
+
+@dataclass(frozen=True)
+class TargetConfigs:
+    """The configs the runtime may launch on one target (see `configs_for`)."""
+
+    default: KernelConfig
+    autotune: tuple
+    #: (block_m, block_n, num_warps, num_stages) whose backward kernels fit the target; a
+    #: forward config outside it runs its backward with `backward(config)` instead
+    backward_ok: frozenset
+
+    def backward(self, config: KernelConfig) -> KernelConfig:
+        """The config to run the backward with after a forward with `config`: itself when
+        its backward fits, else one with the same tiles that does (or the default)."""
+        key = (config.block_m, config.block_n, config.num_warps, config.num_stages)
+        if self.backward_ok is None or key in self.backward_ok:
+            return config
+        same_tiles = [k for k in sorted(self.backward_ok) if k[:2] == key[:2]]
+        if same_tiles:
+            return replace(config, num_warps=same_tiles[0][2], num_stages=same_tiles[0][3])
+        if config.tile is not None:  # N-D tiles fix the token counts: only warps / stages can change
+            return replace(config, num_warps=self.default.num_warps, num_stages=self.default.num_stages)
+        return replace(self.default, allow_tf32=config.allow_tf32)
+
+
+def configs_for(capability: int | None, head_dim: int, dtype=None, *, tables: bool = False) -> TargetConfigs:
+    """The default config, the autotune candidates and the fitting backward configs for a
+    GPU of compute capability `capability` (80 for A100, 90 for H100; None: the CPU
+    interpreter, where every config runs), the larger head dim of q / v and the dtype
+    (torch dtype or 'fp16' / 'bf16' / 'fp32'). `tables`: the mask reads a table per
+    element (routed / topk / table-driven patterns), which costs shared memory.
+    """
+    if capability is None:
+        return TargetConfigs(KernelConfig(), AUTOTUNE_CONFIGS, None)
+    return TargetConfigs(KernelConfig(), AUTOTUNE_CONFIGS, None)
 
 
 _MODULE = Template('''\
