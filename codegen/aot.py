@@ -32,6 +32,7 @@ per-block limit (`TARGETS`) and registers x threads <= 65536.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import queue
@@ -149,6 +150,7 @@ class KernelReport:
     limit: int  # the target's shared memory per block
     threads: int
     problems: list = field(default_factory=list)
+    ptx_sha: str = ""  # sha256 of the PTX (prefix): equal PTX, equal specialisation
 
     @property
     def fits(self) -> bool:
@@ -367,7 +369,8 @@ def run_job(job: Job, driver: _StandInDriver) -> JobReport:
         report.kernels.append(KernelReport(
             kernel=name, config=_short(configs[i]), registers=u["REG"], spill_bytes=u.get("LOCAL", 0), shared=shared,
             compile_s=round(secs, 2), limit=limit, threads=threads,
-            problems=problems(u["REG"], u.get("LOCAL", 0), shared, threads, limit)))
+            problems=problems(u["REG"], u.get("LOCAL", 0), shared, threads, limit),
+            ptx_sha=hashlib.sha256(compiled.asm["ptx"].encode()).hexdigest()[:16]))
     return report
 
 
@@ -379,9 +382,31 @@ def _short(config) -> str:
     return s
 
 
+def _encode(v):
+    """A parameter value as JSON: ranges and sets tagged, tuples as lists."""
+    if isinstance(v, range):
+        return {"range": [v.start, v.stop, v.step]}
+    if isinstance(v, (set, frozenset)):
+        return {"set": sorted(v)}
+    if isinstance(v, (tuple, list)):
+        return [_encode(x) for x in v]
+    return v
+
+
+def _decode(v):
+    if isinstance(v, dict) and "range" in v:
+        return range(*v["range"])
+    if isinstance(v, dict) and "set" in v:
+        return set(v["set"])
+    if isinstance(v, list):
+        return tuple(_decode(x) for x in v)
+    return v
+
+
 def _job_to_json(job: Job) -> str:
     d = asdict(job)
     d["config"] = None if job.config is None else asdict(job.config)
+    d["params"] = [[k, _encode(v)] for k, v in job.params]
     return json.dumps(d)
 
 
@@ -393,13 +418,9 @@ def _job_from_json(text: str) -> Job:
         c = d["config"]
         c["tile"] = None if c["tile"] is None else tuple(tuple(t) for t in c["tile"])
         d["config"] = KernelConfig(**c)
-    d["params"] = tuple((k, _detuple(v)) for k, v in d["params"])
+    d["params"] = tuple((k, _decode(v)) for k, v in d["params"])
     d["grid"] = None if d["grid"] is None else tuple(d["grid"])
     return Job(**d)
-
-
-def _detuple(v):
-    return tuple(v) if isinstance(v, list) else v
 
 
 def worker_main() -> int:
@@ -523,6 +544,89 @@ def triton_version(python: str | None = None) -> str:
     res = subprocess.run([python or sys.executable, "-c", "import triton; print(triton.__version__)"],
                          capture_output=True, text=True, env=worker_env())
     return res.stdout.strip() if res.returncode == 0 else "none"
+
+
+# -- job lists: the runtime's configs, the CI subset, every example ----------------------------------------
+
+#: sizes the examples are compiled at: 4096 tokens (M = N, or a 64x64 / 16x16x16 grid), 12 heads
+EXAMPLE_LENGTH = 4096
+EXAMPLE_GRIDS = {1: (4096,), 2: (64, 64), 3: (16, 16, 16)}
+EXAMPLE_HEADS = 12
+
+
+def example_job(file, pattern=None, **kw) -> Job:
+    """A job for an example pattern at the example sizes (override with M= / grid= / heads=)."""
+    import attnc
+
+    pat = attnc.load(file).pattern(pattern)
+    base = {"heads": EXAMPLE_HEADS, "pattern": pat.name, "label": pat.name}
+    if pat.layout.axes:
+        base["grid"] = EXAMPLE_GRIDS[len(pat.layout.axes)]
+    else:
+        base["M"] = EXAMPLE_LENGTH
+    return Job(str(file), **{**base, **kw})
+
+
+def runtime_jobs(job: Job) -> list[Job]:
+    """`job` in every config the runtime can launch for its target, head dim and dtype: the
+    default and each autotune candidate forward, each with the backward the runtime would run
+    after it (kernels.configs_for; a backward shared by several forwards is compiled once).
+    A job with N-D tiles keeps them (the runtime varies only warps and stages then)."""
+    import torch
+    from dataclasses import replace as dc_replace
+
+    from attnc.runtime.triton_backend import TritonBackend
+
+    job = job.check()
+    cap, _ = parse_target(job.target)
+    pat = _bind(job)
+    call, q, _, _ = _synthetic_call(job, pat, torch_dtype(job.dtype))
+    tc = TritonBackend(job.config, capability=cap).target_configs(call, q)
+    fixed = job.config
+    fwd = [fixed or tc.default]
+    for c in tc.autotune:
+        if fixed is not None and fixed.tile is not None:
+            c = dc_replace(fixed, num_warps=c.num_warps, num_stages=c.num_stages)
+        fwd.append(c)
+    fwd = list(dict.fromkeys(fwd))
+    out, seen_bwd = [], set()
+    for i, c in enumerate(fwd):
+        bwd = tc.backward(c)
+        passes = "fwd" if bwd in seen_bwd else "both"
+        seen_bwd.add(bwd)
+        kind = "default" if i == 0 else "autotune"
+        out.append(dc_replace(job, config=c, passes=passes if job.passes == "both" else job.passes,
+                              label=f"{job.label or pat.name} ({kind})"))
+    return out
+
+
+def ci_jobs(examples_dir) -> list[Job]:
+    """The covering design tests/test_aot.py compiles: four kinds of kernels (closed-form loops,
+    tile lists with a table, N-D tiles on a grid, a `heads {}` mixture) x sm_90 / sm_80 x
+    fp16 / bf16 x D = 64 / 128, forward and backward, each pair of factor levels met at least
+    once, in the runtime's default config for the target (the autotune candidates are the
+    long run's: scripts/aot_all.py)."""
+    from .kernels import KernelConfig
+
+    d = Path(examples_dir)
+    nd = KernelConfig(tile=((8, 8), (8, 8)))
+    # (file, pattern kwargs, target, dtype, D): a covering array of strength 2 over target x dtype x D
+    # per pattern kind (closed form / tile list / N-D / heads mixture)
+    rows = [
+        ("streaming_llm.attn", {}, "sm_90", "fp16", 64),
+        ("streaming_llm.attn", {}, "sm_80", "bf16", 128),
+        ("bigbird.attn", {}, "sm_90", "bf16", 128),
+        ("bigbird.attn", {}, "sm_80", "fp16", 64),
+        ("natten2d.attn", {"config": nd}, "sm_90", "bf16", 64),
+        ("natten2d.attn", {"config": nd}, "sm_80", "fp16", 128),
+        ("duo.attn", {}, "sm_90", "fp16", 128),
+        ("duo.attn", {}, "sm_80", "bf16", 64),
+    ]
+    out = []
+    for file, kw, target, dtype, D in rows:
+        size = {"grid": (32, 32)} if file == "natten2d.attn" else {"M": 2048}
+        out.append(example_job(d / file, heads=10, target=target, dtype=dtype, D=D, **size, **kw))
+    return out
 
 
 # -- tables --------------------------------------------------------------------------------------------
