@@ -467,10 +467,12 @@ def worker_env(python: str | None = None) -> dict:
     return env
 
 
-def compile_jobs(jobs, processes: int = 2, python: str | None = None, progress=None) -> list[JobReport]:
+def compile_jobs(jobs, processes: int = 2, python: str | None = None, progress=None,
+                 deadline: float | None = None) -> list[JobReport]:
     """Compile `jobs` in `processes` worker subprocesses (TRITON_INTERPRET removed from their
     environment, each with a fresh Triton cache); reports in the order of `jobs`.
-    `python` runs the workers (another venv: another Triton); `progress(report)` is called per job."""
+    `python` runs the workers (another venv: another Triton); `progress(report)` is called per job;
+    after `deadline` (a time.time() value) no job is started, and those left out are None."""
     jobs = [j.check() for j in jobs]
     if processes < 1:
         raise AOTError(f"processes: expected at least 1, got {processes}")
@@ -489,7 +491,7 @@ def compile_jobs(jobs, processes: int = 2, python: str | None = None, progress=N
             proc = subprocess.Popen([python or sys.executable, "-m", "attnc.codegen.aot", "worker"], env=env, text=True,
                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
             try:
-                while True:
+                while deadline is None or time.time() < deadline:
                     try:
                         i, job = todo.get_nowait()
                     except queue.Empty:

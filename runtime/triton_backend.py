@@ -374,11 +374,10 @@ class TritonBackend(Backend):
         return None
 
     def target_configs(self, call: Call, q):
-        """kernels.configs_for this call's target, head dim, dtype and mask tables."""
+        """kernels.configs_for this call's target, head dim and dtype."""
         from attnc.codegen.kernels import configs_for
 
-        return configs_for(self.device_capability(q), max(call.D, call.Dv), q.dtype,
-                           tables=bool(self._lower(call).tables))
+        return configs_for(self.device_capability(q), max(call.D, call.Dv), q.dtype)
 
     def backward_config(self, call: Call, config, q):
         """The config the backward runs with after a forward with `config`: itself when its

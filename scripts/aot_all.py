@@ -37,7 +37,17 @@ CANDIDATES = (
     KernelConfig(block_m=128, block_n=128, num_warps=8, num_stages=2),
 )
 #: one pattern per kind of kernel: closed-form loops, tile lists, a table read per element
-CANDIDATE_PATTERNS = ("streaming_llm.attn", "bigbird.attn", "biformer.attn")
+CANDIDATE_PATTERNS = "streaming_llm,bigbird,biformer"
+
+
+def parse_config(text: str) -> KernelConfig:
+    """`128x64w8s3` -> KernelConfig(block_m=128, block_n=64, num_warps=8, num_stages=3)."""
+    import re
+    m = re.fullmatch(r"(\d+)x(\d+)w(\d+)s(\d+)", text.strip())
+    if not m:
+        raise SystemExit(f"--configs: expected configs like 128x64w8s3, got {text!r}")
+    bm, bn, w, st = map(int, m.groups())
+    return KernelConfig(block_m=bm, block_n=bn, num_warps=w, num_stages=st)
 
 
 def jobs_for(mode: str, args) -> list:
@@ -45,7 +55,7 @@ def jobs_for(mode: str, args) -> list:
     if mode == "ci":
         return aot.ci_jobs(ex)
     out = []
-    files = sorted(ex.glob("*.attn")) if mode == "all" else [ex / f for f in CANDIDATE_PATTERNS]
+    files = sorted(ex.glob("*.attn")) if mode == "all" else [ex / f"{p}.attn" for p in args.patterns]
     import attnc
     for f in files:
         for name in attnc.load(f).names():
@@ -61,7 +71,7 @@ def jobs_for(mode: str, args) -> list:
                             except Exception as exc:  # a pattern that cannot be bound at the example sizes
                                 print(f"skip {name} {target} {dtype} D={D}: {exc}", flush=True)
                         else:
-                            out += [aot.Job(**{**base.__dict__, "config": c, "label": name}) for c in CANDIDATES]
+                            out += [aot.Job(**{**base.__dict__, "config": c, "label": name}) for c in args.configs]
     # cheap before expensive within each priority: defaults first, then autotune candidates
     return sorted(out, key=lambda j: ("(autotune)" in j.label,)) if mode == "all" else out
 
@@ -76,11 +86,16 @@ def main() -> int:
     p.add_argument("--head-dims", default="64,128")
     p.add_argument("--only", help="pattern names, comma-separated")
     p.add_argument("--out", help="append the table to this markdown file")
+    p.add_argument("--minutes", type=float, help="start no job after this many minutes (the table says how many were left)")
+    p.add_argument("--configs", help="candidates: configs like 128x64w8s3,64x64w4s2 (default: CANDIDATES)")
+    p.add_argument("--patterns", default=CANDIDATE_PATTERNS, help="candidates: example patterns (file stems)")
     args = p.parse_args()
     args.targets = aot.parse_targets(args.targets)
     args.dtypes = args.dtypes.split(",")
     args.head_dims = [int(d) for d in args.head_dims.split(",")]
     args.only = set(args.only.split(",")) if args.only else None
+    args.configs = [parse_config(c) for c in args.configs.split(",")] if args.configs else list(CANDIDATES)
+    args.patterns = args.patterns.split(",")
     jobs = jobs_for(args.mode, args)
     version = aot.triton_version(args.python)
     print(f"{len(jobs)} jobs, triton {version}, {args.processes} processes", flush=True)
@@ -91,13 +106,17 @@ def main() -> int:
         print(f"[{time.time() - t0:6.0f} s] {r.job.label} {r.job.target} {r.job.dtype} D={r.job.D} {r.job.passes}: "
               f"{worst}", flush=True)
 
-    reports = aot.compile_jobs(jobs, processes=args.processes, python=args.python, progress=progress)
+    deadline = None if args.minutes is None else t0 + 60 * args.minutes
+    reports = aot.compile_jobs(jobs, processes=args.processes, python=args.python, progress=progress, deadline=deadline)
+    left = sum(r is None for r in reports)
+    reports = [r for r in reports if r is not None]
     wall = time.time() - t0
     text = aot.table(reports, markdown=bool(args.out))
     print(text)
     bad = sum(not r.fits for r in reports)
     summary = (f"{len(reports)} jobs, {sum(len(r.kernels) for r in reports)} kernels, {bad} jobs do not fit; "
-               f"{wall:.0f} s wall with {args.processes} processes")
+               f"{wall:.0f} s wall with {args.processes} processes"
+               + (f"; stopped after {args.minutes} minutes: {left} of {len(jobs)} jobs not compiled" if left else ""))
     print(summary)
     if args.out:
         import torch
