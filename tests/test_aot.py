@@ -189,3 +189,16 @@ def test_cli_compile_with_targets(tmp_path):
     meta = json.loads((tmp_path / "streaming_llm_1024.json").read_text())
     (rep,) = meta["aot"]
     assert rep["target"] == "sm_80" and rep["fits"] and len(rep["kernels"]) == 4
+
+
+def test_runtime_jobs_cover_every_config_the_runtime_can_launch():
+    job = aot.example_job(EXAMPLES / "bigbird.attn", target="sm_80", dtype="bf16", D=128)
+    jobs = aot.runtime_jobs(job)
+    tc = configs_for(80, 128, "bf16")
+    assert [j.config for j in jobs] == list(dict.fromkeys([tc.default, *tc.autotune]))
+    assert jobs[0].label == "bigbird (default)" and all(j.label == "bigbird (autotune)" for j in jobs[1:])
+    # 128x128 w8 s2 runs the default's backward, compiled with the default already: forward only
+    by = {_key(j.config): j.passes for j in jobs}
+    assert by[(64, 64, 4, 2)] == "both" and by[(128, 128, 8, 2)] == "fwd" and by[(128, 64, 8, 3)] == "both"
+    nd = aot.example_job(EXAMPLES / "natten2d.attn", grid=(32, 32), config=KernelConfig(tile=((8, 8), (8, 8))))
+    assert all(j.config.tile == ((8, 8), (8, 8)) for j in aot.runtime_jobs(nd))
