@@ -140,13 +140,19 @@ def build_parser() -> argparse.ArgumentParser:
     size.add_argument("--seq-len", type=int, metavar="N", help="sequence length (M = N)")
     size.add_argument("--grid", metavar="AxB", help="grid sizes, e.g. 64x64")
     cp.add_argument("--heads", type=int, default=None, metavar="H")
-    cp.add_argument("--tile", default="64x64", metavar="BMxBN",
-                    help="kernel tile (powers of two >= 16; default 64x64), or N-D tiles on a grid like 8x8/8x4")
+    cp.add_argument("--tile", default=None, metavar="BMxBN",
+                    help="kernel tile (powers of two >= 16; default 64x64, or with --target the target's default), "
+                         "or N-D tiles on a grid like 8x8/8x4")
     cp.add_argument("-o", "--out", required=True, metavar="DIR", help="output directory (created if missing)")
     for verb in (c, ls, s, sim, cp):
         verb.add_argument("-I", "--include", action="append", default=[], metavar="DIR",
                           help="also resolve imports in DIR (repeatable; before $ATTNC_PATH); imports read .attn "
                                "files inside the loaded file's folder tree or these folders only")
+    cp.add_argument("--target", metavar="SM[,SM]", help="also compile the kernels for these NVIDIA targets without a GPU "
+                    "(sm_90, sm_80, ...): registers, spills, shared memory; exit 1 if a kernel does not fit")
+    cp.add_argument("--dtype", default="fp16", choices=["fp16", "bf16", "fp32"], help="with --target: q/k/v dtype")
+    cp.add_argument("--head-dim", type=int, default=64, metavar="D", help="with --target: head dim (default 64)")
+    cp.add_argument("--processes", type=int, default=2, metavar="P", help="with --target: compile processes (default 2)")
     return p
 
 
@@ -332,27 +338,66 @@ def cmd_compile(args, out, err) -> int:
     from . import load
     from .codegen.kernels import KernelConfig, compile_pattern
 
-    bm, bn = parse_tile(args.tile)
-    try:  # N-D tiles (16x16/16x8) generate kernels in the tile-major token order (codegen/ndtiles.py)
-        config = KernelConfig(tile=(bm, bn)) if isinstance(bm, tuple) else KernelConfig(block_m=bm, block_n=bn)
-    except ValueError as exc:
-        raise UsageError(f"--tile: {exc}") from None
-    pat = load(args.file, search_path=args.include).pattern(args.pattern, **parse_sets(args.set))
+    chosen = None
+    if args.tile is not None:
+        bm, bn = parse_tile(args.tile)
+        try:  # N-D tiles (16x16/16x8) generate kernels in the tile-major token order (codegen/ndtiles.py)
+            chosen = KernelConfig(tile=(bm, bn)) if isinstance(bm, tuple) else KernelConfig(block_m=bm, block_n=bn)
+        except ValueError as exc:
+            raise UsageError(f"--tile: {exc}") from None
+    targets = _aot_targets(args)
+    sets = parse_sets(args.set)
+    pat = load(args.file, search_path=args.include).pattern(args.pattern, **sets)
     M, N, H, grid = _sizes(pat, args.seq_len, parse_grid(args.grid), args.heads)
-    compiled = compile_pattern(pat, M, N, heads=H, grid=grid, config=config)
+    compiled = compile_pattern(pat, M, N, heads=H, grid=grid, config=chosen or KernelConfig())
+    meta = compiled.metadata()
+    status = 0
+    if targets:
+        from .codegen import aot
+
+        jobs = [aot.Job(str(args.file), pat.name, tuple(sets.items()), M=M, N=N, heads=H, grid=grid, config=chosen,
+                        dtype=args.dtype, D=args.head_dim, target=t, label=pat.name) for t in targets]
+        try:
+            reports = aot.compile_jobs(jobs, processes=args.processes)
+        except aot.AOTError as exc:
+            print(f"attnc compile: {exc}", file=err)
+            return 1
+        meta["aot"] = [r.to_dict() for r in reports]
+        print(aot.table(reports), file=out)
+        bad = [r for r in reports if not r.fits]
+        if bad:
+            print(f"attnc compile: {len(bad)} of {len(reports)} targets have kernels that do not fit (see 'fits'); "
+                  f"try a smaller --tile, or --head-dim / --dtype as the model uses them", file=err)
+            status = 1
     stem = f"{pat.name}_{'x'.join(map(str, grid)) if grid else N}"
     try:
         d = Path(args.out)
         d.mkdir(parents=True, exist_ok=True)
         (d / f"{stem}.py").write_text(compiled.source)
-        (d / f"{stem}.json").write_text(json.dumps(compiled.metadata(), indent=1) + "\n")
+        (d / f"{stem}.json").write_text(json.dumps(meta, indent=1) + "\n")
     except OSError as exc:
         print(f"attnc compile: cannot write to {args.out!r}: {exc.strerror or exc}", file=err)
         return 1
     plan = compiled.plan
     print(f"wrote {d / (stem + '.py')} and {d / (stem + '.json')}", file=out)
     print(f"plan: {'per call, from the run-time inputs' if plan is None else plan.to_string().splitlines()[0]}", file=out)
-    return 0
+    return status
+
+
+def _aot_targets(args) -> list[str]:
+    """--target checked (UsageError with expected / got / try); [] without it."""
+    if args.target is None:
+        return []
+    from .codegen.aot import AOTError, parse_targets
+
+    if not 1 <= args.head_dim <= 256:
+        raise UsageError(f"--head-dim: expected 1 to 256 (the kernels' limit), got {args.head_dim}; try 64 or 128")
+    if args.processes < 1:
+        raise UsageError(f"--processes: expected at least 1, got {args.processes}")
+    try:
+        return parse_targets(args.target)
+    except AOTError as exc:
+        raise UsageError(f"--target: {exc}") from None
 
 
 def _simulate_sweep(args, pat, tile, out, err) -> int:

@@ -20,7 +20,7 @@ lists are the Plan's `TileList`s: counts [Hx, rows] and indices
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from string import Template
 
 from .bounds import loop_bounds
@@ -84,6 +84,112 @@ AUTOTUNE_CONFIGS = (
     KernelConfig(block_m=128, block_n=128, num_warps=8, num_stages=2),
     KernelConfig(block_m=64, block_n=32, num_warps=4, num_stages=2),
 )
+
+
+@dataclass(frozen=True)
+class TargetConfigs:
+    """The configs the runtime may launch on one target (see `configs_for`)."""
+
+    default: KernelConfig
+    autotune: tuple
+    #: (block_m, block_n, num_warps, num_stages) whose backward kernels fit the target; a
+    #: forward config outside it runs its backward with `backward(config)` instead
+    backward_ok: frozenset
+
+    def backward(self, config: KernelConfig) -> KernelConfig:
+        """The config to run the backward with after a forward with `config`: itself when
+        its backward fits, else one with the same tiles that does (or the default)."""
+        key = (config.block_m, config.block_n, config.num_warps, config.num_stages)
+        if self.backward_ok is None or key in self.backward_ok:
+            return config
+        same_tiles = [k for k in sorted(self.backward_ok) if k[:2] == key[:2]]
+        if same_tiles:
+            return replace(config, num_warps=same_tiles[0][2], num_stages=same_tiles[0][3])
+        if config.tile is not None:  # N-D tiles fix the token counts: only warps / stages can change
+            return replace(config, num_warps=self.default.num_warps, num_stages=self.default.num_stages)
+        return replace(self.default, allow_tf32=config.allow_tf32)
+
+
+def _configs(text: str) -> tuple:
+    """'128x64w8s3 64x64w4s2' -> (KernelConfig(128, 64, 8, 3), KernelConfig(64, 64, 4, 2))."""
+    out = []
+    for part in text.split():
+        tiles, _, rest = part.partition("w")
+        warps, _, stages = rest.partition("s")
+        bm, bn = tiles.split("x")
+        out.append(KernelConfig(block_m=int(bm), block_n=int(bn), num_warps=int(warps), num_stages=int(stages)))
+    return tuple(out)
+
+
+# [Note: configs per target] Measured by compiling ahead of time (codegen/aot.py; docs/codegen.md
+# section 7 and benchmarks/results/aot_*.md: `scripts/aot_all.py candidates`), bf16 (fp16 tiles
+# take the same shared memory), Triton 3.9, for closed-form loops (streaming_llm), tile lists
+# (bigbird) and per-element table reads (biformer; not at D = 256); the chosen configs are
+# checked with 3.9 and 3.6 by tests/test_aot.py and `scripts/aot_all.py all`. Per
+# shared-memory class and head-dim bound: (forward candidates, configs whose backward fits); the
+# first forward candidate that is also a fitting backward is the default. Shared memory grows
+# with D, the tiles and the stages, and is larger on sm_90 (wgmma) than on sm_80 (mma.sync) at
+# equal config. No measured config spills; at D = 256 the old default 64x64 w4 s2 spills (4 warps
+# cannot hold [64, 256] accumulators), so D > 128 uses 8 warps or 32x32 tiles.
+_TABLE = {
+    # sm_90 / sm_100: 232 448 B
+    ("227K", 64): ("64x64w4s2 128x64w8s3 64x64w4s3 128x128w8s2 64x32w4s2",
+                   "64x64w4s2 128x64w8s3 64x64w4s3 128x128w8s2 64x32w4s2"),
+    ("227K", 128): ("64x64w4s2 128x64w8s3 64x64w4s3 128x128w8s2 64x32w4s2",
+                    "64x64w4s2 64x64w4s3 64x32w4s2 128x64w8s2"),
+    ("227K", 256): ("64x32w8s2 64x64w8s2 32x32w4s2", "64x32w8s2 64x64w8s2 32x32w4s2"),
+    # sm_80 / sm_87: 166 912 B
+    ("163K", 64): ("64x64w4s2 128x64w8s3 64x64w4s3 128x128w8s2 64x32w4s2",
+                   "64x64w4s2 128x64w8s3 64x64w4s3 128x128w8s2 64x32w4s2"),
+    ("163K", 128): ("64x64w4s2 128x64w8s3 64x64w4s3 128x128w8s2 64x32w4s2",
+                    "64x64w4s2 64x64w4s3 64x32w4s2 128x64w8s2"),
+    ("163K", 256): ("64x32w8s2 64x64w8s2 32x32w4s2", "64x32w8s2 64x64w8s2 32x32w4s2"),
+    # sm_86 / sm_89 / sm_120: 101 376 B (sm_80's shared-memory figures: the same mma.sync code)
+    ("99K", 64): ("64x64w4s2 64x64w4s3 128x64w8s2 64x32w4s2", "64x64w4s2 64x64w4s3 128x64w8s2 64x32w4s2"),
+    ("99K", 128): ("64x64w4s2 128x64w8s2 64x32w4s2", "64x64w4s2 64x32w4s2"),
+    ("99K", 256): ("32x32w4s2", "32x32w4s2"),
+    # before sm_80 (sm_75: 65 536 B): not measured on that ISA; sm_80's figures of the smallest config
+    # (64x32 w4 s2: 60 KiB at D=128; at D=256 no measured config fits 64 KiB: 32x32 w4 s2 needs 70)
+    ("64K", 64): ("64x32w4s2", "64x32w4s2"),
+    ("64K", 128): ("64x32w4s2", "64x32w4s2"),
+    ("64K", 256): ("32x32w4s2", "32x32w4s2"),
+}
+
+
+def _shared_class(capability: int) -> str:
+    from .aot import TARGETS
+    if capability < 80:
+        return "64K"
+    limit = TARGETS.get(f"sm_{capability}", (0, 101376))[1]
+    if limit >= 232448:
+        return "227K"
+    if limit >= 166912:
+        return "163K"
+    return "99K"
+
+
+def configs_for(capability: int | None, head_dim: int, dtype=None) -> TargetConfigs:
+    """The default config, the autotune candidates and the fitting backward configs for a
+    GPU of compute capability `capability` (80 for A100, 90 for H100; None: the CPU
+    interpreter, where every config runs: `KernelConfig()` and `AUTOTUNE_CONFIGS`), the
+    larger head dim of q / v (1..256) and the dtype (a torch dtype or 'fp16' / 'bf16' /
+    'fp32'), from the AOT figures in [Note: configs per target]. float32 keeps to the
+    default (its tiles take twice the shared memory; not measured per target)."""
+    if head_dim is None or isinstance(head_dim, bool) or not isinstance(head_dim, int) or not 1 <= head_dim <= MAX_BLOCK:
+        raise ValueError(f"configs_for: head_dim: expected 1 to {MAX_BLOCK}, got {head_dim!r}")
+    if capability is None:
+        return TargetConfigs(KernelConfig(), AUTOTUNE_CONFIGS, None)
+    if isinstance(capability, bool) or not isinstance(capability, int) or capability < 10:
+        raise ValueError(f"configs_for: capability: expected an integer like 80 (A100) or 90 (H100), or None, "
+                         f"got {capability!r}; try 10 * major + minor of torch.cuda.get_device_capability()")
+    bound = 64 if head_dim <= 64 else 128 if head_dim <= 128 else 256
+    fwd_text, bwd_text = _TABLE[(_shared_class(capability), bound)]
+    fwd, bwd = _configs(fwd_text), _configs(bwd_text)
+    ok = frozenset((c.block_m, c.block_n, c.num_warps, c.num_stages) for c in bwd)
+    default = next(c for c in fwd if c in bwd)
+    if str(dtype).removeprefix("torch.") in ("fp32", "float32"):
+        return TargetConfigs(default, (default,), ok)
+    return TargetConfigs(default, fwd, ok)
 
 
 _MODULE = Template('''\

@@ -119,11 +119,15 @@ class TritonBackend(Backend):
 
     name = "triton"
 
-    def __init__(self, config=None, *, autotune: bool = False):
+    def __init__(self, config=None, *, autotune: bool = False, capability: int | None = None):
         from attnc.codegen.kernels import KernelConfig
 
         self.config = config or KernelConfig()
+        #: None: the default config and the autotune candidates follow the GPU (kernels.configs_for)
+        self._user_config = config
         self.autotune = autotune
+        #: the compute capability to choose configs for (None: the tensors' device; AOT compiles set it)
+        self.capability = capability
         self._sets: dict[tuple, KernelSet] = {}
         self._tuned: dict[tuple, object] = {}
 
@@ -187,7 +191,10 @@ class TritonBackend(Backend):
         return out, lse
 
     def backward(self, call: Call, q, k, v, out, lse, dout, dlse=None):
-        config = self._config(call, q, k, v)
+        return self._backward_with(call, self.backward_config(call, self._config(call, q, k, v), q), q, k, v, out, lse,
+                                   dout, dlse)
+
+    def _backward_with(self, call: Call, config, q, k, v, out, lse, dout, dlse):
         ks = self.kernels(call, q.device, config)
         if ks.layout is not None:
             # padded rows: zero out / dout / dlse and lse -inf, so they add nothing to dk, dv
@@ -346,35 +353,60 @@ class TritonBackend(Backend):
     def _precision(q, config) -> str:
         return "tf32" if (q.dtype == torch.float32 and config.allow_tf32) else "ieee"
 
-    def call_config(self, call: Call):
+    def call_config(self, call: Call, q=None):
         """The backend's `KernelConfig` with the call's tiles (`pat(..., block=...)`), if any:
         (bm, bn) sets block_m / block_n, ((query tile shape), (key tile shape)) N-D tiles.
+        Without a config given to the backend, the base is the target's default
+        (`target_configs`) for tensors like `q` (on CUDA, or with `capability` set).
         Raises ValueError (expected / got / try) for tiles the kernels cannot use."""
+        base = self.config if self._user_config is not None or q is None else self.target_configs(call, q).default
         if call.block is None:
-            return self.config
+            return base
         bm, bn = call.block
         if isinstance(bm, tuple):
-            return replace(self.config, tile=call.block, block_m=math.prod(bm), block_n=math.prod(bn))
-        return replace(self.config, tile=None, block_m=bm, block_n=bn)
+            return replace(base, tile=call.block, block_m=math.prod(bm), block_n=math.prod(bn))
+        return replace(base, tile=None, block_m=bm, block_n=bn)
+
+    def device_capability(self, q) -> int | None:
+        """The compute capability configs are chosen for: `capability` if set, else q's CUDA
+        device's (86 for sm_86), None on the CPU (the interpreter runs any config)."""
+        if self.capability is not None:
+            return self.capability
+        if q.is_cuda:
+            major, minor = torch.cuda.get_device_capability(q.device)
+            return 10 * major + minor
+        return None
+
+    def target_configs(self, call: Call, q):
+        """kernels.configs_for this call's target, head dim and dtype."""
+        from attnc.codegen.kernels import configs_for
+
+        return configs_for(self.device_capability(q), max(call.D, call.Dv), q.dtype)
+
+    def backward_config(self, call: Call, config, q):
+        """The config the backward runs with after a forward with `config`: itself when its
+        backward kernels fit the target, else a fitting one (the forward may have autotuned
+        to a config whose dK/dV needs more shared memory than the GPU has)."""
+        return self.target_configs(call, q).backward(config)
 
     def _config(self, call: Call, q, k, v):
         """The call's tiles (`call_config`); with autotune on CUDA, the fastest
-        forward of kernels.AUTOTUNE_CONFIGS for this configuration (measured once;
+        forward of the target's autotune candidates (kernels.configs_for) for this configuration (measured once;
         when the tiles are chosen, by `block=` or N-D tiles, only warps and stages vary)."""
-        base = self.call_config(call)
+        base = self.call_config(call, q)
         if not (self.autotune and q.is_cuda):
             return base
-        from attnc.codegen.kernels import AUTOTUNE_CONFIGS
+        autotune = self.target_configs(call, q).autotune
 
         memo = (call.pattern.text(), call.M, call.N, call.Hq, call.grid, q.shape[0], q.dtype, call.D, call.Dv, base)
         best = self._tuned.get(memo)
         if best is None:
             import triton.testing
             times = {}
-            candidates = AUTOTUNE_CONFIGS
+            candidates = autotune
             if call.block is not None or base.tile is not None:
                 candidates = dict.fromkeys(replace(base, num_warps=c.num_warps, num_stages=c.num_stages)
-                                           for c in AUTOTUNE_CONFIGS)
+                                           for c in autotune)
             for cfg in candidates:
                 try:
                     times[cfg] = triton.testing.do_bench(lambda: self._run_forward(call, cfg, q, k, v), warmup=5, rep=20)
