@@ -335,9 +335,7 @@ def run_case(case: Case, args, device: torch.device, dtype: torch.dtype, deadlin
     methods = {"attnc": lambda qq, kk, vv: pat(qq, kk, vv, grid=case.grid, backend=args.attnc_backend,
                                                block=case.attnc_block, **inputs)}
     if args.attnc_configs:  # the default config, set again before its calls (the others swap it)
-        from attnc.runtime.ops import get_backend
-        default_config = get_backend("triton").config
-        methods["attnc"] = _with_config(pat, case, inputs, default_config)
+        methods["attnc"] = _with_config(pat, case, inputs, None)  # None: the target's default
     for spec in args.attnc_configs or ():  # the same op with other kernel configs (tiles, warps, stages)
         methods[f"attnc@{spec}"] = _with_config(pat, case, inputs, parse_config(spec))
     native_bm = attnc_bm = None
@@ -443,13 +441,13 @@ def parse_config(spec: str):
 
 
 def _with_config(pat, case: Case, inputs: dict, config):
-    """The op on the Triton backend with `config`: the backend object's config is set at every
+    """The op on the Triton backend with `config` (None: the target's default): set at every
     call and left set, so the backward of a fwd+bwd step (run after this returns) uses it too;
     methods run one after another. Kernel sets are memoised per config: each compiles once."""
     from attnc.runtime.ops import get_backend
 
     def run(qq, kk, vv):
-        get_backend("triton").config = config
+        get_backend("triton").configure(config)
         return pat(qq, kk, vv, grid=case.grid, backend="triton", block=case.attnc_block, **inputs)
     return run
 

@@ -367,6 +367,14 @@ class TritonBackend(Backend):
             return replace(base, tile=call.block, block_m=math.prod(bm), block_n=math.prod(bn))
         return replace(base, tile=None, block_m=bm, block_n=bn)
 
+    def configure(self, config=None) -> None:
+        """Use `config` for every call from now on (kernel sets are memoised per config);
+        None: back to the target's default (kernels.configs_for)."""
+        from attnc.codegen.kernels import KernelConfig
+
+        self.config = config or KernelConfig()
+        self._user_config = config
+
     def device_capability(self, q) -> int | None:
         """The compute capability configs are chosen for: `capability` if set, else q's CUDA
         device's (86 for sm_86), None on the CPU (the interpreter runs any config)."""

@@ -17,6 +17,9 @@ PY=${PYTHON:-python3}
 PYTEST_S=${PYTEST_S:-190}    # stage limits, seconds (sum + installs stays under ~420)
 BENCH_S=${BENCH_S:-230}      # hard limit of the benchmark process
 BUDGET_S=${BUDGET_S:-205}    # the benchmark's own budget: it stops starting steps and writes its results
+AOT_S=${AOT_S:-0}            # > 0: also check AOT compilation against real launches (scripts/aot_gpu_check.py)
+PYTEST_ARGS=${PYTEST_ARGS:--m gpu}              # which tests (a follow-up run narrows them)
+BENCH_ARGS=${BENCH_ARGS:---subset issue23}      # which benchmark cases and options
 
 {
 stamp "install"
@@ -44,13 +47,19 @@ PY
 [ -d /tmp/site ] && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 [ -d /tmp/attnc-pkg ] && export PYTHONPATH=/tmp/attnc-pkg:$PYTHONPATH
 
-stamp "pytest -m gpu (limit ${PYTEST_S} s)" | tee -a "$OUT/setup.log"
-timeout -k 10 "$PYTEST_S" $PY -m pytest -m gpu -q --maxfail=40 -n 14 --timeout 300 -p no:cacheprovider -rfEs --durations=15 \
+stamp "pytest $PYTEST_ARGS (limit ${PYTEST_S} s)" | tee -a "$OUT/setup.log"
+timeout -k 10 "$PYTEST_S" $PY -m pytest $PYTEST_ARGS -q --maxfail=40 -n 14 --timeout 300 -p no:cacheprovider -rfEs --durations=15 \
     2>&1 | tee "$OUT/pytest.log"
 echo "pytest exit ${PIPESTATUS[0]} (124: stage limit)" | tee -a "$OUT/pytest.log"
 
-stamp "benchmark --subset issue23 (budget ${BUDGET_S} s, limit ${BENCH_S} s)" | tee -a "$OUT/setup.log"
-timeout -k 10 "$BENCH_S" $PY benchmarks/gpu.py --subset issue23 --budget-s "$BUDGET_S" --warmup 2 --reps 7 \
+if [ "$AOT_S" -gt 0 ]; then
+    stamp "AOT vs real launches (limit ${AOT_S} s)" | tee -a "$OUT/setup.log"
+    timeout -k 5 "$AOT_S" $PY scripts/aot_gpu_check.py 2>&1 | tee "$OUT/aot_check.log"
+    echo "aot check exit ${PIPESTATUS[0]} (124: stage limit)" | tee -a "$OUT/aot_check.log"
+fi
+
+stamp "benchmark $BENCH_ARGS (budget ${BUDGET_S} s, limit ${BENCH_S} s)" | tee -a "$OUT/setup.log"
+timeout -k 10 "$BENCH_S" $PY benchmarks/gpu.py $BENCH_ARGS --budget-s "$BUDGET_S" --warmup 2 --reps 7 \
     --out "$OUT/gpu_h200.md" --json "$OUT/gpu.json" 2>&1 | tee "$OUT/bench.log"
 echo "benchmark exit ${PIPESTATUS[0]} (124: stage limit)" | tee -a "$OUT/bench.log"
 stamp "done" | tee -a "$OUT/setup.log"

@@ -12,6 +12,8 @@ import json
 import pytest
 import torch
 
+import attnc
+
 from attnc import cli
 from attnc.codegen import aot
 from attnc.codegen.kernels import AUTOTUNE_CONFIGS, KernelConfig, configs_for
@@ -132,6 +134,24 @@ def test_cpu_interpreter_keeps_the_public_defaults():
     assert tc.default == KernelConfig() and tc.autotune == AUTOTUNE_CONFIGS
     big = KernelConfig(block_m=128, block_n=128, num_warps=8, num_stages=2)
     assert tc.backward(big) == big
+
+
+def test_configure_sets_and_restores_the_config_of_later_calls():
+    import math
+    from attnc.runtime.backend import Call
+    from attnc.runtime.triton_backend import TritonBackend
+
+    pat = attnc.loads("pattern p = sliding(8)").pattern()
+    call = Call(pattern=pat, B=1, Hq=1, Hkv=1, M=64, N=64, D=256, Dv=256, grid=None, scale=1 / math.sqrt(256), inputs={})
+    q = torch.empty(1, 1, 64, 256, dtype=torch.bfloat16)
+    be = TritonBackend(capability=90)
+    target = configs_for(90, 256, torch.bfloat16).default
+    assert be.call_config(call, q) == target != KernelConfig()  # D=256 on sm_90: 8 warps or 32x32 tiles
+    mine = KernelConfig(block_m=32, block_n=32, num_warps=4, num_stages=2)
+    be.configure(mine)
+    assert be.call_config(call, q) == mine
+    be.configure(None)
+    assert be.call_config(call, q) == target
 
 
 def test_configs_for_says_what_it_expected():
