@@ -150,7 +150,10 @@ class KernelReport:
     limit: int  # the target's shared memory per block
     threads: int
     problems: list = field(default_factory=list)
-    ptx_sha: str = ""  # sha256 of the PTX (prefix): equal PTX, equal specialisation
+    ptx_sha: str = ""  # ptx_fingerprint: equal PTX (file paths aside), equal specialisation
+    #: stack frame per thread (cuobjdump STACK): not a spill (ptxas reports "0 bytes spill stores"),
+    #: but the driver counts it as local memory, and Triton's `n_spills` is that size / 4
+    stack_bytes: int = 0
 
     @property
     def fits(self) -> bool:
@@ -172,6 +175,14 @@ class JobReport:
         return {"label": j.label, "file": j.file, "pattern": j.pattern, "target": j.target, "dtype": j.dtype, "D": j.D,
                 "Dv": j.Dv or j.D, "passes": j.passes, "fits": self.fits, "error": self.error,
                 "kernels": [{**asdict(k), "fits": k.fits} for k in self.kernels]}
+
+
+def ptx_fingerprint(ptx: str) -> str:
+    """sha256 prefix of the PTX without its `.file` lines (paths of the module and of Triton's
+    library: a kernel module imported from another folder is the same kernel) and comments."""
+    body = "\n".join(line for line in ptx.splitlines()
+                     if not line.lstrip().startswith((".file", "//")))
+    return hashlib.sha256(body.encode()).hexdigest()[:16]
 
 
 def problems(registers: int, spill_bytes: int, shared: int, threads: int, limit: int) -> list[str]:
@@ -370,7 +381,7 @@ def run_job(job: Job, driver: _StandInDriver) -> JobReport:
             kernel=name, config=_short(configs[i]), registers=u["REG"], spill_bytes=u.get("LOCAL", 0), shared=shared,
             compile_s=round(secs, 2), limit=limit, threads=threads,
             problems=problems(u["REG"], u.get("LOCAL", 0), shared, threads, limit),
-            ptx_sha=hashlib.sha256(compiled.asm["ptx"].encode()).hexdigest()[:16]))
+            ptx_sha=ptx_fingerprint(compiled.asm["ptx"]), stack_bytes=u.get("STACK", 0)))
     return report
 
 
@@ -636,15 +647,17 @@ def ci_jobs(examples_dir) -> list[Job]:
 
 def table(reports: list[JobReport], markdown: bool = False) -> str:
     """One row per kernel: target, dtype, D, config, kernel, registers, spills, shared, seconds, fits."""
-    head = ["label", "target", "dtype", "D", "config", "kernel", "regs", "spill B", "shared B", "limit B", "s", "fits"]
+    head = ["label", "target", "dtype", "D", "config", "kernel", "regs", "spill B", "stack B", "shared B", "limit B", "s",
+            "fits"]
     rows = []
     for r in reports:
         j = r.job
         base = [j.label or j.pattern or Path(j.file).stem, j.target, j.dtype, str(j.D)]
         if r.error:
-            rows.append(base + ["", "(all)", "", "", "", "", "", f"NO: {r.error}"])
+            rows.append(base + ["", "(all)", "", "", "", "", "", "", f"NO: {r.error}"])
         for k in r.kernels:
-            rows.append(base + [k.config, k.kernel, str(k.registers), str(k.spill_bytes), str(k.shared), str(k.limit),
+            rows.append(base + [k.config, k.kernel, str(k.registers), str(k.spill_bytes), str(k.stack_bytes), str(k.shared),
+                                str(k.limit),
                                 f"{k.compile_s:.1f}", "yes" if k.fits else "NO: " + "; ".join(k.problems)])
     if markdown:
         return "\n".join(["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]

@@ -11,7 +11,6 @@ kernel. Prints one line per kernel; exits 1 on any difference.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 import sys
@@ -49,7 +48,7 @@ def real_kernels(job) -> dict:
             for cache in fn.device_caches.values():
                 for kern in cache[0].values():
                     kern._init_handles()
-                    got.setdefault(name, set()).add((hashlib.sha256(kern.asm["ptx"].encode()).hexdigest()[:16],
+                    got.setdefault(name, set()).add((aot.ptx_fingerprint(kern.asm["ptx"]),
                                                      kern.n_regs, kern.n_spills, kern.metadata.shared))
     return got
 
@@ -66,11 +65,14 @@ def main() -> int:
         for kr in rep.kernels:
             seen = real.get(kr.kernel, set())
             match = [r for r in seen if r[0] == kr.ptx_sha]
-            ok = bool(match) and match[0][1] == kr.registers and match[0][3] + 0 <= kr.shared
+            # Triton's n_spills is the driver's local size / 4: stack frame + spills (cuobjdump STACK + LOCAL);
+            # its metadata.shared is the dynamic part: the AOT figure adds the static (cuobjdump SHARED)
+            ok = bool(match) and match[0][1] == kr.registers and 4 * match[0][2] == kr.spill_bytes + kr.stack_bytes \
+                and match[0][3] <= kr.shared
             bad += not ok
             print(f"{'same' if ok else 'DIFFERENT'}  {rep.job.label} {rep.job.dtype} D={rep.job.D} {kr.kernel} {kr.config}: "
-                  f"aot ptx {kr.ptx_sha} regs {kr.registers} spill {kr.spill_bytes} shared {kr.shared}; "
-                  f"launched {sorted(seen)}")
+                  f"aot ptx {kr.ptx_sha} regs {kr.registers} spill {kr.spill_bytes} stack {kr.stack_bytes} "
+                  f"shared {kr.shared}; launched (ptx, regs, n_spills, shared) {sorted(seen)}")
     print(f"{bad} kernels differ")
     return 1 if bad else 0
 

@@ -222,3 +222,13 @@ def test_runtime_jobs_cover_every_config_the_runtime_can_launch():
     assert by[(64, 64, 4, 2)] == "both" and by[(128, 128, 8, 2)] == "fwd" and by[(128, 64, 8, 3)] == "both"
     nd = aot.example_job(EXAMPLES / "natten2d.attn", grid=(32, 32), config=KernelConfig(tile=((8, 8), (8, 8))))
     assert all(j.config.tile == ((8, 8), (8, 8)) for j in aot.runtime_jobs(nd))
+
+
+def test_ptx_fingerprint_ignores_file_paths_not_code():
+    """A kernel module imported from another folder (another cache, a real launch next to an AOT
+    worker) embeds other `.file` paths: the same kernel. Seen on the H200: every PTX hash of
+    scripts/aot_gpu_check.py differed only there."""
+    ptx = '.version 8.7\n.target sm_90a\n\t.file\t1 "/a/kernel.py"\n// begin inline asm\n\tmov.u32 %r1, 0;\n'
+    moved = ptx.replace("/a/kernel.py", "/tmp/other/kernel.py")
+    assert aot.ptx_fingerprint(ptx) == aot.ptx_fingerprint(moved)
+    assert aot.ptx_fingerprint(ptx) != aot.ptx_fingerprint(ptx.replace("%r1, 0", "%r1, 1"))
