@@ -8,4 +8,4 @@ cd "$(dirname "$0")/.."
 python -c "import torch" 2>/dev/null || python -m pip install -q torch==2.13.0
 python -c "import triton" 2>/dev/null || python -m pip install -q triton==3.9.0
 python -m pip install -q -e ".[test]"
-python -m pytest -q -p no:cacheprovider "$@"
+python -m pytest -q -rs -p no:cacheprovider "$@"
