@@ -7,10 +7,29 @@
 15
 """
 
+import importlib
+
 from .errors import AttnError, Diagnostic, SizeError, Span
-from .program import BoundPattern, CuSeqlens, PatternInfo, Program, cu_seqlens, load, loads
-from . import nn  # noqa: F401  (attnc.nn.SparseAttention, attnc.nn.register_hf)
 
 __version__ = "0.1.0"
 
 __all__ = ["AttnError", "SizeError", "BoundPattern", "CuSeqlens", "cu_seqlens", "nn", "Diagnostic", "PatternInfo", "Program", "Span", "load", "loads", "__version__"]
+
+#: names imported on first use (PEP 562), so `attnc --help` and `attnc check` start without
+#: importing torch (program.py loads sympy and networkx; torch comes with the first mask or plan)
+_LAZY = {"BoundPattern": "program", "CuSeqlens": "program", "PatternInfo": "program", "Program": "program",
+         "cu_seqlens": "program", "load": "program", "loads": "program"}
+
+
+def __getattr__(name: str):
+    if name == "nn":  # attnc.nn.SparseAttention, attnc.nn.register_hf
+        return importlib.import_module(".nn", __name__)
+    if name in _LAZY:
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

@@ -73,8 +73,7 @@ def transform(node: ir.Mask, fn) -> ir.Mask:
     return new if out is None else out
 
 
-def has_topk(p: ir.PatternIR) -> bool:
-    return any(isinstance(n, ir.TopK) for n in ir.walk(p.body))
+has_topk = ir.has_topk
 
 
 def lower_topk(p: ir.PatternIR) -> Lowered:

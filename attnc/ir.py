@@ -541,3 +541,8 @@ def pattern_text(p: PatternIR) -> str:
     inputs = ", ".join(f"{i.name}: {i.kind}" + (f"({i.block})" if i.block is not None else "") for i in p.inputs)
     sig = ", ".join(x for x in (params, inputs) if x)
     return f"pattern {p.name}({sig}) on {p.layout} = {pformat(p.body)}"
+
+
+def has_topk(p: PatternIR) -> bool:
+    """Whether the pattern routes with `topk` (resolved per call from q and k)."""
+    return any(isinstance(n, TopK) for n in walk(p.body))

@@ -15,13 +15,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import networkx as nx
-import torch
 
 from . import ir, syntax as ast
 from .elaborate import Elaborator, ModuleScope
 from .errors import AttnError, Collector, Span, error, source_lines
-from .analysis import plan_blocks, row_report
-from .reference import evaluate
+
+# torch (and the analysis / reference modules built on it) are imported where they are
+# used, so `attnc check` and `attnc list` load and bind patterns without importing torch
 
 
 @dataclass(frozen=True)
@@ -393,15 +393,13 @@ class BoundPattern:
     """
 
     def __init__(self, program: Program, pattern: ir.PatternIR, params: dict):
-        from . import dynamic
-
         self.program = program
         self.ir = pattern
         self.params = params
         # [Note: traced first calls] Everything `pat(q, k, v)` reads before the op is
         # computed here, eagerly: under torch.compile(fullgraph=True) the first call may
         # be traced, and dynamo cannot trace IR walks (networkx) or a registry write.
-        self._topk = dynamic.has_topk(pattern)
+        self._topk = ir.has_topk(pattern)
         self.op_key = f"{pattern.name}#{next(_KEY_COUNTER)}"
         _LIVE_PATTERNS[self.op_key] = self
 
@@ -482,6 +480,10 @@ class BoundPattern:
                 [0, 1, 1, 0],
                 [0, 0, 1, 1]], dtype=torch.int32)
         """
+        import torch
+
+        from .reference import evaluate
+
         M, N, H, grid = self.resolve_sizes(M, N, heads, grid)
         batches, batched = self._inputs(M, N, H, inputs)
         try:
@@ -492,6 +494,8 @@ class BoundPattern:
 
     def mask_rows(self, M: int, N: int, H: int, grid, lo: int, hi: int, inputs: dict | None = None) -> torch.Tensor:
         """Rows lo..hi of the mask (sizes already validated): bool [H, hi - lo, N]."""
+        from .reference import evaluate
+
         try:
             return evaluate(self.ir, M, N, H, grid, inputs or {}, rows=(lo, hi))
         except AttnError as err:
@@ -523,6 +527,8 @@ class BoundPattern:
         themselves. The list returned has one entry when every input has batch
         1, else one per batch element. The op checks this once, in
         `runtime/ops.make_call`, before any backend runs."""
+        import torch
+
         specs = self.check_input_names(inputs)
         if not specs:
             return [{}], False
@@ -597,6 +603,8 @@ class BoundPattern:
                 raise ValueError(f"plan: expected the run-time inputs of one batch element, got {len(batches)}; "
                                  f"try plan(..., {next(iter(inputs))}=x[0])")
             one = batches[0]
+        from .analysis import plan_blocks
+
         try:
             return plan_blocks(self.ir, M, N, H, grid, block=block, inputs=one)
         except AttnError as err:
@@ -615,6 +623,8 @@ class BoundPattern:
         if self.ir.inputs:
             raise ValueError(f"pattern '{self.name}' depends on run-time inputs ({', '.join(i.name for i in self.ir.inputs)}): "
                              f"expected a static pattern; try pat.mask(..., {self.ir.inputs[0].name}=...) and inspect its rows")
+        from .analysis import row_report
+
         try:
             return row_report(self.ir, M, N, H, grid)
         except AttnError as err:
@@ -712,6 +722,8 @@ class BoundPattern:
         for the op; the selection rule is documented in attnc/dynamic.py and
         docs/language.md.
         """
+        import torch
+
         from . import dynamic
 
         if not self._has_topk():
@@ -796,6 +808,8 @@ class CuSeqlens:
     offsets: torch.Tensor
 
     def segment_ids(self, N: int, name: str) -> torch.Tensor:
+        import torch
+
         o = self.offsets
         if not isinstance(o, torch.Tensor) or o.dim() != 1 or o.dtype.is_floating_point or o.dtype == torch.bool:
             got = f"{o.dtype} tensor of shape {tuple(o.shape)}" if isinstance(o, torch.Tensor) else type(o).__name__

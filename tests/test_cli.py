@@ -122,6 +122,26 @@ def test_python_m_attnc():
     assert r.returncode == 0 and "ok" in r.stdout
 
 
+@pytest.mark.parametrize("argv, imports_torch", [
+    (["--help"], False),
+    (["check", "*"], False),
+    (["list", "video.attn"], False),
+    (["check", "natten2d.attn", "--grid", "8x8"], True),  # sizes: the row check runs on torch
+])
+def test_cli_imports_torch_only_for_work_on_tensors(argv, imports_torch):
+    # lazy imports: `attnc --help`, `check` and `list` start without torch (seconds of import)
+    import subprocess
+    import sys
+    files = [str(p) for p in sorted(EXAMPLES.glob("*.attn"))] if "*" in argv else []
+    args = [a for a in argv if a != "*"] + files
+    args = [str(EXAMPLES / a) if a.endswith(".attn") else a for a in args]
+    code = ("import sys\nfrom attnc.cli import main\nrc = main(sys.argv[1:])\n"
+            "print('torch' in sys.modules)\nsys.exit(rc)")
+    r = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines()[-1] == str(imports_torch)
+
+
 SEEDS = [p.read_text() for p in sorted(EXAMPLES.glob("*.attn"))]
 ALPHABET = "pattern let where heads on grid seq import ( ) { } [ ] , ; = => | & - ~ @ . .. + * // % ** < <= == q k h _ 0 7 N \n#\""
 
