@@ -244,7 +244,7 @@ def _static_pattern(args, err, verb):
 
 
 def cmd_show(args, out, err) -> int:
-    from .show import head_groups, render_png, render_text, tile_stats
+    from .show import head_groups, plan_tile_stats, render_png, render_text
 
     block = parse_block(args.block)
     if args.width < 8:
@@ -253,7 +253,7 @@ def cmd_show(args, out, err) -> int:
     if pat is None:
         return 1
     M, N, H, grid = _sizes(pat, args.seq_len, parse_grid(args.grid), args.heads)
-    stats, rows = tile_stats(lambda lo, hi: pat.mask_rows(M, N, H, grid, lo, hi), M, N, H, block)
+    stats, rows = plan_tile_stats(pat, M, N, H, grid, block)
     groups = head_groups(stats, rows)
     print(render_text(pat, stats, rows, groups, args.width), file=out)
     print(_formula_text(pat, M, N, int(stats.counts.sum()) // H if H else 0), file=out)
@@ -262,7 +262,7 @@ def cmd_show(args, out, err) -> int:
         zq, zk = min(M, 128), min(N, 128)
         q0 = (M - zq) // 2
         k0 = max(0, min(N - zk, q0 + (N - M)))
-        token_view = pat.mask_rows(M, N, H, grid, q0, q0 + zq)[groups[0][0], :, k0:k0 + zk].float()
+        token_view = pat.mask_window(M, N, H, grid, (q0, q0 + zq), (k0, k0 + zk))[groups[0][0]].float()
         try:
             render_png(args.png, pat, stats, groups, token_view)
         except OSError as exc:

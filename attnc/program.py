@@ -501,6 +501,18 @@ class BoundPattern:
         except AttnError as err:
             raise err.with_sources(self.program.sources) from None
 
+    def mask_window(self, M: int, N: int, H: int, grid, rows: tuple[int, int], keys: tuple[int, int]) -> torch.Tensor:
+        """The mask of query rows `rows` and key columns `keys` (half-open, sizes already
+        validated): bool [H, rows, keys], evaluated only there."""
+        import torch
+
+        from .reference import evaluate
+
+        try:
+            return evaluate(self.ir, M, N, H, grid, {}, rows=rows, keys=torch.arange(*keys))
+        except AttnError as err:
+            raise err.with_sources(self.program.sources) from None
+
     def check_input_names(self, inputs: dict) -> dict:
         """Raise ValueError unless `inputs` names exactly the declared run-time
         inputs; returns {name: InputSpec} in declaration order."""

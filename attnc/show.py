@@ -1,9 +1,10 @@
 """Pictures of masks: per-tile counts, an ASCII block map and a PNG.
 
 input:  a BoundPattern and sizes.
-output: tile statistics computed from the reference mask in row chunks (so
-        memory stays O(chunk * N) at any length), and their renderings.
-does not: use the closed-form analysis; this is the exact, brute-force view.
+output: tile statistics, exact: from the tile plan (`plan_tile_stats`: full
+        tiles count their size, partial tiles are counted by the analysis or
+        evaluated in bounded chunks) or from the reference mask in row chunks
+        (`tile_stats`, the brute-force view); and their renderings.
 """
 
 from __future__ import annotations
@@ -59,6 +60,22 @@ def tile_stats(mask_rows, M: int, N: int, H: int, block: tuple[int, int]) -> tup
     ksz = torch.full((nkb,), bn, dtype=torch.int64)
     ksz[-1] = N - bn * (nkb - 1)
     return TileStats(counts, qsz[:, None] * ksz[None, :], M, N, block), row_counts
+
+
+def plan_tile_stats(pat, M: int, N: int, H: int, grid, block: tuple[int, int]) -> tuple[TileStats, torch.Tensor]:
+    """`tile_stats` from the plan (`analysis.tile_counts`), not from dense mask rows: work
+    O(tiles + pairs inside partial tiles), memory O(tiles + M)."""
+    from .analysis import tile_counts
+    from .errors import AttnError
+
+    try:
+        _, counts, rows = tile_counts(pat.ir, M, N, H, grid, block)
+    except AttnError as err:
+        raise err.with_sources(pat.program.sources) from None
+    bm, bn = block
+    qsz = torch.clamp((torch.arange(counts.shape[1]) + 1) * bm, max=M) - torch.arange(counts.shape[1]) * bm
+    ksz = torch.clamp((torch.arange(counts.shape[2]) + 1) * bn, max=N) - torch.arange(counts.shape[2]) * bn
+    return TileStats(counts.expand(H, -1, -1), qsz[:, None] * ksz[None, :], M, N, block), rows.expand(H, -1)
 
 
 def head_groups(stats: TileStats, row_counts: torch.Tensor) -> list[list[int]]:
