@@ -17,7 +17,9 @@ per-tile reductions over the queries' touched / covered key-tile ranges, without
 a dense tile map ([Note: sparse tiles]): a key tile is *full* for a query tile
 when every query covers it, *empty* when none touches it. Cost O(H * M * R +
 non-empty tiles), no N^2 or nq * nk term.
-On grids, per-axis primitives are products of per-axis sets ([Note: products]).
+On grids, per-axis primitives are products of per-axis sets ([Note: products]);
+with more intervals than the closed form keeps, 1-D tiles of a product are
+still counted exactly, from row segments ([Note: product counts]).
 
 Patterns that are not short interval unions per query (`where`, `dilate`,
 many-key `strided`) are classified per tile box in three-valued logic and only

@@ -32,6 +32,8 @@ def both(src, M, H, grid, block):
     ("pattern p = where abs(q - k) <= 7 or k % 13 == 0", 90, 2, None, (16, 8)),
     ("pattern p = heads { 0 => sliding(4); _ => where k <= q - 5 * h or q % 7 == 0 }", 70, 3, None, (8, 16)),
     ("pattern p = random(3, seed = 1) | heads { 0 => causal; _ => band(2, 2) }", 50, 2, None, (8, 8)),
+    # heads differ inside tiles whose counts agree: the plan has one head, the evaluation two
+    ("pattern p = where (k + h) % 2 + 0 * (k % (q + 2)) == 0", 64, 2, None, (8, 8)),
     ("pattern p on grid(h, w) = neighborhood((5, 3))", None, 2, (9, 11), (16, 8)),
     ("pattern p on seq(4) + grid(h, w) = neighborhood((5, 3), dilation = (1, 3))", None, 2, (9, 11), (16, 8)),
     ("pattern p on seq(4) + grid(h, w) = neighborhood((5, 3), dilation = (1, 3)) | global(0 .. 4)", None, 2, (9, 11), (16, 8)),
