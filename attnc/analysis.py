@@ -207,6 +207,8 @@ class IntervalAnalysis(Evaluator):
     def coord_set(self, node: ir.Mask, view: View, axis: str) -> ISet:
         """The 1-D interval set of `node` along `axis`, one row per coordinate 0 .. size(axis) - 1."""
         L = view.env[ir.axis_size(axis)]
+        require(128 * L, f"the allowed keys of every coordinate of axis {axis} (size {L})",
+                "smaller grid sizes")
         coords = torch.arange(L, dtype=torch.int64)
         return merge(self.eval(node, View(q=coords, k=coords, env={**view.env, ir.M: L, ir.N: L})))
 
@@ -907,7 +909,10 @@ class TileBoxes:
                     a, b, st = (ev.val(x, self.view.env) for x in (c.start, c.stop, c.step))
                     inside = (lo >= a) & (hi < b)
                     return inside & ((lo == hi) | (st == 1)) & (((lo - a) % st == 0) | (st == 1)), (hi >= a) & (lo < b), g
-                items = torch.tensor([ev.val(x, self.view.env) for x in c.items])
+                items = torch.tensor([ev.val(x, self.view.env) for x in c.items], dtype=torch.int64)
+                if not len(items):  # `k in {}`: never (max() of nothing used to raise)
+                    none = torch.zeros_like(lo, dtype=torch.bool)
+                    return none, none, g
                 point = (lo == hi) & torch.isin(lo, items)
                 return point, (lo <= items.max()) & (hi >= items.min()), g
         raise NotIntervals(type(node).__name__)

@@ -52,6 +52,17 @@ class NoFormula(ValueError):
 MAX_COMPARISONS = 3000
 
 
+def _poly(v, gen, what: str) -> sympy.Poly:
+    """`v` as a polynomial in `gen`; NoFormula when it is not one (min / max / `//` of N:
+    sympy raises PolynomialError for those, which used to escape as a traceback)."""
+    if not v.is_polynomial(gen):
+        raise NoFormula(f"{what} is not a polynomial in {gen} (min, max, // or % of it)")
+    try:
+        return sympy.Poly(v, gen)
+    except sympy.PolynomialError:
+        raise NoFormula(f"{what} is not a polynomial in {gen}") from None
+
+
 class Order:
     """Compares symbolic positions as they compare for the bound values and N large."""
 
@@ -64,7 +75,7 @@ class Order:
         v = sympy.expand(sympy.sympify(e).xreplace(self.values))
         if v.free_symbols - {ir.N}:
             raise NoFormula(f"cannot order {e}: depends on {', '.join(map(str, v.free_symbols - {ir.N}))}")
-        poly = sympy.Poly(v, ir.N)
+        poly = _poly(v, ir.N, f"position {e}")
         if poly.degree() > 1 or not all(c.is_Rational for c in poly.all_coeffs()):
             raise NoFormula(f"position {e} is not linear in N")
         c1 = sympy.Rational(poly.coeff_monomial(ir.N))
@@ -144,7 +155,7 @@ def extremum(f: PL, g: PL, order: Order, pick_max: bool) -> PL:
     for i, p in enumerate(pts):
         s, e = _ends(pts, i)
         a, b = _at(f, p, order), _at(g, p, order)
-        d = sympy.Poly(sympy.expand(a - b), Q)
+        d = _poly(sympy.expand(a - b), Q, "an interval end")
         slope = d.coeff_monomial(Q) if d.degree() >= 1 else 0
         if d.degree() > 1:
             raise NoFormula("a count that is not linear in q")
