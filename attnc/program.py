@@ -475,7 +475,9 @@ class BoundPattern:
         Returns bool ``[H, M, N]`` (``[B, H, M, N]`` when run-time inputs are
         batched), True where query ``q`` may attend key ``k``. ``N`` defaults
         to ``M`` (or to the grid's token count); ``heads`` to 1. Meant for
-        checking and small sizes: memory is O(H * M * N).
+        checking and small sizes: memory is O(H * M * N), estimated first; past
+        the memory limit ($ATTNC_MAX_BYTES, default half of physical memory) a
+        `limits.MemoryLimitError` (a ValueError) says so before allocating.
 
         >>> attnc.loads("pattern p = sliding(2)").pattern().mask(4)[0].int()
         tensor([[1, 0, 0, 0],
