@@ -462,8 +462,8 @@ def _simplify_conditions(conds, values) -> list:
             lower.setdefault(ir.N, set()).add(bound)
             continue
         coeff, rest = expr.as_coeff_Mul()
-        if coeff < 0:  # -w >= b  is  w <= -b: keep as an upper bound
-            eqs.append(sympy.Le(rest, sympy.expand(-bound / coeff)))
+        if coeff < 0:  # c * w >= b with c < 0 is w <= b / c: keep as an upper bound
+            eqs.append(sympy.Le(rest, sympy.expand(bound / coeff)))  # (was -b / c: `w <= 5` read `w <= -5`)
             continue
         key = rest
         b = sympy.ceiling(bound / coeff)
@@ -491,4 +491,6 @@ def _simplify_conditions(conds, values) -> list:
     ns = list(lower.get(ir.N, ()))
     keep = [b for b in ns if not any(o != b and at_least(o - b) for o in ns)]
     out += [sympy.Ge(ir.N, b) for b in keep]
-    return out
+    if any(c == sympy.false for c in out):  # sympy decided a relation: it must hold at the bound values
+        raise NoFormula("the derived conditions contradict each other")
+    return [c for c in dict.fromkeys(out) if c != sympy.true]  # each relation once

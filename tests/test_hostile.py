@@ -147,3 +147,46 @@ def test_a_file_that_vanishes_while_it_is_read(tmp_path, monkeypatch):
     err = io.StringIO()
     assert main(["check", str(f)], out=io.StringIO(), err=err) == 1
     assert "file not found" in err.getvalue() and "Traceback" not in err.getvalue()
+
+
+# ----------------------------------------------------------------------------- what the generator found
+
+
+@pytest.mark.parametrize("src", ["pattern p(w = 3) = sliding(max(1, min(9, N // 2)))",
+                                 "pattern p = band(min(4, N), 1) | sink(max(1, N // 3))"])
+def test_density_formula_of_min_max_of_n_is_no_formula(src):
+    # sympy's PolynomialError escaped from attnc show / simulate as a traceback
+    pat = attnc.loads(src).pattern()
+    from attnc.symbolic import NoFormula
+    with pytest.raises(NoFormula, match="not a polynomial in N"):
+        pat.formula()
+    rep = pat.simulate(12, tile=(4, 4), head_dim=8)
+    assert rep.density_formula is None and rep.density == float(pat.mask(12).sum()) / 144
+
+
+def test_show_of_min_max_of_n_prints_exact_counts(tmp_path):
+    f = tmp_path / "x.attn"
+    f.write_text("pattern p = sliding(max(1, min(9, N // 2)))\n")
+    out, err = io.StringIO(), io.StringIO()
+    assert main(["show", str(f), "--seq-len", "12", "--block", "4"], out=out, err=err) == 0, err.getvalue()
+    assert "density formula: none" in out.getvalue() and "not a polynomial in N" in out.getvalue()
+
+
+def test_plan_of_where_k_in_the_empty_set():
+    # the tile-box classifier took max() of an empty set: a RuntimeError
+    pat = attnc.loads("pattern p = where k in {} | (where q in {} and k < 2)").pattern()
+    assert pat.plan(5, block=(4, 4)).allowed == 0 == int(pat.mask(5).sum())
+
+
+def test_formula_conditions_keep_the_sign_of_upper_bounds():
+    # `-w >= -5` was rewritten as `w <= -5`: the formula's conditions were false at the bound
+    # values, so show and simulate never used it and `exact when` printed a wrong bound
+    pat = attnc.loads("pattern p(w = 3) = sliding(w) | prefix(6 - w)").pattern()
+    f = pat.formula()
+    assert f.valid_at(100) and f.allowed_at(100) == int(pat.mask(100).sum())
+    assert "w <= -" not in f.condition_text() and "w <= 3" in f.condition_text()
+    assert pat.simulate(100, tile=(4, 4), head_dim=8).density_formula is not None
+    pat = attnc.loads("pattern p(name = 2, self = 2) = (let self = 6 in sliding(self)) | "
+                      "prefix(max(0, min(6, self)))").pattern()
+    f = pat.formula()  # used to hold `False` conditions: AttributeError in condition_text()
+    assert f.valid_at(100) and f.allowed_at(100) == int(pat.mask(100).sum()) and f.condition_text()
