@@ -228,6 +228,7 @@ def _bad_or(rng: random.Random, ctx: dict, lo: int, hi: int, what: str):
     """Mostly a valid value in [lo, hi]; rarely (2 %) a literal below `lo` that the oracle rejects."""
     if rng.random() < 0.02:
         v = rng.randint(lo - 3, lo - 1)
+        ctx["bad"].append(v)  # a literal: refused at bind time even in a heads arm no head uses
         return str(v), (lambda env: v)
     return _int_expr(rng, lo, hi, ctx)
 
@@ -335,7 +336,7 @@ def random_program(seed: int) -> Case:
     names = rng.sample(["w", "a", "size_", "self", "name", "x"], rng.randint(0, 2))
     for n in names:
         params[n] = rng.randint(0, N + 2)
-    ctx = {"L": N, "H": H, "heads_ok": True, "m_ok": True, "params": params}
+    ctx = {"L": N, "H": H, "heads_ok": True, "m_ok": True, "params": params, "bad": []}
     text, fn = _mask(rng, ctx, rng.randint(0, 4))
     head = "pattern p"
     if params:
@@ -346,7 +347,11 @@ def random_program(seed: int) -> Case:
         bound[n] = rng.randint(0, N + 2)
     src = f"# random program {seed}\n{head} =\n    {text}\n"
 
+    bad = ctx["bad"]  # shared by every nested context
+
     def oracle(M_, N_, H_):
+        if bad:
+            raise Invalid(f"literal arguments {bad} break a documented constraint")
         env = {"M": M_, "N": N_, "H": H_, **bound}
         out = torch.zeros(H_, M_, N_, dtype=torch.bool)
         for h in range(H_):
