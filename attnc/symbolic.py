@@ -70,8 +70,24 @@ class Order:
         self.values = values  # parameter symbol -> int (N stays symbolic)
         self.conditions: set = set()
         self.budget = budget
+        # memos: unions of many similar terms compare the same ends again and again
+        # (199 `causal` terms: 6000 sympy expansions, 1.3 s, before; the budget still counts every call)
+        self._keys: dict = {}
+        self._cmps: dict = {}
 
     def key(self, e) -> tuple:
+        try:
+            return self._keys[e]
+        except (KeyError, TypeError):
+            pass
+        k = self._key(e)
+        try:
+            self._keys[e] = k
+        except TypeError:  # unhashable: not memoised
+            pass
+        return k
+
+    def _key(self, e) -> tuple:
         v = sympy.expand(sympy.sympify(e).xreplace(self.values))
         if v.free_symbols - {ir.N}:
             raise NoFormula(f"cannot order {e}: depends on {', '.join(map(str, v.free_symbols - {ir.N}))}")
@@ -88,11 +104,18 @@ class Order:
         if self.budget < 0:
             raise NoFormula(f"too many terms for a closed form (more than {MAX_COMPARISONS} comparisons of "
                             "interval ends; unions of many terms grow exponentially)")
-        ka, kb = self.key(a), self.key(b)
-        r = (ka > kb) - (ka < kb)
-        diff = sympy.expand(sympy.sympify(a) - sympy.sympify(b))
-        if diff.free_symbols:
-            rel = {-1: sympy.Lt, 0: sympy.Eq, 1: sympy.Gt}[r](diff, 0)
+        try:
+            r, rel = self._cmps[(a, b)]
+        except (KeyError, TypeError):
+            ka, kb = self.key(a), self.key(b)
+            r = (ka > kb) - (ka < kb)
+            diff = sympy.expand(sympy.sympify(a) - sympy.sympify(b))
+            rel = {-1: sympy.Lt, 0: sympy.Eq, 1: sympy.Gt}[r](diff, 0) if diff.free_symbols else None
+            try:
+                self._cmps[(a, b)] = (r, rel)
+            except TypeError:
+                pass
+        if rel is not None:
             self.conditions.add(rel)
         return r
 
@@ -413,10 +436,25 @@ def _rel_text(c) -> str:
     return f"{c.lhs} {c.rel_op} {c.rhs}"
 
 
-@functools.lru_cache(maxsize=128)
 def formula(pattern: ir.PatternIR) -> Formula:
     """The exact count formula of a bound 1-D pattern (cached per pattern:
-    repeated calls do not re-derive it). Raises NoFormula with the reason."""
+    repeated calls do not re-derive it). Raises NoFormula with the reason
+    (cached too: `attnc show` and `simulate` ask more than once)."""
+    out = _formula_or_reason(pattern)
+    if isinstance(out, NoFormula):
+        raise NoFormula(*out.args)
+    return out
+
+
+@functools.lru_cache(maxsize=128)
+def _formula_or_reason(pattern: ir.PatternIR) -> "Formula | NoFormula":
+    try:
+        return _formula(pattern)
+    except NoFormula as exc:
+        return exc
+
+
+def _formula(pattern: ir.PatternIR) -> Formula:
     if pattern.layout.axes or pattern.layout.text is not None:
         raise NoFormula("grid layouts")
     if pattern.inputs:

@@ -190,3 +190,17 @@ def test_formula_conditions_keep_the_sign_of_upper_bounds():
                       "prefix(max(0, min(6, self)))").pattern()
     f = pat.formula()  # used to hold `False` conditions: AttributeError in condition_text()
     assert f.valid_at(100) and f.allowed_at(100) == int(pat.mask(100).sum()) and f.condition_text()
+
+
+def test_a_long_union_refuses_its_formula_without_repeating_sympy_work(monkeypatch):
+    # 199 `causal` terms took ~1.3 s per formula attempt (6000 sympy expansions for the same
+    # few interval ends) and show / simulate asked twice: cases of 6-8 s in the long run
+    from attnc import symbolic
+    calls = []
+    real = symbolic.Order._key
+    monkeypatch.setattr(symbolic.Order, "_key", lambda self, e: calls.append(e) or real(self, e))
+    pat = attnc.loads("pattern p = " + " | ".join(["causal"] * 199)).pattern()
+    for _ in range(2):
+        with pytest.raises(symbolic.NoFormula, match="too many terms"):
+            pat.formula()
+    assert 0 < len(calls) < 100, len(calls)  # each distinct end once; the refusal is cached
