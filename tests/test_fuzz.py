@@ -62,8 +62,6 @@ def _report_counts(request, tmp_path_factory):
 # ----------------------------------------------------------------------------- the oracle
 
 
-
-
 def check_located(err: AttnError, sources: dict[str, str]) -> None:
     """Every diagnostic points inside a source it came from, and renders as
     FILE:LINE:COL with that very line under it."""
