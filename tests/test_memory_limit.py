@@ -214,3 +214,12 @@ def test_a_real_process_refuses_instead_of_crashing(files):
                  ["check", str(files / "g.attn"), "--grid", "100000x100000"]):
         res = subprocess.run([sys.executable, "-m", "attnc", *argv], capture_output=True, text=True, timeout=120, env=env)
         assert res.returncode == 1 and "expected at most 64.0 MiB" in res.stderr and "Traceback" not in res.stderr, res.stderr
+
+
+def test_an_allocation_the_estimates_missed_is_still_a_message(files, monkeypatch):
+    import attnc.show
+    def boom(*a, **k):
+        raise MemoryError()
+    monkeypatch.setattr(attnc.show, "tile_stats", boom)
+    rc, _, err = cli("show", str(files / "w.attn"), "--seq-len", "64")
+    assert rc == 1 and "out of memory" in err and limits.ENV in err and "Traceback" not in err
