@@ -671,17 +671,23 @@ class Runner:
         self.counts["family:" + case.family] += 1
         path = self.write(case)
         t0 = time.perf_counter()
+        secs = None
         try:
             with watchdog(WATCHDOG_S), memory_limit():
                 if case.inprocess:
                     self.inprocess(case, path)
                 for verb in case.verbs:
                     self.cli(case, path, verb)
+                secs = time.perf_counter() - t0
                 if self.subprocess_every and self.counts["cases"] % self.subprocess_every == 0:
+                    # timed apart: a new process spends seconds importing torch, which is not the case's work
+                    t1 = time.perf_counter()
                     self.subprocess(case, path, case.verbs[0])
+                    self.counts["subprocess_max_s"] = max(self.counts["subprocess_max_s"], time.perf_counter() - t1)
         except Hang as exc:
             self.fail(case, f"hang: {exc}")
-        secs = time.perf_counter() - t0
+        if secs is None:
+            secs = time.perf_counter() - t0
         self.counts["seconds"] += secs
         if secs > LIMIT_S:
             self.counts["over_limit"] += 1
@@ -848,6 +854,6 @@ class Runner:
         fams = ", ".join(f"{k[7:]} {v}" for k, v in sorted(c.items()) if k.startswith("family:"))
         outs = ", ".join(f"{k[8:]} {v}" for k, v in sorted(c.items()) if k.startswith("outcome:"))
         return (f"hostile: {c['cases']} cases ({fams}); {c['cli_calls']} CLI calls in-process, {c['subprocesses']} "
-                f"subprocesses; masks compared with the oracle {c['compared']} (+ {c['show_compared']} show counts); "
+                f"subprocesses (slowest {c['subprocess_max_s']:.1f} s); masks compared with the oracle {c['compared']} (+ {c['show_compared']} show counts); "
                 f"tracebacks {c['tracebacks']}, wrong masks {c['wrong_masks']}, failures {c['failures']}, "
                 f"over {LIMIT_S:.0f} s {c['over_limit']}; outcomes: {outs}; {c['seconds']:.0f} s")
