@@ -39,6 +39,7 @@ import numpy as np
 import torch
 
 from . import ir
+from .limits import require
 from .reference import Evaluator, View, _component, neighborhood_window, random_table, top_view
 
 #: largest number of intervals per query the closed form keeps (beyond: scan)
@@ -208,6 +209,8 @@ class IntervalAnalysis(Evaluator):
     def coord_set(self, node: ir.Mask, view: View, axis: str) -> ISet:
         """The 1-D interval set of `node` along `axis`, one row per coordinate 0 .. size(axis) - 1."""
         L = view.env[ir.axis_size(axis)]
+        require(128 * L, f"the allowed keys of every coordinate of axis {axis} (size {L})",
+                "smaller grid sizes")
         coords = torch.arange(L, dtype=torch.int64)
         return merge(self.eval(node, View(q=coords, k=coords, env={**view.env, ir.M: L, ir.N: L})))
 
@@ -534,6 +537,9 @@ class Plan:
     def to_dense(self) -> torch.Tensor:
         """int8 [Hx, query tiles, key tiles]: 0 empty, 1 partial, 2 full."""
         nq, nk = self.shape
+        hx = self.full.counts.shape[0]
+        require(2 * hx * nq * (nk + 1), f"a dense map of {hx} x {nq} x {nk} tiles",
+                "a larger tile, smaller sizes, or the plan's tile lists (plan.full, plan.partial) instead of a dense map")
         out = torch.zeros(self.full.counts.shape[0], nq, nk + 1, dtype=torch.int8)
         flat = out.view(-1)
         for lst, val in ((self.partial, 1), (self.full, 2)):
@@ -630,6 +636,7 @@ def _sparse_tiles(s: ISet, bm: int, bn: int) -> tuple[np.ndarray, np.ndarray, in
     memory O(M * R + non-empty tiles + bad tiles * nk)."""
     N = s.n
     Hx, Mq, R = s.lo.shape
+    bm = min(bm, Mq)  # one query tile either way; padding a short tile up to a huge bm would allocate bm rows
     nq, nk = -(-Mq // bm), -(-N // bn)
     # slot-major [R, Hx * nq, bm] copies: reductions over a tile's queries run along the last axis
     dt = np.int32 if N + 2 * bn < 2**31 else np.int64
@@ -662,6 +669,11 @@ def _sparse_tiles(s: ISet, bm: int, bn: int) -> tuple[np.ndarray, np.ndarray, in
         m_lo, m_hi = np.take_along_axis(m_lo, order, -1), np.maximum.accumulate(np.take_along_axis(m_hi, order, -1), -1)
         bad |= (m_lo[:, 1:] < m_hi[:, :-1]).any(-1)
     good = ~bad[:, None]
+    n_bad = int(bad.sum())
+    require(PLAN_BYTES_PER_TILE * int(np.subtract(np.where(good, T_hi, T_lo), T_lo).sum(dtype=np.int64))
+            + 48 * n_bad * (nk + 1) + 16 * n_bad * R * bm,
+            f"the tile plan of {Mq} queries x {N} keys with {bm}x{bn} tiles",
+            "a larger tile (block=(256, 256), --tile 256x256) or smaller sizes")
     keys = _expand(T_lo, np.where(good, T_hi, T_lo), nk)
     fkeys = _expand(F_lo, np.where(good, F_hi, F_lo), nk)
     rows = np.flatnonzero(bad)
@@ -693,6 +705,22 @@ def _sparse_tiles(s: ISet, bm: int, bn: int) -> tuple[np.ndarray, np.ndarray, in
 
 #: queries per chunk of the closed-form plan builder (bounds its working memory)
 PLAN_CHUNK = 16384
+#: about the bytes a non-empty tile costs while a plan is built from sparse tiles: its key and flag,
+#: the sort orders and both tile lists (row and transposed) of `Plan.from_tiles`
+PLAN_BYTES_PER_TILE = 64
+
+
+def boxes_bytes(M: int, N: int, heads: int, nq: int, nk: int, naxes: int) -> int:
+    """About the peak bytes of tile-box classification ([Note: tile boxes]) before `_refine`:
+    positions and coordinates of every token, interval sets of every query (a few intervals each),
+    and a handful of bool [H, nq, nk] tile maps (full / nonempty per node, must / may)."""
+    return 8 * (M + N) * (3 + 2 * naxes) + 64 * heads * M + 8 * heads * nq * nk
+
+
+def _require_boxes(pattern, M, N, heads, nq, nk, what: str) -> None:
+    require(boxes_bytes(M, N, heads, nq, nk, len(pattern.layout.axes)),
+            f"{what} of '{pattern.name}' at M = {M}, N = {N} ({nq} x {nk} tiles per head)",
+            "a larger tile (block=(256, 256), --tile 256x256) or smaller sizes")
 
 
 def _closed_form_plan(pattern: ir.PatternIR, M: int, N: int, heads: int, grid, bm: int, bn: int,
@@ -705,16 +733,25 @@ def _closed_form_plan(pattern: ir.PatternIR, M: int, N: int, heads: int, grid, b
     nq, nk = -(-M // bm), -(-N // bn)
     step = bm * max(1, PLAN_CHUNK // bm)
     no_keys = torch.zeros(0, dtype=torch.int64)
-    parts, allowed, Hx = [], 0, None
+    parts, allowed, Hx, tiles = [], 0, None, 0
     for q0 in range(0, M, step):
+        rows = min(q0 + step, M) - q0
+        require(8 * rows * (3 + 2 * len(pattern.layout.axes)) + 64 * heads * rows,
+                f"the allowed keys of {rows} queries of '{pattern.name}' (one chunk of the tile plan)",
+                "a smaller query tile (block=(128, 128)) or smaller sizes")
         view = top_view(pattern, M, N, heads, grid, inputs or {}, rows=(q0, min(q0 + step, M)), keys=no_keys)
-        s = merge(ia.eval(pattern.body, view))
+        s = merge(ia.eval(pattern.body, view))  # working memory O(PLAN_CHUNK * R): bounded
         if Hx is None:
             Hx = s.lo.shape[0]
         elif s.lo.shape[0] != Hx:  # heads come from the IR and the inputs' shapes, never from rows
             raise AssertionError(f"chunks disagree on heads: {Hx} vs {s.lo.shape[0]}")
         keys, full, count = _sparse_tiles(s, bm, bn)
         allowed += count
+        tiles += len(keys)  # the tiles of the rows done so far, projected to all M rows:
+        require(PLAN_BYTES_PER_TILE * tiles * M / min(M, q0 + step),
+                f"the tile plan of '{pattern.name}' at M = {M}, N = {N} with {bm}x{bn} tiles "
+                f"({tiles} non-empty tiles in the first {min(M, q0 + step)} query rows)",
+                "a larger tile (block=(256, 256), --tile 256x256) or smaller sizes")
         if step < M:  # chunk keys (h * cq + local tile) * nk + key tile -> global
             cq = -(-(min(q0 + step, M) - q0) // bm)
             row, kt = keys // nk, keys % nk
@@ -883,7 +920,10 @@ class TileBoxes:
                     a, b, st = (ev.val(x, self.view.env) for x in (c.start, c.stop, c.step))
                     inside = (lo >= a) & (hi < b)
                     return inside & ((lo == hi) | (st == 1)) & (((lo - a) % st == 0) | (st == 1)), (hi >= a) & (lo < b), g
-                items = torch.tensor([ev.val(x, self.view.env) for x in c.items])
+                items = torch.tensor([ev.val(x, self.view.env) for x in c.items], dtype=torch.int64)
+                if not len(items):  # `k in {}`: never (max() of nothing used to raise)
+                    none = torch.zeros_like(lo, dtype=torch.bool)
+                    return none, none, g
                 point = (lo == hi) & torch.isin(lo, items)
                 return point, (lo <= items.max()) & (hi >= items.min()), g
         raise NotIntervals(type(node).__name__)
@@ -1244,6 +1284,9 @@ def _interval_sets(pattern: ir.PatternIR, M: int, N: int, heads: int, grid, inpu
     one batch element's run-time inputs (segments with contiguous ids, block tables)."""
     if pattern.inputs and not inputs:
         raise NotIntervals("run-time inputs")
+    require(8 * (M + N) * (3 + 2 * len(pattern.layout.axes)) + 64 * heads * M,
+            f"the allowed keys of every query of '{pattern.name}' at M = {M}, N = {N}",
+            "smaller sizes: empty rows and density show at small sizes too (attnc check --seq-len 4096)")
     view = top_view(pattern, M, N, heads, grid, inputs or {})
     return merge(IntervalAnalysis(pattern).eval(pattern.body, view)), view
 
@@ -1354,6 +1397,9 @@ def tile_counts(pattern: ir.PatternIR, M: int, N: int, heads: int, grid, block: 
 def _plan_nd(pattern, M, N, heads, grid, tq, tk) -> Plan:
     """The plan of N-D tiles on a grid, in tile-major token order."""
     sizes = [int(g) for g in grid]
+    nq = math.prod(-(-L // t) for L, t in zip(sizes, tq))
+    nk = math.prod(-(-L // t) for L, t in zip(sizes, tk))
+    _require_boxes(pattern, M + 4 * N, N + 4 * N, heads, nq, nk, "the N-D tile plan")  # + tile_major's coordinates
     boxes = NDTileBoxes(pattern, N, heads, grid, tq, tk)
     full, nonempty = boxes.classify(pattern.body)
     order_q, off_q = tile_major(sizes, tq)
@@ -1393,6 +1439,7 @@ def _plan_blocks(pattern, M, N, heads, grid, block, inputs=None) -> Plan:
         if inputs:  # the tile boxes and _refine know no run-time inputs
             raise ValueError(f"cannot plan pattern '{pattern.name}' from its run-time inputs in closed form ({exc}); "
                              f"the op scans such inputs itself") from None
+    _require_boxes(pattern, M, N, heads, -(-M // bm), -(-N // bn), "the tile plan")
     try:
         return _product_plan(pattern, M, N, heads, grid, bm, bn)
     except NotIntervals:

@@ -12,6 +12,7 @@ import ast as pyast
 import sys
 
 from .errors import AttnError
+from .limits import ENV, MemoryLimitError
 
 
 class UsageError(Exception):
@@ -205,6 +206,10 @@ def cmd_check(args, out, err) -> int:
                 rep = pat.check_rows(M, N, heads=H, grid=grid)
             except AttnError as e:
                 print(str(e), file=err)
+                status = 1
+                continue
+            except MemoryLimitError as e:
+                print(f"{f}: error: pattern '{name}': {e}", file=err)
                 status = 1
                 continue
             if rep.witness is not None:
@@ -454,6 +459,13 @@ def main(argv: list[str] | None = None, out=None, err=None) -> int:
         return int(exc.code or 0)
     except AttnError as exc:
         print(str(exc), file=err)
+        return 1
+    except MemoryLimitError as exc:  # sizes past the memory limit (attnc/limits.py): a diagnostic, not usage
+        print(f"attnc: error: {exc}", file=err)
+        return 1
+    except MemoryError:  # an allocation the estimates missed: still a message, never a traceback
+        print(f"attnc: error: out of memory; try smaller sizes or a larger --block/--tile "
+              f"(attnc refuses calls it estimates past ${ENV})", file=err)
         return 1
     except ValueError as exc:
         print(f"attnc: error: {exc}", file=err)

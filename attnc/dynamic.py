@@ -35,6 +35,7 @@ from dataclasses import dataclass
 import torch
 
 from . import ir
+from .limits import require
 
 
 @dataclass(frozen=True)
@@ -117,6 +118,8 @@ def eligible_blocks(lowered: Lowered, site: TopKSite, b: int, M: int, N: int, H:
     """bool [B or 1, H or 1, ceil(M/b), ceil(N/b)]: blocks whose selection would change the mask."""
     from .reference import evaluate
 
+    nq, nk = -(-M // b), -(-N // b)
+    require_tables(len(batches), H, nq, nk, f"the eligible blocks of topk (block {b}) at M = {M}, N = {N}")
     with_full = _with_site(lowered, site, True)
     with_none = _with_site(lowered, site, False)
     has_inputs = bool(with_full.inputs)
@@ -133,10 +136,21 @@ def eligible_blocks(lowered: Lowered, site: TopKSite, b: int, M: int, N: int, H:
         for qi in range(nq):
             lo, hi = qi * b, min(M, (qi + 1) * b)
             gain = evaluate(with_full, M, N, H, grid, inp, rows=(lo, hi)) & ~evaluate(with_none, M, N, H, grid, inp, rows=(lo, hi))
-            pad = nk * b - N
-            g = torch.nn.functional.pad(gain.any(dim=1), (0, pad))
-            out[bi, :, qi] = g.view(H, nk, b).any(-1)
+            # any() per key block without padding to nk * b keys (b may be far larger than N)
+            hit = torch.zeros(H, nk, dtype=torch.int64).index_add_(1, torch.arange(N) // b, gain.any(dim=1).to(torch.int64))
+            out[bi, :, qi] = hit > 0
     return out
+
+
+#: bytes per (batch, head, query block, key block) of top-k selection: float32 scores, the masked
+#: copy, the sort's values and int64 indices, the eligibility flags
+TABLE_BYTES_PER_ENTRY = 4 + 4 + 4 + 8 + 2
+
+
+def require_tables(B: int, H: int, nq: int, nk: int, what: str) -> None:
+    """The memory check ([Note: memory limit], attnc/limits.py) of a [B, H, nq, nk] block table."""
+    require(TABLE_BYTES_PER_ENTRY * B * H * nq * nk, f"{what} ({B} x {H} x {nq} x {nk} blocks)",
+            "a larger block (fewer blocks per row), fewer heads or smaller sizes")
 
 
 def pooled_scores(q: torch.Tensor, k: torch.Tensor, b: int) -> torch.Tensor:
@@ -145,11 +159,16 @@ def pooled_scores(q: torch.Tensor, k: torch.Tensor, b: int) -> torch.Tensor:
     Hkv, N = k.shape[1], k.shape[2]
 
     def pool(x, L):
-        nb = -(-L // b)
-        x = torch.nn.functional.pad(x.detach().float(), (0, 0, 0, nb * b - L))
+        # per-block means without padding to nb * b rows: b may be far larger than L
+        nb, nf = -(-L // b), L // b  # blocks, whole blocks
+        x = x.detach().float()
+        parts = [x[:, :, : nf * b].reshape(x.shape[0], x.shape[1], nf, b, x.shape[-1]).sum(3)] if nf else []
+        if L % b:  # the short last block
+            parts.append(x[:, :, nf * b:].sum(2, keepdim=True))
+        sums = torch.cat(parts, 2)
         counts = torch.full((nb,), float(b), device=x.device)
         counts[-1] = L - (nb - 1) * b
-        return x.view(x.shape[0], x.shape[1], nb, b, x.shape[-1]).sum(3) / counts[:, None]
+        return sums / counts[:, None]
 
     qp, kp = pool(q, M), pool(k, N)  # [B, Hq, nq, D], [B, Hkv, nk, D]
     g = Hq // Hkv
@@ -180,6 +199,7 @@ def route(lowered: Lowered, q: torch.Tensor, k: torch.Tensor, M: int, N: int, H:
         kk, b = int(env(site.node.k)), int(env(site.node.block))
         if kk < 0 or b < 1:
             raise ValueError(f"topk(k={kk}, block={b}): expected k >= 0 and block >= 1")
+        require_tables(q.shape[0], H, -(-M // b), -(-N // b), f"topk's block scores (block {b}) at M = {M}, N = {N}")
         elig = eligible_blocks(lowered, site, b, M, N, H, grid, batches)
         tables[site.input] = select(pooled_scores(q, k, b), elig, kk)
     return tables
@@ -213,6 +233,7 @@ def synthetic_inputs(pattern, M: int, N: int, H: int, grid, density: float | Non
                              f"expected {spec.name}=table or a density; try routed_density=0.1 (--routed-density 0.1)")
         b = value(spec.block)
         nq, nk = -(-M // b), -(-N // b)
+        require_tables(1, H, nq, nk, f"a random block table for '{spec.name}' (block {b}) at M = {M}, N = {N}")
         k = max(1, math.ceil(density * nk))
         inputs[spec.name] = torch.rand(H, nq, nk, generator=g).topk(k, dim=-1).indices
     if not has_topk(pattern.ir):

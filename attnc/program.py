@@ -19,6 +19,7 @@ import networkx as nx
 from . import ir, syntax as ast
 from .elaborate import Elaborator, ModuleScope
 from .errors import AttnError, Collector, Span, error, source_lines
+from .limits import require
 
 # torch (and the analysis / reference modules built on it) are imported where they are
 # used, so `attnc check` and `attnc list` load and bind patterns without importing torch
@@ -472,7 +473,9 @@ class BoundPattern:
         Returns bool ``[H, M, N]`` (``[B, H, M, N]`` when run-time inputs are
         batched), True where query ``q`` may attend key ``k``. ``N`` defaults
         to ``M`` (or to the grid's token count); ``heads`` to 1. Meant for
-        checking and small sizes: memory is O(H * M * N).
+        checking and small sizes: memory is O(H * M * N), estimated first; past
+        the memory limit ($ATTNC_MAX_BYTES, default half of physical memory) a
+        `limits.MemoryLimitError` (a ValueError) says so before allocating.
 
         >>> attnc.loads("pattern p = sliding(2)").pattern().mask(4)[0].int()
         tensor([[1, 0, 0, 0],
@@ -482,10 +485,15 @@ class BoundPattern:
         """
         import torch
 
-        from .reference import evaluate
+        from .reference import evaluate, mask_bytes
 
         M, N, H, grid = self.resolve_sizes(M, N, heads, grid)
         batches, batched = self._inputs(M, N, H, inputs)
+        need = mask_bytes(M, N, H, len(self.layout.axes)) + (len(batches) * H * M * N if batched else 0)
+        sizes = f"{M}, {N}, heads={H}" + (f", grid={grid}" if grid is not None else "")
+        require(need, f"pat.mask({sizes}) of '{self.name}'" + (f" for {len(batches)} batch elements" if batched else ""),
+                "pat.plan(...) (full / partial / empty tiles, no dense mask), pat.check_rows(...) for empty rows, "
+                "or smaller M, N or heads")
         try:
             outs = [evaluate(self.ir, M, N, H, grid, b) for b in batches]
         except AttnError as err:
@@ -840,6 +848,10 @@ def cu_seqlens(offsets: torch.Tensor) -> CuSeqlens:
     return CuSeqlens(offsets)
 
 
+#: the largest tile side a plan accepts (tile tables hold sizes as int32)
+MAX_TILE = 1 << 30
+
+
 def _tile(block, layout: ir.Layout, M: int, N: int) -> tuple:
     """(bm, bn), or ((query tile shape), (key tile shape)) for N-D tiles on a grid."""
     if isinstance(block, int) and not isinstance(block, bool):
@@ -855,12 +867,16 @@ def _tile(block, layout: ir.Layout, M: int, N: int) -> tuple:
             raise ValueError(f"block: N-D tiles need a pattern on a pure grid, got one on {layout}; try 1-D tiles like (128, 128)")
         if M != N:
             raise ValueError(f"block: N-D tiles cover the whole grid: expected M = N, got M={M}, N={N}; try 1-D tiles")
-        if any(len(t) != d or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 1 for x in t) for t in shapes):
+        if any(len(t) != d or not all(isinstance(x, int) and not isinstance(x, bool) and 1 <= x <= MAX_TILE for x in t)
+               for t in shapes):
             raise ValueError(f"block: expected two tile shapes of {d} positive sizes (one per axis of {layout}), "
                              f"got {block!r}; try {tuple((8,) * d for _ in range(2))}")
         return shapes
     if not all(isinstance(b, int) and not isinstance(b, bool) and b >= 1 for b in (bm, bn)):
         raise ValueError(f"block: expected positive tile sizes, got {block!r}")
+    if max(bm, bn) > MAX_TILE:
+        raise ValueError(f"block: expected tile sizes up to 2**30 = {MAX_TILE}, got {block!r}; "
+                         f"try a tile no larger than the sequence, e.g. ({min(bm, M, MAX_TILE)}, {min(bn, N, MAX_TILE)})")
     return bm, bn
 
 

@@ -24,6 +24,7 @@ import torch
 from . import ir
 from .constraints import violations
 from .errors import AttnError, SizeError, error
+from .limits import require
 from .syntax import MAX_INT
 
 MASK32 = 0xFFFFFFFF
@@ -582,10 +583,27 @@ def top_view(pattern: ir.PatternIR, M: int, N: int, heads: int, grid, inputs: di
     return view
 
 
+#: bytes of working memory per evaluated (query, key) pair besides the result: a few int64
+#: temporaries of `where` arithmetic and bool partial results alive at once
+WORK_BYTES_PER_PAIR = 24
+
+
+def mask_bytes(M: int, N: int, heads: int, naxes: int = 0) -> int:
+    """About the peak bytes of evaluating an [H, M, N] block of the mask (see [Note: memory limit]
+    in attnc/limits.py): the bool result, the working temporaries, the positions and coordinates."""
+    return heads * M * N + WORK_BYTES_PER_PAIR * M * N + 8 * (M + N) * (3 + 2 * naxes)
+
+
 def evaluate(pattern: ir.PatternIR, M: int, N: int, heads: int, grid, inputs: dict,
              rows: tuple[int, int] | None = None, keys: torch.Tensor | None = None,
              queries: torch.Tensor | None = None) -> torch.Tensor:
-    """bool [H, rows, N] (heads broadcast out); [H, len(queries), len(keys)] for subsets."""
+    """bool [H, rows, N] (heads broadcast out); [H, len(queries), len(keys)] for subsets.
+    Raises `limits.MemoryLimitError` (a ValueError) before allocating when the block
+    would need more memory than the limit."""
+    nq = len(queries) if queries is not None else (rows[1] - rows[0] if rows is not None else M)
+    nk = len(keys) if keys is not None else N
+    require(mask_bytes(nq, nk, heads, len(pattern.layout.axes)), f"evaluating {heads} x {nq} x {nk} mask entries of '{pattern.name}'",
+            "smaller sizes, or a tile plan (pat.plan, attnc simulate) instead of a dense mask")
     view = top_view(pattern, M, N, heads, grid, inputs, rows, keys, queries)
     out = Evaluator(pattern).eval(pattern.body, view)
     return out.expand(heads, -1, -1)

@@ -13,6 +13,9 @@ from dataclasses import dataclass
 
 import torch
 
+from .limits import require
+from .reference import WORK_BYTES_PER_PAIR
+
 #: elements of mask evaluated per chunk (bounds peak memory at large sizes)
 CHUNK_ELEMENTS = 1 << 24
 
@@ -38,15 +41,28 @@ class TileStats:
         return float(c.sum()) / (c.shape[0] * self.M * self.N)
 
 
+def stats_bytes(M: int, N: int, H: int, block: tuple[int, int]) -> int:
+    """About the peak bytes of `tile_stats` (see [Note: memory limit] in attnc/limits.py): per-tile
+    counts, sizes and states (and the pictures made from them), per-row counts, one chunk of mask rows
+    as int64 and its per-tile sums."""
+    bm, bn = block
+    nqb, nkb = -(-M // bm), -(-N // bn)
+    rows = min(M, max(bm, (CHUNK_ELEMENTS // max(1, H * N)) // bm * bm))
+    return (8 * H + 8 * 4) * nqb * nkb + 16 * H * M + rows * N * (9 * H + WORK_BYTES_PER_PAIR) + 8 * H * rows * nkb
+
+
 def tile_stats(mask_rows, M: int, N: int, H: int, block: tuple[int, int]) -> tuple[TileStats, torch.Tensor]:
     """Per-tile counts and, per head, the number of allowed keys of every query row.
 
     `mask_rows(lo, hi)` returns the bool mask rows lo..hi as [H, hi - lo, N]."""
     bm, bn = block
     nqb, nkb = -(-M // bm), -(-N // bn)
+    rows_per_chunk = max(bm, (CHUNK_ELEMENTS // max(1, H * N)) // bm * bm)
+    require(stats_bytes(M, N, H, block), f"counting the {H} x {nqb} x {nkb} tiles of {bm}x{bn} at M = {M}, N = {N}",
+            "a larger tile (attnc show --block 1024), smaller sizes, or `attnc simulate`, which counts tiles from the "
+            "plan without evaluating every pair")
     counts = torch.zeros(H, nqb, nkb, dtype=torch.int64)
     row_counts = torch.zeros(H, M, dtype=torch.int64)
-    rows_per_chunk = max(bm, (CHUNK_ELEMENTS // max(1, H * N)) // bm * bm)
     kb = torch.arange(N) // bn
     for lo in range(0, M, rows_per_chunk):
         hi = min(M, lo + rows_per_chunk)

@@ -52,6 +52,17 @@ class NoFormula(ValueError):
 MAX_COMPARISONS = 3000
 
 
+def _poly(v, gen, what: str) -> sympy.Poly:
+    """`v` as a polynomial in `gen`; NoFormula when it is not one (min / max / `//` of N:
+    sympy raises PolynomialError for those, which used to escape as a traceback)."""
+    if not v.is_polynomial(gen):
+        raise NoFormula(f"{what} is not a polynomial in {gen} (min, max, // or % of it)")
+    try:
+        return sympy.Poly(v, gen)
+    except sympy.PolynomialError:
+        raise NoFormula(f"{what} is not a polynomial in {gen}") from None
+
+
 class Order:
     """Compares symbolic positions as they compare for the bound values and N large."""
 
@@ -59,12 +70,28 @@ class Order:
         self.values = values  # parameter symbol -> int (N stays symbolic)
         self.conditions: set = set()
         self.budget = budget
+        # memos: unions of many similar terms compare the same ends again and again
+        # (199 `causal` terms: 6000 sympy expansions, 1.3 s, before; the budget still counts every call)
+        self._keys: dict = {}
+        self._cmps: dict = {}
 
     def key(self, e) -> tuple:
+        try:
+            return self._keys[e]
+        except (KeyError, TypeError):
+            pass
+        k = self._key(e)
+        try:
+            self._keys[e] = k
+        except TypeError:  # unhashable: not memoised
+            pass
+        return k
+
+    def _key(self, e) -> tuple:
         v = sympy.expand(sympy.sympify(e).xreplace(self.values))
         if v.free_symbols - {ir.N}:
             raise NoFormula(f"cannot order {e}: depends on {', '.join(map(str, v.free_symbols - {ir.N}))}")
-        poly = sympy.Poly(v, ir.N)
+        poly = _poly(v, ir.N, f"position {e}")
         if poly.degree() > 1 or not all(c.is_Rational for c in poly.all_coeffs()):
             raise NoFormula(f"position {e} is not linear in N")
         c1 = sympy.Rational(poly.coeff_monomial(ir.N))
@@ -77,11 +104,18 @@ class Order:
         if self.budget < 0:
             raise NoFormula(f"too many terms for a closed form (more than {MAX_COMPARISONS} comparisons of "
                             "interval ends; unions of many terms grow exponentially)")
-        ka, kb = self.key(a), self.key(b)
-        r = (ka > kb) - (ka < kb)
-        diff = sympy.expand(sympy.sympify(a) - sympy.sympify(b))
-        if diff.free_symbols:
-            rel = {-1: sympy.Lt, 0: sympy.Eq, 1: sympy.Gt}[r](diff, 0)
+        try:
+            r, rel = self._cmps[(a, b)]
+        except (KeyError, TypeError):
+            ka, kb = self.key(a), self.key(b)
+            r = (ka > kb) - (ka < kb)
+            diff = sympy.expand(sympy.sympify(a) - sympy.sympify(b))
+            rel = {-1: sympy.Lt, 0: sympy.Eq, 1: sympy.Gt}[r](diff, 0) if diff.free_symbols else None
+            try:
+                self._cmps[(a, b)] = (r, rel)
+            except TypeError:
+                pass
+        if rel is not None:
             self.conditions.add(rel)
         return r
 
@@ -144,7 +178,7 @@ def extremum(f: PL, g: PL, order: Order, pick_max: bool) -> PL:
     for i, p in enumerate(pts):
         s, e = _ends(pts, i)
         a, b = _at(f, p, order), _at(g, p, order)
-        d = sympy.Poly(sympy.expand(a - b), Q)
+        d = _poly(sympy.expand(a - b), Q, "an interval end")
         slope = d.coeff_monomial(Q) if d.degree() >= 1 else 0
         if d.degree() > 1:
             raise NoFormula("a count that is not linear in q")
@@ -402,10 +436,25 @@ def _rel_text(c) -> str:
     return f"{c.lhs} {c.rel_op} {c.rhs}"
 
 
-@functools.lru_cache(maxsize=128)
 def formula(pattern: ir.PatternIR) -> Formula:
     """The exact count formula of a bound 1-D pattern (cached per pattern:
-    repeated calls do not re-derive it). Raises NoFormula with the reason."""
+    repeated calls do not re-derive it). Raises NoFormula with the reason
+    (cached too: `attnc show` and `simulate` ask more than once)."""
+    out = _formula_or_reason(pattern)
+    if isinstance(out, NoFormula):
+        raise NoFormula(*out.args)
+    return out
+
+
+@functools.lru_cache(maxsize=128)
+def _formula_or_reason(pattern: ir.PatternIR) -> "Formula | NoFormula":
+    try:
+        return _formula(pattern)
+    except NoFormula as exc:
+        return exc
+
+
+def _formula(pattern: ir.PatternIR) -> Formula:
     if pattern.layout.axes or pattern.layout.text is not None:
         raise NoFormula("grid layouts")
     if pattern.inputs:
@@ -451,8 +500,8 @@ def _simplify_conditions(conds, values) -> list:
             lower.setdefault(ir.N, set()).add(bound)
             continue
         coeff, rest = expr.as_coeff_Mul()
-        if coeff < 0:  # -w >= b  is  w <= -b: keep as an upper bound
-            eqs.append(sympy.Le(rest, sympy.expand(-bound / coeff)))
+        if coeff < 0:  # c * w >= b with c < 0 is w <= b / c: keep as an upper bound
+            eqs.append(sympy.Le(rest, sympy.expand(bound / coeff)))  # (was -b / c: `w <= 5` read `w <= -5`)
             continue
         key = rest
         b = sympy.ceiling(bound / coeff)
@@ -480,4 +529,6 @@ def _simplify_conditions(conds, values) -> list:
     ns = list(lower.get(ir.N, ()))
     keep = [b for b in ns if not any(o != b and at_least(o - b) for o in ns)]
     out += [sympy.Ge(ir.N, b) for b in keep]
-    return out
+    if any(c == sympy.false for c in out):  # sympy decided a relation: it must hold at the bound values
+        raise NoFormula("the derived conditions contradict each other")
+    return [c for c in dict.fromkeys(out) if c != sympy.true]  # each relation once

@@ -27,6 +27,7 @@ import torch
 
 from attnc import ir
 from attnc.errors import AttnError, error
+from attnc.limits import require
 from attnc.reference import Evaluator, _pick, _ravel, _unravel, random_table
 
 
@@ -953,6 +954,8 @@ def lower(pattern: ir.PatternIR, M: int, N: int | None = None, H: int = 1, grid=
     b = builder
     q = b.add(Var("q"), b.c(N - M))
     k = Var("k")
+    require(8 * M * (2 + 2 * len(layout.axes)), f"lowering '{pattern.name}' at M = {M}, N = {N} (per-query positions)",
+            "smaller sizes: the kernels are generated for concrete sizes")
     qpos = torch.arange(N - M, N, dtype=torch.int64)
     view = PView(q=q, k=k, env=env, qpos=qpos, top=True)
     if layout.axes:

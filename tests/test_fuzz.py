@@ -16,10 +16,8 @@ fresh randomness. The counts are printed at the end of the module.
 from __future__ import annotations
 
 import collections
-import contextlib
 import os
 import re
-import signal
 
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
@@ -28,6 +26,7 @@ import attnc
 from attnc.errors import AttnError
 from conftest import EXAMPLES
 from counts import print_line
+from hostile import Hang, watchdog  # noqa: F401  (one watchdog for the fuzz and hostile suites)
 
 LONG = bool(os.environ.get("ATTNC_LONG"))
 FILE = "fuzz.attn"
@@ -61,28 +60,6 @@ def _report_counts(request, tmp_path_factory):
 
 
 # ----------------------------------------------------------------------------- the oracle
-
-
-class Hang(Exception):
-    pass
-
-
-@contextlib.contextmanager
-def watchdog(seconds: int):
-    if not hasattr(signal, "SIGALRM"):
-        yield
-        return
-
-    def alarm(signum, frame):
-        raise Hang(f"still running after {seconds} s")
-
-    old = signal.signal(signal.SIGALRM, alarm)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, old)
 
 
 def check_located(err: AttnError, sources: dict[str, str]) -> None:
