@@ -1012,6 +1012,11 @@ def _evaluated_counts(pattern, M, N, H, grid, queries, keys, key_tile, ncols) ->
     """The exact mask of `queries` x `keys` (query / key indices), reduced: allowed pairs per
     (head, tile) int64 [1 or H, ncols] (`key_tile`: each key's tile, 0 .. ncols - 1) and per
     (head, query) [1 or H, len(queries)]. The head dimension is 1 when the mask ignores heads."""
+    from .reference import mask_bytes
+    nq, nk = len(queries), len(keys)
+    require(mask_bytes(nq, nk, H, len(pattern.layout.axes)), f"evaluating {H} x {nq} x {nk} mask entries of "
+            f"'{pattern.name}' (the partial tiles of one query tile)",
+            "smaller tiles (block=) or smaller sizes")
     view = top_view(pattern, M, N, H, grid, {}, keys=keys, queries=queries)
     m = Evaluator(pattern).eval(pattern.body, view).contiguous().numpy().view(np.uint8)  # [1 or H, r, K]
     # numpy's uint8 sums: ~20x faster than torch's bool reductions on one thread (r, K < 2**31)
