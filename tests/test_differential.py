@@ -537,7 +537,6 @@ def test_a_wrong_plan_is_caught_and_shrunk(monkeypatch, _uncounted):
                              full_t=plan.full_t, partial_t=plan.partial_t, allowed=plan.allowed, method=plan.method)
 
     monkeypatch.setattr(analysis, "plan_blocks", broken)
-    monkeypatch.setattr(attnc.program, "plan_blocks", broken)  # program imports it by name
 
     def has_full_tiles(c):
         return int(real(_bind(c).ir, c.M, c.N, c.H, c.grid, block=c.block).full.counts.sum()) > 0
