@@ -599,9 +599,7 @@ def _classify_from_intervals(s: ISet, M: int, bm: int, bn: int, qrel: torch.Tens
 
     cover = accumulate(c_lo, c_hi)
     touch = accumulate(t_lo, t_hi)
-    rows = torch.full((nq,), bm, dtype=torch.int32)
-    rows[-1] = M - bm * (nq - 1)
-    return cover == rows.view(1, nq, 1), touch > 0
+    return cover == tile_lengths(M, bm).view(1, nq, 1), touch > 0
 
 
 def _expand(lo: np.ndarray, hi: np.ndarray, nk: int) -> np.ndarray:
@@ -1025,6 +1023,12 @@ def _evaluated_counts(pattern, M, N, H, grid, queries, keys, key_tile, ncols) ->
     return per_tile, torch.from_numpy(m.sum(2, dtype=np.int32)).to(torch.int64)
 
 
+def tile_lengths(length: int, b: int) -> torch.Tensor:
+    """int64 [ceil(length / b)]: the tokens of every 1-D tile of b tokens (the last may be short)."""
+    t = torch.arange(-(-length // b))
+    return torch.clamp((t + 1) * b, max=length) - t * b
+
+
 def _uniform(length: int, b: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Identity order and offsets of 1-D tiles of b tokens."""
     off = torch.clamp(torch.arange(-(-length // b) + 1) * b, max=length)
@@ -1093,8 +1097,7 @@ class ProductCounts:
         self.G = math.prod(self.sizes)
         self.T = N - self.G
         self.nq, self.nk = -(-M // bm), -(-N // bn)
-        self.qsize = torch.clamp((torch.arange(self.nq) + 1) * bm, max=M) - torch.arange(self.nq) * bm
-        self.ksize = torch.clamp((torch.arange(self.nk) + 1) * bn, max=N) - torch.arange(self.nk) * bn
+        self.qsize, self.ksize = tile_lengths(M, bm), tile_lengths(N, bn)
         self.qseg = self._segments(M, bm)
         self.kseg = self._segments(N, bn)
 
@@ -1361,8 +1364,7 @@ def tile_counts(pattern: ir.PatternIR, M: int, N: int, heads: int, grid, block: 
         plan = _plan_blocks(pattern, M, N, heads, grid, block)
         bm, bn = block
         nq, nk = plan.shape
-        qsz = torch.clamp((torch.arange(nq) + 1) * bm, max=M) - torch.arange(nq) * bm
-        ksz = torch.clamp((torch.arange(nk) + 1) * bn, max=N) - torch.arange(nk) * bn
+        qsz, ksz = tile_lengths(M, bm), tile_lengths(N, bn)
         state = plan.to_dense()
         if isinstance(pattern.body, (*ir.AXISWISE, ir.Along)) and pattern.layout.axes and M == N:
             try:

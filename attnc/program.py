@@ -485,7 +485,7 @@ class BoundPattern:
         """
         import torch
 
-        from .reference import evaluate, mask_bytes
+        from .reference import mask_bytes
 
         M, N, H, grid = self.resolve_sizes(M, N, heads, grid)
         batches, batched = self._inputs(M, N, H, inputs)
@@ -494,30 +494,26 @@ class BoundPattern:
         require(need, f"pat.mask({sizes}) of '{self.name}'" + (f" for {len(batches)} batch elements" if batched else ""),
                 "pat.plan(...) (full / partial / empty tiles, no dense mask), pat.check_rows(...) for empty rows, "
                 "or smaller M, N or heads")
-        try:
-            outs = [evaluate(self.ir, M, N, H, grid, b) for b in batches]
-        except AttnError as err:
-            raise err.with_sources(self.program.sources) from None
+        outs = [self._evaluate(M, N, H, grid, b) for b in batches]
         return torch.stack(outs) if batched else outs[0]
 
     def mask_rows(self, M: int, N: int, H: int, grid, lo: int, hi: int, inputs: dict | None = None) -> torch.Tensor:
         """Rows lo..hi of the mask (sizes already validated): bool [H, hi - lo, N]."""
-        from .reference import evaluate
-
-        try:
-            return evaluate(self.ir, M, N, H, grid, inputs or {}, rows=(lo, hi))
-        except AttnError as err:
-            raise err.with_sources(self.program.sources) from None
+        return self._evaluate(M, N, H, grid, inputs or {}, rows=(lo, hi))
 
     def mask_window(self, M: int, N: int, H: int, grid, rows: tuple[int, int], keys: tuple[int, int]) -> torch.Tensor:
         """The mask of query rows `rows` and key columns `keys` (half-open, sizes already
         validated): bool [H, rows, keys], evaluated only there."""
         import torch
 
+        return self._evaluate(M, N, H, grid, {}, rows=rows, keys=torch.arange(*keys))
+
+    def _evaluate(self, M: int, N: int, H: int, grid, inputs: dict, rows=None, keys=None) -> torch.Tensor:
+        """reference.evaluate of this pattern, its diagnostics pointing into this program's sources."""
         from .reference import evaluate
 
         try:
-            return evaluate(self.ir, M, N, H, grid, {}, rows=rows, keys=torch.arange(*keys))
+            return evaluate(self.ir, M, N, H, grid, inputs, rows=rows, keys=keys)
         except AttnError as err:
             raise err.with_sources(self.program.sources) from None
 

@@ -71,11 +71,14 @@ def tile_stats(mask_rows, M: int, N: int, H: int, block: tuple[int, int]) -> tup
         qb = torch.arange(lo, hi) // bm
         per_k = torch.zeros(H, hi - lo, nkb, dtype=torch.int64).index_add_(2, kb, m)
         counts.index_add_(1, qb, per_k)
-    qsz = torch.full((nqb,), bm, dtype=torch.int64)
-    qsz[-1] = M - bm * (nqb - 1)
-    ksz = torch.full((nkb,), bn, dtype=torch.int64)
-    ksz[-1] = N - bn * (nkb - 1)
-    return TileStats(counts, qsz[:, None] * ksz[None, :], M, N, block), row_counts
+    return TileStats(counts, tile_sizes(M, N, block), M, N, block), row_counts
+
+
+def tile_sizes(M: int, N: int, block: tuple[int, int]) -> torch.Tensor:
+    """int64 [nqb, nkb]: the number of pairs of every tile (edge tiles are short)."""
+    from .analysis import tile_lengths
+
+    return tile_lengths(M, block[0])[:, None] * tile_lengths(N, block[1])[None, :]
 
 
 def plan_tile_stats(pat, M: int, N: int, H: int, grid, block: tuple[int, int]) -> tuple[TileStats, torch.Tensor]:
@@ -88,10 +91,7 @@ def plan_tile_stats(pat, M: int, N: int, H: int, grid, block: tuple[int, int]) -
         _, counts, rows = tile_counts(pat.ir, M, N, H, grid, block)
     except AttnError as err:
         raise err.with_sources(pat.program.sources) from None
-    bm, bn = block
-    qsz = torch.clamp((torch.arange(counts.shape[1]) + 1) * bm, max=M) - torch.arange(counts.shape[1]) * bm
-    ksz = torch.clamp((torch.arange(counts.shape[2]) + 1) * bn, max=N) - torch.arange(counts.shape[2]) * bn
-    return TileStats(counts.expand(H, -1, -1), qsz[:, None] * ksz[None, :], M, N, block), rows.expand(H, -1)
+    return TileStats(counts.expand(H, -1, -1), tile_sizes(M, N, block), M, N, block), rows.expand(H, -1)
 
 
 def head_groups(stats: TileStats, row_counts: torch.Tensor) -> list[list[int]]:

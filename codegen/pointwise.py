@@ -80,17 +80,11 @@ def input_table_name(source: str) -> str:
     [Note: table names] Table names become Triton argument names (`tbl_<name>`),
     so they are identifiers; they live in two disjoint namespaces. A run-time
     input's table is ``in_`` plus the user's name; tables the lowering makes
-    itself (random bits) never start with ``in_`` (`_internal_table_name`). So
+    itself are ``random<i>`` (random bits) and never start with ``in_``. So
     no user name -- ``random0`` included -- can select, replace or alias an
     internal table.
     """
     return f"in_{source}"
-
-
-def _internal_table_name(kind: str, index: int) -> str:
-    name = f"{kind}{index}"
-    assert not name.startswith("in_"), name  # [Note: table names]
-    return name
 
 
 @dataclass(frozen=True)
@@ -708,7 +702,7 @@ class _Lower(Evaluator):
         key = (n, r, seed, lo, hi)
         name = self._random.get(key)
         if name is None:
-            name = _internal_table_name("random", len(self._random))
+            name = f"random{len(self._random)}"  # internal: never `in_...` ([Note: table names])
             self._random[key] = name
             rows = torch.arange(lo, hi + 1, dtype=torch.int64)
             table = random_table(rows, n, r, seed)

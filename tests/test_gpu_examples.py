@@ -25,7 +25,7 @@ from attnc.codegen import cache
 from conftest import example_names, example_pattern
 from kernel_check import cache_root, check, private_cache  # noqa: F401 (fixtures)
 
-pytest.importorskip("triton")
+import triton  # noqa: E402,F401  (a core test dependency: conftest stops the run without it)
 
 ON_CPU = os.environ.get("ATTNC_GPU_TESTS_ON_CPU") == "1"
 DEVICE = "cpu" if ON_CPU else "cuda"
