@@ -33,6 +33,7 @@ from typing import Callable
 import torch
 
 import attnc
+from attnc.codegen.kernels import KernelConfig
 
 
 @dataclass(frozen=True)
@@ -337,7 +338,7 @@ def run_case(case: Case, args, device: torch.device, dtype: torch.dtype, deadlin
     if args.attnc_configs:  # the default config, set again before its calls (the others swap it)
         methods["attnc"] = _with_config(pat, case, inputs, None)  # None: the target's default
     for spec in args.attnc_configs or ():  # the same op with other kernel configs (tiles, warps, stages)
-        methods[f"attnc@{spec}"] = _with_config(pat, case, inputs, parse_config(spec))
+        methods[f"attnc@{spec}"] = _with_config(pat, case, inputs, KernelConfig.parse(spec))
     native_bm = attnc_bm = None
     if not args.no_flex:
         try:
@@ -427,17 +428,6 @@ def run_case(case: Case, args, device: torch.device, dtype: torch.dtype, deadlin
                 row[f"{name}_{mode}_error"] = f"{type(exc).__name__}: {exc}"[:300]
     _ratios(row, rep)
     return row
-
-
-def parse_config(spec: str):
-    """'128x64w8s3' -> KernelConfig(block_m=128, block_n=64, num_warps=8, num_stages=3)."""
-    import re
-    from attnc.codegen.kernels import KernelConfig
-    m = re.fullmatch(r"(\d+)x(\d+)w(\d+)s(\d+)", spec)
-    if not m:
-        raise ValueError(f"--attnc-configs: expected BMxBNwWARPSsSTAGES like 128x64w8s3, got {spec!r}")
-    bm, bn, w, st = map(int, m.groups())
-    return KernelConfig(block_m=bm, block_n=bn, num_warps=w, num_stages=st)
 
 
 def _with_config(pat, case: Case, inputs: dict, config):

@@ -20,6 +20,7 @@ lists are the Plan's `TileList`s: counts [Hx, rows] and indices
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, replace
 from string import Template
 
@@ -67,6 +68,16 @@ class KernelConfig:
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"KernelConfig.{name}: expected a positive integer, got {v!r}")
 
+    @classmethod
+    def parse(cls, spec: str) -> "KernelConfig":
+        """'128x64w8s3' -> KernelConfig(block_m=128, block_n=64, num_warps=8, num_stages=3): the
+        spelling of the config tables, `scripts/aot_all.py --configs` and `benchmarks/gpu.py`."""
+        m = re.fullmatch(r"(\d+)x(\d+)w(\d+)s(\d+)", spec.strip()) if isinstance(spec, str) else None
+        if not m:
+            raise ValueError(f"KernelConfig.parse: expected BMxBNwWARPSsSTAGES like 128x64w8s3, got {spec!r}")
+        bm, bn, warps, stages = map(int, m.groups())
+        return cls(block_m=bm, block_n=bn, num_warps=warps, num_stages=stages)
+
     @property
     def block(self) -> tuple[int, int]:
         return self.block_m, self.block_n
@@ -112,13 +123,7 @@ class TargetConfigs:
 
 def _configs(text: str) -> tuple:
     """'128x64w8s3 64x64w4s2' -> (KernelConfig(128, 64, 8, 3), KernelConfig(64, 64, 4, 2))."""
-    out = []
-    for part in text.split():
-        tiles, _, rest = part.partition("w")
-        warps, _, stages = rest.partition("s")
-        bm, bn = tiles.split("x")
-        out.append(KernelConfig(block_m=int(bm), block_n=int(bn), num_warps=int(warps), num_stages=int(stages)))
-    return tuple(out)
+    return tuple(KernelConfig.parse(part) for part in text.split())
 
 
 # [Note: configs per target] Measured by compiling ahead of time (codegen/aot.py; docs/codegen.md

@@ -42,12 +42,10 @@ CANDIDATE_PATTERNS = "streaming_llm,bigbird,biformer"
 
 def parse_config(text: str) -> KernelConfig:
     """`128x64w8s3` -> KernelConfig(block_m=128, block_n=64, num_warps=8, num_stages=3)."""
-    import re
-    m = re.fullmatch(r"(\d+)x(\d+)w(\d+)s(\d+)", text.strip())
-    if not m:
-        raise SystemExit(f"--configs: expected configs like 128x64w8s3, got {text!r}")
-    bm, bn, w, st = map(int, m.groups())
-    return KernelConfig(block_m=bm, block_n=bn, num_warps=w, num_stages=st)
+    try:
+        return KernelConfig.parse(text)
+    except ValueError as exc:
+        raise SystemExit(f"--configs: {exc}") from None
 
 
 def jobs_for(mode: str, args) -> list:

@@ -326,6 +326,12 @@ def test_kernel_config_validates_and_autotune_set_is_small():
     with pytest.raises(ValueError, match="positive integer"):
         KernelConfig(num_warps=0)
     assert 1 <= len(AUTOTUNE_CONFIGS) <= 8
+    assert KernelConfig.parse("128x64w8s3") == KernelConfig(block_m=128, block_n=64, num_warps=8, num_stages=3)
+    for bad in ("128x64", "128x64 w8 s3", "w8s3", 128):
+        with pytest.raises(ValueError, match="expected BMxBNwWARPSsSTAGES like 128x64w8s3"):
+            KernelConfig.parse(bad)
+    with pytest.raises(ValueError, match="power of two"):
+        KernelConfig.parse("96x64w4s2")
 
 
 # ----------------------------------------------------------------------------- attnc compile
