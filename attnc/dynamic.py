@@ -74,8 +74,6 @@ def transform(node: ir.Mask, fn) -> ir.Mask:
     return new if out is None else out
 
 
-has_topk = ir.has_topk
-
 
 def lower_topk(p: ir.PatternIR) -> Lowered:
     """Replace every `topk` by `routed` over a fresh `blocks(b)` input (in source order)."""
@@ -236,7 +234,7 @@ def synthetic_inputs(pattern, M: int, N: int, H: int, grid, density: float | Non
         require_tables(1, H, nq, nk, f"a random block table for '{spec.name}' (block {b}) at M = {M}, N = {N}")
         k = max(1, math.ceil(density * nk))
         inputs[spec.name] = torch.rand(H, nq, nk, generator=g).topk(k, dim=-1).indices
-    if not has_topk(pattern.ir):
+    if not pattern._has_topk():  # computed when the pattern was bound
         return pattern, inputs
     lowered = pattern._lowered()
     batches, _ = pattern._inputs(M, N, H, inputs)

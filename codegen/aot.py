@@ -105,8 +105,8 @@ class Job:
     `file` / `pattern` / `params` locate and bind the pattern (a worker process
     loads it again); `config` is a `KernelConfig` or None (the runtime's choice
     for the target, head dim and dtype: kernels.configs_for). `passes` is
-    "fwd", "bwd" or "both"; `bwd_config` forces the backward's config (None:
-    what the runtime would launch after a forward with `config`)."""
+    "fwd", "bwd" or "both"; the backward runs with the config the runtime
+    would launch after a forward with `config` (TritonBackend.backward_config)."""
 
     file: str
     pattern: str | None = None
