@@ -13,11 +13,11 @@ from .errors import AttnError, Diagnostic, SizeError, Span
 
 __version__ = "0.1.0"
 
-__all__ = ["AttnError", "SizeError", "BoundPattern", "CuSeqlens", "cu_seqlens", "nn", "Diagnostic", "PatternInfo", "Program", "Span", "load", "loads", "__version__"]
+__all__ = ["AttnError", "SizeError", "BoundPattern", "CuSeqlens", "cu_seqlens", "nn", "Diagnostic", "PatternInfo", "Program", "Span", "load", "loads", "set_cache_limit", "__version__"]
 
 #: names imported on first use (PEP 562), so `attnc --help` and `attnc check` start without
 #: importing torch (program.py loads sympy and networkx; torch comes with the first mask or plan)
-_LAZY = {"BoundPattern": "program", "CuSeqlens": "program", "PatternInfo": "program", "Program": "program",
+_LAZY = {"set_cache_limit": "lru", "BoundPattern": "program", "CuSeqlens": "program", "PatternInfo": "program", "Program": "program",
          "cu_seqlens": "program", "load": "program", "loads": "program"}
 
 

@@ -137,14 +137,18 @@ def build_parser() -> argparse.ArgumentParser:
     cp.add_argument("file", metavar="FILE")
     cp.add_argument("-p", "--pattern", help="pattern name (optional when the file has one)")
     cp.add_argument("--set", action="append", metavar="K=V", help="bind a parameter")
-    size = cp.add_mutually_exclusive_group(required=True)
-    size.add_argument("--seq-len", type=int, metavar="N", help="sequence length (M = N)")
-    size.add_argument("--grid", metavar="AxB", help="grid sizes, e.g. 64x64")
+    size = cp.add_mutually_exclusive_group(required=False)
+    size.add_argument("--seq-len", type=int, metavar="N",
+                      help="write the kernels as generated at this length (M = N) with its plan; without "
+                           "--seq-len / --grid: length-generic kernels for every probed size class")
+    size.add_argument("--grid", metavar="AxB", help="grid sizes, e.g. 64x64 (as --seq-len, for patterns on a grid)")
     cp.add_argument("--heads", type=int, default=None, metavar="H")
     cp.add_argument("--tile", default=None, metavar="BMxBN",
                     help="kernel tile (powers of two >= 16; default 64x64, or with --target the target's default), "
                          "or N-D tiles on a grid like 8x8/8x4")
     cp.add_argument("-o", "--out", required=True, metavar="DIR", help="output directory (created if missing)")
+    ca = sub.add_parser("cache", help="the generated-kernel cache: 'info' (where, how big, limits) or 'clear'")
+    ca.add_argument("action", choices=("info", "clear"))
     for verb in (c, ls, s, sim, cp):
         verb.add_argument("-I", "--include", action="append", default=[], metavar="DIR",
                           help="also resolve imports in DIR (repeatable; before $ATTNC_PATH); imports read .attn "
@@ -353,6 +357,8 @@ def cmd_compile(args, out, err) -> int:
     targets = _aot_targets(args)
     sets = parse_sets(args.set)
     pat = load(args.file, search_path=args.include).pattern(args.pattern, **sets)
+    if args.seq_len is None and args.grid is None:
+        return _compile_generic(args, pat, sets, chosen, targets, out, err)
     M, N, H, grid = _sizes(pat, args.seq_len, parse_grid(args.grid), args.heads)
     compiled = compile_pattern(pat, M, N, heads=H, grid=grid, config=chosen or KernelConfig())
     meta = compiled.metadata()
@@ -387,6 +393,109 @@ def cmd_compile(args, out, err) -> int:
     print(f"wrote {d / (stem + '.py')} and {d / (stem + '.json')}", file=out)
     print(f"plan: {'per call, from the run-time inputs' if plan is None else plan.to_string().splitlines()[0]}", file=out)
     return status
+
+
+def _compile_generic(args, pat, sets, chosen, targets, out, err) -> int:
+    """`attnc compile FILE -o DIR` without sizes: the kernels take M, N (and the grid axis
+    lengths) at run time; the texts of the probed sizes are grouped into size classes
+    (codegen/generic.py) and each class is written once: NAME.py serves the largest sizes,
+    NAME_class<i>.py the others; NAME.json lists which sizes each file serves."""
+    import json
+    from pathlib import Path
+
+    from .codegen.generic import size_classes, sizes_text
+    from .codegen.kernels import KernelConfig
+
+    config = chosen or KernelConfig()
+    if config.tile is not None:
+        raise UsageError("--tile with N-D tiles: those kernels are specialised to a grid; add --grid AxB")
+    classes, skipped = size_classes(pat, config, heads=args.heads)
+    if not classes:
+        why = "; ".join(f"{sizes_text([s])}: {m}" for s, m in skipped[:3])
+        raise UsageError(f"attnc compile: no probed size is valid for pattern '{pat.name}' ({why}); "
+                         f"try --seq-len N or --grid AxB")
+    d = Path(args.out)
+    names = [f"{pat.name}.py"] + [f"{pat.name}_class{i}.py" for i in range(1, len(classes))]
+    meta = {"pattern": pat.name, "ir": pat.text(), "generic": True, "config": config.key(),
+            "size_arguments": ["M", "N"] + [f"G{i}" for i in range(len(pat.layout.axes))],
+            "classes": [{"file": n, "probed_sizes": [list(s) if isinstance(s, tuple) else s for s in c.sizes]}
+                        for n, c in zip(names, classes)],
+            "skipped": [{"size": list(s) if isinstance(s, tuple) else s, "reason": m} for s, m in skipped]}
+    status = 0
+    if targets:
+        from .codegen import aot
+
+        jobs = []
+        for t in targets:
+            for c in classes:  # each class compiled at its largest probed size
+                big = c.sizes[0]
+                size = dict(grid=big) if isinstance(big, tuple) else dict(M=big)
+                jobs.append(aot.Job(str(args.file), pat.name, tuple(sets.items()), heads=args.heads, config=chosen,
+                                    dtype=args.dtype, D=args.head_dim, target=t, label=pat.name, **size))
+        try:
+            reports = aot.compile_jobs(jobs, processes=args.processes)
+        except aot.AOTError as exc:
+            print(f"attnc compile: {exc}", file=err)
+            return 1
+        meta["aot"] = [r.to_dict() for r in reports]
+        print(aot.table(reports), file=out)
+        bad = [r for r in reports if not r.fits]
+        if bad:
+            print(f"attnc compile: {len(bad)} of {len(reports)} targets have kernels that do not fit (see 'fits'); "
+                  f"try a smaller --tile, or --head-dim / --dtype as the model uses them", file=err)
+            status = 1
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+        for n, c in zip(names, classes):
+            (d / n).write_text(c.source)
+        (d / f"{pat.name}.json").write_text(json.dumps(meta, indent=1) + "\n")
+    except OSError as exc:
+        print(f"attnc compile: cannot write to {args.out!r}: {exc.strerror or exc}", file=err)
+        return 1
+    kind = "grids" if pat.layout.axes else "lengths"
+    print(f"wrote {', '.join(str(d / n) for n in names)} and {d / (pat.name + '.json')}", file=out)
+    print(f"length-generic kernels (M, N{', grid axes' if pat.layout.axes else ''} are run-time arguments): "
+          f"{len(classes)} size class{'es' if len(classes) != 1 else ''} over the probed {kind}", file=out)
+    for n, c in zip(names, classes):
+        print(f"  {n}: {sizes_text(c.sizes)}", file=out)
+    if skipped:
+        print(f"  not valid for this pattern: {sizes_text([s for s, _ in skipped])}", file=out)
+    return status
+
+
+def cmd_cache(args, out, err) -> int:
+    """`attnc cache info`: the disk cache's folder, entries, size and bound, and the in-memory
+    caches' limits ([Note: cache limits] in attnc/lru.py); `attnc cache clear`: remove every entry."""
+    from .codegen import cache
+    from .lru import caches
+
+    try:
+        bound = cache.max_bytes()
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    if args.action == "clear":
+        n = cache.clear()
+        print(f"removed {n} cached kernel module{'s' if n != 1 else ''} from {cache.cache_dir()}", file=out)
+        return 0
+    items = cache.entries()
+    size = sum(b for _, b, _ in items)
+    print(f"disk cache: {cache.cache_dir()} ($ATTNC_CACHE_DIR)", file=out)
+    print(f"  {len(items)} kernel modules, {size / (1 << 20):.2f} MiB of at most {bound / (1 << 20):.0f} MiB "
+          f"($ATTNC_CACHE_MAX_MB; the oldest entries go first)", file=out)
+    import attnc.runtime.flex  # noqa: F401  (creates the in-memory caches, to list their limits)
+    import attnc.runtime.torch_backend  # noqa: F401
+    try:
+        import attnc.runtime.triton_backend  # noqa: F401
+    except ImportError:
+        pass
+    print("in-memory caches (per process; limit: set_limit(name, n), $ATTNC_CACHE_<NAME> or $ATTNC_CACHE_ENTRIES):",
+          file=out)
+    try:
+        for c in caches():
+            print(f"  {c['name']:<16} at most {c['limit']:>4} entries: {c['what']}", file=out)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    return 0
 
 
 def _aot_targets(args) -> list[str]:
@@ -450,7 +559,8 @@ def main(argv: list[str] | None = None, out=None, err=None) -> int:
         if args.verb is None:
             print(parser.format_help(), file=err)
             return 2
-        verbs = {"check": cmd_check, "list": cmd_list, "show": cmd_show, "simulate": cmd_simulate, "compile": cmd_compile}
+        verbs = {"check": cmd_check, "list": cmd_list, "show": cmd_show, "simulate": cmd_simulate, "compile": cmd_compile,
+                 "cache": cmd_cache}
         return verbs[args.verb](args, out, err)
     except UsageError as exc:
         print(str(exc), file=err)

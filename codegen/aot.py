@@ -353,10 +353,8 @@ def run_job(job: Job, driver: _StandInDriver) -> JobReport:
     real_kernels = be.kernels
 
     def recording_kernels(call_, device, config_=None):
-        ks = real_kernels(call_, device, config_)
-        if not isinstance(ks.module, _Recorder):
-            ks.module = _Recorder(ks.module, sink)
-        return ks
+        # a wrapper: the kernel set itself stays in the runtime's cache, shared with later jobs
+        return _RecordedSet(real_kernels(call_, device, config_), sink)
 
     be.kernels = recording_kernels
     configs = {}
@@ -667,8 +665,83 @@ def table(reports: list[JobReport], markdown: bool = False) -> str:
     return "\n".join([fmt.format(*head)] + [fmt.format(*r) for r in rows])
 
 
+# -- compilations across sizes (issue 16: compile once) ---------------------------------------------
+
+def count_main() -> int:
+    """`python -m attnc.codegen.aot count`: a JSON list of jobs on stdin (one pattern at several
+    sizes, one target); launches each job's forward and backward through the runtime like
+    `run_job`, in one process, and prints {kernel name: distinct compiled binaries} as JSON.
+    With kernels generic in the sizes, every kernel compiles once (Triton's own cache hits)."""
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        print("attnc.codegen.aot count: expected TRITON_INTERPRET unset, got 1", file=sys.stderr)
+        return 2
+    import torch
+    from triton.runtime import driver as triton_driver
+
+    from attnc.runtime.triton_backend import TritonBackend
+
+    stand_in = _StandInDriver()
+    triton_driver.set_active(stand_in)
+    jobs = [_job_from_json(json.dumps(j)) for j in json.loads(sys.stdin.read())]
+    seen: dict[str, set] = {}
+    modules: set = set()
+    for job in jobs:
+        job.check()
+        cap, _ = parse_target(job.target)
+        stand_in.set_target(cap)
+        dtype = torch_dtype(job.dtype)
+        call, q, k, v = _synthetic_call(job, _bind(job), dtype)
+        be = TritonBackend(job.config, capability=cap)
+        config = be.call_config(call, q)
+        sink: list = []
+        real = be.kernels
+
+        def recording(call_, device, config_=None, real=real, sink=sink):
+            ks = real(call_, device, config_)
+            modules.add(ks.key)
+            return _RecordedSet(ks, sink)
+
+        be.kernels = recording
+        be.forward(call, q, k, v)
+        out = torch.empty(1, call.Hq, call.M, call.Dv, dtype=dtype)
+        lse = torch.zeros(1, call.Hq, call.M, dtype=torch.float32)
+        be._backward_with(call, be.backward_config(call, config, q), q, k, v, out, lse, out, None)
+        for name, compiled, _, _ in sink:
+            seen.setdefault(name, set()).add(id(compiled))
+    print(json.dumps({"modules": len(modules), "kernels": {n: len(ids) for n, ids in sorted(seen.items())}}))
+    return 0
+
+
+class _RecordedSet:
+    """A kernel set whose module records compiles (the set in the runtime's cache is left as it is)."""
+
+    def __init__(self, ks, sink):
+        self._ks, self.module = ks, _Recorder(ks.module, sink)
+
+    def __getattr__(self, name):
+        return getattr(self._ks, name)
+
+
+def compile_counts(jobs, python: str | None = None) -> dict:
+    """Run `count_main` in a subprocess (no interpreter): {"modules": distinct generated
+    modules, "kernels": {kernel: distinct binaries}} over `jobs`."""
+    import subprocess
+
+    payload = json.dumps([json.loads(_job_to_json(j.check())) for j in jobs])
+    with tempfile.TemporaryDirectory(prefix="attnc-aot-count-") as cache:
+        env = {**worker_env(), "TRITON_CACHE_DIR": cache}
+        res = subprocess.run([python or sys.executable, "-m", "attnc.codegen.aot", "count"], input=payload,
+                             capture_output=True, text=True, env=env)
+    if res.returncode != 0:
+        raise AOTError(f"compile count failed ({res.returncode}): {res.stderr.strip()[-800:]}")
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
 if __name__ == "__main__":
     if sys.argv[1:] == ["worker"]:
         sys.exit(worker_main())
-    print("usage: python -m attnc.codegen.aot worker  (driven by attnc.codegen.aot.compile_jobs)", file=sys.stderr)
+    if sys.argv[1:] == ["count"]:
+        sys.exit(count_main())
+    print("usage: python -m attnc.codegen.aot worker|count  (driven by attnc.codegen.aot.compile_jobs / "
+          "compile_counts)", file=sys.stderr)
     sys.exit(2)

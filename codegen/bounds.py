@@ -35,12 +35,14 @@ anything else (or no derivation) falls back to tile lists, per direction.
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from attnc import ir
 from attnc.reference import Evaluator, View, top_view
+
+from . import sizes as size_tags
 
 #: most ranges per head after normalisation (beyond: tile lists)
 MAX_RANGES = 8
@@ -66,29 +68,45 @@ class X(E):
     """The variable (absolute query position, or key index when transposed)."""
 
 
+class _Tagged:
+    """Nodes holding integers: size-tagged integers (sizes.Sym) with different
+    expressions make different nodes even when their values are equal here."""
+
+    def __post_init__(self):
+        object.__setattr__(self, "tag", size_tags.tag_of(*(getattr(self, f) for f in self._ints)))
+
+
 @dataclass(frozen=True)
-class C(E):
+class C(_Tagged, E):
     value: int
+    tag: object = field(default=None, repr=False, compare=True)
+    _ints = ("value",)
 
 
 @dataclass(frozen=True)
-class Add(E):
+class Add(_Tagged, E):
     a: E
     c: int
+    tag: object = field(default=None, repr=False, compare=True)
+    _ints = ("c",)
 
 
 @dataclass(frozen=True)
-class Mul(E):
+class Mul(_Tagged, E):
     a: E
     c: int  # > 0
+    tag: object = field(default=None, repr=False, compare=True)
+    _ints = ("c",)
 
 
 @dataclass(frozen=True)
-class Div(E):
+class Div(_Tagged, E):
     """floor(a / c), c > 0."""
 
     a: E
     c: int
+    tag: object = field(default=None, repr=False, compare=True)
+    _ints = ("c",)
 
 
 @dataclass(frozen=True)
@@ -102,13 +120,15 @@ class Max(E):
 
 
 @dataclass(frozen=True)
-class Step(E):
+class Step(_Tagged, E):
     """`below` where a < t, else `above` (below <= above: monotone)."""
 
     a: E
     t: int
     below: E
     above: E
+    tag: object = field(default=None, repr=False, compare=True)
+    _ints = ("t",)
 
 
 def ev(e: E, x: torch.Tensor) -> torch.Tensor:
@@ -270,49 +290,63 @@ def fits_int32(e: E, x: torch.Tensor) -> bool:
     return all(bool((ev(s, x).abs() <= INT32).all()) for s in _subexprs(e))
 
 
-def to_text(e: E, var: str = "q") -> str:
-    """Readable math text (floor division as //)."""
+def _int_text(v, env, prec: int = 0) -> str:
+    """An integer as printed: its size expression when it has one (sizes.text), else the literal."""
+    return size_tags.text(v, env, 9 if prec > 0 else 0)
+
+
+def _add_text(go, e, env) -> str:
+    c = e.c
+    if c >= 0:
+        return f"{go(e.a, 1)} + {_int_text(c, env, 1)}"
+    return f"{go(e.a, 1)} - {_int_text(-c, env, 1)}"
+
+
+def to_text(e: E, var: str = "q", env: dict | None = None) -> str:
+    """Readable math text (floor division as //); with `env`, size-tagged
+    constants read as expressions of M, N (sizes.text)."""
     def go(e, prec):
         if isinstance(e, X):
             return var
         if isinstance(e, C):
-            return str(e.value) if e.value >= 0 or prec == 0 else f"({e.value})"
+            return _int_text(e.value, env, prec) if e.value >= 0 or prec == 0 else f"({_int_text(e.value, env)})"
         if isinstance(e, Add):
-            s = f"{go(e.a, 1)} {'+' if e.c >= 0 else '-'} {abs(e.c)}"
+            s = _add_text(go, e, env)
             return f"({s})" if prec > 1 else s
         if isinstance(e, (Mul, Div)):
-            s = f"{go(e.a, 2)} {'*' if isinstance(e, Mul) else '//'} {e.c}"
+            s = f"{go(e.a, 2)} {'*' if isinstance(e, Mul) else '//'} {_int_text(e.c, env, 1)}"
             return f"({s})" if prec > 2 else s
         if isinstance(e, (Min, Max)):
             return ("min(" if isinstance(e, Min) else "max(") + ", ".join(go(a, 0) for a in e.args) + ")"
         if isinstance(e, Step):
-            return f"({go(e.below, 0)} if {go(e.a, 0)} < {e.t} else {go(e.above, 0)})"
+            return f"({go(e.below, 0)} if {go(e.a, 0)} < {_int_text(e.t, env, 1)} else {go(e.above, 0)})"
         raise TypeError(e)
     return go(e, 0)
 
 
-def to_triton(e: E, var: str, x: torch.Tensor) -> str:
+def to_triton(e: E, var: str, x: torch.Tensor, env: dict | None = None) -> str:
     """Triton scalar code for e at `var`, valid at the positions x: floor division
     of a numerator that may be negative is shifted to a non-negative one first
-    (Triton's // truncates toward zero)."""
+    (Triton's // truncates toward zero). With `env`, size-tagged constants print
+    as expressions of the kernels' size arguments (sizes.text)."""
     def go(e, prec):
         if isinstance(e, X):
             return var
         if isinstance(e, C):
-            return str(e.value) if e.value >= 0 or prec == 0 else f"({e.value})"
+            return _int_text(e.value, env, prec) if e.value >= 0 or prec == 0 else f"({_int_text(e.value, env)})"
         if isinstance(e, Add):
-            s = f"{go(e.a, 1)} {'+' if e.c >= 0 else '-'} {abs(e.c)}"
+            s = _add_text(go, e, env)
             return f"({s})" if prec > 1 else s
         if isinstance(e, Mul):
-            s = f"{go(e.a, 2)} * {e.c}"
+            s = f"{go(e.a, 2)} * {_int_text(e.c, env, 1)}"
             return f"({s})" if prec > 2 else s
         if isinstance(e, Div):
             low = int(ev(e.a, x).min()) if x.numel() else 0
             if low >= 0:
-                s = f"{go(e.a, 2)} // {e.c}"
+                s = f"{go(e.a, 2)} // {_int_text(e.c, env, 1)}"
             else:
                 shift = -(-(-low) // e.c)  # whole periods that make the numerator >= 0
-                s = f"({go(e.a, 1)} + {shift * e.c}) // {e.c} - {shift}"
+                s = f"({go(e.a, 1)} + {shift * e.c}) // {_int_text(e.c, env, 1)} - {shift}"
                 return f"({s})" if prec > 1 else s
             return f"({s})" if prec > 2 else s
         if isinstance(e, (Min, Max)):
@@ -322,7 +356,7 @@ def to_triton(e: E, var: str, x: torch.Tensor) -> str:
                 out = f"{fn}({out}, {go(a, 0)})"
             return out
         if isinstance(e, Step):
-            return f"tl.where({go(e.a, 0)} < {e.t}, {go(e.below, 0)}, {go(e.above, 0)})"
+            return f"tl.where({go(e.a, 0)} < {_int_text(e.t, env, 1)}, {go(e.below, 0)}, {go(e.above, 0)})"
         raise TypeError(e)
     return go(e, 0)
 
@@ -340,10 +374,10 @@ class Range:
     g1: int
     heads: int = -1  # bit h set: head h (-1: every head)
 
-    def text(self, var: str, domain: tuple[int, int]) -> str:
-        s = f"[{to_text(self.lo, var)}, {to_text(self.hi, var)})"
+    def text(self, var: str, domain: tuple[int, int], env: dict | None = None) -> str:
+        s = f"[{to_text(self.lo, var, env)}, {to_text(self.hi, var, env)})"
         if (self.g0, self.g1) != domain:
-            s += f" for {self.g0} <= {var} < {self.g1}"
+            s += f" for {_int_text(self.g0, env)} <= {var} < {_int_text(self.g1, env)}"
         return s
 
 
@@ -351,10 +385,15 @@ def _points(g0: int, g1: int) -> torch.Tensor:
     return torch.arange(g0, g1, dtype=torch.int64)
 
 
-def _runs(flags: torch.Tensor, start: int) -> list[tuple[int, int]]:
-    """Maximal runs [a, b) of True in flags (positions offset by start)."""
+def _runs(flags: torch.Tensor, start: int, end: int | None = None) -> list[tuple[int, int]]:
+    """Maximal runs [a, b) of True in flags (positions offset by start); a run that
+    reaches the end of flags ends at `end` itself when given (start + len(flags):
+    so a size-tagged end keeps its expression, sizes.py)."""
     if flags.numel() == 0:
         return []
+    if end is not None and int(end) == int(start) + flags.numel():
+        out = _runs(flags, start)
+        return [(a, end if int(b) == int(end) else b) for a, b in out]
     f = flags.to(torch.int8)
     d = torch.diff(torch.cat([torch.zeros(1, dtype=torch.int8), f, torch.zeros(1, dtype=torch.int8)]))
     a = (d == 1).nonzero().flatten().tolist()
@@ -378,7 +417,7 @@ class Domain:
         """r split into the runs of x where it is not empty, simplified there."""
         x = _points(r.g0, r.g1)
         out = []
-        for a, b in _runs(ev(r.lo, x) < ev(r.hi, x), r.g0):
+        for a, b in _runs(ev(r.lo, x) < ev(r.hi, x), r.g0, r.g1):
             xs = _points(a, b)
             out.append(Range(simplify(r.lo, xs), simplify(r.hi, xs), a, b, r.heads))
         return out
@@ -440,7 +479,7 @@ def _merge_once(work: list[Range]) -> list[Range] | None:
                 continue
             x = _points(c0, c1)
             touch = (ev(A.lo, x) <= ev(B.hi, x)) & (ev(B.lo, x) <= ev(A.hi, x))
-            runs = _runs(touch, c0)
+            runs = _runs(touch, c0, c1)
             if not runs:
                 continue
             a, b = runs[0]
@@ -500,7 +539,12 @@ class Derivation:
         self.view = top_view(pattern, M, N, H, None, {}, rows=(0, 0))
 
     def val(self, v, env) -> int:
-        return self.ev.val(v, env)
+        out = self.ev.val(v, env)
+        if isinstance(out, int) and not isinstance(out, bool) and getattr(v, "free_symbols", None):
+            tagged = size_tags.from_sympy(v, env)  # a parameter declared from sizes keeps its expression
+            if tagged is not None and int(tagged) == out:
+                return tagged
+        return out
 
     def run(self) -> list[Range]:
         env = self.view.env
@@ -669,11 +713,11 @@ class Ranges:
     def count(self) -> int:
         return sum(len(rs) for _, rs in self.groups)
 
-    def text(self) -> str:
+    def text(self, env: dict | None = None) -> str:
         var = "q" if self.direction == "rows" else "k"
         parts = []
         for bits, rs in self.groups:
-            body = " | ".join(r.text(var, self.domain) for r in rs) or "none"
+            body = " | ".join(r.text(var, self.domain, env) for r in rs) or "none"
             parts.append(body if bits == -1 else f"heads {_head_text(bits)}: {body}")
         return "; ".join(parts)
 
@@ -892,7 +936,10 @@ def loop_bounds(pattern: ir.PatternIR, M: int, N: int, H: int, block: tuple[int,
     """The loop bounds of the kernels for a pattern at these sizes and tiles.
 
     Without a plan (patterns with run-time inputs) or when the derivation or
-    its check against the plan fails, a direction falls back to tile lists."""
+    its check against the plan fails, a direction falls back to tile lists.
+    Constants derived from M and N keep their expressions ([Note: one text, many
+    sizes] in sizes.py)."""
+    M, N, _ = size_tags.tag(M, N)
     if plan is None:
         why = "run-time inputs: the plan is built per call" if pattern.inputs else "no plan"
         return LoopBounds(rows_reason=why, cols_reason=why, heads=H)

@@ -47,8 +47,17 @@ from pathlib import Path
 from types import ModuleType
 from typing import Callable
 
-#: modules imported in this process, by (key, interpreter mode)
-_LOADED: dict[tuple[str, bool], ModuleType] = {}
+from attnc.lru import LRU
+
+
+def _forget_module(key, mod) -> None:
+    sys.modules.pop(mod.__name__, None)
+
+
+#: modules imported in this process, by (key, interpreter mode); bounded ([Note: cache limits] in attnc/lru.py)
+_LOADED = LRU("modules", 256, "imported kernel modules (one per distinct generated text)", on_evict=_forget_module)
+#: how many modules this process generated or imported (tests count compilations with it)
+IMPORTS = {"count": 0}
 
 
 def interpret_mode() -> bool:
@@ -216,6 +225,85 @@ def write_entry(key: str, source: str, info: dict | None = None, root: Path | No
     return d / "kernel.py"
 
 
+# -- size bound and maintenance (`attnc cache info | clear`) -----------------------------------------
+
+#: default bound of the disk cache in MiB ($ATTNC_CACHE_MAX_MB); past it the least recently
+#: written entries are removed after each write
+DEFAULT_MAX_MB = 1024
+
+
+def max_bytes() -> int:
+    raw = os.environ.get("ATTNC_CACHE_MAX_MB", "").strip()
+    if not raw:
+        return DEFAULT_MAX_MB << 20
+    try:
+        mb = float(raw)
+    except ValueError:
+        raise ValueError(f"$ATTNC_CACHE_MAX_MB: expected a size in MiB, got {raw!r}; try ATTNC_CACHE_MAX_MB=512") from None
+    if mb <= 0:
+        raise ValueError(f"$ATTNC_CACHE_MAX_MB: expected a positive size in MiB, got {raw!r}; try ATTNC_CACHE_MAX_MB=512")
+    return int(mb * (1 << 20))
+
+
+def entries(root: Path | None = None) -> list[tuple[Path, int, float]]:
+    """(entry folder, bytes, last write time) of every entry under the cache root."""
+    root = cache_dir() if root is None else root
+    out = []
+    if not root.is_dir():
+        return out
+    for d in root.glob("??/*"):
+        if not (d / "meta.json").is_file() and not (d / "kernel.py").is_file():
+            continue
+        try:
+            files = [f.stat() for f in d.iterdir() if f.is_file()]
+        except OSError:
+            continue
+        out.append((d, sum(st.st_size for st in files), max((st.st_mtime for st in files), default=0.0)))
+    return out
+
+
+def _remove_entry(d: Path) -> None:
+    for f in d.iterdir():
+        f.unlink()
+    d.rmdir()
+
+
+def prune(root: Path | None = None, limit: int | None = None) -> int:
+    """Remove the oldest entries until the cache holds at most `limit` bytes (default
+    `max_bytes()`); returns the number removed. Only this user's own entries are removed."""
+    limit = max_bytes() if limit is None else limit
+    items = sorted(entries(root), key=lambda e: e[2])
+    total = sum(b for _, b, _ in items)
+    removed = 0
+    for d, size, _ in items:
+        if total <= limit:
+            break
+        if untrusted(d) is not None:
+            continue
+        try:
+            _remove_entry(d)
+        except OSError:
+            continue
+        total -= size
+        removed += 1
+    return removed
+
+
+def clear(root: Path | None = None) -> int:
+    """Remove every entry of this user's cache (and forget the imported modules); returns how many."""
+    n = 0
+    for d, _, _ in entries(root):
+        if untrusted(d) is not None:
+            continue
+        try:
+            _remove_entry(d)
+            n += 1
+        except OSError:
+            pass
+    _LOADED.clear()
+    return n
+
+
 def get_source(key: str, generate: Callable[[], str], info: dict | None = None,
                fresh: bool = False) -> tuple[Path, bool]:
     """(path of kernel.py, whether it was a cache hit); generates and stores on a miss.
@@ -232,7 +320,9 @@ def get_source(key: str, generate: Callable[[], str], info: dict | None = None,
             return root / key[:2] / key / "kernel.py", True
     source = generate()
     try:
-        return write_entry(key, source, info, root), False
+        path = write_entry(key, source, info, root)
+        prune(root)
+        return path, False
     except OSError as exc:
         if root == fallback_dir():
             raise
@@ -248,9 +338,11 @@ def load_module(key: str, generate: Callable[[], str], info: dict | None = None)
     source with `inspect`, and TRITON_INTERPRET=1 is read when the module is
     imported (at decoration), so a module is memoised per interpreter mode."""
     interpret = interpret_mode()
-    mod = _LOADED.get((key, interpret))
-    if mod is not None:
-        return mod
+    return _LOADED.get((key, interpret), lambda: _load(key, generate, info, interpret))
+
+
+def _load(key: str, generate: Callable[[], str], info: dict | None, interpret: bool) -> ModuleType:
+    IMPORTS["count"] += 1
     path, hit = get_source(key, generate, info)
     try:
         mod = _import(key, path, interpret)
@@ -262,7 +354,6 @@ def load_module(key: str, generate: Callable[[], str], info: dict | None = None)
         _warn_once(f"attnc kernel cache: the cached {path} failed to import ({type(exc).__name__}: {exc}); regenerating it")
         path, _ = get_source(key, generate, info, fresh=True)
         mod = _import(key, path, interpret)
-    _LOADED[(key, interpret)] = mod
     return mod
 
 

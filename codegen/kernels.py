@@ -202,9 +202,8 @@ _MODULE = Template('''\
 # Do not edit; regenerate with `attnc compile`.
 #
 # pattern: $pattern
-# sizes:   M=$M queries, N=$N keys, H=$H query heads$grid_text
+$size_lines
 # mask:    $mask_text
-# plan:    $plan_text
 # config:  $config
 # loops:   $loops_text
 #
@@ -229,8 +228,8 @@ $bounds_source
 @triton.jit
 def _attn_fwd_inner(acc, l_i, m_i, q, K_base, V_base, stride_kn, stride_kd, stride_vn, stride_vd, qk_scale,
                     $rows_tiles, offs_m, offs_n, offs_d, offs_dv, off_h, off_b$tbl_args,
-                    M: tl.constexpr, N: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
-                    BLOCK_N: tl.constexpr, EVEN_N: tl.constexpr, MASKED: tl.constexpr,
+                    M, N, D: tl.constexpr, DV: tl.constexpr,
+                    BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
                     DOT_PRECISION: tl.constexpr):
     q_idx = tl.minimum(offs_m, M - 1)
 $rows_loop
@@ -239,9 +238,9 @@ $rows_loop
                      mask=(cols[None, :] < N) & (offs_d[:, None] < D), other=0.0)
         qk = tl.dot(q, kT, input_precision=DOT_PRECISION) * qk_scale
         if MASKED:
-            keep = _mask(q_idx[:, None], tl.minimum(cols, N - 1)[None, :], off_h, off_b$tbl_args)
+            keep = _mask(q_idx[:, None], tl.minimum(cols, N - 1)[None, :], off_h, off_b, M, N$tbl_args)
             qk = tl.where(keep & (cols[None, :] < N), qk, float("-inf"))
-        elif not EVEN_N:
+        elif start_n + BLOCK_N > N:  # the ragged last key tile (N is a run-time value)
             qk = tl.where(cols[None, :] < N, qk, float("-inf"))
         m_ij = tl.maximum(m_i, tl.max(qk, 1))
         if MASKED:
@@ -260,15 +259,15 @@ $rows_loop
     return acc, l_i, m_i
 
 
-@triton.jit
+@triton.jit(do_not_specialize=$fwd_generic)
 def _attn_fwd(Q, K, V, Out, Lse, sm_scale,
               stride_qb, stride_qh, stride_qm, stride_qd,
               stride_kb, stride_kh, stride_kn, stride_kd,
               stride_vb, stride_vh, stride_vn, stride_vd,
               stride_ob, stride_oh, stride_om, stride_od,
-$fwd_params              M: tl.constexpr, N: tl.constexpr, HQ: tl.constexpr, GROUP: tl.constexpr, PLAN_HEADS: tl.constexpr,
+$fwd_params              M, N, HQ: tl.constexpr, GROUP: tl.constexpr, PLAN_HEADS: tl.constexpr,
               D: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-              BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, EVEN_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
+              BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, DOT_PRECISION: tl.constexpr):
     tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16, "tl.dot needs tiles of at least 16")
     tl.static_assert(BLOCK_D >= D and BLOCK_DV >= DV, "head dims are padded up to BLOCK_D / BLOCK_DV")
     tl.static_assert(HQ % GROUP == 0, "query heads come in GQA groups")
@@ -300,11 +299,11 @@ $fwd_body
     tl.store(Lse + off_hb * M + offs_m, lse, mask=offs_m < M)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])
 def _attn_bwd_preprocess(O, DO, DLse, Delta,
                          stride_ob, stride_oh, stride_om, stride_od,
                          stride_dob, stride_doh, stride_dom, stride_dod,
-                         M: tl.constexpr, HQ: tl.constexpr, DV: tl.constexpr,
+                         M, HQ: tl.constexpr, DV: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr, HAS_DLSE: tl.constexpr):
     start_m = tl.program_id(0)
     off_hb = tl.program_id(1).to(tl.int64)  # int64: offsets beyond 2**31 elements
@@ -327,7 +326,7 @@ def _attn_bwd_preprocess(O, DO, DLse, Delta,
 def _attn_bwd_dkdv_inner(dk, dv, k, v, Q_base, DO_base, Lse_base, Delta_base,
                          stride_qm, stride_qd, stride_dom, stride_dod, qk_scale,
                          $cols_tiles, offs_m, offs_n, offs_d, offs_dv, off_h, off_b$tbl_args,
-                         M: tl.constexpr, N: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
+                         M, N, D: tl.constexpr, DV: tl.constexpr,
                          BLOCK_M: tl.constexpr, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr):
     k_idx = tl.minimum(offs_n, N - 1)
 $cols_loop
@@ -343,7 +342,7 @@ $cols_loop
         qkT = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale
         pT = tl.math.exp2(qkT - lse[None, :])
         if MASKED:
-            keep = _mask(tl.minimum(rows, M - 1)[None, :], k_idx[:, None], off_h, off_b$tbl_args)
+            keep = _mask(tl.minimum(rows, M - 1)[None, :], k_idx[:, None], off_h, off_b, M, N$tbl_args)
             pT = tl.where(keep, pT, 0.0)
         dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
         dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
@@ -352,13 +351,13 @@ $cols_loop
     return dk, dv
 
 
-@triton.jit
+@triton.jit(do_not_specialize=$dkdv_generic)
 def _attn_bwd_dkdv(Q, K, V, DO, Lse, Delta, DK, DV_, sm_scale,
                    stride_qb, stride_qh, stride_qm, stride_qd,
                    stride_kb, stride_kh, stride_kn, stride_kd,
                    stride_vb, stride_vh, stride_vn, stride_vd,
                    stride_dob, stride_doh, stride_dom, stride_dod,
-$dkdv_params                   M: tl.constexpr, N: tl.constexpr, HQ: tl.constexpr, GROUP: tl.constexpr, PLAN_HEADS: tl.constexpr,
+$dkdv_params                   M, N, HQ: tl.constexpr, GROUP: tl.constexpr, PLAN_HEADS: tl.constexpr,
                    D: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, DOT_PRECISION: tl.constexpr):
     tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16, "tl.dot needs tiles of at least 16")
@@ -395,7 +394,7 @@ $dkdv_body
 @triton.jit
 def _attn_bwd_dq_inner(dq, q, do, lse, delta, K_base, V_base, stride_kn, stride_kd, stride_vn, stride_vd, qk_scale,
                        $rows_tiles, offs_m, offs_n, offs_d, offs_dv, off_h, off_b$tbl_args,
-                       M: tl.constexpr, N: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
+                       M, N, D: tl.constexpr, DV: tl.constexpr,
                        BLOCK_N: tl.constexpr, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr):
     q_idx = tl.minimum(offs_m, M - 1)
 $rows_loop
@@ -407,7 +406,7 @@ $rows_loop
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
         p = tl.math.exp2(qk - lse[:, None])
         if MASKED:
-            keep = _mask(q_idx[:, None], tl.minimum(cols, N - 1)[None, :], off_h, off_b$tbl_args)
+            keep = _mask(q_idx[:, None], tl.minimum(cols, N - 1)[None, :], off_h, off_b, M, N$tbl_args)
             p = tl.where(keep & (cols[None, :] < N), p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         ds = p * (dp - delta[:, None])
@@ -415,13 +414,13 @@ $rows_loop
     return dq
 
 
-@triton.jit
+@triton.jit(do_not_specialize=$dq_generic)
 def _attn_bwd_dq(Q, K, V, DO, Lse, Delta, DQ, sm_scale,
                  stride_qb, stride_qh, stride_qm, stride_qd,
                  stride_kb, stride_kh, stride_kn, stride_kd,
                  stride_vb, stride_vh, stride_vn, stride_vd,
                  stride_dob, stride_doh, stride_dom, stride_dod,
-$dq_params                 M: tl.constexpr, N: tl.constexpr, HQ: tl.constexpr, GROUP: tl.constexpr, PLAN_HEADS: tl.constexpr,
+$dq_params                 M, N, HQ: tl.constexpr, GROUP: tl.constexpr, PLAN_HEADS: tl.constexpr,
                  D: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, DOT_PRECISION: tl.constexpr):
     tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16, "tl.dot needs tiles of at least 16")
@@ -468,7 +467,7 @@ _CALLS = {
     "fwd": ("    ", """acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, K_base, V_base, stride_kn, stride_kd, stride_vn, stride_vd,
                                 qk_scale, {tiles},
                                 offs_m, offs_n, offs_d, offs_dv, off_h, off_b{tbl},
-                                M, N, D, DV, BLOCK_N, EVEN_N, {masked}, DOT_PRECISION)"""),
+                                M, N, D, DV, BLOCK_N, {masked}, DOT_PRECISION)"""),
     "dkdv": ("        ", """dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, Q_base, DO_base, Lse_base, Delta_base,
                               stride_qm, stride_qd, stride_dom, stride_dod, qk_scale,
                               {tiles},
@@ -496,11 +495,12 @@ def _list_body(kind: str, tbl: str) -> str:
                       _call(kind, "PartIndex + row * part_width, tl.load(PartCount + row)", True, tbl)])
 
 
-def _closed_body(kind: str, rs, tbl: str) -> str:
+def _closed_body(kind: str, rs, tbl: str, sizes: str = "", env: dict | None = None) -> str:
     """Per range: its tiles in closed form, clipped after the previous range, then
     a masked prefix, the full middle (no mask) and a masked suffix."""
     indent = _CALLS[kind][0]
-    fn, args = ("_query_tiles", "k0, k1, off_h, M, BLOCK_M") if kind == "dkdv" else ("_key_tiles", "q0, q1, off_h, N, BLOCK_N")
+    fn, args = (("_query_tiles", f"k0, k1, off_h, M, N{sizes}, BLOCK_M") if kind == "dkdv"
+                else ("_key_tiles", f"q0, q1, off_h, M, N{sizes}, BLOCK_N"))
     out = []
     if kind == "dkdv":
         out += [f"{indent}k0 = start_n * BLOCK_N  # this tile's keys: [k0, k1)",
@@ -510,7 +510,7 @@ def _closed_body(kind: str, rs, tbl: str) -> str:
         out += [f"{indent}q0 = start_m * BLOCK_M + (N - M)  # absolute positions of this tile's queries: [q0, q1)",
                 f"{indent}q1 = tl.minimum(start_m * BLOCK_M + BLOCK_M, M) + (N - M)",
                 f"{indent}done = start_m * 0  # key tiles before `done` were visited by an earlier range"]
-    for i, (text, _) in enumerate(_range_list(rs)):
+    for i, (text, _) in enumerate(_range_list(rs, env)):
         out += [f"{indent}# range {i}: {text}",
                 f"{indent}first, full_first, full_end, end, full = {fn}_{i}({args})",
                 f"{indent}start, full_start, full_stop, done = _split(first, full_first, full_end, end, full, done)",
@@ -522,14 +522,14 @@ def _closed_body(kind: str, rs, tbl: str) -> str:
     return "\n".join(out)
 
 
-def _range_list(rs) -> list:
+def _range_list(rs, env: dict | None = None) -> list:
     """[(text, (head bits, Range))] in kernel order: every group's ranges (a head
     outside a group finds its ranges inactive)."""
     var = "q" if rs.direction == "rows" else "k"
     out = []
     for bits, ranges in rs.groups:
         for r in ranges:
-            t = (f"{'keys' if var == 'q' else 'query rows'} {r.text(var, rs.domain)}"
+            t = (f"{'keys' if var == 'q' else 'query rows'} {r.text(var, rs.domain, env)}"
                  + ("" if bits == -1 else f" (heads {_bits_text(bits)})"))
             out.append((t, (bits, r)))
     return out
@@ -554,32 +554,35 @@ def _split(first, full_first, full_end, end, full, done):
 '''
 
 
-def _range_helper(rs, i: int, bits: int, r) -> str:
-    """`_key_tiles_i(q0, q1, h, N, BLOCK_N)` (or `_query_tiles_i(k0, k1, h, M, BLOCK_M)`):
-    the tiles of range i for the positions [x0, x1) of one tile, by monotonicity:
-    touched [lo(first) // B, cdiv(hi(last), B)), full [cdiv(lo(last), B), hi(first) // B)."""
+def _range_helper(rs, i: int, bits: int, r, sizes: str = "", env: dict | None = None) -> str:
+    """`_key_tiles_i(q0, q1, h, M, N, G.., BLOCK_N)` (or `_query_tiles_i(k0, k1, h, M, N, G..,
+    BLOCK_M)`): the tiles of range i for the positions [x0, x1) of one tile, by monotonicity:
+    touched [lo(first) // B, cdiv(hi(last), B)), full [cdiv(lo(last), B), hi(first) // B).
+    Size-tagged constants print as expressions of the size arguments (`env`: the sizes
+    they are checked against, sizes.text)."""
     import torch
 
-    from .bounds import to_text, to_triton
+    from .bounds import _int_text, to_text, to_triton
 
     rows = rs.direction == "rows"
     v = "q" if rows else "k"
     L, B = ("N", "BLOCK_N") if rows else ("M", "BLOCK_M")
     name = f"_key_tiles_{i}" if rows else f"_query_tiles_{i}"
     what = "keys" if rows else "query rows"
-    doc = (f'    """{what.capitalize()} [{to_text(r.lo, v)}, {to_text(r.hi, v)}) of positions {v}0 <= {v} < {v}1'
-           + ("" if (r.g0, r.g1) == rs.domain else f" (for {r.g0} <= {v} < {r.g1})")
+    g0, g1 = _int_text(r.g0, env), _int_text(r.g1, env)
+    doc = (f'    """{what.capitalize()} [{to_text(r.lo, v, env)}, {to_text(r.hi, v, env)}) of positions {v}0 <= {v} < {v}1'
+           + ("" if (r.g0, r.g1) == rs.domain else f" (for {g0} <= {v} < {g1})")
            + ("" if bits == -1 else f", heads {_bits_text(bits)}") + f".\n\n"
            f"    Returns (first, full_first, full_end, end, full): tiles [first, end) touched,\n"
            f'    [full_first, full_end) full when `full` (every position of the tile is in range)."""')
-    lines = [f"@triton.jit", f"def {name}({v}0, {v}1, h, {L}: tl.constexpr, {B}: tl.constexpr):", doc]
+    lines = [f"@triton.jit", f"def {name}({v}0, {v}1, h, M, N{sizes}, {B}: tl.constexpr):", doc]
     guarded = (r.g0, r.g1) != rs.domain
     if guarded:
-        lines += [f"    s = tl.maximum({v}0, {r.g0})  # clipped to the range's positions [{r.g0}, {r.g1})",
-                  f"    e = tl.minimum({v}1, {r.g1})",
+        lines += [f"    s = tl.maximum({v}0, {g0})  # clipped to the range's positions [{g0}, {g1})",
+                  f"    e = tl.minimum({v}1, {g1})",
                   f"    active = s < e",
-                  f"    {v}_first = tl.minimum(s, {r.g1 - 1})",
-                  f"    {v}_last = tl.maximum(e - 1, {r.g0})"]
+                  f"    {v}_first = tl.minimum(s, {_int_text(r.g1 - 1, env, 1)})",
+                  f"    {v}_last = tl.maximum(e - 1, {g0})"]
     else:
         lines += [f"    active = {v}0 < {v}1", f"    {v}_first = {v}0", f"    {v}_last = {v}1 - 1"]
     if bits != -1:
@@ -587,12 +590,12 @@ def _range_helper(rs, i: int, bits: int, r) -> str:
         runs = _head_runs(bits, bits.bit_length())
         cond = " | ".join(f"(h == {a})" if b == a + 1 else f"((h >= {a}) & (h < {b}))" for a, b in runs)
         lines.append(f"    active = active & ({cond})")
-    xs = torch.arange(r.g0, r.g1, dtype=torch.int64)
+    xs = torch.arange(int(r.g0), int(r.g1), dtype=torch.int64)
     for end, expr in (("lo", r.lo), ("hi", r.hi)):
         for where in ("first", "last"):
-            code = to_triton(expr, f"{v}_{where}", xs)
-            if code.lstrip("(-").isdigit():  # a constant: keep it a tensor like the others
-                code = f"tl.zeros_like({v}_{where}) + {code}"
+            code = to_triton(expr, f"{v}_{where}", xs, env)
+            if f"{v}_{where}" not in code:  # no position in it: keep it a tensor like the others
+                code = f"tl.zeros_like({v}_{where}) + {code if code.lstrip('-').isdigit() else f'({code})'}"
             lines.append(f"    {end}_{where} = {code}")
     lines += [f"    first = tl.where(active, lo_first // {B}, 0)",
               f"    end = tl.where(active, tl.cdiv(hi_last, {B}), 0)",
@@ -603,14 +606,14 @@ def _range_helper(rs, i: int, bits: int, r) -> str:
     return "\n".join(lines) + "\n"
 
 
-def bounds_source(bounds) -> str:
+def bounds_source(bounds, sizes: str = "", env: dict | None = None) -> str:
     """The closed-form helpers of a module (empty when both directions read tile lists)."""
     if bounds is None or not any(bounds.closed):
         return ""
     parts = [_SPLIT]
     for rs in (bounds.rows, bounds.cols):
         if rs is not None:
-            parts += [_range_helper(rs, i, bits, r) for i, (_, (bits, r)) in enumerate(_range_list(rs))]
+            parts += [_range_helper(rs, i, bits, r, sizes, env) for i, (_, (bits, r)) in enumerate(_range_list(rs, env))]
     return "\n" + "\n\n".join(parts) + "\n"
 
 
@@ -626,33 +629,49 @@ def generate(low: Lowered, config: KernelConfig, plan_text: str = "built from ru
     """
     from attnc import __version__
 
-    tbl_args = "".join(f", {_table_arg(t.name)}" for t in low.tables)
-    mask_text = to_text(low.expr)
+    from . import sizes as size_tags
+
+    generic = low.tiles is None  # N-D tile kernels stay specialised to their grid (ndtiles.py)
+    env = size_tags.size_env(low.M, low.N, low.grid) if generic else None
+    grid_args = size_tags.size_args(len(low.grid or ()))
+    sizes = "".join(f", {g}" for g in grid_args)
+    tbl_args = sizes + "".join(f", {_table_arg(t.name)}" for t in low.tables)
+    mask_text = to_text(low.expr, env)
     if len(mask_text) > 400:
         mask_text = mask_text[:397] + "..."
     tables = "(" + "".join(f"{t.name!r}, " for t in low.tables) + ")" if low.tables else "()"
     rows_closed, cols_closed = bounds.closed if bounds is not None else (False, False)
     loops_text = bounds.summary() if bounds is not None else "tile lists (plan built per call)"
+    if generic:  # the tile counts of a failed check are the size's, not the text's
+        loops_text = re.sub(r" \(\d+ tiles missed[^)]*\)", "", loops_text)
+        axes = f", {', '.join(grid_args)} (grid axes)" if grid_args else ""
+        size_lines = (f"# sizes:   run-time arguments M (queries), N (keys){axes}; H={low.H} query heads\n"
+                      f"# plan:    per size on the host ({'tile lists' if not (rows_closed and cols_closed) else 'checks the closed-form loops'})")
+    else:
+        size_lines = (f"# sizes:   M={low.M} queries, N={low.N} keys, H={low.H} query heads"
+                      + (f", grid={'x'.join(map(str, low.grid))}" if low.grid else "") + f"\n# plan:    {plan_text}")
+    dont = ["M", "N", *grid_args]
 
     def params(indent: int, closed: bool) -> str:
-        text = ", ".join(([] if closed else [_LIST_PARAMS]) + [_table_arg(t.name) for t in low.tables])
+        text = ", ".join(list(grid_args) + ([] if closed else [_LIST_PARAMS]) + [_table_arg(t.name) for t in low.tables])
         return " " * indent + text + ",\n" if text else ""
+
+    def no_spec(closed: bool) -> str:
+        return repr(dont + ([] if closed else ["full_width", "part_width"]))
 
     loop = {True: ("tile_lo, tile_hi", "    for j in range(tile_lo, tile_hi):\n        {s} = j * {b}"),
             False: ("tile_index, tile_count", "    for j in range(0, tile_count):\n        {s} = tl.load(tile_index + j) * {b}")}
     src = _MODULE.substitute(
         version=__version__,
         pattern=low.text,
-        M=low.M, N=low.N, H=low.H,
-        grid_text=f", grid={'x'.join(map(str, low.grid))}" if low.grid else "",
+        size_lines=size_lines,
         mask_text=mask_text,
-        plan_text=plan_text,
         config=config.key(),
         loops_text=loops_text,
         tables=tables,
         closed_form=repr((rows_closed, cols_closed)),
         mask_source=TritonPrinter(low).source().rstrip("\n") + "\n",
-        bounds_source=bounds_source(bounds),
+        bounds_source=bounds_source(bounds, sizes, env),
         tbl_args=tbl_args,
         rows_tiles=loop[rows_closed][0],
         cols_tiles=loop[cols_closed][0],
@@ -661,9 +680,12 @@ def generate(low: Lowered, config: KernelConfig, plan_text: str = "built from ru
         fwd_params=params(14, rows_closed),
         dkdv_params=params(19, cols_closed),
         dq_params=params(17, rows_closed),
-        fwd_body=_closed_body("fwd", bounds.rows, tbl_args) if rows_closed else _list_body("fwd", tbl_args),
-        dkdv_body=_closed_body("dkdv", bounds.cols, tbl_args) if cols_closed else _list_body("dkdv", tbl_args),
-        dq_body=_closed_body("dq", bounds.rows, tbl_args) if rows_closed else _list_body("dq", tbl_args),
+        fwd_generic=no_spec(rows_closed),
+        dkdv_generic=no_spec(cols_closed),
+        dq_generic=no_spec(rows_closed),
+        fwd_body=_closed_body("fwd", bounds.rows, tbl_args, sizes, env) if rows_closed else _list_body("fwd", tbl_args),
+        dkdv_body=_closed_body("dkdv", bounds.cols, tbl_args, sizes, env) if cols_closed else _list_body("dkdv", tbl_args),
+        dq_body=_closed_body("dq", bounds.rows, tbl_args, sizes, env) if rows_closed else _list_body("dq", tbl_args),
     )
     return src
 

@@ -30,6 +30,8 @@ from attnc.errors import AttnError, error
 from attnc.limits import require
 from attnc.reference import Evaluator, _pick, _ravel, _unravel, random_table
 
+from . import sizes as size_tags
+
 
 class LoweringError(AttnError):
     """The pattern (or a part of it) has no pointwise form, e.g. `topk`."""
@@ -53,6 +55,12 @@ class Var(Expr):
 @dataclass(frozen=True, slots=True)
 class Const(Expr):
     value: int | bool
+    #: the size expression of a size-tagged value (sizes.Sym): equal values with different
+    #: expressions are different constants ([Note: one text, many sizes] in sizes.py)
+    tag: object = field(default=None, repr=False)
+
+    def __post_init__(self):
+        object.__setattr__(self, "tag", size_tags.tag_of(self.value) if not isinstance(self.value, bool) else None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,7 +113,7 @@ class Table:
         out, acc = [], 1
         for s in reversed(self.shape):
             out.append(acc)
-            acc *= s
+            acc = acc * s  # keeps size tags (sizes.Sym)
         return tuple(reversed(out))
 
 
@@ -188,7 +196,7 @@ class Builder:
 
     # -- integers
     def c(self, v: int) -> Const:
-        return Const(int(v))
+        return Const(v if isinstance(v, size_tags.Sym) else int(v))
 
     def add(self, a: Expr, b: Expr) -> Expr:
         if isinstance(a, Const) and isinstance(b, Const):
@@ -383,7 +391,7 @@ class Builder:
 
     def in_items(self, x: Expr, items) -> Expr:
         """x in a finite set, written as runs `lo <= x < hi` and equalities."""
-        vals = sorted(set(int(i) for i in items))
+        vals = sorted(set(items), key=int)  # (the items themselves: size-tagged ones keep their expressions)
         runs, i = [], 0
         while i < len(vals):
             j = i
@@ -588,6 +596,16 @@ class _Lower(Evaluator):
     def fail(self, node, message, hint=None):
         raise LoweringError(error(node.span, message, hint))
 
+    def val(self, expr, env) -> int:
+        """The reference's value, keeping the size expression of parameters declared
+        from sizes (`w = N // 8`) so kernels compute them from their size arguments."""
+        v = super().val(expr, env)
+        if isinstance(v, int) and not isinstance(v, bool) and getattr(expr, "free_symbols", None):
+            tagged = size_tags.from_sympy(expr, env)
+            if tagged is not None and int(tagged) == v:
+                return tagged
+        return v
+
     def eval(self, node: ir.Mask, view: PView) -> Expr:  # type: ignore[override]
         self.check(node, view)
         if isinstance(node, ir.AXISWISE) and view.axes:
@@ -709,7 +727,10 @@ class _Lower(Evaluator):
             bits = torch.zeros(len(rows), n + 1, dtype=torch.bool)
             bits.scatter_(1, table, True)
             packed = pack_bits(bits[:, :n])
-            self.tables[name] = Table(name=name, shape=tuple(packed.shape), batched=False, data=packed, kind="random")
+            assert packed.shape[1] == -(-int(n) // 32)
+            # the row stride (words per row) as an expression of n: the text does not depend on the length
+            self.tables[name] = Table(name=name, shape=(packed.shape[0], -(-n // 32)), batched=False, data=packed,
+                                      kind="random")
         row = b.clamp(b.sub(view.q, b.c(lo)), 0, hi - lo)
         col = b.clamp(view.k, 0, n - 1)
         hit = Lookup(name, (row, b.floordiv(col, b.c(32))), b.mod(col, b.c(32)))
@@ -722,7 +743,9 @@ class _Lower(Evaluator):
     def lw_Same(self, node, view):
         b = self.b
         shape = self.input_shapes.get(node.input)
-        n = shape[-1] if shape else self.env_top[ir.N]
+        n = self.env_top[ir.N]
+        if shape and shape[-1] != n:
+            n = shape[-1]
         name = input_table_name(node.input)
         self.tables.setdefault(name, Table(name=name, shape=(n,), batched=True, source=node.input, kind="segments"))
         dq = Lookup(name, (Var("b"), b.clamp(view.q, 0, n - 1)))
@@ -934,6 +957,7 @@ def lower(pattern: ir.PatternIR, M: int, N: int | None = None, H: int = 1, grid=
     """
     N = M if N is None else N
     grid = tuple(grid) if grid is not None else None
+    M, N, grid = size_tags.tag(M, N, grid)  # [Note: one text, many sizes] in sizes.py
     var_bounds = {"q": (0, M - 1), "k": (0, N - 1), "h": (0, H - 1), "b": (0, None)}
     builder = Builder(var_bounds)
     low = _Lower(pattern, builder, dict(input_shapes or {}))
@@ -941,7 +965,7 @@ def lower(pattern: ir.PatternIR, M: int, N: int | None = None, H: int = 1, grid=
     layout = pattern.layout
     if layout.axes:
         for a, s in zip(layout.axes, grid):
-            env[ir.axis_size(a)] = int(s)
+            env[ir.axis_size(a)] = s
     for sym, value in pattern.bindings:
         env[sym] = low.val(value, env)
     low.env_top = env
@@ -954,7 +978,7 @@ def lower(pattern: ir.PatternIR, M: int, N: int | None = None, H: int = 1, grid=
     view = PView(q=q, k=k, env=env, qpos=qpos, top=True)
     if layout.axes:
         T = low.val(layout.text, env) if layout.text is not None else 0
-        sizes = [int(s) for s in grid]
+        sizes = list(grid)
         qg = b.maximum(b.sub(q, b.c(T)), b.c(0))
         kg = b.maximum(b.sub(k, b.c(T)), b.c(0))
         view.axes = layout.axes
@@ -969,7 +993,8 @@ def lower(pattern: ir.PatternIR, M: int, N: int | None = None, H: int = 1, grid=
     except AttnError as err:
         raise err.with_sources(sources or {}) from None
     tables = tuple(low.tables[n] for n in sorted(low.tables))
-    return Lowered(name=pattern.name, text=ir.pattern_text(pattern), M=M, N=N, H=H, grid=grid, expr=expr,
+    return Lowered(name=pattern.name, text=ir.pattern_text(pattern), M=int(M), N=int(N), H=H,
+                   grid=None if grid is None else tuple(int(g) for g in grid), expr=expr,
                    tables=tables, var_bounds=tuple(sorted(var_bounds.items())))
 
 
@@ -1149,13 +1174,14 @@ _PREC = {"or": 1, "and": 2, "not": 3, "cmp": 4, "add": 5, "sub": 5, "mul": 6, "f
 _INFIX = {"add": "+", "sub": "-", "mul": "*", "floordiv": "//", "mod": "%"}
 
 
-def to_text(e: Expr) -> str:
-    """A one-line, Python-like rendering of an expression (not Triton)."""
+def to_text(e: Expr, env: dict | None = None) -> str:
+    """A one-line, Python-like rendering of an expression (not Triton); with `env`
+    (sizes.size_env), size-tagged constants read as expressions of M, N, G0, ..."""
     def go(x, parent_prec=0):
         if isinstance(x, Var):
             return x.name
         if isinstance(x, Const):
-            return str(x.value)
+            return str(x.value) if isinstance(x.value, bool) else size_tags.text(x.value, env, 9)
         if isinstance(x, Lookup):
             s = f"{x.table}[{', '.join(go(i) for i in x.index)}]"
             return s if x.bit is None else f"bit({s}, {go(x.bit)})"
@@ -1195,6 +1221,9 @@ class TritonPrinter:
 
     def __init__(self, low: Lowered):
         self.low = low
+        #: the sizes size-tagged constants are checked against ([Note: one text, many sizes]);
+        #: None (N-D tiles: positions of the padded tile-major order) prints literals
+        self.env = None if low.tiles is not None else size_tags.size_env(low.M, low.N, low.grid)
         self.builder = Builder(dict(low.var_bounds))
         self.tables = {t.name: t for t in low.tables}
         self.helpers: set[str] = set()
@@ -1233,19 +1262,24 @@ class TritonPrinter:
             return n.name, _TL_PREC["atom"]
         if isinstance(n, Const):
             v = n.value
-            return (str(bool(v)) if isinstance(v, bool) else str(v)), (_TL_PREC["atom"] if v >= 0 else _TL_PREC["neg"])
+            if isinstance(v, bool):
+                return str(v), _TL_PREC["atom"]
+            s = size_tags.text(v, self.env)
+            if s.lstrip("-").isdigit():  # a literal
+                return s, (_TL_PREC["atom"] if v >= 0 else _TL_PREC["neg"])
+            return (s if s.isidentifier() else f"({s})"), _TL_PREC["atom"]
         if isinstance(n, Lookup):
             t = self.tables[n.table]
             strides = t.strides()
             terms = []
             idx = list(n.index)
             if t.batched:
-                terms.append(f"b * {math.prod(t.shape)}")
+                terms.append(f"b * {size_tags.text(_product(t.shape), self.env, 2)}")
                 idx = idx[1:]
             for i, s in zip(idx, strides):
                 if isinstance(i, Const) and i.value == 0:
                     continue
-                terms.append(sub(i, _TL_PREC["mul"]) + (f" * {s}" if s != 1 else ""))
+                terms.append(sub(i, _TL_PREC["mul"]) + (f" * {size_tags.text(s, self.env, 3)}" if s != 1 else ""))
             load = f"tl.load({_table_arg(n.table)} + {' + '.join(terms) or '0'})"
             if n.bit is None:
                 return load, _TL_PREC["atom"]
@@ -1281,7 +1315,7 @@ class TritonPrinter:
     def source(self) -> str:
         """The `_mask` function (and the floor-division helpers it calls)."""
         low = self.low
-        args = ", ".join(["q", "k", "h", "b"] + [_table_arg(t.name) for t in low.tables])
+        args = ", ".join(["q", "k", "h", "b", *mask_size_args(low)] + [_table_arg(t.name) for t in low.tables])
         doc = [f'    """{low.name}: True where query row q may attend key k (head h, batch b).',
                "",
                "    q, k are clamped into [0, M) and [0, N) by the caller; they broadcast",
@@ -1309,6 +1343,19 @@ class TritonPrinter:
 
 def _table_arg(name: str) -> str:
     return f"tbl_{name}"
+
+
+def mask_size_args(low: Lowered) -> tuple[str, ...]:
+    """The run-time sizes `_mask` takes after (q, k, h, b): M, N and one per grid axis
+    (size-tagged constants print as expressions of them)."""
+    return ("M", "N", *size_tags.size_args(len(low.grid or ())))
+
+
+def _product(xs):
+    out = 1
+    for x in xs:
+        out = out * x
+    return out
 
 
 def _children(n: Expr) -> tuple[Expr, ...]:

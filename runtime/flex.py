@@ -22,11 +22,10 @@ then sees every position there and the BlockMask equals create_block_mask's.
 
 from __future__ import annotations
 
-from collections import OrderedDict
-
 import torch
 
 from attnc import ir
+from attnc.lru import LRU
 
 from .backend import Backend, Call
 from .torch_backend import partial_tile_masks, scan_plan
@@ -153,7 +152,8 @@ def to_flex(pat, M: int, N: int | None = None, *, heads: int | None = None, grid
 # ----------------------------------------------------------------------------- the backend
 
 
-_EXPORTS: "OrderedDict[tuple, tuple]" = OrderedDict()
+#: (mask_mod, BlockMask) per pattern, size and device; bounded ([Note: cache limits] in attnc/lru.py)
+_EXPORTS = LRU("flex_exports", 16, "FlexAttention mask_mods and BlockMasks (per pattern and size)")
 _compiled = None
 
 
@@ -194,13 +194,12 @@ class FlexBackend(Backend):
             mask_mod = export.mask_mod()
             return mask_mod, export.block_mask(mask_mod, device)
         key = (call.pattern.ir, call.M, call.N, call.Hq, call.grid, self.block, str(device))
-        if key not in _EXPORTS:
+        def build():
             export = FlexExport(call, self.block, [{}]).to(device)
             mask_mod = export.mask_mod()
-            _EXPORTS[key] = (mask_mod, export.block_mask(mask_mod, device))
-            while len(_EXPORTS) > 16:
-                _EXPORTS.popitem(last=False)
-        return _EXPORTS[key]
+            return mask_mod, export.block_mask(mask_mod, device)
+
+        return _EXPORTS.get(key, build)
 
     def _run(self, call: Call, q, k, v, lse: bool):
         _, block_mask = self._export(call, q.device)

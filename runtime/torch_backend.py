@@ -30,8 +30,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import threading
-from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
@@ -39,6 +37,7 @@ import torch
 from attnc import ir
 from attnc.errors import AttnError
 from attnc.analysis import Plan
+from attnc.lru import LRU
 
 from .backend import Backend, Call
 
@@ -280,11 +279,10 @@ def build_schedule(call: Call, plan: Plan, masks: torch.Tensor, config: TorchPat
     return Schedule(block=(bm, bn), shared=shared, nq=nq, nk=nk, chunks=tuple(chunks), tiles=tiles)
 
 
-_SCHEDULES: "OrderedDict[tuple, Schedule]" = OrderedDict()
-_SCHEDULE_CACHE_SIZE = 32
+#: schedules of static patterns, by (pattern, sizes, tile); bounded ([Note: cache limits] in attnc/lru.py)
+_SCHEDULES = LRU("schedules", 32, "torch-path tile schedules of static patterns (per pattern and size)")
 #: schedules of patterns with run-time inputs, by the inputs' content ([Note: input schedules])
-_INPUT_SCHEDULES: "OrderedDict[tuple, Schedule]" = OrderedDict()
-_INPUT_CACHE_SIZE = 16
+_INPUT_SCHEDULES = LRU("input_schedules", 16, "torch-path schedules built from run-time inputs")
 
 
 def inputs_digest(inputs: dict[str, torch.Tensor]) -> tuple:
@@ -297,23 +295,6 @@ def inputs_digest(inputs: dict[str, torch.Tensor]) -> tuple:
     return tuple(out)
 
 
-_CACHE_LOCK = threading.Lock()
-
-
-def _cached(cache: OrderedDict, size: int, key: tuple, build):
-    """LRU lookup; safe when several threads run the op (build runs outside the lock)."""
-    with _CACHE_LOCK:
-        sched = cache.get(key)
-        if sched is not None:
-            cache.move_to_end(key)
-            return sched
-    sched = build()
-    with _CACHE_LOCK:
-        sched = cache.setdefault(key, sched)
-        cache.move_to_end(key)
-        while len(cache) > size:
-            cache.popitem(last=False)
-    return sched
 
 
 def schedules(call: Call, config: TorchPathConfig = CONFIG) -> list[tuple[slice, Schedule]]:
@@ -337,14 +318,14 @@ def schedules(call: Call, config: TorchPathConfig = CONFIG) -> list[tuple[slice,
         def build():
             plan = call.pattern.plan(call.M, call.N, heads=call.Hq, grid=call.grid, block=block)
             return build_schedule(call, plan, partial_tile_masks(call, plan), config)
-        return [(slice(0, call.B), _cached(_SCHEDULES, _SCHEDULE_CACHE_SIZE, key, build))]
+        return [(slice(0, call.B), _SCHEDULES.get(key, build))]
     batches, batched = call.pattern._inputs(call.M, call.N, call.Hq, dict(call.inputs), batch=call.B)
     out = []
     for b, inputs in enumerate(batches):
         def build(inputs=inputs):
             plan = scan_plan(call, inputs, block)
             return build_schedule(call, plan, partial_tile_masks(call, plan, inputs), config)
-        sched = _cached(_INPUT_SCHEDULES, _INPUT_CACHE_SIZE, key + (inputs_digest(inputs),), build)
+        sched = _INPUT_SCHEDULES.get(key + (inputs_digest(inputs),), build)
         out.append((slice(b, b + 1) if len(batches) > 1 else slice(0, call.B), sched))
     return out
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import math
 import os
-from collections import OrderedDict
 from dataclasses import dataclass, replace
 from types import ModuleType
 
@@ -25,6 +24,7 @@ import torch
 
 from attnc.analysis import TileList
 from attnc.errors import AttnError
+from attnc.lru import LRU
 
 from .backend import Backend, Call
 
@@ -62,6 +62,8 @@ class KernelSet:
     layout: object | None = None
     pos_q: torch.Tensor | None = None
     pos_k: torch.Tensor | None = None
+    #: the grid axis lengths, the kernels' run-time size arguments after M and N (sizes.size_args)
+    grid_sizes: tuple = ()
 
     def to_tiles(self, x: torch.Tensor, side: str, fill: float = 0.0) -> torch.Tensor:
         """[B, H, L, ...] in grid order -> [B, H, L', ...] in the padded tile-major order."""
@@ -75,9 +77,11 @@ class KernelSet:
         return x[:, :, self.pos_q if side == "q" else self.pos_k].contiguous()
 
 
-#: tile lists of patterns with run-time inputs, by the inputs' content (bounded LRU)
-_INPUT_LISTS: "OrderedDict[tuple, TileLists]" = OrderedDict()
-_INPUT_CACHE_SIZE = 16
+#: tile lists of patterns with run-time inputs, by the inputs' content
+_INPUT_LISTS = LRU("input_lists", 16, "Triton tile lists built from run-time inputs")
+#: kernel sets by (pattern, sizes, config, device): the per-size host state (plan, tile lists,
+#: tables) of modules that are shared between sizes ([Note: one text, many sizes] in codegen/sizes.py)
+_KERNEL_SETS = LRU("kernel_sets", 64, "Triton kernel sets (per pattern, size and config)")
 
 
 def _triton_missing() -> str | None:
@@ -113,8 +117,10 @@ class TritonBackend(Backend):
     >>> out, lse = be.forward(call, q, k, v)
     >>> dq, dk, dv = be.backward(call, q, k, v, out, lse, dout)
 
-    Kernels are specialised to (pattern, M, N, H, grid): a new length generates
-    and compiles a new module (cached on disk, see codegen/cache.py).
+    Kernels take M, N and the grid axis lengths as run-time arguments: a new
+    length generates the module text on the host and reuses the compiled kernels
+    whenever that text was seen before ([Note: one text, many sizes] in
+    codegen/sizes.py); N-D tile kernels stay specialised to their grid.
     """
 
     name = "triton"
@@ -128,7 +134,6 @@ class TritonBackend(Backend):
         self.autotune = autotune
         #: the compute capability to choose configs for (None: the tensors' device; AOT compiles set it)
         self.capability = capability
-        self._sets: dict[tuple, KernelSet] = {}
         self._tuned: dict[tuple, object] = {}
 
     # -- the contract
@@ -184,9 +189,9 @@ class TritonBackend(Backend):
         bm, bn = config.block
         ks.module._attn_fwd[(-(-M // bm), B * Hq)](
             q, k, v, out, lse, call.scale, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-            *_list_args(lists, 0, ks.closed[0]), *tables,
+            *ks.grid_sizes, *_list_args(lists, 0, ks.closed[0]), *tables,
             M=M, N=N, HQ=Hq, GROUP=Hq // Hkv, PLAN_HEADS=lists.heads if lists else 1, D=D, DV=Dv, BLOCK_M=bm, BLOCK_N=bn,
-            BLOCK_D=max(16, _next_pow2(D)), BLOCK_DV=max(16, _next_pow2(Dv)), EVEN_N=N % bn == 0,
+            BLOCK_D=max(16, _next_pow2(D)), BLOCK_DV=max(16, _next_pow2(Dv)),
             DOT_PRECISION=self._precision(q, config), num_warps=config.num_warps, num_stages=config.num_stages)
         return out, lse
 
@@ -229,10 +234,10 @@ class TritonBackend(Backend):
         strides = (*q.stride(), *k.stride(), *v.stride(), *dout.stride())
         ks.module._attn_bwd_dkdv[(-(-N // bn), B * Hkv)](
             q, k, v, dout, lse, delta, dk, dv, call.scale, *strides,
-            *_list_args(lists, 1, ks.closed[1]), *tables, **common)
+            *ks.grid_sizes, *_list_args(lists, 1, ks.closed[1]), *tables, **common)
         ks.module._attn_bwd_dq[(-(-M // bm), B * Hq)](
             q, k, v, dout, lse, delta, dq, call.scale, *strides,
-            *_list_args(lists, 0, ks.closed[0]), *tables, **common)
+            *ks.grid_sizes, *_list_args(lists, 0, ks.closed[0]), *tables, **common)
         return dq, dk, dv
 
     # -- kernel sets
@@ -263,9 +268,16 @@ class TritonBackend(Backend):
         shapes = self._code_shapes(call)
         memo = (call.pattern.text(), call.M, call.N, call.Hq, call.grid, tuple(sorted(shapes.items())), config,
                 str(device), cache.interpret_mode())
-        ks = self._sets.get(memo)
-        if ks is not None:
-            return ks
+        return _KERNEL_SETS.get(memo, lambda: self._build_kernels(call, device, config, shapes))
+
+    def _build_kernels(self, call: Call, device, config, shapes) -> KernelSet:
+        """Generate the module text for this size (host work, milliseconds) and import the
+        module of that text: sizes whose text is equal share one module, hence one
+        compilation per kernel ([Note: one text, many sizes] in codegen/sizes.py)."""
+        from attnc.codegen import cache
+        from attnc.codegen.bounds import loop_bounds
+        from attnc.codegen.kernels import generate, plan_summary
+
         low = self._lower(call)
         static = not call.pattern.ir.inputs
         layout = None
@@ -279,22 +291,20 @@ class TritonBackend(Backend):
             plan = call.plan(config.block) if static else None
             plan_text = plan_summary(plan) if plan is not None else "built per call from the run-time inputs (union over the batch)"
         bounds = loop_bounds(call.pattern.ir, call.M, call.N, call.Hq, config.block, plan)
-        # the lowered mask and its tables decide the generated text: in the key, so a lowering that
-        # changes (with the same canonical IR text) never reuses a kernel built for other tables
-        options = {"M": call.M, "N": call.N, "H": call.Hq, "grid": call.grid, "inputs": shapes, "plan": plan_text,
-                   "loops": bounds.summary(), "mask": to_text(low.expr),
-                   "tables": [(t.name, t.shape, t.kind, t.batched) for t in low.tables]}
-        key = cache.cache_key(low.text, options, config.key(), device_capability(device))
-        module = cache.load_module(key, lambda: generate(low, config, plan_text, bounds),
-                                   info={"pattern": low.text, "options": options, "config": config.key()})
+        source = generate(low, config, plan_text, bounds)
+        # the key is the text itself (it holds the pattern, the config and every constant the
+        # kernels use) plus the device and versions: equal texts are one module
+        key = cache.cache_key(low.text, {"source": source}, config.key(), device_capability(device))
+        module = cache.load_module(key, lambda: source,
+                                   info={"pattern": low.text, "config": config.key(),
+                                         "generated_at": {"M": call.M, "N": call.N, "H": call.Hq, "grid": call.grid}})
         tables = {t.name: t.data.to(device, torch.int32).contiguous() for t in low.tables if t.data is not None}
         ks = KernelSet(key=key, lowered=low, module=module, static_tables=tables,
                        lists=TileLists.from_plan(plan, device) if plan is not None and not all(bounds.closed) else None,
-                       closed=bounds.closed, layout=layout)
+                       closed=bounds.closed, layout=layout, grid_sizes=tuple(int(g) for g in (low.grid or ())))
         if layout is not None:
             ks.pos_q = layout.positions("q").to(device)
             ks.pos_k = layout.positions("k").to(device)
-        self._sets[memo] = ks
         return ks
 
     def _lists(self, ks: KernelSet, call: Call, config, device) -> TileLists | None:
@@ -325,7 +335,7 @@ class TritonBackend(Backend):
         """Plan of a pattern with run-time inputs: per batch element (closed form
         from the inputs where the analysis has one, else the reference mask in row
         chunks), united over the batch."""
-        from .torch_backend import _cached, inputs_digest, scan_plan
+        from .torch_backend import inputs_digest, scan_plan
 
         batches, _ = call.pattern._inputs(call.M, call.N, call.Hq, call.inputs, batch=call.B)
 
@@ -346,7 +356,7 @@ class TritonBackend(Backend):
         # (the torch path's input-schedule cache, [Note: input schedules] in torch_backend.py)
         key = (call.pattern.ir, call.M, call.N, call.Hq, call.grid, config.block, str(device),
                tuple(inputs_digest(inp) for inp in batches))
-        return _cached(_INPUT_LISTS, _INPUT_CACHE_SIZE, key, build)
+        return _INPUT_LISTS.get(key, build)
 
     # -- knobs
     @staticmethod

@@ -199,7 +199,7 @@ def test_run_time_input_lists_are_built_once_per_input_content():
     assert other is not first and not torch.equal(other.partial.index, first.partial.index)
     doc[0, 20:30] = 0  # in place: now [0]*30 + [1]*20
     assert lists(doc) is not first
-    assert len(tb._INPUT_LISTS) <= tb._INPUT_CACHE_SIZE
+    assert len(tb._INPUT_LISTS) <= tb._INPUT_LISTS.limit()
 
 
 # ----------------------------------------------------------------------------- backend reasons

@@ -591,7 +591,6 @@ def _drop_a_tile(plan):
 
 def _break(backend: str, monkeypatch) -> None:
     """Make `backend` drop a tile of every plan it runs, through its own tables."""
-    from collections import OrderedDict
 
     from attnc.runtime import flex, ops, torch_backend
 
@@ -599,15 +598,15 @@ def _break(backend: str, monkeypatch) -> None:
         real = torch_backend.build_schedule
         monkeypatch.setattr(torch_backend, "build_schedule", lambda call, plan, masks, config=torch_backend.CONFIG:
                             real(call, _drop_a_tile(plan), masks, config))
-        monkeypatch.setattr(torch_backend, "_SCHEDULES", OrderedDict())  # no schedule cached before the break
-        monkeypatch.setattr(torch_backend, "_INPUT_SCHEDULES", OrderedDict())
+        torch_backend._SCHEDULES.clear()  # no schedule cached before the break
+        torch_backend._INPUT_SCHEDULES.clear()
     elif backend == "triton":
         from attnc.runtime import triton_backend
 
         real_lists = triton_backend.TileLists.from_plan
         monkeypatch.setattr(triton_backend.TileLists, "from_plan",
                             staticmethod(lambda plan, device: real_lists(_drop_a_tile(plan), device)))
-        monkeypatch.setattr(ops.get_backend("triton"), "_sets", {})  # no kernel set memoised before the break
+        triton_backend._KERNEL_SETS.clear()  # no kernel set memoised before the break
     else:
         real_tables = flex._plan_tables
 

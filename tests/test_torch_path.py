@@ -306,11 +306,10 @@ def test_schedules_of_run_time_inputs_are_cached_by_content(monkeypatch):
     """[Note: input schedules]: equal inputs (any tensor holding them) reuse the
     schedule, different or changed-in-place inputs build their own, the cache is
     bounded, and a result is never computed with another input's schedule."""
-    from collections import OrderedDict
 
     from attnc.runtime import torch_backend
 
-    monkeypatch.setattr(torch_backend, "_INPUT_SCHEDULES", OrderedDict())
+    torch_backend._INPUT_SCHEDULES.clear()
     builds = []
     real = torch_backend.build_schedule
     monkeypatch.setattr(torch_backend, "build_schedule", lambda *a, **kw: builds.append(1) or real(*a, **kw))
@@ -332,9 +331,9 @@ def test_schedules_of_run_time_inputs_are_cached_by_content(monkeypatch):
     # per batch element: a batch of [doc, other] builds only the changed element
     both = run(torch.stack([torch.tensor([0] * 9 + [1] * 14 + [2] * 7), other]))
     assert both == first + [run(other)[0]] and len(builds) == 3
-    for i in range(torch_backend._INPUT_CACHE_SIZE + 4):  # bounded
+    for i in range(torch_backend._INPUT_SCHEDULES.limit() + 4):  # bounded
         run(torch.tensor([0] * (i + 1) + [1] * (29 - i)))
-    assert len(torch_backend._INPUT_SCHEDULES) == torch_backend._INPUT_CACHE_SIZE
+    assert len(torch_backend._INPUT_SCHEDULES) == torch_backend._INPUT_SCHEDULES.limit()
     # through the op (forward + backward share the schedule): still the reference's numbers
     ref = [t.clone().requires_grad_() for t in (q, k, v)]
     got = [t.clone().requires_grad_() for t in (q, k, v)]

@@ -2,9 +2,9 @@
 # Do not edit; regenerate with `attnc compile`.
 #
 # pattern: pattern bigbird(b = 16, r = 2) on seq = blockwise(b, (band(1, 1) | global({0, N - 1}) | random(r, seed=0)))
-# sizes:   M=128 queries, N=128 keys, H=1 query heads
+# sizes:   run-time arguments M (queries), N (keys); H=1 query heads
+# plan:    per size on the host (tile lists)
 # mask:    (k // 16 >= q // 16 - 1 and k // 16 <= q // 16 + 1) or q // 16 == 0 or q // 16 == 7 or k // 16 == 0 or k // 16 == 7 or bit(random0[q // 16, 0], k // 16)
-# plan:    64x64 tiles (closed-form, one plan for all heads): 0 full + 4 partial of 4
 # config:  BLOCK_M=64 BLOCK_N=64 num_warps=4 num_stages=2 allow_tf32=False
 # loops:   tile lists (random (keys are not a few monotone ranges per query))
 #
@@ -25,7 +25,7 @@ CLOSED_FORM = (False, False)  # (forward and dQ, dK/dV): loop bounds as arithmet
 
 
 @triton.jit
-def _mask(q, k, h, b, tbl_random0):
+def _mask(q, k, h, b, M, N, tbl_random0):
     """bigbird: True where query row q may attend key k (head h, batch b).
 
     q, k are clamped into [0, M) and [0, N) by the caller; they broadcast
@@ -38,8 +38,8 @@ def _mask(q, k, h, b, tbl_random0):
 @triton.jit
 def _attn_fwd_inner(acc, l_i, m_i, q, K_base, V_base, stride_kn, stride_kd, stride_vn, stride_vd, qk_scale,
                     tile_index, tile_count, offs_m, offs_n, offs_d, offs_dv, off_h, off_b, tbl_random0,
-                    M: tl.constexpr, N: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
-                    BLOCK_N: tl.constexpr, EVEN_N: tl.constexpr, MASKED: tl.constexpr,
+                    M, N, D: tl.constexpr, DV: tl.constexpr,
+                    BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
                     DOT_PRECISION: tl.constexpr):
     q_idx = tl.minimum(offs_m, M - 1)
     for j in range(0, tile_count):
@@ -49,9 +49,9 @@ def _attn_fwd_inner(acc, l_i, m_i, q, K_base, V_base, stride_kn, stride_kd, stri
                      mask=(cols[None, :] < N) & (offs_d[:, None] < D), other=0.0)
         qk = tl.dot(q, kT, input_precision=DOT_PRECISION) * qk_scale
         if MASKED:
-            keep = _mask(q_idx[:, None], tl.minimum(cols, N - 1)[None, :], off_h, off_b, tbl_random0)
+            keep = _mask(q_idx[:, None], tl.minimum(cols, N - 1)[None, :], off_h, off_b, M, N, tbl_random0)
             qk = tl.where(keep & (cols[None, :] < N), qk, float("-inf"))
-        elif not EVEN_N:
+        elif start_n + BLOCK_N > N:  # the ragged last key tile (N is a run-time value)
             qk = tl.where(cols[None, :] < N, qk, float("-inf"))
         m_ij = tl.maximum(m_i, tl.max(qk, 1))
         if MASKED:
@@ -70,16 +70,16 @@ def _attn_fwd_inner(acc, l_i, m_i, q, K_base, V_base, stride_kn, stride_kd, stri
     return acc, l_i, m_i
 
 
-@triton.jit
+@triton.jit(do_not_specialize=['M', 'N', 'full_width', 'part_width'])
 def _attn_fwd(Q, K, V, Out, Lse, sm_scale,
               stride_qb, stride_qh, stride_qm, stride_qd,
               stride_kb, stride_kh, stride_kn, stride_kd,
               stride_vb, stride_vh, stride_vn, stride_vd,
               stride_ob, stride_oh, stride_om, stride_od,
               FullCount, FullIndex, full_width, PartCount, PartIndex, part_width, tbl_random0,
-              M: tl.constexpr, N: tl.constexpr, HQ: tl.constexpr, GROUP: tl.constexpr, PLAN_HEADS: tl.constexpr,
+              M, N, HQ: tl.constexpr, GROUP: tl.constexpr, PLAN_HEADS: tl.constexpr,
               D: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-              BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, EVEN_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
+              BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, DOT_PRECISION: tl.constexpr):
     tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16, "tl.dot needs tiles of at least 16")
     tl.static_assert(BLOCK_D >= D and BLOCK_DV >= DV, "head dims are padded up to BLOCK_D / BLOCK_DV")
     tl.static_assert(HQ % GROUP == 0, "query heads come in GQA groups")
@@ -104,11 +104,11 @@ def _attn_fwd(Q, K, V, Out, Lse, sm_scale,
     acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, K_base, V_base, stride_kn, stride_kd, stride_vn, stride_vd,
                                     qk_scale, FullIndex + row * full_width, tl.load(FullCount + row),
                                     offs_m, offs_n, offs_d, offs_dv, off_h, off_b, tbl_random0,
-                                    M, N, D, DV, BLOCK_N, EVEN_N, False, DOT_PRECISION)
+                                    M, N, D, DV, BLOCK_N, False, DOT_PRECISION)
     acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, K_base, V_base, stride_kn, stride_kd, stride_vn, stride_vd,
                                     qk_scale, PartIndex + row * part_width, tl.load(PartCount + row),
                                     offs_m, offs_n, offs_d, offs_dv, off_h, off_b, tbl_random0,
-                                    M, N, D, DV, BLOCK_N, EVEN_N, True, DOT_PRECISION)
+                                    M, N, D, DV, BLOCK_N, True, DOT_PRECISION)
     # rows with no allowed key: output 0 and lse -inf
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
@@ -119,11 +119,11 @@ def _attn_fwd(Q, K, V, Out, Lse, sm_scale,
     tl.store(Lse + off_hb * M + offs_m, lse, mask=offs_m < M)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])
 def _attn_bwd_preprocess(O, DO, DLse, Delta,
                          stride_ob, stride_oh, stride_om, stride_od,
                          stride_dob, stride_doh, stride_dom, stride_dod,
-                         M: tl.constexpr, HQ: tl.constexpr, DV: tl.constexpr,
+                         M, HQ: tl.constexpr, DV: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr, HAS_DLSE: tl.constexpr):
     start_m = tl.program_id(0)
     off_hb = tl.program_id(1).to(tl.int64)  # int64: offsets beyond 2**31 elements
@@ -146,7 +146,7 @@ def _attn_bwd_preprocess(O, DO, DLse, Delta,
 def _attn_bwd_dkdv_inner(dk, dv, k, v, Q_base, DO_base, Lse_base, Delta_base,
                          stride_qm, stride_qd, stride_dom, stride_dod, qk_scale,
                          tile_index, tile_count, offs_m, offs_n, offs_d, offs_dv, off_h, off_b, tbl_random0,
-                         M: tl.constexpr, N: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
+                         M, N, D: tl.constexpr, DV: tl.constexpr,
                          BLOCK_M: tl.constexpr, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr):
     k_idx = tl.minimum(offs_n, N - 1)
     for j in range(0, tile_count):
@@ -163,7 +163,7 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, Q_base, DO_base, Lse_base, Delta_base,
         qkT = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale
         pT = tl.math.exp2(qkT - lse[None, :])
         if MASKED:
-            keep = _mask(tl.minimum(rows, M - 1)[None, :], k_idx[:, None], off_h, off_b, tbl_random0)
+            keep = _mask(tl.minimum(rows, M - 1)[None, :], k_idx[:, None], off_h, off_b, M, N, tbl_random0)
             pT = tl.where(keep, pT, 0.0)
         dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
         dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
@@ -172,14 +172,14 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, Q_base, DO_base, Lse_base, Delta_base,
     return dk, dv
 
 
-@triton.jit
+@triton.jit(do_not_specialize=['M', 'N', 'full_width', 'part_width'])
 def _attn_bwd_dkdv(Q, K, V, DO, Lse, Delta, DK, DV_, sm_scale,
                    stride_qb, stride_qh, stride_qm, stride_qd,
                    stride_kb, stride_kh, stride_kn, stride_kd,
                    stride_vb, stride_vh, stride_vn, stride_vd,
                    stride_dob, stride_doh, stride_dom, stride_dod,
                    FullCount, FullIndex, full_width, PartCount, PartIndex, part_width, tbl_random0,
-                   M: tl.constexpr, N: tl.constexpr, HQ: tl.constexpr, GROUP: tl.constexpr, PLAN_HEADS: tl.constexpr,
+                   M, N, HQ: tl.constexpr, GROUP: tl.constexpr, PLAN_HEADS: tl.constexpr,
                    D: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, DOT_PRECISION: tl.constexpr):
     tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16, "tl.dot needs tiles of at least 16")
@@ -226,7 +226,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, Lse, Delta, DK, DV_, sm_scale,
 @triton.jit
 def _attn_bwd_dq_inner(dq, q, do, lse, delta, K_base, V_base, stride_kn, stride_kd, stride_vn, stride_vd, qk_scale,
                        tile_index, tile_count, offs_m, offs_n, offs_d, offs_dv, off_h, off_b, tbl_random0,
-                       M: tl.constexpr, N: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
+                       M, N, D: tl.constexpr, DV: tl.constexpr,
                        BLOCK_N: tl.constexpr, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr):
     q_idx = tl.minimum(offs_m, M - 1)
     for j in range(0, tile_count):
@@ -239,7 +239,7 @@ def _attn_bwd_dq_inner(dq, q, do, lse, delta, K_base, V_base, stride_kn, stride_
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
         p = tl.math.exp2(qk - lse[:, None])
         if MASKED:
-            keep = _mask(q_idx[:, None], tl.minimum(cols, N - 1)[None, :], off_h, off_b, tbl_random0)
+            keep = _mask(q_idx[:, None], tl.minimum(cols, N - 1)[None, :], off_h, off_b, M, N, tbl_random0)
             p = tl.where(keep & (cols[None, :] < N), p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         ds = p * (dp - delta[:, None])
@@ -247,14 +247,14 @@ def _attn_bwd_dq_inner(dq, q, do, lse, delta, K_base, V_base, stride_kn, stride_
     return dq
 
 
-@triton.jit
+@triton.jit(do_not_specialize=['M', 'N', 'full_width', 'part_width'])
 def _attn_bwd_dq(Q, K, V, DO, Lse, Delta, DQ, sm_scale,
                  stride_qb, stride_qh, stride_qm, stride_qd,
                  stride_kb, stride_kh, stride_kn, stride_kd,
                  stride_vb, stride_vh, stride_vn, stride_vd,
                  stride_dob, stride_doh, stride_dom, stride_dod,
                  FullCount, FullIndex, full_width, PartCount, PartIndex, part_width, tbl_random0,
-                 M: tl.constexpr, N: tl.constexpr, HQ: tl.constexpr, GROUP: tl.constexpr, PLAN_HEADS: tl.constexpr,
+                 M, N, HQ: tl.constexpr, GROUP: tl.constexpr, PLAN_HEADS: tl.constexpr,
                  D: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, DOT_PRECISION: tl.constexpr):
     tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16, "tl.dot needs tiles of at least 16")

@@ -2,9 +2,9 @@
 # Do not edit; regenerate with `attnc compile`.
 #
 # pattern: pattern streaming_llm(sinks = 4, recent = 64) on seq = (sliding(recent) | (sink(sinks) & causal))
-# sizes:   M=256 queries, N=256 keys, H=2 query heads
+# sizes:   run-time arguments M (queries), N (keys); H=2 query heads
+# plan:    per size on the host (checks the closed-form loops)
 # mask:    (k > q - 64 and k <= q) or (k < 4 and k <= q)
-# plan:    64x64 tiles (closed-form, one plan for all heads): 0 full + 18 partial of 32
 # config:  BLOCK_M=64 BLOCK_N=64 num_warps=4 num_stages=2 allow_tf32=False
 # loops:   forward and dQ: closed form (2 key ranges); dK/dV: closed form (2 query ranges)
 #
@@ -25,7 +25,7 @@ CLOSED_FORM = (True, True)  # (forward and dQ, dK/dV): loop bounds as arithmetic
 
 
 @triton.jit
-def _mask(q, k, h, b):
+def _mask(q, k, h, b, M, N):
     """streaming_llm: True where query row q may attend key k (head h, batch b).
 
     q, k are clamped into [0, M) and [0, N) by the caller; they broadcast
@@ -49,16 +49,16 @@ def _split(first, full_first, full_end, end, full, done):
 
 
 @triton.jit
-def _key_tiles_0(q0, q1, h, N: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Keys [0, 4) of positions q0 <= q < q1 (for 68 <= q < 256).
+def _key_tiles_0(q0, q1, h, M, N, BLOCK_N: tl.constexpr):
+    """Keys [0, 4) of positions q0 <= q < q1 (for N - M + 68 <= q < N).
 
     Returns (first, full_first, full_end, end, full): tiles [first, end) touched,
     [full_first, full_end) full when `full` (every position of the tile is in range)."""
-    s = tl.maximum(q0, 68)  # clipped to the range's positions [68, 256)
-    e = tl.minimum(q1, 256)
+    s = tl.maximum(q0, N - M + 68)  # clipped to the range's positions [N - M + 68, N)
+    e = tl.minimum(q1, N)
     active = s < e
-    q_first = tl.minimum(s, 255)
-    q_last = tl.maximum(e - 1, 68)
+    q_first = tl.minimum(s, (N - 1))
+    q_last = tl.maximum(e - 1, N - M + 68)
     lo_first = tl.zeros_like(q_first) + 0
     lo_last = tl.zeros_like(q_last) + 0
     hi_first = tl.zeros_like(q_first) + 4
@@ -72,16 +72,16 @@ def _key_tiles_0(q0, q1, h, N: tl.constexpr, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
-def _key_tiles_1(q0, q1, h, N: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Keys [(0 if q < 68 else q - 63), q + 1) of positions q0 <= q < q1.
+def _key_tiles_1(q0, q1, h, M, N, BLOCK_N: tl.constexpr):
+    """Keys [(0 if q < (N - M + 68) else q - 63), q + 1) of positions q0 <= q < q1.
 
     Returns (first, full_first, full_end, end, full): tiles [first, end) touched,
     [full_first, full_end) full when `full` (every position of the tile is in range)."""
     active = q0 < q1
     q_first = q0
     q_last = q1 - 1
-    lo_first = tl.where(q_first < 68, 0, q_first - 63)
-    lo_last = tl.where(q_last < 68, 0, q_last - 63)
+    lo_first = tl.where(q_first < (N - M + 68), 0, q_first - 63)
+    lo_last = tl.where(q_last < (N - M + 68), 0, q_last - 63)
     hi_first = q_first + 1
     hi_last = q_last + 1
     first = tl.where(active, lo_first // BLOCK_N, 0)
@@ -93,8 +93,8 @@ def _key_tiles_1(q0, q1, h, N: tl.constexpr, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
-def _query_tiles_0(k0, k1, h, M: tl.constexpr, BLOCK_M: tl.constexpr):
-    """Query rows [k, 256) of positions k0 <= k < k1 (for 0 <= k < 4).
+def _query_tiles_0(k0, k1, h, M, N, BLOCK_M: tl.constexpr):
+    """Query rows [k, M) of positions k0 <= k < k1 (for 0 <= k < 4).
 
     Returns (first, full_first, full_end, end, full): tiles [first, end) touched,
     [full_first, full_end) full when `full` (every position of the tile is in range)."""
@@ -105,8 +105,8 @@ def _query_tiles_0(k0, k1, h, M: tl.constexpr, BLOCK_M: tl.constexpr):
     k_last = tl.maximum(e - 1, 0)
     lo_first = k_first
     lo_last = k_last
-    hi_first = tl.zeros_like(k_first) + 256
-    hi_last = tl.zeros_like(k_last) + 256
+    hi_first = tl.zeros_like(k_first) + (M)
+    hi_last = tl.zeros_like(k_last) + (M)
     first = tl.where(active, lo_first // BLOCK_M, 0)
     end = tl.where(active, tl.cdiv(hi_last, BLOCK_M), 0)
     full_first = tl.cdiv(lo_last, BLOCK_M)
@@ -116,20 +116,20 @@ def _query_tiles_0(k0, k1, h, M: tl.constexpr, BLOCK_M: tl.constexpr):
 
 
 @triton.jit
-def _query_tiles_1(k0, k1, h, M: tl.constexpr, BLOCK_M: tl.constexpr):
-    """Query rows [k, (68 if k < 5 else min(256, k + 64))) of positions k0 <= k < k1 (for 4 <= k < 256).
+def _query_tiles_1(k0, k1, h, M, N, BLOCK_M: tl.constexpr):
+    """Query rows [k, (68 if k < (N - M + 5) else min(M, k + 64))) of positions k0 <= k < k1 (for 4 <= k < N).
 
     Returns (first, full_first, full_end, end, full): tiles [first, end) touched,
     [full_first, full_end) full when `full` (every position of the tile is in range)."""
-    s = tl.maximum(k0, 4)  # clipped to the range's positions [4, 256)
-    e = tl.minimum(k1, 256)
+    s = tl.maximum(k0, 4)  # clipped to the range's positions [4, N)
+    e = tl.minimum(k1, N)
     active = s < e
-    k_first = tl.minimum(s, 255)
+    k_first = tl.minimum(s, (N - 1))
     k_last = tl.maximum(e - 1, 4)
     lo_first = k_first
     lo_last = k_last
-    hi_first = tl.where(k_first < 5, 68, tl.minimum(256, k_first + 64))
-    hi_last = tl.where(k_last < 5, 68, tl.minimum(256, k_last + 64))
+    hi_first = tl.where(k_first < (N - M + 5), 68, tl.minimum(M, k_first + 64))
+    hi_last = tl.where(k_last < (N - M + 5), 68, tl.minimum(M, k_last + 64))
     first = tl.where(active, lo_first // BLOCK_M, 0)
     end = tl.where(active, tl.cdiv(hi_last, BLOCK_M), 0)
     full_first = tl.cdiv(lo_last, BLOCK_M)
@@ -141,8 +141,8 @@ def _query_tiles_1(k0, k1, h, M: tl.constexpr, BLOCK_M: tl.constexpr):
 @triton.jit
 def _attn_fwd_inner(acc, l_i, m_i, q, K_base, V_base, stride_kn, stride_kd, stride_vn, stride_vd, qk_scale,
                     tile_lo, tile_hi, offs_m, offs_n, offs_d, offs_dv, off_h, off_b,
-                    M: tl.constexpr, N: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
-                    BLOCK_N: tl.constexpr, EVEN_N: tl.constexpr, MASKED: tl.constexpr,
+                    M, N, D: tl.constexpr, DV: tl.constexpr,
+                    BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
                     DOT_PRECISION: tl.constexpr):
     q_idx = tl.minimum(offs_m, M - 1)
     for j in range(tile_lo, tile_hi):
@@ -152,9 +152,9 @@ def _attn_fwd_inner(acc, l_i, m_i, q, K_base, V_base, stride_kn, stride_kd, stri
                      mask=(cols[None, :] < N) & (offs_d[:, None] < D), other=0.0)
         qk = tl.dot(q, kT, input_precision=DOT_PRECISION) * qk_scale
         if MASKED:
-            keep = _mask(q_idx[:, None], tl.minimum(cols, N - 1)[None, :], off_h, off_b)
+            keep = _mask(q_idx[:, None], tl.minimum(cols, N - 1)[None, :], off_h, off_b, M, N)
             qk = tl.where(keep & (cols[None, :] < N), qk, float("-inf"))
-        elif not EVEN_N:
+        elif start_n + BLOCK_N > N:  # the ragged last key tile (N is a run-time value)
             qk = tl.where(cols[None, :] < N, qk, float("-inf"))
         m_ij = tl.maximum(m_i, tl.max(qk, 1))
         if MASKED:
@@ -173,15 +173,15 @@ def _attn_fwd_inner(acc, l_i, m_i, q, K_base, V_base, stride_kn, stride_kd, stri
     return acc, l_i, m_i
 
 
-@triton.jit
+@triton.jit(do_not_specialize=['M', 'N'])
 def _attn_fwd(Q, K, V, Out, Lse, sm_scale,
               stride_qb, stride_qh, stride_qm, stride_qd,
               stride_kb, stride_kh, stride_kn, stride_kd,
               stride_vb, stride_vh, stride_vn, stride_vd,
               stride_ob, stride_oh, stride_om, stride_od,
-              M: tl.constexpr, N: tl.constexpr, HQ: tl.constexpr, GROUP: tl.constexpr, PLAN_HEADS: tl.constexpr,
+              M, N, HQ: tl.constexpr, GROUP: tl.constexpr, PLAN_HEADS: tl.constexpr,
               D: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-              BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, EVEN_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
+              BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, DOT_PRECISION: tl.constexpr):
     tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16, "tl.dot needs tiles of at least 16")
     tl.static_assert(BLOCK_D >= D and BLOCK_DV >= DV, "head dims are padded up to BLOCK_D / BLOCK_DV")
     tl.static_assert(HQ % GROUP == 0, "query heads come in GQA groups")
@@ -205,36 +205,36 @@ def _attn_fwd(Q, K, V, Out, Lse, sm_scale,
     q0 = start_m * BLOCK_M + (N - M)  # absolute positions of this tile's queries: [q0, q1)
     q1 = tl.minimum(start_m * BLOCK_M + BLOCK_M, M) + (N - M)
     done = start_m * 0  # key tiles before `done` were visited by an earlier range
-    # range 0: keys [0, 4) for 68 <= q < 256
-    first, full_first, full_end, end, full = _key_tiles_0(q0, q1, off_h, N, BLOCK_N)
+    # range 0: keys [0, 4) for N - M + 68 <= q < N
+    first, full_first, full_end, end, full = _key_tiles_0(q0, q1, off_h, M, N, BLOCK_N)
     start, full_start, full_stop, done = _split(first, full_first, full_end, end, full, done)
     acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, K_base, V_base, stride_kn, stride_kd, stride_vn, stride_vd,
                                     qk_scale, start, full_start,
                                     offs_m, offs_n, offs_d, offs_dv, off_h, off_b,
-                                    M, N, D, DV, BLOCK_N, EVEN_N, True, DOT_PRECISION)
+                                    M, N, D, DV, BLOCK_N, True, DOT_PRECISION)
     acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, K_base, V_base, stride_kn, stride_kd, stride_vn, stride_vd,
                                     qk_scale, full_start, full_stop,
                                     offs_m, offs_n, offs_d, offs_dv, off_h, off_b,
-                                    M, N, D, DV, BLOCK_N, EVEN_N, False, DOT_PRECISION)
+                                    M, N, D, DV, BLOCK_N, False, DOT_PRECISION)
     acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, K_base, V_base, stride_kn, stride_kd, stride_vn, stride_vd,
                                     qk_scale, full_stop, done,
                                     offs_m, offs_n, offs_d, offs_dv, off_h, off_b,
-                                    M, N, D, DV, BLOCK_N, EVEN_N, True, DOT_PRECISION)
-    # range 1: keys [(0 if q < 68 else q - 63), q + 1)
-    first, full_first, full_end, end, full = _key_tiles_1(q0, q1, off_h, N, BLOCK_N)
+                                    M, N, D, DV, BLOCK_N, True, DOT_PRECISION)
+    # range 1: keys [(0 if q < (N - M + 68) else q - 63), q + 1)
+    first, full_first, full_end, end, full = _key_tiles_1(q0, q1, off_h, M, N, BLOCK_N)
     start, full_start, full_stop, done = _split(first, full_first, full_end, end, full, done)
     acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, K_base, V_base, stride_kn, stride_kd, stride_vn, stride_vd,
                                     qk_scale, start, full_start,
                                     offs_m, offs_n, offs_d, offs_dv, off_h, off_b,
-                                    M, N, D, DV, BLOCK_N, EVEN_N, True, DOT_PRECISION)
+                                    M, N, D, DV, BLOCK_N, True, DOT_PRECISION)
     acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, K_base, V_base, stride_kn, stride_kd, stride_vn, stride_vd,
                                     qk_scale, full_start, full_stop,
                                     offs_m, offs_n, offs_d, offs_dv, off_h, off_b,
-                                    M, N, D, DV, BLOCK_N, EVEN_N, False, DOT_PRECISION)
+                                    M, N, D, DV, BLOCK_N, False, DOT_PRECISION)
     acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, K_base, V_base, stride_kn, stride_kd, stride_vn, stride_vd,
                                     qk_scale, full_stop, done,
                                     offs_m, offs_n, offs_d, offs_dv, off_h, off_b,
-                                    M, N, D, DV, BLOCK_N, EVEN_N, True, DOT_PRECISION)
+                                    M, N, D, DV, BLOCK_N, True, DOT_PRECISION)
     # rows with no allowed key: output 0 and lse -inf
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
@@ -245,11 +245,11 @@ def _attn_fwd(Q, K, V, Out, Lse, sm_scale,
     tl.store(Lse + off_hb * M + offs_m, lse, mask=offs_m < M)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])
 def _attn_bwd_preprocess(O, DO, DLse, Delta,
                          stride_ob, stride_oh, stride_om, stride_od,
                          stride_dob, stride_doh, stride_dom, stride_dod,
-                         M: tl.constexpr, HQ: tl.constexpr, DV: tl.constexpr,
+                         M, HQ: tl.constexpr, DV: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr, HAS_DLSE: tl.constexpr):
     start_m = tl.program_id(0)
     off_hb = tl.program_id(1).to(tl.int64)  # int64: offsets beyond 2**31 elements
@@ -272,7 +272,7 @@ def _attn_bwd_preprocess(O, DO, DLse, Delta,
 def _attn_bwd_dkdv_inner(dk, dv, k, v, Q_base, DO_base, Lse_base, Delta_base,
                          stride_qm, stride_qd, stride_dom, stride_dod, qk_scale,
                          tile_lo, tile_hi, offs_m, offs_n, offs_d, offs_dv, off_h, off_b,
-                         M: tl.constexpr, N: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
+                         M, N, D: tl.constexpr, DV: tl.constexpr,
                          BLOCK_M: tl.constexpr, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr):
     k_idx = tl.minimum(offs_n, N - 1)
     for j in range(tile_lo, tile_hi):
@@ -289,7 +289,7 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, Q_base, DO_base, Lse_base, Delta_base,
         qkT = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale
         pT = tl.math.exp2(qkT - lse[None, :])
         if MASKED:
-            keep = _mask(tl.minimum(rows, M - 1)[None, :], k_idx[:, None], off_h, off_b)
+            keep = _mask(tl.minimum(rows, M - 1)[None, :], k_idx[:, None], off_h, off_b, M, N)
             pT = tl.where(keep, pT, 0.0)
         dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
         dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
@@ -298,13 +298,13 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, Q_base, DO_base, Lse_base, Delta_base,
     return dk, dv
 
 
-@triton.jit
+@triton.jit(do_not_specialize=['M', 'N'])
 def _attn_bwd_dkdv(Q, K, V, DO, Lse, Delta, DK, DV_, sm_scale,
                    stride_qb, stride_qh, stride_qm, stride_qd,
                    stride_kb, stride_kh, stride_kn, stride_kd,
                    stride_vb, stride_vh, stride_vn, stride_vd,
                    stride_dob, stride_doh, stride_dom, stride_dod,
-                   M: tl.constexpr, N: tl.constexpr, HQ: tl.constexpr, GROUP: tl.constexpr, PLAN_HEADS: tl.constexpr,
+                   M, N, HQ: tl.constexpr, GROUP: tl.constexpr, PLAN_HEADS: tl.constexpr,
                    D: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, DOT_PRECISION: tl.constexpr):
     tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16, "tl.dot needs tiles of at least 16")
@@ -332,8 +332,8 @@ def _attn_bwd_dkdv(Q, K, V, DO, Lse, Delta, DK, DV_, sm_scale,
         k0 = start_n * BLOCK_N  # this tile's keys: [k0, k1)
         k1 = tl.minimum(k0 + BLOCK_N, N)
         done = start_n * 0  # query tiles before `done` were visited by an earlier range
-        # range 0: query rows [k, 256) for 0 <= k < 4
-        first, full_first, full_end, end, full = _query_tiles_0(k0, k1, off_h, M, BLOCK_M)
+        # range 0: query rows [k, M) for 0 <= k < 4
+        first, full_first, full_end, end, full = _query_tiles_0(k0, k1, off_h, M, N, BLOCK_M)
         start, full_start, full_stop, done = _split(first, full_first, full_end, end, full, done)
         dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, Q_base, DO_base, Lse_base, Delta_base,
                                       stride_qm, stride_qd, stride_dom, stride_dod, qk_scale,
@@ -350,8 +350,8 @@ def _attn_bwd_dkdv(Q, K, V, DO, Lse, Delta, DK, DV_, sm_scale,
                                       full_stop, done,
                                       offs_m, offs_n, offs_d, offs_dv, off_h, off_b,
                                       M, N, D, DV, BLOCK_M, True, DOT_PRECISION)
-        # range 1: query rows [k, (68 if k < 5 else min(256, k + 64))) for 4 <= k < 256
-        first, full_first, full_end, end, full = _query_tiles_1(k0, k1, off_h, M, BLOCK_M)
+        # range 1: query rows [k, (68 if k < (N - M + 5) else min(M, k + 64))) for 4 <= k < N
+        first, full_first, full_end, end, full = _query_tiles_1(k0, k1, off_h, M, N, BLOCK_M)
         start, full_start, full_stop, done = _split(first, full_first, full_end, end, full, done)
         dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, Q_base, DO_base, Lse_base, Delta_base,
                                       stride_qm, stride_qd, stride_dom, stride_dod, qk_scale,
@@ -379,7 +379,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, Lse, Delta, DK, DV_, sm_scale,
 @triton.jit
 def _attn_bwd_dq_inner(dq, q, do, lse, delta, K_base, V_base, stride_kn, stride_kd, stride_vn, stride_vd, qk_scale,
                        tile_lo, tile_hi, offs_m, offs_n, offs_d, offs_dv, off_h, off_b,
-                       M: tl.constexpr, N: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
+                       M, N, D: tl.constexpr, DV: tl.constexpr,
                        BLOCK_N: tl.constexpr, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr):
     q_idx = tl.minimum(offs_m, M - 1)
     for j in range(tile_lo, tile_hi):
@@ -392,7 +392,7 @@ def _attn_bwd_dq_inner(dq, q, do, lse, delta, K_base, V_base, stride_kn, stride_
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
         p = tl.math.exp2(qk - lse[:, None])
         if MASKED:
-            keep = _mask(q_idx[:, None], tl.minimum(cols, N - 1)[None, :], off_h, off_b)
+            keep = _mask(q_idx[:, None], tl.minimum(cols, N - 1)[None, :], off_h, off_b, M, N)
             p = tl.where(keep & (cols[None, :] < N), p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         ds = p * (dp - delta[:, None])
@@ -400,13 +400,13 @@ def _attn_bwd_dq_inner(dq, q, do, lse, delta, K_base, V_base, stride_kn, stride_
     return dq
 
 
-@triton.jit
+@triton.jit(do_not_specialize=['M', 'N'])
 def _attn_bwd_dq(Q, K, V, DO, Lse, Delta, DQ, sm_scale,
                  stride_qb, stride_qh, stride_qm, stride_qd,
                  stride_kb, stride_kh, stride_kn, stride_kd,
                  stride_vb, stride_vh, stride_vn, stride_vd,
                  stride_dob, stride_doh, stride_dom, stride_dod,
-                 M: tl.constexpr, N: tl.constexpr, HQ: tl.constexpr, GROUP: tl.constexpr, PLAN_HEADS: tl.constexpr,
+                 M, N, HQ: tl.constexpr, GROUP: tl.constexpr, PLAN_HEADS: tl.constexpr,
                  D: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, DOT_PRECISION: tl.constexpr):
     tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16, "tl.dot needs tiles of at least 16")
@@ -433,8 +433,8 @@ def _attn_bwd_dq(Q, K, V, DO, Lse, Delta, DQ, sm_scale,
     q0 = start_m * BLOCK_M + (N - M)  # absolute positions of this tile's queries: [q0, q1)
     q1 = tl.minimum(start_m * BLOCK_M + BLOCK_M, M) + (N - M)
     done = start_m * 0  # key tiles before `done` were visited by an earlier range
-    # range 0: keys [0, 4) for 68 <= q < 256
-    first, full_first, full_end, end, full = _key_tiles_0(q0, q1, off_h, N, BLOCK_N)
+    # range 0: keys [0, 4) for N - M + 68 <= q < N
+    first, full_first, full_end, end, full = _key_tiles_0(q0, q1, off_h, M, N, BLOCK_N)
     start, full_start, full_stop, done = _split(first, full_first, full_end, end, full, done)
     dq = _attn_bwd_dq_inner(dq, q, do, lse, delta, K_base, V_base, stride_kn, stride_kd, stride_vn, stride_vd,
                             qk_scale, start, full_start,
@@ -448,8 +448,8 @@ def _attn_bwd_dq(Q, K, V, DO, Lse, Delta, DQ, sm_scale,
                             qk_scale, full_stop, done,
                             offs_m, offs_n, offs_d, offs_dv, off_h, off_b,
                             M, N, D, DV, BLOCK_N, True, DOT_PRECISION)
-    # range 1: keys [(0 if q < 68 else q - 63), q + 1)
-    first, full_first, full_end, end, full = _key_tiles_1(q0, q1, off_h, N, BLOCK_N)
+    # range 1: keys [(0 if q < (N - M + 68) else q - 63), q + 1)
+    first, full_first, full_end, end, full = _key_tiles_1(q0, q1, off_h, M, N, BLOCK_N)
     start, full_start, full_stop, done = _split(first, full_first, full_end, end, full, done)
     dq = _attn_bwd_dq_inner(dq, q, do, lse, delta, K_base, V_base, stride_kn, stride_kd, stride_vn, stride_vd,
                             qk_scale, start, full_start,

@@ -5,7 +5,7 @@
 #          into this order and scatters out, lse, dq, dk, dv back
 
 @triton.jit
-def _mask(q, k, h, b):
+def _mask(q, k, h, b, M, N, G0, G1):
     """natten2d: True where query row q may attend key k (head h, batch b).
 
     q, k are clamped into [0, M) and [0, N) by the caller; they broadcast
