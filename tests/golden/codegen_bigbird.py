@@ -4,7 +4,7 @@
 # pattern: pattern bigbird(b = 16, r = 2) on seq = blockwise(b, (band(1, 1) | global({0, N - 1}) | random(r, seed=0)))
 # sizes:   run-time arguments M (queries), N (keys); H=1 query heads
 # plan:    per size on the host (tile lists)
-# mask:    (k // 16 >= q // 16 - 1 and k // 16 <= q // 16 + 1) or q // 16 == 0 or q // 16 == 7 or k // 16 == 0 or k // 16 == 7 or bit(random0[q // 16, 0], k // 16)
+# mask:    (k // 16 >= q // 16 - 1 and k // 16 <= q // 16 + 1) or q // 16 == 0 or q // 16 == ((N + 15) // 16 - 1) or k // 16 == 0 or k // 16 == ((N + 15) // 16 - 1) or bit(random0[q // 16, 0], k // 16)
 # config:  BLOCK_M=64 BLOCK_N=64 num_warps=4 num_stages=2 allow_tf32=False
 # loops:   tile lists (random (keys are not a few monotone ranges per query))
 #
@@ -32,7 +32,7 @@ def _mask(q, k, h, b, M, N, tbl_random0):
     ([BLOCK_M, 1] and [1, BLOCK_N] in the forward kernel, transposed in dK/dV)."""
     t0 = k // 16
     t1 = q // 16
-    return ((t0 >= t1 - 1) & (t0 <= t1 + 1)) | (t1 == 0) | (t1 == 7) | (t0 == 0) | (t0 == 7) | ((((tl.load(tbl_random0 + t1)) >> t0) & 1) != 0)
+    return ((t0 >= t1 - 1) & (t0 <= t1 + 1)) | (t1 == 0) | (t1 == ((N + 15) // 16 - 1)) | (t0 == 0) | (t0 == ((N + 15) // 16 - 1)) | ((((tl.load(tbl_random0 + t1)) >> t0) & 1) != 0)
 
 
 @triton.jit
