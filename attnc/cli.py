@@ -368,18 +368,9 @@ def cmd_compile(args, out, err) -> int:
 
         jobs = [aot.Job(str(args.file), pat.name, tuple(sets.items()), M=M, N=N, heads=H, grid=grid, config=chosen,
                         dtype=args.dtype, D=args.head_dim, target=t, label=pat.name) for t in targets]
-        try:
-            reports = aot.compile_jobs(jobs, processes=args.processes)
-        except aot.AOTError as exc:
-            print(f"attnc compile: {exc}", file=err)
+        status = _run_aot(jobs, meta, args, out, err)
+        if status is None:
             return 1
-        meta["aot"] = [r.to_dict() for r in reports]
-        print(aot.table(reports), file=out)
-        bad = [r for r in reports if not r.fits]
-        if bad:
-            print(f"attnc compile: {len(bad)} of {len(reports)} targets have kernels that do not fit (see 'fits'); "
-                  f"try a smaller --tile, or --head-dim / --dtype as the model uses them", file=err)
-            status = 1
     stem = f"{pat.name}_{'x'.join(map(str, grid)) if grid else N}"
     try:
         d = Path(args.out)
@@ -432,18 +423,9 @@ def _compile_generic(args, pat, sets, chosen, targets, out, err) -> int:
                 size = dict(grid=big) if isinstance(big, tuple) else dict(M=big)
                 jobs.append(aot.Job(str(args.file), pat.name, tuple(sets.items()), heads=args.heads, config=chosen,
                                     dtype=args.dtype, D=args.head_dim, target=t, label=pat.name, **size))
-        try:
-            reports = aot.compile_jobs(jobs, processes=args.processes)
-        except aot.AOTError as exc:
-            print(f"attnc compile: {exc}", file=err)
+        status = _run_aot(jobs, meta, args, out, err)
+        if status is None:
             return 1
-        meta["aot"] = [r.to_dict() for r in reports]
-        print(aot.table(reports), file=out)
-        bad = [r for r in reports if not r.fits]
-        if bad:
-            print(f"attnc compile: {len(bad)} of {len(reports)} targets have kernels that do not fit (see 'fits'); "
-                  f"try a smaller --tile, or --head-dim / --dtype as the model uses them", file=err)
-            status = 1
     try:
         d.mkdir(parents=True, exist_ok=True)
         for n, c in zip(names, classes):
@@ -495,6 +477,26 @@ def cmd_cache(args, out, err) -> int:
             print(f"  {c['name']:<16} at most {c['limit']:>4} entries: {c['what']}", file=out)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
+    return 0
+
+
+def _run_aot(jobs, meta: dict, args, out, err) -> int | None:
+    """Compile `jobs` ahead of time, print the table, record it in `meta`: 0 when every
+    kernel fits, 1 when some do not, None when compiling failed (said on `err`)."""
+    from .codegen import aot
+
+    try:
+        reports = aot.compile_jobs(jobs, processes=args.processes)
+    except aot.AOTError as exc:
+        print(f"attnc compile: {exc}", file=err)
+        return None
+    meta["aot"] = [r.to_dict() for r in reports]
+    print(aot.table(reports), file=out)
+    bad = [r for r in reports if not r.fits]
+    if bad:
+        print(f"attnc compile: {len(bad)} of {len(reports)} targets have kernels that do not fit (see 'fits'); "
+              f"try a smaller --tile, or --head-dim / --dtype as the model uses them", file=err)
+        return 1
     return 0
 
 
