@@ -335,26 +335,24 @@ def _bind(job: Job):
     return attnc.load(job.file).pattern(job.pattern, **dict(job.params))
 
 
-def run_job(job: Job, driver: _StandInDriver) -> JobReport:
-    """Compile one job's kernels in this process (which must not be in interpreter mode)."""
+def _launch_job(job: Job, cap: int, dtype, sink: list) -> tuple[dict, set]:
+    """Run the job's passes through a `TritonBackend` for capability `cap`, recording every
+    compiled kernel into `sink` (the kernel sets in the runtime's cache are left as they are:
+    later jobs share them). Returns ({sink index: config it ran with}, module keys used)."""
     import torch
 
     from attnc.runtime.triton_backend import TritonBackend
 
-    job.check()
-    cap, limit = parse_target(job.target)
-    dtype = torch_dtype(job.dtype)
-    driver.set_target(cap)
-    pat = _bind(job)
-    call, q, k, v = _synthetic_call(job, pat, dtype)
+    call, q, k, v = _synthetic_call(job, _bind(job), dtype)
     be = TritonBackend(job.config, capability=cap)  # no config: the runtime's choice for this target
     config = be.call_config(call, q)
-    sink: list = []
     real_kernels = be.kernels
+    modules: set = set()
 
     def recording_kernels(call_, device, config_=None):
-        # a wrapper: the kernel set itself stays in the runtime's cache, shared with later jobs
-        return _RecordedSet(real_kernels(call_, device, config_), sink)
+        ks = real_kernels(call_, device, config_)
+        modules.add(ks.key)
+        return _RecordedSet(ks, sink)
 
     be.kernels = recording_kernels
     configs = {}
@@ -369,6 +367,17 @@ def run_job(job: Job, driver: _StandInDriver) -> JobReport:
         lse = torch.zeros(1, call.Hq, call.M, dtype=torch.float32)
         be._backward_with(call, bwd, q, k, v, out, lse, out, None)
         configs.update((i, bwd) for i in range(n0, len(sink)))
+    return configs, modules
+
+
+def run_job(job: Job, driver: _StandInDriver) -> JobReport:
+    """Compile one job's kernels in this process (which must not be in interpreter mode)."""
+    job.check()
+    cap, limit = parse_target(job.target)
+    dtype = torch_dtype(job.dtype)
+    driver.set_target(cap)
+    sink: list = []
+    configs, _ = _launch_job(job, cap, dtype, sink)
     report = JobReport(job=job)
     for i, (name, compiled, secs, warps) in enumerate(sink):
         usage = resource_usage(compiled.asm["cubin"])
@@ -669,16 +678,13 @@ def table(reports: list[JobReport], markdown: bool = False) -> str:
 
 def count_main() -> int:
     """`python -m attnc.codegen.aot count`: a JSON list of jobs on stdin (one pattern at several
-    sizes, one target); launches each job's forward and backward through the runtime like
-    `run_job`, in one process, and prints {kernel name: distinct compiled binaries} as JSON.
+    sizes, one target); launches each job's passes through the runtime like `run_job`
+    (`_launch_job`), in one process, and prints {kernel name: distinct compiled binaries} as JSON.
     With kernels generic in the sizes, every kernel compiles once (Triton's own cache hits)."""
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         print("attnc.codegen.aot count: expected TRITON_INTERPRET unset, got 1", file=sys.stderr)
         return 2
-    import torch
     from triton.runtime import driver as triton_driver
-
-    from attnc.runtime.triton_backend import TritonBackend
 
     stand_in = _StandInDriver()
     triton_driver.set_active(stand_in)
@@ -689,23 +695,9 @@ def count_main() -> int:
         job.check()
         cap, _ = parse_target(job.target)
         stand_in.set_target(cap)
-        dtype = torch_dtype(job.dtype)
-        call, q, k, v = _synthetic_call(job, _bind(job), dtype)
-        be = TritonBackend(job.config, capability=cap)
-        config = be.call_config(call, q)
         sink: list = []
-        real = be.kernels
-
-        def recording(call_, device, config_=None, real=real, sink=sink):
-            ks = real(call_, device, config_)
-            modules.add(ks.key)
-            return _RecordedSet(ks, sink)
-
-        be.kernels = recording
-        be.forward(call, q, k, v)
-        out = torch.empty(1, call.Hq, call.M, call.Dv, dtype=dtype)
-        lse = torch.zeros(1, call.Hq, call.M, dtype=torch.float32)
-        be._backward_with(call, be.backward_config(call, config, q), q, k, v, out, lse, out, None)
+        _, used = _launch_job(job, cap, torch_dtype(job.dtype), sink)
+        modules |= used
         for name, compiled, _, _ in sink:
             seen.setdefault(name, set()).add(id(compiled))
     print(json.dumps({"modules": len(modules), "kernels": {n: len(ids) for n, ids in sorted(seen.items())}}))

@@ -391,14 +391,12 @@ def _runs(flags: torch.Tensor, start: int, end: int | None = None) -> list[tuple
     so a size-tagged end keeps its expression, sizes.py)."""
     if flags.numel() == 0:
         return []
-    if end is not None and int(end) == int(start) + flags.numel():
-        out = _runs(flags, start)
-        return [(a, end if int(b) == int(end) else b) for a, b in out]
     f = flags.to(torch.int8)
     d = torch.diff(torch.cat([torch.zeros(1, dtype=torch.int8), f, torch.zeros(1, dtype=torch.int8)]))
     a = (d == 1).nonzero().flatten().tolist()
     b = (d == -1).nonzero().flatten().tolist()
-    return [(start + i, start + j) for i, j in zip(a, b)]
+    last = flags.numel()
+    return [(start + i, end if end is not None and j == last else start + j) for i, j in zip(a, b)]
 
 
 class Domain:
@@ -539,12 +537,7 @@ class Derivation:
         self.view = top_view(pattern, M, N, H, None, {}, rows=(0, 0))
 
     def val(self, v, env) -> int:
-        out = self.ev.val(v, env)
-        if isinstance(out, int) and not isinstance(out, bool) and getattr(v, "free_symbols", None):
-            tagged = size_tags.from_sympy(v, env)  # a parameter declared from sizes keeps its expression
-            if tagged is not None and int(tagged) == out:
-                return tagged
-        return out
+        return size_tags.keep_expression(v, env, self.ev.val(v, env))
 
     def run(self) -> list[Range]:
         env = self.view.env
@@ -875,14 +868,17 @@ class LoopBounds:
     def closed(self) -> tuple[bool, bool]:
         return self.rows is not None, self.cols is not None
 
-    def summary(self) -> str:
-        """One line for headers and metadata."""
+    def summary(self, per_size: bool = True) -> str:
+        """One line for headers and metadata; `per_size=False` leaves out what only holds at
+        these sizes (the tile counts of a check that failed), for length-generic headers."""
+        rows_why, cols_why = (self.rows_reason, self.cols_reason) if per_size else \
+            (_without_counts(self.rows_reason), _without_counts(self.cols_reason))
         if self.rows is None and self.cols is None:
-            return f"tile lists ({self.rows_reason})" if self.rows_reason == self.cols_reason else \
-                f"tile lists (forward and dQ: {self.rows_reason}; dK/dV: {self.cols_reason})"
+            return f"tile lists ({rows_why})" if rows_why == cols_why else \
+                f"tile lists (forward and dQ: {rows_why}; dK/dV: {cols_why})"
         parts = []
-        for name, rs, why, unit in (("forward and dQ", self.rows, self.rows_reason, "key"),
-                                    ("dK/dV", self.cols, self.cols_reason, "query")):
+        for name, rs, why, unit in (("forward and dQ", self.rows, rows_why, "key"),
+                                    ("dK/dV", self.cols, cols_why, "query")):
             if rs is None:
                 parts.append(f"{name}: tile lists ({why})")
             else:
@@ -898,6 +894,14 @@ class LoopBounds:
                 "cols": "closed form" if self.cols is not None else "tile lists",
                 "cols_ranges": self.cols.text() if self.cols is not None else None,
                 "cols_reason": self.cols_reason or None}
+
+
+#: the reason of a closed form that does not reproduce the plan (then the counts, per size)
+DIFFERS = "the closed form differs from the plan at these sizes"
+
+
+def _without_counts(reason: str) -> str:
+    return DIFFERS if reason.startswith(DIFFERS) else reason
 
 
 def _check(rs: Ranges, H: int, tiles: tuple[int, int], full, partial) -> str:
@@ -928,7 +932,7 @@ def _check(rs: Ranges, H: int, tiles: tuple[int, int], full, partial) -> str:
         missed += len(want_k) - int(hit.sum())
     if missed == extra == masked == unmasked == 0:
         return ""
-    return (f"the closed form differs from the plan at these sizes ({missed} tiles missed, {extra} empty tiles "
+    return (f"{DIFFERS} ({missed} tiles missed, {extra} empty tiles "
             f"visited, {masked} full tiles masked, {unmasked} partial tiles unmasked)")
 
 

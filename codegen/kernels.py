@@ -562,14 +562,15 @@ def _range_helper(rs, i: int, bits: int, r, sizes: str = "", env: dict | None = 
     they are checked against, sizes.text)."""
     import torch
 
-    from .bounds import _int_text, to_text, to_triton
+    from . import sizes as size_tags
+    from .bounds import to_text, to_triton
 
     rows = rs.direction == "rows"
     v = "q" if rows else "k"
     L, B = ("N", "BLOCK_N") if rows else ("M", "BLOCK_M")
     name = f"_key_tiles_{i}" if rows else f"_query_tiles_{i}"
     what = "keys" if rows else "query rows"
-    g0, g1 = _int_text(r.g0, env), _int_text(r.g1, env)
+    g0, g1 = size_tags.text(r.g0, env), size_tags.text(r.g1, env)
     doc = (f'    """{what.capitalize()} [{to_text(r.lo, v, env)}, {to_text(r.hi, v, env)}) of positions {v}0 <= {v} < {v}1'
            + ("" if (r.g0, r.g1) == rs.domain else f" (for {g0} <= {v} < {g1})")
            + ("" if bits == -1 else f", heads {_bits_text(bits)}") + f".\n\n"
@@ -581,7 +582,7 @@ def _range_helper(rs, i: int, bits: int, r, sizes: str = "", env: dict | None = 
         lines += [f"    s = tl.maximum({v}0, {g0})  # clipped to the range's positions [{g0}, {g1})",
                   f"    e = tl.minimum({v}1, {g1})",
                   f"    active = s < e",
-                  f"    {v}_first = tl.minimum(s, {_int_text(r.g1 - 1, env, 1)})",
+                  f"    {v}_first = tl.minimum(s, {size_tags.text(r.g1 - 1, env, 9)})",
                   f"    {v}_last = tl.maximum(e - 1, {g0})"]
     else:
         lines += [f"    active = {v}0 < {v}1", f"    {v}_first = {v}0", f"    {v}_last = {v}1 - 1"]
@@ -641,9 +642,8 @@ def generate(low: Lowered, config: KernelConfig, plan_text: str = "built from ru
         mask_text = mask_text[:397] + "..."
     tables = "(" + "".join(f"{t.name!r}, " for t in low.tables) + ")" if low.tables else "()"
     rows_closed, cols_closed = bounds.closed if bounds is not None else (False, False)
-    loops_text = bounds.summary() if bounds is not None else "tile lists (plan built per call)"
-    if generic:  # the tile counts of a failed check are the size's, not the text's
-        loops_text = re.sub(r" \(\d+ tiles missed[^)]*\)", "", loops_text)
+    loops_text = bounds.summary(per_size=not generic) if bounds is not None else "tile lists (plan built per call)"
+    if generic:
         axes = f", {', '.join(grid_args)} (grid axes)" if grid_args else ""
         size_lines = (f"# sizes:   run-time arguments M (queries), N (keys){axes}; H={low.H} query heads\n"
                       f"# plan:    per size on the host ({'tile lists' if not (rows_closed and cols_closed) else 'checks the closed-form loops'})")

@@ -599,12 +599,7 @@ class _Lower(Evaluator):
     def val(self, expr, env) -> int:
         """The reference's value, keeping the size expression of parameters declared
         from sizes (`w = N // 8`) so kernels compute them from their size arguments."""
-        v = super().val(expr, env)
-        if isinstance(v, int) and not isinstance(v, bool) and getattr(expr, "free_symbols", None):
-            tagged = size_tags.from_sympy(expr, env)
-            if tagged is not None and int(tagged) == v:
-                return tagged
-        return v
+        return size_tags.keep_expression(expr, env, super().val(expr, env))
 
     def eval(self, node: ir.Mask, view: PView) -> Expr:  # type: ignore[override]
         self.check(node, view)
@@ -727,8 +722,8 @@ class _Lower(Evaluator):
             bits = torch.zeros(len(rows), n + 1, dtype=torch.bool)
             bits.scatter_(1, table, True)
             packed = pack_bits(bits[:, :n])
-            assert packed.shape[1] == -(-int(n) // 32)
-            # the row stride (words per row) as an expression of n: the text does not depend on the length
+            # the row stride (pack_bits: cdiv(n, 32) words per row) as an expression of n, so the
+            # text does not depend on the length
             self.tables[name] = Table(name=name, shape=(packed.shape[0], -(-n // 32)), batched=False, data=packed,
                                       kind="random")
         row = b.clamp(b.sub(view.q, b.c(lo)), 0, hi - lo)

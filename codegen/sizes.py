@@ -311,6 +311,17 @@ def tag(M: int, N: int, grid=None):
             None if grid is None else tuple(Sym.size(f"G{i}", g) for i, g in enumerate(grid)))
 
 
+def keep_expression(expr, env: dict, value):
+    """`value` (what an evaluator computed for the sympy expression `expr` over `env`) with
+    the size expression kept when `expr` is built from sizes (`w = N // 8`), so kernels
+    compute it from their size arguments; `value` itself otherwise."""
+    if isinstance(value, int) and not isinstance(value, bool) and getattr(expr, "free_symbols", None):
+        tagged = from_sympy(expr, env)
+        if tagged is not None and int(tagged) == value:
+            return tagged
+    return value
+
+
 def from_sympy(expr, env: dict):
     """A sympy integer expression of sizes evaluated over `env` (symbol -> int or Sym),
     keeping size tags where the operations are + - * floor(x / c) Mod Min Max; None

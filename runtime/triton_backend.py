@@ -260,9 +260,6 @@ class TritonBackend(Backend):
     def kernels(self, call: Call, device, config=None) -> KernelSet:
         """The kernel set for this call's configuration (generated, cached, memoised)."""
         from attnc.codegen import cache
-        from attnc.codegen.bounds import loop_bounds
-        from attnc.codegen.kernels import generate, plan_summary
-        from attnc.codegen.pointwise import to_text
 
         config = config or self.call_config(call)
         shapes = self._code_shapes(call)
