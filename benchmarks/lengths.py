@@ -31,13 +31,19 @@ import torch
 import attnc
 
 
+#: dtype -> the tolerance of the equality check between the contenders
+TOLERANCE = {"float32": 1e-4, "float16": 2e-3, "bfloat16": 2e-2}
+
+
 def now():
     return time.perf_counter(), time.process_time()
 
 
-def timed(fn):
+def timed(fn, sync=lambda: None):
+    sync()
     w0, c0 = now()
     out = fn()
+    sync()
     w1, c1 = now()
     return out, (w1 - w0) * 1e3, (c1 - c0) * 1e3
 
@@ -54,10 +60,15 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", choices=sorted(TOLERANCE), default=None,
+                    help="default: float32 on the CPU, bfloat16 on CUDA")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=None, help="append the markdown table to this file")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    dtype_name = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
+    dtype, tol = getattr(torch, dtype_name), TOLERANCE[dtype_name]
+    sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
     from torch._dynamo import config as dynamo_config
     dynamo_config.cache_size_limit = max(64, 2 * args.count)  # no silent eager fallback for flex
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
@@ -75,7 +86,7 @@ def main() -> None:
     rows, tot = [], {"attnc": [0.0, 0.0], "flex": [0.0, 0.0]}
     for n in lengths:
         g = torch.Generator().manual_seed(n)
-        q, k, v = (torch.randn(1, args.heads, n, args.dim, generator=g).to(args.device) for _ in range(3))
+        q, k, v = (torch.randn(1, args.heads, n, args.dim, generator=g).to(args.device, dtype) for _ in range(3))
 
         def run_attnc():
             return pat(q, k, v, backend=backend)
@@ -87,18 +98,14 @@ def main() -> None:
         bm_warm = create_block_mask(mask_mod, None, None, n, n, device=args.device, BLOCK_SIZE=128)
         res = {}
         for name, first in (("attnc", run_attnc), ("flex", run_flex)):
-            out, wall, cpu = timed(first)
+            out, wall, cpu = timed(first, sync)
             res[name] = {"out": out, "first": wall, "first_cpu": cpu}
-        torch.testing.assert_close(res["attnc"]["out"].float(), res["flex"]["out"].float(), atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(res["attnc"]["out"].float(), res["flex"]["out"].float(), atol=tol, rtol=tol)
         warm = {"attnc": run_attnc, "flex": lambda: flex(q, k, v, block_mask=bm_warm)}
         times = {"attnc": [], "flex": []}
         for _ in range(args.repeat):  # interleaved
             for name in ("attnc", "flex"):
-                if args.device == "cuda":
-                    torch.cuda.synchronize()
-                _, wall, _ = timed(warm[name])
-                if args.device == "cuda":
-                    torch.cuda.synchronize()
+                _, wall, _ = timed(warm[name], sync)
                 times[name].append(wall)
         row = [n]
         for name in ("attnc", "flex"):
@@ -112,7 +119,7 @@ def main() -> None:
     lines = [f"## {time.strftime('%Y-%m-%d')} {platform.node()} {args.device}, {args.threads} thread(s); "
              f"torch {torch.__version__}, attnc {attnc.__version__}",
              "",
-             f"sliding({W}) | (sink({S}) & causal), H={args.heads}, D={args.dim}, float32, {args.count} random lengths "
+             f"sliding({W}) | (sink({S}) & causal), H={args.heads}, D={args.dim}, {dtype_name}, {args.count} random lengths "
              f"{args.min}-{args.max} (seed {args.seed}), median of {args.repeat} warm runs; wall ms",
              "",
              "| N | attnc first | attnc steady | flex first | flex steady | first: flex/attnc | steady: flex/attnc |",

@@ -18,7 +18,9 @@ PYTEST_S=${PYTEST_S:-190}    # stage limits, seconds (sum + installs stays under
 BENCH_S=${BENCH_S:-230}      # hard limit of the benchmark process
 BUDGET_S=${BUDGET_S:-205}    # the benchmark's own budget: it stops starting steps and writes its results
 AOT_S=${AOT_S:-0}            # > 0: also check AOT compilation against real launches (scripts/aot_gpu_check.py)
+LENGTHS_S=${LENGTHS_S:-0}    # > 0: also time many sequence lengths (benchmarks/lengths.py, issue 16)
 PYTEST_ARGS=${PYTEST_ARGS:--m gpu}              # which tests (a follow-up run narrows them)
+LENGTHS_ARGS=${LENGTHS_ARGS:---count 6 --min 4096 --max 32768 --heads 16 --dim 128 --repeat 5}
 BENCH_ARGS=${BENCH_ARGS:---subset issue23}      # which benchmark cases and options
 
 {
@@ -56,6 +58,13 @@ if [ "$AOT_S" -gt 0 ]; then
     stamp "AOT vs real launches (limit ${AOT_S} s)" | tee -a "$OUT/setup.log"
     timeout -k 5 "$AOT_S" $PY scripts/aot_gpu_check.py 2>&1 | tee "$OUT/aot_check.log"
     echo "aot check exit ${PIPESTATUS[0]} (124: stage limit)" | tee -a "$OUT/aot_check.log"
+fi
+
+if [ "$LENGTHS_S" -gt 0 ]; then
+    stamp "lengths $LENGTHS_ARGS (limit ${LENGTHS_S} s)" | tee -a "$OUT/setup.log"
+    timeout -k 5 "$LENGTHS_S" $PY benchmarks/lengths.py --device cuda $LENGTHS_ARGS --out "$OUT/lengths_gpu.md" \
+        2>&1 | tee "$OUT/lengths.log"
+    echo "lengths exit ${PIPESTATUS[0]} (124: stage limit)" | tee -a "$OUT/lengths.log"
 fi
 
 stamp "benchmark $BENCH_ARGS (budget ${BUDGET_S} s, limit ${BENCH_S} s)" | tee -a "$OUT/setup.log"

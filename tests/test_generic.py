@@ -10,6 +10,7 @@ depend on a size again fails a test instead of silently compiling per length.
 import ast
 import io
 import json
+import os
 
 import pytest
 import torch
@@ -174,6 +175,43 @@ def test_ten_lengths_compile_each_gpu_kernel_once():
     got = aot.compile_counts(jobs)
     assert got["modules"] == 2  # one per pattern
     assert got["kernels"] == {"_attn_bwd_dkdv": 2, "_attn_bwd_dq": 2, "_attn_bwd_preprocess": 2, "_attn_fwd": 2}
+
+
+def _binaries(fn) -> int:
+    """Compiled binaries a Triton JITFunction holds (every device)."""
+    caches = getattr(fn, "device_caches", None)
+    if caches is not None:
+        return sum(len(entry[0]) for entry in caches.values())
+    return sum(len(c) for c in getattr(fn, "cache", {}).values())
+
+
+#: ATTNC_GPU_TESTS_ON_CPU=1 runs the @gpu case below in the interpreter (numbers and the
+#: module count; no binaries to count), as tests/test_gpu_examples.py does
+ON_CPU = os.environ.get("ATTNC_GPU_TESTS_ON_CPU") == "1"
+
+
+@(interpreted if ON_CPU else pytest.mark.gpu)
+@pytest.mark.parametrize("name,params", [("mistral", dict(window=100)), ("packed", {}), ("natten2d", dict(size=7))])
+def test_lengths_on_a_gpu_compile_each_kernel_once_and_match_the_reference(name, params):
+    """On CUDA: fwd + every gradient in float16 against float64 at six sizes (ragged,
+    tile multiples, grid shapes), and each kernel of the shared module compiled once."""
+    pat = example_pattern(name, **params)
+    device = "cpu" if ON_CPU else "cuda"
+    sizes = ([dict(grid=(16, 20 + i)) for i in (0, 1, 3, 4, 7, 12)] if name == "natten2d" else
+             [dict(M=n) for n in (300, 448, 513, 640, 777, 1000)])
+    modules = set()
+    for size in sizes:
+        grid = size.get("grid")
+        m = size.get("M") or pat.resolve_sizes(1, None, 2, grid)[1]
+        call = check(pat, B=2, Hq=2, Hkv=1, M=m, D=64, grid=grid, inputs=_inputs(name, m, m),
+                     dtype=torch.float16, tiles=(64, 64), device=device)
+        modules.add(backend((64, 64)).kernels(call, device).module)
+    assert len(modules) == 1, f"{name}: {len(modules)} modules over {len(sizes)} sizes"
+    if ON_CPU:
+        return
+    module = modules.pop()
+    counts = {k: _binaries(getattr(module, k)) for k in dir(module) if k.startswith("_attn_")}
+    assert counts and all(c == 1 for c in counts.values()), counts
 
 
 # ----------------------------------------------------------------------------- torch.compile with dynamic shapes
