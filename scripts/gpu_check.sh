@@ -50,7 +50,8 @@ PY
 [ -d /tmp/attnc-pkg ] && export PYTHONPATH=/tmp/attnc-pkg:$PYTHONPATH
 
 stamp "pytest $PYTEST_ARGS (limit ${PYTEST_S} s)" | tee -a "$OUT/setup.log"
-timeout -k 10 "$PYTEST_S" $PY -m pytest $PYTEST_ARGS -q --maxfail=40 -n 14 --timeout 300 -p no:cacheprovider -rfEs --durations=15 \
+export LIVE_FAILURES="$OUT/failures.log" PYTHONPATH=$PWD/scripts${PYTHONPATH:+:$PYTHONPATH}
+timeout -k 10 "$PYTEST_S" $PY -m pytest $PYTEST_ARGS -p live_failures -q --maxfail=40 -n 14 --timeout 300 -p no:cacheprovider -rfEs --durations=15 \
     2>&1 | tee "$OUT/pytest.log"
 echo "pytest exit ${PIPESTATUS[0]} (124: stage limit)" | tee -a "$OUT/pytest.log"
 
