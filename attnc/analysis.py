@@ -461,6 +461,24 @@ class TileList:
         return TileList.from_padded(self.counts.to(device, torch.int32).contiguous(),
                                     self.index.to(device, torch.int32).contiguous())
 
+    def move_column(self, to: "TileList", col: int) -> tuple["TileList", "TileList"]:
+        """(self without its tiles in column `col`, `to` with them added): both stay
+        ascending per row (the runtime moves a ragged last key tile from the full
+        list to the partial one)."""
+        sel = self.cols == col
+        if not bool(sel.any()):
+            return self, to
+        Hx, rows = self.counts.shape
+        moved_rows = self.flat_rows()[sel]
+        keep = TileList(torch.bincount(self.flat_rows()[~sel], minlength=Hx * rows).to(torch.int32).view(Hx, rows),
+                        self.cols[~sel].to(torch.int32))
+        all_rows = torch.cat([to.flat_rows(), moved_rows])
+        all_cols = torch.cat([to.cols.long(), self.cols[sel].long()])
+        order = torch.argsort(all_rows * (int(all_cols.max()) + 1) + all_cols)
+        add = TileList(torch.bincount(all_rows, minlength=Hx * rows).to(torch.int32).view(Hx, rows),
+                       all_cols[order].to(torch.int32))
+        return keep, add
+
     @staticmethod
     def from_dense(flags: torch.Tensor) -> "TileList":
         h, r, c = flags.nonzero(as_tuple=True)  # row-major: columns ascend within a row

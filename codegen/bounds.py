@@ -17,8 +17,9 @@ prefix(n): [0, n) guarded by x < n; rows(S): [0, N) guarded by S). Unions
 are lists, intersections take max(lo) / min(hi) of every pair, complements
 are De Morgan over the gaps. For a tile of queries [a0, a1) inside the guard,
 monotonicity gives the touched key tiles [lo(a0) // BN, cdiv(hi(a1 - 1), BN))
-and the full ones [cdiv(lo(a1 - 1), BN), hi(a0) // BN) (the ragged last key
-tile is full when hi(a0) = N): two evaluations per range and tile.
+and the full ones [cdiv(lo(a1 - 1), BN), min(hi(a0), N) // BN) (a ragged last
+key tile is partial: the full loop has no bounds check): two evaluations per
+range and tile.
 
 Sizes are concrete (kernels are specialised to them), so each range list is
 normalised on the host: clipped to the valid x, split where a range is empty,
@@ -763,9 +764,11 @@ def col_ranges(rows: Ranges, M: int, N: int, join: bool = True) -> Ranges:
 # ----------------------------------------------------------------------------- the kernels' arithmetic, on the host
 
 
-def range_tiles(r: Range, a0: torch.Tensor, a1: torch.Tensor, length: int, bn: int):
+def range_tiles(r: Range, a0: torch.Tensor, a1: torch.Tensor, length: int, bn: int, ragged_partial: bool = True):
     """What a kernel computes for range r and tiles of positions [a0, a1):
-    (first, full_first, full_end, end, full) tile indices, int64 tensors."""
+    (first, full_first, full_end, end, full) tile indices, int64 tensors. With
+    `ragged_partial` (key tiles: the forward and dQ) a ragged last tile is never
+    full ([Note: the two loops] in codegen/kernels.py)."""
     s, e = a0.clamp(min=r.g0), a1.clamp(max=r.g1)
     active = s < e
     xf, xl = s.clamp(max=r.g1 - 1), (e - 1).clamp(min=r.g0)
@@ -773,7 +776,10 @@ def range_tiles(r: Range, a0: torch.Tensor, a1: torch.Tensor, length: int, bn: i
     first = torch.where(active, lo_f // bn, 0)  # an inactive range visits nothing and moves nothing
     end = torch.where(active, -(-hi_l // bn), 0)
     full_first = -(-lo_l // bn)
-    full_end = torch.where(hi_f >= length, -(-length // bn), hi_f // bn)
+    if ragged_partial:
+        full_end = torch.minimum(hi_f, torch.tensor(length)) // bn
+    else:
+        full_end = torch.where(hi_f >= length, -(-length // bn), hi_f // bn)
     full = active & (s == a0) & (e == a1)
     return first, full_first, full_end, end, full
 
@@ -798,7 +804,7 @@ def visited(rs: Ranges, H: int, tiles: tuple[int, int]) -> tuple[list, tuple[int
             if not (bits >> h) & 1:
                 continue
             for r in ranges:
-                first, f_first, f_end, end, full = range_tiles(r, a0, a1, rs.length, bn)
+                first, f_first, f_end, end, full = range_tiles(r, a0, a1, rs.length, bn, rs.direction == "rows")
                 start = torch.maximum(first, done)
                 stop = torch.maximum(end, start)
                 fs = torch.where(full, torch.minimum(torch.maximum(f_first, start), stop), stop)
@@ -906,7 +912,10 @@ def _without_counts(reason: str) -> str:
 
 def _check(rs: Ranges, H: int, tiles: tuple[int, int], full, partial) -> str:
     """'' when the ranges reproduce a plan direction's tile classes (its
-    compressed `full` / `partial` TileLists), else why not; no dense tile map."""
+    compressed `full` / `partial` TileLists, with a ragged last key tile partial
+    as the kernels have it: `TileLists.build`), else why not; no dense tile map."""
+    if rs.direction == "rows" and rs.length % tiles[1]:
+        full, partial = full.move_column(partial, rs.length // tiles[1])
     for _, ranges in rs.groups:
         for r in ranges:
             xs = _points(r.g0, r.g1)

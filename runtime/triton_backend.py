@@ -41,8 +41,20 @@ class TileLists:
     partial_t: TileList
 
     @staticmethod
+    def build(full, partial, full_t, partial_t, N: int, block_n: int, device) -> "TileLists":
+        """The device lists the kernels read. A ragged last key tile (N not a multiple of
+        `block_n`) moves from the full list to the partial one: the kernels' full loop has
+        no bounds check ([Note: the two loops] in codegen/kernels.py)."""
+        if N % block_n:
+            full, partial = full.move_column(partial, N // block_n)
+        return TileLists(*(t.to(device) for t in (full, partial, full_t, partial_t)))
+
+    @staticmethod
     def from_plan(plan, device) -> "TileLists":
-        return TileLists(*(t.to(device) for t in (plan.full, plan.partial, plan.full_t, plan.partial_t)))
+        # N-D tiles: the kernels' N is the padded length, a tile multiple (ndtiles.kernel_plan
+        # already demotes every full tile with padding)
+        n, bn = (0, 1) if plan.tile_shape is not None else (plan.N, plan.block[1])
+        return TileLists.build(plan.full, plan.partial, plan.full_t, plan.partial_t, n, bn, device)
 
     @property
     def heads(self) -> int:
@@ -346,8 +358,9 @@ class TritonBackend(Backend):
             if full.shape[0] > 1 and bool((full == full[:1]).all() and (nonempty == nonempty[:1]).all()):
                 full, nonempty = full[:1], nonempty[:1]
             partial = nonempty & ~full
-            return TileLists(*(TileList.from_dense(f).to(device)
-                               for f in (full, partial, full.transpose(1, 2), partial.transpose(1, 2))))
+            return TileLists.build(*(TileList.from_dense(f) for f in (full, partial, full.transpose(1, 2),
+                                                                       partial.transpose(1, 2))),
+                                   call.N, config.block[1], device)
 
         # forward and backward of a step see the same inputs: one build, keyed by their content
         # (the torch path's input-schedule cache, [Note: input schedules] in torch_backend.py)

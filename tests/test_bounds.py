@@ -32,13 +32,22 @@ def tile_classes(mask: torch.Tensor, bm: int, bn: int) -> torch.Tensor:
     return torch.where(s == 0, 0, torch.where(s == r, 2, 1)).to(torch.int8)
 
 
+def kernel_rows(classes: torch.Tensor, N: int, bn: int) -> torch.Tensor:
+    """The forward's view of reference tile classes: a ragged last key tile (N % bn) is
+    never full (the kernels' full loop has no bounds check)."""
+    out = classes.clone()
+    if N % bn:
+        out[..., -1] = torch.where(out[..., -1] == 2, 1, out[..., -1])
+    return out
+
+
 def check_exact(src: str, M: int, N: int, H: int = 1, tiles=(16, 32)) -> tuple[bool, bool]:
     """Which directions are closed-form; each closed one must reproduce the reference's tile classes exactly."""
     pat = attnc.loads(f"pattern p = {src}").pattern()
     lb = loop_bounds(pat.ir, M, N, H, tiles, pat.plan(M, N, heads=H, block=tiles))
     want = tile_classes(pat.mask(M, N, heads=H).expand(H, M, N), *tiles)
     if lb.rows is not None:
-        assert torch.equal(simulate(lb.rows, H, tiles), want), f"{src} rows at {M}x{N}"
+        assert torch.equal(simulate(lb.rows, H, tiles), kernel_rows(want, N, tiles[1])), f"{src} rows at {M}x{N}"
     if lb.cols is not None:
         assert torch.equal(simulate(lb.cols, H, tiles[::-1]), want.transpose(1, 2)), f"{src} cols at {M}x{N}"
     return lb.closed
@@ -93,7 +102,7 @@ def test_examples_are_closed_form_and_exact(name, params, H):
         lb = loop_bounds(pat.ir, M, N, H, (16, 32), pat.plan(M, N, heads=H, block=(16, 32)))
         assert lb.closed == (True, True), lb.summary()
         want = tile_classes(pat.mask(M, N, heads=H).expand(H, M, N), 16, 32)
-        assert torch.equal(simulate(lb.rows, H, (16, 32)), want)
+        assert torch.equal(simulate(lb.rows, H, (16, 32)), kernel_rows(want, N, 32))
         assert torch.equal(simulate(lb.cols, H, (32, 16)), want.transpose(1, 2))
 
 

@@ -190,6 +190,10 @@ def _binaries(fn) -> int:
 ON_CPU = os.environ.get("ATTNC_GPU_TESTS_ON_CPU") == "1"
 
 
+#: the kernels the runtime launches (the module's other @triton.jit functions are inlined helpers)
+LAUNCHED = ("_attn_fwd", "_attn_bwd_preprocess", "_attn_bwd_dq", "_attn_bwd_dkdv")
+
+
 @(interpreted if ON_CPU else pytest.mark.gpu)
 @pytest.mark.parametrize("name,params", [("mistral", dict(window=100)), ("packed", {}), ("natten2d", dict(size=7))])
 def test_lengths_on_a_gpu_compile_each_kernel_once_and_match_the_reference(name, params):
@@ -210,8 +214,38 @@ def test_lengths_on_a_gpu_compile_each_kernel_once_and_match_the_reference(name,
     if ON_CPU:
         return
     module = modules.pop()
-    counts = {k: _binaries(getattr(module, k)) for k in dir(module) if k.startswith("_attn_")}
-    assert counts and all(c == 1 for c in counts.values()), counts
+    counts = {k: _binaries(getattr(module, k)) for k in LAUNCHED}
+    assert counts == dict.fromkeys(LAUNCHED, 1), counts
+
+
+def test_move_column_keeps_rows_ascending_and_tiles_whole():
+    from attnc.analysis import TileList
+
+    g = torch.Generator().manual_seed(3)
+    flags = torch.rand(2, 6, 7, generator=g) < 0.4
+    part = (torch.rand(2, 6, 7, generator=g) < 0.4) & ~flags
+    full, partial = TileList.from_dense(flags).move_column(TileList.from_dense(part), 6)
+    moved = flags & (torch.arange(7) == 6)
+    for got, want in ((full, flags & ~moved), (partial, part | moved)):
+        assert torch.equal(got.index, TileList.from_dense(want).index)
+    same = TileList.from_dense(flags).move_column(TileList.from_dense(part), 99)  # no such column: unchanged
+    assert torch.equal(same[0].index, TileList.from_dense(flags).index)
+
+
+@pytest.mark.parametrize("M,ragged", [(700, True), (704, False)])
+def test_a_ragged_last_key_tile_is_a_partial_tile_of_the_forward(M, ragged):
+    """The full loops have no bounds check: the tile lists the kernels read never hold the
+    ragged last key tile as full, and hold every tile of the plan exactly once."""
+    pat = example_pattern("bigbird", b=32, r=3)
+    plan = pat.plan(M, M, heads=2, block=(64, 64))
+    lists = triton_backend.TileLists.from_plan(plan, "cpu")
+    last = M // 64
+    assert not bool((lists.full.cols == last).any()) or not ragged
+    assert bool((lists.partial.cols == last).any()) == ragged
+    for got, (f, p) in (((lists.full, lists.partial), (plan.full, plan.partial)),
+                        ((lists.full_t, lists.partial_t), (plan.full_t, plan.partial_t))):
+        assert int(got[0].counts.sum() + got[1].counts.sum()) == int(f.counts.sum() + p.counts.sum())
+    assert torch.equal(lists.full_t.index, plan.full_t.index)  # ragged rows stay full in dK/dV
 
 
 # ----------------------------------------------------------------------------- torch.compile with dynamic shapes

@@ -53,8 +53,6 @@ def _attn_fwd_inner(acc, l_i, m_i, q, K_base, V_base, stride_kn, stride_kd, stri
         if MASKED:
             keep = _mask(q_idx[:, None], tl.minimum(cols, N - 1)[None, :], off_h, off_b, M, N, G0, G1)
             qk = tl.where(keep & (cols[None, :] < N), qk, float("-inf"))
-        elif start_n + BLOCK_N > N:  # the ragged last key tile (N is a run-time value)
-            qk = tl.where(cols[None, :] < N, qk, float("-inf"))
         m_ij = tl.maximum(m_i, tl.max(qk, 1))
         if MASKED:
             # a row may have no allowed key yet: subtract 0 instead of -inf (no NaN)

@@ -66,7 +66,7 @@ def _key_tiles_0(q0, q1, h, M, N, BLOCK_N: tl.constexpr):
     first = tl.where(active, lo_first // BLOCK_N, 0)
     end = tl.where(active, tl.cdiv(hi_last, BLOCK_N), 0)
     full_first = tl.cdiv(lo_last, BLOCK_N)
-    full_end = tl.where(hi_first >= N, tl.cdiv(N, BLOCK_N), hi_first // BLOCK_N)  # ragged last tile
+    full_end = tl.minimum(hi_first, N) // BLOCK_N  # a ragged last key tile is partial
     full = active & (s == q0) & (e == q1)
     return first, full_first, full_end, end, full
 
@@ -87,7 +87,7 @@ def _key_tiles_1(q0, q1, h, M, N, BLOCK_N: tl.constexpr):
     first = tl.where(active, lo_first // BLOCK_N, 0)
     end = tl.where(active, tl.cdiv(hi_last, BLOCK_N), 0)
     full_first = tl.cdiv(lo_last, BLOCK_N)
-    full_end = tl.where(hi_first >= N, tl.cdiv(N, BLOCK_N), hi_first // BLOCK_N)  # ragged last tile
+    full_end = tl.minimum(hi_first, N) // BLOCK_N  # a ragged last key tile is partial
     full = active
     return first, full_first, full_end, end, full
 
@@ -154,8 +154,6 @@ def _attn_fwd_inner(acc, l_i, m_i, q, K_base, V_base, stride_kn, stride_kd, stri
         if MASKED:
             keep = _mask(q_idx[:, None], tl.minimum(cols, N - 1)[None, :], off_h, off_b, M, N)
             qk = tl.where(keep & (cols[None, :] < N), qk, float("-inf"))
-        elif start_n + BLOCK_N > N:  # the ragged last key tile (N is a run-time value)
-            qk = tl.where(cols[None, :] < N, qk, float("-inf"))
         m_ij = tl.maximum(m_i, tl.max(qk, 1))
         if MASKED:
             # a row may have no allowed key yet: subtract 0 instead of -inf (no NaN)
