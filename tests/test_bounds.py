@@ -269,3 +269,31 @@ def test_check_against_the_plan_needs_no_tile_map():
     big = pat.plan(n, block=(64, 64))
     lb = loop_bounds(pat.ir, n, n, 1, (64, 64), big)
     assert lb.rows is not None  # forward and dQ closed form, checked exactly against 2**18 / 64 rows
+
+
+def test_heads_with_equal_ranges_are_derived_and_checked_once(monkeypatch):
+    """A new length's host work does not grow with the heads of a head-uniform pattern
+    (benchmarks/new_length.py): normalisation and the replay run once per distinct head group."""
+    from attnc.codegen import bounds
+
+    pat = attnc.loads("pattern p = sliding(100) | (sink(4) & causal)").pattern()
+    counts = {}
+    for H in (1, 16):
+        calls = {"normalize": 0, "replay": 0}
+        real_norm, real_tiles = bounds.normalize, bounds.range_tiles
+
+        def norm(*a, **k):
+            calls["normalize"] += 1
+            return real_norm(*a, **k)
+
+        def tiles(*a, **k):
+            calls["replay"] += 1
+            return real_tiles(*a, **k)
+
+        monkeypatch.setattr(bounds, "normalize", norm)
+        monkeypatch.setattr(bounds, "range_tiles", tiles)
+        lb = loop_bounds(pat.ir, 1000, 1000, H, (64, 64), pat.plan(1000, 1000, heads=H, block=(64, 64)))
+        assert lb.closed == (True, True)
+        monkeypatch.undo()
+        counts[H] = calls
+    assert counts[16] == counts[1]
