@@ -1399,8 +1399,20 @@ def tile_counts(pattern: ir.PatternIR, M: int, N: int, heads: int, grid, block: 
                 pass
         full = state == 2
         partial = (state == 1).any(0)  # [nq, nk]: evaluated below for every head
-        counts = full * (qsz[:, None] * ksz[None, :])
-        rows = torch.repeat_interleave(((full & ~partial).to(torch.int64) * ksz).sum(-1), qsz, dim=1)  # [Hx, M]
+        del state
+        # per-tile counts without an [nq, nk] int64 map (10^6 tokens in 128-token tiles: 64 M tiles)
+        from .show import count_dtype
+        counts = full.to(count_dtype(block))
+        counts *= ksz.to(counts.dtype)[None, None, :]
+        counts *= qsz.to(counts.dtype)[None, :, None]
+        # per query row, the keys of its tile row's full tiles (rows with partial tiles add theirs below)
+        per_tile_row = torch.zeros(full.shape[0], nq, dtype=torch.int64)
+        step = max(1, COUNT_CHUNK // max(1, nk))
+        for r0 in range(0, nq, step):
+            sure = full[:, r0:r0 + step] & ~partial[None, r0:r0 + step]
+            per_tile_row[:, r0:r0 + step] = (sure.to(torch.int64) * ksz).sum(-1)
+        rows = torch.repeat_interleave(per_tile_row, qsz, dim=1)  # [Hx, M]
+        del full, per_tile_row
         kstart = torch.arange(nk) * bn
         for qt in partial.any(1).nonzero().flatten().tolist():
             q0 = qt * bm
@@ -1414,7 +1426,7 @@ def tile_counts(pattern: ir.PatternIR, M: int, N: int, heads: int, grid, block: 
                 per_tile, per_row = _evaluated_counts(pattern, M, N, heads, grid, queries, keys, local, len(cc))
                 if per_tile.shape[0] > counts.shape[0]:  # heads differ inside partial tiles: widen
                     counts, rows = counts.expand(heads, -1, -1).clone(), rows.expand(heads, -1).clone()
-                counts[:, qt, cc] = per_tile
+                counts[:, qt, cc] = per_tile.to(counts.dtype)
                 rows[:, q0:q0 + len(queries)] += per_row
         return plan, counts, rows
 

@@ -265,7 +265,7 @@ def cmd_show(args, out, err) -> int:
     stats, rows = plan_tile_stats(pat, M, N, H, grid, block)
     groups = head_groups(stats, rows)
     print(render_text(pat, stats, rows, groups, args.width), file=out)
-    print(_formula_text(pat, M, N, int(stats.counts.sum()) // H if H else 0), file=out)
+    print(_formula_text(pat, M, N, stats.allowed() // H if H else 0), file=out)
     if args.png:
         # token-level zoom: 128 queries and keys around the middle of the diagonal
         zq, zk = min(M, 128), min(N, 128)

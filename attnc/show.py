@@ -18,27 +18,81 @@ from .reference import WORK_BYTES_PER_PAIR
 
 #: elements of mask evaluated per chunk (bounds peak memory at large sizes)
 CHUNK_ELEMENTS = 1 << 24
+#: a PNG panel shows at most this many cells per side (tiles summed into cells beyond)
+PNG_CELLS = 1024
 
 
 @dataclass(frozen=True)
 class TileStats:
-    """Allowed-pair counts per (head, query tile, key tile)."""
+    """Allowed-pair counts per (head, query tile, key tile).
 
-    counts: torch.Tensor  # int64 [H, nqb, nkb]
-    sizes: torch.Tensor  # int64 [nqb, nkb]: pairs in each tile (edge tiles are smaller)
+    `counts` has one row per distinct head (1 when every head has the same counts, else
+    `heads`); tile sizes are kept as the two 1-D tile lengths, never as an [nqb, nkb]
+    map, and states / fractions are made one head at a time: at 10^6 tokens in 128-token
+    tiles (8192 x 8192 tiles) a map of int64 is 0.5 GB per head."""
+
+    counts: torch.Tensor  # int32 (int64 for tiles over 2**31 pairs) [1 or heads, nqb, nkb]
+    qsz: torch.Tensor  # int64 [nqb]: tokens of every query tile (the last may be short)
+    ksz: torch.Tensor  # int64 [nkb]
     M: int
     N: int
     block: tuple[int, int]
+    heads: int
 
-    def state(self) -> torch.Tensor:
-        """int8 [H, nqb, nkb]: 0 empty, 1 partial, 2 full."""
-        full = self.counts == self.sizes
-        empty = self.counts == 0
-        return torch.where(full, 2, torch.where(empty, 0, 1)).to(torch.int8)
+    def head(self, h: int) -> torch.Tensor:
+        """Head h's counts [nqb, nkb] (a view)."""
+        return self.counts[min(h, self.counts.shape[0] - 1)]
+
+    def allowed(self, h: int | None = None) -> int:
+        """Allowed pairs of head h, or of every head."""
+        if h is not None:
+            return int(self.head(h).sum(dtype=torch.int64))
+        per = self.counts.sum((1, 2), dtype=torch.int64)
+        return int(per.sum()) if self.counts.shape[0] == self.heads else int(per[0]) * self.heads
+
+    def state(self, h: int) -> torch.Tensor:
+        """int8 [nqb, nkb] of head h: 0 empty, 1 partial, 2 full (row chunks: no int64 map)."""
+        c = self.head(h)
+        out = torch.empty(c.shape, dtype=torch.int8)
+        step = max(1, CHUNK_ELEMENTS // max(1, c.shape[1]))
+        ks = self.ksz.to(c.dtype)
+        for r0 in range(0, c.shape[0], step):
+            part = c[r0:r0 + step]
+            size = self.qsz[r0:r0 + step, None].to(c.dtype) * ks[None, :]
+            out[r0:r0 + step] = (part > 0).to(torch.int8) + (part == size).to(torch.int8)
+        return out
+
+    def fraction(self, h: int, cells: int | None = None) -> torch.Tensor:
+        """float64 fraction of allowed pairs per tile of head h; with `cells`, tiles summed
+        into at most cells x cells display cells first (pictures of large maps)."""
+        c, size = self.head(h).to(torch.int64), self.qsz[:, None] * self.ksz[None, :]
+        if cells is not None and max(c.shape) > cells:
+            f = -(-max(c.shape) // cells)
+            c, size = _pool(c, f), _pool(size, f)
+        return c.double() / size.clamp(min=1).double()
 
     def density(self, head: int | None = None) -> float:
-        c = self.counts if head is None else self.counts[head: head + 1]
-        return float(c.sum()) / (c.shape[0] * self.M * self.N)
+        n = 1 if head is not None else self.heads
+        return self.allowed(head) / (n * self.M * self.N)
+
+    def full_and_nonempty(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """bool [1 or heads, nqb, nkb] pairs: every pair allowed / some pair allowed."""
+        size = self.qsz[:, None].to(self.counts.dtype) * self.ksz[None, :].to(self.counts.dtype)
+        return self.counts == size, self.counts > 0
+
+
+def _pool(x: torch.Tensor, f: int) -> torch.Tensor:
+    """Sums of f x f blocks of a 2-D int64 tensor (zero padded at the edges)."""
+    nq, nk = x.shape
+    cq, ck = -(-nq // f), -(-nk // f)
+    pad = torch.zeros(cq * f, ck * f, dtype=x.dtype)
+    pad[:nq, :nk] = x
+    return pad.view(cq, f, ck, f).sum((1, 3))
+
+
+def count_dtype(block: tuple[int, int]) -> torch.dtype:
+    """int32 per-tile counts unless a tile holds 2**31 pairs or more."""
+    return torch.int32 if block[0] * block[1] < 2 ** 31 else torch.int64
 
 
 def stats_bytes(M: int, N: int, H: int, block: tuple[int, int]) -> int:
@@ -61,7 +115,7 @@ def tile_stats(mask_rows, M: int, N: int, H: int, block: tuple[int, int]) -> tup
     require(stats_bytes(M, N, H, block), f"counting the {H} x {nqb} x {nkb} tiles of {bm}x{bn} at M = {M}, N = {N}",
             "a larger tile (attnc show --block 1024), smaller sizes, or `attnc simulate`, which counts tiles from the "
             "plan without evaluating every pair")
-    counts = torch.zeros(H, nqb, nkb, dtype=torch.int64)
+    counts = torch.zeros(H, nqb, nkb, dtype=count_dtype(block))
     row_counts = torch.zeros(H, M, dtype=torch.int64)
     kb = torch.arange(N) // bn
     for lo in range(0, M, rows_per_chunk):
@@ -70,15 +124,14 @@ def tile_stats(mask_rows, M: int, N: int, H: int, block: tuple[int, int]) -> tup
         row_counts[:, lo:hi] = m.sum(-1)
         qb = torch.arange(lo, hi) // bm
         per_k = torch.zeros(H, hi - lo, nkb, dtype=torch.int64).index_add_(2, kb, m)
-        counts.index_add_(1, qb, per_k)
-    return TileStats(counts, tile_sizes(M, N, block), M, N, block), row_counts
+        counts.index_add_(1, qb, per_k.to(counts.dtype))
+    return _stats(counts, M, N, block, H), row_counts
 
 
-def tile_sizes(M: int, N: int, block: tuple[int, int]) -> torch.Tensor:
-    """int64 [nqb, nkb]: the number of pairs of every tile (edge tiles are short)."""
+def _stats(counts: torch.Tensor, M: int, N: int, block: tuple[int, int], heads: int) -> TileStats:
     from .analysis import tile_lengths
 
-    return tile_lengths(M, block[0])[:, None] * tile_lengths(N, block[1])[None, :]
+    return TileStats(counts, tile_lengths(M, block[0]), tile_lengths(N, block[1]), M, N, block, heads)
 
 
 def plan_tile_stats(pat, M: int, N: int, H: int, grid, block: tuple[int, int]) -> tuple[TileStats, torch.Tensor]:
@@ -91,22 +144,30 @@ def plan_tile_stats(pat, M: int, N: int, H: int, grid, block: tuple[int, int]) -
         _, counts, rows = tile_counts(pat.ir, M, N, H, grid, block)
     except AttnError as err:
         raise err.with_sources(pat.program.sources) from None
-    return TileStats(counts.expand(H, -1, -1), tile_sizes(M, N, block), M, N, block), rows.expand(H, -1)
+    return _stats(counts, M, N, block, H), rows
 
 
 def head_groups(stats: TileStats, row_counts: torch.Tensor) -> list[list[int]]:
-    """Heads grouped by identical tile counts and row counts (what the picture shows)."""
+    """Heads grouped by identical tile counts and row counts (what the picture shows);
+    `row_counts` is [1 or heads, M] like the counts."""
     groups: list[list[int]] = []
-    keys: list[torch.Tensor] = []
-    for h in range(stats.counts.shape[0]):
-        key = torch.cat([stats.counts[h].flatten(), row_counts[h]])
-        for g, kk in zip(groups, keys):
-            if torch.equal(kk, key):
-                g.append(h)
+    reps: list[int] = []
+    seen: dict = {}  # (counts row, rows row) -> group: heads sharing both rows are equal
+    for h in range(stats.heads):
+        src = (min(h, stats.counts.shape[0] - 1), min(h, row_counts.shape[0] - 1))
+        if src in seen:
+            groups[seen[src]].append(h)
+            continue
+        for i, r in enumerate(reps):
+            if torch.equal(stats.head(r), stats.head(h)) and torch.equal(
+                    row_counts[min(r, row_counts.shape[0] - 1)], row_counts[src[1]]):
+                seen[src] = i
+                groups[i].append(h)
                 break
         else:
+            seen[src] = len(groups)
             groups.append([h])
-            keys.append(key)
+            reps.append(h)
     return groups
 
 
@@ -138,18 +199,17 @@ def ascii_map(state: torch.Tensor, max_cells: int = 64) -> tuple[str, int]:
 
 def render_text(pat, stats: TileStats, row_counts: torch.Tensor, groups: list[list[int]], max_cells: int = 64) -> str:
     bm, bn = stats.block
-    state = stats.state()
     out = [f"{pat.text()}",
-           f"M = {stats.M}, N = {stats.N}, heads = {stats.counts.shape[0]}, tiles {bm}x{bn}: "
-           f"{state.shape[1]} x {state.shape[2]}"]
+           f"M = {stats.M}, N = {stats.N}, heads = {stats.heads}, tiles {bm}x{bn}: "
+           f"{len(stats.qsz)} x {len(stats.ksz)}"]
     for g in groups:
         h = g[0]
-        st = state[h]
+        st = stats.state(h)
         full, part = int((st == 2).sum()), int((st == 1).sum())
         total = st.numel()
         label = "head " + str(h) if len(g) == 1 else "heads " + _ranges(g)
-        allowed = int(stats.counts[h].sum())
-        empty_rows = (row_counts[h] == 0).nonzero().flatten()
+        allowed = stats.allowed(h)
+        empty_rows = (row_counts[min(h, row_counts.shape[0] - 1)] == 0).nonzero().flatten()
         out.append("")
         out.append(f"{label}: density {allowed / (stats.M * stats.N):.4f} ({allowed} of {stats.M * stats.N} pairs); "
                    f"tiles: {full} full, {part} partial, {total - full - part} empty of {total} "
@@ -194,10 +254,9 @@ def render_png(path: str, pat, stats: TileStats, groups: list[list[int]], token_
     shown = groups[:4]
     panels = len(shown) + (token_view is not None) + (query_view is not None)
     fig, axes = plt.subplots(1, panels, figsize=(4.2 * panels, 4.4), squeeze=False)
-    frac = stats.counts.double() / stats.sizes.double()
     for ax, g in zip(axes[0], shown):
         h = g[0]
-        ax.imshow(frac[h].numpy(), cmap="Blues", norm=PowerNorm(0.5, vmin=0, vmax=1), interpolation="nearest")
+        ax.imshow(stats.fraction(h, PNG_CELLS).numpy(), cmap="Blues", norm=PowerNorm(0.5, vmin=0, vmax=1), interpolation="nearest")
         label = f"head {h}" if len(g) == 1 else f"heads {_ranges(g)}"
         ax.set_title(f"{label}: density {stats.density(h):.3f}", fontsize=9)
         ax.set_xlabel(f"key tile ({stats.block[1]})")

@@ -150,11 +150,10 @@ def scan_plan(call: Call, inputs: dict, block: tuple[int, int]) -> Plan:
     except ValueError:
         pass  # e.g. a segment id in several runs: scan
     stats, _ = tile_stats(lambda lo, hi: call.pattern.mask_rows(M, N, H, call.grid, lo, hi, inputs), M, N, H, block)
-    full = stats.counts == stats.sizes
-    nonempty = stats.counts > 0
+    full, nonempty = stats.full_and_nonempty()
     if H > 1 and bool((full == full[:1]).all() and (nonempty == nonempty[:1]).all()):
         full, nonempty = full[:1], nonempty[:1]
-    return Plan.from_flags(full, nonempty, M=M, N=N, heads=H, block=block, allowed=int(stats.counts.sum()),
+    return Plan.from_flags(full, nonempty, M=M, N=N, heads=H, block=block, allowed=stats.allowed(),
                            method="exact-scan")
 
 

@@ -18,9 +18,12 @@ def both(src, M, H, grid, block):
         M = N
     fast, fast_rows = plan_tile_stats(pat, M, N, H, grid, block)
     slow, slow_rows = tile_stats(lambda lo, hi: pat.mask_rows(M, N, H, grid, lo, hi), M, N, H, block)
-    assert torch.equal(fast.counts, slow.counts)
-    assert torch.equal(fast.sizes, slow.sizes)
-    assert torch.equal(fast_rows, slow_rows)
+    for h in range(H):  # the plan keeps one row per distinct head (1 when all are equal), the scan one per head
+        assert torch.equal(fast.head(h).long(), slow.head(h).long())
+        assert torch.equal(fast_rows[min(h, len(fast_rows) - 1)], slow_rows[h])
+        assert torch.equal(fast.state(h), slow.state(h)) and fast.allowed(h) == slow.allowed(h)
+    assert torch.equal(fast.qsz, slow.qsz) and torch.equal(fast.ksz, slow.ksz)
+    assert fast.allowed() == slow.allowed() and fast.heads == slow.heads == H
     # what `attnc show` prints is the same
     assert (render_text(pat, fast, fast_rows, head_groups(fast, fast_rows))
             == render_text(pat, slow, slow_rows, head_groups(slow, slow_rows)))
@@ -60,3 +63,26 @@ def test_plan_counts_of_random_patterns(src, M, H, block):
 @given(grid_patterns(), st.integers(8, 11), st.integers(8, 12), st.sampled_from([(16, 16), (7, 13)]))
 def test_plan_counts_of_random_grid_patterns(src, gh, gw, block):
     both(f"pattern p on grid(h, w) = {src}", None, 2, (gh, gw), block)
+
+
+def test_states_and_fractions_match_the_dense_mask():
+    """TileStats' per-head states and (pooled) fractions against tile sums of the dense mask,
+    ragged edge tiles included: the one-head-at-a-time computation is exact."""
+    pat = attnc.loads("pattern p = heads { 0 => sliding(9); _ => causal & sink(3) | block(20) }").pattern()
+    M, H, block = 203, 3, (16, 32)
+    stats, _ = plan_tile_stats(pat, M, M, H, None, block)
+    mask = pat.mask(M, M, heads=H).expand(H, M, M)
+    nq, nk = -(-M // 16), -(-M // 32)
+    pad = torch.zeros(H, nq * 16, nk * 32)
+    real = torch.zeros_like(pad)
+    pad[:, :M, :M], real[:, :M, :M] = mask.float(), 1
+    allowed = pad.view(H, nq, 16, nk, 32).sum((2, 4))
+    size = real.view(H, nq, 16, nk, 32).sum((2, 4))
+    for h in range(H):
+        want = torch.where(allowed[h] == 0, 0, torch.where(allowed[h] == size[h], 2, 1)).to(torch.int8)
+        assert torch.equal(stats.state(h), want)
+        torch.testing.assert_close(stats.fraction(h), (allowed[h] / size[h]).double())
+        pooled = stats.fraction(h, cells=4)  # 13 x 7 tiles -> 4 x 2 cells of 4 x 4 tiles
+        assert pooled.shape == (4, 2)
+        torch.testing.assert_close(pooled[0, 0], (allowed[h, :4, :4].sum() / size[h, :4, :4].sum()).double())
+    assert stats.allowed() == int(mask.sum())
