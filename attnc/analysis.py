@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -1464,12 +1465,112 @@ def _plan_nd(pattern, M, N, heads, grid, tq, tk) -> Plan:
     )
 
 
+# ----------------------------------------------------------------------------- heads with equal arms
+
+
+def _walk_masks(node):
+    yield node
+    if isinstance(node, ir.Heads):
+        for a in node.arms:
+            yield from _walk_masks(a.body)
+    else:
+        for c in node.children():
+            yield from _walk_masks(c)
+
+
+def _mentions_head(p) -> bool:
+    """Whether a `where` predicate reads `h`."""
+    if isinstance(p, ir.PVar):
+        return p.name == "h"
+    return any(_mentions_head(getattr(p, f.name)) for f in dataclasses.fields(p)
+               if isinstance(getattr(p, f.name), ir.PNode)) or any(
+        _mentions_head(x) for f in dataclasses.fields(p) if isinstance(getattr(p, f.name), tuple)
+        for x in getattr(p, f.name) if isinstance(x, ir.PNode))
+
+
+def _choose_arms(node, picks: dict):
+    """`node` with every `heads { }` node replaced by the body of the arm `picks[id(node)]`."""
+    if isinstance(node, ir.Heads):
+        return _choose_arms(picks[id(node)].body, picks)
+    changes = {}
+    for f in dataclasses.fields(node):
+        v = getattr(node, f.name)
+        if isinstance(v, ir.Mask):
+            changes[f.name] = _choose_arms(v, picks)
+        elif isinstance(v, tuple) and v and all(isinstance(x, ir.Mask) for x in v):
+            changes[f.name] = tuple(_choose_arms(x, picks) for x in v)
+    return dataclasses.replace(node, **changes) if changes else node
+
+
+def head_classes(pattern: ir.PatternIR, M: int, N: int, heads: int, grid) -> list | None:
+    """[(heads, head-free pattern)]: the heads grouped by the arms of `heads { }` they take,
+    each group with the pattern its heads see (every `heads { }` node replaced by the chosen
+    arm), so per-head work runs once per group ("per-head patterns share work across heads
+    with identical arms"). None when there is nothing to share: no `heads { }` node, one group
+    per head, or a head dependence elsewhere (a `where` over h, run-time inputs, routing)."""
+    from .reference import Evaluator, top_view
+
+    nodes = [n for n in _walk_masks(pattern.body) if isinstance(n, ir.Heads)]
+    if not nodes or pattern.inputs or heads < 2:
+        return None
+    for n in _walk_masks(pattern.body):
+        if isinstance(n, (ir.Routed, ir.TopK, ir.Same)) or (isinstance(n, ir.Where) and _mentions_head(n.pred)):
+            return None
+    ev = Evaluator(pattern)
+    view = top_view(pattern, M, N, heads, grid, {}, rows=(0, min(1, M)), keys=torch.zeros(0, dtype=torch.int64))
+    choice = torch.full((len(nodes), heads), -1, dtype=torch.int64)
+    for i, n in enumerate(nodes):
+        for sel, arm in ev.head_arms(n, view):
+            choice[i, sel] = n.arms.index(arm)
+    groups: dict = {}
+    for h in range(heads):
+        groups.setdefault(tuple(choice[:, h].tolist()), []).append(h)
+    if len(groups) == heads:
+        return None
+    out = []
+    for sig, hs in groups.items():
+        picks = {id(n): n.arms[a] for n, a in zip(nodes, sig) if a >= 0}
+        out.append((hs, dataclasses.replace(pattern, body=_choose_arms(pattern.body, picks))))
+    return out
+
+
+def _stack_lists(lists: list, index: list[int]) -> TileList:
+    """One TileList of `len(index)` heads: head h is `lists[index[h]]` (each of one head)."""
+    counts = torch.cat([lists[i].counts for i in index])
+    cols = torch.cat([lists[i].cols for i in index])
+    return TileList(counts.to(torch.int32), cols.to(torch.int32))
+
+
+def _plan_by_head_class(pattern, M, N, heads, grid, block) -> Plan | None:
+    """The plan of a per-head pattern from one plan per group of heads with equal arms."""
+    classes = head_classes(pattern, M, N, heads, grid)
+    if classes is None:
+        return None
+    plans = [_plan_blocks(p, M, N, heads, grid, block) for _, p in classes]
+    if any(p.full.counts.shape[0] != 1 for p in plans):  # a group still differs per head
+        return None
+    index = [0] * heads
+    for c, (hs, _) in enumerate(classes):
+        for h in hs:
+            index[h] = c
+    lists = {name: _stack_lists([getattr(p, name) for p in plans], index)
+             for name in ("full", "partial", "full_t", "partial_t")}
+    allowed = sum(p.allowed // heads * len(hs) for p, (hs, _) in zip(plans, classes))
+    methods = sorted({p.method for p in plans})
+    return Plan(M=M, N=N, heads=heads, block=block, allowed=allowed, method=" + ".join(methods),
+                tiles_evaluated=sum(p.tiles_evaluated for p in plans), **lists)
+
+
 def _plan_blocks(pattern, M, N, heads, grid, block, inputs=None) -> Plan:
     if isinstance(block[0], tuple):
         if inputs:
             raise ValueError("block: N-D tiles are not supported with run-time inputs; try 1-D tiles like (128, 128)")
         return _plan_nd(pattern, M, N, heads, grid, *block)
     bm, bn = block
+    if not inputs:
+        shared = _plan_by_head_class(pattern, M, N, heads, grid, block)
+        if shared is not None:
+            return shared
     try:
         return _closed_form_plan(pattern, M, N, heads, grid, bm, bn, inputs)
     except NotIntervals as exc:

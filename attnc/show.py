@@ -38,17 +38,23 @@ class TileStats:
     N: int
     block: tuple[int, int]
     heads: int
+    #: the row of `counts` (and of the row counts beside them) of every head, when rows stand
+    #: for groups of heads with equal arms (analysis.head_classes); None: row min(h, rows - 1)
+    index: tuple | None = None
+
+    def row(self, h: int) -> int:
+        return self.index[h] if self.index is not None else min(h, self.counts.shape[0] - 1)
 
     def head(self, h: int) -> torch.Tensor:
         """Head h's counts [nqb, nkb] (a view)."""
-        return self.counts[min(h, self.counts.shape[0] - 1)]
+        return self.counts[self.row(h)]
 
     def allowed(self, h: int | None = None) -> int:
         """Allowed pairs of head h, or of every head."""
         if h is not None:
             return int(self.head(h).sum(dtype=torch.int64))
         per = self.counts.sum((1, 2), dtype=torch.int64)
-        return int(per.sum()) if self.counts.shape[0] == self.heads else int(per[0]) * self.heads
+        return sum(int(per[self.row(h)]) for h in range(self.heads))
 
     def state(self, h: int) -> torch.Tensor:
         """int8 [nqb, nkb] of head h: 0 empty, 1 partial, 2 full (row chunks: no int64 map)."""
@@ -128,39 +134,48 @@ def tile_stats(mask_rows, M: int, N: int, H: int, block: tuple[int, int]) -> tup
     return _stats(counts, M, N, block, H), row_counts
 
 
-def _stats(counts: torch.Tensor, M: int, N: int, block: tuple[int, int], heads: int) -> TileStats:
+def _stats(counts: torch.Tensor, M: int, N: int, block: tuple[int, int], heads: int, index=None) -> TileStats:
     from .analysis import tile_lengths
 
-    return TileStats(counts, tile_lengths(M, block[0]), tile_lengths(N, block[1]), M, N, block, heads)
+    return TileStats(counts, tile_lengths(M, block[0]), tile_lengths(N, block[1]), M, N, block, heads, index)
 
 
 def plan_tile_stats(pat, M: int, N: int, H: int, grid, block: tuple[int, int]) -> tuple[TileStats, torch.Tensor]:
     """`tile_stats` from the plan (`analysis.tile_counts`), not from dense mask rows: work
     O(tiles + pairs inside partial tiles), memory O(tiles + M)."""
-    from .analysis import tile_counts
+    from .analysis import head_classes, tile_counts
     from .errors import AttnError
 
     try:
-        _, counts, rows = tile_counts(pat.ir, M, N, H, grid, block)
+        classes = head_classes(pat.ir, M, N, H, grid)
+        parts = [tile_counts(p, M, N, H, grid, block) for _, p in classes] if classes else None
+        if parts is None or any(c.shape[0] != 1 for _, c, _ in parts):  # no groups, or a group differs per head
+            _, counts, rows = tile_counts(pat.ir, M, N, H, grid, block)
+            return _stats(counts, M, N, block, H), rows.expand(counts.shape[0], -1)
     except AttnError as err:
         raise err.with_sources(pat.program.sources) from None
-    return _stats(counts, M, N, block, H), rows
+    index = [0] * H
+    for i, (hs, _) in enumerate(classes):
+        for h in hs:
+            index[h] = i
+    counts = torch.cat([c for _, c, _ in parts])
+    rows = torch.cat([r.expand(1, -1) for _, _, r in parts])
+    return _stats(counts, M, N, block, H, tuple(index)), rows
 
 
 def head_groups(stats: TileStats, row_counts: torch.Tensor) -> list[list[int]]:
     """Heads grouped by identical tile counts and row counts (what the picture shows);
-    `row_counts` is [1 or heads, M] like the counts."""
+    `row_counts` has the rows of the counts (`stats.row(h)` is head h's row of both)."""
     groups: list[list[int]] = []
     reps: list[int] = []
-    seen: dict = {}  # (counts row, rows row) -> group: heads sharing both rows are equal
+    seen: dict = {}  # row of the counts -> group: heads sharing it are equal
     for h in range(stats.heads):
-        src = (min(h, stats.counts.shape[0] - 1), min(h, row_counts.shape[0] - 1))
+        src = stats.row(h)
         if src in seen:
             groups[seen[src]].append(h)
             continue
         for i, r in enumerate(reps):
-            if torch.equal(stats.head(r), stats.head(h)) and torch.equal(
-                    row_counts[min(r, row_counts.shape[0] - 1)], row_counts[src[1]]):
+            if torch.equal(stats.head(r), stats.head(h)) and torch.equal(row_counts[stats.row(r)], row_counts[src]):
                 seen[src] = i
                 groups[i].append(h)
                 break
@@ -209,7 +224,7 @@ def render_text(pat, stats: TileStats, row_counts: torch.Tensor, groups: list[li
         total = st.numel()
         label = "head " + str(h) if len(g) == 1 else "heads " + _ranges(g)
         allowed = stats.allowed(h)
-        empty_rows = (row_counts[min(h, row_counts.shape[0] - 1)] == 0).nonzero().flatten()
+        empty_rows = (row_counts[stats.row(h)] == 0).nonzero().flatten()
         out.append("")
         out.append(f"{label}: density {allowed / (stats.M * stats.N):.4f} ({allowed} of {stats.M * stats.N} pairs); "
                    f"tiles: {full} full, {part} partial, {total - full - part} empty of {total} "

@@ -20,7 +20,7 @@ def both(src, M, H, grid, block):
     slow, slow_rows = tile_stats(lambda lo, hi: pat.mask_rows(M, N, H, grid, lo, hi), M, N, H, block)
     for h in range(H):  # the plan keeps one row per distinct head (1 when all are equal), the scan one per head
         assert torch.equal(fast.head(h).long(), slow.head(h).long())
-        assert torch.equal(fast_rows[min(h, len(fast_rows) - 1)], slow_rows[h])
+        assert torch.equal(fast_rows[fast.row(h)], slow_rows[slow.row(h)])
         assert torch.equal(fast.state(h), slow.state(h)) and fast.allowed(h) == slow.allowed(h)
     assert torch.equal(fast.qsz, slow.qsz) and torch.equal(fast.ksz, slow.ksz)
     assert fast.allowed() == slow.allowed() and fast.heads == slow.heads == H
@@ -35,6 +35,10 @@ def both(src, M, H, grid, block):
     ("pattern p = where abs(q - k) <= 7 or k % 13 == 0", 90, 2, None, (16, 8)),
     ("pattern p = heads { 0 => sliding(4); _ => where k <= q - 5 * h or q % 7 == 0 }", 70, 3, None, (8, 16)),
     ("pattern p = random(3, seed = 1) | heads { 0 => causal; _ => band(2, 2) }", 50, 2, None, (8, 8)),
+    # groups of heads with equal arms: one row of counts per group (analysis.head_classes)
+    ("pattern p = heads { {0, 2} => sliding(6); _ => causal & sink(2) }", 90, 4, None, (16, 16)),
+    ("pattern p = heads { 0 .. 3 => heads { 0 => causal; _ => sliding(3) }; _ => block(8) } | sink(1)", 77, 6, None,
+     (16, 8)),
     # heads differ inside tiles whose counts agree: the plan has one head, the evaluation two
     ("pattern p = where (k + h) % 2 + 0 * (k % (q + 2)) == 0", 64, 2, None, (8, 8)),
     ("pattern p on grid(h, w) = neighborhood((5, 3))", None, 2, (9, 11), (16, 8)),
