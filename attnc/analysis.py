@@ -41,6 +41,7 @@ import torch
 
 from . import ir
 from .limits import require
+from .progress import each
 from .reference import Evaluator, View, _component, neighborhood_window, random_table, top_view
 
 #: largest number of intervals per query the closed form keeps (beyond: scan)
@@ -751,7 +752,7 @@ def _closed_form_plan(pattern: ir.PatternIR, M: int, N: int, heads: int, grid, b
     step = bm * max(1, PLAN_CHUNK // bm)
     no_keys = torch.zeros(0, dtype=torch.int64)
     parts, allowed, Hx, tiles = [], 0, None, 0
-    for q0 in range(0, M, step):
+    for q0 in each(range(0, M, step), "planning", unit="chunk"):
         rows = min(q0 + step, M) - q0
         require(8 * rows * (3 + 2 * len(pattern.layout.axes)) + 64 * heads * rows,
                 f"the allowed keys of {rows} queries of '{pattern.name}' (one chunk of the tile plan)",
@@ -1001,7 +1002,7 @@ def _refine(pattern, M, N, H, grid, order_q, off_q, order_k, off_k, full, nonemp
     tile_of_pos = torch.repeat_interleave(torch.arange(nk), ksz)
     allowed = 0
     undecided = nonempty & ~full
-    for qt in range(nq):
+    for qt in each(range(nq), "evaluating undecided tiles", unit="tile row"):
         queries = order_q[off_q[qt]:off_q[qt + 1]]
         allowed += int((full[:, qt].to(torch.int64) * ksz).sum()) * len(queries)  # decided full tiles
         cols = undecided[:, qt].any(0).nonzero().flatten()
@@ -1415,7 +1416,7 @@ def tile_counts(pattern: ir.PatternIR, M: int, N: int, heads: int, grid, block: 
         rows = torch.repeat_interleave(per_tile_row, qsz, dim=1)  # [Hx, M]
         del full, per_tile_row
         kstart = torch.arange(nk) * bn
-        for qt in partial.any(1).nonzero().flatten().tolist():
+        for qt in each(partial.any(1).nonzero().flatten().tolist(), "counting pairs in partial tiles", unit="tile row"):
             q0 = qt * bm
             queries = torch.arange(q0, q0 + int(qsz[qt]))
             cols = partial[qt].nonzero().flatten()

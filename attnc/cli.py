@@ -486,7 +486,10 @@ def _run_aot(jobs, meta: dict, args, out, err) -> int | None:
     from .codegen import aot
 
     try:
-        reports = aot.compile_jobs(jobs, processes=args.processes)
+        from .progress import task
+
+        with task("compiling for the GPU target", total=len(jobs), unit="job") as t:
+            reports = aot.compile_jobs(jobs, processes=args.processes, progress=lambda _: t.update())
     except aot.AOTError as exc:
         print(f"attnc compile: {exc}", file=err)
         return None
@@ -563,7 +566,14 @@ def main(argv: list[str] | None = None, out=None, err=None) -> int:
             return 2
         verbs = {"check": cmd_check, "list": cmd_list, "show": cmd_show, "simulate": cmd_simulate, "compile": cmd_compile,
                  "cache": cmd_cache}
-        return verbs[args.verb](args, out, err)
+        from .progress import shown, wanted  # [Note: progress]: bars on stderr for long work, never on stdout
+
+        try:
+            bars = wanted(out, bool(getattr(args, "json", False)))
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+        with shown(err, bars):
+            return verbs[args.verb](args, out, err)
     except UsageError as exc:
         print(str(exc), file=err)
         return 2

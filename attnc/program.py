@@ -702,6 +702,7 @@ class BoundPattern:
         >>> [round(r.flop_bound, 1) for r in sw.reports]
         [16.5, 64.5]
         """
+        from .progress import each
         from .simulate import Sweep
 
         values = tuple(values)
@@ -712,7 +713,7 @@ class BoundPattern:
             if self.layout.axes:
                 raise ValueError(f"sweep over N: pattern '{self.name}' is on {self.layout}; expected a 1-D pattern; "
                                  f"try sweeping a parameter at a fixed grid")
-            for v in values:
+            for v in each(values, f"simulating {over} = ...", unit="point"):
                 reports.append(self.simulate(v, v, heads=heads, head_dim=head_dim, tile=tile, gpu=gpu))
         else:
             info = next((i for i in self.program.patterns() if i.name == self.name), None)
@@ -721,7 +722,7 @@ class BoundPattern:
                 raise ValueError(f"sweep: expected N or a parameter of '{self.name}' ({', '.join(known) or 'none'}), got {over!r}")
             if N is None and grid is None:
                 raise ValueError(f"sweep over {over}: expected a length N=... (or grid=...) to simulate at, got none")
-            for v in values:
+            for v in each(values, f"simulating {over} = ...", unit="point"):
                 pat = self.program.pattern(self.name, **{**self.params, over: v})
                 n = N if grid is None else pat.resolve_sizes(1, N, heads, grid)[1]
                 reports.append(pat.simulate(n, n, heads=heads, head_dim=head_dim, grid=grid, tile=tile, gpu=gpu))
