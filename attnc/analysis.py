@@ -536,17 +536,48 @@ class Plan:
     @staticmethod
     def from_tiles(keys: np.ndarray, full: np.ndarray, Hx: int, nq: int, nk: int, **fields) -> "Plan":
         """The plan of the non-empty tiles `keys` = (h * nq + query tile) * nk + key tile
-        (int64, sorted, unique) and their bool `full` flags; no dense [nq, nk] map."""
-        row, kt = keys // nk, keys % nk
-        h, qt = row // nq, row % nq
-        key_t = (h * nk + kt) * nq + qt
-        order = np.argsort(key_t, kind="stable")
-        row_t, qt_t, full_t = key_t[order] // nq, qt[order], full[order]
-        part, part_t = ~full, ~full_t
-        return Plan(full=TileList.from_rows(row[full], kt[full], Hx, nq),
-                    partial=TileList.from_rows(row[part], kt[part], Hx, nq),
-                    full_t=TileList.from_rows(row_t[full_t], qt_t[full_t], Hx, nk),
-                    partial_t=TileList.from_rows(row_t[part_t], qt_t[part_t], Hx, nk), **fields)
+        (int64, sorted, unique) and their bool `full` flags; no dense [nq, nk] map.
+
+        The transposed lists come from a counting sort by (head, key tile): query-tile rows
+        are visited in order, so each key tile's query tiles come out ascending (O(tiles),
+        no comparison sort of all tiles: a causal plan at 10^6 tokens has 33 M of them)."""
+        row, kt = np.divmod(keys, nk)
+        rows = Hx * nq
+        bounds = np.zeros(rows + 1, dtype=np.int64)
+        np.cumsum(np.bincount(row, minlength=rows), out=bounds[1:])
+        del row
+        kt = kt.astype(np.int32)
+
+        def lists(cols: np.ndarray, flags: np.ndarray, edges: np.ndarray, Hr: int, per: int) -> tuple:
+            """(full, partial) TileLists of rows [edges[i], edges[i + 1]) of `cols`."""
+            acc = np.zeros(len(flags) + 1, dtype=np.int64)
+            np.cumsum(flags, out=acc[1:])
+            f_count = acc[edges[1:]] - acc[edges[:-1]]
+            p_count = (edges[1:] - edges[:-1]) - f_count
+            out = []
+            for count, pick in ((f_count, flags), (p_count, ~flags)):
+                out.append(TileList(torch.from_numpy(count.astype(np.int32)).view(Hr, per),
+                                    torch.from_numpy(cols[pick])))
+            return tuple(out)
+
+        fwd_full, fwd_part = lists(kt, full, bounds, Hx, nq)
+        group = np.zeros((Hx, nk), dtype=np.int64)
+        for h in range(Hx):
+            group[h] = np.bincount(kt[bounds[h * nq]:bounds[(h + 1) * nq]], minlength=nk)
+        edges_t = np.zeros(Hx * nk + 1, dtype=np.int64)
+        np.cumsum(group.reshape(-1), out=edges_t[1:])
+        ptr = edges_t[:-1].copy()
+        qt_t = np.empty(len(kt), dtype=np.int32)
+        full_t = np.empty(len(kt), dtype=bool)
+        for r in np.flatnonzero(bounds[1:] > bounds[:-1]).tolist():
+            s, e = int(bounds[r]), int(bounds[r + 1])
+            g = kt[s:e] + (r // nq) * nk
+            pos = ptr[g]
+            qt_t[pos] = r % nq
+            full_t[pos] = full[s:e]
+            ptr[g] += 1
+        t_full, t_part = lists(qt_t, full_t, edges_t, Hx, nk)
+        return Plan(full=fwd_full, partial=fwd_part, full_t=t_full, partial_t=t_part, **fields)
 
     @property
     def shape(self) -> tuple[int, int]:
