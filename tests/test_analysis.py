@@ -482,3 +482,21 @@ def test_resolve_sizes_without_M():
     seq_pat = attnc.loads("pattern p = causal").pattern()
     with pytest.raises(ValueError, match="expected the query length M"):
         seq_pat.resolve_sizes(None, None, None, None)
+
+
+@pytest.mark.parametrize("Hx,nq,nk", [(1, 7, 9), (3, 5, 4), (2, 1, 6), (2, 6, 1)])
+def test_plan_from_tiles_equals_plan_from_flags(Hx, nq, nk):
+    """The sparse constructor (a counting sort for the transposed lists) against the dense one."""
+    from attnc.analysis import Plan
+
+    g = torch.Generator().manual_seed(Hx * 100 + nq * 10 + nk)
+    nonempty = torch.rand(Hx, nq, nk, generator=g) < 0.5
+    full = nonempty & (torch.rand(Hx, nq, nk, generator=g) < 0.5)
+    h, q, k = nonempty.nonzero(as_tuple=True)
+    keys = ((h * nq + q) * nk + k).numpy()
+    fields = dict(M=1, N=1, heads=Hx, block=(1, 1), allowed=0, method="test")
+    sparse = Plan.from_tiles(keys, full[h, q, k].numpy(), Hx, nq, nk, **fields)
+    dense = Plan.from_flags(full, nonempty, **fields)
+    for name in ("full", "partial", "full_t", "partial_t"):
+        a, b = getattr(sparse, name), getattr(dense, name)
+        assert torch.equal(a.counts, b.counts) and torch.equal(a.cols.long(), b.cols.long()), name
