@@ -1402,6 +1402,41 @@ def plan_blocks(pattern: ir.PatternIR, M: int, N: int, heads: int, grid, *, bloc
 COUNT_CHUNK = 1 << 22
 
 
+def _interval_tile_counts(pattern, M, N, heads, grid, plan, state, qsz, ksz, block):
+    """(counts, rows) of a 1-D pattern from its interval sets, no mask evaluated: a full tile
+    counts its size; a partial tile (query tile a, key tile [b, e)) counts
+    sum over its queries and their intervals [lo, hi) of |[lo, hi) & [b, e)|, computed for
+    all partial tiles at once in chunks; rows are the sets' own counts. Raises NotIntervals."""
+    s, _ = _interval_sets(pattern, M, N, heads, grid)  # [Hs, M, R], merged: disjoint intervals
+    bm, bn = block
+    Hs, Hp = s.lo.shape[0], state.shape[0]
+    Hx = max(Hs, Hp)
+    counts = (state == 2).to(_count_dtype(block)).expand(Hx, -1, -1).clone() if Hp < Hx else (state == 2).to(
+        _count_dtype(block))
+    counts *= ksz.to(counts.dtype)[None, None, :]
+    counts *= qsz.to(counts.dtype)[None, :, None]
+    h, qt, kt = (state.expand(Hx, -1, -1) == 1).nonzero(as_tuple=True)
+    R = s.lo.shape[-1]
+    per = max(1, COUNT_CHUNK // (bm * R))
+    for c0 in each(range(0, len(h), per), "counting pairs in partial tiles", unit="chunk"):
+        hh, qq, kk = h[c0:c0 + per], qt[c0:c0 + per], kt[c0:c0 + per]
+        q = qq[:, None] * bm + torch.arange(bm)[None, :]  # [P, bm]
+        valid = q < M
+        q = q.clamp(max=M - 1)
+        hs = hh.clamp(max=Hs - 1)[:, None].expand_as(q)
+        lo, hi = s.lo[hs, q], s.hi[hs, q]  # [P, bm, R]
+        b = (kk * bn)[:, None, None]
+        e = torch.clamp(b + bn, max=N)
+        inside = (torch.minimum(hi, e) - torch.maximum(lo, b)).clamp(min=0) * valid[..., None]
+        counts[hh, qq, kk] = inside.sum((1, 2)).to(counts.dtype)
+    return counts, s.count()
+
+
+def _count_dtype(block) -> torch.dtype:
+    from .show import count_dtype
+    return count_dtype(block)
+
+
 def tile_counts(pattern: ir.PatternIR, M: int, N: int, heads: int, grid, block: tuple[int, int]
                 ) -> tuple[Plan, torch.Tensor, torch.Tensor]:
     """(plan, counts, rows): the plan of 1-D tiles `block`, the allowed pairs per tile int64
@@ -1428,6 +1463,11 @@ def tile_counts(pattern: ir.PatternIR, M: int, N: int, heads: int, grid, block: 
                 if pc.view.qin is not None:
                     rows = rows * pc.view.qin
                 return plan, counts, rows
+            except NotIntervals:
+                pass
+        if not pattern.layout.axes:
+            try:
+                return (plan, *_interval_tile_counts(pattern, M, N, heads, grid, plan, state, qsz, ksz, block))
             except NotIntervals:
                 pass
         full = state == 2

@@ -90,3 +90,22 @@ def test_states_and_fractions_match_the_dense_mask():
         assert pooled.shape == (4, 2)
         torch.testing.assert_close(pooled[0, 0], (allowed[h, :4, :4].sum() / size[h, :4, :4].sum()).double())
     assert stats.allowed() == int(mask.sum())
+
+
+def test_one_dimensional_partial_tiles_are_counted_from_intervals(monkeypatch):
+    """1-D patterns with interval sets count their partial tiles in closed form: no mask
+    entry is evaluated (the evaluation path would be O(partial tiles x tile pairs))."""
+    from attnc import analysis
+
+    def boom(*a, **k):
+        raise AssertionError("a mask was evaluated")
+
+    monkeypatch.setattr(analysis, "_evaluated_counts", boom)
+    for src, H in (("pattern p = sliding(37) | (sink(3) & causal)", 2),
+                   ("pattern p = heads { 0 => band(5, 9); _ => causal - sliding(20) }", 3)):
+        pat = attnc.loads(src).pattern()
+        stats, rows = plan_tile_stats(pat, 301, 301, H, None, (32, 16))
+        mask = pat.mask(301, heads=H).expand(H, -1, -1)
+        assert stats.allowed() == int(mask.sum())
+        for h in range(H):
+            assert torch.equal(rows[stats.row(h)], mask[h].sum(-1))
