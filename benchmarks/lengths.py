@@ -29,6 +29,7 @@ import time
 import torch
 
 import attnc
+from _report import emit
 
 
 #: dtype -> the tolerance of the equality check between the contenders
@@ -129,11 +130,7 @@ def main() -> None:
     lines += ["", f"totals: first calls attnc {tot['attnc'][0] / 1e3:.1f} s, flex {tot['flex'][0] / 1e3:.1f} s "
                   f"(flex/attnc {tot['flex'][0] / tot['attnc'][0]:.2f}); steady attnc {tot['attnc'][1] / 1e3:.2f} s, "
                   f"flex {tot['flex'][1] / 1e3:.2f} s (flex/attnc {tot['flex'][1] / tot['attnc'][1]:.2f})", ""]
-    text = "\n".join(lines)
-    print(text)
-    if args.out:
-        with open(args.out, "a") as f:
-            f.write(text + "\n")
+    emit("\n".join(lines), args.out)
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ import sys  # noqa: E402
 import time  # noqa: E402
 
 import torch  # noqa: E402
+from _report import emit  # noqa: E402
 
 import attnc  # noqa: E402
 from attnc.runtime.backend import Call  # noqa: E402
@@ -113,11 +114,7 @@ def main() -> None:
         a = [statistics.median(x) for x in rows["attnc"]]
         f = [statistics.median(x) for x in rows["flex"]]
         lines.append(f"| {name} | {a[0]:.1f} | {a[1]:.1f} | {f[0]:.1f} | {f[1]:.1f} | {f[0] / a[0]:.2f} | {f[1] / a[1]:.2f} |")
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        with open(args.out, "a") as fh:
-            fh.write(text + "\n")
+    emit("\n".join(lines), args.out)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,8 @@ import sys
 import time
 from pathlib import Path
 
+from _report import emit
+
 ROOT = Path(__file__).resolve().parent.parent
 EX = ROOT / "examples"
 
@@ -145,11 +147,7 @@ def main() -> None:
         lines.append(row)
     lines += ["", f"slowest finished run {worst['wall']:.1f} s, largest peak {worst['rss']:.0f} MB; "
                   f"over 5 s / 2 GB or not ok: {', '.join(over) or 'none'}", ""]
-    text = "\n".join(lines)
-    print(text)
-    if args.out:
-        with open(args.out, "a") as f:
-            f.write(text + "\n")
+    emit("\n".join(lines), args.out)
 
 
 if __name__ == "__main__":
