@@ -514,7 +514,7 @@ def _arith(op, x, y, node):
     if op in ("//", "%") and bool((y == 0).any()):
         raise AttnError(error(node.span, f"division by zero in `where` ('{op}' by an expression that is 0 here)"))
     # int64 wraps silently: refuse any result whose magnitude could pass MAX_INT
-    ax, ay = int(x.abs().max()) if x.numel() else 0, int(y.abs().max()) if y.numel() else 0
+    ax, ay = _magnitude(x), _magnitude(y)
     bound = {"+": ax + ay, "-": ax + ay, "*": ax * ay}.get(op, 0)
     if op == "**":
         bound = ax ** min(ay, 64) if ax > 1 and ay * ax.bit_length() <= 64 else (MAX_INT + 1 if ax > 1 else 1)
@@ -533,8 +533,21 @@ def _arith(op, x, y, node):
         case "%":
             return torch.remainder(x, y)
         case "**":
+            if y.numel() == 1 and 0 <= int(y) <= 4:  # small constant powers (squared distances): products
+                out = torch.ones_like(x) if int(y) == 0 else x
+                for _ in range(int(y) - 1):
+                    out = out * x
+                return out
             return x ** y
     raise ValueError(op)
+
+
+def _magnitude(x: torch.Tensor) -> int:
+    """max |x| in one pass (no |x| tensor: `where` operands are whole [queries, keys] blocks)."""
+    if not x.numel():
+        return 0
+    lo, hi = torch.aminmax(x)
+    return max(-int(lo), int(hi))
 
 
 def _pick(v, i):

@@ -500,3 +500,15 @@ def test_plan_from_tiles_equals_plan_from_flags(Hx, nq, nk):
     for name in ("full", "partial", "full_t", "partial_t"):
         a, b = getattr(sparse, name), getattr(dense, name)
         assert torch.equal(a.counts, b.counts) and torch.equal(a.cols.long(), b.cols.long()), name
+
+
+@pytest.mark.parametrize("power", [0, 1, 2, 3, 4, 5])
+def test_where_powers_equal_repeated_products(power):
+    """Small constant powers in `where` are evaluated as products (reference._arith): the
+    same mask as the product spelled out, negative bases included; the overflow check stays."""
+    prod = " * ".join(["(q - k - 3)"] * power) if power else "1"
+    a = attnc.loads(f"pattern p = where (q - k - 3) ** {power} <= 40").pattern().mask(60)
+    b = attnc.loads(f"pattern p = where {prod} <= 40").pattern().mask(60)
+    assert torch.equal(a, b) and 0 < int(a.sum()) <= 3600  # x ** 0 = 1 <= 40: every pair
+    with pytest.raises(attnc.AttnError, match="integer overflow"):
+        attnc.loads("pattern p = where (q * 100000000000) ** 2 < 0").pattern().mask(60)
