@@ -63,15 +63,15 @@ import json, resource, sys, time
 t = time.perf_counter()
 verb, file, pat_name, sizes, routed = json.loads(sys.argv[1])
 status = "ok"
-if verb == "plan":
-    import attnc
-    pat = attnc.load(file).pattern(pat_name, **sizes.get("params", {}))
+import attnc
+pat = attnc.load(file).pattern(pat_name, **sizes.get("params", {}))
+dynamic = bool(pat.ir.inputs) or pat._has_topk()
+if dynamic and verb != "simulate":
+    status = "n/a: routed per call from run-time inputs or q, k"
+elif verb == "plan":
     grid = tuple(sizes["grid"]) if "grid" in sizes else None
     M = None if grid else sizes["seq_len"]
-    if pat.ir.inputs:
-        status = "run-time inputs: planned per call"
-    else:
-        pat.plan(M, heads=8, grid=grid, block=(128, 128))
+    pat.plan(M, heads=8, grid=grid, block=(128, 128))
 else:
     from attnc.cli import main
     import io
@@ -85,7 +85,7 @@ else:
     out, err = io.StringIO(), io.StringIO()
     rc = main(argv, out, err)
     if rc != 0:
-        status = "rc %d: %s" % (rc, err.getvalue().strip().splitlines()[-1][:120] if err.getvalue().strip() else "")
+        status = "rc %d: %s" % (rc, err.getvalue().strip().splitlines()[0][:160] if err.getvalue().strip() else "")
 print(json.dumps({"s": time.perf_counter() - t, "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                   "status": status}))
 """
@@ -104,7 +104,8 @@ def run(verb, file, pat, sizes, routed, timeout):
         return {"wall": timeout, "status": f"over {timeout} s"}
     wall = time.perf_counter() - t
     if res.returncode != 0:
-        return {"wall": wall, "status": "error: " + (res.stderr.strip().splitlines() or ["?"])[-1][:120]}
+        lines = [x for x in res.stderr.strip().splitlines() if x.strip() and not x.strip().startswith(("^", "~"))]
+        return {"wall": wall, "status": "error: " + (lines or ["?"])[-1][:160]}
     info = json.loads(res.stdout.strip().splitlines()[-1])
     return {"wall": wall, **info}
 
@@ -132,6 +133,9 @@ def main() -> None:
         for verb in args.verbs:
             r = run(verb, file, pat, sizes, ROUTED.get(pat), args.timeout)
             ok = r["status"] == "ok"
+            if r["status"].startswith("n/a"):
+                cells.append("n/a (routed per call)")
+                continue
             cell = f"{r['wall']:.1f} s / {r.get('rss_mb', 0):.0f} MB" if "rss_mb" in r else f"{r['wall']:.0f} s"
             if not ok:
                 cell += f" ({r['status']})"
