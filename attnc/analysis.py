@@ -44,8 +44,16 @@ from .limits import require
 from .progress import each
 from .reference import Evaluator, View, _component, neighborhood_window, random_table, top_view
 
-#: largest number of intervals per query the closed form keeps (beyond: scan)
+#: intervals per query the closed form always keeps (beyond `max_intervals`: tile boxes / scan)
 MAX_INTERVALS = 64
+#: intervals (heads x queries x per query) one evaluation may hold: few queries at a time (the
+#: plan's chunks) may keep more per query, e.g. strided(128) at 32K tokens or 10 % routing at 128K
+INTERVAL_BUDGET = 1 << 22
+
+
+def max_intervals(rows: int, heads: int = 1) -> int:
+    """How many intervals per query the closed form keeps for `rows` queries of `heads` heads."""
+    return max(MAX_INTERVALS, INTERVAL_BUDGET // max(1, rows * heads))
 
 
 class NotIntervals(Exception):
@@ -107,8 +115,9 @@ def merge(s: ISet) -> ISet:
     out = ISet.make(new_lo, new_hi.clamp(min=0), s.n)
     used = int((out.lo < s.n).sum(-1).max()) if out.lo.numel() else 0
     used = max(used, 1)
-    if used > MAX_INTERVALS:
-        raise NotIntervals(f"more than {MAX_INTERVALS} intervals per query")
+    limit = max_intervals(s.lo.shape[1], s.lo.shape[0])
+    if used > limit:
+        raise NotIntervals(f"more than {limit} intervals per query")
     return ISet(out.lo[..., :used], out.hi[..., :used], s.n, merged=True) if used < R else ISet(out.lo, out.hi, s.n, merged=True)
 
 
@@ -165,7 +174,7 @@ def _fold(A: ISet, F: ISet, S: int) -> ISet:
     partial_rows = cnt.masked_fill(full, 0)
     C = int(partial_rows.max()) if partial_rows.numel() else 0
     RF = F.lo.shape[-1]
-    if C * RF > MAX_INTERVALS:
+    if C * RF > max_intervals(A.lo.shape[1], A.lo.shape[0]):
         raise NotIntervals(f"grid product with {C * RF} intervals per query")
     scaled_lo, scaled_hi = A.lo * S, A.hi * S
     if C == 0:
@@ -302,7 +311,7 @@ class IntervalAnalysis(Evaluator):
             items = list(range(a, b, st))
         else:
             items = sorted({self.val(i, view.env) for i in s.items})
-        if len(items) > MAX_INTERVALS:
+        if len(items) > max_intervals(len(view.q)):
             raise NotIntervals("too many key columns")
         pts = torch.tensor(items or [view.L], dtype=torch.int64)
         lo = pts.expand(len(view.q), -1)
@@ -326,7 +335,7 @@ class IntervalAnalysis(Evaluator):
         g, start, end = neighborhood_window(view.q, view.L, size, d, s, causal)
         if d == 1:
             return self._iv(start, end, view)
-        if size > MAX_INTERVALS:
+        if size > max_intervals(len(view.q)):
             raise NotIntervals("dilated neighborhood with a large window")
         j = torch.arange(size, dtype=torch.int64)
         local = start[:, None] + j[None, :]
@@ -337,7 +346,7 @@ class IntervalAnalysis(Evaluator):
     def iv_Strided(self, node, view):
         s = self.val(node.s, view.env)
         C = -(-view.L // s)
-        if C > MAX_INTERVALS:
+        if C > max_intervals(len(view.q)):
             raise NotIntervals("strided with many keys per query")
         keys = (view.q % s)[:, None] + s * torch.arange(C, dtype=torch.int64)[None, :]
         return merge(ISet.make(keys, keys + 1, view.L))
@@ -361,7 +370,7 @@ class IntervalAnalysis(Evaluator):
     def iv_Routed(self, node, view):
         sel = view.inputs[node.input].to(torch.int64)  # [H or 1, nqb, kmax], -1 ignored
         b = self.val(node.block, view.env)
-        if sel.shape[-1] > MAX_INTERVALS:
+        if sel.shape[-1] > max_intervals(len(view.q), sel.shape[0]):
             raise NotIntervals("routed with many blocks per query block")
         rows = sel[:, view.qrel // b]  # [Hs, Mq, kmax]
         lo = torch.where(rows >= 0, rows * b, view.L)
@@ -370,7 +379,7 @@ class IntervalAnalysis(Evaluator):
 
     def iv_Random(self, node, view):
         r, seed = self.val(node.r, view.env), self.val(node.seed, view.env)
-        if min(r, view.L) > MAX_INTERVALS:
+        if min(r, view.L) > max_intervals(len(view.q)):
             raise NotIntervals("random with many keys")
         table = random_table(view.q, view.L, r, seed)
         return merge(ISet.make(table, table + 1, view.L))

@@ -512,3 +512,21 @@ def test_where_powers_equal_repeated_products(power):
     assert torch.equal(a, b) and 0 < int(a.sum()) <= 3600  # x ** 0 = 1 <= 40: every pair
     with pytest.raises(attnc.AttnError, match="integer overflow"):
         attnc.loads("pattern p = where (q * 100000000000) ** 2 < 0").pattern().mask(60)
+
+
+def test_more_intervals_per_query_when_few_queries_are_planned_at_once(monkeypatch):
+    """max_intervals: the closed form keeps up to INTERVAL_BUDGET / rows intervals per query (the
+    plan's chunks), so strided with many keys per query stays closed-form; the plan is the one
+    the tile boxes (with exact evaluation) find."""
+    from attnc import analysis
+
+    pat = attnc.loads("pattern p = causal & (sliding(8) | strided(16))").pattern()
+    monkeypatch.setattr(analysis, "MAX_INTERVALS", 4)
+    plans = {}
+    for budget in (0, 40 * 512):
+        monkeypatch.setattr(analysis, "INTERVAL_BUDGET", budget)
+        plans[budget] = analysis.plan_blocks(pat.ir, 512, 512, 1, None, block=(32, 32))
+    assert plans[0].method == "tile-boxes" and plans[40 * 512].method == "closed-form"
+    assert torch.equal(plans[0].to_dense(), plans[40 * 512].to_dense())
+    assert plans[0].allowed == plans[40 * 512].allowed == int(pat.mask(512).sum())
+    assert analysis.max_intervals(512) == 40 and analysis.max_intervals(10 ** 6) == 4

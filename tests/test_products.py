@@ -109,6 +109,7 @@ def test_product_plans_are_the_evaluated_plans(monkeypatch, grid, size, block):
     # too many intervals per query for the closed form: the old path evaluated every
     # undecided tile (TileBoxes + _refine); the product counts give the same plan
     monkeypatch.setattr(analysis, "MAX_INTERVALS", 2)
+    monkeypatch.setattr(analysis, "INTERVAL_BUDGET", 0)
     pat = attnc.loads(f"pattern p on grid(h, w) = neighborhood({size})").pattern()
     N = grid[0] * grid[1]
     new = pat.plan(N, heads=2, grid=grid, block=block)
@@ -126,6 +127,7 @@ def test_product_plans_are_the_evaluated_plans(monkeypatch, grid, size, block):
 def test_products_inside_unions_are_classified_exactly(monkeypatch):
     # a union's product part is exact in the tile boxes: only tiles partial for both parts are evaluated
     monkeypatch.setattr(analysis, "MAX_INTERVALS", 2)
+    monkeypatch.setattr(analysis, "INTERVAL_BUDGET", 0)
     pat = attnc.loads("pattern p on grid(h, w) = neighborhood((5, 5)) | where k == 0").pattern()
     N = 24 * 20
     plan = pat.plan(N, grid=(24, 20), block=(32, 32))
@@ -138,6 +140,7 @@ def test_products_inside_unions_are_classified_exactly(monkeypatch):
 
 def test_nd_tile_plans_count_products_without_evaluation(monkeypatch):
     monkeypatch.setattr(analysis, "MAX_INTERVALS", 2)
+    monkeypatch.setattr(analysis, "INTERVAL_BUDGET", 0)
     pat = attnc.loads("pattern p on grid(t, h, w) = neighborhood((3, 5, 3), dilation = (1, 1, 2))").pattern()
     grid = (4, 9, 10)
     N = 360
