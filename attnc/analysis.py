@@ -41,7 +41,7 @@ import torch
 
 from . import ir
 from .limits import require
-from .progress import each
+from .progress import each, task
 from .reference import Evaluator, View, _component, neighborhood_window, random_table, top_view
 
 #: intervals per query the closed form always keeps (beyond `max_intervals`: tile boxes / scan)
@@ -58,6 +58,11 @@ def max_intervals(rows: int, heads: int = 1) -> int:
 
 class NotIntervals(Exception):
     """This node is not a short union of key intervals per query."""
+
+
+class TooManyIntervals(NotIntervals):
+    """More intervals per query than `max_intervals` keeps for the queries evaluated together:
+    fewer queries at once may fit (the plan halves its chunk and tries again)."""
 
 
 # ----------------------------------------------------------------------------- interval sets
@@ -117,7 +122,7 @@ def merge(s: ISet) -> ISet:
     used = max(used, 1)
     limit = max_intervals(s.lo.shape[1], s.lo.shape[0])
     if used > limit:
-        raise NotIntervals(f"more than {limit} intervals per query")
+        raise TooManyIntervals(f"more than {limit} intervals per query")
     return ISet(out.lo[..., :used], out.hi[..., :used], s.n, merged=True) if used < R else ISet(out.lo, out.hi, s.n, merged=True)
 
 
@@ -175,7 +180,7 @@ def _fold(A: ISet, F: ISet, S: int) -> ISet:
     C = int(partial_rows.max()) if partial_rows.numel() else 0
     RF = F.lo.shape[-1]
     if C * RF > max_intervals(A.lo.shape[1], A.lo.shape[0]):
-        raise NotIntervals(f"grid product with {C * RF} intervals per query")
+        raise TooManyIntervals(f"grid product with {C * RF} intervals per query")
     scaled_lo, scaled_hi = A.lo * S, A.hi * S
     if C == 0:
         return merge(ISet.make(scaled_lo, scaled_hi, n))
@@ -312,7 +317,7 @@ class IntervalAnalysis(Evaluator):
         else:
             items = sorted({self.val(i, view.env) for i in s.items})
         if len(items) > max_intervals(len(view.q)):
-            raise NotIntervals("too many key columns")
+            raise TooManyIntervals("too many key columns")
         pts = torch.tensor(items or [view.L], dtype=torch.int64)
         lo = pts.expand(len(view.q), -1)
         return merge(ISet.make(lo, lo + (1 if items else 0), view.L))
@@ -336,7 +341,7 @@ class IntervalAnalysis(Evaluator):
         if d == 1:
             return self._iv(start, end, view)
         if size > max_intervals(len(view.q)):
-            raise NotIntervals("dilated neighborhood with a large window")
+            raise TooManyIntervals("dilated neighborhood with a large window")
         j = torch.arange(size, dtype=torch.int64)
         local = start[:, None] + j[None, :]
         keys = g[:, None] + d * local
@@ -347,7 +352,7 @@ class IntervalAnalysis(Evaluator):
         s = self.val(node.s, view.env)
         C = -(-view.L // s)
         if C > max_intervals(len(view.q)):
-            raise NotIntervals("strided with many keys per query")
+            raise TooManyIntervals("strided with many keys per query")
         keys = (view.q % s)[:, None] + s * torch.arange(C, dtype=torch.int64)[None, :]
         return merge(ISet.make(keys, keys + 1, view.L))
 
@@ -371,7 +376,7 @@ class IntervalAnalysis(Evaluator):
         sel = view.inputs[node.input].to(torch.int64)  # [H or 1, nqb, kmax], -1 ignored
         b = self.val(node.block, view.env)
         if sel.shape[-1] > max_intervals(len(view.q), sel.shape[0]):
-            raise NotIntervals("routed with many blocks per query block")
+            raise TooManyIntervals("routed with many blocks per query block")
         rows = sel[:, view.qrel // b]  # [Hs, Mq, kmax]
         lo = torch.where(rows >= 0, rows * b, view.L)
         hi = torch.where(rows >= 0, (rows + 1) * b, view.L)
@@ -380,7 +385,7 @@ class IntervalAnalysis(Evaluator):
     def iv_Random(self, node, view):
         r, seed = self.val(node.r, view.env), self.val(node.seed, view.env)
         if min(r, view.L) > max_intervals(len(view.q)):
-            raise NotIntervals("random with many keys")
+            raise TooManyIntervals("random with many keys")
         table = random_table(view.q, view.L, r, seed)
         return merge(ISet.make(table, table + 1, view.L))
 
@@ -784,7 +789,9 @@ def _require_boxes(pattern, M, N, heads, nq, nk, what: str) -> None:
 def _closed_form_plan(pattern: ir.PatternIR, M: int, N: int, heads: int, grid, bm: int, bn: int,
                       inputs: dict | None) -> Plan:
     """The plan from interval sets (raises NotIntervals), in chunks of whole query tiles:
-    working memory O(PLAN_CHUNK * R), plus O(non-empty tiles) for the result."""
+    working memory O(PLAN_CHUNK * R), plus O(non-empty tiles) for the result. A chunk with
+    more intervals per query than `max_intervals` allows is halved and tried again (down to
+    one query tile), so many keys per query (strided, routed) stay in closed form."""
     if pattern.inputs and not inputs:
         raise NotIntervals("run-time inputs")
     ia = IntervalAnalysis(pattern)
@@ -792,35 +799,59 @@ def _closed_form_plan(pattern: ir.PatternIR, M: int, N: int, heads: int, grid, b
     step = bm * max(1, PLAN_CHUNK // bm)
     no_keys = torch.zeros(0, dtype=torch.int64)
     parts, allowed, Hx, tiles = [], 0, None, 0
-    for q0 in each(range(0, M, step), "planning", unit="chunk"):
-        rows = min(q0 + step, M) - q0
-        require(8 * rows * (3 + 2 * len(pattern.layout.axes)) + 64 * heads * rows,
-                f"the allowed keys of {rows} queries of '{pattern.name}' (one chunk of the tile plan)",
-                "a smaller query tile (block=(128, 128)) or smaller sizes")
-        view = top_view(pattern, M, N, heads, grid, inputs or {}, rows=(q0, min(q0 + step, M)), keys=no_keys)
-        s = merge(ia.eval(pattern.body, view))  # working memory O(PLAN_CHUNK * R): bounded
-        if Hx is None:
-            Hx = s.lo.shape[0]
-        elif s.lo.shape[0] != Hx:  # heads come from the IR and the inputs' shapes, never from rows
-            raise AssertionError(f"chunks disagree on heads: {Hx} vs {s.lo.shape[0]}")
-        keys, full, count = _sparse_tiles(s, bm, bn)
-        allowed += count
-        tiles += len(keys)  # the tiles of the rows done so far, projected to all M rows:
-        require(PLAN_BYTES_PER_TILE * tiles * M / min(M, q0 + step),
-                f"the tile plan of '{pattern.name}' at M = {M}, N = {N} with {bm}x{bn} tiles "
-                f"({tiles} non-empty tiles in the first {min(M, q0 + step)} query rows)",
-                "a larger tile (block=(256, 256), --tile 256x256) or smaller sizes")
-        if step < M:  # chunk keys (h * cq + local tile) * nk + key tile -> global
-            cq = -(-(min(q0 + step, M) - q0) // bm)
-            row, kt = keys // nk, keys % nk
-            keys = ((row // cq) * nq + row % cq + q0 // bm) * nk + kt
-        parts.append((keys, full))
+    q0 = 0
+    with task("planning", total=M, unit="query") as bar:
+        while q0 < M:
+            end = min(q0 + step, M)
+            try:
+                s = _plan_chunk_sets(pattern, ia, M, N, heads, grid, inputs, q0, end, no_keys)
+            except TooManyIntervals:
+                if step <= bm:
+                    raise
+                step = bm * max(1, step // bm // 2)  # fewer queries at once keep more intervals each
+                continue
+            Hx, allowed, tiles = _plan_chunk_tiles(pattern, s, M, N, bm, bn, nq, nk, q0, end, Hx, allowed, tiles,
+                                                   parts)
+            bar.update(end - q0)
+            q0 = end
     keys, full = (np.concatenate(x) for x in zip(*parts)) if len(parts) > 1 else parts[0]
     if len(parts) > 1 and Hx > 1:
         order = np.argsort(keys, kind="stable")
         keys, full = keys[order], full[order]
     return Plan.from_tiles(keys, full, Hx, nq, nk, M=M, N=N, heads=heads, block=(bm, bn),
                            allowed=allowed * (heads // Hx), method="closed-form")
+
+
+def _plan_chunk_sets(pattern, ia, M, N, heads, grid, inputs, q0, end, no_keys) -> ISet:
+    """The merged interval sets of queries [q0, end) (raises NotIntervals / TooManyIntervals)."""
+    rows = end - q0
+    require(8 * rows * (3 + 2 * len(pattern.layout.axes)) + 64 * heads * rows,
+            f"the allowed keys of {rows} queries of '{pattern.name}' (one chunk of the tile plan)",
+            "a smaller query tile (block=(128, 128)) or smaller sizes")
+    view = top_view(pattern, M, N, heads, grid, inputs or {}, rows=(q0, end), keys=no_keys)
+    return merge(ia.eval(pattern.body, view))  # working memory O(chunk * R): bounded by max_intervals
+
+
+def _plan_chunk_tiles(pattern, s, M, N, bm, bn, nq, nk, q0, end, Hx, allowed, tiles, parts):
+    """Add the non-empty tiles of queries [q0, end) (their sets `s`) to `parts`, keyed for the
+    whole plan; returns (Hx, allowed, tiles) so far."""
+    if Hx is None:
+        Hx = s.lo.shape[0]
+    elif s.lo.shape[0] != Hx:  # heads come from the IR and the inputs' shapes, never from rows
+        raise AssertionError(f"chunks disagree on heads: {Hx} vs {s.lo.shape[0]}")
+    keys, full, count = _sparse_tiles(s, bm, bn)
+    allowed += count
+    tiles += len(keys)  # the tiles of the rows done so far, projected to all M rows:
+    require(PLAN_BYTES_PER_TILE * tiles * M / end,
+            f"the tile plan of '{pattern.name}' at M = {M}, N = {N} with {bm}x{bn} tiles "
+            f"({tiles} non-empty tiles in the first {end} query rows)",
+            "a larger tile (block=(256, 256), --tile 256x256) or smaller sizes")
+    if end - q0 < M:  # chunk keys (h * cq + local tile) * nk + key tile -> global
+        cq = -(-(end - q0) // bm)
+        row, kt = keys // nk, keys % nk
+        keys = ((row // cq) * nq + row % cq + q0 // bm) * nk + kt
+    parts.append((keys, full))
+    return Hx, allowed, tiles
 
 
 # ----------------------------------------------------------------------------- tile boxes (three-valued)

@@ -523,10 +523,18 @@ def test_more_intervals_per_query_when_few_queries_are_planned_at_once(monkeypat
     pat = attnc.loads("pattern p = causal & (sliding(8) | strided(16))").pattern()
     monkeypatch.setattr(analysis, "MAX_INTERVALS", 4)
     plans = {}
-    for budget in (0, 40 * 512):
+    # 0: nothing beyond 4 per query (tile boxes); 40 * 512: the whole 512 rows at once; 40 * 128:
+    # only chunks of 128 rows fit, so the plan halves its chunk twice
+    for budget in (0, 40 * 512, 40 * 128):
         monkeypatch.setattr(analysis, "INTERVAL_BUDGET", budget)
         plans[budget] = analysis.plan_blocks(pat.ir, 512, 512, 1, None, block=(32, 32))
-    assert plans[0].method == "tile-boxes" and plans[40 * 512].method == "closed-form"
-    assert torch.equal(plans[0].to_dense(), plans[40 * 512].to_dense())
-    assert plans[0].allowed == plans[40 * 512].allowed == int(pat.mask(512).sum())
-    assert analysis.max_intervals(512) == 40 and analysis.max_intervals(10 ** 6) == 4
+    assert plans[0].method == "tile-boxes"
+    assert plans[40 * 512].method == plans[40 * 128].method == "closed-form"
+    for budget in (40 * 512, 40 * 128):
+        assert torch.equal(plans[0].to_dense(), plans[budget].to_dense())
+        for name in ("full_t", "partial_t"):
+            assert torch.equal(getattr(plans[0], name).index, getattr(plans[budget], name).index)
+        assert plans[budget].allowed == plans[0].allowed == int(pat.mask(512).sum())
+    assert analysis.max_intervals(128) == 40 and analysis.max_intervals(10 ** 6) == 4
+    monkeypatch.setattr(analysis, "INTERVAL_BUDGET", 8 * 32)  # not even one query tile fits: tile boxes
+    assert analysis.plan_blocks(pat.ir, 512, 512, 1, None, block=(32, 32)).method == "tile-boxes"
