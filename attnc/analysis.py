@@ -477,6 +477,12 @@ class TileList:
         return TileList.from_padded(self.counts.to(device, torch.int32).contiguous(),
                                     self.index.to(device, torch.int32).contiguous())
 
+    def ragged_partial(self, partial: "TileList", length: int, b: int) -> tuple["TileList", "TileList"]:
+        """(full, partial) with a ragged last tile (length not a multiple of b) moved from this
+        full list to `partial`: how the kernels' forward / dQ loops read key tiles (their full
+        loop has no bounds check, [Note: the two loops] in codegen/kernels.py)."""
+        return self.move_column(partial, length // b) if length % b else (self, partial)
+
     def move_column(self, to: "TileList", col: int) -> tuple["TileList", "TileList"]:
         """(self without its tiles in column `col`, `to` with them added): both stay
         ascending per row (the runtime moves a ragged last key tile from the full
@@ -810,8 +816,22 @@ def _closed_form_plan(pattern: ir.PatternIR, M: int, N: int, heads: int, grid, b
                     raise
                 step = bm * max(1, step // bm // 2)  # fewer queries at once keep more intervals each
                 continue
-            Hx, allowed, tiles = _plan_chunk_tiles(pattern, s, M, N, bm, bn, nq, nk, q0, end, Hx, allowed, tiles,
-                                                   parts)
+            if Hx is None:
+                Hx = s.lo.shape[0]
+            elif s.lo.shape[0] != Hx:  # heads come from the IR and the inputs' shapes, never from rows
+                raise AssertionError(f"chunks disagree on heads: {Hx} vs {s.lo.shape[0]}")
+            keys, full, count = _sparse_tiles(s, bm, bn)
+            allowed += count
+            tiles += len(keys)  # the tiles of the rows done so far, projected to all M rows:
+            require(PLAN_BYTES_PER_TILE * tiles * M / end,
+                    f"the tile plan of '{pattern.name}' at M = {M}, N = {N} with {bm}x{bn} tiles "
+                    f"({tiles} non-empty tiles in the first {end} query rows)",
+                    "a larger tile (block=(256, 256), --tile 256x256) or smaller sizes")
+            if end - q0 < M:  # chunk keys (h * cq + local tile) * nk + key tile -> global
+                cq = -(-(end - q0) // bm)
+                row, kt = keys // nk, keys % nk
+                keys = ((row // cq) * nq + row % cq + q0 // bm) * nk + kt
+            parts.append((keys, full))
             bar.update(end - q0)
             q0 = end
     keys, full = (np.concatenate(x) for x in zip(*parts)) if len(parts) > 1 else parts[0]
@@ -830,28 +850,6 @@ def _plan_chunk_sets(pattern, ia, M, N, heads, grid, inputs, q0, end, no_keys) -
             "a smaller query tile (block=(128, 128)) or smaller sizes")
     view = top_view(pattern, M, N, heads, grid, inputs or {}, rows=(q0, end), keys=no_keys)
     return merge(ia.eval(pattern.body, view))  # working memory O(chunk * R): bounded by max_intervals
-
-
-def _plan_chunk_tiles(pattern, s, M, N, bm, bn, nq, nk, q0, end, Hx, allowed, tiles, parts):
-    """Add the non-empty tiles of queries [q0, end) (their sets `s`) to `parts`, keyed for the
-    whole plan; returns (Hx, allowed, tiles) so far."""
-    if Hx is None:
-        Hx = s.lo.shape[0]
-    elif s.lo.shape[0] != Hx:  # heads come from the IR and the inputs' shapes, never from rows
-        raise AssertionError(f"chunks disagree on heads: {Hx} vs {s.lo.shape[0]}")
-    keys, full, count = _sparse_tiles(s, bm, bn)
-    allowed += count
-    tiles += len(keys)  # the tiles of the rows done so far, projected to all M rows:
-    require(PLAN_BYTES_PER_TILE * tiles * M / end,
-            f"the tile plan of '{pattern.name}' at M = {M}, N = {N} with {bm}x{bn} tiles "
-            f"({tiles} non-empty tiles in the first {end} query rows)",
-            "a larger tile (block=(256, 256), --tile 256x256) or smaller sizes")
-    if end - q0 < M:  # chunk keys (h * cq + local tile) * nk + key tile -> global
-        cq = -(-(end - q0) // bm)
-        row, kt = keys // nk, keys % nk
-        keys = ((row // cq) * nq + row % cq + q0 // bm) * nk + kt
-    parts.append((keys, full))
-    return Hx, allowed, tiles
 
 
 # ----------------------------------------------------------------------------- tile boxes (three-valued)
@@ -1118,6 +1116,20 @@ def tile_lengths(length: int, b: int) -> torch.Tensor:
     """int64 [ceil(length / b)]: the tokens of every 1-D tile of b tokens (the last may be short)."""
     t = torch.arange(-(-length // b))
     return torch.clamp((t + 1) * b, max=length) - t * b
+
+
+def count_dtype(block: tuple[int, int]) -> torch.dtype:
+    """int32 per-tile counts unless a tile holds 2**31 pairs or more."""
+    return torch.int32 if block[0] * block[1] < 2 ** 31 else torch.int64
+
+
+def _full_tile_counts(full: torch.Tensor, qsz: torch.Tensor, ksz: torch.Tensor, block) -> torch.Tensor:
+    """Per-tile counts of bool `full` tiles [H, nq, nk] (their sizes; 0 elsewhere), built in
+    place without an [nq, nk] int64 map (10^6 tokens in 128-token tiles: 64 M tiles)."""
+    counts = full.to(count_dtype(block))
+    counts *= ksz.to(counts.dtype)[None, None, :]
+    counts *= qsz.to(counts.dtype)[None, :, None]
+    return counts
 
 
 def _uniform(length: int, b: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -1442,19 +1454,16 @@ def plan_blocks(pattern: ir.PatternIR, M: int, N: int, heads: int, grid, *, bloc
 COUNT_CHUNK = 1 << 22
 
 
-def _interval_tile_counts(pattern, M, N, heads, grid, plan, state, qsz, ksz, block):
+def _interval_tile_counts(pattern, M, N, heads, grid, state, qsz, ksz, block):
     """(counts, rows) of a 1-D pattern from its interval sets, no mask evaluated: a full tile
     counts its size; a partial tile (query tile a, key tile [b, e)) counts
     sum over its queries and their intervals [lo, hi) of |[lo, hi) & [b, e)|, computed for
     all partial tiles at once in chunks; rows are the sets' own counts. Raises NotIntervals."""
     s, _ = _interval_sets(pattern, M, N, heads, grid)  # [Hs, M, R], merged: disjoint intervals
     bm, bn = block
-    Hs, Hp = s.lo.shape[0], state.shape[0]
-    Hx = max(Hs, Hp)
-    counts = (state == 2).to(_count_dtype(block)).expand(Hx, -1, -1).clone() if Hp < Hx else (state == 2).to(
-        _count_dtype(block))
-    counts *= ksz.to(counts.dtype)[None, None, :]
-    counts *= qsz.to(counts.dtype)[None, :, None]
+    Hs = s.lo.shape[0]
+    Hx = max(Hs, state.shape[0])
+    counts = _full_tile_counts((state == 2).expand(Hx, -1, -1), qsz, ksz, block)
     h, qt, kt = (state.expand(Hx, -1, -1) == 1).nonzero(as_tuple=True)
     R = s.lo.shape[-1]
     per = max(1, COUNT_CHUNK // (bm * R))
@@ -1470,11 +1479,6 @@ def _interval_tile_counts(pattern, M, N, heads, grid, plan, state, qsz, ksz, blo
         inside = (torch.minimum(hi, e) - torch.maximum(lo, b)).clamp(min=0) * valid[..., None]
         counts[hh, qq, kk] = inside.sum((1, 2)).to(counts.dtype)
     return counts, s.count()
-
-
-def _count_dtype(block) -> torch.dtype:
-    from .show import count_dtype
-    return count_dtype(block)
 
 
 def tile_counts(pattern: ir.PatternIR, M: int, N: int, heads: int, grid, block: tuple[int, int]
@@ -1507,17 +1511,13 @@ def tile_counts(pattern: ir.PatternIR, M: int, N: int, heads: int, grid, block: 
                 pass
         if not pattern.layout.axes:
             try:
-                return (plan, *_interval_tile_counts(pattern, M, N, heads, grid, plan, state, qsz, ksz, block))
+                return (plan, *_interval_tile_counts(pattern, M, N, heads, grid, state, qsz, ksz, block))
             except NotIntervals:
                 pass
         full = state == 2
         partial = (state == 1).any(0)  # [nq, nk]: evaluated below for every head
         del state
-        # per-tile counts without an [nq, nk] int64 map (10^6 tokens in 128-token tiles: 64 M tiles)
-        from .show import count_dtype
-        counts = full.to(count_dtype(block))
-        counts *= ksz.to(counts.dtype)[None, None, :]
-        counts *= qsz.to(counts.dtype)[None, :, None]
+        counts = _full_tile_counts(full, qsz, ksz, block)
         # per query row, the keys of its tile row's full tiles (rows with partial tiles add theirs below)
         per_tile_row = torch.zeros(full.shape[0], nq, dtype=torch.int64)
         step = max(1, COUNT_CHUNK // max(1, nk))
@@ -1580,38 +1580,13 @@ def _plan_nd(pattern, M, N, heads, grid, tq, tk) -> Plan:
 # ----------------------------------------------------------------------------- heads with equal arms
 
 
-def _walk_masks(node):
-    yield node
-    if isinstance(node, ir.Heads):
-        for a in node.arms:
-            yield from _walk_masks(a.body)
-    else:
-        for c in node.children():
-            yield from _walk_masks(c)
-
-
 def _mentions_head(p) -> bool:
     """Whether a `where` predicate reads `h`."""
     if isinstance(p, ir.PVar):
         return p.name == "h"
-    return any(_mentions_head(getattr(p, f.name)) for f in dataclasses.fields(p)
-               if isinstance(getattr(p, f.name), ir.PNode)) or any(
-        _mentions_head(x) for f in dataclasses.fields(p) if isinstance(getattr(p, f.name), tuple)
-        for x in getattr(p, f.name) if isinstance(x, ir.PNode))
-
-
-def _choose_arms(node, picks: dict):
-    """`node` with every `heads { }` node replaced by the body of the arm `picks[id(node)]`."""
-    if isinstance(node, ir.Heads):
-        return _choose_arms(picks[id(node)].body, picks)
-    changes = {}
-    for f in dataclasses.fields(node):
-        v = getattr(node, f.name)
-        if isinstance(v, ir.Mask):
-            changes[f.name] = _choose_arms(v, picks)
-        elif isinstance(v, tuple) and v and all(isinstance(x, ir.Mask) for x in v):
-            changes[f.name] = tuple(_choose_arms(x, picks) for x in v)
-    return dataclasses.replace(node, **changes) if changes else node
+    kids = (v for f in dataclasses.fields(p) for v in (getattr(p, f.name) if isinstance(getattr(p, f.name), tuple)
+                                                        else (getattr(p, f.name),)))
+    return any(_mentions_head(k) for k in kids if isinstance(k, ir.PNode))
 
 
 def head_classes(pattern: ir.PatternIR, M: int, N: int, heads: int, grid) -> list | None:
@@ -1620,14 +1595,15 @@ def head_classes(pattern: ir.PatternIR, M: int, N: int, heads: int, grid) -> lis
     arm), so per-head work runs once per group ("per-head patterns share work across heads
     with identical arms"). None when there is nothing to share: no `heads { }` node, one group
     per head, or a head dependence elsewhere (a `where` over h, run-time inputs, routing)."""
-    from .reference import Evaluator, top_view
+    from .dynamic import transform
 
-    nodes = [n for n in _walk_masks(pattern.body) if isinstance(n, ir.Heads)]
+    every = list(ir.walk(pattern.body))
+    nodes = [n for n in every if isinstance(n, ir.Heads)]
     if not nodes or pattern.inputs or heads < 2:
         return None
-    for n in _walk_masks(pattern.body):
-        if isinstance(n, (ir.Routed, ir.TopK, ir.Same)) or (isinstance(n, ir.Where) and _mentions_head(n.pred)):
-            return None
+    if any(isinstance(n, (ir.Routed, ir.TopK, ir.Same)) or (isinstance(n, ir.Where) and _mentions_head(n.pred))
+           for n in every):
+        return None
     ev = Evaluator(pattern)
     view = top_view(pattern, M, N, heads, grid, {}, rows=(0, min(1, M)), keys=torch.zeros(0, dtype=torch.int64))
     choice = torch.full((len(nodes), heads), -1, dtype=torch.int64)
@@ -1639,11 +1615,11 @@ def head_classes(pattern: ir.PatternIR, M: int, N: int, heads: int, grid) -> lis
         groups.setdefault(tuple(choice[:, h].tolist()), []).append(h)
     if len(groups) == heads:
         return None
-    out = []
-    for sig, hs in groups.items():
-        picks = {id(n): n.arms[a] for n, a in zip(nodes, sig) if a >= 0}
-        out.append((hs, dataclasses.replace(pattern, body=_choose_arms(pattern.body, picks))))
-    return out
+
+    def arm_of(h: int):  # every `heads { }` node (arms already rebuilt) -> the body head h takes
+        return lambda n: next(a.body for sel, a in ev.head_arms(n, view) if sel[h]) if isinstance(n, ir.Heads) else None
+
+    return [(hs, dataclasses.replace(pattern, body=transform(pattern.body, arm_of(hs[0])))) for hs in groups.values()]
 
 
 def _stack_lists(lists: list, index: list[int]) -> TileList:

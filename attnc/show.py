@@ -56,22 +56,25 @@ class TileStats:
         per = self.counts.sum((1, 2), dtype=torch.int64)
         return sum(int(per[self.row(h)]) for h in range(self.heads))
 
+    def sizes(self, rows: slice = slice(None), dtype: torch.dtype = torch.int64) -> torch.Tensor:
+        """Pairs per tile of the query-tile rows `rows` [rows, nkb] (edge tiles are smaller)."""
+        return self.qsz[rows, None].to(dtype) * self.ksz[None, :].to(dtype)
+
     def state(self, h: int) -> torch.Tensor:
         """int8 [nqb, nkb] of head h: 0 empty, 1 partial, 2 full (row chunks: no int64 map)."""
         c = self.head(h)
         out = torch.empty(c.shape, dtype=torch.int8)
         step = max(1, CHUNK_ELEMENTS // max(1, c.shape[1]))
-        ks = self.ksz.to(c.dtype)
         for r0 in range(0, c.shape[0], step):
             part = c[r0:r0 + step]
-            size = self.qsz[r0:r0 + step, None].to(c.dtype) * ks[None, :]
+            size = self.sizes(slice(r0, r0 + step), c.dtype)
             out[r0:r0 + step] = (part > 0).to(torch.int8) + (part == size).to(torch.int8)
         return out
 
     def fraction(self, h: int, cells: int | None = None) -> torch.Tensor:
         """float64 fraction of allowed pairs per tile of head h; with `cells`, tiles summed
         into at most cells x cells display cells first (pictures of large maps)."""
-        c, size = self.head(h).to(torch.int64), self.qsz[:, None] * self.ksz[None, :]
+        c, size = self.head(h).to(torch.int64), self.sizes()
         if cells is not None and max(c.shape) > cells:
             f = -(-max(c.shape) // cells)
             c, size = _pool(c, f), _pool(size, f)
@@ -83,8 +86,7 @@ class TileStats:
 
     def full_and_nonempty(self) -> tuple[torch.Tensor, torch.Tensor]:
         """bool [1 or heads, nqb, nkb] pairs: every pair allowed / some pair allowed."""
-        size = self.qsz[:, None].to(self.counts.dtype) * self.ksz[None, :].to(self.counts.dtype)
-        return self.counts == size, self.counts > 0
+        return self.counts == self.sizes(dtype=self.counts.dtype), self.counts > 0
 
 
 def _pool(x: torch.Tensor, f: int) -> torch.Tensor:
@@ -94,11 +96,6 @@ def _pool(x: torch.Tensor, f: int) -> torch.Tensor:
     pad = torch.zeros(cq * f, ck * f, dtype=x.dtype)
     pad[:nq, :nk] = x
     return pad.view(cq, f, ck, f).sum((1, 3))
-
-
-def count_dtype(block: tuple[int, int]) -> torch.dtype:
-    """int32 per-tile counts unless a tile holds 2**31 pairs or more."""
-    return torch.int32 if block[0] * block[1] < 2 ** 31 else torch.int64
 
 
 def stats_bytes(M: int, N: int, H: int, block: tuple[int, int]) -> int:
@@ -121,6 +118,8 @@ def tile_stats(mask_rows, M: int, N: int, H: int, block: tuple[int, int]) -> tup
     require(stats_bytes(M, N, H, block), f"counting the {H} x {nqb} x {nkb} tiles of {bm}x{bn} at M = {M}, N = {N}",
             "a larger tile (attnc show --block 1024), smaller sizes, or `attnc simulate`, which counts tiles from the "
             "plan without evaluating every pair")
+    from .analysis import count_dtype
+
     counts = torch.zeros(H, nqb, nkb, dtype=count_dtype(block))
     row_counts = torch.zeros(H, M, dtype=torch.int64)
     kb = torch.arange(N) // bn

@@ -781,7 +781,7 @@ def range_tiles(r: Range, a0: torch.Tensor, a1: torch.Tensor, length: int, bn: i
     end = torch.where(active, -(-hi_l // bn), 0)
     full_first = -(-lo_l // bn)
     if ragged_partial:
-        full_end = torch.minimum(hi_f, torch.tensor(length)) // bn
+        full_end = hi_f.clamp(max=length) // bn
     else:
         full_end = torch.where(hi_f >= length, -(-length // bn), hi_f // bn)
     full = active & (s == a0) & (e == a1)
@@ -924,8 +924,8 @@ def _check(rs: Ranges, H: int, tiles: tuple[int, int], full, partial) -> str:
     """'' when the ranges reproduce a plan direction's tile classes (its
     compressed `full` / `partial` TileLists, with a ragged last key tile partial
     as the kernels have it: `TileLists.build`), else why not; no dense tile map."""
-    if rs.direction == "rows" and rs.length % tiles[1]:
-        full, partial = full.move_column(partial, rs.length // tiles[1])
+    if rs.direction == "rows":
+        full, partial = full.ragged_partial(partial, rs.length, tiles[1])
     for _, ranges in rs.groups:
         for r in ranges:
             xs = _points(r.g0, r.g1)

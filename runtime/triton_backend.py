@@ -45,8 +45,7 @@ class TileLists:
         """The device lists the kernels read. A ragged last key tile (N not a multiple of
         `block_n`) moves from the full list to the partial one: the kernels' full loop has
         no bounds check ([Note: the two loops] in codegen/kernels.py)."""
-        if N % block_n:
-            full, partial = full.move_column(partial, N // block_n)
+        full, partial = full.ragged_partial(partial, N, block_n)
         return TileLists(*(t.to(device) for t in (full, partial, full_t, partial_t)))
 
     @staticmethod
