@@ -47,30 +47,16 @@ def size_classes(pat, config, heads: int | None = None, probes=None) -> tuple[li
     """(classes, skipped): the distinct texts over the probed sizes, the class serving
     the largest size first; `skipped` lists (size, reason) for sizes the pattern
     rejects (a neighborhood longer than the axis, ...)."""
-    from attnc.progress import task
+    from attnc.errors import AttnError
+    from attnc.progress import each
+
+    from .kernels import compile_pattern
 
     rank = len(pat.layout.axes)
     probes = default_probes(rank) if probes is None else list(probes)
     by_text: dict[str, SizeClass] = {}
     skipped = []
-    with task("probing sizes", total=len(probes), unit="size") as bar:
-        _probe(pat, config, heads, rank, probes, by_text, skipped, bar)
-
-    def weight(s):
-        import math
-        return math.prod(s) if isinstance(s, tuple) else s
-
-    classes = sorted(by_text.values(), key=lambda c: -max(weight(s) for s in c.sizes))
-    return classes, skipped
-
-
-def _probe(pat, config, heads, rank, probes, by_text, skipped, bar) -> None:
-    """Generate the text at every probed size (a rejected size goes to `skipped`)."""
-    from attnc.errors import AttnError
-
-    from .kernels import compile_pattern
-
-    for size in probes:
+    for size in each(probes, "probing sizes", unit="size"):
         try:
             if rank:
                 c = compile_pattern(pat, None, heads=heads, grid=tuple(size), config=config)
@@ -79,9 +65,15 @@ def _probe(pat, config, heads, rank, probes, by_text, skipped, bar) -> None:
         except (AttnError, ValueError) as exc:
             msg = exc.diagnostics[0].message if isinstance(exc, AttnError) and exc.diagnostics else str(exc)
             skipped.append((size, msg))
-        else:
-            by_text.setdefault(c.source, SizeClass(c.source)).sizes.append(size)
-        bar.update()
+            continue
+        by_text.setdefault(c.source, SizeClass(c.source)).sizes.append(size)
+
+    def weight(s):
+        import math
+        return math.prod(s) if isinstance(s, tuple) else s
+
+    classes = sorted(by_text.values(), key=lambda c: -max(weight(s) for s in c.sizes))
+    return classes, skipped
 
 
 def sizes_text(sizes) -> str:
