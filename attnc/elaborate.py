@@ -47,6 +47,20 @@ class InputRef:
 
 
 @dataclass(frozen=True)
+class TableRef:
+    """A `table(...)` run-time input: only indexed inside a score term."""
+
+    spec: ir.TableSpec
+
+
+@dataclass(frozen=True)
+class ScoreVal:
+    """A real-valued expression inside a score term."""
+
+    node: ir.SExpr
+
+
+@dataclass(frozen=True)
 class Pos:
     """A position expression inside `where`; `boolean` tells its type."""
 
@@ -85,6 +99,10 @@ def type_name(v) -> str:
         return "a condition" if v.boolean else "a position expression"
     if isinstance(v, InputRef):
         return f"a run-time input ({v.spec.kind})"
+    if isinstance(v, TableRef):
+        return "a table input (index it: name[i, ...])"
+    if isinstance(v, ScoreVal):
+        return "a real number (a score expression)"
     if isinstance(v, PatternRef):
         return "a pattern"
     return "a value"
@@ -125,6 +143,8 @@ class Ctx:
     layout: ir.Layout
     locals: dict[str, object]
     in_where: bool = False
+    #: inside `score EXPR` (in_where is set too: q, k, h and coordinates are positions)
+    in_score: bool = False
     along: str | None = None  # inside `P @ a`
     transformed: bool = False  # inside dilate / blockwise / @
     #: locals named q, k or h: name -> what binds it ("parameter" / "let binding"); inside
@@ -132,7 +152,8 @@ class Ctx:
     hidden: dict[str, str] = field(default_factory=dict)
 
     def child(self, **kw) -> "Ctx":
-        c = Ctx(self.module, self.layout, dict(self.locals), self.in_where, self.along, self.transformed, dict(self.hidden))
+        c = Ctx(self.module, self.layout, dict(self.locals), self.in_where, self.in_score, self.along, self.transformed,
+                dict(self.hidden))
         for k, v in kw.items():
             setattr(c, k, v)
         return c
@@ -174,7 +195,7 @@ PRIMITIVES: dict[str, tuple[list[tuple[str, str, object]], str]] = {
     "blockwise": ([("b", AXIS_INT, _REQUIRED), ("pattern", MASK, _REQUIRED)], "blockwise(b, P)"),
 }
 FUNCTIONS = {"min": "min(a, b, ...)", "max": "max(a, b, ...)", "abs": "abs(x)", "size": "size(axis)"}
-INPUT_TYPES = {"segments": 0, "blocks": 1}
+INPUT_TYPES = {"segments": 0, "blocks": 1, "table": None}
 
 
 def _note_hidden(ctx: Ctx, name: str, kind: str) -> None:
@@ -222,6 +243,7 @@ class Elaborator:
         self.depth = 0
         self.bindings: dict[sympy.Symbol, ir.Int] = {}
         self.inputs: dict[str, ir.InputSpec] = {}
+        self.tables: dict[str, ir.TableSpec] = {}
         self.call_stack: list[str] = []
         self.let_stack: list[str] = []
         # [Note: shared sub-results] A `let` or a pattern call is elaborated once per
@@ -274,9 +296,10 @@ class Elaborator:
                                  "a chain where each definition uses the previous one twice doubles at every step; "
                                  "reuse a definition once (P | P is P)"))
             body = ir.Empty(span=pdef.body.span)
+        score = self.score_of(pdef, ctx)
         return ir.PatternIR(
             name=pdef.name, layout=layout, body=body,
-            bindings=tuple(self.bindings.items()), inputs=tuple(self.inputs.values()), span=pdef.span,
+            bindings=tuple(self.bindings.items()), inputs=tuple(self.inputs.values()), span=pdef.span, score=score,
         )
 
     def layout(self, pdef: ast.PatternDef, module: ModuleScope) -> ir.Layout:
@@ -339,7 +362,7 @@ class Elaborator:
         if p.name in ctx.layout.axes:
             self.fail(p.span, f"parameter '{p.name}' has the name of a grid axis")
         if p.type is not None:
-            return self.input_param(p, ctx, values)
+            return self.input_param(p, ctx, values, top)
         if p.name in values:
             v = values[p.name]
             if isinstance(v, ast.Node):  # an argument expression from a calling pattern
@@ -394,12 +417,14 @@ class Elaborator:
         self.fail(span, f"parameter '{p.name}': expected an integer, boolean, tuple or set, got {type(v).__name__} {v!r}",
                   f"{p.name}=3, {p.name}=(3, 5) or {p.name}={{0, 1}}")
 
-    def input_param(self, p: ast.Param, ctx: Ctx, values: dict[str, object]):
+    def input_param(self, p: ast.Param, ctx: Ctx, values: dict[str, object], top: bool = True):
         t = p.type
         if t.name not in INPUT_TYPES:
             close = difflib.get_close_matches(t.name, list(INPUT_TYPES), n=1)
-            self.fail(t.span, f"unknown run-time input type '{t.name}': expected segments or blocks(b)",
+            self.fail(t.span, f"unknown run-time input type '{t.name}': expected segments, blocks(b) or table(d1, ...)",
                       f"did you mean '{close[0]}'?" if close else None)
+        if t.name == "table":
+            return self.table_param(p, ctx, values, top)
         if p.name in values and isinstance(values[p.name], InputRef):
             return values[p.name]
         if p.name in values and not isinstance(values[p.name], ast.Node):
@@ -422,6 +447,94 @@ class Elaborator:
             self.fail(p.span, f"run-time input '{p.name}' is declared twice with different types")
         self.inputs[p.name] = spec
         return InputRef(spec)
+
+    def table_param(self, p: ast.Param, ctx: Ctx, values: dict[str, object], top: bool):
+        """`name: table(d1, d2, ...)`: a real tensor of exactly that shape, read by the score term."""
+        t = p.type
+        if not top:
+            self.fail(p.span, f"'{p.name}' is a table input of a called pattern: tables are read by score terms, "
+                              "and only the pattern that is bound has one", "declare the table on the bound pattern")
+        if p.name in values and not isinstance(values[p.name], ast.Node):
+            self.fail(p.span, f"'{p.name}' is a run-time input (table): pass it as a tensor when calling the op, not when binding",
+                      f"pat(q, k, v, {p.name}=tensor)")
+        if not t.args:
+            self.fail(t.span, "table needs its shape: table(d1, d2, ...), e.g. table(H, 2 * size - 1)")
+        dims = []
+        for a in t.args:
+            d = self.int_of(a, ctx, "a table dimension")
+            dv = self.static_int(d)
+            if dv is not None and dv < 1:
+                self.fail(a.span, f"a table dimension must be >= 1, got {dv}")
+            dims.append(d)
+        spec = ir.TableSpec(name=p.name, dims=tuple(dims), span=p.span)
+        self.tables[p.name] = spec
+        return TableRef(spec)
+
+    # -- score terms
+    def score_of(self, pdef: ast.PatternDef, ctx: Ctx) -> ir.ScoreTerm | None:
+        """The pattern's `score EXPR` as IR (None without one); tables not read are an error."""
+        e = pdef.score
+        if e is None:
+            for spec in self.tables.values():
+                self.diags.add(error(spec.span, f"table input '{spec.name}' is never read: tables are read by a score term",
+                                     f"add `score score + {spec.name}[...]` after the mask, or remove the input"))
+            return None
+        try:
+            v = self.ev(e, ctx.child(in_where=True, in_score=True))
+        except _Abort:
+            return None
+        if v is POISON:
+            return None
+        if _is_int(v) or (isinstance(v, Pos) and not v.boolean):
+            v = ScoreVal(ir.SPos(node=self.pos(v), span=e.span))
+        if not isinstance(v, ScoreVal):
+            self.diags.add(error(e.span, f"a score term must be a number, got {type_name(v)}",
+                                 "score score + bias[h, q - k], score 30 * tanh(score / 30)"))
+            return None
+        used = {n.table for n in _score_nodes(v.node) if isinstance(n, ir.SIndex)}
+        for spec in self.tables.values():
+            if spec.name not in used:
+                self.diags.add(error(spec.span, f"table input '{spec.name}' is never read by the score term",
+                                     f"index it, e.g. {spec.name}[h, ...], or remove the input"))
+        return ir.ScoreTerm(expr=v.node, tables=tuple(self.tables.values()), span=e.span)
+
+    def real(self, v, span: Span) -> ir.SExpr:
+        """An operand of real arithmetic inside a score term."""
+        if isinstance(v, ScoreVal):
+            return v.node
+        if _is_int(v) or (isinstance(v, Pos) and not v.boolean):
+            return ir.SPos(node=self.pos(v), span=span)
+        self.fail(span, f"score arithmetic takes numbers, got {type_name(v)}")
+
+    def ev_Real(self, e: ast.Real, ctx: Ctx):
+        if not ctx.in_score:
+            self.fail(e.span, f"'{e.value}' is not an integer: decimal numbers appear only in score terms",
+                      "masks and their arguments use integers")
+        return ScoreVal(ir.SNum(value=e.value, span=e.span))
+
+    def ev_Index(self, e: ast.Index, ctx: Ctx):
+        if not ctx.in_score:
+            self.fail(e.span, f"'{e.base}[...]' reads a table: only score terms do", "score score + table[...]")
+        ref = ctx.locals.get(e.base)
+        if not isinstance(ref, TableRef):
+            if e.base in ctx.locals:
+                self.fail(e.base_span, f"'{e.base}' is {type_name(ctx.locals[e.base])}, not a table input",
+                          f"declare it as {e.base}: table(d1, ...)")
+            self.unknown(e.base, e.base_span, ctx, "table input")
+        dims = ref.spec.dims
+        if len(e.indices) != len(dims):
+            self.fail(e.span, f"table '{e.base}' has {len(dims)} dimension(s), indexed with {len(e.indices)}",
+                      f"{e.base}[" + ", ".join(f"i{j}" for j in range(len(dims))) + "]")
+        idx = []
+        for x in e.indices:
+            v = self.ev(x, ctx)
+            if v is POISON:
+                raise _Abort
+            if not (_is_int(v) or (isinstance(v, Pos) and not v.boolean)):
+                self.fail(x.span, f"a table index must be an integer expression, got {type_name(v)}",
+                          "integer arithmetic of q, k, h, q.a, k.a and parameters")
+            idx.append(self.pos(v))
+        return ScoreVal(ir.SIndex(table=e.base, indices=tuple(idx), span=e.span))
 
     # -- typed helpers
     def mask_of(self, e: ast.Expr, ctx: Ctx, what: str) -> ir.Mask:
@@ -472,6 +585,11 @@ class Elaborator:
 
     def ev_Name(self, e: ast.Name, ctx: Ctx):
         name = e.id
+        if name == "score" and ctx.in_score:
+            if name in ctx.locals:
+                self.fail(e.span, "'score' inside a score term is the pair's scaled dot product, but a parameter or let "
+                                  "named 'score' is in scope and would be hidden", "rename it (e.g. 'score_')")
+            return ScoreVal(ir.SScore(span=e.span))
         if ctx.in_where and name in ("q", "k", "h"):
             if name in ctx.hidden:  # a parameter / let named q, k or h would be silently hidden here
                 what = "the head index" if name == "h" else ("the query position" if name == "q" else "the key position")
@@ -568,6 +686,13 @@ class Elaborator:
         if name in ctx.locals and not (name in FUNCTIONS or name in PRIMITIVES):
             # a local that shadows a built-in name shadows it only as a value: `size(h)` still works
             self.fail(e.func_span, f"'{name}' is {type_name(ctx.locals[name])}, not a pattern or function")
+        if name in ir.SCORE_FUNCTIONS and name not in ctx.locals and ctx.module.lookup(name) is None:
+            if not ctx.in_score:
+                self.fail(e.func_span, f"{name}() is a function of score terms only", f"score {name}(score)")
+            if e.kwargs or len(e.args) != 1:
+                self.fail(e.span, f"{name} takes one argument")
+            arg = self.real(self.ev(e.args[0], ctx), e.args[0].span)
+            return ScoreVal(ir.SCall(func=name, args=(arg,), span=e.span))
         if name in FUNCTIONS:
             return self.call_function(e, ctx)
         found = ctx.module.lookup(name)
@@ -608,6 +733,9 @@ class Elaborator:
         for a, arg in zip(e.args, args):
             if arg is POISON:
                 raise _Abort
+        if ctx.in_score and any(isinstance(a, ScoreVal) for a in args):
+            return ScoreVal(ir.SCall(func=name, args=tuple(self.real(v, a.span) for a, v in zip(e.args, args)), span=e.span))
+        for a, arg in zip(e.args, args):
             if not (_is_int(arg) or (isinstance(arg, Pos) and not arg.boolean)):
                 self.fail(a.span, f"{name}() takes integers, got {type_name(arg)}")
         if any(isinstance(a, Pos) for a in args):
@@ -628,6 +756,10 @@ class Elaborator:
             if callee_layout.axes != ctx.layout.axes:
                 self.fail(span, f"pattern '{pdef.name}' is on {callee_layout} but is used on {ctx.layout}",
                           "declare the callee without `on ...` to use it on any layout")
+        if pdef.score is not None:
+            self.fail(span, f"pattern '{pdef.name}' has a score term; a called pattern contributes only its mask, "
+                            "so only the pattern that is bound may have one",
+                      f"call a mask-only pattern and write `score ...` on the calling pattern")
         params = pdef.params
         values: dict[str, object] = {}
         if len(args) > len(params):
@@ -658,7 +790,7 @@ class Elaborator:
             v = self._recall(memo_key)
             if v is not _MISSING:
                 return v[1]
-        inner = Ctx(ref.module, ctx.layout, {}, False, ctx.along, ctx.transformed)
+        inner = Ctx(ref.module, ctx.layout, {}, False, False, ctx.along, ctx.transformed)
         for p in params:
             if p.name in evaluated:
                 v = evaluated[p.name]
@@ -793,6 +925,8 @@ class Elaborator:
                 return -v
             if isinstance(v, Pos) and not v.boolean:
                 return Pos(ir.PNeg(operand=v.node, span=e.span), False)
+            if isinstance(v, ScoreVal):
+                return ScoreVal(ir.SNeg(operand=v.node, span=e.span))
             if isinstance(v, ir.Mask):
                 self.fail(e.span, "unary '-' negates integers; the complement of a mask is '~P'", "~P")
             self.fail(e.span, f"'-' negates an integer, got {type_name(v)}")
@@ -861,6 +995,13 @@ class Elaborator:
                 self.fail(e.span, f"'{op}' combines masks; conditions inside `where` combine with '{'or' if op == '|' else 'and'}'",
                           f"where a {'or' if op == '|' else 'and'} b")
             self.fail(e.span, f"'{op}' combines masks, got {type_name(left)} and {type_name(right)}")
+        if ctx.in_score and (op == "/" or isinstance(left, ScoreVal) or isinstance(right, ScoreVal)):
+            if op not in ("+", "-", "*", "/", "**"):
+                self.fail(e.span, f"'{op}' is integer arithmetic; score terms combine reals with + - * / **")
+            return ScoreVal(ir.SBin(op=op, left=self.real(left, e.left.span), right=self.real(right, e.right.span),
+                                    span=e.span))
+        if op == "/":
+            self.fail(e.span, "'/' divides reals, which only score terms have; integers divide with '//'", "a // b")
         # arithmetic
         for side, v in ((e.left, left), (e.right, right)):
             if not (_is_int(v) or (isinstance(v, Pos) and not v.boolean)):
@@ -1018,3 +1159,17 @@ class Elaborator:
         if not isinstance(v, ir.Mask):
             self.fail(e.operand.span, f"'@ {e.axis}' applies a mask along an axis, got {type_name(v)}")
         return ir.Along(operand=v, axis=e.axis, span=e.span)
+
+
+def _score_nodes(node: ir.SExpr):
+    """Every node of a score expression (its integer parts not entered)."""
+    stack = [node]
+    while stack:
+        n = stack.pop()
+        yield n
+        if isinstance(n, ir.SBin):
+            stack += [n.left, n.right]
+        elif isinstance(n, ir.SNeg):
+            stack.append(n.operand)
+        elif isinstance(n, ir.SCall):
+            stack += list(n.args)

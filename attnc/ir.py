@@ -171,6 +171,84 @@ class PIn(PNode):
 PExpr = Union[PVar, PConst, PBin, PNeg, PCall, PCmp, PBool, PNot, PIn]
 
 
+# ----------------------------------------------------------------------------- score terms
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SNode:
+    """A real-valued score expression (`score EXPR` after the mask, docs/language.md)."""
+
+    span: Span = field(default=NO_SPAN, compare=False, hash=False, repr=False)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SScore(SNode):
+    """`score`: the scaled dot product `scale * q . k` of the pair."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SNum(SNode):
+    value: float
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SPos(SNode):
+    """An integer expression of positions, the head, parameters and sizes, used as a real."""
+
+    node: "PExpr"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SBin(SNode):
+    op: str  # + - * / **
+    left: "SExpr"
+    right: "SExpr"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SNeg(SNode):
+    operand: "SExpr"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SCall(SNode):
+    func: str  # tanh exp sigmoid abs min max
+    args: tuple["SExpr", ...]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SIndex(SNode):
+    """`table[i, ...]`: an entry of a `table(...)` input; the indices are integer expressions."""
+
+    table: str
+    indices: tuple["PExpr", ...]
+
+
+SExpr = Union[SScore, SNum, SPos, SBin, SNeg, SCall, SIndex]
+
+#: functions of score terms (besides min max abs)
+SCORE_FUNCTIONS = ("tanh", "exp", "sigmoid")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TableSpec:
+    """A `table(d1, ...)` run-time input: a real tensor of exactly that shape, read by a score term
+    (learnable: gradients flow into it)."""
+
+    name: str
+    dims: tuple  # Int expressions of parameters and sizes
+    span: Span = field(default=NO_SPAN, compare=False, hash=False, repr=False)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ScoreTerm:
+    """The pattern's score: the logit of an allowed pair is `expr` instead of `scale * q . k`."""
+
+    expr: SExpr
+    tables: tuple[TableSpec, ...] = ()
+    span: Span = field(default=NO_SPAN, compare=False, hash=False, repr=False)
+
+
 # ----------------------------------------------------------------------------- mask nodes
 
 
@@ -391,6 +469,8 @@ class PatternIR:
     bindings: tuple[tuple[sympy.Symbol, Int], ...]
     inputs: tuple[InputSpec, ...]
     span: Span = field(default=NO_SPAN, compare=False, hash=False, repr=False)
+    #: `score EXPR` (None: the plain `scale * q . k`); never changes which pairs are allowed
+    score: ScoreTerm | None = None
 
     def binding_map(self) -> dict[sympy.Symbol, Int]:
         return dict(self.bindings)
@@ -455,7 +535,7 @@ def _fmt(v) -> str:
     return str(v)
 
 
-def pformat(node: Mask | PExpr) -> str:
+def pformat(node: "Mask | PExpr | SExpr") -> str:
     """Canonical one-line text of an IR node (used for printing and hashing)."""
     match node:
         case Full():
@@ -532,6 +612,20 @@ def pformat(node: Mask | PExpr) -> str:
             return f"not {pformat(a)}"
         case PIn(item=i, collection=c):
             return f"{pformat(i)} in {c}"
+        case SScore():
+            return "score"
+        case SNum(value=v):
+            return repr(float(v))
+        case SPos(node=n):
+            return pformat(n)
+        case SBin(op=op, left=a, right=b):
+            return f"({pformat(a)} {op} {pformat(b)})"
+        case SNeg(operand=a):
+            return f"-{pformat(a)}"
+        case SCall(func=f, args=args):
+            return f"{f}(" + ", ".join(pformat(a) for a in args) + ")"
+        case SIndex(table=t, indices=idx):
+            return f"{t}[" + ", ".join(pformat(i) for i in idx) + "]"
     raise TypeError(f"not an IR node: {node!r}")
 
 
@@ -539,8 +633,10 @@ def pattern_text(p: PatternIR) -> str:
     """Canonical text of a bound pattern: parameters, layout and body."""
     params = ", ".join(f"{s} = {v}" for s, v in p.bindings)
     inputs = ", ".join(f"{i.name}: {i.kind}" + (f"({i.block})" if i.block is not None else "") for i in p.inputs)
-    sig = ", ".join(x for x in (params, inputs) if x)
-    return f"pattern {p.name}({sig}) on {p.layout} = {pformat(p.body)}"
+    tables = ", ".join(f"{t.name}: table(" + ", ".join(str(d) for d in t.dims) + ")" for t in (p.score.tables if p.score else ()))
+    sig = ", ".join(x for x in (params, inputs, tables) if x)
+    score = f" score {pformat(p.score.expr)}" if p.score is not None else ""
+    return f"pattern {p.name}({sig}) on {p.layout} = {pformat(p.body)}{score}"
 
 
 def has_topk(p: PatternIR) -> bool:

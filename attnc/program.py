@@ -517,19 +517,45 @@ class BoundPattern:
         except AttnError as err:
             raise err.with_sources(self.program.sources) from None
 
-    def check_input_names(self, inputs: dict) -> dict:
+    def check_input_names(self, inputs: dict, tables: bool = False) -> dict:
         """Raise ValueError unless `inputs` names exactly the declared run-time
-        inputs; returns {name: InputSpec} in declaration order."""
+        inputs (and, with `tables`, the score term's table inputs); returns
+        {name: InputSpec} of the mask's inputs in declaration order."""
         specs = {s.name: s for s in self.ir.inputs}
+        table_specs = {t.name: t for t in self.ir.score.tables} if self.ir.score is not None else {}
         for name in inputs:
-            if name not in specs:
-                declared = ", ".join(specs) or "none"
+            if name in table_specs and not tables:
+                raise ValueError(f"'{name}' is a table input, read only by the score term: the mask does not take it; "
+                                 f"try passing only {', '.join(specs) or 'no inputs'} here, and {name}= to the op")
+            if name not in specs and name not in table_specs:
+                declared = ", ".join([*specs, *table_specs]) or "none"
                 raise ValueError(f"unexpected input '{name}': pattern '{self.name}' declares run-time inputs: {declared}")
         for name, spec in specs.items():
             if name not in inputs:
                 raise ValueError(f"missing run-time input '{name}' ({spec.kind}): expected {name}=tensor; "
                                  f"try pat(q, k, v, {name}=...) or pat.mask(M, N, {name}=...)")
+        if tables:
+            for name, t in table_specs.items():
+                if name not in inputs:
+                    raise ValueError(f"missing table input '{name}' of the score term: expected {name}=tensor of shape "
+                                     f"({', '.join(str(d) for d in t.dims)}); try pat(q, k, v, {name}=torch.zeros(...))")
         return specs
+
+    def table_shapes(self, M: int, N: int, H: int, grid) -> dict[str, tuple[int, ...]]:
+        """The shape of every table input of the score term at these sizes ({} without one)."""
+        if self.ir.score is None:
+            return {}
+        env = {**self.ir.binding_map(), ir.M: M, ir.N: N, ir.H: H}
+        if grid is not None:
+            env.update({ir.axis_size(a): s for a, s in zip(self.ir.layout.axes, grid)})
+        out = {}
+        for t in self.ir.score.tables:
+            dims = tuple(_int(d, env) for d in t.dims)
+            if any(d is None or d < 1 for d in dims):
+                raise AttnError(error(t.span, f"table '{t.name}' has shape {dims} at M = {M}, N = {N}, H = {H}: "
+                                              "every dimension must be a positive integer"), self.program.sources)
+            out[t.name] = dims
+        return out
 
     def _inputs(self, M: int, N: int, H: int, inputs: dict, batch: int | None = None) -> tuple[list[dict], bool]:
         """Validate run-time inputs; returns (one dict per batch element, whether

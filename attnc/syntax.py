@@ -32,6 +32,22 @@ class Num(Node):
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class Real(Node):
+    """A decimal literal such as `0.5` (only score terms take non-integers)."""
+
+    value: float
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Index(Node):
+    """`table[i, j]`: an entry of a `table(...)` run-time input (score terms)."""
+
+    base: str
+    indices: tuple["Expr", ...]
+    base_span: Span = field(compare=False, hash=False, repr=False)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Bool(Node):
     value: bool
 
@@ -135,7 +151,7 @@ class LetIn(Node):
     body: "Expr"
 
 
-Expr = Num | Bool | Name | Coord | Call | Unary | Binary | Compare | In | Range | TupleLit | SetLit | Heads | Where | Along | LetIn
+Expr = Num | Real | Index | Bool | Name | Coord | Call | Unary | Binary | Compare | In | Range | TupleLit | SetLit | Heads | Where | Along | LetIn
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -181,6 +197,8 @@ class PatternDef(Node):
     layout: Layout | None
     body: Expr
     description: str
+    #: `score EXPR` after the mask: the logit of each allowed pair, or None (scale * q.k)
+    score: Expr | None = None
     name_span: Span = field(compare=False, hash=False, repr=False)
 
 
@@ -210,7 +228,8 @@ MAX_INT = 2**60
 
 
 #: keyword terminals (lark names anonymous string terminals after their text)
-_KEYWORDS = ("IMPORT", "LET", "PATTERN", "ON", "IN", "STEP", "TRUE", "FALSE", "HEADS", "WHERE", "OR", "AND", "NOT")
+_KEYWORDS = ("IMPORT", "LET", "PATTERN", "ON", "IN", "STEP", "TRUE", "FALSE", "HEADS", "WHERE", "OR", "AND", "NOT",
+             "SCORE")
 _LEXED = threading.local()  # the keyword tokens of the parse running in this thread
 
 
@@ -284,16 +303,20 @@ class _ToAst(Transformer):
         return Let(span=self.s(meta), name=str(name), value=value, name_span=_span(self.file, name))
 
     def pattern_def(self, meta, ch):
-        name, params, layout, body = ch
+        name, params, layout, body, score = ch
         return PatternDef(
             span=self.s(meta),
             name=str(name),
             params=tuple(params or ()),
             layout=layout,
             body=body,
+            score=score,
             description=self._description(meta.line),
             name_span=_span(self.file, name),
         )
+
+    def score_clause(self, meta, ch):
+        return ch[0]
 
     def _description(self, line: int) -> str:
         """The comment block directly above line `line` (1-based)."""
@@ -348,6 +371,7 @@ class _ToAst(Transformer):
     floordiv = _bin("//")
     mod = _bin("%")
     pow = _bin("**")
+    truediv = _bin("/")
     or_ = _bin("or")
     and_ = _bin("and")
 
@@ -374,6 +398,13 @@ class _ToAst(Transformer):
             shown = text if len(text) <= 24 else f"{text[:10]}...{text[-4:]} ({len(text)} digits)"
             raise AttnError(error(self.s(meta), f"integer literal {shown} is too large (limit 2**60 = {MAX_INT})"))
         return Num(span=self.s(meta), value=value)
+
+    def real(self, meta, ch):
+        return Real(span=self.s(meta), value=float(str(ch[0])))
+
+    def index(self, meta, ch):
+        base, *idx = ch
+        return Index(span=self.s(meta), base=str(base), indices=tuple(idx), base_span=_span(self.file, base))
 
     def true(self, meta, ch):
         return Bool(span=self.s(meta), value=True)

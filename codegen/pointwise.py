@@ -935,22 +935,9 @@ class _Lower(Evaluator):
         raise ValueError(op)
 
 
-def lower(pattern: ir.PatternIR, M: int, N: int | None = None, H: int = 1, grid=None,
-          input_shapes: dict[str, tuple[int, ...]] | None = None, sources: dict[str, str] | None = None) -> Lowered:
-    """Lower a bound pattern at concrete sizes to one pointwise expression.
-
-    `pattern` is `BoundPattern.ir`; sizes as for `BoundPattern.mask` (already
-    validated: use `BoundPattern.resolve_sizes`). `input_shapes` gives the shapes
-    of run-time inputs (only the head count of a block table changes the code);
-    `sources` (`BoundPattern.program.sources`) lets diagnostics quote the source line.
-    Raises `LoweringError` (an `AttnError`) for parts without a pointwise form
-    (`topk`), and the reference's own diagnostics for invalid arguments.
-
-    >>> pat = attnc.loads("pattern p = sliding(3) | sink(1)").pattern()
-    >>> print(to_text(lower(pat.ir, 8, 8).expr))
-    (k > q - 3 and k <= q) or k < 1
-    """
-    N = M if N is None else N
+def top_view(pattern: ir.PatternIR, M: int, N: int, H: int, grid, input_shapes: dict | None = None):
+    """(the lowering, the top-level view of query row q / key k, and the tagged M, N, grid):
+    what `lower` evaluates the mask in, and codegen/score.py the score term."""
     grid = tuple(grid) if grid is not None else None
     M, N, grid = size_tags.tag(M, N, grid)  # [Note: one text, many sizes] in sizes.py
     var_bounds = {"q": (0, M - 1), "k": (0, N - 1), "h": (0, H - 1), "b": (0, None)}
@@ -983,6 +970,27 @@ def lower(pattern: ir.PatternIR, M: int, N: int | None = None, H: int = 1, grid=
         if layout.text is not None:
             view.qin = b.ge(q, b.c(T))
             view.kin = b.ge(k, b.c(T))
+    return low, view, M, N, grid
+
+
+def lower(pattern: ir.PatternIR, M: int, N: int | None = None, H: int = 1, grid=None,
+          input_shapes: dict[str, tuple[int, ...]] | None = None, sources: dict[str, str] | None = None) -> Lowered:
+    """Lower a bound pattern at concrete sizes to one pointwise expression.
+
+    `pattern` is `BoundPattern.ir`; sizes as for `BoundPattern.mask` (already
+    validated: use `BoundPattern.resolve_sizes`). `input_shapes` gives the shapes
+    of run-time inputs (only the head count of a block table changes the code);
+    `sources` (`BoundPattern.program.sources`) lets diagnostics quote the source line.
+    Raises `LoweringError` (an `AttnError`) for parts without a pointwise form
+    (`topk`), and the reference's own diagnostics for invalid arguments.
+
+    >>> pat = attnc.loads("pattern p = sliding(3) | sink(1)").pattern()
+    >>> print(to_text(lower(pat.ir, 8, 8).expr))
+    (k > q - 3 and k <= q) or k < 1
+    """
+    N = M if N is None else N
+    low, view, M, N, grid = top_view(pattern, M, N, H, grid, input_shapes)
+    var_bounds = low.b.var_bounds
     try:
         expr = low.eval(pattern.body, view)
     except AttnError as err:

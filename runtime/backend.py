@@ -51,6 +51,16 @@ class Call:
     #: (bm, bn), or ((query tile shape), (key tile shape)) for N-D tiles on a grid; None:
     #: the backend's own configuration. Other backends choose their own tiles.
     block: tuple | None = None
+    #: the score term's table inputs by name (shapes checked, on q's device); {} without a score term
+    tables: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def score(self):
+        """The pattern's score term at this call's sizes (codegen/score.ScoreFn), or None."""
+        if self.pattern.ir.score is None:
+            return None
+        from attnc.codegen.score import score_fn
+        return score_fn(self.pattern.ir, self.M, self.N, self.Hq, self.grid)
 
     def plan(self, block: tuple[int, int]):
         """The tile plan for this call's sizes (analysis.Plan)."""
@@ -65,6 +75,10 @@ class Backend(ABC):
     """Base class of the attention backends ("torch", "triton", "flex", "reference")."""
 
     name: str = ""
+    #: whether the backend computes score terms (`score EXPR`); the op declines the others for them.
+    #: Such a backend's `backward` returns a fourth value when the call has score tables: their
+    #: gradients, {name: tensor of the table's shape and dtype}.
+    scores: bool = False
 
     @abstractmethod
     def can_run(self, call: Call, q: torch.Tensor) -> str | None:

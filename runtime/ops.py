@@ -82,13 +82,20 @@ def get_backend(name: str) -> Backend:
     raise ValueError(f"backend: expected one of {', '.join(repr(b) for b in BACKENDS)}, got {name!r}")
 
 
+def _decline_score(backend: Backend, call: Call) -> str | None:
+    if call.pattern.ir.score is not None and not backend.scores:
+        return (f"the {backend.name} backend does not compute score terms (`score ...`) yet; "
+                f"try backend='torch' (or 'reference')")
+    return None
+
+
 def choose_backend(call: Call, q: torch.Tensor, backend: str) -> Backend:
     """The backend that computes `call` (see [Note: backend choice])."""
     if backend not in BACKENDS:
         raise ValueError(f"backend: expected one of {', '.join(repr(b) for b in BACKENDS)}, got {backend!r}")
     if backend != "auto":
         chosen = get_backend(backend)
-        reason = chosen.can_run(call, q)
+        reason = _decline_score(chosen, call) or chosen.can_run(call, q)
         if reason:
             raise ValueError(f"backend={backend!r} cannot run this call: {reason}")
         return chosen
@@ -99,7 +106,7 @@ def choose_backend(call: Call, q: torch.Tensor, backend: str) -> Backend:
             # the interpreter is for testing kernels (backend="triton"); auto means fast
             reason = f"auto uses the Triton kernels on CUDA only (tensors are on {q.device.type}); force backend='triton' to interpret them"
         else:
-            reason = candidate.can_run(call, q)
+            reason = _decline_score(candidate, call) or candidate.can_run(call, q)
         if reason is None:
             return candidate
         log.info("attnc: backend %r declined: %s", name, reason)
@@ -126,16 +133,31 @@ def _lookup(key: str):
 
 
 def make_call(pat, q: Tensor, k: Tensor, v: Tensor, inputs: dict, grid, scale: float, needs_grad: bool = False,
-              needs_lse: bool = True, block: tuple | None = None) -> Call:
-    """A validated `Call` (sizes resolved, run-time inputs checked)."""
+              needs_lse: bool = True, block: tuple | None = None, tables: dict | None = None) -> Call:
+    """A validated `Call` (sizes resolved, run-time inputs and score tables checked)."""
     B, Hq, Hkv, M, N, D, scale = check_qkv(q, k, v, scale)
     M, N, _, grid = pat.resolve_sizes(M, N, Hq, grid)
     if inputs:
         # shapes, values and the batch rule ([Note: input batches], attnc/program.py), once for
         # every backend: a backend never sees an input whose batch is neither 1 nor B
         pat._inputs(M, N, Hq, inputs, batch=B)
+    tables = dict(tables or {})
+    for name, shape in pat.table_shapes(M, N, Hq, grid).items():
+        t = tables.get(name)
+        if not isinstance(t, Tensor):
+            raise ValueError(f"{name}: expected a real tensor of shape {shape} (the score term's table), "
+                             f"got {type(t).__name__}; try {name}=torch.zeros{shape}")
+        if not t.dtype.is_floating_point:
+            raise ValueError(f"{name}: expected a floating-point table, got dtype {t.dtype}; try {name}.float()")
+        if tuple(t.shape) != shape:
+            raise ValueError(f"{name}: expected a table of shape {shape} at M = {M}, N = {N}, H = {Hq}"
+                             + (f", grid = {grid}" if grid else "") + f", got {tuple(t.shape)}; "
+                             f"try torch.zeros{shape} (its declaration fixes the shape)")
+        if t.device != q.device:
+            raise ValueError(f"{name}: expected the table on q's device {q.device}, got {t.device}; try {name}.to(q.device)")
     return Call(pattern=pat, B=B, Hq=Hq, Hkv=Hkv, M=M, N=N, D=D, Dv=v.shape[-1], grid=grid, scale=scale,
-                inputs=dict(inputs), needs_grad=needs_grad, needs_lse=needs_lse or needs_grad, block=block)
+                inputs=dict(inputs), needs_grad=needs_grad, needs_lse=needs_lse or needs_grad, block=block,
+                tables=tables)
 
 
 def check_block(block) -> tuple | None:
@@ -186,12 +208,17 @@ def _decode_block(enc: list[int] | None) -> tuple | None:
     return tuple(enc[1:1 + d]), tuple(enc[1 + d:1 + 2 * d])
 
 
-def _prepare(key, q, k, v, inputs, grid, scale, backend, needs_grad, needs_lse, block) -> tuple[Call, Backend]:
+def _prepare(key, q, k, v, inputs, tables, grid, scale, backend, needs_grad, needs_lse, block) -> tuple[Call, Backend]:
     pat = _lookup(key)
     names = [s.name for s in pat.ir.inputs]
+    table_names = [t.name for t in pat.ir.score.tables] if pat.ir.score is not None else []
     call = make_call(pat, q, k, v, dict(zip(names, inputs)), tuple(grid) if grid else None, scale, needs_grad, needs_lse,
-                     _decode_block(block))
-    return call, choose_backend(call, q, backend)
+                     _decode_block(block), dict(zip(table_names, tables)))
+    chosen = choose_backend(call, q, backend)
+    if call.score is not None and call.score.reads:
+        from .torch_backend import check_table_indices
+        check_table_indices(call)  # every allowed pair reads inside its tables ([Note: score terms])
+    return call, chosen
 
 
 # ----------------------------------------------------------------------------- the custom ops
@@ -202,41 +229,47 @@ def _lse_dtype(q: Tensor) -> torch.dtype:
 
 
 @torch.library.custom_op("attnc::attention", mutates_args=())
-def attention_op(q: Tensor, k: Tensor, v: Tensor, inputs: list[Tensor], key: str, grid: list[int], scale: float,
-                 backend: str, needs_grad: bool, needs_lse: bool, block: Optional[list[int]]) -> tuple[Tensor, Tensor]:
+def attention_op(q: Tensor, k: Tensor, v: Tensor, inputs: list[Tensor], tables: list[Tensor], key: str, grid: list[int],
+                 scale: float, backend: str, needs_grad: bool, needs_lse: bool,
+                 block: Optional[list[int]]) -> tuple[Tensor, Tensor]:
     """out [B, Hq, M, Dv] and lse [B, Hq, M] of the pattern registered under `key`
-    (lse may be NaN when needs_lse and needs_grad are both False); `block`: `_encode_block`."""
-    call, chosen = _prepare(key, q, k, v, inputs, grid, scale, backend, needs_grad, needs_lse, block)
+    (lse may be NaN when needs_lse and needs_grad are both False); `block`: `_encode_block`;
+    `tables`: the score term's table inputs in declaration order."""
+    call, chosen = _prepare(key, q, k, v, inputs, tables, grid, scale, backend, needs_grad, needs_lse, block)
     out, lse = chosen.forward(call, q, k, v)
     check_finite_result(q, k, v, out, lse if call.needs_lse else None, call.scale)
     return out.contiguous(), lse.to(_lse_dtype(q)).contiguous()
 
 
 @attention_op.register_fake
-def _attention_fake(q, k, v, inputs, key, grid, scale, backend, needs_grad, needs_lse, block):
+def _attention_fake(q, k, v, inputs, tables, key, grid, scale, backend, needs_grad, needs_lse, block):
     B, Hq, M, _ = q.shape
     return q.new_empty(B, Hq, M, v.shape[-1]), q.new_empty(B, Hq, M, dtype=_lse_dtype(q))
 
 
 @torch.library.custom_op("attnc::attention_backward", mutates_args=())
 def attention_backward_op(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dout: Tensor, dlse: Tensor,
-                          inputs: list[Tensor], key: str, grid: list[int], scale: float,
-                          backend: str, block: Optional[list[int]]) -> tuple[Tensor, Tensor, Tensor]:
-    """dq, dk, dv of sum(out * dout) + sum(lse * dlse)."""
-    call, chosen = _prepare(key, q, k, v, inputs, grid, scale, backend, True, True, block)
-    dq, dk, dv = chosen.backward(call, q, k, v, out, lse, dout.contiguous(), dlse.contiguous())
-    return dq.contiguous(), dk.contiguous(), dv.contiguous()
+                          inputs: list[Tensor], tables: list[Tensor], key: str, grid: list[int], scale: float,
+                          backend: str, block: Optional[list[int]]) -> tuple[Tensor, Tensor, Tensor, list[Tensor]]:
+    """dq, dk, dv and the tables' gradients of sum(out * dout) + sum(lse * dlse)."""
+    call, chosen = _prepare(key, q, k, v, inputs, tables, grid, scale, backend, True, True, block)
+    grads = chosen.backward(call, q, k, v, out, lse, dout.contiguous(), dlse.contiguous())
+    dq, dk, dv = grads[:3]
+    dt = grads[3] if len(grads) > 3 else {}
+    dtables = [dt[n].to(t.dtype).contiguous() if n in dt else torch.zeros_like(t) for n, t in call.tables.items()]
+    return dq.contiguous(), dk.contiguous(), dv.contiguous(), dtables
 
 
 @attention_backward_op.register_fake
-def _attention_backward_fake(q, k, v, out, lse, dout, dlse, inputs, key, grid, scale, backend, block):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+def _attention_backward_fake(q, k, v, out, lse, dout, dlse, inputs, tables, key, grid, scale, backend, block):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), [torch.empty_like(t) for t in tables]
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, ins, key, grid, scale, backend, _, _, block = inputs
+    q, k, v, ins, tables, key, grid, scale, backend, _, _, block = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, *ins)
+    ctx.save_for_backward(q, k, v, out, lse, *ins, *tables)
+    ctx.n_tables = len(tables)
     ctx.n_inputs, ctx.key, ctx.grid, ctx.scale, ctx.backend = len(ins), key, list(grid), scale, backend
     ctx.block = block
     # autograd wants the gradient structure to mirror the inputs: an empty
@@ -245,12 +278,13 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, dout, dlse):
-    q, k, v, out, lse, *ins = ctx.saved_tensors
+    q, k, v, out, lse, *rest = ctx.saved_tensors
+    ins, tables = rest[:ctx.n_inputs], rest[ctx.n_inputs:]
     if dlse is None:
         dlse = torch.zeros_like(lse)
-    dq, dk, dv = attention_backward_op(q, k, v, out, lse, dout, dlse, ins, ctx.key, ctx.grid, ctx.scale, ctx.backend,
-                                       ctx.block)
-    return dq, dk, dv, [None] * ctx.n_inputs, None, ctx.grid_grad, None, None, None, None, None
+    dq, dk, dv, dtables = attention_backward_op(q, k, v, out, lse, dout, dlse, ins, tables, ctx.key, ctx.grid, ctx.scale,
+                                                ctx.backend, ctx.block)
+    return dq, dk, dv, [None] * ctx.n_inputs, list(dtables), None, ctx.grid_grad, None, None, None, None, None
 
 
 attention_op.register_autograd(_backward, setup_context=_setup_context)
@@ -265,6 +299,13 @@ def attention(pat, q, k, v, *, return_lse: bool, scale, backend: str, grid, inpu
     block = check_block(block)
     if backend not in BACKENDS:
         raise ValueError(f"backend: expected one of {', '.join(repr(b) for b in BACKENDS)}, got {backend!r}")
+    pat.check_input_names(inputs, tables=True)
+    table_names = [t.name for t in pat.ir.score.tables] if pat.ir.score is not None else []
+    tables = [inputs.pop(n) for n in table_names]
+    for name, t in zip(table_names, tables):
+        if not isinstance(t, Tensor):
+            raise ValueError(f"{name}: expected a real torch tensor (the score term's table), got {type(t).__name__}; "
+                             f"try torch.as_tensor({name}, dtype=torch.float32)")
     specs = pat.check_input_names(inputs)
     from attnc.program import CuSeqlens
     inputs = {n: (t.segment_ids(k.shape[2], n) if isinstance(t, CuSeqlens) else t) for n, t in inputs.items()}
@@ -284,7 +325,7 @@ def attention(pat, q, k, v, *, return_lse: bool, scale, backend: str, grid, inpu
         if not isinstance(gt, (tuple, list)) or not gt or not all(isinstance(g, int) and not isinstance(g, bool) for g in gt):
             raise ValueError(f"grid: expected a tuple of positive integer sizes like (16, 16), got {grid!r}")
         grid_list = list(gt)
-    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-    out, lse = attention_op(q, k, v, [inputs[n] for n in specs], pattern_key(pat), grid_list,
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, *tables))
+    out, lse = attention_op(q, k, v, [inputs[n] for n in specs], tables, pattern_key(pat), grid_list,
                             scale, backend, needs_grad, return_lse, _encode_block(block))
     return (out, lse) if return_lse else out

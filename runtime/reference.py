@@ -14,8 +14,9 @@ from .validate import raise_nonfinite
 from .backend import Backend
 
 
-def dense_attention(q, k, v, mask: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """q [B, Hq, M, D], k/v [B, Hkv, N, *], mask bool broadcastable to [B, Hq, M, N].
+def dense_attention(q, k, v, mask: torch.Tensor, scale: float, score=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """q [B, Hq, M, D], k/v [B, Hkv, N, *], mask bool broadcastable to [B, Hq, M, N];
+    `score(s)` (optional) maps the scaled dot products [B, Hq, M, N] to the logits.
 
     Returns (out [B, Hq, M, Dv] in q's dtype, lse [B, Hq, M] in float32/float64).
     """
@@ -26,6 +27,8 @@ def dense_attention(q, k, v, mask: torch.Tensor, scale: float) -> tuple[torch.Te
         v = v.repeat_interleave(Hq // Hkv, dim=1)
     mask = mask.to(q.device)
     s = torch.matmul(q.to(acc), k.to(acc).transpose(-1, -2)) * scale
+    if score is not None:
+        s = score(s)
     s = s.masked_fill(~mask, float("-inf"))
     if not bool(torch.isfinite(s.masked_fill(~mask, 0.0)).all()):
         raise_nonfinite(scale, q=q, k=k)  # the scores alone: v is not involved yet
@@ -65,10 +68,24 @@ def dense_backward(q, k, v, mask, scale, out, lse, dout, dlse=None):
     dv = dv.view(B, Hkv, G, N, -1).sum(2)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
+def dense_score(call, acc, device):
+    """The call's score term as a function of dense scaled dot products [B, Hq, M, N], with
+    its tables as float leaves {name: tensor} (None, {} without a score term)."""
+    fn = call.score
+    if fn is None:
+        return None, {}
+    tables = {n: t.detach().to(device=device, dtype=acc) for n, t in call.tables.items()}
+    rows = torch.arange(call.M, device=device).view(1, 1, -1, 1)
+    keys = torch.arange(call.N, device=device).view(1, 1, 1, -1)
+    heads = torch.arange(call.Hq, device=device).view(1, -1, 1, 1)
+    return (lambda s: fn(s, rows, keys, heads, tables)), tables
+
+
 class ReferenceBackend(Backend):
     """The dense oracle as a backend ("reference"): O(B * H * M * N) memory, for checking."""
 
     name = "reference"
+    scores = True
 
     def can_run(self, call, q) -> str | None:
         from attnc import ir
@@ -81,7 +98,35 @@ class ReferenceBackend(Backend):
         return (mask if mask.dim() == 4 else mask[None]).to(device)
 
     def forward(self, call, q, k, v):
-        return dense_attention(q, k, v, self._mask(call, q.device), call.scale)
+        acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+        return dense_attention(q, k, v, self._mask(call, q.device), call.scale, dense_score(call, acc, q.device)[0])
 
     def backward(self, call, q, k, v, out, lse, dout, dlse=None):
-        return dense_backward(q, k, v, self._mask(call, q.device), call.scale, out, lse, dout, dlse)
+        if call.score is None:
+            return dense_backward(q, k, v, self._mask(call, q.device), call.scale, out, lse, dout, dlse)
+        # with a score term: the textbook formulas through the term's own derivative
+        acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+        fn = call.score
+        tables = {n: t.detach().to(device=q.device, dtype=acc) for n, t in call.tables.items()}
+        rows = torch.arange(call.M, device=q.device).view(1, 1, -1, 1)
+        keys = torch.arange(call.N, device=q.device).view(1, 1, 1, -1)
+        heads = torch.arange(call.Hq, device=q.device).view(1, -1, 1, 1)
+        mask = self._mask(call, q.device)
+        G = call.Hq // call.Hkv
+        ke, ve = (t.repeat_interleave(G, dim=1).to(acc) for t in (k, v))
+        qa, doa = q.to(acc), dout.to(acc)
+        raw = torch.matmul(qa, ke.transpose(-1, -2)) * call.scale
+        s = fn(raw, rows, keys, heads, tables)
+        lse_safe = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse).to(acc)
+        p = torch.exp(s - lse_safe[..., None]).masked_fill(~mask, 0.0)
+        delta = (doa * out.to(acc)).sum(-1)
+        if dlse is not None:
+            delta = delta - dlse.to(acc)
+        dterm = p * (torch.matmul(doa, ve.transpose(-1, -2)) - delta[..., None])
+        dt = {n: torch.zeros_like(t) for n, t in tables.items()}
+        ds = fn.backward(raw, rows, keys, heads, tables, dterm, dt)
+        dq = torch.matmul(ds, ke) * call.scale
+        dk = (torch.matmul(ds.transpose(-1, -2), qa) * call.scale).view(call.B, call.Hkv, G, call.N, -1).sum(2)
+        dv = torch.matmul(p.transpose(-1, -2), doa).view(call.B, call.Hkv, G, call.N, -1).sum(2)
+        dq, dk, dv = dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+        return dq, dk, dv, dt

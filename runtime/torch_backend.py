@@ -401,15 +401,151 @@ def _pad(t: torch.Tensor, length: int) -> torch.Tensor:
     return torch.nn.functional.pad(t, (0, 0, 0, length - L))
 
 
-def _scores(qc, kc, group: Group, Gu: int, bm: int) -> torch.Tensor:
-    """q_chunk @ k_chunk^T with the group's partial-tile masks applied (-inf)."""
+def _scores(qc, kc, group: Group, Gu: int, bm: int, score=None) -> torch.Tensor:
+    """q_chunk @ k_chunk^T (then the score term `score(s)`, if any) with the group's
+    partial-tile masks applied (-inf)."""
     s = torch.matmul(qc, kc.transpose(-1, -2))  # [B, X, c, G'bm, s*bn]
+    if score is not None:
+        s = score(s)
+    return _mask_(s, group, Gu, bm)
+
+
+def _mask_(s, group: Group, Gu: int, bm: int) -> torch.Tensor:
+    """`s` with the group's partial-tile masks applied in place (-inf)."""
     if group.mask is not None:
         B, X, c, R, K = s.shape
         cut = group.n_full * (K // group.slots)
         sv = s.view(B, X, c, Gu, bm, K)[..., cut:]
         sv.masked_fill_(~group.mask[:, :, :, :], float("-inf"))
     return s
+
+
+# ----------------------------------------------------------------------------- score terms
+
+
+def _pairs(call: Call, sched: Schedule, chunk: Chunk, group: Group, Gu: int, X: int, device):
+    """Query rows, keys and heads of a group's scores, shaped to broadcast with them
+    viewed as [B, X, c, G', bm, s * bn] (rows clamped to M - 1, keys to N - 1)."""
+    bm, bn = sched.block
+    c = chunk.q.numel()
+    qt = chunk.q.to(device)
+    rows = ((qt % sched.nq)[:, None] * bm + torch.arange(bm, device=device)).clamp(max=call.M - 1)
+    rows = rows.view(1, 1, c, 1, bm, 1)
+    kt = group.kv.to(device).view(c, group.slots) % sched.nk
+    keys = (kt[:, :, None] * bn + torch.arange(bn, device=device)).reshape(c, group.slots * bn).clamp(max=call.N - 1)
+    keys = keys.view(1, 1, c, 1, 1, group.slots * bn)
+    if sched.shared:
+        G = call.Hq // call.Hkv
+        heads = (torch.arange(X, device=device)[:, None] * G + torch.arange(Gu, device=device)).view(1, X, 1, Gu, 1, 1)
+    else:
+        heads = (qt // sched.nq).view(1, 1, c, 1, 1, 1)
+    return rows, keys, heads
+
+
+@dataclass(frozen=True)
+class _ScoreStep:
+    """The score term on one group's scores [B, X, c, G' * bm, s * bn]."""
+
+    fn: object
+    rows: torch.Tensor
+    keys: torch.Tensor
+    heads: torch.Tensor
+    tables: dict
+    Gu: int
+    bm: int
+
+    def _view(self, s):
+        B, X, c, R, K = s.shape
+        return s.view(B, X, c, self.Gu, self.bm, K)
+
+    def apply(self, s):
+        return self.fn(self._view(s), self.rows, self.keys, self.heads, self.tables).reshape(s.shape)
+
+    def backward(self, raw, grad, dtables):
+        return self.fn.backward(self._view(raw), self.rows, self.keys, self.heads, self.tables, self._view(grad),
+                                dtables).reshape(raw.shape)
+
+
+def _score_step(call: Call, sched: Schedule, chunk: Chunk, group: Group, w, tables: dict):
+    """The score term of a group's dot products (None without one)."""
+    fn = call.score
+    if fn is None:
+        return None
+    rows, keys, heads = _pairs(call, sched, chunk, group, w.Gu, w.X, tables_device(tables, chunk))
+    return _ScoreStep(fn, rows, keys, heads, tables, w.Gu, w.bm)
+
+
+def tables_device(tables: dict, chunk: Chunk):
+    for t in tables.values():
+        return t.device
+    return chunk.q.device
+
+
+#: calls whose table indices were proven in range, by (pattern, sizes, inputs)
+_CHECKED = LRU("score_checks", 64, "score-term index checks (per pattern, size and run-time inputs)")
+
+
+def check_table_indices(call: Call) -> None:
+    """Raise ValueError unless every allowed pair reads inside the score term's tables.
+
+    Exact at the call's sizes: the indices are evaluated on every pair of every
+    visited tile (O(visited pairs), once per pattern, size and run-time inputs;
+    cached), and only allowed pairs count (see [Note: score terms] in codegen/score.py)."""
+    fn = call.score
+    if fn is None or not fn.reads:
+        return
+    key = (call.pattern.ir, call.M, call.N, call.Hq, call.Hkv, call.grid,
+           inputs_digest(call.inputs) if call.inputs else ())
+    _CHECKED.get(key, lambda: _check_tables(call, fn))
+
+
+def _check_tables(call: Call, fn) -> bool:
+    lo: dict = {}
+    hi: dict = {}
+    for _, sched in schedules(call):
+        X = call.Hkv if sched.shared else 1
+        Gu = call.Hq // call.Hkv if sched.shared else 1
+        bm, bn = sched.block
+        for chunk in sched.chunks:
+            c = chunk.q.numel()
+            qrow = ((chunk.q % sched.nq)[:, None] * bm + torch.arange(bm)).view(1, 1, c, 1, bm, 1)
+            for group in chunk.groups:
+                rows, keys, heads = _pairs(call, sched, chunk, group, Gu, X, torch.device("cpu"))
+                K = group.slots * bn
+                kraw = ((group.kv.view(c, group.slots) % sched.nk)[:, :, None] * bn + torch.arange(bn)).reshape(c, K)
+                ok = (qrow < call.M) & (kraw.view(1, 1, c, 1, 1, K) < call.N)
+                if group.mask is not None:
+                    cut = group.n_full * bn
+                    part = torch.ones(1, 1, c, 1, bm, K, dtype=torch.bool)
+                    part[..., cut:] = group.mask.view(c, 1, bm, K - cut)[None, None]
+                    ok = ok & part
+                for read, j, vals in fn.index_values(rows, keys, heads):
+                    if not isinstance(vals, torch.Tensor):
+                        vmin = vmax = int(vals)
+                        if not bool(ok.any()):
+                            continue
+                    else:
+                        vals, okb = torch.broadcast_tensors(vals, ok)
+                        sel = vals[okb]
+                        if sel.numel() == 0:
+                            continue
+                        vmin, vmax = int(sel.min()), int(sel.max())
+                    k_ = (read.table, read.text, j)
+                    lo[k_] = min(lo.get(k_, vmin), vmin)
+                    hi[k_] = max(hi.get(k_, vmax), vmax)
+    for (table, text, j), vmin in lo.items():
+        vmax = hi[(table, text, j)]
+        dim = dict(fn.tables)[table][j]
+        if vmin < 0 or vmax >= dim:
+            sizes = f"M = {call.M}, N = {call.N}, H = {call.Hq}" + (f", grid = {call.grid}" if call.grid else "")
+            raise ValueError(f"{table}[{text}]: index {j} takes values in [{vmin}, {vmax}] on allowed pairs at {sizes}, "
+                             f"but the table's dimension {j} is {dim} (expected indices in [0, {dim})); try a table "
+                             f"declared with dimension {j} >= {vmax + 1} and an index shifted by {max(0, -vmin)}")
+    return True
+
+
+def _tables(call: Call, acc, device) -> dict:
+    return {n: t.detach().to(device=device, dtype=acc) for n, t in call.tables.items()}
 
 
 def forward(call: Call, q, k, v, config: TorchPathConfig = CONFIG) -> tuple[torch.Tensor, torch.Tensor]:
@@ -432,6 +568,7 @@ def _forward_one(sched: Schedule, call: Call, q, k, v, acc):
     out_p = torch.zeros(w.B, call.Hq, w.Mp, v.shape[-1], dtype=acc, device=q.device)
     lse_p = torch.full((w.B, call.Hq, w.Mp, 1), float("-inf"), dtype=acc, device=q.device)
     tout, tlse = w.flat(out_p, w.bm), w.flat(lse_p, w.bm)
+    tables = _tables(call, acc, q.device)
     for chunk in sched.chunks:
         c = chunk.q.numel()
         qi = w.q_index(chunk)
@@ -439,7 +576,8 @@ def _forward_one(sched: Schedule, call: Call, q, k, v, acc):
         m_i = l_i = o_i = None
         for group in chunk.groups:
             ki = w.kv_index(group)
-            s = _scores(qc, w.gather_kv(tk, ki, group, c), group, w.Gu, w.bm)
+            step = _score_step(call, sched, chunk, group, w, tables)
+            s = _scores(qc, w.gather_kv(tk, ki, group, c), group, w.Gu, w.bm, None if step is None else step.apply)
             vc = w.gather_kv(tv, ki, group, c)
             m_new = s.amax(-1, keepdim=True)
             if m_i is not None:
@@ -465,13 +603,18 @@ def _forward_one(sched: Schedule, call: Call, q, k, v, acc):
 
 def backward(call: Call, q, k, v, out, lse, dout, dlse=None, config: TorchPathConfig = CONFIG):
     dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    tables = _tables(call, _acc_dtype(q.dtype), q.device)
+    dtables = {n: torch.zeros_like(t) for n, t in tables.items()}
     for bs, sched in schedules(call, config):
-        g = _backward_one(sched, call, q[bs], k[bs], v[bs], out[bs], lse[bs], dout[bs], None if dlse is None else dlse[bs])
+        g = _backward_one(sched, call, q[bs], k[bs], v[bs], out[bs], lse[bs], dout[bs], None if dlse is None else dlse[bs],
+                          tables, dtables)
         dq[bs], dk[bs], dv[bs] = g
+    if call.score is not None:
+        return dq, dk, dv, dtables
     return dq, dk, dv
 
 
-def _backward_one(sched: Schedule, call: Call, q, k, v, out, lse, dout, dlse):
+def _backward_one(sched: Schedule, call: Call, q, k, v, out, lse, dout, dlse, tables: dict, dtables: dict):
     acc = _acc_dtype(q.dtype)
     sched = _on_device(sched, q.device)
     w = _Views(sched, call, q, k, v, acc)
@@ -498,13 +641,27 @@ def _backward_one(sched: Schedule, call: Call, q, k, v, out, lse, dout, dlse):
         for group in chunk.groups:
             ki = w.kv_index(group)
             kc, vc = w.gather_kv(tk, ki, group, c), w.gather_kv(tv, ki, group, c)
-            p = _scores(qs, kc, group, w.Gu, w.bm).sub_(lse_c).exp_()
-            ds = torch.matmul(doc, vc.transpose(-1, -2)).sub_(delta_c).mul_(p)
+            step = _score_step(call, sched, chunk, group, w, tables)
+            if step is None:
+                p = _scores(qs, kc, group, w.Gu, w.bm).sub_(lse_c).exp_()
+                ds = torch.matmul(doc, vc.transpose(-1, -2)).sub_(delta_c).mul_(p)
+            else:
+                p, ds = _score_backward(step, qs, kc, vc, doc, lse_c, delta_c, group, w, dtables)
             dqc += torch.matmul(ds, kc)
             w.add_kv(tdk, ki, torch.matmul(ds.transpose(-1, -2), qc).mul_(call.scale))
             w.add_kv(tdv, ki, torch.matmul(p.transpose(-1, -2), doc))
         w.scatter_q(tdq, qi, dqc.mul_(call.scale))
     return (dq_p[:, :, : call.M].to(q.dtype), dk_p[:, :, : call.N].to(k.dtype), dv_p[:, :, : call.N].to(v.dtype))
+
+
+def _score_backward(step, qs, kc, vc, doc, lse_c, delta_c, group, w, dtables):
+    """(P, the gradient with respect to the raw scores `qs @ kc^T` through the score term),
+    adding the tables' gradients to `dtables` (codegen/score.ScoreFn.backward)."""
+    raw = torch.matmul(qs, kc.transpose(-1, -2))
+    s = step.apply(raw)
+    p = _mask_(s, group, w.Gu, w.bm).sub_(lse_c).exp_()
+    ds = torch.matmul(doc, vc.transpose(-1, -2)).sub_(delta_c).mul_(p)  # d loss / d score term
+    return p, step.backward(raw, ds, dtables)
 
 
 @functools.lru_cache(maxsize=8)
@@ -529,6 +686,7 @@ class TorchBackend(Backend):
     """Block-sparse attention in PyTorch, on any device (the CPU default)."""
 
     name = "torch"
+    scores = True
 
     def __init__(self, config: TorchPathConfig = CONFIG):
         self.config = config

@@ -178,7 +178,11 @@ def test_the_op_is_registered_and_passes_opcheck(one_thread):
     q, k, v = (rand(1, 2, 9, 4, dtype=torch.float64, seed=s).requires_grad_() for s in (1, 2, 3))
     key = pattern_key(pat)
     assert pattern_key(pat) == key  # stable per pattern object
-    torch.library.opcheck(attention_op, (q, k, v, [], key, [], 0.5, "torch", True, True, None))
+    torch.library.opcheck(attention_op, (q, k, v, [], [], key, [], 0.5, "torch", True, True, None))
+    # a score term with a learnable table: the tables are the op's differentiable list argument
+    scored = attnc.loads("pattern p(t: table(H, 5)) = sliding(3) score score + t[h, q - k]").pattern()
+    table = rand(2, 5, dtype=torch.float64, seed=4).requires_grad_()
+    torch.library.opcheck(attention_op, (q, k, v, [], [table], pattern_key(scored), [], 0.5, "torch", True, True, None))
 
 
 @pytest.mark.parametrize("backend", ["torch", "reference"])
@@ -248,7 +252,7 @@ def test_bad_grid_and_dead_keys():
     with pytest.raises(ValueError, match=r"grid: expected a tuple of positive integer sizes like \(16, 16\), got \(6.0, 6\)"):
         g(q, q, q, grid=(6.0, 6))
     with pytest.raises(ValueError, match="expected the key of a live bound pattern"):
-        attention_op(q, q, q, [], "nothing#0", [], 1.0, "torch", False, True, None)
+        attention_op(q, q, q, [], [], "nothing#0", [], 1.0, "torch", False, True, None)
     packed = attnc.load(EXAMPLES / "packed.attn").pattern()
     with pytest.raises(ValueError, match="doc: expected a torch integer tensor, got list"):
         packed(q, q, q, doc=[0] * 36)
