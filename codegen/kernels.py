@@ -228,11 +228,11 @@ TABLES = $tables
 CLOSED_FORM = $closed_form  # (forward and dQ, dK/dV): loop bounds as arithmetic instead of tile lists
 
 
-$mask_source
+$mask_source$score_source
 $bounds_source
 @triton.jit
 def _attn_fwd_inner(acc, l_i, m_i, q, K_base, V_base, stride_kn, stride_kd, stride_vn, stride_vd, qk_scale,
-                    $rows_tiles, offs_m, offs_n, offs_d, offs_dv, off_h, off_b$tbl_args,
+                    $rows_tiles, offs_m, offs_n, offs_d, offs_dv, off_h, off_b$tbl_args$sc_fwd,
                     M, N, D: tl.constexpr, DV: tl.constexpr,
                     BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
                     DOT_PRECISION: tl.constexpr):
@@ -241,7 +241,7 @@ $rows_loop
         cols = start_n + offs_n
         kT = tl.load(K_base + cols[None, :].to(tl.int64) * stride_kn + offs_d[:, None] * stride_kd,
                      mask=(cols[None, :] < N) & (offs_d[:, None] < D), other=0.0)
-        qk = tl.dot(q, kT, input_precision=DOT_PRECISION) * qk_scale
+        qk = tl.dot(q, kT, input_precision=DOT_PRECISION) * qk_scale$score_fwd
         if MASKED:
             keep = _mask(q_idx[:, None], tl.minimum(cols, N - 1)[None, :], off_h, off_b, M, N$tbl_args)
             qk = tl.where(keep & (cols[None, :] < N), qk, float("-inf"))
@@ -328,7 +328,7 @@ def _attn_bwd_preprocess(O, DO, DLse, Delta,
 @triton.jit
 def _attn_bwd_dkdv_inner(dk, dv, k, v, Q_base, DO_base, Lse_base, Delta_base,
                          stride_qm, stride_qd, stride_dom, stride_dod, qk_scale,
-                         $cols_tiles, offs_m, offs_n, offs_d, offs_dv, off_h, off_b$tbl_args,
+                         $cols_tiles, offs_m, offs_n, offs_d, offs_dv, off_h, off_b$tbl_args$sc_fwd,
                          M, N, D: tl.constexpr, DV: tl.constexpr,
                          BLOCK_M: tl.constexpr, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr):
     k_idx = tl.minimum(offs_n, N - 1)
@@ -342,14 +342,14 @@ $cols_loop
         # empty rows (lse -inf) have p = 0: use +inf so exp2(s - lse) is 0, not NaN
         lse = tl.where(lse == float("-inf"), float("inf"), lse) * LOG2E
         delta = tl.load(Delta_base + rows, mask=rows < M, other=0.0)
-        qkT = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale
+        qkT = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale$score_dkdv
         pT = tl.math.exp2(qkT - lse[None, :])
         if MASKED:
             keep = _mask(tl.minimum(rows, M - 1)[None, :], k_idx[:, None], off_h, off_b, M, N$tbl_args)
             pT = tl.where(keep, pT, 0.0)
         dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
         dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
-        dsT = pT * (dpT - delta[None, :])
+        dsT = pT * (dpT - delta[None, :])$score_dkdv_grad
         dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
     return dk, dv
 
@@ -396,7 +396,7 @@ $dkdv_body
 
 @triton.jit
 def _attn_bwd_dq_inner(dq, q, do, lse, delta, K_base, V_base, stride_kn, stride_kd, stride_vn, stride_vd, qk_scale,
-                       $rows_tiles, offs_m, offs_n, offs_d, offs_dv, off_h, off_b$tbl_args,
+                       $rows_tiles, offs_m, offs_n, offs_d, offs_dv, off_h, off_b$tbl_args$sc_dq,
                        M, N, D: tl.constexpr, DV: tl.constexpr,
                        BLOCK_N: tl.constexpr, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr):
     q_idx = tl.minimum(offs_m, M - 1)
@@ -406,13 +406,13 @@ $rows_loop
                     mask=(cols[:, None] < N) & (offs_d[None, :] < D), other=0.0)
         v = tl.load(V_base + cols[:, None].to(tl.int64) * stride_vn + offs_dv[None, :] * stride_vd,
                     mask=(cols[:, None] < N) & (offs_dv[None, :] < DV), other=0.0)
-        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale$score_dq
         p = tl.math.exp2(qk - lse[:, None])
         if MASKED:
             keep = _mask(q_idx[:, None], tl.minimum(cols, N - 1)[None, :], off_h, off_b, M, N$tbl_args)
             p = tl.where(keep & (cols[None, :] < N), p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
-        ds = p * (dp - delta[:, None])
+        ds = p * (dp - delta[:, None])$score_dq_grad
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
     return dq
 
@@ -623,14 +623,16 @@ def bounds_source(bounds, sizes: str = "", env: dict | None = None) -> str:
 
 
 def generate(low: Lowered, config: KernelConfig, plan_text: str = "built from run-time inputs per call",
-             bounds=None) -> str:
+             bounds=None, score=None) -> str:
     """The Triton module for a lowered pattern (deterministic text).
 
     `plan_text` describes the plan for the header (see `plan_summary`). `bounds`
     (`bounds.LoopBounds`, or None: tile lists) says per direction whether the
     loops are closed-form arithmetic or read the plan's tile lists, which are
     then kernel arguments, so one module serves any plan of the same sizes
-    (run-time inputs change the plan, not the code).
+    (run-time inputs change the plan, not the code). `score` (codegen/score.ScoreFn)
+    adds the pattern's score term to every loop and its derivative to the backward,
+    the tables' gradients accumulated by the dQ kernel (see [Note: score kernels]).
     """
     from attnc import __version__
 
@@ -655,9 +657,13 @@ def generate(low: Lowered, config: KernelConfig, plan_text: str = "built from ru
         size_lines = (f"# sizes:   M={low.M} queries, N={low.N} keys, H={low.H} query heads"
                       + (f", grid={'x'.join(map(str, low.grid))}" if low.grid else "") + f"\n# plan:    {plan_text}")
     dont = ["M", "N", *grid_args]
+    mask_source = TritonPrinter(low).source().rstrip("\n") + "\n"
 
-    def params(indent: int, closed: bool) -> str:
-        text = ", ".join(list(grid_args) + ([] if closed else [_LIST_PARAMS]) + [_table_arg(t.name) for t in low.tables])
+    sc = _score_texts(low, score, sizes)
+
+    def params(indent: int, closed: bool, kind: str = "fwd") -> str:
+        text = ", ".join(list(grid_args) + ([] if closed else [_LIST_PARAMS]) + [_table_arg(t.name) for t in low.tables]
+                         + sc["params_" + kind])
         return " " * indent + text + ",\n" if text else ""
 
     def no_spec(closed: bool) -> str:
@@ -674,7 +680,15 @@ def generate(low: Lowered, config: KernelConfig, plan_text: str = "built from ru
         loops_text=loops_text,
         tables=tables,
         closed_form=repr((rows_closed, cols_closed)),
-        mask_source=TritonPrinter(low).source().rstrip("\n") + "\n",
+        mask_source=mask_source,
+        score_source=sc["source"],
+        sc_fwd=sc["args_fwd"],
+        sc_dq=sc["args_dq"],
+        score_fwd=sc["fwd"],
+        score_dkdv=sc["dkdv"],
+        score_dkdv_grad=sc["dkdv_grad"],
+        score_dq=sc["dq"],
+        score_dq_grad=sc["dq_grad"],
         bounds_source=bounds_source(bounds, sizes, env),
         tbl_args=tbl_args,
         rows_tiles=loop[rows_closed][0],
@@ -683,15 +697,54 @@ def generate(low: Lowered, config: KernelConfig, plan_text: str = "built from ru
         cols_loop=loop[cols_closed][1].format(s="start_m", b="BLOCK_M"),
         fwd_params=params(14, rows_closed),
         dkdv_params=params(19, cols_closed),
-        dq_params=params(17, rows_closed),
+        dq_params=params(17, rows_closed, "dq"),
         fwd_generic=no_spec(rows_closed),
         dkdv_generic=no_spec(cols_closed),
         dq_generic=no_spec(rows_closed),
-        fwd_body=_closed_body("fwd", bounds.rows, tbl_args, sizes, env) if rows_closed else _list_body("fwd", tbl_args),
-        dkdv_body=_closed_body("dkdv", bounds.cols, tbl_args, sizes, env) if cols_closed else _list_body("dkdv", tbl_args),
-        dq_body=_closed_body("dq", bounds.rows, tbl_args, sizes, env) if rows_closed else _list_body("dq", tbl_args),
+        fwd_body=(_closed_body("fwd", bounds.rows, tbl_args + sc["args_fwd"], sizes, env) if rows_closed
+                  else _list_body("fwd", tbl_args + sc["args_fwd"])),
+        dkdv_body=(_closed_body("dkdv", bounds.cols, tbl_args + sc["args_fwd"], sizes, env) if cols_closed
+                   else _list_body("dkdv", tbl_args + sc["args_fwd"])),
+        dq_body=(_closed_body("dq", bounds.rows, tbl_args + sc["args_dq"], sizes, env) if rows_closed
+                 else _list_body("dq", tbl_args + sc["args_dq"])),
     )
     return src
+
+
+def _score_texts(low: Lowered, score, sizes: str) -> dict:
+    """The text the score term adds to the module ([Note: score kernels]); empty strings
+    without one, so kernels of patterns without a score term are unchanged.
+
+    [Note: score kernels] The loops compute qk = q . k * scale * log2(e) as before; with a
+    score term, s = qk * ln 2 is the scaled dot product, and the logit is `_score(s, ...)`
+    (times log2(e) again). Backward recomputes it and turns dS of the logit into dS of s
+    with `_score_grad` (the term's reverse mode, printed by codegen/score.py); the dQ kernel
+    visits every allowed pair exactly once per head, so it also adds the tables' gradients
+    (`_score_grad_tables`, float32 atomics into zeroed buffers `dsc_*`).
+    """
+    keys = ("params_fwd", "params_dkdv", "params_dq", "source", "args_fwd", "args_dq", "fwd", "dkdv", "dkdv_grad",
+            "dq", "dq_grad")
+    if score is None:
+        return {k: ([] if k.startswith("params") else "") for k in keys}
+    from .score import grad_arg, score_arg, triton_score_source
+
+    tabs = [score_arg(n) for n, _ in score.tables]
+    grads = [grad_arg(n) for n, _ in score.tables]
+    targs = "".join(f", {t}" for t in tabs)
+    gargs = "".join(f", {t}" for t in grads)
+    ind = "\n        "
+    fwd_pos = "q_idx[:, None], tl.minimum(cols, N - 1)[None, :], off_h, M, N" + sizes
+    dkdv_pos = "tl.minimum(rows, M - 1)[None, :], k_idx[:, None], off_h, M, N" + sizes
+    return {
+        "params_fwd": tabs, "params_dkdv": tabs, "params_dq": tabs + grads,
+        "source": "\n" + triton_score_source(score, low, TritonPrinter(low).source()).rstrip("\n") + "\n",
+        "args_fwd": targs, "args_dq": targs + gargs,
+        "fwd": f"{ind}qk = _score(qk * LN2, {fwd_pos}{targs}) * LOG2E  # the score term",
+        "dkdv": f"{ind}sT = qkT * LN2{ind}qkT = _score(sT, {dkdv_pos}{targs}) * LOG2E  # the score term",
+        "dkdv_grad": f"{ind}dsT = _score_grad(sT, dsT, {dkdv_pos}{targs})",
+        "dq": f"{ind}s_raw = qk * LN2{ind}qk = _score(s_raw, {fwd_pos}{targs}) * LOG2E  # the score term",
+        "dq_grad": f"{ind}ds = _score_grad_tables(s_raw, ds, {fwd_pos}{targs}{gargs})",
+    }
 
 
 @dataclass(frozen=True)
@@ -747,4 +800,7 @@ def compile_pattern(pat, M: int, N: int | None = None, *, heads: int | None = No
     plan = None if pat.ir.inputs else pat.plan(M, N, heads=H, grid=grid, block=config.block)
     text = plan_summary(plan) if plan is not None else "built per call from the run-time inputs (union over the batch)"
     bounds = loop_bounds(pat.ir, M, N, H, config.block, plan)
-    return Compiled(source=generate(low, config, text, bounds), lowered=low, plan=plan, config=config, bounds=bounds)
+    from .score import lower_score
+    score = lower_score(pat.ir, M, N, H, grid, sources=pat.program.sources)
+    return Compiled(source=generate(low, config, text, bounds, score), lowered=low, plan=plan, config=config,
+                    bounds=bounds)

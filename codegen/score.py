@@ -44,6 +44,7 @@ class Score:
 @dataclass(frozen=True)
 class Int:
     expr: pw.Expr
+    fn: object = None  # env -> value (`_closure`)
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,7 @@ class Read:
     index: tuple
     dims: tuple[int, ...]
     text: str  # the source spelling of the indices, for diagnostics
+    fns: tuple = ()  # one `_closure` per index
 
 
 @dataclass(frozen=True)
@@ -94,12 +96,17 @@ class ScoreFn:
         """The score of pairs whose scaled dot products are `s`: query rows `q` (0..M-1),
         keys `k`, heads `h` (integer tensors broadcasting with `s`); `tables` by name,
         already in `s`'s dtype and device. Differentiable in `s` and the tables."""
+        out = self.pointwise(s, q, k, h, tables)
+        return out.expand(torch.broadcast_shapes(out.shape, s.shape))
+
+    def pointwise(self, s: torch.Tensor, q, k, h, tables: dict[str, torch.Tensor]) -> torch.Tensor:
+        """As calling it, without broadcasting the result to `s`'s shape (a FlexAttention
+        score_mod: its compiled form traces scalars)."""
         env = {"q": q, "k": k, "h": h, "b": 0}
-        memo: dict = {}
-        out = _eval(self.expr, s, env, tables, memo)
+        out = _eval(self.expr, s, env, tables, {})
         if not isinstance(out, torch.Tensor):
-            out = torch.full((), float(out), dtype=s.dtype, device=s.device)
-        return out.to(s.dtype).expand(torch.broadcast_shapes(out.shape, s.shape))
+            return s * 0 + float(out)
+        return out.to(s.dtype)
 
     def backward(self, s: torch.Tensor, q, k, h, tables: dict[str, torch.Tensor], grad: torch.Tensor,
                  dtables: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -119,7 +126,7 @@ class ScoreFn:
         """Every table index's values at pairs (q, k, h): (read, axis, values)."""
         env = {"q": q, "k": k, "h": h, "b": 0}
         memo: dict = {}
-        return [(r, j, pw._eval_torch(e, env, {}, set(), memo)) for r in self.reads for j, e in enumerate(r.index)]
+        return [(r, j, f(env)) for r in self.reads for j, f in enumerate(r.fns)]
 
 
 def _nodes(e):
@@ -142,11 +149,33 @@ def _eval(e, s, env, tables, memo, vals=None):
     return out
 
 
+def _closure(e: pw.Expr):
+    """`e` as a Python closure env -> value with plain ints for constants: traceable by
+    dynamo (FlexAttention traces score_mods), unlike a walk keyed by expression nodes."""
+    if isinstance(e, pw.Var):
+        name = e.name
+        return lambda env: env[name]
+    if isinstance(e, pw.Const):
+        value = int(e.value) if not isinstance(e.value, bool) else bool(e.value)
+        return lambda env: value
+    if isinstance(e, pw.Op):
+        op = pw._TORCH_OPS[e.op]
+        args = tuple(_closure(a) for a in e.args)
+        if len(args) == 1:
+            a0 = args[0]
+            return lambda env: op(a0(env))
+        if len(args) == 2:
+            a0, a1 = args
+            return lambda env: op(a0(env), a1(env))
+        return lambda env: op(*(a(env) for a in args))
+    raise AttnError(f"a score term's integer part cannot read tables ({type(e).__name__})")
+
+
 def _flat_index(e: "Read", env, memo):
     flat = 0
     stride = 1
     for j in range(len(e.dims) - 1, -1, -1):
-        v = pw._eval_torch(e.index[j], env, {}, set(), memo)
+        v = e.fns[j](env)
         v = v.clamp(0, e.dims[j] - 1) if isinstance(v, torch.Tensor) else min(max(int(v), 0), e.dims[j] - 1)
         flat = flat + v * stride
         stride *= e.dims[j]
@@ -159,7 +188,7 @@ def _eval1(e, s, env, tables, memo, vals):
     if isinstance(e, Real):
         return e.value
     if isinstance(e, Int):
-        v = pw._eval_torch(e.expr, env, {}, set(), memo)
+        v = e.fn(env)
         return v.to(s.dtype) if isinstance(v, torch.Tensor) else float(v)
     if isinstance(e, Read):
         t = tables[e.table]
@@ -279,7 +308,8 @@ def lower_score(pattern: ir.PatternIR, M: int, N: int, H: int, grid=None, source
             case ir.SNum(value=v):
                 return Real(float(v))
             case ir.SPos(node=p):
-                return Int(low.pos(p, view)[0])
+                x = low.pos(p, view)[0]
+                return Int(x, _closure(x))
             case ir.SBin(op=op, left=a, right=b):
                 return Bin(op, go(a), go(b))
             case ir.SNeg(operand=a):
@@ -287,7 +317,8 @@ def lower_score(pattern: ir.PatternIR, M: int, N: int, H: int, grid=None, source
             case ir.SCall(func=f, args=args):
                 return Fn(f, tuple(go(a) for a in args))
             case ir.SIndex(table=t, indices=idx):
-                r = Read(t, tuple(low.pos(i, view)[0] for i in idx), dims[t], ", ".join(ir.pformat(i) for i in idx))
+                xs = tuple(low.pos(i, view)[0] for i in idx)
+                r = Read(t, xs, dims[t], ", ".join(ir.pformat(i) for i in idx), tuple(_closure(x) for x in xs))
                 reads.append(r)
                 return r
         raise TypeError(n)
@@ -303,3 +334,207 @@ def lower_score(pattern: ir.PatternIR, M: int, N: int, H: int, grid=None, source
 def score_fn(pattern: ir.PatternIR, M: int, N: int, H: int, grid=None) -> ScoreFn | None:
     """`lower_score`, cached per pattern and sizes."""
     return lower_score(pattern, M, N, H, grid)
+
+
+# ----------------------------------------------------------------------------- Triton
+
+
+def score_arg(name: str) -> str:
+    """The kernel argument holding table `name` (float32, contiguous)."""
+    return f"sc_{name}"
+
+
+def grad_arg(name: str) -> str:
+    """The kernel argument accumulating the gradient of table `name` (float32, zeroed)."""
+    return f"dsc_{name}"
+
+
+class _TritonScore:
+    """Straight-line Triton text of a score term and of its reverse-mode derivative."""
+
+    def __init__(self, fn: ScoreFn, low: pw.Lowered):
+        self.fn = fn
+        self.low = low
+        self.order = []  # nodes in post-order (children first), each once
+        seen = set()
+
+        def visit(e):
+            if id(e) in seen:
+                return
+            seen.add(id(e))
+            for c in (e.a, e.b) if isinstance(e, Bin) else (e.a,) if isinstance(e, Neg) else e.args if isinstance(e, Fn) else ():
+                visit(c)
+            self.order.append(e)
+
+        visit(fn.expr)
+        self.name = {id(e): f"v{i}" for i, e in enumerate(self.order)}
+        self.helpers: set[str] = set()
+        self.flats: dict[int, str] = {}
+
+    def _int(self, e: pw.Expr, prefix: str, out: list[str]) -> str:
+        """Print an integer expression (temporaries renamed with `prefix`), returning its text."""
+        import dataclasses
+        import re
+
+        printer = pw.TritonPrinter(dataclasses.replace(self.low, expr=e, tables=()))
+        stmts, final = printer.lines()
+        self.helpers |= printer.helpers
+        rename = lambda text: re.sub(r"\bt(\d+)\b", lambda m: f"{prefix}t{m.group(1)}", text)  # noqa: E731
+        out += [rename(s) for s in stmts]
+        return rename(final)
+
+    def forward_lines(self) -> list[str]:
+        out: list[str] = []
+        for i, e in enumerate(self.order):
+            v = self.name[id(e)]
+            if isinstance(e, Score):
+                out.append(f"{v} = s")
+            elif isinstance(e, Real):
+                out.append(f"{v} = {e.value!r}")
+            elif isinstance(e, Int):
+                if isinstance(e.expr, pw.Const):
+                    out.append(f"{v} = {float(int(e.expr.value))!r}")
+                else:
+                    out.append(f"{v} = ({self._int(e.expr, f'i{i}', out)}).to(tl.float32)")
+            elif isinstance(e, Read):
+                terms = []
+                stride = 1
+                for j in range(len(e.dims) - 1, -1, -1):
+                    idx = self._int(e.index[j], f"r{i}_{j}", out)
+                    clamped = f"tl.minimum(tl.maximum({idx}, 0), {e.dims[j] - 1})"
+                    terms.append(clamped if stride == 1 else f"{clamped} * {stride}")
+                    stride *= e.dims[j]
+                flat = f"f{i}"
+                out.append(f"{flat} = " + " + ".join(reversed(terms)))
+                self.flats[id(e)] = flat
+                out.append(f"{v} = tl.load({score_arg(e.table)} + {flat})")
+            elif isinstance(e, Neg):
+                out.append(f"{v} = -{self.name[id(e.a)]}")
+            elif isinstance(e, Bin):
+                a, b = self.name[id(e.a)], self.name[id(e.b)]
+                if e.op == "**":
+                    n = _const_int(e.b)
+                    if n is not None and 0 <= n <= 8:
+                        out.append(f"{v} = " + (" * ".join([a] * n) if n else f"{a} * 0.0 + 1.0"))
+                    else:
+                        out.append(f"{v} = tl.exp2({b} * tl.log2({a}))")
+                else:
+                    out.append(f"{v} = {a} {e.op} {b}")
+            elif isinstance(e, Fn):
+                xs = [self.name[id(a)] for a in e.args]
+                if e.name == "tanh":
+                    out.append(f"{v} = 2.0 * tl.sigmoid(2.0 * {xs[0]}) - 1.0")
+                elif e.name == "exp":
+                    out.append(f"{v} = tl.exp({xs[0]})")
+                elif e.name == "sigmoid":
+                    out.append(f"{v} = tl.sigmoid({xs[0]})")
+                elif e.name == "abs":
+                    out.append(f"{v} = tl.abs({xs[0]})")
+                else:
+                    acc = xs[0]
+                    for x in xs[1:]:
+                        acc = f"tl.{e.name}imum({acc}, {x})"
+                    out.append(f"{v} = {acc}")
+            else:
+                raise TypeError(e)
+        return out
+
+    def backward_lines(self, tables: bool) -> list[str]:
+        """Lines computing `ds` from `g` (d loss / d term), after `forward_lines`; with
+        `tables`, atomic adds of the tables' gradients."""
+        out: list[str] = []
+        contrib: dict[int, list[str]] = {id(self.fn.expr): ["g"]}
+        ds_parts: list[str] = []
+        for e in reversed(self.order):
+            if not _live(e) or id(e) not in contrib:
+                continue
+            g = f"g{self.name[id(e)][1:]}"
+            out.append(f"{g} = " + " + ".join(contrib[id(e)]))
+
+            def add(child, text):
+                if _live(child):
+                    contrib.setdefault(id(child), []).append(f"({text})")
+
+            v = self.name[id(e)]
+            if isinstance(e, Score):
+                ds_parts.append(g)
+            elif isinstance(e, Read):
+                if tables:
+                    flat = self.flats[id(e)]
+                    out.append(f"tl.atomic_add({grad_arg(e.table)} + ({flat} + tl.zeros_like({g}).to(tl.int32)), {g}, "
+                               f"mask={g} != 0.0)")
+            elif isinstance(e, Neg):
+                add(e.a, f"-{g}")
+            elif isinstance(e, Bin):
+                a, b = self.name[id(e.a)], self.name[id(e.b)]
+                if e.op == "+":
+                    add(e.a, g), add(e.b, g)
+                elif e.op == "-":
+                    add(e.a, g), add(e.b, f"-{g}")
+                elif e.op == "*":
+                    add(e.a, f"{g} * {b}"), add(e.b, f"{g} * {a}")
+                elif e.op == "/":
+                    add(e.a, f"{g} / {b}"), add(e.b, f"-{g} * {v} / {b}")
+                else:
+                    n = _const_int(e.b)
+                    if n is not None and 1 <= n <= 8:
+                        add(e.a, f"{g} * {float(n)!r}" + "".join(f" * {a}" for _ in range(n - 1)))
+                    elif n != 0:
+                        add(e.a, f"{g} * {b} * tl.exp2(({b} - 1.0) * tl.log2({a}))")
+                    add(e.b, f"{g} * {v} * tl.log({a})")
+            elif isinstance(e, Fn):
+                xs = [self.name[id(x)] for x in e.args]
+                if e.name == "tanh":
+                    add(e.args[0], f"{g} * (1.0 - {v} * {v})")
+                elif e.name == "exp":
+                    add(e.args[0], f"{g} * {v}")
+                elif e.name == "sigmoid":
+                    add(e.args[0], f"{g} * {v} * (1.0 - {v})")
+                elif e.name == "abs":
+                    add(e.args[0], f"tl.where({xs[0]} > 0, {g}, tl.where({xs[0]} < 0, -{g}, 0.0))")
+                else:  # min / max: the first argument attaining the result takes the gradient
+                    taken = f"k{v[1:]}"
+                    out.append(f"{taken} = {v} != {v}")
+                    for j, (x, arg) in enumerate(zip(xs, e.args)):
+                        hit = f"{taken}_{j}"
+                        out.append(f"{hit} = ({x} == {v}) & ~{taken}")
+                        out.append(f"{taken} = {taken} | {hit}")
+                        add(arg, f"tl.where({hit}, {g}, 0.0)")
+        out.append("return " + (" + ".join(ds_parts) if ds_parts else "g * 0.0"))
+        return out
+
+    def source(self, mask_helpers: str) -> str:
+        sizes = ", ".join(pw.mask_size_args(self.low))
+        tabs = "".join(f", {score_arg(n)}" for n, _ in self.fn.tables)
+        grads = "".join(f", {grad_arg(n)}" for n, _ in self.fn.tables)
+        fwd = self.forward_lines()
+        doc = f'    """score term: {self.fn.text} (s: the scaled dot product; q, k clamped, broadcasting)."""'
+        parts = ["@triton.jit", f"def _score(s, q, k, h, {sizes}{tabs}):", doc,
+                 *("    " + x for x in fwd), f"    return {self.name[id(self.fn.expr)]}", "", ""]
+        for suffix, tables, extra in (("", False, ""), ("_tables", True, grads)):
+            what = "d loss / d s, adding the tables' gradients (atomics)" if tables else "d loss / d s"
+            parts += ["@triton.jit", f"def _score_grad{suffix}(s, g, q, k, h, {sizes}{tabs}{extra}):",
+                      f'    """{what}, given g = d loss / d term."""',
+                      *("    " + x for x in fwd), *("    " + x for x in self.backward_lines(tables)), "", ""]
+        helpers = []
+        if "_floordiv" in self.helpers and "def _floordiv" not in mask_helpers:
+            helpers += ["@triton.jit", "def _floordiv(a, b):", "    q = a // b",
+                        "    return tl.where((a % b != 0) & ((a < 0) != (b < 0)), q - 1, q)", "", ""]
+        if "_floormod" in self.helpers and "def _floormod" not in mask_helpers:
+            helpers += ["@triton.jit", "def _floormod(a, b):", "    r = a % b",
+                        "    return tl.where((r != 0) & ((r < 0) != (b < 0)), r + b, r)", "", ""]
+        return "\n".join(helpers + parts)
+
+
+def _const_int(e) -> int | None:
+    if isinstance(e, Real) and float(e.value).is_integer():
+        return int(e.value)
+    if isinstance(e, Int) and isinstance(e.expr, pw.Const):
+        return int(e.expr.value)
+    return None
+
+
+def triton_score_source(fn: ScoreFn, low: pw.Lowered, mask_source: str) -> str:
+    """Triton source of `_score`, `_score_grad` and `_score_grad_tables` for a score term
+    (the floor-division helpers are added unless `mask_source` defines them)."""
+    return _TritonScore(fn, low).source(mask_source)

@@ -125,28 +125,79 @@ class FlexExport:
         return self
 
 
+class FlexExported(tuple):
+    """`(mask_mod, block_mask)` -- unpacks as that pair -- with `score_mod` as an attribute:
+    the pattern's score term for FlexAttention's `score_mod=` (None without one)."""
+
+    score_mod = None
+
+    def __new__(cls, mask_mod, block_mask, score_mod=None):
+        out = super().__new__(cls, (mask_mod, block_mask))
+        out.score_mod = score_mod
+        return out
+
+    @property
+    def mask_mod(self):
+        return self[0]
+
+    @property
+    def block_mask(self):
+        return self[1]
+
+
+def score_mod_of(call: Call, device):
+    """FlexAttention's ``score_mod(score, b, h, q_idx, kv_idx)`` of the call's score term (its
+    tables captured as they are, so gradients reach them), or None without a term.
+    FlexAttention passes the scaled dot product, as attnc's `score` is."""
+    fn = call.score
+    if fn is None:
+        return None
+    tables = {n: t.to(device) for n, t in call.tables.items()}
+    M, N = call.M, call.N
+
+    def attnc_score_mod(score, b, h, q_idx, kv_idx):
+        qi = q_idx.clamp(0, M - 1)
+        ki = kv_idx.clamp(0, N - 1)
+        return fn.pointwise(score, qi, ki, h, {n: t.to(score.dtype) for n, t in tables.items()})
+
+    return attnc_score_mod
+
+
 def to_flex(pat, M: int, N: int | None = None, *, heads: int | None = None, grid=None, block=(128, 128),
             device="cpu", **inputs):
-    """`(mask_mod, block_mask)` for FlexAttention, built from attnc's plan.
+    """`(mask_mod, block_mask)` for FlexAttention, built from attnc's plan, with `.score_mod`.
 
     ``mask_mod(b, h, q_idx, kv_idx) -> bool`` is exact for every position (a
     lookup into the plan and the partial tiles' bits); ``block_mask`` is a
     ``BlockMask`` with ``BLOCK_SIZE=block`` whose full / partial tiles are the
-    plan's. Pass run-time inputs as keywords (one plan per batch element).
+    plan's. Pass run-time inputs as keywords (one plan per batch element), and the
+    score term's tables too: the result's ``score_mod`` reads them (None when the
+    pattern has no score term).
 
     >>> mask_mod, bm = pat.to_flex(4096, heads=8, block=(128, 128))
     >>> out = torch.compile(flex_attention)(q, k, v, block_mask=bm)
+    >>> ex = nat.to_flex(grid=(32, 32), heads=4, rpb=table)
+    >>> out = flex_attention(q, k, v, block_mask=ex.block_mask, score_mod=ex.score_mod)
     """
     M, N, H, grid = pat.resolve_sizes(M, N, heads, grid)
     from attnc.program import _tile
     block = _tile(block, pat.layout, M, N)
     if isinstance(block[0], tuple):
         raise ValueError(f"block: a BlockMask has 1-D tiles (BLOCK_SIZE), got N-D tiles {block!r}; try block=(128, 128)")
+    table_names = {t.name for t in pat.ir.score.tables} if pat.ir.score is not None else set()
+    pat.check_input_names(inputs, tables=True)
+    tables = {n: inputs.pop(n) for n in list(inputs) if n in table_names}
     batches, _ = pat._inputs(M, N, H, inputs)
-    call = Call(pattern=pat, B=len(batches), Hq=H, Hkv=H, M=M, N=N, D=1, Dv=1, grid=grid, scale=1.0, inputs=dict(inputs))
+    call = Call(pattern=pat, B=len(batches), Hq=H, Hkv=H, M=M, N=N, D=1, Dv=1, grid=grid, scale=1.0, inputs=dict(inputs),
+                tables=tables)
+    if tables:
+        from .ops import check_tables
+        from .torch_backend import check_table_indices
+        check_tables(pat, tables, M, N, H, grid, torch.device(device))
+        check_table_indices(call)
     export = FlexExport(call, block, batches).to(device)
     mask_mod = export.mask_mod()
-    return mask_mod, export.block_mask(mask_mod, device)
+    return FlexExported(mask_mod, export.block_mask(mask_mod, device), score_mod_of(call, device))
 
 
 # ----------------------------------------------------------------------------- the backend
@@ -170,6 +221,7 @@ class FlexBackend(Backend):
 
     name = "flex"
     block = (128, 128)
+    scores = True
 
     def can_run(self, call: Call, q: torch.Tensor) -> str | None:
         try:
@@ -204,6 +256,8 @@ class FlexBackend(Backend):
     def _run(self, call: Call, q, k, v, lse: bool):
         _, block_mask = self._export(call, q.device)
         kw = dict(block_mask=block_mask, scale=call.scale, enable_gqa=call.Hq != call.Hkv)
+        if call.score is not None:
+            kw["score_mod"] = score_mod_of(call, q.device)
         if not lse:
             return _compiled_flex()(q, k, v, **kw), None
         fa = _flex()

@@ -142,7 +142,16 @@ def make_call(pat, q: Tensor, k: Tensor, v: Tensor, inputs: dict, grid, scale: f
         # every backend: a backend never sees an input whose batch is neither 1 nor B
         pat._inputs(M, N, Hq, inputs, batch=B)
     tables = dict(tables or {})
-    for name, shape in pat.table_shapes(M, N, Hq, grid).items():
+    check_tables(pat, tables, M, N, Hq, grid, q.device)
+    return Call(pattern=pat, B=B, Hq=Hq, Hkv=Hkv, M=M, N=N, D=D, Dv=v.shape[-1], grid=grid, scale=scale,
+                inputs=dict(inputs), needs_grad=needs_grad, needs_lse=needs_lse or needs_grad, block=block,
+                tables=tables)
+
+
+def check_tables(pat, tables: dict, M: int, N: int, H: int, grid, device) -> None:
+    """Raise ValueError unless `tables` holds every table of the score term: real, of the
+    declared shape at these sizes, on `device` (expected / got / try)."""
+    for name, shape in pat.table_shapes(M, N, H, grid).items():
         t = tables.get(name)
         if not isinstance(t, Tensor):
             raise ValueError(f"{name}: expected a real tensor of shape {shape} (the score term's table), "
@@ -150,14 +159,11 @@ def make_call(pat, q: Tensor, k: Tensor, v: Tensor, inputs: dict, grid, scale: f
         if not t.dtype.is_floating_point:
             raise ValueError(f"{name}: expected a floating-point table, got dtype {t.dtype}; try {name}.float()")
         if tuple(t.shape) != shape:
-            raise ValueError(f"{name}: expected a table of shape {shape} at M = {M}, N = {N}, H = {Hq}"
+            raise ValueError(f"{name}: expected a table of shape {shape} at M = {M}, N = {N}, H = {H}"
                              + (f", grid = {grid}" if grid else "") + f", got {tuple(t.shape)}; "
                              f"try torch.zeros{shape} (its declaration fixes the shape)")
-        if t.device != q.device:
-            raise ValueError(f"{name}: expected the table on q's device {q.device}, got {t.device}; try {name}.to(q.device)")
-    return Call(pattern=pat, B=B, Hq=Hq, Hkv=Hkv, M=M, N=N, D=D, Dv=v.shape[-1], grid=grid, scale=scale,
-                inputs=dict(inputs), needs_grad=needs_grad, needs_lse=needs_lse or needs_grad, block=block,
-                tables=tables)
+        if t.device != device:
+            raise ValueError(f"{name}: expected the table on q's device {device}, got {t.device}; try {name}.to(q.device)")
 
 
 def check_block(block) -> tuple | None:

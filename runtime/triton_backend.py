@@ -136,6 +136,8 @@ class TritonBackend(Backend):
 
     name = "triton"
 
+    scores = True
+
     def __init__(self, config=None, *, autotune: bool = False, capability: int | None = None):
         from attnc.codegen.kernels import KernelConfig
 
@@ -169,6 +171,9 @@ class TritonBackend(Backend):
             config = self.call_config(call)
         except ValueError as exc:
             return f"block={call.block!r}: {exc}"
+        if config.tile is not None and call.pattern.ir.score is not None:
+            return ("score terms are generated for 1-D tiles only (N-D tiles permute positions); "
+                    "try block=(64, 64) or backend='torch'")
         if config.tile is not None:
             from attnc.codegen.ndtiles import nd_reason
             reason = nd_reason(call.pattern, call.M, call.N, config.tile)
@@ -200,7 +205,7 @@ class TritonBackend(Backend):
         bm, bn = config.block
         ks.module._attn_fwd[(-(-M // bm), B * Hq)](
             q, k, v, out, lse, call.scale, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-            *ks.grid_sizes, *_list_args(lists, 0, ks.closed[0]), *tables,
+            *ks.grid_sizes, *_list_args(lists, 0, ks.closed[0]), *tables, *_score_tables(call, q.device),
             M=M, N=N, HQ=Hq, GROUP=Hq // Hkv, PLAN_HEADS=lists.heads if lists else 1, D=D, DV=Dv, BLOCK_M=bm, BLOCK_N=bn,
             BLOCK_D=max(16, _next_pow2(D)), BLOCK_DV=max(16, _next_pow2(Dv)),
             DOT_PRECISION=self._precision(q, config), num_warps=config.num_warps, num_stages=config.num_stages)
@@ -243,12 +248,16 @@ class TritonBackend(Backend):
         common = dict(M=M, N=N, HQ=Hq, GROUP=Hq // Hkv, PLAN_HEADS=lists.heads if lists else 1, D=D, DV=Dv, BLOCK_M=bm, BLOCK_N=bn,
                       BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV, DOT_PRECISION=self._precision(q, config), **launch)
         strides = (*q.stride(), *k.stride(), *v.stride(), *dout.stride())
+        sc = _score_tables(call, q.device)
+        dsc = [torch.zeros_like(t) for t in sc]
         ks.module._attn_bwd_dkdv[(-(-N // bn), B * Hkv)](
             q, k, v, dout, lse, delta, dk, dv, call.scale, *strides,
-            *ks.grid_sizes, *_list_args(lists, 1, ks.closed[1]), *tables, **common)
+            *ks.grid_sizes, *_list_args(lists, 1, ks.closed[1]), *tables, *sc, **common)
         ks.module._attn_bwd_dq[(-(-M // bm), B * Hq)](
             q, k, v, dout, lse, delta, dq, call.scale, *strides,
-            *ks.grid_sizes, *_list_args(lists, 0, ks.closed[0]), *tables, **common)
+            *ks.grid_sizes, *_list_args(lists, 0, ks.closed[0]), *tables, *sc, *dsc, **common)
+        if call.pattern.ir.score is not None:
+            return dq, dk, dv, {n: d.view(t.shape) for (n, t), d in zip(call.tables.items(), dsc)}
         return dq, dk, dv
 
     # -- kernel sets
@@ -299,7 +308,7 @@ class TritonBackend(Backend):
             plan = call.plan(config.block) if static else None
             plan_text = plan_summary(plan) if plan is not None else "built per call from the run-time inputs (union over the batch)"
         bounds = loop_bounds(call.pattern.ir, call.M, call.N, call.Hq, config.block, plan)
-        source = generate(low, config, plan_text, bounds)
+        source = generate(low, config, plan_text, bounds, call.score if layout is None else None)
         # the key is the text itself (it holds the pattern, the config and every constant the
         # kernels use) plus the device and versions: equal texts are one module
         key = cache.cache_key(low.text, {"source": source}, config.key(), device_capability(device))
@@ -442,6 +451,11 @@ class TritonBackend(Backend):
             best = min(times, key=times.get) if times else base
             self._tuned[memo] = best
         return best
+
+
+def _score_tables(call: Call, device) -> list[torch.Tensor]:
+    """The score term's tables as the kernels read them: float32, contiguous, flat."""
+    return [t.detach().to(device=device, dtype=torch.float32).contiguous().view(-1) for t in call.tables.values()]
 
 
 def _list_args(lists: TileLists | None, direction: int, closed: bool) -> tuple:
