@@ -995,7 +995,8 @@ class Elaborator:
                 self.fail(e.span, f"'{op}' combines masks; conditions inside `where` combine with '{'or' if op == '|' else 'and'}'",
                           f"where a {'or' if op == '|' else 'and'} b")
             self.fail(e.span, f"'{op}' combines masks, got {type_name(left)} and {type_name(right)}")
-        if ctx.in_score and (op == "/" or isinstance(left, ScoreVal) or isinstance(right, ScoreVal)):
+        real_power = op == "**" and (isinstance(right, Pos) or (_is_int(right) and (self.static_int(right) or 0) < 0))
+        if ctx.in_score and (op == "/" or real_power or isinstance(left, ScoreVal) or isinstance(right, ScoreVal)):
             if op not in ("+", "-", "*", "/", "**"):
                 self.fail(e.span, f"'{op}' is integer arithmetic; score terms combine reals with + - * / **")
             return ScoreVal(ir.SBin(op=op, left=self.real(left, e.left.span), right=self.real(right, e.right.span),

@@ -325,8 +325,9 @@ def _synthetic_call(job: Job, pat, dtype):
             pat, inputs = pat.route(qr, kr, grid=grid, **inputs)
         else:
             pat, inputs = synthetic_inputs(pat, M, N, H, grid, 0.25, inputs)
+    tables = {n: torch.zeros(shape) for n, shape in pat.table_shapes(M, N, H, grid).items()}  # score-term tables
     call = Call(pattern=pat, B=1, Hq=H, Hkv=H, M=M, N=N, D=D, Dv=Dv, grid=grid, scale=1 / math.sqrt(D),
-                inputs=inputs, needs_grad=job.passes != "fwd")
+                inputs=inputs, needs_grad=job.passes != "fwd", tables=tables)
     return call, q, k, v
 
 
@@ -622,8 +623,9 @@ def runtime_jobs(job: Job) -> list[Job]:
 
 
 def ci_jobs(examples_dir) -> list[Job]:
-    """The covering design tests/test_aot.py compiles: four kinds of kernels (closed-form loops,
-    tile lists with a table, N-D tiles on a grid, a `heads {}` mixture) x sm_90 / sm_80 x
+    """The covering design tests/test_aot.py compiles: five kinds of kernels (closed-form loops,
+    tile lists with a table, N-D tiles on a grid, a `heads {}` mixture, a score term with a learnable
+    table: relative position bias, its gradient by atomics) x sm_90 / sm_80 x
     fp16 / bf16 x D = 64 / 128, forward and backward, each pair of factor levels met at least
     once, in the runtime's default config for the target (the autotune candidates are the
     long run's: scripts/aot_all.py)."""
@@ -642,10 +644,12 @@ def ci_jobs(examples_dir) -> list[Job]:
         ("natten2d.attn", {"config": nd}, "sm_80", "fp16", 128),
         ("duo.attn", {}, "sm_90", "fp16", 128),
         ("duo.attn", {}, "sm_80", "bf16", 64),
+        ("nat_rpb.attn", {}, "sm_90", "fp16", 64),
+        ("nat_rpb.attn", {}, "sm_80", "bf16", 128),
     ]
     out = []
     for file, kw, target, dtype, D in rows:
-        size = {"grid": (32, 32)} if file == "natten2d.attn" else {"M": 2048}
+        size = {"grid": (32, 32)} if file in ("natten2d.attn", "nat_rpb.attn") else {"M": 2048}
         out.append(example_job(d / file, heads=10, target=target, dtype=dtype, D=D, **size, **kw))
     return out
 

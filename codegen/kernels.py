@@ -720,7 +720,9 @@ def _score_texts(low: Lowered, score, sizes: str) -> dict:
     (times log2(e) again). Backward recomputes it and turns dS of the logit into dS of s
     with `_score_grad` (the term's reverse mode, printed by codegen/score.py); the dQ kernel
     visits every allowed pair exactly once per head, so it also adds the tables' gradients
-    (`_score_grad_tables`, float32 atomics into zeroed buffers `dsc_*`).
+    (`_score_grad_tables`, float32 atomics into zeroed buffers `dsc_*`). Rows past M get
+    logit -inf in the backward: without a term their zero q gave a harmless p, but a term
+    such as a bias may make p overflow there (inf * 0 = NaN in dV and the tables).
     """
     keys = ("params_fwd", "params_dkdv", "params_dq", "source", "args_fwd", "args_dq", "fwd", "dkdv", "dkdv_grad",
             "dq", "dq_grad")
@@ -740,9 +742,12 @@ def _score_texts(low: Lowered, score, sizes: str) -> dict:
         "source": "\n" + triton_score_source(score, low, TritonPrinter(low).source()).rstrip("\n") + "\n",
         "args_fwd": targs, "args_dq": targs + gargs,
         "fwd": f"{ind}qk = _score(qk * LN2, {fwd_pos}{targs}) * LOG2E  # the score term",
-        "dkdv": f"{ind}sT = qkT * LN2{ind}qkT = _score(sT, {dkdv_pos}{targs}) * LOG2E  # the score term",
+        # rows past M (zero q and dO) must stay neutral: the term may be large there, so drop them
+        "dkdv": (f"{ind}sT = qkT * LN2{ind}qkT = _score(sT, {dkdv_pos}{targs}) * LOG2E  # the score term"
+                 f"{ind}qkT = tl.where(rows[None, :] < M, qkT, float(\"-inf\"))"),
         "dkdv_grad": f"{ind}dsT = _score_grad(sT, dsT, {dkdv_pos}{targs})",
-        "dq": f"{ind}s_raw = qk * LN2{ind}qk = _score(s_raw, {fwd_pos}{targs}) * LOG2E  # the score term",
+        "dq": (f"{ind}s_raw = qk * LN2{ind}qk = _score(s_raw, {fwd_pos}{targs}) * LOG2E  # the score term"
+               f"{ind}qk = tl.where(offs_m[:, None] < M, qk, float(\"-inf\"))"),
         "dq_grad": f"{ind}ds = _score_grad_tables(s_raw, ds, {fwd_pos}{targs}{gargs})",
     }
 

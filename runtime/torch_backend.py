@@ -453,13 +453,18 @@ class _ScoreStep:
     tables: dict
     Gu: int
     bm: int
+    real_rows: torch.Tensor  # bool, broadcasting like rows: False for padding rows past M
+
 
     def _view(self, s):
         B, X, c, R, K = s.shape
         return s.view(B, X, c, self.Gu, self.bm, K)
 
     def apply(self, s):
-        return self.fn(self._view(s), self.rows, self.keys, self.heads, self.tables).reshape(s.shape)
+        """The term's logits; padding rows past M get -inf (a term such as a bias can be large
+        there, and their zero q / dO must add nothing: inf * 0 would be NaN)."""
+        out = self.fn(self._view(s), self.rows, self.keys, self.heads, self.tables)
+        return out.masked_fill(~self.real_rows, float("-inf")).reshape(s.shape)
 
     def backward(self, raw, grad, dtables):
         return self.fn.backward(self._view(raw), self.rows, self.keys, self.heads, self.tables, self._view(grad),
@@ -471,8 +476,11 @@ def _score_step(call: Call, sched: Schedule, chunk: Chunk, group: Group, w, tabl
     fn = call.score
     if fn is None:
         return None
-    rows, keys, heads = _pairs(call, sched, chunk, group, w.Gu, w.X, tables_device(tables, chunk))
-    return _ScoreStep(fn, rows, keys, heads, tables, w.Gu, w.bm)
+    device = tables_device(tables, chunk)
+    rows, keys, heads = _pairs(call, sched, chunk, group, w.Gu, w.X, device)
+    bm = sched.block[0]
+    real = ((chunk.q.to(device) % sched.nq)[:, None] * bm + torch.arange(bm, device=device)) < call.M
+    return _ScoreStep(fn, rows, keys, heads, tables, w.Gu, w.bm, real.view(1, 1, -1, 1, bm, 1))
 
 
 def tables_device(tables: dict, chunk: Chunk):

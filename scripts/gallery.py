@@ -115,6 +115,11 @@ ENTRIES = [
           note="window and stride scaled down from the paper's 18x24x24 / 16x8x8 to fit the small volume"),
     Entry("gna_blocked", "gna_blocked", grid=(16, 32, 32), params={"size": (8, 8, 8)}),
     Entry("video", "video", grid=VID, params={"frames": 4}),
+    Entry("alibi", "alibi", SEQ, params={"window": 1024}, note="the mask only: the score term (linear bias) changes weights, not tiles"),
+    Entry("alibi", "alibi_slopes", SEQ, params={"window": 1024}, note="the mask only: the score term (linear bias) changes weights, not tiles"),
+    Entry("gemma2", "gemma2_local", SEQ, params={"window": 1024}, note="the mask only: soft-capping changes weights, not tiles"),
+    Entry("nat_rpb", "nat_rpb", grid=IMG, note="the mask only: the relative position bias changes weights, not tiles"),
+    Entry("swin_rpb", "swin_rpb", grid=IMG, note="the mask only: the relative position bias changes weights, not tiles"),
 ]
 
 

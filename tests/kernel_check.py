@@ -28,10 +28,17 @@ def private_cache(monkeypatch, cache_root):
     monkeypatch.setenv("ATTNC_CACHE_DIR", str(cache_root))
 
 
-def make_call(pat, B, Hq, Hkv, M, N, D, Dv, grid=None, inputs=None):
+def make_call(pat, B, Hq, Hkv, M, N, D, Dv, grid=None, inputs=None, tables=None):
     M, N, H, grid = pat.resolve_sizes(M, N, Hq, grid)
     return Call(pattern=pat, B=B, Hq=Hq, Hkv=Hkv, M=M, N=N, D=D, Dv=Dv, grid=grid, scale=1 / math.sqrt(D),
-                inputs=inputs or {})
+                inputs=inputs or {}, tables=tables or {})
+
+
+def score_tables(pat, M, N, H, grid, device="cpu", seed=5) -> dict:
+    """Random tables for a pattern's score term (float32, on `device`): {} without one."""
+    g = torch.Generator().manual_seed(seed)
+    M, N, H, grid = pat.resolve_sizes(M, N, H, grid)
+    return {n: torch.randn(shape, generator=g).to(device) for n, shape in pat.table_shapes(M, N, H, grid).items()}
 
 
 _BACKENDS: dict = {}
@@ -57,25 +64,32 @@ def check(pat, B=1, Hq=2, Hkv=1, M=40, N=None, D=16, Dv=None, grid=None, inputs=
     A pattern with `topk` is routed first (`pat.route` on these q / k): the kernels
     run the lowered pattern with the chosen block tables, the reference its mask."""
     Dv = Dv or D
-    call = make_call(pat, B, Hq, Hkv, M, N, D, Dv, grid, inputs)
+    tables = score_tables(pat, M, N, Hq, grid, device)
+    call = make_call(pat, B, Hq, Hkv, M, N, D, Dv, grid, inputs, tables)
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(B, Hq, call.M, D, generator=g).to(device, dtype)
     k = torch.randn(B, Hkv, call.N, D, generator=g).to(device, dtype)
     v = torch.randn(B, Hkv, call.N, Dv, generator=g).to(device, dtype)
     routed, tables = pat.route(q, k, grid=call.grid, **call.inputs)
     if routed is not pat:  # tables on the CPU, like the other inputs: the backend moves what it needs
-        call = make_call(routed, B, Hq, Hkv, M, N, D, Dv, grid, {n: t.cpu() for n, t in tables.items()})
+        call = make_call(routed, B, Hq, Hkv, M, N, D, Dv, grid, {n: t.cpu() for n, t in tables.items()}, call.tables)
     be = backend(tiles)
     assert be.can_run(call, q) is None
     out, lse = be.forward(call, q, k, v)
     mask = call.mask()
     mask = mask[None] if mask.dim() == 3 else mask
     qd, kd, vd = (x.detach().cpu().double().requires_grad_() for x in (q, k, v))
-    want_out, want_lse = dense_attention(qd, kd, vd, mask, call.scale)
+    td = {n: t.detach().cpu().double().requires_grad_() for n, t in call.tables.items()}
+    score = None
+    if call.score is not None:  # the score term's own torch form (the kernels print it separately)
+        rows, keys = torch.arange(call.M).view(1, 1, -1, 1), torch.arange(call.N).view(1, 1, 1, -1)
+        heads = torch.arange(call.Hq).view(1, -1, 1, 1)
+        score = lambda s: call.score(s, rows, keys, heads, td)  # noqa: E731
+    want_out, want_lse = dense_attention(qd, kd, vd, mask, call.scale, score)
     empty = torch.isneginf(want_lse)
     dout = torch.randn(out.shape, generator=g).to(device, dtype)
     dlse = torch.randn(lse.shape, generator=g).masked_fill(empty, 0.0).to(device)
-    dq, dk, dv = be.backward(call, q, k, v, out, lse, dout, dlse)
+    dq, dk, dv, *dtables = be.backward(call, q, k, v, out, lse, dout, dlse)
     (want_out * dout.cpu().double()).sum().add((want_lse.masked_fill(empty, 0) * dlse.cpu().double()).sum()).backward()
     tol = TOL[dtype]
     assert out.dtype == dtype and lse.dtype == torch.float32
@@ -86,4 +100,9 @@ def check(pat, B=1, Hq=2, Hkv=1, M=40, N=None, D=16, Dv=None, grid=None, inputs=
     for name, got, want in (("dq", dq, qd.grad), ("dk", dk, kd.grad), ("dv", dv, vd.grad)):
         assert got.dtype == dtype and torch.isfinite(got).all(), name
         torch.testing.assert_close(got.cpu().double(), want, **tol, msg=lambda m, name=name: f"{name}: {m}")
+    for name, t in td.items():  # the tables' gradients (float32 atomics): relative to their size
+        got = dtables[0][name].cpu().double()
+        assert got.shape == t.shape and torch.isfinite(got).all(), name
+        torch.testing.assert_close(got, t.grad, atol=tol["atol"] * max(1.0, float(t.grad.abs().max())), rtol=tol["rtol"],
+                                   msg=lambda m, name=name: f"d{name}: {m}")
     return call

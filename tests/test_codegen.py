@@ -87,6 +87,11 @@ EVERY_EXAMPLE = [
     ("sparse_fixed", dict(l=16, c=4), 70, 1, None),
     ("swin", dict(win=3), None, 1, (7, 9)),
     ("video", dict(size=3), None, 1, (3, 4, 6)),
+    ("nat_rpb", dict(size=3, dilation=2), None, 2, (7, 9)),
+    ("swin_rpb", dict(win=3, shift=1), None, 2, (6, 9)),
+    ("alibi", dict(window=9), 70, 4, None),
+    ("gemma2_local", dict(window=7, cap=2), 70, 2, None),
+    ("alibi_slopes", dict(window=9), 70, 3, None),
 ]
 
 

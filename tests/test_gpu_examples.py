@@ -67,6 +67,12 @@ CASES = {
     "gna_strided": (dict(size=(3, 6, 6), stride=(2, 4, 4)), None, 2, (4, 8, 10)),
     "gna_blocked": (dict(size=(2, 4, 5)), None, 2, (4, 8, 10)),
     "video": (dict(size=5), None, 2, (4, 8, 10)),
+    # score terms (their tables: random, kernel_check.score_tables)
+    "nat_rpb": (dict(size=5, dilation=2), None, 2, (16, 20)),
+    "swin_rpb": (dict(win=4, shift=2), None, 2, (16, 20)),
+    "alibi": (dict(window=200), 500, 2, None),
+    "gemma2_local": (dict(window=150, cap=5), 500, 2, None),
+    "alibi_slopes": (dict(window=200), 500, 3, None),
 }
 
 

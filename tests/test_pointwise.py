@@ -58,6 +58,11 @@ EXAMPLE_CASES = [
     ("sparse_fixed", dict(l=16, c=4), 50, 70, 1, None),
     ("swin", dict(win=3), 63, None, 1, (7, 9)),
     ("video", dict(size=3), 72, None, 1, (3, 4, 6)),
+    ("nat_rpb", dict(size=3, dilation=2), 56, None, 2, (7, 8)),
+    ("swin_rpb", dict(win=3, shift=1), 36, None, 2, (6, 6)),
+    ("alibi", dict(window=9), 40, 40, 4, None),
+    ("gemma2_local", dict(window=7, cap=2), 37, 37, 2, None),
+    ("alibi_slopes", dict(window=9), 40, 40, 3, None),
 ]
 
 

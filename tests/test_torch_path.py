@@ -38,10 +38,17 @@ def tensors(B, Hq, Hkv, M, N, D, Dv=None, dtype=torch.float64, seed=0):
             rand(B, Hkv, N, Dv or D, dtype=dtype, seed=seed + 2))
 
 
+def score_tables(pat, call_sizes, dtype=torch.float64, seed=7) -> dict:
+    """Random tables for the pattern's score term at (M, N, H, grid) ({} without one)."""
+    return {n: rand(*shape, dtype=dtype, seed=seed) for n, shape in pat.table_shapes(*call_sizes).items()}
+
+
 def compare(pat, q, k, v, *, grid=None, configs=CONFIGS, atol=1e-9, inputs=None, scale=None):
-    """Forward and backward of TorchBackend(config) against the reference backend."""
+    """Forward and backward of TorchBackend(config) against the reference backend (the
+    score term's tables, if any, random; their gradients compared too)."""
     inputs = inputs or {}
-    call = make_call(pat, q, k, v, inputs, grid, scale, needs_grad=True)
+    M, N, H, g = pat.resolve_sizes(q.shape[2], k.shape[2], q.shape[1], grid)
+    call = make_call(pat, q, k, v, inputs, grid, scale, needs_grad=True, tables=score_tables(pat, (M, N, H, g)))
     ref = ReferenceBackend()
     want_out, want_lse = ref.forward(call, q, k, v)
     dout = rand(*want_out.shape, dtype=q.dtype, seed=11)
@@ -59,6 +66,9 @@ def compare(pat, q, k, v, *, grid=None, configs=CONFIGS, atol=1e-9, inputs=None,
         for name, g, w in zip("qkv", grads, want_grads):
             assert g.shape == w.shape and g.dtype == w.dtype
             torch.testing.assert_close(g, w, atol=atol * 10, rtol=atol * 10, msg=lambda m: f"d{name} ({cfg}): {m}")
+        assert len(grads) == len(want_grads) == (4 if call.score is not None else 3)
+        for name in call.tables:
+            torch.testing.assert_close(grads[3][name], want_grads[3][name], atol=atol * 10, rtol=atol * 10)
 
 
 def load(name, **params):
@@ -95,6 +105,11 @@ EXAMPLE_CASES = [
     ("sparse_fixed", dict(l=16, c=4), 40, 50, 1, None),
     ("swin", dict(win=3), 63, None, 1, (7, 9)),
     ("video", dict(size=3), 72, None, 1, (3, 4, 6)),
+    ("nat_rpb", dict(size=3, dilation=2), 56, None, 2, (7, 8)),
+    ("swin_rpb", dict(win=3, shift=1), 36, None, 2, (6, 6)),
+    ("alibi", dict(window=9), 40, 40, 4, None),
+    ("gemma2_local", dict(window=7, cap=2), 37, 37, 2, None),
+    ("alibi_slopes", dict(window=9), 40, 40, 3, None),
 ]
 
 
