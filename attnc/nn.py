@@ -1,4 +1,5 @@
-"""Modules: `SparseAttention`, a drop-in attention layer, and the Hugging Face adapter.
+"""Modules: `SparseAttention`, a drop-in attention layer; `NeighborhoodAttention2D` and
+`WindowAttention2D`, vision layers with relative position bias; the Hugging Face adapter.
 
 input:  a bound pattern (or an `.attn` file and its parameters), layer sizes.
 output: `torch.nn.Module`s / attention functions that call the attnc op.
@@ -50,6 +51,12 @@ class SparseAttention(nn.Module):
     >>> layer = attnc.nn.SparseAttention("examples/mistral.attn", embed_dim=512, num_heads=8, window=128)
     >>> y = layer(x)                     # x [B, M, 512] -> y [B, M, 512]
     >>> y = layer(x, doc=ids)            # run-time inputs of the pattern, as for pat(q, k, v, doc=ids)
+
+    A pattern with a score term owns its tables as learnable parameters (``layer.tables``,
+    truncated normal, std 0.02 like Swin's and NATTEN's bias tables) when their shapes
+    follow from the pattern's parameters, ``num_heads`` and ``grid``; a table whose shape
+    needs the sequence length is passed per call (``layer(x, bias=t)``), as is any table
+    given explicitly.
     """
 
     def __init__(self, pattern_or_path, *, embed_dim: int | None = None, num_heads: int, num_kv_heads: int | None = None,
@@ -80,6 +87,9 @@ class SparseAttention(nn.Module):
             self.k_proj = nn.Linear(embed_dim, num_kv_heads * head_dim, **kw)
             self.v_proj = nn.Linear(embed_dim, num_kv_heads * head_dim, **kw)
             self.out_proj = nn.Linear(num_heads * head_dim, embed_dim, **kw)
+        self.tables = nn.ParameterDict({
+            name: nn.Parameter(nn.init.trunc_normal_(torch.empty(shape, device=device, dtype=dtype), std=0.02))
+            for name, shape in owned_table_shapes(self.pattern, num_heads, grid).items()})
 
     def extra_repr(self) -> str:
         return (f"pattern={self.pattern.name}, embed_dim={self.embed_dim}, num_heads={self.num_heads}, "
@@ -108,10 +118,138 @@ class SparseAttention(nn.Module):
         q = self._split(query, self.num_heads, "query")
         k = self._split(key, self.num_kv_heads, "key")
         v = self._split(value, self.num_kv_heads, "value")
+        tables = {n: t for n, t in self.tables.items() if n not in inputs}
         out = self.pattern(q, k, v, scale=self.scale, backend=self.backend, grid=grid if grid is not None else self.grid,
-                           **inputs)
+                           **tables, **inputs)
         out = out.transpose(1, 2).reshape(out.shape[0], out.shape[2], -1)
         return self.out_proj(out) if self.out_proj is not None else out
+
+
+def owned_table_shapes(pattern: BoundPattern, heads: int, grid=None) -> dict[str, tuple[int, ...]]:
+    """The score term's tables whose shapes follow from the pattern's parameters, `heads` and
+    `grid` (sizes of a grid layout; without them only tables that need no axis size): a layer
+    owns those as parameters. Tables whose shapes need M or N are left to the caller."""
+    import sympy
+
+    if pattern.ir.score is None:
+        return {}
+    env = {**pattern.ir.binding_map(), _ir.H: heads}
+    if grid is not None and pattern.layout.axes:
+        gt = (grid,) if isinstance(grid, int) else tuple(grid)
+        env.update({_ir.axis_size(a): g for a, g in zip(pattern.layout.axes, gt)})
+    out = {}
+    for spec in pattern.ir.score.tables:
+        dims = []
+        for d in spec.dims:
+            v = sympy.sympify(d)
+            for _ in range(len(env) + 1):
+                if not v.free_symbols:
+                    break
+                v = sympy.sympify(v.xreplace(env))
+            if v.free_symbols or not v.is_Integer or int(v) < 1:
+                break
+            dims.append(int(v))
+        else:
+            out[spec.name] = tuple(dims)
+    return out
+
+
+#: the patterns of the vision layers below (NATTEN's and Swin's relative position bias)
+_VISION = """
+pattern na2d(size = 7, dilation = 1) on grid(h, w) = neighborhood(size, dilation = dilation)
+pattern na2d_rpb(size = 7, dilation = 1, rpb: table(H, 2 * size - 1, 2 * size - 1)) on grid(h, w) =
+    neighborhood(size, dilation = dilation)
+    score score + rpb[h, (k.h - q.h) // dilation + size - 1, (k.w - q.w) // dilation + size - 1]
+pattern win2d(win = 7, shift = 0) on grid(h, w) = block(win, shift = shift)
+pattern win2d_rpb(win = 7, shift = 0, rpb: table((2 * win - 1) * (2 * win - 1), H)) on grid(h, w) =
+    block(win, shift = shift)
+    score score + rpb[(q.h - k.h + win - 1) * (2 * win - 1) + q.w - k.w + win - 1, h]
+"""
+
+
+class _Attention2D(nn.Module):
+    """A 2-D attention layer on channels-last images ``[B, H, W, C]`` (NATTEN's module layout):
+    fused qkv projection, the pattern over the H x W grid, output projection."""
+
+    def __init__(self, name: str, dim: int, num_heads: int, params: dict, *, rpb: bool, qkv_bias: bool,
+                 proj_bias: bool, qk_scale: float | None, proj_drop: float, backend: str, device, dtype):
+        super().__init__()
+        _positive("dim", dim)
+        _positive("num_heads", num_heads)
+        if dim % num_heads:
+            raise ValueError(f"{type(self).__name__}: expected dim divisible by num_heads, got dim={dim} and "
+                             f"num_heads={num_heads}; try num_heads in the divisors of {dim}")
+        from .program import loads
+
+        self.pattern = loads(_VISION, file="<attnc.nn>").pattern(name + ("_rpb" if rpb else ""), **params)
+        self.dim, self.num_heads, self.head_dim = dim, num_heads, dim // num_heads
+        self.scale = qk_scale if qk_scale is not None else self.head_dim ** -0.5
+        self.backend = backend
+        kw = dict(device=device, dtype=dtype)
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias, **kw)
+        self.proj = nn.Linear(dim, dim, bias=proj_bias, **kw)
+        self.proj_drop = nn.Dropout(proj_drop)
+        shapes = owned_table_shapes(self.pattern, num_heads)
+        self.rpb = (nn.Parameter(nn.init.trunc_normal_(torch.empty(shapes["rpb"], **kw), std=0.02)) if rpb else None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[-1] != self.dim:
+            got = f"shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"{type(self).__name__}: expected x of shape [B, H, W, {self.dim}] (channels last), got "
+                             f"{got}; try x.permute(0, 2, 3, 1) for [B, C, H, W]")
+        B, Hh, Ww, C = x.shape
+        qkv = self.qkv(x).reshape(B, Hh * Ww, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        tables = {"rpb": self.rpb} if self.rpb is not None else {}
+        out = self.pattern(qkv[0], qkv[1], qkv[2], grid=(Hh, Ww), scale=self.scale, backend=self.backend, **tables)
+        out = out.transpose(1, 2).reshape(B, Hh, Ww, C)
+        return self.proj_drop(self.proj(out))
+
+
+class NeighborhoodAttention2D(_Attention2D):
+    """Neighborhood attention on ``[B, H, W, dim]`` images, with NATTEN's relative position bias.
+
+    ``NeighborhoodAttention2D(dim, num_heads, kernel_size, dilation=1)`` follows NATTEN's
+    module: a fused qkv projection, each pixel attends its ``kernel_size`` x ``kernel_size``
+    (dilated) neighbourhood, a learned bias ``rpb [num_heads, 2 k - 1, 2 k - 1]`` indexed by
+    the key's offset (on by default, ``rpb=False`` for none), then the output projection.
+
+    >>> layer = attnc.nn.NeighborhoodAttention2D(dim=128, num_heads=4, kernel_size=7)
+    >>> y = layer(x)                     # x [B, 56, 56, 128] -> y [B, 56, 56, 128]
+    """
+
+    def __init__(self, dim: int, num_heads: int, kernel_size: int, dilation: int = 1, *, rpb: bool = True,
+                 qkv_bias: bool = True, proj_bias: bool = True, qk_scale: float | None = None, proj_drop: float = 0.0,
+                 backend: str = "auto", device=None, dtype=None):
+        super().__init__("na2d", dim, num_heads, {"size": kernel_size, "dilation": dilation}, rpb=rpb, qkv_bias=qkv_bias,
+                         proj_bias=proj_bias, qk_scale=qk_scale, proj_drop=proj_drop, backend=backend, device=device,
+                         dtype=dtype)
+        self.kernel_size, self.dilation = kernel_size, dilation
+
+    def extra_repr(self) -> str:
+        return (f"dim={self.dim}, num_heads={self.num_heads}, kernel_size={self.kernel_size}, dilation={self.dilation}, "
+                f"rpb={self.rpb is not None}, backend={self.backend!r}")
+
+
+class WindowAttention2D(_Attention2D):
+    """Swin window attention on ``[B, H, W, dim]`` images, with Swin's relative position bias.
+
+    ``WindowAttention2D(dim, num_heads, window_size, shift=0)``: non-overlapping windows
+    (shifted by ``shift`` for SW-MSA: Swin's cyclic shift and region mask, without rolling
+    the tensor), a learned table ``rpb [(2 w - 1)^2, num_heads]`` read at Swin's
+    relative_position_index (``rpb=False`` for none).
+    """
+
+    def __init__(self, dim: int, num_heads: int, window_size: int, shift: int = 0, *, rpb: bool = True,
+                 qkv_bias: bool = True, proj_bias: bool = True, qk_scale: float | None = None, proj_drop: float = 0.0,
+                 backend: str = "auto", device=None, dtype=None):
+        super().__init__("win2d", dim, num_heads, {"win": window_size, "shift": shift}, rpb=rpb, qkv_bias=qkv_bias,
+                         proj_bias=proj_bias, qk_scale=qk_scale, proj_drop=proj_drop, backend=backend, device=device,
+                         dtype=dtype)
+        self.window_size, self.shift = window_size, shift
+
+    def extra_repr(self) -> str:
+        return (f"dim={self.dim}, num_heads={self.num_heads}, window_size={self.window_size}, shift={self.shift}, "
+                f"rpb={self.rpb is not None}, backend={self.backend!r}")
 
 
 # ----------------------------------------------------------------------------- Hugging Face transformers
@@ -195,7 +333,7 @@ def hf_attention(pattern: BoundPattern, *, backend: str = "auto"):
     keys is refused (`hf_key_validity`). Run-time inputs of the pattern come
     from ``kwargs[name]``.
     """
-    names = [s.name for s in pattern.ir.inputs]
+    names = [s.name for s in pattern.ir.inputs] + [t.name for t in (pattern.ir.score.tables if pattern.ir.score else ())]
     padded = None
 
     def attnc_attention(module, query, key, value, attention_mask=None, scaling=None, dropout=0.0, **kwargs):

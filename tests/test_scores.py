@@ -441,3 +441,81 @@ def test_a_large_term_keeps_padding_rows_neutral():
         tol = 1e-4 if backend == "triton" else 1e-9
         for g, w in zip(grads[backend], grads["reference"]):
             torch.testing.assert_close(g.double(), w, atol=tol * max(1.0, float(w.abs().max())), rtol=tol)
+
+
+# ----------------------------------------------------------------------------- modules
+
+
+def _project(layer, x):
+    B, H, W, C = x.shape
+    heads = layer.num_heads
+    return layer.qkv(x).reshape(B, H * W, 3, heads, C // heads).permute(2, 0, 3, 1, 4)
+
+
+@pytest.mark.parametrize("kernel_size,dilation", [(3, 2), (5, 1)])
+def test_neighborhood_attention_2d_matches_natten_with_rpb(kernel_size, dilation):
+    torch.manual_seed(0)
+    layer = attnc.nn.NeighborhoodAttention2D(dim=16, num_heads=2, kernel_size=kernel_size, dilation=dilation,
+                                             backend="torch").double()
+    assert layer.rpb.shape == (2, 2 * kernel_size - 1, 2 * kernel_size - 1)
+    x = rand(2, 9, 11, 16, seed=1)
+    y = layer(x)
+    q, k, v = _project(layer, x)
+    o, _ = nat_rpb_reference(q, k, v, layer.rpb, (9, 11), kernel_size, dilation)
+    want = layer.proj(o.transpose(1, 2).reshape(2, 9, 11, 16))
+    torch.testing.assert_close(y, want, atol=1e-12, rtol=1e-12)
+    g, = torch.autograd.grad(y.square().sum(), [layer.rpb])
+    gw, = torch.autograd.grad(want.square().sum(), [layer.rpb])
+    torch.testing.assert_close(g, gw, atol=1e-10, rtol=1e-10)
+    assert float(g.abs().sum()) > 0
+
+
+def test_window_attention_2d_matches_swin_shifted():
+    torch.manual_seed(0)
+    layer = attnc.nn.WindowAttention2D(dim=16, num_heads=2, window_size=4, shift=2, backend="torch").double()
+    assert layer.rpb.shape == (49, 2)
+    x = rand(1, 8, 12, 16, seed=2)
+    q, k, v = _project(layer, x)
+    o, _ = swin_reference(q, k, v, layer.rpb, (8, 12), 4, 2)
+    torch.testing.assert_close(layer(x), layer.proj(o.transpose(1, 2).reshape(1, 8, 12, 16)), atol=1e-12, rtol=1e-12)
+
+
+def test_a_training_step_learns_the_bias_and_rpb_can_be_off():
+    torch.manual_seed(0)
+    layer = attnc.nn.NeighborhoodAttention2D(dim=8, num_heads=2, kernel_size=3, backend="torch")
+    before = layer.rpb.detach().clone()
+    opt = torch.optim.SGD(layer.parameters(), lr=0.5)
+    x, target = rand(2, 6, 6, 8, seed=3, dtype=torch.float32), rand(2, 6, 6, 8, seed=4, dtype=torch.float32)
+    loss0 = (layer(x) - target).square().mean()
+    loss0.backward()
+    opt.step()
+    assert not torch.equal(layer.rpb.detach(), before)
+    assert (layer(x) - target).square().mean() < loss0
+    plain = attnc.nn.NeighborhoodAttention2D(dim=8, num_heads=2, kernel_size=3, rpb=False, backend="torch")
+    assert plain.rpb is None and "rpb" not in dict(plain.named_parameters())
+    with pytest.raises(ValueError, match=r"expected x of shape \[B, H, W, 8\] \(channels last\), got shape \(2, 8, 6, 6\)"):
+        plain(x.permute(0, 3, 1, 2))
+    with pytest.raises(ValueError, match="expected dim divisible by num_heads"):
+        attnc.nn.NeighborhoodAttention2D(dim=10, num_heads=3, kernel_size=3)
+
+
+def test_sparse_attention_owns_tables_that_need_no_length():
+    layer = attnc.nn.SparseAttention(EXAMPLES / "alibi.attn", pattern="alibi_slopes", embed_dim=16, num_heads=4,
+                                     window=8, backend="torch")
+    assert dict(layer.named_parameters())["tables.slopes"].shape == (4,)
+    x = rand(1, 20, 16, seed=5, dtype=torch.float32)
+    y = layer(x)
+    y.sum().backward()
+    assert layer.tables["slopes"].grad is not None and float(layer.tables["slopes"].grad.abs().sum()) > 0
+    # an explicit table wins over the owned one
+    zero = layer(x, slopes=torch.zeros(4))
+    plain = attnc.nn.SparseAttention(EXAMPLES / "mistral.attn", embed_dim=16, num_heads=4, window=8, backend="torch")
+    plain.load_state_dict({k: v for k, v in layer.state_dict().items() if not k.startswith("tables.")})
+    torch.testing.assert_close(zero, plain(x))
+    # a table whose shape needs the length is the caller's
+    sized = attnc.nn.SparseAttention(attnc.loads("pattern p(bias: table(H, N)) = causal score score + bias[h, k]").pattern(),
+                                     embed_dim=16, num_heads=4, backend="torch")
+    assert len(sized.tables) == 0
+    with pytest.raises(ValueError, match="missing table input 'bias'"):
+        sized(x)
+    assert sized(x, bias=torch.zeros(4, 20)).shape == (1, 20, 16)
