@@ -234,6 +234,8 @@ def cmd_list(args, out, err) -> int:
             f"{p.name}: {p.type}" if p.type else (f"{p.name} = {p.default}" if p.default is not None else p.name)
             for p in info.params)
         print(f"{info.name}({params}) on {info.layout}    [{info.file}:{info.line}]", file=out)
+        if info.score:
+            print(f"    score {info.score}", file=out)
         if info.description:
             print(f"    {info.description}", file=out)
     return 0

@@ -40,6 +40,8 @@ class PatternInfo:
     description: str
     file: str
     line: int
+    #: the source text of `score EXPR` (None without a score term)
+    score: str | None = None
 
 
 def _read(path: Path, span: Span | None, display: str) -> str:
@@ -103,7 +105,9 @@ class Program:
                 else:
                     params.append(ParamInfo(p.name, None if p.default is None else _text(self.sources, p.default.span), None))
             layout = "seq" if pdef.layout is None else _text(self.sources, pdef.layout.span)[2:].strip()
-            out.append(PatternInfo(pdef.name, tuple(params), layout, pdef.description, pdef.span.file, pdef.span.line))
+            score = None if pdef.score is None else " ".join(_text(self.sources, pdef.score.span).split())
+            out.append(PatternInfo(pdef.name, tuple(params), layout, pdef.description, pdef.span.file, pdef.span.line,
+                                   score))
         return out
 
     def pattern(self, name: str | None = None, /, **params) -> "BoundPattern":

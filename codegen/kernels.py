@@ -762,6 +762,7 @@ class Compiled:
     plan: object | None
     config: KernelConfig
     bounds: object | None = None  # bounds.LoopBounds
+    score: object | None = None  # codegen/score.ScoreFn
 
     def metadata(self) -> dict:
         """JSON-ready description: pattern, sizes, config and the plan's tile lists."""
@@ -771,6 +772,9 @@ class Compiled:
                 "tables": [{"name": t.name, "kind": t.kind, "shape": list(t.shape), "batched": t.batched}
                            for t in low.tables],
                 "mask": to_text(low.expr)}
+        if self.score is not None:
+            meta["score"] = {"term": self.score.text,
+                             "tables": [{"name": n, "shape": list(shape)} for n, shape in self.score.tables]}
         if self.bounds is not None:
             meta["loops"] = {"summary": self.bounds.summary(), **self.bounds.to_dict()}
         if plan is None:
@@ -808,4 +812,4 @@ def compile_pattern(pat, M: int, N: int | None = None, *, heads: int | None = No
     from .score import lower_score
     score = lower_score(pat.ir, M, N, H, grid, sources=pat.program.sources)
     return Compiled(source=generate(low, config, text, bounds, score), lowered=low, plan=plan, config=config,
-                    bounds=bounds)
+                    bounds=bounds, score=score)

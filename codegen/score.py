@@ -99,6 +99,19 @@ class ScoreFn:
         out = self.pointwise(s, q, k, h, tables)
         return out.expand(torch.broadcast_shapes(out.shape, s.shape))
 
+    def apply_(self, s: torch.Tensor, q, k, h, tables: dict[str, torch.Tensor]) -> torch.Tensor:
+        """As calling it, overwriting `s` where it can (the torch path's forward): the term's
+        parts that do not read `score` are computed at their own, smaller broadcast shape and
+        folded into `s` in place -- `score - slope * (q - k)` costs one pass over the scores
+        for the product and one for the subtraction, not a new tensor per operation."""
+        env = {"q": q, "k": k, "h": h, "b": 0}
+        out = _eval_inplace(self.expr, s, env, tables, {})
+        if not isinstance(out, torch.Tensor):
+            return s.fill_(float(out))
+        if out is not s and out.shape != s.shape:
+            out = out.expand(s.shape)
+        return out.to(s.dtype)
+
     def pointwise(self, s: torch.Tensor, q, k, h, tables: dict[str, torch.Tensor]) -> torch.Tensor:
         """As calling it, without broadcasting the result to `s`'s shape (a FlexAttention
         score_mod: its compiled form traces scalars)."""
@@ -219,6 +232,61 @@ def _eval1(e, s, env, tables, memo, vals):
             return out
         return _TORCHFN[e.name](xs[0])
     raise TypeError(e)
+
+
+def _has_score(e) -> bool:
+    return any(isinstance(n, Score) for n in _nodes(e))
+
+
+#: in-place forms for the torch path's forward. On CPU torch's tanh_ and exp_ are 3-7x slower
+#: than sigmoid_ and exp2_ (runtime/torch_backend.py, [Note: exp2]); tanh x = 2 sigmoid(2x) - 1
+#: (as the kernels compute it) is within 1e-7 absolutely of tanh.
+_INPLACE_FN = {"tanh": lambda t: t.mul_(2.0).sigmoid_().mul_(2.0).sub_(1.0),
+               "exp": lambda t: t.mul_(1.4426950408889634).exp2_(), "sigmoid": torch.Tensor.sigmoid_,
+               "abs": torch.Tensor.abs_}
+
+
+def _eval_inplace(e, s, env, tables, memo):
+    """`_eval`, modifying `s` in place along the path from the root to `score` (see apply_)."""
+    if isinstance(e, Score):
+        return s
+    if not _has_score(e):
+        return _eval(e, s, env, tables, memo)
+    if isinstance(e, Neg):
+        return _eval_inplace(e.a, s, env, tables, memo).neg_()
+    if isinstance(e, Bin) and e.op != "**":
+        la, lb = _has_score(e.a), _has_score(e.b)
+        if la != lb:
+            live = _eval_inplace(e.a if la else e.b, s, env, tables, memo)
+            static = e.b if la else e.a
+            if e.op in "+-" and isinstance(static, Bin) and static.op == "*":
+                # live +- x * y in one pass, without the product as a tensor of the scores' size
+                x, y = (_eval(t, s, env, tables, memo) for t in (static.a, static.b))
+                if isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor):
+                    if e.op == "-" and not la:
+                        live.neg_()
+                    return live.addcmul_(x.to(live.dtype), y.to(live.dtype), value=-1.0 if e.op == "-" and la else 1.0)
+            other = _eval(static, s, env, tables, memo)
+            if e.op == "+":
+                return live.add_(other)
+            if e.op == "*":
+                return live.mul_(other)
+            if e.op == "-":
+                return live.sub_(other) if la else live.neg_().add_(other)
+            return live.div_(other) if la else live.reciprocal_().mul_(other)
+    if isinstance(e, Fn):
+        if e.name in _INPLACE_FN:
+            return _INPLACE_FN[e.name](_eval_inplace(e.args[0], s, env, tables, memo))
+        live = [a for a in e.args if _has_score(a)]
+        if len(live) == 1:
+            out = _eval_inplace(live[0], s, env, tables, memo)
+            for a in e.args:
+                if a is not live[0]:
+                    v = _eval(a, s, env, tables, memo)
+                    v = v if isinstance(v, torch.Tensor) else torch.tensor(float(v), dtype=out.dtype, device=out.device)
+                    (torch.minimum if e.name == "min" else torch.maximum)(out, v, out=out)
+            return out
+    return _eval(e, s, env, tables, memo)
 
 
 def _live(e) -> bool:

@@ -336,6 +336,20 @@ def _pow2_at_least(n: int) -> int:
 # ----------------------------------------------------------------------------- the computation
 
 
+_LOG2E = 1.4426950408889634
+
+
+def _exp_(t: torch.Tensor) -> torch.Tensor:
+    """exp of `t` in place, as exp2(t * log2 e).
+
+    [Note: exp2] On CPU, torch's exp_ is 2x slower than mul_ + exp2_ on ordinary inputs,
+    3-6x on -inf (every masked entry of a partial tile) and 20x on inputs below about -88
+    (its slow path for underflow: large biases such as ALiBi's reach it), measured on this
+    project's 2-core machine with torch 2.13 (benchmarks/results/scores_cpu.md); the
+    result differs by about one ulp."""
+    return t.mul_(_LOG2E).exp2_()
+
+
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -461,10 +475,17 @@ class _ScoreStep:
         return s.view(B, X, c, self.Gu, self.bm, K)
 
     def apply(self, s):
-        """The term's logits; padding rows past M get -inf (a term such as a bias can be large
-        there, and their zero q / dO must add nothing: inf * 0 would be NaN)."""
-        out = self.fn(self._view(s), self.rows, self.keys, self.heads, self.tables)
-        return out.masked_fill(~self.real_rows, float("-inf")).reshape(s.shape)
+        """The term's logits, computed over `s` in place; padding rows past M get -inf (a term
+        such as a bias can be large there, and their zero q / dO must add nothing: inf * 0
+        would be NaN)."""
+        out = self.fn.apply_(self._view(s), self.rows, self.keys, self.heads, self.tables)
+        if self.padded:
+            out = out.masked_fill_(~self.real_rows, float("-inf"))
+        return out.reshape(s.shape)
+
+    @property
+    def padded(self) -> bool:
+        return not bool(self.real_rows.all())
 
     def backward(self, raw, grad, dtables):
         return self.fn.backward(self._view(raw), self.rows, self.keys, self.heads, self.tables, self._view(grad),
@@ -592,7 +613,7 @@ def _forward_one(sched: Schedule, call: Call, q, k, v, acc):
                 m_new = torch.maximum(m_new, m_i)
             # [Note: empty rows] a row with nothing allowed so far has max -inf; use 0 there
             m_safe = m_new.masked_fill(torch.isinf(m_new), 0.0)
-            p = s.sub_(m_safe).exp_()
+            p = _exp_(s.sub_(m_safe))
             if m_i is None:
                 l_i = p.sum(-1, keepdim=True)
                 o_i = torch.matmul(p, vc)
@@ -651,7 +672,7 @@ def _backward_one(sched: Schedule, call: Call, q, k, v, out, lse, dout, dlse, ta
             kc, vc = w.gather_kv(tk, ki, group, c), w.gather_kv(tv, ki, group, c)
             step = _score_step(call, sched, chunk, group, w, tables)
             if step is None:
-                p = _scores(qs, kc, group, w.Gu, w.bm).sub_(lse_c).exp_()
+                p = _exp_(_scores(qs, kc, group, w.Gu, w.bm).sub_(lse_c))
                 ds = torch.matmul(doc, vc.transpose(-1, -2)).sub_(delta_c).mul_(p)
             else:
                 p, ds = _score_backward(step, qs, kc, vc, doc, lse_c, delta_c, group, w, dtables)
@@ -666,8 +687,8 @@ def _score_backward(step, qs, kc, vc, doc, lse_c, delta_c, group, w, dtables):
     """(P, the gradient with respect to the raw scores `qs @ kc^T` through the score term),
     adding the tables' gradients to `dtables` (codegen/score.ScoreFn.backward)."""
     raw = torch.matmul(qs, kc.transpose(-1, -2))
-    s = step.apply(raw)
-    p = _mask_(s, group, w.Gu, w.bm).sub_(lse_c).exp_()
+    s = step.apply(raw.clone())
+    p = _exp_(_mask_(s, group, w.Gu, w.bm).sub_(lse_c))
     ds = torch.matmul(doc, vc.transpose(-1, -2)).sub_(delta_c).mul_(p)  # d loss / d score term
     return p, step.backward(raw, ds, dtables)
 

@@ -39,6 +39,7 @@ SIZE_DEPENDENT = {
     "biformer": "routed block tables: the word index k // 64 // 32 folds to 0 while N <= 2048",
     "moa": "per-head windows of N // 8 ... and the plan's closed form holds at some lengths only",
     "dinat": "dilation 2: the residue groups' lengths follow the parity of each axis",
+    "nat_rpb": "dilation 2 (as dinat): the residue groups' lengths follow the parity of each axis",
     "gna_strided": "strided neighborhoods on axes of 3 to 8 tokens: windows clip differently per axis length",
     "gna_blocked": "blocked neighborhoods on axes of 3 to 8 tokens: windows clip differently per axis length",
 }

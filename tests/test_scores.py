@@ -519,3 +519,30 @@ def test_sparse_attention_owns_tables_that_need_no_length():
     with pytest.raises(ValueError, match="missing table input 'bias'"):
         sized(x)
     assert sized(x, bias=torch.zeros(4, 20)).shape == (1, 20, 16)
+
+
+def test_cli_lists_and_compiles_the_score_term(tmp_path):
+    import io
+    import json
+
+    from attnc import cli
+
+    out, err = io.StringIO(), io.StringIO()
+    assert cli.main(["list", str(EXAMPLES / "gemma2.attn")], out, err) == 0
+    assert "    score cap * tanh(score / cap)" in out.getvalue()
+    out = io.StringIO()
+    assert cli.main(["compile", str(EXAMPLES / "nat_rpb.attn"), "--set", "size=3", "--grid", "12x12", "--heads", "2",
+                     "-o", str(tmp_path)], out, err) == 0, err.getvalue()
+    meta = json.loads((tmp_path / "nat_rpb_12x12.json").read_text())
+    assert meta["score"]["tables"] == [{"name": "rpb", "shape": [2, 5, 5]}]
+    source = (tmp_path / "nat_rpb_12x12.py").read_text()
+    assert "def _score(" in source and "def _score_grad_tables(" in source and "tl.atomic_add(dsc_rpb" in source
+
+
+def test_n_d_tiles_decline_a_score_term_with_a_reason():
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("needs the Triton interpreter")
+    pat = example_pattern("nat_rpb", size=3)
+    q = rand(1, 2, 64, 16, dtype=torch.float32)
+    with pytest.raises(ValueError, match="score terms are generated for 1-D tiles only"):
+        pat(q, q, q, grid=(8, 8), rpb=torch.zeros(2, 5, 5), backend="triton", block=((4, 4), (4, 4)))
