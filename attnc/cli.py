@@ -222,7 +222,29 @@ def cmd_check(args, out, err) -> int:
                       f" (e.g. head {h}, row {r}): they produce output 0 and lse -inf", file=out)
             if rep.dense:
                 print(f"{pat.ir.span}: warning: pattern '{name}' is fully dense at N = {N}: sparsity buys nothing", file=out)
+            if pat.ir.score is not None and pat.ir.score.tables:
+                status = max(status, _check_tables(f, name, pat, M, N, H, grid, out, err))
     return status
+
+
+def _check_tables(f, name, pat, M, N, H, grid, out, err) -> int:
+    """Prove the score term's table indices in range on every allowed pair at these sizes
+    (the op's own check, runtime/torch_backend.check_table_indices); a failure is an error at
+    the table's declaration."""
+    from .runtime.backend import Call
+    from .runtime.torch_backend import check_table_indices
+
+    call = Call(pattern=pat, B=1, Hq=H, Hkv=H, M=M, N=N, D=1, Dv=1, grid=grid, scale=1.0)
+    try:
+        check_table_indices(call)
+    except ValueError as e:
+        table = str(e).split("[", 1)[0]
+        spec = next((t for t in pat.ir.score.tables if t.name == table), pat.ir.score.tables[0])
+        print(f"{spec.span}: error: pattern '{name}': {e}", file=err)
+        return 1
+    shapes = ", ".join(f"{n}{list(s)}" for n, s in pat.table_shapes(M, N, H, grid).items())
+    print(f"{f}: ok: '{name}' reads its tables ({shapes}) only inside them at these sizes", file=out)
+    return 0
 
 
 def cmd_list(args, out, err) -> int:

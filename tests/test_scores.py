@@ -546,3 +546,18 @@ def test_n_d_tiles_decline_a_score_term_with_a_reason():
     q = rand(1, 2, 64, 16, dtype=torch.float32)
     with pytest.raises(ValueError, match="score terms are generated for 1-D tiles only"):
         pat(q, q, q, grid=(8, 8), rpb=torch.zeros(2, 5, 5), backend="triton", block=((4, 4), (4, 4)))
+
+
+def test_check_with_sizes_proves_table_indices(tmp_path):
+    import io
+
+    from attnc import cli
+
+    out, err = io.StringIO(), io.StringIO()
+    assert cli.main(["check", str(EXAMPLES / "nat_rpb.attn"), "--grid", "20x20", "--heads", "2"], out, err) == 0
+    assert "ok: 'nat_rpb' reads its tables (rpb[2, 13, 13]) only inside them at these sizes" in out.getvalue()
+    bad = tmp_path / "bad.attn"
+    bad.write_text("pattern p(t: table(H, 5)) = sliding(7) score score + t[h, q - k]\n")
+    out, err = io.StringIO(), io.StringIO()
+    assert cli.main(["check", str(bad), "--seq-len", "64"], out, err) == 1
+    assert f"{bad}:1:11: error: pattern 'p': t[h, (q - k)]: index 1 takes values in [0, 6]" in err.getvalue()
