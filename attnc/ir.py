@@ -617,7 +617,8 @@ def pformat(node: "Mask | PExpr | SExpr") -> str:
         case SNum(value=v):
             return repr(float(v))
         case SPos(node=n):
-            return pformat(n)
+            text = pformat(n)
+            return f"({text})" if " " in text and not text.startswith("(") else text
         case SBin(op=op, left=a, right=b):
             return f"({pformat(a)} {op} {pformat(b)})"
         case SNeg(operand=a):

@@ -20,7 +20,6 @@ ever touches pairs the mask removes.
 from __future__ import annotations
 
 import functools
-import math
 from dataclasses import dataclass
 
 import torch
@@ -106,11 +105,11 @@ class ScoreFn:
         for the product and one for the subtraction, not a new tensor per operation."""
         env = {"q": q, "k": k, "h": h, "b": 0}
         out = _eval_inplace(self.expr, s, env, tables, {})
-        if not isinstance(out, torch.Tensor):
-            return s.fill_(float(out))
-        if out is not s and out.shape != s.shape:
-            out = out.expand(s.shape)
-        return out.to(s.dtype)
+        if out is s:
+            return s
+        # a term that does not read `score` (or a new tensor): write it into s, so the
+        # caller's in-place masking never meets a broadcast view sharing its elements
+        return s.copy_(out.expand(s.shape) if isinstance(out, torch.Tensor) else torch.tensor(float(out)))
 
     def pointwise(self, s: torch.Tensor, q, k, h, tables: dict[str, torch.Tensor]) -> torch.Tensor:
         """As calling it, without broadcasting the result to `s`'s shape (a FlexAttention
@@ -214,7 +213,8 @@ def _eval1(e, s, env, tables, memo, vals):
     if isinstance(e, Bin):
         a, b = _eval(e.a, s, env, tables, memo, vals), _eval(e.b, s, env, tables, memo, vals)
         if not isinstance(a, torch.Tensor) and not isinstance(b, torch.Tensor):
-            return _PY[e.op](float(a), float(b))
+            # constants: torch float64 scalars, so 1 / 0 is inf and (-1) ** 0.5 NaN, as on tensors
+            a = torch.tensor(float(a), dtype=torch.float64)
         if e.op == "**":
             if not isinstance(a, torch.Tensor):
                 a = torch.tensor(float(a), dtype=s.dtype, device=s.device)
@@ -222,8 +222,8 @@ def _eval1(e, s, env, tables, memo, vals):
         return _PY[e.op](a, b)
     if isinstance(e, Fn):
         xs = [_eval(a, s, env, tables, memo, vals) for a in e.args]
-        if not any(isinstance(x, torch.Tensor) for x in xs):
-            return _PYFN[e.name](*[float(x) for x in xs])
+        if not any(isinstance(x, torch.Tensor) for x in xs):  # constants: as float64 tensors (see Bin)
+            xs = [torch.tensor(float(x), dtype=torch.float64) for x in xs]
         xs = [x if isinstance(x, torch.Tensor) else torch.tensor(float(x), dtype=s.dtype, device=s.device) for x in xs]
         if e.name in ("min", "max"):
             out = xs[0]
@@ -294,6 +294,12 @@ def _live(e) -> bool:
     return any(isinstance(n, (Score, Read)) for n in _nodes(e))
 
 
+def _times(g, d):
+    """g * d, but 0 where g is 0: a masked pair (or a padding row) has g = 0 and may have an
+    infinite local derivative (`t / (q - k + 1)` where q - k = -1, `score ** -2` at 0)."""
+    return torch.where(g == 0, torch.zeros((), dtype=g.dtype, device=g.device), g * d)
+
+
 def _back(e, g, vals, ds, dtables, env, memo):
     """Accumulate d loss / d (leaves of e) given g = d loss / d e."""
     if not _live(e):
@@ -320,12 +326,13 @@ def _back(e, g, vals, ds, dtables, env, memo):
         elif e.op == "-":
             ga, gb = g, -g
         elif e.op == "*":
-            ga, gb = g * b, g * a
+            ga, gb = _times(g, b), _times(g, a)
         elif e.op == "/":
-            ga, gb = g / b, -g * out / b
+            ga, gb = _times(g, 1 / b), _times(g, -out / b)
         else:  # a ** b
-            ga = g * b * torch.pow(torch.as_tensor(a, dtype=g.dtype, device=g.device), b - 1) if _live(e.a) else None
-            gb = g * out * torch.log(torch.as_tensor(a, dtype=g.dtype, device=g.device)) if _live(e.b) else None
+            at = torch.as_tensor(a, dtype=g.dtype, device=g.device)
+            ga = _times(g, b * torch.pow(at, b - 1)) if _live(e.a) else None
+            gb = _times(g, out * torch.log(at)) if _live(e.b) else None
         if ga is not None:
             _back(e.a, ga, vals, ds, dtables, env, memo)
         if gb is not None:
@@ -336,7 +343,7 @@ def _back(e, g, vals, ds, dtables, env, memo):
         if e.name == "tanh":
             _back(e.args[0], g * (1 - out * out), vals, ds, dtables, env, memo)
         elif e.name == "exp":
-            _back(e.args[0], g * out, vals, ds, dtables, env, memo)
+            _back(e.args[0], _times(g, out), vals, ds, dtables, env, memo)
         elif e.name == "sigmoid":
             _back(e.args[0], g * out * (1 - out), vals, ds, dtables, env, memo)
         elif e.name == "abs":
@@ -353,8 +360,6 @@ def _back(e, g, vals, ds, dtables, env, memo):
 
 _PY = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b, "/": lambda a, b: a / b,
        "**": lambda a, b: a ** b}
-_PYFN = {"tanh": math.tanh, "exp": math.exp, "sigmoid": lambda x: 1 / (1 + math.exp(-x)), "abs": abs,
-         "min": min, "max": max}
 _TORCHFN = {"tanh": torch.tanh, "exp": torch.exp, "sigmoid": torch.sigmoid, "abs": torch.abs}
 
 
@@ -482,10 +487,12 @@ class _TritonScore:
                 a, b = self.name[id(e.a)], self.name[id(e.b)]
                 if e.op == "**":
                     n = _const_int(e.b)
-                    if n is not None and 0 <= n <= 8:
-                        out.append(f"{v} = " + (" * ".join([a] * n) if n else f"{a} * 0.0 + 1.0"))
+                    if n is not None and -8 <= n <= 8:
+                        prod = " * ".join([a] * abs(n)) if n else f"{a} * 0.0 + 1.0"
+                        out.append(f"{v} = " + (prod if n >= 0 else f"1.0 / ({prod})"))
                     else:
-                        out.append(f"{v} = tl.exp2({b} * tl.log2({a}))")
+                        self.helpers.add("_pow")
+                        out.append(f"{v} = _pow({a}, {b})")
                 else:
                     out.append(f"{v} = {a} {e.op} {b}")
             elif isinstance(e, Fn):
@@ -512,6 +519,8 @@ class _TritonScore:
         `tables`, atomic adds of the tables' gradients."""
         out: list[str] = []
         contrib: dict[int, list[str]] = {id(self.fn.expr): ["g"]}
+        # a zero upstream gradient stays zero whatever the local derivative (inf at masked pairs)
+        times = lambda g, d: f"tl.where({g} == 0.0, 0.0, {g} * ({d}))"  # noqa: E731
         ds_parts: list[str] = []
         for e in reversed(self.order):
             if not _live(e) or id(e) not in contrib:
@@ -540,22 +549,23 @@ class _TritonScore:
                 elif e.op == "-":
                     add(e.a, g), add(e.b, f"-{g}")
                 elif e.op == "*":
-                    add(e.a, f"{g} * {b}"), add(e.b, f"{g} * {a}")
+                    add(e.a, times(g, b)), add(e.b, times(g, a))
                 elif e.op == "/":
-                    add(e.a, f"{g} / {b}"), add(e.b, f"-{g} * {v} / {b}")
+                    add(e.a, times(g, f"1.0 / {b}")), add(e.b, times(g, f"-{v} / {b}"))
                 else:
                     n = _const_int(e.b)
                     if n is not None and 1 <= n <= 8:
-                        add(e.a, f"{g} * {float(n)!r}" + "".join(f" * {a}" for _ in range(n - 1)))
+                        add(e.a, times(g, f"{float(n)!r}" + "".join(f" * {a}" for _ in range(n - 1))))
                     elif n != 0:
-                        add(e.a, f"{g} * {b} * tl.exp2(({b} - 1.0) * tl.log2({a}))")
-                    add(e.b, f"{g} * {v} * tl.log({a})")
+                        self.helpers.add("_pow")
+                        add(e.a, times(g, f"{b} * _pow({a}, {b} - 1.0)"))
+                    add(e.b, times(g, f"{v} * tl.log({a})"))
             elif isinstance(e, Fn):
                 xs = [self.name[id(x)] for x in e.args]
                 if e.name == "tanh":
                     add(e.args[0], f"{g} * (1.0 - {v} * {v})")
                 elif e.name == "exp":
-                    add(e.args[0], f"{g} * {v}")
+                    add(e.args[0], times(g, v))
                 elif e.name == "sigmoid":
                     add(e.args[0], f"{g} * {v} * (1.0 - {v})")
                 elif e.name == "abs":
@@ -578,13 +588,23 @@ class _TritonScore:
         fwd = self.forward_lines()
         doc = f'    """score term: {self.fn.text} (s: the scaled dot product; q, k clamped, broadcasting)."""'
         parts = ["@triton.jit", f"def _score(s, q, k, h, {sizes}{tabs}):", doc,
-                 *("    " + x for x in fwd), f"    return {self.name[id(self.fn.expr)]}", "", ""]
+                 *("    " + x for x in fwd),
+                 f"    return {self.name[id(self.fn.expr)]}" + ("" if _has_score(self.fn.expr) else " + tl.zeros_like(s)"),
+                 "", ""]
         for suffix, tables, extra in (("", False, ""), ("_tables", True, grads)):
             what = "d loss / d s, adding the tables' gradients (atomics)" if tables else "d loss / d s"
             parts += ["@triton.jit", f"def _score_grad{suffix}(s, g, q, k, h, {sizes}{tabs}{extra}):",
                       f'    """{what}, given g = d loss / d term."""',
                       *("    " + x for x in fwd), *("    " + x for x in self.backward_lines(tables)), "", ""]
         helpers = []
+        if "_pow" in self.helpers:
+            helpers += ["@triton.jit", "def _pow(a, b):",
+                        '    """a ** b as torch.pow: real for a negative base and an integer-valued b."""',
+                        "    mag = tl.exp2(b * tl.log2(tl.abs(a)))",
+                        "    whole = b == tl.floor(b)",
+                        "    odd = whole & (tl.floor(b * 0.5) * 2.0 != b)",
+                        "    neg = tl.where(whole, tl.where(odd, -mag, mag), float(\"nan\"))",
+                        "    return tl.where(b == 0.0, 1.0, tl.where(a < 0.0, neg, mag))", "", ""]
         if "_floordiv" in self.helpers and "def _floordiv" not in mask_helpers:
             helpers += ["@triton.jit", "def _floordiv(a, b):", "    q = a // b",
                         "    return tl.where((a % b != 0) & ((a < 0) != (b < 0)), q - 1, q)", "", ""]

@@ -164,6 +164,8 @@ def check_tables(pat, tables: dict, M: int, N: int, H: int, grid, device) -> Non
                              f"try torch.zeros{shape} (its declaration fixes the shape)")
         if t.device != device:
             raise ValueError(f"{name}: expected the table on q's device {device}, got {t.device}; try {name}.to(q.device)")
+        if not bool(torch.isfinite(t).all()):
+            raise ValueError(f"{name}: expected a table of finite values, got inf or NaN; try torch.nan_to_num({name})")
 
 
 def check_block(block) -> tuple | None:
@@ -242,8 +244,15 @@ def attention_op(q: Tensor, k: Tensor, v: Tensor, inputs: list[Tensor], tables: 
     (lse may be NaN when needs_lse and needs_grad are both False); `block`: `_encode_block`;
     `tables`: the score term's table inputs in declaration order."""
     call, chosen = _prepare(key, q, k, v, inputs, tables, grid, scale, backend, needs_grad, needs_lse, block)
-    out, lse = chosen.forward(call, q, k, v)
-    check_finite_result(q, k, v, out, lse if call.needs_lse else None, call.scale)
+    try:
+        out, lse = chosen.forward(call, q, k, v)
+        check_finite_result(q, k, v, out, lse if call.needs_lse else None, call.scale)
+    except ValueError as exc:
+        if call.score is None or "overflows" not in str(exc):
+            raise
+        raise ValueError(f"{exc}; or the score term `{call.score.text}` is not finite on an allowed pair "
+                         f"(a division by zero, a power of a negative number, an overflowing exp): expected finite "
+                         f"logits; try guarding the term, e.g. with max(...) or a wider mask exclusion") from None
     return out.contiguous(), lse.to(_lse_dtype(q)).contiguous()
 
 

@@ -561,3 +561,79 @@ def test_check_with_sizes_proves_table_indices(tmp_path):
     out, err = io.StringIO(), io.StringIO()
     assert cli.main(["check", str(bad), "--seq-len", "64"], out, err) == 1
     assert f"{bad}:1:11: error: pattern 'p': t[h, (q - k)]: index 1 takes values in [0, 6]" in err.getvalue()
+
+
+# ----------------------------------------------------------------------------- review regressions
+
+
+def _backends():
+    return ["reference", "torch"] + (["triton"] if os.environ.get("TRITON_INTERPRET") == "1" else [])
+
+
+def test_a_term_that_ignores_the_score_with_gqa():
+    """Was: the torch path returned zeros (a broadcast view masked in place) or crashed."""
+    q, k, v = rand(1, 4, 24, 8, seed=1, dtype=torch.float32), rand(1, 2, 32, 8, seed=2, dtype=torch.float32), \
+        rand(1, 2, 32, 8, seed=3, dtype=torch.float32)
+    for src, kw in (("pattern p(t: table(H)) = full score t[h]", {"t": rand(4, seed=4, dtype=torch.float32)}),
+                    ("pattern p = sliding(5) score 0.5 * (q - k) - 3", {})):
+        pat = attnc.loads(src).pattern()
+        want = pat(q, k, v, backend="reference", **kw)
+        for backend in _backends()[1:]:
+            torch.testing.assert_close(pat(q, k, v, backend=backend, block=(16, 16) if backend == "triton" else None,
+                                           **kw), want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("src", ["pattern p(t: table(H)) = causal score score - t[h] / (q - k + 1)",
+                                 "pattern p(t: table(H)) = causal score score + t[h] * (q - k) ** 0.5"])
+def test_infinite_derivatives_on_masked_pairs_do_not_poison_gradients(src):
+    """Was: 0 * inf = NaN in the tables' gradients (every backend) from pairs the mask removes."""
+    pat = attnc.loads(src).pattern()
+    q, k, v = (rand(1, 2, 24, 8, seed=s) for s in (1, 2, 3))
+    grads = {}
+    for backend in _backends():
+        dtype = torch.float32 if backend == "triton" else torch.float64
+        t = torch.ones(2, dtype=dtype, requires_grad=True)
+        leaves = [x.to(dtype).requires_grad_() for x in (q, k, v)]
+        out = pat(*leaves, t=t, backend=backend, block=(16, 16) if backend == "triton" else None)
+        grads[backend] = torch.autograd.grad(out.sum(), [*leaves, t])
+        assert all(bool(torch.isfinite(g).all()) for g in grads[backend]), backend
+    for backend in _backends()[1:]:
+        for g, w in zip(grads[backend], grads["reference"]):
+            torch.testing.assert_close(g.double(), w, atol=1e-4, rtol=1e-4)
+
+
+def test_padding_rows_with_an_infinite_derivative():
+    """Was: NaN dq / dk on the torch path when M is not a multiple of the tile (q = 0 there)."""
+    pat = attnc.loads("pattern p = sliding(5) score score ** -2").pattern()
+    q = rand(1, 2, 24, 8, seed=1).requires_grad_()
+    k, v = rand(1, 2, 24, 8, seed=2), rand(1, 2, 24, 8, seed=3)
+    g_torch = torch.autograd.grad(pat(q, k, v, backend="torch").sum(), q)[0]
+    g_ref = torch.autograd.grad(pat(q, k, v, backend="reference").sum(), q)[0]
+    torch.testing.assert_close(g_torch, g_ref)
+
+
+@pytest.mark.parametrize("term", ["score ** 9", "(score - 10) ** -2", "(score - 10) ** -11", "score ** (q - k)",
+                                  "abs(score) ** 0.5"])
+def test_powers_of_negative_numbers_match_torch_in_the_kernels(term):
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("needs the Triton interpreter")
+    pat = attnc.loads(f"pattern p = sliding(5) score {term}").pattern()
+    # scores of order 1: score ** 9 of larger ones is a one-hot softmax whose float32 gradients are noise
+    q, k, v = ((rand(1, 2, 24, 8, seed=s, dtype=torch.float32) * f).requires_grad_() for s, f in ((1, 0.5), (2, 1), (3, 1)))
+    a = pat(q, k, v, backend="torch")
+    b = pat(q, k, v, backend="triton", block=(16, 16))
+    torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4)
+    ga = torch.autograd.grad(a.sum(), [q, k, v])
+    gb = torch.autograd.grad(b.sum(), [q, k, v])
+    for x, y in zip(gb, ga):
+        torch.testing.assert_close(x, y, atol=1e-3, rtol=1e-3)
+
+
+def test_non_finite_terms_and_tables_say_so():
+    q = rand(1, 2, 16, 8, dtype=torch.float32)
+    pat = attnc.loads("pattern p = sliding(4) score score * (1 / (H - 2))").pattern()
+    with pytest.raises(ValueError, match=r"or the score term `\(score \* \(1 / \(H - 2\)\)\)` is not finite on an allowed pair"):
+        pat(q, q, q, backend="torch")
+    tab = attnc.loads("pattern p(t: table(H)) = sliding(4) score score + t[h]").pattern()
+    with pytest.raises(ValueError, match="t: expected a table of finite values, got inf or NaN"):
+        tab(q, q, q, t=torch.tensor([float("nan"), 0.0]), backend="torch")
