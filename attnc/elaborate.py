@@ -759,7 +759,7 @@ class Elaborator:
         if pdef.score is not None:
             self.fail(span, f"pattern '{pdef.name}' has a score term; a called pattern contributes only its mask, "
                             "so only the pattern that is bound may have one",
-                      f"call a mask-only pattern and write `score ...` on the calling pattern")
+                      "call a mask-only pattern and write `score ...` on the calling pattern")
         params = pdef.params
         values: dict[str, object] = {}
         if len(args) > len(params):

@@ -1,5 +1,6 @@
 """Modules: `SparseAttention`, a drop-in attention layer; `NeighborhoodAttention2D` and
-`WindowAttention2D`, vision layers with relative position bias; the Hugging Face adapter.
+`WindowAttention2D`, vision layers with relative position bias; `KVCache`, a decoding cache
+that evicts what the pattern never reads again; the Hugging Face adapter.
 
 input:  a bound pattern (or an `.attn` file and its parameters), layer sizes.
 output: `torch.nn.Module`s / attention functions that call the attnc op.
@@ -252,6 +253,99 @@ class WindowAttention2D(_Attention2D):
                 f"rpb={self.rpb is not None}, backend={self.backend!r}")
 
 
+class KVCache:
+    """A decoding cache that evicts what the pattern can never read again.
+
+    ``KVCache(pattern, num_heads=Hq, num_kv_heads=Hkv)``; ``cache.update(k, v)`` appends the
+    newest tokens (``[B, Hkv, t, D]``, the same count for every sequence), ``cache.attend(q)``
+    runs ``pattern.decode`` over what is kept (``q [B, Hq, m, D]``, the newest ``m`` tokens).
+    After a prefill whose queries were answered elsewhere (the op over the prompt), say so:
+    ``cache.update(k, v, attended=True)``. With ``evict=True`` (the default), once ``slack``
+    tokens were attended since the last time, the cache drops, per key/value head, the
+    positions ``pattern.kv_retention`` proves no later query can attend
+    (a key/value head keeps what any of its query heads may read): ``sliding(w) | (sink(s) &
+    causal)`` holds at most ``s + w + slack`` entries however long the generation, while a
+    DuoAttention mixture keeps its retrieval heads whole. Outputs equal those of a cache that
+    keeps everything (tests/test_decode.py).
+
+    >>> cache = attnc.nn.KVCache(pat, num_heads=8, num_kv_heads=2)
+    >>> cache.update(k_new, v_new); out = cache.attend(q_new)
+    """
+
+    def __init__(self, pattern: BoundPattern, *, num_heads: int, num_kv_heads: int | None = None, evict: bool = True,
+                 slack: int = 256):
+        if not isinstance(pattern, BoundPattern):
+            raise ValueError(f"KVCache: expected a BoundPattern, got {type(pattern).__name__}; "
+                             "try attnc.load(path).pattern(name)")
+        _positive("num_heads", num_heads)
+        _positive("num_kv_heads", num_kv_heads, allow_none=True)
+        _positive("slack", slack)
+        num_kv_heads = num_kv_heads or num_heads
+        if num_heads % num_kv_heads:
+            raise ValueError(f"KVCache: expected num_heads to be a multiple of num_kv_heads, got {num_heads} and "
+                             f"{num_kv_heads}")
+        self.pattern, self.num_heads, self.num_kv_heads = pattern, num_heads, num_kv_heads
+        self.evict, self.slack = evict, slack
+        self.length = 0  # tokens seen (the absolute position of the next one)
+        self.k: list[torch.Tensor] | None = None  # per key/value head [B, S_g, D]
+        self.v: list[torch.Tensor] | None = None
+        self.pos: list[torch.Tensor] = []  # per key/value head [S_g] absolute positions
+        self._evicted_at = 0  # the length at the last eviction
+
+    def stored(self) -> list[int]:
+        """Entries kept per key/value head."""
+        return [int(p.numel()) for p in self.pos]
+
+    def update(self, k: torch.Tensor, v: torch.Tensor, *, attended: bool = False) -> None:
+        if not isinstance(k, torch.Tensor) or k.dim() != 4 or k.shape[1] != self.num_kv_heads or v.shape[:3] != k.shape[:3]:
+            got = tuple(k.shape) if isinstance(k, torch.Tensor) else type(k).__name__
+            raise ValueError(f"KVCache.update: expected k, v of shape [B, {self.num_kv_heads}, t, D], got {got}; "
+                             "try the new tokens' keys and values only")
+        t = k.shape[2]
+        new_pos = torch.arange(self.length, self.length + t, device=k.device)
+        if self.k is None:
+            self.k = [k[:, g] for g in range(self.num_kv_heads)]
+            self.v = [v[:, g] for g in range(self.num_kv_heads)]
+            self.pos = [new_pos.clone() for _ in range(self.num_kv_heads)]
+        else:
+            if k.shape[0] != self.k[0].shape[0] or k.shape[-1] != self.k[0].shape[-1]:
+                raise ValueError(f"KVCache.update: expected batch {self.k[0].shape[0]} and head dim "
+                                 f"{self.k[0].shape[-1]}, got {tuple(k.shape)}")
+            self.k = [torch.cat([self.k[g], k[:, g]], dim=1) for g in range(self.num_kv_heads)]
+            self.v = [torch.cat([self.v[g], v[:, g]], dim=1) for g in range(self.num_kv_heads)]
+            self.pos = [torch.cat([self.pos[g], new_pos]) for g in range(self.num_kv_heads)]
+        self.length += t
+        if attended:
+            self._maybe_evict()
+
+    def _maybe_evict(self) -> None:
+        """Every position so far has been queried: evict when `slack` tokens came since the last time."""
+        if self.evict and self.length - self._evicted_at >= self.slack:
+            self._evict(self.length)
+
+    def _evict(self, first: int) -> None:
+        """Drop what no query at a position >= `first` may read."""
+        self._evicted_at = first
+        keep = self.pattern.kv_retention(first, heads=self.num_heads)  # [Hq, first]
+        G = self.num_heads // self.num_kv_heads
+        for g in range(self.num_kv_heads):
+            need = torch.cat([keep[g * G:(g + 1) * G].any(0),
+                              torch.ones(self.length - first, dtype=torch.bool)]).to(self.pos[g].device)
+            alive = need[self.pos[g]]
+            if not bool(alive.all()):
+                self.k[g], self.v[g], self.pos[g] = self.k[g][:, alive], self.v[g][:, alive], self.pos[g][alive]
+
+    def attend(self, q: torch.Tensor, *, scale: float | None = None, return_lse: bool = False, **tables):
+        if self.k is None:
+            raise ValueError("KVCache.attend: the cache is empty; call update(k, v) with the new tokens first")
+        B = q.shape[0]
+        out = self.pattern.decode(q, self.k, self.v, key_positions=self.pos,
+                                  cache_seqlens=torch.full((B,), self.length), scale=scale, return_lse=return_lse,
+                                  **tables)
+        self._maybe_evict()  # the newest tokens are queried now
+        return out
+
+
 # ----------------------------------------------------------------------------- Hugging Face transformers
 
 
@@ -321,6 +415,10 @@ def hf_key_validity(attention_mask, B: int, N: int) -> torch.Tensor | None:
     return None
 
 
+#: queries per step up to which the HF adapter decodes (`pat.decode`) instead of calling the op
+DECODE_MAX_QUERIES = 16
+
+
 def hf_attention(pattern: BoundPattern, *, backend: str = "auto"):
     """An attention function in the form of Hugging Face transformers' registry.
 
@@ -331,10 +429,14 @@ def hf_attention(pattern: BoundPattern, *, backend: str = "auto"):
     `register_hf` makes transformers pass) is composed with it: padded keys are
     never attended ([Note: padding], `with_key_padding`). A 4-D mask that hides
     keys is refused (`hf_key_validity`). Run-time inputs of the pattern come
-    from ``kwargs[name]``.
+    from ``kwargs[name]``. During cached generation (at most `DECODE_MAX_QUERIES` new
+    queries against a longer cache, no padding, no gradients, backend "auto" or "torch")
+    the adapter runs `pattern.decode`: only the keys the pattern allows are read, without a
+    plan per length.
     """
     names = [s.name for s in pattern.ir.inputs] + [t.name for t in (pattern.ir.score.tables if pattern.ir.score else ())]
     padded = None
+    decodable = not pattern.layout.axes and not pattern.ir.inputs and not pattern._has_topk()
 
     def attnc_attention(module, query, key, value, attention_mask=None, scaling=None, dropout=0.0, **kwargs):
         nonlocal padded
@@ -342,7 +444,12 @@ def hf_attention(pattern: BoundPattern, *, backend: str = "auto"):
             raise ValueError(f"attnc attention: expected dropout=0.0, got {dropout}; try attention_dropout=0.0 in the config")
         inputs = {n: kwargs[n] for n in names if n in kwargs}
         valid = hf_key_validity(attention_mask, query.shape[0], key.shape[2])
-        if valid is None:
+        m, n = query.shape[2], key.shape[2]
+        if valid is None and decodable and m <= DECODE_MAX_QUERIES and m < n and backend in ("auto", "torch") \
+                and not (torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))):
+            # generation with a cache: the newest tokens against the whole cache, no plan per length
+            out = pattern.decode(query, key, value, scale=scaling, **inputs)
+        elif valid is None:
             out = pattern(query, key, value, scale=scaling, backend=backend, **inputs)
         else:
             if padded is None:

@@ -819,6 +819,41 @@ class BoundPattern:
         from .runtime.flex import to_flex
         return to_flex(self, M, N, heads=heads, grid=grid, block=block, device=device, **inputs)
 
+    # -- decoding
+    def kv_retention(self, L: int, *, heads: int | None = None):
+        """bool ``[heads, L]``: the cached keys (positions ``0 .. L-1``) that some query at a
+        position ``>= L`` may still attend; the others can be evicted for good. Derived from
+        the pattern in closed form and conservative (attnc/retention.py): ``sliding(w) |
+        (sink(s) & causal)`` keeps the first ``s`` and the last ``w - 1``; a ``heads {}``
+        mixture decides per head (DuoAttention's retrieval heads keep everything).
+
+        >>> keep = pat.kv_retention(32768, heads=8)
+        """
+        from .retention import retention
+        H = 1 if heads is None else heads
+        if isinstance(H, bool) or not isinstance(H, int) or H < 1:
+            raise ValueError(f"heads: expected a positive integer, got {heads!r}")
+        return retention(self.ir, L, H)
+
+    def decode(self, q, k_cache, v_cache, *, cache_seqlens=None, block_table=None, key_positions=None,
+               scale: float | None = None, return_lse: bool = False, **tables):
+        """Attention of the last ``m`` positions of each sequence over its KV cache.
+
+        ``q [B, Hq, m, D]`` holds the newest ``m`` tokens of each sequence (already appended to
+        the cache: query row ``i`` of sequence ``b`` is position ``cache_seqlens[b] - m + i``).
+        The cache is ``[B, Hkv, S, D]`` (``cache_seqlens`` defaults to ``S``), or paged:
+        ``[pages, Hkv, page_size, D]`` with ``block_table [B, max_pages]`` (HND pages, vLLM /
+        FlashInfer addressing), or per key/value head ``[B, S_g, D]`` tensors with
+        ``key_positions`` (what `attnc.nn.KVCache` keeps after evicting). Equals the op's
+        last ``m`` rows; only the keys the pattern allows are read, found in closed form
+        without a plan (runtime/decode.py). Score-term tables are keywords.
+
+        >>> out = pat.decode(q, k_cache, v_cache, cache_seqlens=torch.tensor([1000, 37]))
+        """
+        from .runtime.decode import decode
+        return decode(self, q, k_cache, v_cache, cache_seqlens=cache_seqlens, block_table=block_table,
+                      key_positions=key_positions, scale=scale, return_lse=return_lse, **tables)
+
     # -- the op
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, return_lse: bool = False,
                  scale: float | None = None, backend: str = "auto", grid=None, block=None, **inputs):

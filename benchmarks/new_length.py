@@ -27,10 +27,9 @@ import platform  # noqa: E402
 import random  # noqa: E402
 import statistics  # noqa: E402
 import sys  # noqa: E402
-import time  # noqa: E402
 
 import torch  # noqa: E402
-from _report import emit  # noqa: E402
+from _report import emit, timed  # noqa: E402
 
 import attnc  # noqa: E402
 from attnc.runtime.backend import Call  # noqa: E402
@@ -48,12 +47,6 @@ CASES = {  # name -> (pattern source, FlexAttention mask_mod)
 #: the current length, read by the neighbourhood's mask_mod: a captured tensor updated in place, so
 #: FlexAttention does not recompile per length (its best configuration)
 N_NOW = torch.tensor(0)
-
-
-def timed(fn):
-    w, c = time.perf_counter(), time.process_time()
-    out = fn()
-    return out, (time.perf_counter() - w) * 1e3, (time.process_time() - c) * 1e3
 
 
 def main() -> None:

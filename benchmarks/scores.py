@@ -18,22 +18,15 @@ import argparse
 import datetime
 import platform
 import statistics
-import time
 from pathlib import Path
 
 import torch
 
 import attnc
 
-from _report import emit
+from _report import emit, timed
 
 EX = Path(__file__).resolve().parent.parent / "examples"
-
-
-def timed(fn):
-    w, c = time.perf_counter(), time.process_time()
-    fn()
-    return (time.perf_counter() - w) * 1e3, (time.process_time() - c) * 1e3
 
 
 def cases():
@@ -114,7 +107,7 @@ def main() -> None:
         times = {n: [] for n in fns}
         for _ in range(args.repeat):
             for n, fn in fns.items():  # interleaved
-                times[n].append(timed(fn))
+                times[n].append(timed(fn)[1:])
         med = {n: (statistics.median(w for w, _ in t), statistics.median(c for _, c in t)) for n, t in times.items()}
         rows.append((name, med))
     lines = [f"## Score terms on CPU ({datetime.date.today()}, {platform.machine()}, {args.threads} thread(s), "
@@ -169,7 +162,7 @@ def exp_ab(repeat: int) -> str:
         times = {n: [] for n in runs}
         for _ in range(repeat):
             for n, fn in runs.items():
-                times[n].append(timed(fn)[1])
+                times[n].append(timed(fn)[2])
         tb._exp_ = new
         m = {n: statistics.median(t) for n, t in times.items()}
         out.append(f"| {name} | {m['old fwd']:.1f} | {m['new fwd']:.1f} | **{m['old fwd'] / m['new fwd']:.2f}x** | "

@@ -76,6 +76,26 @@ def test_cached_generation_of_a_left_padded_batch_matches_sdpa():
     assert max((a - b).abs().max().item() for a, b in zip(got.logits, want.logits)) < 1e-4
 
 
+def test_cached_generation_without_padding_decodes_and_matches_sdpa(monkeypatch):
+    """Generation with a cache and no padding runs pat.decode for the new tokens (no plan per
+    length); tokens and logits equal sdpa's with the model's own sliding window."""
+    from attnc.runtime import decode as decode_module
+
+    calls = []
+    real = decode_module.decode
+    monkeypatch.setattr(decode_module, "decode", lambda *a, **kw: calls.append(a[1].shape) or real(*a, **kw))
+    ref, ours = _pair(MistralForCausalLM, MistralConfig(**TINY, sliding_window=4), "pattern p = sliding(4)",
+                      "attnc_test_generate_decode", "auto")
+    ids = torch.randint(1, 64, (2, 9), generator=torch.Generator().manual_seed(2))
+    kw = dict(max_new_tokens=6, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    with torch.no_grad():
+        want = ref.generate(input_ids=ids, **kw)
+        got = ours.generate(input_ids=ids, **kw)
+    assert torch.equal(got.sequences, want.sequences)
+    assert max((a - b).abs().max().item() for a, b in zip(got.logits, want.logits)) < 1e-4
+    assert len(calls) == 5 * 2 and all(shape[2] == 1 for shape in calls)  # 5 cached steps x 2 layers, one query each
+
+
 def test_register_hf_asks_transformers_for_the_padding_mask():
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 

@@ -1,0 +1,274 @@
+"""Decoding: a few new queries per sequence against a KV cache, visiting only the keys they may see.
+
+input:  a bound pattern, q [B, Hq, m, D] (the last m positions of each sequence), a KV cache
+        (contiguous [B, Hkv, S, D], paged [pages, Hkv, page_size, D] + block_table, or one
+        [B, S_g, D] tensor per key/value head with the absolute position of every slot, as
+        `attnc.nn.KVCache` keeps after eviction), per-sequence lengths `cache_seqlens`.
+output: out [B, Hq, m, Dv] (and lse [B, Hq, m]).
+does not: plan tiles (no work proportional to the cache length: the closed form answers which
+        keys a query position sees), or differentiate (inference; use the op to train).
+
+[Note: decode] Per sequence, the pattern's interval sets for its m query rows at (M = m,
+N = length) give each row's allowed keys exactly (analysis.IntervalAnalysis, O(m) plus the
+pattern's size). Their union, merged, is a handful of key segments: a sliding window with
+sinks is two. Each segment is read in place from the cache (a view of a contiguous cache,
+its pages of a paged one, a searchsorted range of a position-tagged one), scores are masked
+by the rows' own intervals, and one softmax runs over the concatenated segments. Patterns
+without interval sets (`where`, `random`, ...) fall back to the reference rows of the m
+queries (O(m * length) booleans, no plan).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from attnc import ir
+
+
+@dataclass(frozen=True)
+class _Cache:
+    """One batch element's keys for one key/value head: storage (views where possible) and
+    the absolute position of each slot (None: slot i is position i); paged storage is the
+    page pool of this head with the sequence's page numbers."""
+
+    k: Tensor  # [S, D], or the page pool [pages, page_size, D]
+    v: Tensor
+    pos: Tensor | None  # int64 [S], ascending; -1 = empty slot
+    pages: Tensor | None = None  # int64 [pages of the sequence] (paged storage)
+
+    @property
+    def dv(self) -> int:
+        return self.v.shape[-1]
+
+    def segment(self, a: int, e: int) -> tuple[Tensor, Tensor, Tensor]:
+        """(keys, values, their positions) of the stored positions in [a, e): views of a
+        contiguous cache, the covering pages of a paged one (only those are copied)."""
+        if self.pages is not None:
+            P = self.k.shape[1]
+            p0, p1 = a // P, -(-e // P)
+            ids = self.pages[p0:p1]
+            k = self.k[ids].reshape(-1, self.k.shape[-1])[a - p0 * P: e - p0 * P]
+            v = self.v[ids].reshape(-1, self.v.shape[-1])[a - p0 * P: e - p0 * P]
+            return k, v, torch.arange(a, e, device=k.device)
+        s0, s1, keypos = _slots(self, a, e)
+        return self.k[s0:s1], self.v[s0:s1], keypos
+
+
+def _expected(what: str, got, hint: str) -> ValueError:
+    return ValueError(f"{what}; got {got}; try {hint}")
+
+
+def check_decode_args(pat, q, k_cache, v_cache, cache_seqlens, block_table, key_positions):
+    """Validate shapes (expected / got / try); returns (B, Hq, Hkv, m, D, Dv, lengths[B] list, layout)."""
+    if pat.ir.layout.axes:
+        raise ValueError(f"decode: expected a pattern on a sequence, got '{pat.name}' on {pat.ir.layout}; "
+                         f"try the op pat(q, k, v, grid=...) for grids")
+    if pat.ir.inputs or pat._has_topk():
+        raise ValueError(f"decode: pattern '{pat.name}' has run-time inputs or topk; decoding supports static "
+                         f"patterns (with score terms); try the op pat(q, k, v, ...) on the whole sequence")
+    if not isinstance(q, Tensor) or q.dim() != 4:
+        raise _expected("decode: q must be [B, Hq, m, D]", getattr(q, "shape", type(q).__name__), "q[:, :, -1:] for one token")
+    B, Hq, m, D = q.shape
+    if isinstance(k_cache, (list, tuple)):
+        layout = "per-head"
+        Hkv = len(k_cache)
+        if not isinstance(v_cache, (list, tuple)) or len(v_cache) != Hkv or not Hkv:
+            raise _expected("decode: per-head caches need one k and one v tensor per key/value head",
+                            f"{Hkv} k and {len(v_cache) if isinstance(v_cache, (list, tuple)) else type(v_cache).__name__} v",
+                            "k_cache=[k0, k1], v_cache=[v0, v1] with key_positions=[p0, p1]")
+        if not isinstance(key_positions, (list, tuple)) or len(key_positions) != Hkv:
+            raise _expected("decode: per-head caches need key_positions, one [S_g] (or [B, S_g]) tensor per head",
+                            type(key_positions).__name__, "key_positions=[p0, p1]")
+        for g in range(Hkv):
+            kg, vg, pg = k_cache[g], v_cache[g], key_positions[g]
+            if kg.dim() != 3 or kg.shape[0] != B or kg.shape[2] != D or vg.shape[:2] != kg.shape[:2]:
+                raise _expected(f"decode: k_cache[{g}] / v_cache[{g}] must be [B, S_g, D] = [{B}, S_g, {D}]",
+                                f"{tuple(kg.shape)} / {tuple(vg.shape)}", "the layout attnc.nn.KVCache keeps")
+            if pg.shape[-1] != kg.shape[1] or pg.dim() not in (1, 2):
+                raise _expected(f"decode: key_positions[{g}] must be [S_g] or [B, S_g] with S_g = {kg.shape[1]}",
+                                tuple(pg.shape), "one absolute position per slot, -1 for empty slots")
+        Dv = v_cache[0].shape[-1]
+        S = max(int(kg.shape[1]) for kg in k_cache)
+    elif block_table is not None:
+        layout = "paged"
+        if k_cache.dim() != 4 or v_cache.dim() != 4 or k_cache.shape[:3] != v_cache.shape[:3] or k_cache.shape[3] != D:
+            raise _expected(f"decode: paged caches must be [pages, Hkv, page_size, D] (HND pages) with D = {D}",
+                            f"{tuple(k_cache.shape)} / {tuple(v_cache.shape)}", "k_cache.view(pages, Hkv, page_size, D)")
+        Hkv, P = k_cache.shape[1], k_cache.shape[2]
+        if block_table.dim() != 2 or block_table.shape[0] != B or block_table.dtype.is_floating_point:
+            raise _expected(f"decode: block_table must be an integer tensor [B, max_pages] with B = {B}",
+                            f"{block_table.dtype} {tuple(block_table.shape)}", "block_table.int()")
+        Dv = v_cache.shape[-1]
+        S = block_table.shape[1] * P
+    else:
+        layout = "contiguous"
+        if k_cache.dim() != 4 or k_cache.shape[0] != B or k_cache.shape[3] != D or v_cache.shape[:3] != k_cache.shape[:3]:
+            raise _expected(f"decode: k_cache / v_cache must be [B, Hkv, S, D] with B = {B}, D = {D}",
+                            f"{tuple(k_cache.shape)} / {tuple(v_cache.shape)}", "caches laid out like k in pat(q, k, v)")
+        Hkv, S, Dv = k_cache.shape[1], k_cache.shape[2], v_cache.shape[3]
+    if Hq % Hkv:
+        raise _expected(f"decode: Hq must be a multiple of Hkv (GQA), Hq = {Hq}", f"Hkv = {Hkv}", "matching head counts")
+    if cache_seqlens is None:
+        if layout != "contiguous":
+            raise _expected(f"decode: a {layout} cache needs cache_seqlens [B]", None, "cache_seqlens=torch.tensor([...])")
+        lengths = [S] * B
+    else:
+        t = torch.as_tensor(cache_seqlens)
+        if t.dim() != 1 or t.shape[0] != B or t.dtype.is_floating_point:
+            raise _expected(f"decode: cache_seqlens must be an integer tensor [B] = [{B}]",
+                            f"{t.dtype} {tuple(t.shape)}", "torch.tensor(lengths)")
+        lengths = [int(x) for x in t.tolist()]
+    for b, L in enumerate(lengths):
+        if L < m or (layout != "per-head" and L > S):
+            raise _expected(f"decode: cache_seqlens[{b}] must lie in [m, S] = [{m}, {S}] (the cache holds the new "
+                            f"tokens too)", L, "append the new keys to the cache before attending")
+    return B, Hq, Hkv, m, D, Dv, lengths, layout
+
+
+def _rows(pat, m: int, L: int, H: int):
+    """(lo, hi) int64 [Hx, m, R]: each query row's allowed key intervals at (m, L), or None
+    when the pattern has no interval form (then `_dense_rows`)."""
+    from attnc.analysis import NotIntervals, _interval_sets
+
+    try:
+        iset, _ = _interval_sets(pat.ir, m, L, H, None)
+    except NotIntervals:
+        return None
+    return iset.lo, iset.hi
+
+
+def _segments(lo: Tensor, hi: Tensor, L: int) -> list[tuple[int, int]]:
+    """The merged union of every row's intervals: [(a, e)] ascending."""
+    pairs = sorted({(int(a), int(e)) for a, e in zip(lo.reshape(-1).tolist(), hi.reshape(-1).tolist()) if a < e})
+    out: list[list[int]] = []
+    for a, e in pairs:
+        if out and a <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], e)
+        else:
+            out.append([a, e])
+    return [(a, min(e, L)) for a, e in out if a < L]
+
+
+def decode(pat, q: Tensor, k_cache, v_cache, *, cache_seqlens=None, block_table=None, key_positions=None,
+           scale: float | None = None, return_lse: bool = False, **tables):
+    """`BoundPattern.decode` (see [Note: decode])."""
+    B, Hq, Hkv, m, D, Dv, lengths, layout = check_decode_args(pat, q, k_cache, v_cache, cache_seqlens, block_table,
+                                                              key_positions)
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    G = Hq // Hkv
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    out = q.new_zeros(B, Hq, m, Dv)
+    lse = torch.full((B, Hq, m), float("-inf"), dtype=acc, device=q.device)
+    pat.check_input_names(tables, tables=True)
+    for b, L in enumerate(lengths):
+        rows = _rows(pat, m, L, Hq)
+        dense = pat.mask_rows(m, L, Hq, None, 0, m) if rows is None else None  # [H | 1, m, L]
+        score = None
+        if pat.ir.score is not None:
+            from attnc.codegen.score import score_fn
+            from .ops import check_tables
+            check_tables(pat, tables, m, L, Hq, None, q.device)
+            score = score_fn(pat.ir, m, L, Hq, None)
+        for g in range(Hkv):
+            heads = slice(g * G, (g + 1) * G)
+            cache = _cache_of(layout, k_cache, v_cache, block_table, key_positions, b, g, L)
+            if rows is None:
+                allowed = dense[heads] if dense.shape[0] > 1 else dense
+                o, l = _attend_dense(q[b, heads].to(acc), cache, allowed, L, scale, score, tables, heads, m, acc)
+            else:
+                lo, hi = rows
+                lo_g, hi_g = (lo[heads], hi[heads]) if lo.shape[0] > 1 else (lo, hi)
+                o, l = _attend_segments(q[b, heads].to(acc), cache, lo_g, hi_g, L, scale, score, tables, heads, m, acc)
+            out[b, heads] = o.to(out.dtype)
+            lse[b, heads] = l
+    return (out, lse) if return_lse else out
+
+
+def _cache_of(layout, k_cache, v_cache, block_table, key_positions, b: int, g: int, L: int) -> _Cache:
+    if layout == "contiguous":
+        pos = None
+        if key_positions is not None:
+            p = torch.as_tensor(key_positions)
+            pos = p[b] if p.dim() == 2 else p
+        return _Cache(k_cache[b, g], v_cache[b, g], pos)
+    if layout == "paged":
+        P = k_cache.shape[2]
+        return _Cache(k_cache[:, g], v_cache[:, g], None, block_table[b, : -(-L // P)].long())
+    p = key_positions[g]
+    return _Cache(k_cache[g][b], v_cache[g][b], (p[b] if p.dim() == 2 else p).long())
+
+
+def _slots(cache: _Cache, a: int, e: int) -> tuple[int, int, Tensor]:
+    """Storage slots [s0, s1) holding positions [a, e), and those positions."""
+    if cache.pos is None:
+        s1 = min(e, cache.k.shape[0])
+        return a, s1, torch.arange(a, s1, device=cache.k.device)
+    pos = cache.pos
+    s0 = int(torch.searchsorted(pos, torch.tensor(a, device=pos.device)))
+    s1 = int(torch.searchsorted(pos, torch.tensor(e, device=pos.device)))
+    return s0, s1, pos[s0:s1]
+
+
+def _apply(s: Tensor, allowed: Tensor | None, keypos: Tensor, score, tables, heads: slice, m: int, acc):
+    """The logits of one segment: [G, m, len], score term and mask applied."""
+    if score is not None:
+        h = torch.arange(heads.start, heads.stop, device=s.device).view(-1, 1, 1)
+        rows = torch.arange(m, device=s.device).view(1, -1, 1)
+        tabs = {n: t.detach().to(device=s.device, dtype=acc) for n, t in tables.items()}
+        s = score(s, rows, keypos.view(1, 1, -1), h, tabs)
+    if allowed is not None:
+        s = s.masked_fill(~allowed, float("-inf"))
+    return s
+
+
+def _softmax_out(parts, values, acc):
+    s = torch.cat(parts, dim=-1)  # [G, m, K]
+    mx = s.amax(-1, keepdim=True)
+    empty = torch.isinf(mx)
+    mx = mx.masked_fill(empty, 0.0)
+    p = torch.exp(s - mx)
+    l = p.sum(-1, keepdim=True)
+    o = None
+    start = 0
+    for v in values:
+        n = v.shape[0]
+        term = p[..., start:start + n] @ v.to(acc)
+        o = term if o is None else o + term
+        start += n
+    l_safe = l.masked_fill(l == 0, 1.0)
+    o = o / l_safe
+    lse = (mx + torch.log(l_safe)).masked_fill(l == 0, float("-inf"))
+    return o, lse[..., 0]
+
+
+def _attend_segments(qh, cache: _Cache, lo, hi, L, scale, score, tables, heads, m, acc):
+    """qh [G, m, D]; lo / hi [1 | G, m, R] intervals of the rows."""
+    G = qh.shape[0]
+    parts, values = [], []
+    for a, e in _segments(lo, hi, L):
+        kseg, vseg, keypos = cache.segment(a, e)
+        if keypos.numel() == 0:
+            continue
+        s = (qh @ kseg.to(acc).transpose(-1, -2)) * scale  # [G, m, len]
+        kp = keypos.view(1, 1, 1, -1)
+        inside = ((kp >= lo[..., None]) & (kp < hi[..., None])).any(-2)  # [1|G, m, len]
+        allowed = None if bool(inside.all()) and cache.pos is None else inside & (keypos >= 0).view(1, 1, -1)
+        parts.append(_apply(s, allowed, keypos, score, tables, heads, m, acc))
+        values.append(vseg)
+    if not parts:
+        return torch.zeros(G, m, cache.dv, dtype=acc, device=qh.device), \
+            torch.full((G, m), float("-inf"), dtype=acc, device=qh.device)
+    return _softmax_out(parts, values, acc)
+
+
+def _attend_dense(qh, cache: _Cache, allowed_rows, L, scale, score, tables, heads, m, acc):
+    """Patterns without interval sets: the reference rows of the m queries, every cached key."""
+    kseg, vseg, keypos = cache.segment(0, L)
+    s = (qh @ kseg.to(acc).transpose(-1, -2)) * scale
+    valid = keypos >= 0
+    allowed = allowed_rows.to(qh.device)[..., keypos.clamp(min=0)] & valid.view(1, 1, -1)
+    return _softmax_out([_apply(s, allowed, keypos, score, tables, heads, m, acc)], [vseg], acc)
