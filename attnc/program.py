@@ -836,7 +836,7 @@ class BoundPattern:
         return retention(self.ir, L, H)
 
     def decode(self, q, k_cache, v_cache, *, cache_seqlens=None, block_table=None, key_positions=None,
-               scale: float | None = None, return_lse: bool = False, **tables):
+               scale: float | None = None, return_lse: bool = False, backend: str = "auto", **tables):
         """Attention of the last ``m`` positions of each sequence over its KV cache.
 
         ``q [B, Hq, m, D]`` holds the newest ``m`` tokens of each sequence (already appended to
@@ -846,13 +846,15 @@ class BoundPattern:
         FlashInfer addressing), or per key/value head ``[B, S_g, D]`` tensors with
         ``key_positions`` (what `attnc.nn.KVCache` keeps after evicting). Equals the op's
         last ``m`` rows; only the keys the pattern allows are read, found in closed form
-        without a plan (runtime/decode.py). Score-term tables are keywords.
+        without a plan (runtime/decode.py). Score-term tables are keywords. ``backend``:
+        "auto" (the split-KV Triton kernel on CUDA where it can run, else the torch path),
+        "torch", or "triton" (on CPU tensors with TRITON_INTERPRET=1: the interpreter).
 
         >>> out = pat.decode(q, k_cache, v_cache, cache_seqlens=torch.tensor([1000, 37]))
         """
         from .runtime.decode import decode
         return decode(self, q, k_cache, v_cache, cache_seqlens=cache_seqlens, block_table=block_table,
-                      key_positions=key_positions, scale=scale, return_lse=return_lse, **tables)
+                      key_positions=key_positions, scale=scale, return_lse=return_lse, backend=backend, **tables)
 
     # -- the op
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, return_lse: bool = False,

@@ -106,7 +106,10 @@ class Job:
     loads it again); `config` is a `KernelConfig` or None (the runtime's choice
     for the target, head dim and dtype: kernels.configs_for). `passes` is
     "fwd", "bwd" or "both"; the backward runs with the config the runtime
-    would launch after a forward with `config` (TritonBackend.backward_config)."""
+    would launch after a forward with `config` (TritonBackend.backward_config);
+    "decode" compiles the split-KV decode kernel (one new token per sequence
+    against a cache of M tokens; GQA with 4 query heads per key/value head when
+    the heads divide, codegen/decode_kernel.py)."""
 
     file: str
     pattern: str | None = None
@@ -130,8 +133,8 @@ class Job:
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= 256):
                 raise AOTError(f"{name}: expected a head dim from 1 to 256 (the kernels' limit), got {v!r}; try 64 or 128")
-        if self.passes not in ("fwd", "bwd", "both"):
-            raise AOTError(f"passes: expected 'fwd', 'bwd' or 'both', got {self.passes!r}")
+        if self.passes not in ("fwd", "bwd", "both", "decode"):
+            raise AOTError(f"passes: expected 'fwd', 'bwd', 'both' or 'decode', got {self.passes!r}")
         if not Path(self.file).is_file():
             raise AOTError(f"file: expected an .attn file, got {self.file!r} (not found)")
         return self
@@ -344,6 +347,8 @@ def _launch_job(job: Job, cap: int, dtype, sink: list) -> tuple[dict, set]:
 
     from attnc.runtime.triton_backend import TritonBackend
 
+    if job.passes == "decode":
+        return _launch_decode(job, dtype, sink)
     call, q, k, v = _synthetic_call(job, _bind(job), dtype)
     be = TritonBackend(job.config, capability=cap)  # no config: the runtime's choice for this target
     config = be.call_config(call, q)
@@ -369,6 +374,37 @@ def _launch_job(job: Job, cap: int, dtype, sink: list) -> tuple[dict, set]:
         be._backward_with(call, bwd, q, k, v, out, lse, out, None)
         configs.update((i, bwd) for i in range(n0, len(sink)))
     return configs, modules
+
+
+def _launch_decode(job: Job, dtype, sink: list) -> tuple[dict, set]:
+    """Compile the split-KV decode kernel through `pat.decode`'s own launch (module loads
+    recorded instead of run): batch 2, one new token, a cache of `job.M` tokens."""
+    import torch
+
+    from attnc.codegen import cache
+    from attnc.codegen.kernels import KernelConfig
+    from attnc.runtime import decode as dec
+
+    pat = _bind(job)
+    H = job.heads or 8
+    Hkv = H // 4 if H % 4 == 0 else H
+    N, D, Dv = job.M or 4096, job.D, job.Dv or job.D
+    q = torch.empty(2, H, 1, D, dtype=dtype)
+    k, v = torch.empty(2, Hkv, N, D, dtype=dtype), torch.empty(2, Hkv, N, Dv, dtype=dtype)
+    real = cache.load_module
+    modules: set = set()
+
+    def recording(key, generate, info=None):
+        modules.add(key)
+        return _Recorder(real(key, generate, info), sink)
+
+    cache.load_module = recording
+    try:
+        dec._decode_triton(pat, q, k, v, None, [N, N], 1.0 / D ** 0.5)
+    finally:
+        cache.load_module = real
+    config = KernelConfig(block_m=16, block_n=dec.BLOCK_N)
+    return {i: config for i in range(len(sink))}, modules
 
 
 def run_job(job: Job, driver: _StandInDriver) -> JobReport:
@@ -651,6 +687,10 @@ def ci_jobs(examples_dir) -> list[Job]:
     for file, kw, target, dtype, D in rows:
         size = {"grid": (32, 32)} if file in ("natten2d.attn", "nat_rpb.attn") else {"M": 2048}
         out.append(example_job(d / file, heads=10, target=target, dtype=dtype, D=D, **size, **kw))
+    # the split-KV decode kernel (runtime/decode.py): a window with sinks, 8 query / 2 key-value heads
+    for target, dtype, D in (("sm_90", "bf16", 128), ("sm_80", "fp16", 64)):
+        out.append(example_job(d / "streaming_llm.attn", heads=8, target=target, dtype=dtype, D=D, M=32768,
+                               passes="decode", label="streaming_llm decode"))
     return out
 
 

@@ -153,12 +153,25 @@ def _segments(lo: Tensor, hi: Tensor, L: int) -> list[tuple[int, int]]:
     return [(a, min(e, L)) for a, e in out if a < L]
 
 
+DECODE_BACKENDS = ("auto", "torch", "triton")
+
+
 def decode(pat, q: Tensor, k_cache, v_cache, *, cache_seqlens=None, block_table=None, key_positions=None,
-           scale: float | None = None, return_lse: bool = False, **tables):
-    """`BoundPattern.decode` (see [Note: decode])."""
+           scale: float | None = None, return_lse: bool = False, backend: str = "auto", **tables):
+    """`BoundPattern.decode` (see [Note: decode]); backend "triton" runs the split-KV kernel
+    (codegen/decode_kernel.py), "auto" does on CUDA when it can."""
     B, Hq, Hkv, m, D, Dv, lengths, layout = check_decode_args(pat, q, k_cache, v_cache, cache_seqlens, block_table,
                                                               key_positions)
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    if backend not in DECODE_BACKENDS:
+        raise ValueError(f"decode: backend expected one of {', '.join(map(repr, DECODE_BACKENDS))}, got {backend!r}")
+    if backend != "torch":
+        reason = _triton_reason(pat, q, layout, Dv, D)
+        if reason is None and (backend == "triton" or q.is_cuda):
+            out, lse = _decode_triton(pat, q, k_cache, v_cache, block_table, lengths, scale)
+            return (out, lse) if return_lse else out
+        if backend == "triton":
+            raise ValueError(f"decode: backend='triton' cannot run this call: {reason}; try backend='torch'")
     G = Hq // Hkv
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     out = q.new_zeros(B, Hq, m, Dv)
@@ -272,3 +285,105 @@ def _attend_dense(qh, cache: _Cache, allowed_rows, L, scale, score, tables, head
     valid = keypos >= 0
     allowed = allowed_rows.to(qh.device)[..., keypos.clamp(min=0)] & valid.view(1, 1, -1)
     return _softmax_out([_apply(s, allowed, keypos, score, tables, heads, m, acc)], [vseg], acc)
+
+
+# ----------------------------------------------------------------------------- the split-KV kernel
+
+
+def _triton_reason(pat, q: Tensor, layout: str, Dv: int, D: int) -> str | None:
+    """None when the split-KV kernel can decode this call, else why not."""
+    from .triton_backend import MAX_HEAD_DIM, _interpreter_reason, _triton_missing
+
+    missing = _triton_missing()
+    if missing:
+        return missing
+    if q.device.type == "cpu":
+        reason = _interpreter_reason()
+        if reason:
+            return reason
+        if q.dtype == torch.bfloat16:
+            return "the Triton interpreter has no bfloat16"
+    elif q.device.type != "cuda":
+        return f"the kernels run on CUDA or in the CPU interpreter, not on {q.device.type}"
+    if q.dtype == torch.float64:
+        return "the kernels compute in float16 / bfloat16 / float32, got float64"
+    if layout == "per-head":
+        return "per-head caches (attnc.nn.KVCache after eviction) are read by the torch path"
+    if pat.ir.score is not None:
+        return "score terms are not in the decode kernel yet"
+    if max(D, Dv) > MAX_HEAD_DIM:
+        return f"head dims up to {MAX_HEAD_DIM}, got D={D}, Dv={Dv}"
+    return None
+
+
+BLOCK_N = 64
+
+
+def _next_pow2(x: int) -> int:
+    return 1 << max(0, (x - 1).bit_length())
+
+
+def _tile_list(pat, m: int, L: int, H: int) -> list[int]:
+    """The key tiles (BLOCK_N keys) that hold an allowed key of one of the m rows, ascending."""
+    rows = _rows(pat, m, L, H)
+    if rows is None:
+        return list(range(-(-L // BLOCK_N)))
+    tiles: set[int] = set()
+    for a, e in _segments(rows[0], rows[1], L):
+        tiles.update(range(a // BLOCK_N, (e - 1) // BLOCK_N + 1))
+    return sorted(tiles)
+
+
+def _decode_triton(pat, q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table, lengths: list[int], scale: float):
+    from attnc.codegen import cache
+    from attnc.codegen.decode_kernel import decode_source
+    from attnc.codegen.pointwise import lower
+    from .triton_backend import device_capability
+
+    B, Hq, m, D = q.shape
+    Hkv, Dv = k_cache.shape[1], v_cache.shape[-1]
+    device = q.device
+    groups: dict[str, tuple[object, list[int]]] = {}  # module text -> (lowering, batch elements)
+    for b, L in enumerate(lengths):
+        low = lower(pat.ir, m, L, Hq, None, sources=pat.program.sources)
+        text = decode_source(low)
+        groups.setdefault(text, (low, []))[1].append(b)
+    tiles = [_tile_list(pat, m, L, Hq) for L in lengths]
+    n_tiles = max(1, max(len(t) for t in tiles))
+    table = torch.full((B, n_tiles), -1, dtype=torch.int32)
+    for b, t in enumerate(tiles):
+        table[b, :len(t)] = torch.tensor(t, dtype=torch.int32)
+    nsplit = max(1, min(n_tiles, 16, -(-256 // max(1, B * Hkv))))
+    per_split = -(-n_tiles // nsplit)
+    out_s = torch.zeros(B, Hq, m, nsplit, Dv, dtype=torch.float32, device=device)
+    lse_s = torch.full((B, Hq, m, nsplit), float("-inf"), dtype=torch.float32, device=device)
+    lens = torch.tensor(lengths, dtype=torch.int32, device=device)
+    table = table.to(device)
+    paged = block_table is not None
+    bt = block_table.to(device=device, dtype=torch.int32).contiguous() if paged else lens
+    page_size = k_cache.shape[2] if paged else 1
+    precision = "ieee" if q.dtype == torch.float32 else "tf32"
+    for text, (low, members) in groups.items():
+        key = cache.cache_key(low.text, {"source": text, "kind": "decode"}, f"decode-{BLOCK_N}", device_capability(device))
+        module = cache.load_module(key, lambda text=text: text, info={"pattern": low.text, "kind": "decode"})
+        statics = [t.data.to(device, torch.int32).contiguous() for t in low.tables]
+        sel = torch.tensor(members, device=device)
+        # one launch per group of sequences whose lengths give the same module text
+        sub = (lambda x: x) if len(members) == B else (lambda x: x.index_select(0, sel))
+        qs = sub(q)
+        ks = k_cache if paged else sub(k_cache)
+        vs = v_cache if paged else sub(v_cache)
+        o = torch.zeros(len(members), Hq, m, nsplit, Dv, dtype=torch.float32, device=device)
+        ls = torch.full((len(members), Hq, m, nsplit), float("-inf"), dtype=torch.float32, device=device)
+        module._decode_split[(len(members) * Hkv, nsplit)](
+            qs, ks, vs, o, ls, scale, sub(lens), sub(table).contiguous(), sub(bt).contiguous() if paged else bt,
+            *qs.stride(), *ks.stride(), *vs.stride(),
+            n_tiles, per_split, bt.shape[-1] if paged else 0, page_size, *statics,
+            HQ=Hq, HKV=Hkv, MQ=m, NSPLIT=nsplit, D=D, DV=Dv, BLOCK_R=max(16, _next_pow2((Hq // Hkv) * m)),
+            BLOCK_N=BLOCK_N, BLOCK_D=max(16, _next_pow2(D)), BLOCK_DV=max(16, _next_pow2(Dv)), PAGED=paged,
+            DOT_PRECISION=precision, num_warps=4)
+        out_s[sel], lse_s[sel] = o, ls
+    lse = torch.logsumexp(lse_s, dim=-1)  # -inf where every split is empty
+    w = torch.exp(lse_s - lse[..., None]).nan_to_num(0.0)
+    out = (w[..., None] * out_s).sum(-2)
+    return out.to(q.dtype), lse

@@ -71,7 +71,7 @@ def test_bad_jobs_say_expected_got_try():
         aot.Job(f, dtype="fp8").check()
     with pytest.raises(aot.AOTError, match="D: expected a head dim from 1 to 256.*got 512"):
         aot.Job(f, D=512).check()
-    with pytest.raises(aot.AOTError, match="passes: expected 'fwd', 'bwd' or 'both'"):
+    with pytest.raises(aot.AOTError, match="passes: expected 'fwd', 'bwd', 'both' or 'decode'"):
         aot.Job(f, passes="all").check()
     with pytest.raises(aot.AOTError, match="file: expected an .attn file.*not found"):
         aot.Job(f + ".missing").check()
@@ -178,8 +178,8 @@ def test_ci_subset_compiles_and_fits(ci_reports):
            for r in ci_reports if not r.fits]
     assert not bad, "kernels that do not fit:\n" + "\n".join(bad) + "\n" + aot.table(ci_reports)
     for r in ci_reports:
-        assert [k.kernel for k in r.kernels if k.kernel != "_attn_bwd_preprocess"] == \
-            ["_attn_fwd", "_attn_bwd_dkdv", "_attn_bwd_dq"], r.job
+        want = ["_decode_split"] if r.job.passes == "decode" else ["_attn_fwd", "_attn_bwd_dkdv", "_attn_bwd_dq"]
+        assert [k.kernel for k in r.kernels if k.kernel != "_attn_bwd_preprocess"] == want, r.job
         for k in r.kernels:
             assert 0 < k.registers <= 255 and k.shared > 0 and k.compile_s >= 0
             assert k.limit == aot.TARGETS[r.job.target][1]
@@ -196,7 +196,8 @@ def test_specialisation_follows_dtype_and_target(ci_reports):
             by.setdefault((r.job.label, k.kernel), set()).add(k.ptx_sha)
     assert all(len(v) == 2 for k, v in by.items() if k[1] != "_attn_bwd_preprocess")
     text = aot.table(ci_reports)
-    assert text.count("_attn_fwd") == len(ci_reports)
+    assert text.count("_attn_fwd") == sum(r.job.passes != "decode" for r in ci_reports)
+    assert text.count("_decode_split") == 2
     assert "| label | target |" in aot.table(ci_reports, markdown=True)
 
 

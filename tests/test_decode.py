@@ -213,3 +213,56 @@ def test_cache_errors():
         cache.update(rand(1, 3, 1, 8), rand(1, 3, 1, 8))
     with pytest.raises(ValueError, match="num_heads to be a multiple of num_kv_heads"):
         attnc.nn.KVCache(pat, num_heads=3, num_kv_heads=2)
+
+
+# ----------------------------------------------------------------------------- the split-KV kernel
+
+import os  # noqa: E402
+
+interpreted = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                                 reason="the decode kernel runs on CPU tensors only in the Triton interpreter")
+
+KERNEL_CASES = [
+    "pattern p = sliding(40) | (sink(3) & causal)",
+    "pattern p = heads { {0, 3} => causal; _ => sliding(30) | (sink(2) & causal) }",
+    "pattern p = causal & where (q - k) % 3 == 0 | sink(1)",  # no interval form: every tile, masked
+    "pattern p = blockwise(8, band(1, 1) | global({0}) | random(2))",  # tables in _mask
+    "pattern p = strided(7) & causal",
+]
+
+
+@interpreted
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("src", KERNEL_CASES)
+def test_split_kv_kernel_equals_the_torch_decode(src, dtype):
+    pat = attnc.loads(src).pattern()
+    B, Hq, Hkv, D, S = 3, 4, 2, 16, 200
+    lengths = torch.tensor([150, 37, 200])  # ragged, one of them the whole cache
+    k, v = rand(B, Hkv, S, D, seed=1, dtype=dtype), rand(B, Hkv, S, D, seed=2, dtype=dtype)
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=3e-3, rtol=3e-3)
+    for m in (1, 3):
+        q = rand(B, Hq, m, D, seed=3, dtype=dtype)
+        want, want_lse = pat.decode(q.double(), k.double(), v.double(), cache_seqlens=lengths, backend="torch",
+                                    return_lse=True)
+        got, lse = pat.decode(q, k, v, cache_seqlens=lengths, backend="triton", return_lse=True)
+        assert got.dtype == dtype
+        torch.testing.assert_close(got.double(), want, **tol)
+        torch.testing.assert_close(lse.double(), want_lse, **tol)
+        kp, vp, table = paged(k, v, page=8)
+        got_p = pat.decode(q, kp, vp, cache_seqlens=lengths, block_table=table, backend="triton")
+        torch.testing.assert_close(got_p.double(), want, **tol)
+
+
+@interpreted
+def test_split_kv_kernel_declines_with_a_reason():
+    q, k = rand(1, 2, 1, 8, dtype=torch.float32), rand(1, 2, 16, 8, dtype=torch.float32)
+    alibi = example_pattern("alibi", window=8)
+    with pytest.raises(ValueError, match="backend='triton' cannot run this call: score terms are not in the decode kernel yet"):
+        alibi.decode(q, k, k, backend="triton")
+    torch.testing.assert_close(alibi.decode(q, k, k), alibi.decode(q, k, k, backend="torch"))  # auto on CPU: torch
+    with pytest.raises(ValueError, match="per-head caches .* are read by the torch path"):
+        example_pattern("mistral", window=4).decode(q, [k[:, 0], k[:, 1]], [k[:, 0], k[:, 1]],
+                                                    key_positions=[torch.arange(16)] * 2, cache_seqlens=torch.tensor([16]),
+                                                    backend="triton")
+    with pytest.raises(ValueError, match="backend expected one of 'auto', 'torch', 'triton'"):
+        alibi.decode(q, k, k, backend="flex")
