@@ -291,6 +291,7 @@ class KVCache:
         self.v: list[torch.Tensor] | None = None
         self.pos: list[torch.Tensor] = []  # per key/value head [S_g] absolute positions
         self._evicted_at = 0  # the length at the last eviction
+        self._queried = 0  # positions below this were attended (or declared attended)
 
     def stored(self) -> list[int]:
         """Entries kept per key/value head."""
@@ -310,12 +311,13 @@ class KVCache:
         else:
             if k.shape[0] != self.k[0].shape[0] or k.shape[-1] != self.k[0].shape[-1]:
                 raise ValueError(f"KVCache.update: expected batch {self.k[0].shape[0]} and head dim "
-                                 f"{self.k[0].shape[-1]}, got {tuple(k.shape)}")
+                                 f"{self.k[0].shape[-1]}, got {tuple(k.shape)}; try a new KVCache for another batch")
             self.k = [torch.cat([self.k[g], k[:, g]], dim=1) for g in range(self.num_kv_heads)]
             self.v = [torch.cat([self.v[g], v[:, g]], dim=1) for g in range(self.num_kv_heads)]
             self.pos = [torch.cat([self.pos[g], new_pos]) for g in range(self.num_kv_heads)]
         self.length += t
         if attended:
+            self._queried = self.length
             self._maybe_evict()
 
     def _maybe_evict(self) -> None:
@@ -338,10 +340,21 @@ class KVCache:
     def attend(self, q: torch.Tensor, *, scale: float | None = None, return_lse: bool = False, **tables):
         if self.k is None:
             raise ValueError("KVCache.attend: the cache is empty; call update(k, v) with the new tokens first")
+        if not isinstance(q, torch.Tensor) or q.dim() != 4 or q.shape[1] != self.num_heads \
+                or q.shape[0] != self.k[0].shape[0]:
+            got = tuple(q.shape) if isinstance(q, torch.Tensor) else type(q).__name__
+            raise ValueError(f"KVCache.attend: expected q of shape [{self.k[0].shape[0]}, {self.num_heads}, m, D] "
+                             f"(the cache's batch and query heads), got {got}; try the new tokens' queries")
+        m = q.shape[2]
+        if m > self.length - self._queried:
+            raise ValueError(f"KVCache.attend: expected at most the {self.length - self._queried} token(s) added since "
+                             f"the last attend, got m = {m}; try attending each token once, right after its update "
+                             f"(earlier positions may have lost keys to eviction)")
         B = q.shape[0]
         out = self.pattern.decode(q, self.k, self.v, key_positions=self.pos,
                                   cache_seqlens=torch.full((B,), self.length), scale=scale, return_lse=return_lse,
                                   **tables)
+        self._queried = self.length
         self._maybe_evict()  # the newest tokens are queried now
         return out
 

@@ -45,7 +45,7 @@ def _decode_split(Q, K, V, Out, Lse, sm_scale, Lens, Tiles, BlockTable,
                   stride_kb, stride_kh, stride_kn, stride_kd,
                   stride_vb, stride_vh, stride_vn, stride_vd,
                   n_tiles, per_split, bt_stride, page_size,
-$params                  HQ: tl.constexpr, HKV: tl.constexpr, MQ: tl.constexpr, NSPLIT: tl.constexpr,
+$params                  HQ: tl.constexpr, HKV: tl.constexpr, MQ: tl.constexpr, M_IS_N: tl.constexpr, NSPLIT: tl.constexpr,
                   D: tl.constexpr, DV: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
                   BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, PAGED: tl.constexpr, DOT_PRECISION: tl.constexpr):
     tl.static_assert(BLOCK_R >= 16 and BLOCK_N >= 16, "tl.dot needs tiles of at least 16")
@@ -85,7 +85,11 @@ $params                  HQ: tl.constexpr, HKV: tl.constexpr, MQ: tl.constexpr, 
         kT = tl.load(K + kaddr[None, :] + offs_d[:, None] * stride_kd,
                      mask=inside[None, :] & (offs_d[:, None] < D), other=0.0)
         qk = tl.dot(q, kT, input_precision=DOT_PRECISION) * qk_scale
-        keep = _mask(row[:, None], tl.minimum(tl.maximum(cols, 0), L - 1)[None, :], head[:, None], b, MQ, L$mask_args)
+        if M_IS_N:  # the pattern reads M: its rows as the last MQ of the whole sequence (M = N = L)
+            keep = _mask((row + L - MQ)[:, None], tl.minimum(tl.maximum(cols, 0), L - 1)[None, :], head[:, None], b,
+                         L, L$mask_args)
+        else:
+            keep = _mask(row[:, None], tl.minimum(tl.maximum(cols, 0), L - 1)[None, :], head[:, None], b, MQ, L$mask_args)
         qk = tl.where(keep & inside[None, :] & live[:, None], qk, float("-inf"))
         m_ij = tl.maximum(m_i, tl.max(qk, 1))
         m_sub = tl.where(m_ij == float("-inf"), 0.0, m_ij)

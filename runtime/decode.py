@@ -21,6 +21,7 @@ queries (O(m * length) booleans, no plan).
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 
 import torch
@@ -124,18 +125,36 @@ def check_decode_args(pat, q, k_cache, v_cache, cache_seqlens, block_table, key_
         lengths = [int(x) for x in t.tolist()]
     for b, L in enumerate(lengths):
         if L < m or (layout != "per-head" and L > S):
-            raise _expected(f"decode: cache_seqlens[{b}] must lie in [m, S] = [{m}, {S}] (the cache holds the new "
-                            f"tokens too)", L, "append the new keys to the cache before attending")
+            bound = f"in [m, S] = [{m}, {S}]" if layout != "per-head" else f"at least m = {m}"
+            raise _expected(f"decode: cache_seqlens[{b}] must be {bound} (the cache holds the new tokens too)", L,
+                            "append the new keys to the cache before attending")
+    if pat.ir.score is not None and pat.ir.score.tables and len(set(lengths)) > 1:
+        shapes = {pat.table_shapes(*_sizes(pat, m, L)[:1], L, Hq, None).__repr__() for L in set(lengths)}
+        if len(shapes) > 1:
+            raise _expected("decode: the score term's tables change shape with the length, so a ragged batch has no "
+                            "one table", f"lengths {sorted(set(lengths))}", "decoding sequences of equal length together")
     return B, Hq, Hkv, m, D, Dv, lengths, layout
 
 
-def _rows(pat, m: int, L: int, H: int):
-    """(lo, hi) int64 [Hx, m, R]: each query row's allowed key intervals at (m, L), or None
-    when the pattern has no interval form (then `_dense_rows`)."""
-    from attnc.analysis import NotIntervals, _interval_sets
+def _sizes(pat, m: int, L: int) -> tuple[int, int]:
+    """(M, first query row) at which a sequence of length L evaluates its newest m rows: the
+    op's last m rows of the whole sequence (M = N = L). A pattern that never reads M gives the
+    same rows at (m, L), which is cheaper to lower."""
+    if re.search(r"\bM\b", ir.pattern_text(pat.ir)):
+        return L, L - m
+    return m, 0
 
+
+def _rows(pat, m: int, L: int, H: int):
+    """(lo, hi) int64 [Hx, m, R]: the newest m rows' allowed key intervals (see `_sizes`), or
+    None when the pattern has no interval form (then the reference rows)."""
+    from attnc.analysis import IntervalAnalysis, NotIntervals, merge
+    from attnc.reference import top_view
+
+    Mq, row0 = _sizes(pat, m, L)
     try:
-        iset, _ = _interval_sets(pat.ir, m, L, H, None)
+        view = top_view(pat.ir, Mq, L, H, None, {}, rows=(row0, row0 + m))
+        iset = merge(IntervalAnalysis(pat.ir).eval(pat.ir.body, view))
     except NotIntervals:
         return None
     return iset.lo, iset.hi
@@ -179,13 +198,14 @@ def decode(pat, q: Tensor, k_cache, v_cache, *, cache_seqlens=None, block_table=
     pat.check_input_names(tables, tables=True)
     for b, L in enumerate(lengths):
         rows = _rows(pat, m, L, Hq)
-        dense = pat.mask_rows(m, L, Hq, None, 0, m) if rows is None else None  # [H | 1, m, L]
+        Mq, row0 = _sizes(pat, m, L)
+        dense = pat.mask_rows(Mq, L, Hq, None, row0, row0 + m) if rows is None else None  # [H | 1, m, L]
         score = None
         if pat.ir.score is not None:
             from attnc.codegen.score import score_fn
             from .ops import check_tables
-            check_tables(pat, tables, m, L, Hq, None, q.device)
-            score = score_fn(pat.ir, m, L, Hq, None)
+            check_tables(pat, tables, Mq, L, Hq, None, q.device)
+            score = (score_fn(pat.ir, Mq, L, Hq, None), row0)
         for g in range(Hkv):
             heads = slice(g * G, (g + 1) * G)
             cache = _cache_of(layout, k_cache, v_cache, block_table, key_positions, b, g, L)
@@ -212,7 +232,19 @@ def _cache_of(layout, k_cache, v_cache, block_table, key_positions, b: int, g: i
         P = k_cache.shape[2]
         return _Cache(k_cache[:, g], v_cache[:, g], None, block_table[b, : -(-L // P)].long())
     p = key_positions[g]
-    return _Cache(k_cache[g][b], v_cache[g][b], (p[b] if p.dim() == 2 else p).long())
+    return _Cache(k_cache[g][b], v_cache[g][b], _searchable((p[b] if p.dim() == 2 else p).long(), g))
+
+
+def _searchable(pos: Tensor, g: int) -> Tensor:
+    """Positions as `_slots` searches them: ascending, empty slots (-1) sorting outside every
+    segment -- before the valid ones as they are, after them as a large number."""
+    if pos.numel() < 2 or bool((pos[1:] >= pos[:-1]).all()):
+        return pos
+    big = torch.where(pos < 0, torch.iinfo(torch.int64).max, pos)
+    if bool((big[1:] >= big[:-1]).all()):
+        return big
+    raise _expected(f"decode: key_positions[{g}] must be ascending, with empty slots (-1) only at the start or the end",
+                    pos[:8].tolist(), "the layout attnc.nn.KVCache keeps (sorted positions)")
 
 
 def _slots(cache: _Cache, a: int, e: int) -> tuple[int, int, Tensor]:
@@ -229,10 +261,11 @@ def _slots(cache: _Cache, a: int, e: int) -> tuple[int, int, Tensor]:
 def _apply(s: Tensor, allowed: Tensor | None, keypos: Tensor, score, tables, heads: slice, m: int, acc):
     """The logits of one segment: [G, m, len], score term and mask applied."""
     if score is not None:
+        fn, row0 = score
         h = torch.arange(heads.start, heads.stop, device=s.device).view(-1, 1, 1)
-        rows = torch.arange(m, device=s.device).view(1, -1, 1)
+        rows = (torch.arange(m, device=s.device) + row0).view(1, -1, 1)
         tabs = {n: t.detach().to(device=s.device, dtype=acc) for n, t in tables.items()}
-        s = score(s, rows, keypos.view(1, 1, -1), h, tabs)
+        s = fn(s, rows, keypos.view(1, 1, -1).clamp(min=0), h, tabs)
     if allowed is not None:
         s = s.masked_fill(~allowed, float("-inf"))
     return s
@@ -281,6 +314,9 @@ def _attend_segments(qh, cache: _Cache, lo, hi, L, scale, score, tables, heads, 
 def _attend_dense(qh, cache: _Cache, allowed_rows, L, scale, score, tables, heads, m, acc):
     """Patterns without interval sets: the reference rows of the m queries, every cached key."""
     kseg, vseg, keypos = cache.segment(0, L)
+    if keypos.numel() == 0:
+        return torch.zeros(qh.shape[0], m, cache.dv, dtype=acc, device=qh.device), \
+            torch.full((qh.shape[0], m), float("-inf"), dtype=acc, device=qh.device)
     s = (qh @ kseg.to(acc).transpose(-1, -2)) * scale
     valid = keypos >= 0
     allowed = allowed_rows.to(qh.device)[..., keypos.clamp(min=0)] & valid.view(1, 1, -1)
@@ -345,7 +381,7 @@ def _decode_triton(pat, q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table
     device = q.device
     groups: dict[str, tuple[object, list[int]]] = {}  # module text -> (lowering, batch elements)
     for b, L in enumerate(lengths):
-        low = lower(pat.ir, m, L, Hq, None, sources=pat.program.sources)
+        low = lower(pat.ir, *_sizes(pat, m, L)[:1], L, Hq, None, sources=pat.program.sources)
         text = decode_source(low)
         groups.setdefault(text, (low, []))[1].append(b)
     tiles = [_tile_list(pat, m, L, Hq) for L in lengths]
@@ -379,7 +415,7 @@ def _decode_triton(pat, q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table
             qs, ks, vs, o, ls, scale, sub(lens), sub(table).contiguous(), sub(bt).contiguous() if paged else bt,
             *qs.stride(), *ks.stride(), *vs.stride(),
             n_tiles, per_split, bt.shape[-1] if paged else 0, page_size, *statics,
-            HQ=Hq, HKV=Hkv, MQ=m, NSPLIT=nsplit, D=D, DV=Dv, BLOCK_R=max(16, _next_pow2((Hq // Hkv) * m)),
+            HQ=Hq, HKV=Hkv, MQ=m, M_IS_N=_sizes(pat, m, m + 1)[0] != m, NSPLIT=nsplit, D=D, DV=Dv, BLOCK_R=max(16, _next_pow2((Hq // Hkv) * m)),
             BLOCK_N=BLOCK_N, BLOCK_D=max(16, _next_pow2(D)), BLOCK_DV=max(16, _next_pow2(Dv)), PAGED=paged,
             DOT_PRECISION=precision, num_warps=4)
         out_s[sel], lse_s[sel] = o, ls

@@ -109,7 +109,7 @@ def test_decode_says_expected_got_try():
     pat = example_pattern("mistral", window=8)
     q, k = rand(2, 4, 1, 8), rand(2, 2, 16, 8)
     cases = [
-        (lambda: pat.decode(q, k, k, cache_seqlens=torch.tensor([16, 17])), "cache_seqlens[1] must lie in [m, S] = [1, 16]"),
+        (lambda: pat.decode(q, k, k, cache_seqlens=torch.tensor([16, 17])), "cache_seqlens[1] must be in [m, S] = [1, 16]"),
         (lambda: pat.decode(q, k, k, cache_seqlens=torch.tensor([16])), "cache_seqlens must be an integer tensor [B] = [2]"),
         (lambda: pat.decode(q[0], k, k), "q must be [B, Hq, m, D]"),
         (lambda: pat.decode(rand(2, 3, 1, 8), k, k), "Hq must be a multiple of Hkv"),
@@ -266,3 +266,69 @@ def test_split_kv_kernel_declines_with_a_reason():
                                                     backend="triton")
     with pytest.raises(ValueError, match="backend expected one of 'auto', 'torch', 'triton'"):
         alibi.decode(q, k, k, backend="flex")
+
+
+# ----------------------------------------------------------------------------- review regressions
+
+
+@pytest.mark.parametrize("src", ["pattern p = rows({M - 1}) | sliding(2)", "pattern p = sliding(M // 4 + 1)"])
+def test_patterns_reading_m_decode_as_the_last_rows_of_the_whole_sequence(src):
+    """Was: decode evaluated them at M = m, unlike the op over the sequence."""
+    pat = attnc.loads(src).pattern()
+    k, v = rand(2, 1, 30, 4, seed=1), rand(2, 1, 30, 4, seed=2)
+    lengths = [30, 19]
+    for m in (1, 3):
+        q = rand(2, 2, m, 4, seed=3)
+        want, _ = op_rows(pat, q, k, v, lengths)
+        torch.testing.assert_close(pat.decode(q, k, v, cache_seqlens=torch.tensor(lengths)), want)
+        if os.environ.get("TRITON_INTERPRET") == "1":
+            got = pat.decode(q.float(), k.float(), v.float(), cache_seqlens=torch.tensor(lengths), backend="triton")
+            torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
+
+
+def test_per_head_positions_may_pad_at_either_end():
+    """Was: -1 slots after the valid ones (the natural ragged layout) gave 0 and lse -inf."""
+    pat = attnc.loads("pattern p = sliding(2)").pattern()
+    k = v = rand(2, 10, 4, seed=1)
+    q = rand(2, 1, 1, 4, seed=2)
+    lengths = torch.tensor([10, 2])
+    want = pat.decode(q, k[:, None], v[:, None], cache_seqlens=lengths)
+    end = torch.tensor([list(range(10)), [0, 1] + [-1] * 8])
+    start = torch.tensor([list(range(10)), [-1] * 8 + [0, 1]])
+    k_start = k.clone()
+    k_start[1, 8:] = k[1, :2]
+    for pos, kk in ((end, k), (start, k_start)):
+        out, lse = pat.decode(q, [kk], [kk], key_positions=[pos], cache_seqlens=lengths, return_lse=True)
+        torch.testing.assert_close(out, want)
+        assert torch.isfinite(lse).all()
+    with pytest.raises(ValueError, match=r"key_positions\[0\] must be ascending"):
+        pat.decode(q, [k], [v], key_positions=[torch.tensor([3, 1] + list(range(2, 10)))], cache_seqlens=lengths)
+
+
+def test_dense_fallback_with_nothing_stored_is_empty_not_a_crash():
+    pat = attnc.loads("pattern p = where k == q - 100").pattern()
+    out, lse = pat.decode(rand(1, 1, 1, 4), [rand(1, 0, 4)], [rand(1, 0, 4)], key_positions=[torch.zeros(0, dtype=torch.int64)],
+                          cache_seqlens=torch.tensor([5]), return_lse=True)
+    assert torch.equal(out, torch.zeros_like(out)) and torch.isneginf(lse).all()
+
+
+def test_ragged_decoding_with_length_shaped_tables_is_refused_clearly():
+    pat = attnc.loads("pattern p(t: table(H, N)) = sliding(4) score score + t[h, k]").pattern()
+    k = rand(2, 1, 12, 4)
+    with pytest.raises(ValueError, match="the score term's tables change shape with the length"):
+        pat.decode(rand(2, 1, 1, 4), k, k, cache_seqlens=torch.tensor([12, 7]), t=torch.zeros(1, 12))
+
+
+def test_cache_refuses_other_heads_and_requeried_positions():
+    pat = attnc.loads("pattern p = heads { 0 .. 2 => sliding(2); _ => causal }").pattern()
+    cache = attnc.nn.KVCache(pat, num_heads=2, num_kv_heads=1, slack=1)
+    kk = rand(1, 1, 7, 4)
+    cache.update(kk[:, :, :6], kk[:, :, :6], attended=True)
+    cache.update(kk[:, :, 6:], kk[:, :, 6:])
+    with pytest.raises(ValueError, match=r"expected q of shape \[1, 2, m, D\]"):
+        cache.attend(rand(1, 4, 1, 4))
+    with pytest.raises(ValueError, match="expected at most the 1 token"):
+        cache.attend(rand(1, 2, 2, 4))
+    cache.attend(rand(1, 2, 1, 4))
+    with pytest.raises(ValueError, match="expected at most the 0 token"):
+        cache.attend(rand(1, 2, 1, 4))
