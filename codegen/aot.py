@@ -687,10 +687,11 @@ def ci_jobs(examples_dir) -> list[Job]:
     for file, kw, target, dtype, D in rows:
         size = {"grid": (32, 32)} if file in ("natten2d.attn", "nat_rpb.attn") else {"M": 2048}
         out.append(example_job(d / file, heads=10, target=target, dtype=dtype, D=D, **size, **kw))
-    # the split-KV decode kernel (runtime/decode.py): a window with sinks, 8 query / 2 key-value heads
-    for target, dtype, D in (("sm_90", "bf16", 128), ("sm_80", "fp16", 64)):
-        out.append(example_job(d / "streaming_llm.attn", heads=8, target=target, dtype=dtype, D=D, M=32768,
-                               passes="decode", label="streaming_llm decode"))
+    # the split-KV decode kernel (runtime/decode.py), 8 query / 2 key-value heads: a window with sinks,
+    # and Gemma 2's soft-capped window (a score term)
+    for file, target, dtype, D in (("streaming_llm.attn", "sm_90", "bf16", 128), ("gemma2.attn", "sm_80", "fp16", 64)):
+        out.append(example_job(d / file, heads=8, target=target, dtype=dtype, D=D, M=32768, passes="decode",
+                               label="decode"))
     return out
 
 

@@ -5,7 +5,7 @@ output: Triton source of `_decode_split` (one program per (sequence, key/value h
         the GQA group's m query rows against its share of the key tiles the host listed)
         plus the pattern's `_mask`; partial results are merged by their lse on the host.
 does not: choose key tiles (runtime/decode.py lists them from the pattern's interval sets,
-        no plan), or handle score terms (declined: the torch decode path runs them).
+        no plan).
 
 [Note: split-KV] Decoding has too few queries to fill a GPU with one program per query
 tile, so the key range is split: program (b * Hkv + g, s) walks tiles s * per_split ..
@@ -37,7 +37,7 @@ LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
 
 
-$mask_source
+$mask_source$score_source
 
 @triton.jit(do_not_specialize=["n_tiles", "per_split", "bt_stride", "page_size"])
 def _decode_split(Q, K, V, Out, Lse, sm_scale, Lens, Tiles, BlockTable,
@@ -84,7 +84,7 @@ $params                  HQ: tl.constexpr, HKV: tl.constexpr, MQ: tl.constexpr, 
             vaddr = b * stride_vb + g * stride_vh + cols.to(tl.int64) * stride_vn
         kT = tl.load(K + kaddr[None, :] + offs_d[:, None] * stride_kd,
                      mask=inside[None, :] & (offs_d[:, None] < D), other=0.0)
-        qk = tl.dot(q, kT, input_precision=DOT_PRECISION) * qk_scale
+        qk = tl.dot(q, kT, input_precision=DOT_PRECISION) * qk_scale$score_line
         if M_IS_N:  # the pattern reads M: its rows as the last MQ of the whole sequence (M = N = L)
             keep = _mask((row + L - MQ)[:, None], tl.minimum(tl.maximum(cols, 0), L - 1)[None, :], head[:, None], b,
                          L, L$mask_args)
@@ -112,16 +112,26 @@ $params                  HQ: tl.constexpr, HKV: tl.constexpr, MQ: tl.constexpr, 
 ''')
 
 
-def decode_source(low: Lowered) -> str:
-    """The decode module for a pattern lowered at (M = m, N = a sequence's length)."""
+def decode_source(low: Lowered, score=None) -> str:
+    """The decode module for a pattern lowered at (M, N = a sequence's length); `score`: its
+    score term at the same sizes (codegen/score.ScoreFn), printed as in the attention kernels."""
     from attnc import __version__
+
+    from .score import score_arg, triton_score_source
 
     sizes = mask_size_args(low)[2:]  # grid axes: none on a sequence
     mask_args = "".join(f", {s}" for s in sizes) + "".join(f", {_table_arg(t.name)}" for t in low.tables)
-    params = ", ".join(list(sizes) + [_table_arg(t.name) for t in low.tables])
+    tabs = [score_arg(n) for n, _ in score.tables] if score is not None else []
+    params = ", ".join(list(sizes) + [_table_arg(t.name) for t in low.tables] + tabs)
+    mask_source = TritonPrinter(low).source().rstrip("\n") + "\n"
+    score_source = score_line = ""
+    if score is not None:
+        score_source = "\n" + triton_score_source(score, low, mask_source).rstrip("\n") + "\n"
+        targs = "".join(f", {t}" for t in tabs)
+        score_line = ("\n        qrow = row + L - MQ if M_IS_N else row"
+                      "\n        qk = _score(qk * LN2, qrow[:, None], tl.minimum(tl.maximum(cols, 0), L - 1)[None, :], "
+                      f"head[:, None], L if M_IS_N else MQ, L{''.join(f', {s}' for s in sizes)}{targs}) * LOG2E  # the score term")
     return _MODULE.substitute(
-        version=__version__, pattern=low.text,
-        mask_source=TritonPrinter(low).source().rstrip("\n") + "\n",
-        params=" " * 18 + params + ",\n" if params else "",
-        mask_args=mask_args,
+        version=__version__, pattern=low.text, mask_source=mask_source, score_source=score_source,
+        score_line=score_line, params=" " * 18 + params + ",\n" if params else "", mask_args=mask_args,
     )

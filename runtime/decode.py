@@ -187,7 +187,7 @@ def decode(pat, q: Tensor, k_cache, v_cache, *, cache_seqlens=None, block_table=
     if backend != "torch":
         reason = _triton_reason(pat, q, layout, Dv, D)
         if reason is None and (backend == "triton" or q.is_cuda):
-            out, lse = _decode_triton(pat, q, k_cache, v_cache, block_table, lengths, scale)
+            out, lse = _decode_triton(pat, q, k_cache, v_cache, block_table, lengths, scale, tables)
             return (out, lse) if return_lse else out
         if backend == "triton":
             raise ValueError(f"decode: backend='triton' cannot run this call: {reason}; try backend='torch'")
@@ -345,8 +345,6 @@ def _triton_reason(pat, q: Tensor, layout: str, Dv: int, D: int) -> str | None:
         return "the kernels compute in float16 / bfloat16 / float32, got float64"
     if layout == "per-head":
         return "per-head caches (attnc.nn.KVCache after eviction) are read by the torch path"
-    if pat.ir.score is not None:
-        return "score terms are not in the decode kernel yet"
     if max(D, Dv) > MAX_HEAD_DIM:
         return f"head dims up to {MAX_HEAD_DIM}, got D={D}, Dv={Dv}"
     return None
@@ -370,7 +368,8 @@ def _tile_list(pat, m: int, L: int, H: int) -> list[int]:
     return sorted(tiles)
 
 
-def _decode_triton(pat, q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table, lengths: list[int], scale: float):
+def _decode_triton(pat, q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table, lengths: list[int], scale: float,
+                   tables: dict | None = None):
     from attnc.codegen import cache
     from attnc.codegen.decode_kernel import decode_source
     from attnc.codegen.pointwise import lower
@@ -380,10 +379,23 @@ def _decode_triton(pat, q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table
     Hkv, Dv = k_cache.shape[1], v_cache.shape[-1]
     device = q.device
     groups: dict[str, tuple[object, list[int]]] = {}  # module text -> (lowering, batch elements)
+    tables = dict(tables or {})
+    pat.check_input_names(tables, tables=True)
+    score_tables = []
     for b, L in enumerate(lengths):
-        low = lower(pat.ir, *_sizes(pat, m, L)[:1], L, Hq, None, sources=pat.program.sources)
-        text = decode_source(low)
+        Mq = _sizes(pat, m, L)[0]
+        low = lower(pat.ir, Mq, L, Hq, None, sources=pat.program.sources)
+        score = None
+        if pat.ir.score is not None:
+            from attnc.codegen.score import score_fn
+            from .ops import check_tables
+            check_tables(pat, tables, Mq, L, Hq, None, q.device)
+            score = score_fn(pat.ir, Mq, L, Hq, None)
+        text = decode_source(low, score)
         groups.setdefault(text, (low, []))[1].append(b)
+    if pat.ir.score is not None:
+        score_tables = [t.detach().to(device=device, dtype=torch.float32).contiguous().view(-1)
+                        for t in (tables[spec.name] for spec in pat.ir.score.tables)]
     tiles = [_tile_list(pat, m, L, Hq) for L in lengths]
     n_tiles = max(1, max(len(t) for t in tiles))
     table = torch.full((B, n_tiles), -1, dtype=torch.int32)
@@ -414,7 +426,7 @@ def _decode_triton(pat, q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table
         module._decode_split[(len(members) * Hkv, nsplit)](
             qs, ks, vs, o, ls, scale, sub(lens), sub(table).contiguous(), sub(bt).contiguous() if paged else bt,
             *qs.stride(), *ks.stride(), *vs.stride(),
-            n_tiles, per_split, bt.shape[-1] if paged else 0, page_size, *statics,
+            n_tiles, per_split, bt.shape[-1] if paged else 0, page_size, *statics, *score_tables,
             HQ=Hq, HKV=Hkv, MQ=m, M_IS_N=_sizes(pat, m, m + 1)[0] != m, NSPLIT=nsplit, D=D, DV=Dv, BLOCK_R=max(16, _next_pow2((Hq // Hkv) * m)),
             BLOCK_N=BLOCK_N, BLOCK_D=max(16, _next_pow2(D)), BLOCK_DV=max(16, _next_pow2(Dv)), PAGED=paged,
             DOT_PRECISION=precision, num_warps=4)

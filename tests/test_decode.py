@@ -224,6 +224,7 @@ interpreted = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
 
 KERNEL_CASES = [
     "pattern p = sliding(40) | (sink(3) & causal)",
+    "pattern p = sliding(40) | (sink(3) & causal) score 5 * tanh(score / 5) - 2 ** (-8 * (h + 1) / H) * (q - k)",
     "pattern p = heads { {0, 3} => causal; _ => sliding(30) | (sink(2) & causal) }",
     "pattern p = causal & where (q - k) % 3 == 0 | sink(1)",  # no interval form: every tile, masked
     "pattern p = blockwise(8, band(1, 1) | global({0}) | random(2))",  # tables in _mask
@@ -257,8 +258,8 @@ def test_split_kv_kernel_equals_the_torch_decode(src, dtype):
 def test_split_kv_kernel_declines_with_a_reason():
     q, k = rand(1, 2, 1, 8, dtype=torch.float32), rand(1, 2, 16, 8, dtype=torch.float32)
     alibi = example_pattern("alibi", window=8)
-    with pytest.raises(ValueError, match="backend='triton' cannot run this call: score terms are not in the decode kernel yet"):
-        alibi.decode(q, k, k, backend="triton")
+    with pytest.raises(ValueError, match="backend='triton' cannot run this call: the kernels compute in float16"):
+        alibi.decode(q.double(), k.double(), k.double(), backend="triton")
     torch.testing.assert_close(alibi.decode(q, k, k), alibi.decode(q, k, k, backend="torch"))  # auto on CPU: torch
     with pytest.raises(ValueError, match="per-head caches .* are read by the torch path"):
         example_pattern("mistral", window=4).decode(q, [k[:, 0], k[:, 1]], [k[:, 0], k[:, 1]],
@@ -332,3 +333,16 @@ def test_cache_refuses_other_heads_and_requeried_positions():
     cache.attend(rand(1, 2, 1, 4))
     with pytest.raises(ValueError, match="expected at most the 0 token"):
         cache.attend(rand(1, 2, 1, 4))
+
+
+@interpreted
+def test_split_kv_kernel_reads_score_tables():
+    pat = attnc.load(EXAMPLES / "alibi.attn").pattern("alibi_slopes", window=50)
+    B, Hq, Hkv, D = 2, 4, 2, 16
+    k, v = rand(B, Hkv, 120, D, seed=1, dtype=torch.float32), rand(B, Hkv, 120, D, seed=2, dtype=torch.float32)
+    q = rand(B, Hq, 2, D, seed=3, dtype=torch.float32)
+    slopes = torch.tensor([0.5, 0.25, 0.125, 0.0625])
+    lengths = torch.tensor([120, 77])
+    want = pat.decode(q, k, v, cache_seqlens=lengths, backend="torch", slopes=slopes)
+    got = pat.decode(q, k, v, cache_seqlens=lengths, backend="triton", slopes=slopes)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
