@@ -458,10 +458,18 @@ def hf_attention(pattern: BoundPattern, *, backend: str = "auto"):
         inputs = {n: kwargs[n] for n in names if n in kwargs}
         valid = hf_key_validity(attention_mask, query.shape[0], key.shape[2])
         m, n = query.shape[2], key.shape[2]
-        if valid is None and decodable and m <= DECODE_MAX_QUERIES and m < n and backend in ("auto", "torch") \
-                and not (torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))):
+        decoding = (decodable and m <= DECODE_MAX_QUERIES and m < n and backend in ("auto", "torch")
+                    and not (torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))))
+        if decoding and valid is None:
             # generation with a cache: the newest tokens against the whole cache, no plan per length
             out = pattern.decode(query, key, value, scale=scaling, **inputs)
+        elif decoding and bool((valid[:, 1:] >= valid[:, :-1]).all()):
+            # left padding: the padded slots get no position, the real keys keep their cache index
+            pos = torch.where(valid, torch.arange(n, device=valid.device), -1)
+            Hkv = key.shape[1]
+            out = pattern.decode(query, [key[:, g] for g in range(Hkv)], [value[:, g] for g in range(Hkv)],
+                                 key_positions=[pos] * Hkv, cache_seqlens=torch.full((query.shape[0],), n),
+                                 scale=scaling, **inputs)
         elif valid is None:
             out = pattern(query, key, value, scale=scaling, backend=backend, **inputs)
         else:

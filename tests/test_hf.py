@@ -76,6 +76,25 @@ def test_cached_generation_of_a_left_padded_batch_matches_sdpa():
     assert max((a - b).abs().max().item() for a, b in zip(got.logits, want.logits)) < 1e-4
 
 
+def test_cached_generation_of_a_left_padded_batch_decodes_with_empty_slots(monkeypatch):
+    """A causal Llama keeps every key: its cached steps decode with the padded slots as
+    empty positions (-1), and tokens and logits equal sdpa's."""
+    from attnc.runtime import decode as decode_module
+
+    calls = []
+    real = decode_module.decode
+    monkeypatch.setattr(decode_module, "decode", lambda *a, **kw: calls.append(kw.get("key_positions")) or real(*a, **kw))
+    ref, ours = _pair(LlamaForCausalLM, LlamaConfig(**TINY), "pattern p = causal", "attnc_test_generate_pad", "auto")
+    ids, mask = _left_padded()
+    kw = dict(attention_mask=mask, max_new_tokens=5, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    with torch.no_grad():
+        want = ref.generate(input_ids=ids, **kw)
+        got = ours.generate(input_ids=ids, **kw)
+    assert torch.equal(got.sequences, want.sequences)
+    assert max((a - b).abs().max().item() for a, b in zip(got.logits, want.logits)) < 1e-4
+    assert len(calls) == 4 * 2 and all(p is not None and bool((p[0] < 0).any()) for p in calls)
+
+
 def test_cached_generation_without_padding_decodes_and_matches_sdpa(monkeypatch):
     """Generation with a cache and no padding runs pat.decode for the new tokens (no plan per
     length); tokens and logits equal sdpa's with the model's own sliding window."""
