@@ -38,6 +38,7 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=7)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--generate", type=int, default=131072, help="tokens of the KVCache memory run")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -95,7 +96,28 @@ def main() -> None:
             fc = f"{first[n]:.1f}" if n in first else ""
             kept = str(stored) if "KVCache" in n else (str(N) if n != "dense SDPA, whole cache" else str(N))
             lines.append(f"| {N} | {n} | {c:.2f} ({w:.2f}) | **{sd / c:.1f}x** | {fc} | {kept} |")
+    lines += ["", generation_memory(pat, Hq, Hkv, D, args.generate)]
     emit("\n".join(lines), args.out)
+
+
+def generation_memory(pat, Hq: int, Hkv: int, D: int, total: int) -> str:
+    """KVCache memory over a long generation: `total` tokens appended 256 at a time (each
+    block attended by its newest token), with eviction and without."""
+    rows = ["| tokens generated | kept per KV head (evicting) | cache bytes (evicting) | cache bytes (keeping all) |",
+            "|---|---|---|---|"]
+    cache = attnc.nn.KVCache(pat, num_heads=Hq, num_kv_heads=Hkv)
+    g = torch.Generator().manual_seed(0)
+    step = 256
+    checkpoints = {total // 8, total // 2, total}
+    for t in range(step, total + 1, step):
+        k = torch.randn(1, Hkv, step, D, generator=g)
+        cache.update(k, k, attended=True)
+        if t in checkpoints:
+            kept = cache.stored()
+            used = sum(x.numel() * x.element_size() for x in cache.k + cache.v)
+            full = 2 * t * Hkv * D * 4
+            rows.append(f"| {t} | {kept} | {used / 2**20:.1f} MiB | {full / 2**20:.1f} MiB |")
+    return "\n".join([f"KVCache over a generation (B = 1, fp32, {Hkv} KV heads, D = {D}, slack 256):", "", *rows])
 
 
 if __name__ == "__main__":
