@@ -328,25 +328,13 @@ def _attend_dense(qh, cache: _Cache, allowed_rows, L, scale, score, tables, head
 
 def _triton_reason(pat, q: Tensor, layout: str, Dv: int, D: int) -> str | None:
     """None when the split-KV kernel can decode this call, else why not."""
-    from .triton_backend import MAX_HEAD_DIM, _interpreter_reason, _triton_missing
+    from .triton_backend import device_reason
 
-    missing = _triton_missing()
-    if missing:
-        return missing
-    if q.device.type == "cpu":
-        reason = _interpreter_reason()
-        if reason:
-            return reason
-        if q.dtype == torch.bfloat16:
-            return "the Triton interpreter has no bfloat16"
-    elif q.device.type != "cuda":
-        return f"the kernels run on CUDA or in the CPU interpreter, not on {q.device.type}"
-    if q.dtype == torch.float64:
-        return "the kernels compute in float16 / bfloat16 / float32, got float64"
+    reason = device_reason(q, D, Dv)
+    if reason:
+        return reason.removesuffix("; try backend='torch'").removesuffix(": try backend='torch'")
     if layout == "per-head":
         return "per-head caches (attnc.nn.KVCache after eviction) are read by the torch path"
-    if max(D, Dv) > MAX_HEAD_DIM:
-        return f"head dims up to {MAX_HEAD_DIM}, got D={D}, Dv={Dv}"
     return None
 
 

@@ -151,22 +151,9 @@ class TritonBackend(Backend):
 
     # -- the contract
     def can_run(self, call: Call, q: torch.Tensor) -> str | None:
-        missing = _triton_missing()
-        if missing:
-            return missing
-        if q.device.type == "cpu":
-            reason = _interpreter_reason()
-            if reason:
-                return reason
-        if q.device.type not in ("cpu", "cuda"):
-            return f"the Triton kernels run on CUDA (or the CPU interpreter), not on {q.device.type}; try backend='torch'"
-        if q.device.type == "cpu" and q.dtype == torch.bfloat16:
-            return ("Triton's interpreter cannot multiply bfloat16 tiles (numpy has no bfloat16: tl.dot sees raw "
-                    "16-bit integers); bfloat16 runs on a GPU. On the CPU try float16 / float32 or backend='torch'")
-        if q.dtype == torch.float64:
-            return "the Triton kernels compute in float16 / bfloat16 / float32; got float64: try backend='torch'"
-        if max(call.D, call.Dv) > MAX_HEAD_DIM:
-            return f"the Triton kernels support head dims up to {MAX_HEAD_DIM}, got D={call.D}, Dv={call.Dv}; try backend='torch'"
+        reason = device_reason(q, call.D, call.Dv)
+        if reason:
+            return reason
         try:
             config = self.call_config(call)
         except ValueError as exc:
@@ -451,6 +438,28 @@ class TritonBackend(Backend):
             best = min(times, key=times.get) if times else base
             self._tuned[memo] = best
         return best
+
+
+def device_reason(q: torch.Tensor, D: int, Dv: int) -> str | None:
+    """Why no generated kernel (attention or decode) can run on tensors like `q` with these
+    head dims, or None: Triton missing, no interpreter on CPU, device, dtype, head dims."""
+    missing = _triton_missing()
+    if missing:
+        return missing
+    if q.device.type == "cpu":
+        reason = _interpreter_reason()
+        if reason:
+            return reason
+    if q.device.type not in ("cpu", "cuda"):
+        return f"the Triton kernels run on CUDA (or the CPU interpreter), not on {q.device.type}; try backend='torch'"
+    if q.device.type == "cpu" and q.dtype == torch.bfloat16:
+        return ("Triton's interpreter cannot multiply bfloat16 tiles (numpy has no bfloat16: tl.dot sees raw "
+                "16-bit integers); bfloat16 runs on a GPU. On the CPU try float16 / float32 or backend='torch'")
+    if q.dtype == torch.float64:
+        return "the Triton kernels compute in float16 / bfloat16 / float32; got float64: try backend='torch'"
+    if max(D, Dv) > MAX_HEAD_DIM:
+        return f"the Triton kernels support head dims up to {MAX_HEAD_DIM}, got D={D}, Dv={Dv}; try backend='torch'"
+    return None
 
 
 def _score_tables(call: Call, device) -> list[torch.Tensor]:

@@ -258,7 +258,7 @@ def test_split_kv_kernel_equals_the_torch_decode(src, dtype):
 def test_split_kv_kernel_declines_with_a_reason():
     q, k = rand(1, 2, 1, 8, dtype=torch.float32), rand(1, 2, 16, 8, dtype=torch.float32)
     alibi = example_pattern("alibi", window=8)
-    with pytest.raises(ValueError, match="backend='triton' cannot run this call: the kernels compute in float16"):
+    with pytest.raises(ValueError, match="backend='triton' cannot run this call: the Triton kernels compute in float16"):
         alibi.decode(q.double(), k.double(), k.double(), backend="triton")
     torch.testing.assert_close(alibi.decode(q, k, k), alibi.decode(q, k, k, backend="torch"))  # auto on CPU: torch
     with pytest.raises(ValueError, match="per-head caches .* are read by the torch path"):
