@@ -222,7 +222,7 @@ def cmd_check(args, out, err) -> int:
                       f" (e.g. head {h}, row {r}): they produce output 0 and lse -inf", file=out)
             if rep.dense:
                 print(f"{pat.ir.span}: warning: pattern '{name}' is fully dense at N = {N}: sparsity buys nothing", file=out)
-            if pat.ir.score is not None and pat.ir.score.tables:
+            if pat.ir.tables:
                 status = max(status, _check_tables(f, name, pat, M, N, H, grid, out, err))
     return status
 
@@ -239,7 +239,7 @@ def _check_tables(f, name, pat, M, N, H, grid, out, err) -> int:
         check_table_indices(call)
     except ValueError as e:
         table = str(e).split("[", 1)[0]
-        spec = next((t for t in pat.ir.score.tables if t.name == table), pat.ir.score.tables[0])
+        spec = next((t for t in pat.ir.tables if t.name == table), pat.ir.tables[0])
         print(f"{spec.span}: error: pattern '{name}': {e}", file=err)
         return 1
     shapes = ", ".join(f"{n}{list(s)}" for n, s in pat.table_shapes(M, N, H, grid).items())

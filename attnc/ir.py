@@ -14,6 +14,8 @@ can keep parameters and sizes symbolic.
 
 from __future__ import annotations
 
+import functools
+import re
 from dataclasses import dataclass, field
 from typing import Iterator, Union
 
@@ -475,6 +477,11 @@ class PatternIR:
     def binding_map(self) -> dict[sympy.Symbol, Int]:
         return dict(self.bindings)
 
+    @property
+    def tables(self) -> tuple["TableSpec", ...]:
+        """The score term's table inputs in declaration order (() without a score term)."""
+        return self.score.tables if self.score is not None else ()
+
 
 # ----------------------------------------------------------------------------- traversal and printing
 
@@ -634,10 +641,17 @@ def pattern_text(p: PatternIR) -> str:
     """Canonical text of a bound pattern: parameters, layout and body."""
     params = ", ".join(f"{s} = {v}" for s, v in p.bindings)
     inputs = ", ".join(f"{i.name}: {i.kind}" + (f"({i.block})" if i.block is not None else "") for i in p.inputs)
-    tables = ", ".join(f"{t.name}: table(" + ", ".join(str(d) for d in t.dims) + ")" for t in (p.score.tables if p.score else ()))
+    tables = ", ".join(f"{t.name}: table(" + ", ".join(str(d) for d in t.dims) + ")" for t in p.tables)
     sig = ", ".join(x for x in (params, inputs, tables) if x)
     score = f" score {pformat(p.score.expr)}" if p.score is not None else ""
     return f"pattern {p.name}({sig}) on {p.layout} = {pformat(p.body)}{score}"
+
+
+@functools.lru_cache(maxsize=256)
+def reads_sizes(p: PatternIR) -> frozenset[str]:
+    """Which of the lengths M and N the pattern's bindings, body or score term mention: such a
+    pattern changes as a sequence grows (decoding and KV retention care)."""
+    return frozenset(re.findall(r"\b([MN])\b", pattern_text(p)))
 
 
 def has_topk(p: PatternIR) -> bool:

@@ -132,14 +132,14 @@ def owned_table_shapes(pattern: BoundPattern, heads: int, grid=None) -> dict[str
     owns those as parameters. Tables whose shapes need M or N are left to the caller."""
     import sympy
 
-    if pattern.ir.score is None:
+    if not pattern.ir.tables:
         return {}
     env = {**pattern.ir.binding_map(), _ir.H: heads}
     if grid is not None and pattern.layout.axes:
         gt = (grid,) if isinstance(grid, int) else tuple(grid)
         env.update({_ir.axis_size(a): g for a, g in zip(pattern.layout.axes, gt)})
     out = {}
-    for spec in pattern.ir.score.tables:
+    for spec in pattern.ir.tables:
         dims = []
         for d in spec.dims:
             v = sympy.sympify(d)
@@ -447,7 +447,7 @@ def hf_attention(pattern: BoundPattern, *, backend: str = "auto"):
     the adapter runs `pattern.decode`: only the keys the pattern allows are read, without a
     plan per length.
     """
-    names = [s.name for s in pattern.ir.inputs] + [t.name for t in (pattern.ir.score.tables if pattern.ir.score else ())]
+    names = [s.name for s in (*pattern.ir.inputs, *pattern.ir.tables)]
     padded = None
     decodable = not pattern.layout.axes and not pattern.ir.inputs and not pattern._has_topk()
 

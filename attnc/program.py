@@ -526,7 +526,7 @@ class BoundPattern:
         inputs (and, with `tables`, the score term's table inputs); returns
         {name: InputSpec} of the mask's inputs in declaration order."""
         specs = {s.name: s for s in self.ir.inputs}
-        table_specs = {t.name: t for t in self.ir.score.tables} if self.ir.score is not None else {}
+        table_specs = {t.name: t for t in self.ir.tables}
         for name in inputs:
             if name in table_specs and not tables:
                 raise ValueError(f"'{name}' is a table input, read only by the score term: the mask does not take it; "
@@ -547,13 +547,13 @@ class BoundPattern:
 
     def table_shapes(self, M: int, N: int, H: int, grid) -> dict[str, tuple[int, ...]]:
         """The shape of every table input of the score term at these sizes ({} without one)."""
-        if self.ir.score is None:
+        if not self.ir.tables:
             return {}
         env = {**self.ir.binding_map(), ir.M: M, ir.N: N, ir.H: H}
         if grid is not None:
             env.update({ir.axis_size(a): s for a, s in zip(self.ir.layout.axes, grid)})
         out = {}
-        for t in self.ir.score.tables:
+        for t in self.ir.tables:
             dims = tuple(_int(d, env) for d in t.dims)
             if any(d is None or d < 1 for d in dims):
                 raise AttnError(error(t.span, f"table '{t.name}' has shape {dims} at M = {M}, N = {N}, H = {H}: "

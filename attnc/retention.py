@@ -19,8 +19,6 @@ allowed for any of many later query positions, on every example and on random pa
 
 from __future__ import annotations
 
-import re
-
 import torch
 
 from . import ir
@@ -33,16 +31,11 @@ def retention(pattern: ir.PatternIR, L: int, heads: int = 1) -> torch.Tensor:
         raise ValueError(f"retention: expected the cached length L >= 0, got {L!r}")
     if L == 0:
         return torch.zeros(heads, 0, dtype=torch.bool)
-    if pattern.layout.axes or pattern.inputs or ir.has_topk(pattern) or _depends_on_length(pattern):
+    if pattern.layout.axes or pattern.inputs or ir.has_topk(pattern) or ir.reads_sizes(pattern):
         return torch.ones(heads, L, dtype=torch.bool)
     view = top_view(pattern, L + 1, L + 1, heads, None, {})
     r = _Retention(pattern, view.env, L, heads)
     return r.need(pattern.body).expand(heads, L).clone()
-
-
-def _depends_on_length(pattern: ir.PatternIR) -> bool:
-    """Whether M or N occur in the pattern's bindings or body (its windows move with the length)."""
-    return re.search(r"\b[MN]\b", ir.pattern_text(pattern)) is not None
 
 
 class _Retention:

@@ -659,7 +659,7 @@ def generate(low: Lowered, config: KernelConfig, plan_text: str = "built from ru
     dont = ["M", "N", *grid_args]
     mask_source = TritonPrinter(low).source().rstrip("\n") + "\n"
 
-    sc = _score_texts(low, score, sizes)
+    sc = _score_texts(low, score, sizes, mask_source)
 
     def params(indent: int, closed: bool, kind: str = "fwd") -> str:
         text = ", ".join(list(grid_args) + ([] if closed else [_LIST_PARAMS]) + [_table_arg(t.name) for t in low.tables]
@@ -711,7 +711,7 @@ def generate(low: Lowered, config: KernelConfig, plan_text: str = "built from ru
     return src
 
 
-def _score_texts(low: Lowered, score, sizes: str) -> dict:
+def _score_texts(low: Lowered, score, sizes: str, mask_source: str) -> dict:
     """The text the score term adds to the module ([Note: score kernels]); empty strings
     without one, so kernels of patterns without a score term are unchanged.
 
@@ -739,7 +739,7 @@ def _score_texts(low: Lowered, score, sizes: str) -> dict:
     dkdv_pos = "tl.minimum(rows, M - 1)[None, :], k_idx[:, None], off_h, M, N" + sizes
     return {
         "params_fwd": tabs, "params_dkdv": tabs, "params_dq": tabs + grads,
-        "source": "\n" + triton_score_source(score, low, TritonPrinter(low).source()).rstrip("\n") + "\n",
+        "source": "\n" + triton_score_source(score, low, mask_source).rstrip("\n") + "\n",
         "args_fwd": targs, "args_dq": targs + gargs,
         "fwd": f"{ind}qk = _score(qk * LN2, {fwd_pos}{targs}) * LOG2E  # the score term",
         # rows past M (zero q and dO) must stay neutral: the term may be large there, so drop them

@@ -1330,18 +1330,27 @@ class TritonPrinter:
             stmts, final = self.lines()
             body = stmts + [f"return {final}"]
         fn = ["@triton.jit", f"def _mask({args}):", *doc, *("    " + s for s in body)]
-        helpers = []
-        if "_floordiv" in self.helpers:
-            helpers += ["@triton.jit", "def _floordiv(a, b):",
-                        '    """Python\'s a // b (Triton\'s // truncates toward zero)."""',
-                        "    q = a // b",
-                        "    return tl.where((a % b != 0) & ((a < 0) != (b < 0)), q - 1, q)", "", ""]
-        if "_floormod" in self.helpers:
-            helpers += ["@triton.jit", "def _floormod(a, b):",
-                        '    """Python\'s a % b (the sign of b; Triton\'s % takes the sign of a)."""',
-                        "    r = a % b",
-                        "    return tl.where((r != 0) & ((r < 0) != (b < 0)), r + b, r)", "", ""]
-        return "\n".join(helpers + fn) + "\n"
+        return "\n".join(helper_lines(self.helpers) + fn) + "\n"
+
+
+#: the floor-division helpers printed expressions call (Triton's // and % truncate toward zero)
+_FLOOR_HELPERS = {
+    "_floordiv": ["@triton.jit", "def _floordiv(a, b):",
+                  '    """Python\'s a // b (Triton\'s // truncates toward zero)."""',
+                  "    q = a // b",
+                  "    return tl.where((a % b != 0) & ((a < 0) != (b < 0)), q - 1, q)", "", ""],
+    "_floormod": ["@triton.jit", "def _floormod(a, b):",
+                  '    """Python\'s a % b (the sign of b; Triton\'s % takes the sign of a)."""',
+                  "    r = a % b",
+                  "    return tl.where((r != 0) & ((r < 0) != (b < 0)), r + b, r)", "", ""],
+}
+
+
+def helper_lines(names, defined: str = "") -> list[str]:
+    """Source lines of the floor-division helpers in `names` that `defined` (module text
+    printed already) does not define yet."""
+    return [line for name in ("_floordiv", "_floormod") if name in names and f"def {name}(" not in defined
+            for line in _FLOOR_HELPERS[name]]
 
 
 def _table_arg(name: str) -> str:

@@ -13,8 +13,8 @@ are lowered by the same `_Lower.pos` as `where` conditions, so grid coordinates,
 mixed layouts and bottom-right alignment mean exactly what they mean in masks.
 Its real parts form the tree below; `score` is the scaled dot product. Table
 indices are clamped into the table before reading: the op proves first that
-every *allowed* pair indexes inside the table (`index_ranges`), so clamping only
-ever touches pairs the mask removes.
+every *allowed* pair indexes inside the table (runtime/torch_backend.check_table_indices),
+so clamping only ever touches pairs the mask removes.
 """
 
 from __future__ import annotations
@@ -84,13 +84,6 @@ class ScoreFn:
     reads: tuple[Read, ...]
     text: str
 
-    def uses(self, name: str) -> bool:
-        """Whether the term reads `score` ("score") or a position / the head ("q", "k", "h")."""
-        if name == "score":
-            return any(isinstance(n, Score) for n in _nodes(self.expr))
-        ints = [n.expr for n in _nodes(self.expr) if isinstance(n, Int)] + [i for r in self.reads for i in r.index]
-        return any(isinstance(x, pw.Var) and x.name == name for e in ints for x in pw.nodes(e))
-
     def __call__(self, s: torch.Tensor, q, k, h, tables: dict[str, torch.Tensor]) -> torch.Tensor:
         """The score of pairs whose scaled dot products are `s`: query rows `q` (0..M-1),
         keys `k`, heads `h` (integer tensors broadcasting with `s`); `tables` by name,
@@ -104,7 +97,7 @@ class ScoreFn:
         folded into `s` in place -- `score - slope * (q - k)` costs one pass over the scores
         for the product and one for the subtraction, not a new tensor per operation."""
         env = {"q": q, "k": k, "h": h, "b": 0}
-        out = _eval_inplace(self.expr, s, env, tables, {})
+        out = _eval_inplace(self.expr, s, env, tables)
         if out is s:
             return s
         # a term that does not read `score` (or a new tensor): write it into s, so the
@@ -115,7 +108,7 @@ class ScoreFn:
         """As calling it, without broadcasting the result to `s`'s shape (a FlexAttention
         score_mod: its compiled form traces scalars)."""
         env = {"q": q, "k": k, "h": h, "b": 0}
-        out = _eval(self.expr, s, env, tables, {})
+        out = _eval(self.expr, s, env, tables)
         if not isinstance(out, torch.Tensor):
             return s * 0 + float(out)
         return out.to(s.dtype)
@@ -126,18 +119,16 @@ class ScoreFn:
         return d loss / d s and add the tables' gradients into `dtables` (no autograd:
         the op's backward runs below it, and the kernels need the same derivative)."""
         env = {"q": q, "k": k, "h": h, "b": 0}
-        memo: dict = {}
         vals: dict = {}
-        out = _eval(self.expr, s, env, tables, memo, vals)
+        out = _eval(self.expr, s, env, tables, vals)
         ds = torch.zeros_like(s)
         shape = torch.broadcast_shapes(s.shape, out.shape) if isinstance(out, torch.Tensor) else s.shape
-        _back(self.expr, grad.expand(shape), vals, ds, dtables, env, memo)
+        _back(self.expr, grad.expand(shape), vals, ds, dtables, env)
         return ds
 
     def index_values(self, q, k, h) -> list[tuple[Read, int, torch.Tensor | int]]:
         """Every table index's values at pairs (q, k, h): (read, axis, values)."""
         env = {"q": q, "k": k, "h": h, "b": 0}
-        memo: dict = {}
         return [(r, j, f(env)) for r in self.reads for j, f in enumerate(r.fns)]
 
 
@@ -154,8 +145,10 @@ def _nodes(e):
             stack += list(x.args)
 
 
-def _eval(e, s, env, tables, memo, vals=None):
-    out = _eval1(e, s, env, tables, memo, vals)
+def _eval(e, s, env, tables, vals=None):
+    """The value of node `e` (a tensor or a Python number); with `vals`, every node's value
+    by id (the reverse pass reads them)."""
+    out = _eval1(e, s, env, tables, vals)
     if vals is not None:
         vals[id(e)] = out
     return out
@@ -183,7 +176,7 @@ def _closure(e: pw.Expr):
     raise AttnError(f"a score term's integer part cannot read tables ({type(e).__name__})")
 
 
-def _flat_index(e: "Read", env, memo):
+def _flat_index(e: "Read", env):
     flat = 0
     stride = 1
     for j in range(len(e.dims) - 1, -1, -1):
@@ -194,7 +187,7 @@ def _flat_index(e: "Read", env, memo):
     return flat
 
 
-def _eval1(e, s, env, tables, memo, vals):
+def _eval1(e, s, env, tables, vals):
     if isinstance(e, Score):
         return s
     if isinstance(e, Real):
@@ -204,14 +197,14 @@ def _eval1(e, s, env, tables, memo, vals):
         return v.to(s.dtype) if isinstance(v, torch.Tensor) else float(v)
     if isinstance(e, Read):
         t = tables[e.table]
-        flat = _flat_index(e, env, memo)
+        flat = _flat_index(e, env)
         if not isinstance(flat, torch.Tensor):
             return t.reshape(-1)[int(flat)]
         return t.reshape(-1)[flat.long()]
     if isinstance(e, Neg):
-        return -_eval(e.a, s, env, tables, memo, vals)
+        return -_eval(e.a, s, env, tables, vals)
     if isinstance(e, Bin):
-        a, b = _eval(e.a, s, env, tables, memo, vals), _eval(e.b, s, env, tables, memo, vals)
+        a, b = _eval(e.a, s, env, tables, vals), _eval(e.b, s, env, tables, vals)
         if not isinstance(a, torch.Tensor) and not isinstance(b, torch.Tensor):
             # constants: torch float64 scalars, so 1 / 0 is inf and (-1) ** 0.5 NaN, as on tensors
             a = torch.tensor(float(a), dtype=torch.float64)
@@ -221,7 +214,7 @@ def _eval1(e, s, env, tables, memo, vals):
             return torch.pow(a, b)
         return _PY[e.op](a, b)
     if isinstance(e, Fn):
-        xs = [_eval(a, s, env, tables, memo, vals) for a in e.args]
+        xs = [_eval(a, s, env, tables, vals) for a in e.args]
         if not any(isinstance(x, torch.Tensor) for x in xs):  # constants: as float64 tensors (see Bin)
             xs = [torch.tensor(float(x), dtype=torch.float64) for x in xs]
         xs = [x if isinstance(x, torch.Tensor) else torch.tensor(float(x), dtype=s.dtype, device=s.device) for x in xs]
@@ -246,27 +239,27 @@ _INPLACE_FN = {"tanh": lambda t: t.mul_(2.0).sigmoid_().mul_(2.0).sub_(1.0),
                "abs": torch.Tensor.abs_}
 
 
-def _eval_inplace(e, s, env, tables, memo):
+def _eval_inplace(e, s, env, tables):
     """`_eval`, modifying `s` in place along the path from the root to `score` (see apply_)."""
     if isinstance(e, Score):
         return s
     if not _has_score(e):
-        return _eval(e, s, env, tables, memo)
+        return _eval(e, s, env, tables)
     if isinstance(e, Neg):
-        return _eval_inplace(e.a, s, env, tables, memo).neg_()
+        return _eval_inplace(e.a, s, env, tables).neg_()
     if isinstance(e, Bin) and e.op != "**":
         la, lb = _has_score(e.a), _has_score(e.b)
         if la != lb:
-            live = _eval_inplace(e.a if la else e.b, s, env, tables, memo)
+            live = _eval_inplace(e.a if la else e.b, s, env, tables)
             static = e.b if la else e.a
             if e.op in "+-" and isinstance(static, Bin) and static.op == "*":
                 # live +- x * y in one pass, without the product as a tensor of the scores' size
-                x, y = (_eval(t, s, env, tables, memo) for t in (static.a, static.b))
+                x, y = (_eval(t, s, env, tables) for t in (static.a, static.b))
                 if isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor):
                     if e.op == "-" and not la:
                         live.neg_()
                     return live.addcmul_(x.to(live.dtype), y.to(live.dtype), value=-1.0 if e.op == "-" and la else 1.0)
-            other = _eval(static, s, env, tables, memo)
+            other = _eval(static, s, env, tables)
             if e.op == "+":
                 return live.add_(other)
             if e.op == "*":
@@ -276,17 +269,17 @@ def _eval_inplace(e, s, env, tables, memo):
             return live.div_(other) if la else live.reciprocal_().mul_(other)
     if isinstance(e, Fn):
         if e.name in _INPLACE_FN:
-            return _INPLACE_FN[e.name](_eval_inplace(e.args[0], s, env, tables, memo))
+            return _INPLACE_FN[e.name](_eval_inplace(e.args[0], s, env, tables))
         live = [a for a in e.args if _has_score(a)]
         if len(live) == 1:
-            out = _eval_inplace(live[0], s, env, tables, memo)
+            out = _eval_inplace(live[0], s, env, tables)
             for a in e.args:
                 if a is not live[0]:
-                    v = _eval(a, s, env, tables, memo)
+                    v = _eval(a, s, env, tables)
                     v = v if isinstance(v, torch.Tensor) else torch.tensor(float(v), dtype=out.dtype, device=out.device)
                     (torch.minimum if e.name == "min" else torch.maximum)(out, v, out=out)
             return out
-    return _eval(e, s, env, tables, memo)
+    return _eval(e, s, env, tables)
 
 
 def _live(e) -> bool:
@@ -300,7 +293,7 @@ def _times(g, d):
     return torch.where(g == 0, torch.zeros((), dtype=g.dtype, device=g.device), g * d)
 
 
-def _back(e, g, vals, ds, dtables, env, memo):
+def _back(e, g, vals, ds, dtables, env):
     """Accumulate d loss / d (leaves of e) given g = d loss / d e."""
     if not _live(e):
         return
@@ -308,7 +301,7 @@ def _back(e, g, vals, ds, dtables, env, memo):
         ds.add_(g.expand(ds.shape) if g.shape != ds.shape else g)
         return
     if isinstance(e, Read):
-        flat = _flat_index(e, env, memo)
+        flat = _flat_index(e, env)
         dt = dtables[e.table].view(-1)
         if isinstance(flat, torch.Tensor):
             flat, gb = torch.broadcast_tensors(flat.long(), g)
@@ -317,7 +310,7 @@ def _back(e, g, vals, ds, dtables, env, memo):
             dt[int(flat)] += g.sum().to(dt.dtype)
         return
     if isinstance(e, Neg):
-        _back(e.a, -g, vals, ds, dtables, env, memo)
+        _back(e.a, -g, vals, ds, dtables, env)
         return
     if isinstance(e, Bin):
         a, b, out = vals[id(e.a)], vals[id(e.b)], vals[id(e)]
@@ -334,32 +327,31 @@ def _back(e, g, vals, ds, dtables, env, memo):
             ga = _times(g, b * torch.pow(at, b - 1)) if _live(e.a) else None
             gb = _times(g, out * torch.log(at)) if _live(e.b) else None
         if ga is not None:
-            _back(e.a, ga, vals, ds, dtables, env, memo)
+            _back(e.a, ga, vals, ds, dtables, env)
         if gb is not None:
-            _back(e.b, gb, vals, ds, dtables, env, memo)
+            _back(e.b, gb, vals, ds, dtables, env)
         return
     if isinstance(e, Fn):
         out = vals[id(e)]
         if e.name == "tanh":
-            _back(e.args[0], g * (1 - out * out), vals, ds, dtables, env, memo)
+            _back(e.args[0], g * (1 - out * out), vals, ds, dtables, env)
         elif e.name == "exp":
-            _back(e.args[0], _times(g, out), vals, ds, dtables, env, memo)
+            _back(e.args[0], _times(g, out), vals, ds, dtables, env)
         elif e.name == "sigmoid":
-            _back(e.args[0], g * out * (1 - out), vals, ds, dtables, env, memo)
+            _back(e.args[0], g * out * (1 - out), vals, ds, dtables, env)
         elif e.name == "abs":
-            _back(e.args[0], g * torch.sign(torch.as_tensor(vals[id(e.args[0])], dtype=g.dtype)), vals, ds, dtables, env, memo)
+            _back(e.args[0], g * torch.sign(torch.as_tensor(vals[id(e.args[0])], dtype=g.dtype)), vals, ds, dtables, env)
         else:  # min / max: the gradient goes to the first argument that attains the result
             taken = torch.zeros((), dtype=torch.bool, device=g.device)
             for a in e.args:
                 hit = (torch.as_tensor(vals[id(a)], dtype=g.dtype, device=g.device) == out) & ~taken
                 taken = taken | hit
-                _back(a, torch.where(hit, g, torch.zeros((), dtype=g.dtype, device=g.device)), vals, ds, dtables, env, memo)
+                _back(a, torch.where(hit, g, torch.zeros((), dtype=g.dtype, device=g.device)), vals, ds, dtables, env)
         return
     raise TypeError(e)
 
 
-_PY = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b, "/": lambda a, b: a / b,
-       "**": lambda a, b: a ** b}
+_PY = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b, "/": lambda a, b: a / b}
 _TORCHFN = {"tanh": torch.tanh, "exp": torch.exp, "sigmoid": torch.sigmoid, "abs": torch.abs}
 
 
@@ -605,12 +597,7 @@ class _TritonScore:
                         "    odd = whole & (tl.floor(b * 0.5) * 2.0 != b)",
                         "    neg = tl.where(whole, tl.where(odd, -mag, mag), float(\"nan\"))",
                         "    return tl.where(b == 0.0, 1.0, tl.where(a < 0.0, neg, mag))", "", ""]
-        if "_floordiv" in self.helpers and "def _floordiv" not in mask_helpers:
-            helpers += ["@triton.jit", "def _floordiv(a, b):", "    q = a // b",
-                        "    return tl.where((a % b != 0) & ((a < 0) != (b < 0)), q - 1, q)", "", ""]
-        if "_floormod" in self.helpers and "def _floormod" not in mask_helpers:
-            helpers += ["@triton.jit", "def _floormod(a, b):", "    r = a % b",
-                        "    return tl.where((r != 0) & ((r < 0) != (b < 0)), r + b, r)", "", ""]
+        helpers += pw.helper_lines(self.helpers, mask_helpers)
         return "\n".join(helpers + parts)
 
 

@@ -62,6 +62,11 @@ class Call:
         from attnc.codegen.score import score_fn
         return score_fn(self.pattern.ir, self.M, self.N, self.Hq, self.grid)
 
+    def score_tables(self, dtype: torch.dtype, device) -> dict[str, torch.Tensor]:
+        """The score term's tables detached, in `dtype` on `device` (the term's own gradients
+        are computed by its derivative, not by autograd)."""
+        return {n: t.detach().to(device=device, dtype=dtype) for n, t in self.tables.items()}
+
     def plan(self, block: tuple[int, int]):
         """The tile plan for this call's sizes (analysis.Plan)."""
         return self.pattern.plan(self.M, self.N, heads=self.Hq, grid=self.grid, block=block)

@@ -21,7 +21,6 @@ queries (O(m * length) booleans, no plan).
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass
 
 import torch
@@ -128,7 +127,7 @@ def check_decode_args(pat, q, k_cache, v_cache, cache_seqlens, block_table, key_
             bound = f"in [m, S] = [{m}, {S}]" if layout != "per-head" else f"at least m = {m}"
             raise _expected(f"decode: cache_seqlens[{b}] must be {bound} (the cache holds the new tokens too)", L,
                             "append the new keys to the cache before attending")
-    if pat.ir.score is not None and pat.ir.score.tables and len(set(lengths)) > 1:
+    if pat.ir.tables and len(set(lengths)) > 1:
         shapes = {pat.table_shapes(*_sizes(pat, m, L)[:1], L, Hq, None).__repr__() for L in set(lengths)}
         if len(shapes) > 1:
             raise _expected("decode: the score term's tables change shape with the length, so a ragged batch has no "
@@ -140,7 +139,7 @@ def _sizes(pat, m: int, L: int) -> tuple[int, int]:
     """(M, first query row) at which a sequence of length L evaluates its newest m rows: the
     op's last m rows of the whole sequence (M = N = L). A pattern that never reads M gives the
     same rows at (m, L), which is cheaper to lower."""
-    if re.search(r"\bM\b", ir.pattern_text(pat.ir)):
+    if "M" in ir.reads_sizes(pat.ir):
         return L, L - m
     return m, 0
 
@@ -196,6 +195,7 @@ def decode(pat, q: Tensor, k_cache, v_cache, *, cache_seqlens=None, block_table=
     out = q.new_zeros(B, Hq, m, Dv)
     lse = torch.full((B, Hq, m), float("-inf"), dtype=acc, device=q.device)
     pat.check_input_names(tables, tables=True)
+    tabs: dict = {}  # the tables in acc, converted once per call after their first check
     for b, L in enumerate(lengths):
         rows = _rows(pat, m, L, Hq)
         Mq, row0 = _sizes(pat, m, L)
@@ -205,17 +205,18 @@ def decode(pat, q: Tensor, k_cache, v_cache, *, cache_seqlens=None, block_table=
             from attnc.codegen.score import score_fn
             from .ops import check_tables
             check_tables(pat, tables, Mq, L, Hq, None, q.device)
+            tabs = tabs or {n: t.detach().to(device=q.device, dtype=acc) for n, t in tables.items()}
             score = (score_fn(pat.ir, Mq, L, Hq, None), row0)
         for g in range(Hkv):
             heads = slice(g * G, (g + 1) * G)
             cache = _cache_of(layout, k_cache, v_cache, block_table, key_positions, b, g, L)
             if rows is None:
                 allowed = dense[heads] if dense.shape[0] > 1 else dense
-                o, l = _attend_dense(q[b, heads].to(acc), cache, allowed, L, scale, score, tables, heads, m, acc)
+                o, l = _attend_dense(q[b, heads].to(acc), cache, allowed, L, scale, score, tabs, heads, m, acc)
             else:
                 lo, hi = rows
                 lo_g, hi_g = (lo[heads], hi[heads]) if lo.shape[0] > 1 else (lo, hi)
-                o, l = _attend_segments(q[b, heads].to(acc), cache, lo_g, hi_g, L, scale, score, tables, heads, m, acc)
+                o, l = _attend_segments(q[b, heads].to(acc), cache, lo_g, hi_g, L, scale, score, tabs, heads, m, acc)
             out[b, heads] = o.to(out.dtype)
             lse[b, heads] = l
     return (out, lse) if return_lse else out
@@ -259,13 +260,13 @@ def _slots(cache: _Cache, a: int, e: int) -> tuple[int, int, Tensor]:
 
 
 def _apply(s: Tensor, allowed: Tensor | None, keypos: Tensor, score, tables, heads: slice, m: int, acc):
-    """The logits of one segment: [G, m, len], score term and mask applied."""
+    """The logits of one segment: [G, m, len], score term and mask applied (`tables` already
+    in `acc` on s's device)."""
     if score is not None:
         fn, row0 = score
         h = torch.arange(heads.start, heads.stop, device=s.device).view(-1, 1, 1)
         rows = (torch.arange(m, device=s.device) + row0).view(1, -1, 1)
-        tabs = {n: t.detach().to(device=s.device, dtype=acc) for n, t in tables.items()}
-        s = fn(s, rows, keypos.view(1, 1, -1).clamp(min=0), h, tabs)
+        s = fn(s, rows, keypos.view(1, 1, -1).clamp(min=0), h, tables)
     if allowed is not None:
         s = s.masked_fill(~allowed, float("-inf"))
     return s
@@ -383,7 +384,7 @@ def _decode_triton(pat, q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table
         groups.setdefault(text, (low, []))[1].append(b)
     if pat.ir.score is not None:
         score_tables = [t.detach().to(device=device, dtype=torch.float32).contiguous().view(-1)
-                        for t in (tables[spec.name] for spec in pat.ir.score.tables)]
+                        for t in (tables[spec.name] for spec in pat.ir.tables)]
     tiles = [_tile_list(pat, m, L, Hq) for L in lengths]
     n_tiles = max(1, max(len(t) for t in tiles))
     table = torch.full((B, n_tiles), -1, dtype=torch.int32)

@@ -184,7 +184,7 @@ def to_flex(pat, M: int, N: int | None = None, *, heads: int | None = None, grid
     block = _tile(block, pat.layout, M, N)
     if isinstance(block[0], tuple):
         raise ValueError(f"block: a BlockMask has 1-D tiles (BLOCK_SIZE), got N-D tiles {block!r}; try block=(128, 128)")
-    table_names = {t.name for t in pat.ir.score.tables} if pat.ir.score is not None else set()
+    table_names = {t.name for t in pat.ir.tables}
     pat.check_input_names(inputs, tables=True)
     tables = {n: inputs.pop(n) for n in list(inputs) if n in table_names}
     batches, _ = pat._inputs(M, N, H, inputs)

@@ -219,7 +219,7 @@ def _decode_block(enc: list[int] | None) -> tuple | None:
 def _prepare(key, q, k, v, inputs, tables, grid, scale, backend, needs_grad, needs_lse, block) -> tuple[Call, Backend]:
     pat = _lookup(key)
     names = [s.name for s in pat.ir.inputs]
-    table_names = [t.name for t in pat.ir.score.tables] if pat.ir.score is not None else []
+    table_names = [t.name for t in pat.ir.tables]
     call = make_call(pat, q, k, v, dict(zip(names, inputs)), tuple(grid) if grid else None, scale, needs_grad, needs_lse,
                      _decode_block(block), dict(zip(table_names, tables)))
     chosen = choose_backend(call, q, backend)
@@ -284,7 +284,6 @@ def _setup_context(ctx, inputs, output):
     q, k, v, ins, tables, key, grid, scale, backend, _, _, block = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, *ins, *tables)
-    ctx.n_tables = len(tables)
     ctx.n_inputs, ctx.key, ctx.grid, ctx.scale, ctx.backend = len(ins), key, list(grid), scale, backend
     ctx.block = block
     # autograd wants the gradient structure to mirror the inputs: an empty
@@ -315,7 +314,7 @@ def attention(pat, q, k, v, *, return_lse: bool, scale, backend: str, grid, inpu
     if backend not in BACKENDS:
         raise ValueError(f"backend: expected one of {', '.join(repr(b) for b in BACKENDS)}, got {backend!r}")
     pat.check_input_names(inputs, tables=True)
-    table_names = [t.name for t in pat.ir.score.tables] if pat.ir.score is not None else []
+    table_names = [t.name for t in pat.ir.tables]
     tables = [inputs.pop(n) for n in table_names]
     for name, t in zip(table_names, tables):
         if not isinstance(t, Tensor):

@@ -68,17 +68,21 @@ def dense_backward(q, k, v, mask, scale, out, lse, dout, dlse=None):
     dv = dv.view(B, Hkv, G, N, -1).sum(2)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
+def _dense_pairs(call, device):
+    """Query rows, keys and heads broadcasting with dense scores [B, Hq, M, N]."""
+    return (torch.arange(call.M, device=device).view(1, 1, -1, 1), torch.arange(call.N, device=device).view(1, 1, 1, -1),
+            torch.arange(call.Hq, device=device).view(1, -1, 1, 1))
+
+
 def dense_score(call, acc, device):
-    """The call's score term as a function of dense scaled dot products [B, Hq, M, N], with
-    its tables as float leaves {name: tensor} (None, {} without a score term)."""
+    """The call's score term as a function of dense scaled dot products [B, Hq, M, N]
+    (None without a score term)."""
     fn = call.score
     if fn is None:
-        return None, {}
-    tables = {n: t.detach().to(device=device, dtype=acc) for n, t in call.tables.items()}
-    rows = torch.arange(call.M, device=device).view(1, 1, -1, 1)
-    keys = torch.arange(call.N, device=device).view(1, 1, 1, -1)
-    heads = torch.arange(call.Hq, device=device).view(1, -1, 1, 1)
-    return (lambda s: fn(s, rows, keys, heads, tables)), tables
+        return None
+    tables = call.score_tables(acc, device)
+    rows, keys, heads = _dense_pairs(call, device)
+    return lambda s: fn(s, rows, keys, heads, tables)
 
 
 class ReferenceBackend(Backend):
@@ -99,7 +103,7 @@ class ReferenceBackend(Backend):
 
     def forward(self, call, q, k, v):
         acc = torch.float64 if q.dtype == torch.float64 else torch.float32
-        return dense_attention(q, k, v, self._mask(call, q.device), call.scale, dense_score(call, acc, q.device)[0])
+        return dense_attention(q, k, v, self._mask(call, q.device), call.scale, dense_score(call, acc, q.device))
 
     def backward(self, call, q, k, v, out, lse, dout, dlse=None):
         if call.score is None:
@@ -107,10 +111,8 @@ class ReferenceBackend(Backend):
         # with a score term: the textbook formulas through the term's own derivative
         acc = torch.float64 if q.dtype == torch.float64 else torch.float32
         fn = call.score
-        tables = {n: t.detach().to(device=q.device, dtype=acc) for n, t in call.tables.items()}
-        rows = torch.arange(call.M, device=q.device).view(1, 1, -1, 1)
-        keys = torch.arange(call.N, device=q.device).view(1, 1, 1, -1)
-        heads = torch.arange(call.Hq, device=q.device).view(1, -1, 1, 1)
+        tables = call.score_tables(acc, q.device)
+        rows, keys, heads = _dense_pairs(call, q.device)
         mask = self._mask(call, q.device)
         G = call.Hq // call.Hkv
         ke, ve = (t.repeat_interleave(G, dim=1).to(acc) for t in (k, v))

@@ -439,14 +439,14 @@ def _mask_(s, group: Group, Gu: int, bm: int) -> torch.Tensor:
 
 def _pairs(call: Call, sched: Schedule, chunk: Chunk, group: Group, Gu: int, X: int, device):
     """Query rows, keys and heads of a group's scores, shaped to broadcast with them
-    viewed as [B, X, c, G', bm, s * bn] (rows clamped to M - 1, keys to N - 1)."""
+    viewed as [B, X, c, G', bm, s * bn]. Rows and keys run past M and N in padded tiles:
+    clamp them before evaluating the term (`_clamped`), compare them to keep pairs."""
     bm, bn = sched.block
     c = chunk.q.numel()
     qt = chunk.q.to(device)
-    rows = ((qt % sched.nq)[:, None] * bm + torch.arange(bm, device=device)).clamp(max=call.M - 1)
-    rows = rows.view(1, 1, c, 1, bm, 1)
+    rows = ((qt % sched.nq)[:, None] * bm + torch.arange(bm, device=device)).view(1, 1, c, 1, bm, 1)
     kt = group.kv.to(device).view(c, group.slots) % sched.nk
-    keys = (kt[:, :, None] * bn + torch.arange(bn, device=device)).reshape(c, group.slots * bn).clamp(max=call.N - 1)
+    keys = (kt[:, :, None] * bn + torch.arange(bn, device=device)).reshape(c, group.slots * bn)
     keys = keys.view(1, 1, c, 1, 1, group.slots * bn)
     if sched.shared:
         G = call.Hq // call.Hkv
@@ -454,6 +454,11 @@ def _pairs(call: Call, sched: Schedule, chunk: Chunk, group: Group, Gu: int, X: 
     else:
         heads = (qt // sched.nq).view(1, 1, c, 1, 1, 1)
     return rows, keys, heads
+
+
+def _clamped(call: Call, rows, keys):
+    """Rows and keys clamped into [0, M) x [0, N): the positions the term is evaluated at."""
+    return rows.clamp(max=call.M - 1), keys.clamp(max=call.N - 1)
 
 
 @dataclass(frozen=True)
@@ -497,17 +502,10 @@ def _score_step(call: Call, sched: Schedule, chunk: Chunk, group: Group, w, tabl
     fn = call.score
     if fn is None:
         return None
-    device = tables_device(tables, chunk)
-    rows, keys, heads = _pairs(call, sched, chunk, group, w.Gu, w.X, device)
-    bm = sched.block[0]
-    real = ((chunk.q.to(device) % sched.nq)[:, None] * bm + torch.arange(bm, device=device)) < call.M
-    return _ScoreStep(fn, rows, keys, heads, tables, w.Gu, w.bm, real.view(1, 1, -1, 1, bm, 1))
-
-
-def tables_device(tables: dict, chunk: Chunk):
-    for t in tables.values():
-        return t.device
-    return chunk.q.device
+    rows, keys, heads = _pairs(call, sched, chunk, group, w.Gu, w.X, chunk.q.device)  # the schedule is on q's device
+    real = rows < call.M
+    rows, keys = _clamped(call, rows, keys)
+    return _ScoreStep(fn, rows, keys, heads, tables, w.Gu, w.bm, real)
 
 
 #: calls whose table indices were proven in range, by (pattern, sizes, inputs)
@@ -537,12 +535,11 @@ def _check_tables(call: Call, fn) -> bool:
         bm, bn = sched.block
         for chunk in sched.chunks:
             c = chunk.q.numel()
-            qrow = ((chunk.q % sched.nq)[:, None] * bm + torch.arange(bm)).view(1, 1, c, 1, bm, 1)
             for group in chunk.groups:
                 rows, keys, heads = _pairs(call, sched, chunk, group, Gu, X, torch.device("cpu"))
                 K = group.slots * bn
-                kraw = ((group.kv.view(c, group.slots) % sched.nk)[:, :, None] * bn + torch.arange(bn)).reshape(c, K)
-                ok = (qrow < call.M) & (kraw.view(1, 1, c, 1, 1, K) < call.N)
+                ok = (rows < call.M) & (keys < call.N)
+                rows, keys = _clamped(call, rows, keys)
                 if group.mask is not None:
                     cut = group.n_full * bn
                     part = torch.ones(1, 1, c, 1, bm, K, dtype=torch.bool)
@@ -573,10 +570,6 @@ def _check_tables(call: Call, fn) -> bool:
     return True
 
 
-def _tables(call: Call, acc, device) -> dict:
-    return {n: t.detach().to(device=device, dtype=acc) for n, t in call.tables.items()}
-
-
 def forward(call: Call, q, k, v, config: TorchPathConfig = CONFIG) -> tuple[torch.Tensor, torch.Tensor]:
     acc = _acc_dtype(q.dtype)
     B, Hq, M, _ = q.shape
@@ -597,7 +590,7 @@ def _forward_one(sched: Schedule, call: Call, q, k, v, acc):
     out_p = torch.zeros(w.B, call.Hq, w.Mp, v.shape[-1], dtype=acc, device=q.device)
     lse_p = torch.full((w.B, call.Hq, w.Mp, 1), float("-inf"), dtype=acc, device=q.device)
     tout, tlse = w.flat(out_p, w.bm), w.flat(lse_p, w.bm)
-    tables = _tables(call, acc, q.device)
+    tables = call.score_tables(acc, q.device)
     for chunk in sched.chunks:
         c = chunk.q.numel()
         qi = w.q_index(chunk)
@@ -632,7 +625,7 @@ def _forward_one(sched: Schedule, call: Call, q, k, v, acc):
 
 def backward(call: Call, q, k, v, out, lse, dout, dlse=None, config: TorchPathConfig = CONFIG):
     dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
-    tables = _tables(call, _acc_dtype(q.dtype), q.device)
+    tables = call.score_tables(_acc_dtype(q.dtype), q.device)
     dtables = {n: torch.zeros_like(t) for n, t in tables.items()}
     for bs, sched in schedules(call, config):
         g = _backward_one(sched, call, q[bs], k[bs], v[bs], out[bs], lse[bs], dout[bs], None if dlse is None else dlse[bs],
