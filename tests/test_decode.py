@@ -13,12 +13,7 @@ from conftest import EXAMPLES, example_pattern
 from patgen import generate
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one torch thread per module
 
 
 def rand(*shape, seed=0, dtype=torch.float64):

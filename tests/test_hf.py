@@ -64,54 +64,51 @@ def test_left_padded_batch_matches_sdpa_on_the_real_tokens(model_cls, config, sr
         assert (alone[0] - got[2, 6:]).abs().max().item() < 1e-4
 
 
-def test_cached_generation_of_a_left_padded_batch_matches_sdpa():
-    ref, ours = _pair(MistralForCausalLM, MistralConfig(**TINY, sliding_window=4), "pattern p = sliding(4)",
-                      "attnc_test_generate", "torch")
-    ids, mask = _left_padded()
-    kw = dict(attention_mask=mask, max_new_tokens=5, do_sample=False, output_logits=True, return_dict_in_generate=True)
+def _generate_like_sdpa(ref, ours, ids, max_new_tokens: int, **kw) -> None:
+    """Greedy generation with a cache: the same tokens and logits (1e-4) as the sdpa model."""
+    kw = dict(kw, max_new_tokens=max_new_tokens, do_sample=False, output_logits=True, return_dict_in_generate=True)
     with torch.no_grad():
         want = ref.generate(input_ids=ids, **kw)
         got = ours.generate(input_ids=ids, **kw)
     assert torch.equal(got.sequences, want.sequences)
     assert max((a - b).abs().max().item() for a, b in zip(got.logits, want.logits)) < 1e-4
+
+
+def _spy_decode(monkeypatch, record) -> list:
+    """What `record(args, kwargs)` returns for every call of runtime.decode.decode."""
+    from attnc.runtime import decode as decode_module
+
+    calls = []
+    real = decode_module.decode
+    monkeypatch.setattr(decode_module, "decode", lambda *a, **kw: calls.append(record(a, kw)) or real(*a, **kw))
+    return calls
+
+
+def test_cached_generation_of_a_left_padded_batch_matches_sdpa():
+    ref, ours = _pair(MistralForCausalLM, MistralConfig(**TINY, sliding_window=4), "pattern p = sliding(4)",
+                      "attnc_test_generate", "torch")
+    ids, mask = _left_padded()
+    _generate_like_sdpa(ref, ours, ids, 5, attention_mask=mask)
 
 
 def test_cached_generation_of_a_left_padded_batch_decodes_with_empty_slots(monkeypatch):
     """A causal Llama keeps every key: its cached steps decode with the padded slots as
     empty positions (-1), and tokens and logits equal sdpa's."""
-    from attnc.runtime import decode as decode_module
-
-    calls = []
-    real = decode_module.decode
-    monkeypatch.setattr(decode_module, "decode", lambda *a, **kw: calls.append(kw.get("key_positions")) or real(*a, **kw))
+    calls = _spy_decode(monkeypatch, lambda a, kw: kw.get("key_positions"))
     ref, ours = _pair(LlamaForCausalLM, LlamaConfig(**TINY), "pattern p = causal", "attnc_test_generate_pad", "auto")
     ids, mask = _left_padded()
-    kw = dict(attention_mask=mask, max_new_tokens=5, do_sample=False, output_logits=True, return_dict_in_generate=True)
-    with torch.no_grad():
-        want = ref.generate(input_ids=ids, **kw)
-        got = ours.generate(input_ids=ids, **kw)
-    assert torch.equal(got.sequences, want.sequences)
-    assert max((a - b).abs().max().item() for a, b in zip(got.logits, want.logits)) < 1e-4
+    _generate_like_sdpa(ref, ours, ids, 5, attention_mask=mask)
     assert len(calls) == 4 * 2 and all(p is not None and bool((p[0] < 0).any()) for p in calls)
 
 
 def test_cached_generation_without_padding_decodes_and_matches_sdpa(monkeypatch):
     """Generation with a cache and no padding runs pat.decode for the new tokens (no plan per
     length); tokens and logits equal sdpa's with the model's own sliding window."""
-    from attnc.runtime import decode as decode_module
-
-    calls = []
-    real = decode_module.decode
-    monkeypatch.setattr(decode_module, "decode", lambda *a, **kw: calls.append(a[1].shape) or real(*a, **kw))
+    calls = _spy_decode(monkeypatch, lambda a, kw: a[1].shape)
     ref, ours = _pair(MistralForCausalLM, MistralConfig(**TINY, sliding_window=4), "pattern p = sliding(4)",
                       "attnc_test_generate_decode", "auto")
     ids = torch.randint(1, 64, (2, 9), generator=torch.Generator().manual_seed(2))
-    kw = dict(max_new_tokens=6, do_sample=False, output_logits=True, return_dict_in_generate=True)
-    with torch.no_grad():
-        want = ref.generate(input_ids=ids, **kw)
-        got = ours.generate(input_ids=ids, **kw)
-    assert torch.equal(got.sequences, want.sequences)
-    assert max((a - b).abs().max().item() for a, b in zip(got.logits, want.logits)) < 1e-4
+    _generate_like_sdpa(ref, ours, ids, 6)
     assert len(calls) == 5 * 2 and all(shape[2] == 1 for shape in calls)  # 5 cached steps x 2 layers, one query each
 
 

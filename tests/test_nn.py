@@ -10,12 +10,7 @@ from attnc.nn import SparseAttention, hf_attention
 from conftest import EXAMPLES
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one torch thread per module
 
 
 def manual(layer, x, mask):

@@ -20,12 +20,7 @@ from attnc.errors import AttnError
 from conftest import EXAMPLES, example_pattern
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one torch thread per module
 
 
 def rand(*shape, seed=0, dtype=torch.float64):
@@ -226,41 +221,42 @@ def _grads(out, lse, inputs, seed=9):
     return torch.autograd.grad(loss, inputs, allow_unused=True)
 
 
-@pytest.mark.parametrize("backend", ["reference", "torch"])
-@pytest.mark.parametrize("name", sorted(CASES))
-def test_matches_the_paper_reference_with_gradients(name, backend):
+def _against_the_reference(name, dtype, **call):
+    """(ours, want): out, lse and the gradients of q, k, v and the tables, from the op with
+    `call` options on `dtype` copies and from the paper's reference in float64."""
     pat, kw, tables, ref, (q, k, v) = _case(name)
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
     tl_ = {n: t.clone().requires_grad_() for n, t in tables.items()}
     want_out, want_lse = ref(*leaves, tl_)
     want = _grads(want_out, want_lse, [*leaves, *tl_.values()])
-    got_leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-    got_t = {n: t.clone().requires_grad_() for n, t in tables.items()}
-    out, lse = pat(*got_leaves, return_lse=True, backend=backend, **kw, **got_t)
-    got = _grads(out, lse, [*got_leaves, *got_t.values()])
-    torch.testing.assert_close(out, want_out, atol=1e-10, rtol=1e-10)
-    torch.testing.assert_close(lse, want_lse, atol=1e-10, rtol=1e-10)
-    for n, g, w in zip(["dq", "dk", "dv", *[f"d{t}" for t in tables]], got, want):
-        torch.testing.assert_close(g, w, atol=1e-9, rtol=1e-9, msg=lambda m, n=n: f"{n}: {m}")
+    got_leaves = [t.to(dtype, copy=True).requires_grad_() for t in (q, k, v)]
+    got_t = {n: t.to(dtype, copy=True).requires_grad_() for n, t in tables.items()}
+    out, lse = pat(*got_leaves, return_lse=True, **call, **kw, **got_t)
+    got = _grads(out.double(), lse.double(), [*got_leaves, *got_t.values()])
+    names = ["dq", "dk", "dv", *[f"d{t}" for t in tables]]
+    return (out.double(), lse.double(), got), (want_out, want_lse, want), names
+
+
+def _assert_close(ours, want, names, tol, grad_tol):
+    torch.testing.assert_close(ours[0], want[0], atol=tol, rtol=tol)
+    torch.testing.assert_close(ours[1], want[1], atol=tol, rtol=tol)
+    for n, g, w in zip(names, ours[2], want[2]):
+        torch.testing.assert_close(g.double(), w, atol=grad_tol, rtol=grad_tol, msg=lambda m, n=n: f"{n}: {m}")
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_matches_the_paper_reference_with_gradients(name, backend):
+    ours, want, names = _against_the_reference(name, torch.float64, backend=backend)
+    _assert_close(ours, want, names, 1e-10, 1e-9)
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_triton_interpreter_matches_the_paper_reference(name):
     if os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("the generated kernels run on CPU tensors only in the interpreter (conftest sets it without CUDA)")
-    pat, kw, tables, ref, (q, k, v) = _case(name)
-    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-    tl_ = {n: t.clone().requires_grad_() for n, t in tables.items()}
-    want_out, want_lse = ref(*leaves, tl_)
-    want = _grads(want_out, want_lse, [*leaves, *tl_.values()])
-    got_leaves = [t.float().requires_grad_() for t in (q, k, v)]
-    got_t = {n: t.float().requires_grad_() for n, t in tables.items()}
-    out, lse = pat(*got_leaves, return_lse=True, backend="triton", block=(16, 16), **kw, **got_t)
-    got = _grads(out.double(), lse.double(), [*got_leaves, *got_t.values()])
-    torch.testing.assert_close(out.double(), want_out, atol=2e-5, rtol=2e-5)
-    torch.testing.assert_close(lse.double(), want_lse, atol=2e-5, rtol=2e-5)
-    for n, g, w in zip(["dq", "dk", "dv", *[f"d{t}" for t in tables]], got, want):
-        torch.testing.assert_close(g.double(), w, atol=1e-4, rtol=1e-4, msg=lambda m, n=n: f"{n}: {m}")
+    ours, want, names = _against_the_reference(name, torch.float32, backend="triton", block=(16, 16))
+    _assert_close(ours, want, names, 2e-5, 1e-4)
 
 
 @pytest.mark.parametrize("name", sorted(CASES))

@@ -14,13 +14,7 @@ from attnc.runtime.reference import ReferenceBackend, dense_attention
 from attnc.runtime.torch_backend import TorchBackend, TorchPathConfig, partial_tile_masks, scan_plan
 from conftest import example_names, example_pattern
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Many tiny ops: on a shared 2-core machine, OpenMP contention costs 10x."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one torch thread per module
 
 
 #: small tiles, tiny chunks and groups: every code path of the schedule at test sizes
