@@ -132,6 +132,12 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--sweep", metavar="VAR=SPEC", help="simulate over N or a parameter: N=1024:65536:x2, "
                      "N=1000:5000:+1000 or window=64,128,256 (a table, or JSON with --json)")
     sim.add_argument("--png", metavar="OUT", help="with --sweep: plot speedup and bounds against the variable")
+    sim.add_argument("--ranks", metavar="R[,R...]", help="context parallelism over R ranks: per-rank work, bytes "
+                     "exchanged and imbalance, beside plain ring attention (docs/distributed.md)")
+    sim.add_argument("--strategy", default="auto", choices=["auto", "contiguous", "balanced", "zigzag"],
+                     help="with --ranks: how tiles are assigned to ranks (default: auto, by the link model)")
+    sim.add_argument("--flops-per-byte", type=float, default=None, metavar="F",
+                     help="with --ranks: a rank's FLOP rate over its link bandwidth (default 2200: H100 on NVLink)")
 
     cp = sub.add_parser("compile", help="write the generated Triton kernels and the plan metadata (JSON)")
     cp.add_argument("file", metavar="FILE")
@@ -358,6 +364,10 @@ def cmd_simulate(args, out, err) -> int:
     if args.seq_len is None and args.grid is None:
         raise UsageError("attnc simulate: expected --seq-len N or --grid AxB (or --sweep N=...)")
     M, N, H, grid = _sizes(pat, args.seq_len, parse_grid(args.grid), args.heads)
+    if args.ranks is not None:
+        return _simulate_ranks(args, pat, M, N, H, grid, tile, out)
+    if args.flops_per_byte is not None or args.strategy != "auto":
+        raise UsageError("--strategy / --flops-per-byte: expected --ranks R as well")
     rep = pat.simulate(M, N, heads=H, head_dim=args.head_dim, grid=grid, tile=tile, gpu=args.gpu,
                        routed_density=args.routed_density)
     print(rep.to_json() if args.json else rep.to_table(), file=out)
@@ -541,6 +551,46 @@ def _aot_targets(args) -> list[str]:
         return parse_targets(args.target)
     except AOTError as exc:
         raise UsageError(f"--target: {exc}") from None
+
+
+def _simulate_ranks(args, pat, M, N, H, grid, tile, out) -> int:
+    """`attnc simulate --ranks R[,R...]`: the context-parallel sharding (attnc/sharding.py)
+    at each rank count, from the pattern's plan at these sizes and this tile."""
+    import json
+
+    from .sharding import LinkModel, shard
+
+    try:
+        counts = [int(r) for r in args.ranks.split(",")]
+    except ValueError:
+        counts = []
+    if not counts or min(counts) < 1:
+        raise UsageError(f"--ranks: expected positive rank counts like 8 or 8,64,1024, got {args.ranks!r}")
+    if isinstance(tile[0], tuple) or tile[0] != tile[1] or M != N:
+        raise UsageError(f"--ranks: expected square 1-D tiles and M == N (each rank holds queries and keys of its "
+                         f"positions), got tile {args.tile}; try --tile 128x128")
+    if args.flops_per_byte is not None and not args.flops_per_byte > 0:
+        raise UsageError(f"--flops-per-byte: expected a positive number, got {args.flops_per_byte}")
+    if pat.ir.inputs or pat._has_topk():
+        from .dynamic import synthetic_inputs
+        pat, inputs = synthetic_inputs(pat, M, N, H, grid, args.routed_density, {})
+    else:
+        inputs = {}
+    plan = pat.plan(M, N, heads=H, grid=grid, block=tile, **inputs)
+    link = LinkModel(head_dim=args.head_dim, **({} if args.flops_per_byte is None
+                                                   else {"flops_per_byte": args.flops_per_byte}))
+    reports = []
+    for R in counts:
+        try:
+            sharding = shard([plan], R, strategy=args.strategy, link=link)
+        except ValueError as exc:
+            raise UsageError(f"--ranks {R}: {exc}") from None
+        reports.append(sharding.report(head_dim=args.head_dim, name=pat.name))
+    if args.json:
+        print(json.dumps([r.to_dict() for r in reports], indent=1), file=out)
+    else:
+        print("\n\n".join(r.to_table() for r in reports), file=out)
+    return 0
 
 
 def _simulate_sweep(args, pat, tile, out, err) -> int:

@@ -28,6 +28,7 @@ one index_add_ per group (deterministic on CPU).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 from dataclasses import dataclass
@@ -186,6 +187,10 @@ class Schedule:
     nk: int
     chunks: tuple[Chunk, ...]
     tiles: int  # (query tile, key tile) pairs visited per batch element and unit head group
+    #: a restricted schedule ([Note: restricted schedules]): the global tile index of each local
+    #: query / key tile; None: local tile i is global tile i
+    q_tiles: torch.Tensor | None = None
+    k_tiles: torch.Tensor | None = None
 
 
 def build_schedule(call: Call, plan: Plan, masks: torch.Tensor, config: TorchPathConfig = CONFIG) -> Schedule:
@@ -278,6 +283,55 @@ def build_schedule(call: Call, plan: Plan, masks: torch.Tensor, config: TorchPat
     return Schedule(block=(bm, bn), shared=shared, nq=nq, nk=nk, chunks=tuple(chunks), tiles=tiles)
 
 
+def restrict(sched: Schedule, q_tiles, k_tiles) -> Schedule:
+    """The part of `sched` that computes query tiles `q_tiles` (ascending global tile
+    indices) against the key tiles `k_tiles` gathered for them: int64 [C, nk], one row
+    when every key/value head gathered the same tiles (C = 1), else row x for key/value
+    head x, padded with -1 (every key tile those queries visit must be there).
+
+    [Note: restricted schedules] Context parallelism (runtime/distributed.py) runs one
+    rank's query tiles against the key tiles it gathered from other ranks. The global
+    schedule is cut down to the units of those query tiles, and its tile indices are
+    renumbered into the local q / k tensors (local query tile j = global tile q_tiles[j];
+    local key tile j of head x = global tile k_tiles[x or 0, j]); both are kept so that
+    score terms see global positions. Masks and slot order are the global schedule's, so
+    every local row is computed exactly as in one process. Padding slots (all-False
+    masks) point at local key tile 0."""
+    q_tiles = torch.as_tensor(q_tiles, dtype=torch.int64)
+    k_tiles = torch.as_tensor(k_tiles, dtype=torch.int64)
+    k_tiles = k_tiles[None] if k_tiles.dim() == 1 else k_tiles
+    if sched.q_tiles is not None:
+        raise ValueError("restrict: expected a global schedule, got a restricted one")
+    C, nk = k_tiles.shape
+    nq = q_tiles.numel()
+    q_local = torch.full((sched.nq,), -1, dtype=torch.int64)
+    q_local[q_tiles] = torch.arange(nq)
+    k_local = torch.zeros(C, sched.nk, dtype=torch.int64)  # tiles not gathered: padding slots only
+    for c in range(C):
+        real = k_tiles[c] >= 0
+        k_local[c, k_tiles[c][real]] = torch.arange(nk)[real]
+    chunks = []
+    tiles = 0
+    for chunk in sched.chunks:
+        head, tile = chunk.q // sched.nq, chunk.q % sched.nq
+        keep = (q_local[tile] >= 0).nonzero().flatten()
+        if keep.numel() == 0:
+            continue
+        c = chunk.q.numel()
+        groups = []
+        for g in chunk.groups:
+            kv = g.kv.view(c, g.slots)[keep]
+            x = kv // sched.nk
+            kv = k_local[x if C > 1 else 0, kv % sched.nk] + x * nk
+            mask = None if g.mask is None else g.mask[keep].contiguous()
+            groups.append(Group(kv=kv.reshape(-1).contiguous(), slots=g.slots, n_full=g.n_full, mask=mask))
+            tiles += keep.numel() * g.n_full + (0 if mask is None else int(
+                mask.view(keep.numel(), 1, sched.block[0], -1, sched.block[1]).any(2).any(-1).sum()))
+        chunks.append(Chunk(q=(head[keep] * nq + q_local[tile[keep]]).contiguous(), groups=tuple(groups)))
+    return Schedule(block=sched.block, shared=sched.shared, nq=nq, nk=nk, chunks=tuple(chunks), tiles=tiles,
+                    q_tiles=q_tiles, k_tiles=k_tiles.clamp(min=0))
+
+
 #: schedules of static patterns, by (pattern, sizes, tile); bounded ([Note: cache limits] in attnc/lru.py)
 _SCHEDULES = LRU("schedules", 32, "torch-path tile schedules of static patterns (per pattern and size)")
 #: schedules of patterns with run-time inputs, by the inputs' content ([Note: input schedules])
@@ -311,22 +365,45 @@ def schedules(call: Call, config: TorchPathConfig = CONFIG) -> list[tuple[slice,
     (`inputs_digest`): equal values hit whatever tensor holds them, an in-place
     change misses. Hashing costs O(inputs) per call, far below a rebuild.
     """
-    block = (min(config.block[0], _pow2_at_least(call.M)), min(config.block[1], _pow2_at_least(call.N)))
+    block = tile_block(call, config)
     key = (call.pattern.ir, call.M, call.N, call.Hq, call.Hkv, call.grid, block, config)
-    if not call.pattern.ir.inputs:
-        def build():
-            plan = call.pattern.plan(call.M, call.N, heads=call.Hq, grid=call.grid, block=block)
-            return build_schedule(call, plan, partial_tile_masks(call, plan), config)
-        return [(slice(0, call.B), _SCHEDULES.get(key, build))]
-    batches, batched = call.pattern._inputs(call.M, call.N, call.Hq, dict(call.inputs), batch=call.B)
     out = []
-    for b, inputs in enumerate(batches):
+    for bs, inputs in _batches(call):
         def build(inputs=inputs):
-            plan = scan_plan(call, inputs, block)
+            plan = _plan(call, inputs, block)
             return build_schedule(call, plan, partial_tile_masks(call, plan, inputs), config)
-        sched = _INPUT_SCHEDULES.get(key + (inputs_digest(inputs),), build)
-        out.append((slice(b, b + 1) if len(batches) > 1 else slice(0, call.B), sched))
+        if inputs is None:
+            out.append((bs, _SCHEDULES.get(key, build)))
+        else:
+            out.append((bs, _INPUT_SCHEDULES.get(key + (inputs_digest(inputs),), build)))
     return out
+
+
+def plans(call: Call, config: TorchPathConfig = CONFIG) -> list[tuple[slice, Plan]]:
+    """(batch slice, tile plan) pairs: the plans `schedules` builds its schedules from, in
+    the same order (built afresh: the schedules are what is cached)."""
+    block = tile_block(call, config)
+    return [(bs, _plan(call, inputs, block)) for bs, inputs in _batches(call)]
+
+
+def tile_block(call: Call, config: TorchPathConfig = CONFIG) -> tuple[int, int]:
+    """The torch path's tile for this call: the configured one, shrunk to short sequences."""
+    return min(config.block[0], _pow2_at_least(call.M)), min(config.block[1], _pow2_at_least(call.N))
+
+
+def _batches(call: Call) -> list[tuple[slice, dict | None]]:
+    """(batch slice, one element's run-time inputs or None for a static pattern): one
+    entry when every batch element shares its inputs."""
+    if not call.pattern.ir.inputs:
+        return [(slice(0, call.B), None)]
+    batches, _ = call.pattern._inputs(call.M, call.N, call.Hq, dict(call.inputs), batch=call.B)
+    return [(slice(b, b + 1) if len(batches) > 1 else slice(0, call.B), inputs) for b, inputs in enumerate(batches)]
+
+
+def _plan(call: Call, inputs: dict | None, block: tuple[int, int]) -> Plan:
+    if inputs is None:
+        return call.pattern.plan(call.M, call.N, heads=call.Hq, grid=call.grid, block=block)
+    return scan_plan(call, inputs, block)
 
 
 def _pow2_at_least(n: int) -> int:
@@ -444,8 +521,13 @@ def _pairs(call: Call, sched: Schedule, chunk: Chunk, group: Group, Gu: int, X: 
     bm, bn = sched.block
     c = chunk.q.numel()
     qt = chunk.q.to(device)
-    rows = ((qt % sched.nq)[:, None] * bm + torch.arange(bm, device=device)).view(1, 1, c, 1, bm, 1)
-    kt = group.kv.to(device).view(c, group.slots) % sched.nk
+    qg = qt % sched.nq
+    kv = group.kv.to(device).view(c, group.slots)
+    kt = kv % sched.nk
+    if sched.q_tiles is not None:  # a restricted schedule: global positions ([Note: restricted schedules])
+        kx = kv // sched.nk if sched.k_tiles.shape[0] > 1 else 0
+        qg, kt = sched.q_tiles.to(device)[qg], sched.k_tiles.to(device)[kx, kt]
+    rows = (qg[:, None] * bm + torch.arange(bm, device=device)).view(1, 1, c, 1, bm, 1)
     keys = (kt[:, :, None] * bn + torch.arange(bn, device=device)).reshape(c, group.slots * bn)
     keys = keys.view(1, 1, c, 1, 1, group.slots * bn)
     if sched.shared:
@@ -576,13 +658,16 @@ def forward(call: Call, q, k, v, config: TorchPathConfig = CONFIG) -> tuple[torc
     out = q.new_zeros(B, Hq, M, v.shape[-1])
     lse = torch.full((B, Hq, M), float("-inf"), dtype=acc, device=q.device)
     for bs, sched in schedules(call, config):
-        o, l = _forward_one(sched, call, q[bs], k[bs], v[bs], acc)
+        o, l = run_forward(sched, call, q[bs], k[bs], v[bs], acc)
         out[bs] = o
         lse[bs] = l
     return out, lse
 
 
-def _forward_one(sched: Schedule, call: Call, q, k, v, acc):
+def run_forward(sched: Schedule, call: Call, q, k, v, acc=None):
+    """out, lse of one schedule's rows (q / k / v of the batch slice it serves; under a
+    restricted schedule, a rank's query rows and its gathered keys)."""
+    acc = acc or _acc_dtype(q.dtype)
     sched = _on_device(sched, q.device)
     w = _Views(sched, call, q, k, v, acc)
     tq = w.flat(w.q, w.bm)
@@ -620,7 +705,8 @@ def _forward_one(sched: Schedule, call: Call, q, k, v, acc):
         lse_c = (m_i + torch.log(l_i)).masked_fill_(empty, float("-inf"))
         w.scatter_q(tout, qi, o_i)
         w.scatter_q(tlse, qi, lse_c)
-    return out_p[:, :, : call.M].to(q.dtype), lse_p[:, :, : call.M, 0]
+    M = q.shape[2]  # call.M, or a rank's rows under a restricted schedule
+    return out_p[:, :, :M].to(q.dtype), lse_p[:, :, :M, 0]
 
 
 def backward(call: Call, q, k, v, out, lse, dout, dlse=None, config: TorchPathConfig = CONFIG):
@@ -628,7 +714,7 @@ def backward(call: Call, q, k, v, out, lse, dout, dlse=None, config: TorchPathCo
     tables = call.score_tables(_acc_dtype(q.dtype), q.device)
     dtables = {n: torch.zeros_like(t) for n, t in tables.items()}
     for bs, sched in schedules(call, config):
-        g = _backward_one(sched, call, q[bs], k[bs], v[bs], out[bs], lse[bs], dout[bs], None if dlse is None else dlse[bs],
+        g = run_backward(sched, call, q[bs], k[bs], v[bs], out[bs], lse[bs], dout[bs], None if dlse is None else dlse[bs],
                           tables, dtables)
         dq[bs], dk[bs], dv[bs] = g
     if call.score is not None:
@@ -636,7 +722,9 @@ def backward(call: Call, q, k, v, out, lse, dout, dlse=None, config: TorchPathCo
     return dq, dk, dv
 
 
-def _backward_one(sched: Schedule, call: Call, q, k, v, out, lse, dout, dlse, tables: dict, dtables: dict):
+def run_backward(sched: Schedule, call: Call, q, k, v, out, lse, dout, dlse, tables: dict, dtables: dict):
+    """dq, dk, dv of one schedule's rows (see `run_forward`), adding the score tables'
+    gradients into `dtables`."""
     acc = _acc_dtype(q.dtype)
     sched = _on_device(sched, q.device)
     w = _Views(sched, call, q, k, v, acc)
@@ -673,7 +761,8 @@ def _backward_one(sched: Schedule, call: Call, q, k, v, out, lse, dout, dlse, ta
             w.add_kv(tdk, ki, torch.matmul(ds.transpose(-1, -2), qc).mul_(call.scale))
             w.add_kv(tdv, ki, torch.matmul(p.transpose(-1, -2), doc))
         w.scatter_q(tdq, qi, dqc.mul_(call.scale))
-    return (dq_p[:, :, : call.M].to(q.dtype), dk_p[:, :, : call.N].to(k.dtype), dv_p[:, :, : call.N].to(v.dtype))
+    M, N = q.shape[2], k.shape[2]  # call.M and call.N, or a rank's rows and keys (restricted schedules)
+    return dq_p[:, :, :M].to(q.dtype), dk_p[:, :, :N].to(k.dtype), dv_p[:, :, :N].to(v.dtype)
 
 
 def _score_backward(step, qs, kc, vc, doc, lse_c, delta_c, group, w, dtables):
@@ -694,7 +783,7 @@ def _on_device(sched: Schedule, device: torch.device) -> Schedule:
     chunks = tuple(Chunk(q=ch.q.to(device), groups=tuple(
         Group(kv=g.kv.to(device), slots=g.slots, n_full=g.n_full, mask=None if g.mask is None else g.mask.to(device))
         for g in ch.groups)) for ch in sched.chunks)
-    return Schedule(block=sched.block, shared=sched.shared, nq=sched.nq, nk=sched.nk, chunks=chunks, tiles=sched.tiles)
+    return dataclasses.replace(sched, chunks=chunks)
 
 
 # ----------------------------------------------------------------------------- the backend
