@@ -13,7 +13,7 @@ from .errors import AttnError, Diagnostic, SizeError, Span
 
 __version__ = "0.1.0"
 
-__all__ = ["AttnError", "SizeError", "BoundPattern", "CuSeqlens", "cu_seqlens", "nn", "Diagnostic", "PatternInfo", "Program", "Span", "load", "loads", "set_cache_limit", "__version__"]
+__all__ = ["AttnError", "SizeError", "BoundPattern", "CuSeqlens", "cu_seqlens", "distributed", "nn", "Diagnostic", "PatternInfo", "Program", "Span", "load", "loads", "set_cache_limit", "__version__"]
 
 #: names imported on first use (PEP 562), so `attnc --help` and `attnc check` start without
 #: importing torch (program.py loads sympy and networkx; torch comes with the first mask or plan)
@@ -22,8 +22,8 @@ _LAZY = {"set_cache_limit": "lru", "BoundPattern": "program", "CuSeqlens": "prog
 
 
 def __getattr__(name: str):
-    if name == "nn":  # attnc.nn.SparseAttention, attnc.nn.register_hf
-        return importlib.import_module(".nn", __name__)
+    if name in ("nn", "distributed"):  # attnc.nn.SparseAttention, attnc.distributed.layout, ...
+        return importlib.import_module(f".{name}", __name__)
     if name in _LAZY:
         value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
         globals()[name] = value

@@ -305,19 +305,15 @@ def shard(plans, ranks: int, *, kv_heads: int | None = None, strategy: str = "au
     classes = Hkv if any(p.full.counts.shape[0] > 1 for p in plans) else 1
     tile_flops = 4.0 * bm * bn * link.head_dim
     row_bytes = 2 * link.head_dim * link.bytes_per_element  # K and V of one token of one head
-    tile_len = np.minimum(bm, p0.N - np.arange(nt) * bm)
     best = None
     table = {}
     for name, owner in _candidates(work, ranks, strategy).items():
-        need = _need(plans, owner, ranks, classes)
-        w = np.bincount(owner, weights=work, minlength=ranks).astype(np.int64)
-        recv = np.array([sum(int(tile_len[n[owner[n] != r]].sum()) * (Hkv if classes == 1 else 1) for n in per_class)
-                         for r, per_class in enumerate(need)])
-        cost = float((w * tile_flops + recv * row_bytes * link.flops_per_byte).max())
-        table[name] = (int(w.max()), cost, int(recv.sum()))
-        key = (cost, int(recv.sum()))
-        if best is None or key < best[0]:
-            best = (key, name, owner, w, need)
-    _, name, owner, w, need = best
-    return Sharding(N=p0.N, ranks=ranks, tile=bm, heads=heads, kv_heads=Hkv, strategy=name, owner=owner.astype(np.int64), work=w,
-                    need=need, candidates=table)
+        s = Sharding(N=p0.N, ranks=ranks, tile=bm, heads=heads, kv_heads=Hkv, strategy=name, owner=owner.astype(np.int64),
+                     work=np.bincount(owner, weights=work, minlength=ranks).astype(np.int64),
+                     need=_need(plans, owner, ranks, classes), candidates=table)
+        recv = s.traffic[0]
+        cost = float((s.work * tile_flops + recv * row_bytes * link.flops_per_byte).max())
+        table[name] = (int(s.work.max()), cost, int(recv.sum()))
+        if best is None or (cost, int(recv.sum())) < best[0]:
+            best = ((cost, int(recv.sum())), s)
+    return best[1]

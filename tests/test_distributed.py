@@ -320,3 +320,30 @@ def test_the_shipped_training_example_matches_one_process():
     assert res.returncode == 0, res.stderr[-2000:]
     # each rank prints one report (their lines may interleave) and asserts it matches one process
     assert res.stdout.count("max |grad difference|") == 2
+
+
+def test_attnc_distributed_is_reachable_from_the_package():
+    import importlib
+    import subprocess
+    import sys
+
+    code = "import attnc; print(attnc.distributed.layout.__module__)"
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and res.stdout.strip() == "attnc.runtime.distributed", res.stderr
+    assert set(importlib.import_module("attnc.distributed").__all__) >= {"layout", "attention", "gather", "Layout"}
+
+
+def test_layout_docstring_and_input_errors():
+    import doctest
+
+    import attnc.runtime.distributed as module
+
+    assert doctest.testmod(module).failed == 0
+    packed = attnc.load(EX / "packed.attn").pattern()
+    with pytest.raises(ValueError, match=r"doc: expected a torch integer tensor .* try torch.as_tensor\(doc\)"):
+        cp.layout(packed, 100, ranks=2, doc=[0, 1])
+    with pytest.raises(ValueError, match="unexpected input 'dok'"):
+        cp.layout(packed, 100, ranks=2, dok=torch.zeros(100))
+    # cu_seqlens offsets are segments too
+    lay = cp.layout(packed, 1000, ranks=2, doc=attnc.cu_seqlens(torch.tensor([0, 300, 1000])))
+    assert lay.sharding.tokens(0) + lay.sharding.tokens(1) == 1000
