@@ -211,17 +211,17 @@ def layout(pattern, seq_len: int | None = None, *, ranks: int, heads: int = 1, k
     M, N, H, grid = pattern.resolve_sizes(seq_len, seq_len, heads, grid)
     from attnc.program import CuSeqlens
 
-    pattern.check_input_names(inputs)  # unknown names: expected / got / try
-    for n, t in inputs.items():
-        if not isinstance(t, (torch.Tensor, CuSeqlens)):
-            raise ValueError(f"{n}: expected a torch integer tensor for the whole sequence, got {type(t).__name__}; "
-                             f"try torch.as_tensor({n})")
     names = [s.name for s in pattern.ir.inputs]
     missing = [n for n in names if n not in inputs]
     if missing:
         raise ValueError(f"layout: expected the run-time input{'s' if len(missing) > 1 else ''} "
                          f"{', '.join(missing)} of pattern '{pattern.name}' for the whole sequence; try "
                          f"layout(pat, N, ranks=R, {missing[0]}=...)")
+    pattern.check_input_names(inputs)  # unknown names: expected / got / try
+    for n, t in inputs.items():
+        if not isinstance(t, (torch.Tensor, CuSeqlens)):
+            raise ValueError(f"{n}: expected a torch integer tensor for the whole sequence, got {type(t).__name__}; "
+                             f"try torch.as_tensor({n})")
     inputs = {n: (t.segment_ids(N, n) if isinstance(t, CuSeqlens) else t) for n, t in inputs.items()}
     batch = max([int(t.shape[0]) for n, t in inputs.items() if t.dim() == (2 if _kind(pattern, n) == "segments" else 4)]
                 or [1])
