@@ -343,7 +343,7 @@ def test_layout_docstring_and_input_errors():
     with pytest.raises(ValueError, match=r"doc: expected a torch integer tensor .* try torch.as_tensor\(doc\)"):
         cp.layout(packed, 100, ranks=2, doc=[0, 1])
     with pytest.raises(ValueError, match="unexpected input 'dok'"):
-        cp.layout(packed, 100, ranks=2, dok=torch.zeros(100))
+        cp.layout(packed, 100, ranks=2, doc=torch.zeros(100, dtype=torch.int64), dok=torch.zeros(100))
     # cu_seqlens offsets are segments too
     lay = cp.layout(packed, 1000, ranks=2, doc=attnc.cu_seqlens(torch.tensor([0, 300, 1000])))
     assert lay.sharding.tokens(0) + lay.sharding.tokens(1) == 1000
