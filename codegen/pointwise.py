@@ -495,18 +495,18 @@ class Lowered:
                 [0, 0, 1, 1]], dtype=torch.int32)
         """
         tables = self.table_tensors(inputs, device)
-        batched = {t.name for t in self.tables if t.batched}
-        expr = self.expr
+        program = torch_program(self.expr)  # [Note: torch program]
 
         def fn(q, k, h, b=None):
             env = {"q": _as_tensor(q, device), "k": _as_tensor(k, device), "h": _as_tensor(h, device),
                    "b": _as_tensor(0 if b is None else b, device)}
-            out = _eval_torch(expr, env, tables, batched, {})
+            out = _run_torch(program, env, tables)
             if not isinstance(out, torch.Tensor):
                 shape = torch.broadcast_shapes(env["q"].shape, env["k"].shape, env["h"].shape)
                 return torch.full(shape, bool(out), dtype=torch.bool, device=env["q"].device)
             shape = torch.broadcast_shapes(out.shape, env["q"].shape, env["k"].shape, env["h"].shape)
-            return out.expand(shape)
+            # no expand when nothing broadcasts: inductor's FlexAttention lowering rejects a no-op expand
+            return out if out.shape == shape else out.expand(shape)
 
         return fn
 
@@ -1104,26 +1104,54 @@ def _unravel_expr(b: Builder, flat: Expr, sizes: list[int]) -> list[Expr]:
 # ----------------------------------------------------------------------------- the torch evaluator
 
 
-def _eval_torch(e: Expr, env: dict, tables: dict, batched: set, memo: dict):
-    got = memo.get(e)
-    if got is not None:
-        return got
-    if isinstance(e, Var):
-        r = env[e.name]
-    elif isinstance(e, Const):
-        r = e.value
-    elif isinstance(e, Lookup):
-        idx = [_eval_torch(i, env, tables, batched, memo) for i in e.index]
-        t = tables[e.table]
-        r = t[tuple(i if isinstance(i, torch.Tensor) else int(i) for i in idx)]
-        if e.bit is not None:
-            bit = _eval_torch(e.bit, env, tables, batched, memo)
-            r = ((r >> bit) & 1) != 0
-    else:
-        xs = [_eval_torch(a, env, tables, batched, memo) for a in e.args]
-        r = _TORCH_OPS[e.op](*xs)
-    memo[e] = r
-    return r
+def torch_program(expr: Expr) -> tuple:
+    """`expr` as a straight-line program: one step per distinct node, children first.
+
+    [Note: torch program] The torch evaluator runs this list instead of walking the
+    expression: shared subexpressions are computed once, and nothing is hashed or
+    looked up at run time, so torch.compile (FlexAttention's mask_mod) traces it as
+    plain tensor arithmetic. Size-tagged constants become plain ints here."""
+    steps: list[tuple] = []
+    slot: dict = {}
+
+    def go(e) -> int:
+        got = slot.get(e)
+        if got is not None:
+            return got
+        if isinstance(e, Var):
+            step = ("var", e.name, ())
+        elif isinstance(e, Const):
+            step = ("const", e.value if isinstance(e.value, bool) else int(e.value), ())
+        elif isinstance(e, Lookup):
+            args = tuple(go(i) for i in e.index) + (() if e.bit is None else (go(e.bit),))
+            step = ("lookup", (e.table, e.bit is not None), args)
+        else:
+            step = ("op", e.op, tuple(go(a) for a in e.args))
+        steps.append(step)
+        slot[e] = len(steps) - 1
+        return slot[e]
+
+    go(expr)
+    return tuple(steps)
+
+
+def _run_torch(program: tuple, env: dict, tables: dict):
+    vals = []
+    for kind, what, args in program:
+        if kind == "var":
+            r = env[what]
+        elif kind == "const":
+            r = what
+        elif kind == "lookup":
+            name, has_bit = what
+            idx = [vals[i] for i in (args[:-1] if has_bit else args)]
+            r = tables[name][tuple(i if isinstance(i, torch.Tensor) else int(i) for i in idx)]
+            if has_bit:
+                r = ((r >> vals[args[-1]]) & 1) != 0
+        else:
+            r = _TORCH_OPS[what](*(vals[i] for i in args))
+        vals.append(r)
+    return vals[-1]
 
 
 def _tmin(a, b):

@@ -7,12 +7,16 @@ output: `(mask_mod, BlockMask)` for `torch.nn.attention.flex_attention`, the
 does not: compile FlexAttention kernels (torch does) or evaluate masks itself:
         mask bits come from torch_backend.partial_tile_masks.
 
-[Note: mask_mod] The exported mask_mod is a lookup, vmap- and compile-friendly:
-a tile state table [Bx, Hx, nq, nk] (0 empty, 1 partial, 2 full) and, for
-partial tiles, a slot into a bank of bit tiles [S, bm, bn]. It is exact at
-every (b, h, q, k), so it also serves FlexAttention on tiles it did not plan.
-Indices are clamped before the lookups (FlexAttention may evaluate padded
-positions) and positions outside [0, M) x [0, N) are False.
+[Note: mask_mod] The exported mask_mod is the pattern's closed form -- the
+pointwise lowering the Triton kernels print (codegen/pointwise.py), a handful of
+integer compares per position, as cheap as a hand-written mask_mod -- and reads
+tensors only where the pattern does (segment ids, block tables). Patterns
+without a pointwise form fall back to a lookup: a tile state table
+[Bx, Hx, nq, nk] (0 empty, 1 partial, 2 full) and, for partial tiles, a slot
+into a bank of bit tiles [S, bm, bn]. Either is exact at every (b, h, q, k), so
+it also serves FlexAttention on tiles it did not plan; both are vmap- and
+compile-friendly. Indices are clamped before any lookup (FlexAttention may
+evaluate padded positions) and positions outside [0, M) x [0, N) are False.
 
 [Note: edge tiles] FlexAttention's own BlockMask never marks a tile that
 crosses the end of the sequence as full (create_block_mask pads with False),
@@ -28,7 +32,7 @@ from attnc import ir
 from attnc.lru import LRU
 
 from .backend import Backend, Call
-from .torch_backend import partial_tile_masks, scan_plan
+from .torch_backend import inputs_digest, partial_tile_masks, scan_plan
 
 
 def _flex():
@@ -62,6 +66,7 @@ class FlexExport:
     """What `to_flex` builds: tables behind mask_mod, and the BlockMask."""
 
     def __init__(self, call: Call, block: tuple[int, int], batches: list[dict]):
+        self.call, self.batches, self.device = call, batches, torch.device("cpu")
         M, N = call.M, call.N
         bm, bn = block
         states, slots, banks, fulls, partials = [], [], [], [], []
@@ -94,6 +99,33 @@ class FlexExport:
         self.M, self.N, self.block = M, N, block
 
     def mask_mod(self):
+        """The closed form where the pattern has one, else the lookup ([Note: mask_mod])."""
+        return self._closed_form() or self._lookup()
+
+    def _closed_form(self):
+        from attnc.codegen.pointwise import lower
+        from attnc.errors import AttnError
+
+        call, M, N = self.call, self.M, self.N
+        inputs = {n: torch.stack([b[n] for b in self.batches]) for n in (self.batches[0] if self.batches else {})}
+        try:
+            low = lower(call.pattern.ir, M, N, call.Hq, call.grid, {n: tuple(t.shape) for n, t in inputs.items()})
+        except AttnError:
+            return None
+        fn = low.evaluator(inputs, self.device)
+        Bx = len(self.batches)
+        reads = bool(low.tables)
+
+        def attnc_mask_mod(b, h, q_idx, kv_idx):
+            inside = (q_idx < M) & (kv_idx < N)
+            if reads:  # table lookups need indices in range
+                q_idx, kv_idx = q_idx.clamp(0, M - 1), kv_idx.clamp(0, N - 1)
+                b = b.clamp(0, Bx - 1) if Bx > 1 else b * 0
+            return fn(q_idx, kv_idx, h, b) & inside
+
+        return attnc_mask_mod
+
+    def _lookup(self):
         state, slot, bits = self.state, self.slot, self.bits
         M, N = self.M, self.N
         bm, bn = self.block
@@ -120,6 +152,7 @@ class FlexExport:
         return bm.to(device) if torch.device(device).type != "cpu" else bm
 
     def to(self, device) -> "FlexExport":
+        self.device = torch.device(device)
         for name in ("state", "slot", "bits", "full", "partial"):
             setattr(self, name, getattr(self, name).to(device))
         return self
@@ -240,14 +273,17 @@ class FlexBackend(Backend):
         return None
 
     def _export(self, call: Call, device):
+        """(mask_mod, BlockMask), cached by pattern, sizes and device -- and, with run-time
+        inputs, by their content (a training step's forward and backward, repeated packed
+        batches: [Note: input schedules] in torch_backend.py)."""
+        key = (call.pattern.ir, call.M, call.N, call.Hq, call.grid, self.block, str(device))
+        batches = [{}]
         if call.pattern.ir.inputs:
             batches, _ = call.pattern._inputs(call.M, call.N, call.Hq, dict(call.inputs), batch=call.B)
-            export = FlexExport(call, self.block, batches).to(device)
-            mask_mod = export.mask_mod()
-            return mask_mod, export.block_mask(mask_mod, device)
-        key = (call.pattern.ir, call.M, call.N, call.Hq, call.grid, self.block, str(device))
+            key += tuple(inputs_digest(b) for b in batches)
+
         def build():
-            export = FlexExport(call, self.block, [{}]).to(device)
+            export = FlexExport(call, self.block, batches).to(device)
             mask_mod = export.mask_mod()
             return mask_mod, export.block_mask(mask_mod, device)
 

@@ -118,3 +118,61 @@ def test_to_flex_bad_arguments():
     packed = attnc.load(EXAMPLES / "packed.attn").pattern()
     with pytest.raises(ValueError, match="missing run-time input 'doc'"):
         packed.to_flex(36)
+
+
+def test_the_export_is_closed_form_arithmetic_without_gathers_unless_the_pattern_reads_inputs():
+    """[Note: mask_mod]: as cheap as a hand-written mask_mod (a few compares), lookups only for inputs."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    def ops(pat, **kw):
+        mm, _ = pat.to_flex(kw.pop("M", 1024), block=(128, 128), **kw)
+        z = torch.zeros(1, 1, dtype=torch.long)
+        g = make_fx(mm)(z, z, torch.arange(4)[:, None], torch.arange(4)[None])
+        return [str(n.target) for n in g.graph.nodes if n.op == "call_function"]
+
+    window = ops(attnc.loads("pattern p = sliding(512) | (sink(4) & causal)").pattern())
+    assert not any("index" in o or "gather" in o for o in window) and len(window) <= 16
+    nat = ops(attnc.loads("pattern p on grid(h, w) = neighborhood(7)").pattern(), M=None, grid=(32, 32))
+    assert not any("index" in o or "gather" in o for o in nat)
+    packed = ops(attnc.loads("pattern p(doc: segments) = causal & same(doc)").pattern(), doc=torch.zeros(1024, dtype=torch.long))
+    assert sum("index" in o for o in packed) == 2  # doc[b, q] and doc[b, k]
+
+
+def test_the_lookup_fallback_is_exact(monkeypatch):
+    """Patterns without a pointwise form get the plan lookup; force it and compare everywhere."""
+    import attnc.codegen.pointwise as pw
+    from attnc.codegen.pointwise import LoweringError
+
+    def no_lowering(*a, **k):
+        raise LoweringError([])
+
+    monkeypatch.setattr(pw, "lower", no_lowering)
+    pat = attnc.loads("pattern p = sliding(7) | sink(2)").pattern()
+    mask_mod, _ = pat.to_flex(45, heads=2, block=(16, 16))
+    qq, kk = torch.meshgrid(torch.arange(45), torch.arange(45), indexing="ij")
+    assert torch.equal(mask_mod(torch.tensor(0), torch.tensor(1), qq, kk), pat.mask(45, heads=2)[1])
+    assert not mask_mod(torch.tensor(0), torch.tensor(0), torch.tensor(50), torch.tensor(3))
+    assert "state" in mask_mod.__code__.co_freevars  # the lookup, not the closed form
+
+
+def test_the_flex_backend_reuses_its_export_for_equal_inputs(monkeypatch):
+    import attnc.runtime.flex as fx
+
+    built = []
+    init = fx.FlexExport.__init__
+
+    def counting(self, *args):
+        built.append(1)
+        init(self, *args)
+
+    monkeypatch.setattr(fx.FlexExport, "__init__", counting)
+    pat = attnc.load(EXAMPLES / "packed.attn").pattern()
+    q = torch.randn(1, 2, 256, 16)
+    doc = torch.tensor([0] * 100 + [1] * 156)
+    with torch.no_grad():
+        a = pat(q, q, q, backend="flex", doc=doc)
+        b = pat(q, q, q, backend="flex", doc=doc.clone())  # equal values, another tensor: no rebuild
+        pat(q, q, q, backend="flex", doc=torch.tensor([0] * 50 + [1] * 206))
+        ref = pat(q, q, q, backend="reference", doc=doc)
+    assert len(built) == 2
+    assert torch.equal(a, b) and torch.allclose(a, ref, atol=1e-5)
