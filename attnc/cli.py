@@ -370,8 +370,28 @@ def cmd_simulate(args, out, err) -> int:
         raise UsageError("--strategy / --flops-per-byte: expected --ranks R as well")
     rep = pat.simulate(M, N, heads=H, head_dim=args.head_dim, grid=grid, tile=tile, gpu=args.gpu,
                        routed_density=args.routed_density)
-    print(rep.to_json() if args.json else rep.to_table(), file=out)
+    print(rep.to_json() if args.json else rep.to_table() + _cpu_tiles(pat, M, N, H, grid), file=out)
     return 0
+
+
+def _cpu_tiles(pat, M, N, H, grid) -> str:
+    """The torch path's tile choice on a grid and the alternatives it weighed (a table line)."""
+    if grid is None or pat.ir.inputs or pat._has_topk():
+        return ""
+    import torch
+
+    from .runtime.ops import make_call
+    from .runtime.torch_backend import tile_options
+
+    e = torch.empty(()).expand(1, H, N, 64)
+    chosen, costs = tile_options(make_call(pat, e[:, :, :M], e, e, {}, grid, 1.0,
+                                           tables={n: torch.zeros(s) for n, s in pat.table_shapes(M, N, H, grid).items()}))
+    if not costs:
+        return ""
+    text = lambda b: "/".join("x".join(map(str, t)) for t in b) if isinstance(b[0], tuple) else f"{b[0]}x{b[1]}"  # noqa: E731
+    rest = ", ".join(f"{text(b)} {c / costs[chosen]:.2f}x" for b, c in costs.items() if b != chosen)
+    return (f"\n{'cpu torch path'.ljust(len('predicted_speedup'))}  tiles {text(chosen)} (predicted time relative to it, D = 64: {rest}; "
+            f"runtime/torch_backend.choose_tile)")
 
 
 def cmd_compile(args, out, err) -> int:

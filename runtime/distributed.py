@@ -179,7 +179,7 @@ class Layout:
         key = (rank, call.Hkv, call.B)
         if key not in self._schedules:
             ex = self.exchange(rank)
-            self._schedules[key] = [(bs, tb.restrict(sched, ex.q_tiles, ex.k_tiles)) for bs, sched in tb.schedules(call)]
+            self._schedules[key] = [(bs, tb.restrict(sched, ex.q_tiles, ex.k_tiles)) for bs, sched in tb.schedules(call, nd=False)]
         return self._schedules[key]
 
 

@@ -63,7 +63,8 @@ CONFIG = TorchPathConfig()
 # ----------------------------------------------------------------------------- masks of partial tiles
 
 
-def partial_tile_masks(call: Call, plan: Plan, inputs: dict | None = None, *, chunk_elements: int | None = None) -> torch.Tensor:
+def partial_tile_masks(call: Call, plan: Plan, inputs: dict | None = None, *, chunk_elements: int | None = None,
+                       layout=None) -> torch.Tensor:
     """The mask bits of every partial tile of `plan`: bool [Hm, nq, P, bm, bn].
 
     Entry [h, i, p] is the tile (query tile i, key tile plan.partial.index[h, i, p])
@@ -77,17 +78,21 @@ def partial_tile_masks(call: Call, plan: Plan, inputs: dict | None = None, *, ch
     [Note: mask bits] The bits come from the pointwise lowering
     (codegen/pointwise.py, the expression the Triton kernels print) evaluated
     only on the partial tiles: O(partial tiles * bm * bn). Patterns it cannot
-    lower fall back to the reference evaluator's rows (O(M * N)).
+    lower fall back to the reference evaluator's rows (O(M * N)). With N-D tiles
+    (`layout`, codegen/ndtiles.TileLayout) positions are those of the padded
+    tile-major order and the lowering is permuted into it (padding never allowed).
     """
     bm, bn = plan.block
     nq, nk = plan.shape
-    M, N, H = call.M, call.N, call.Hq
+    M, N, H = (call.M, call.N, call.Hq) if layout is None else (layout.M, layout.N, call.Hq)
     Hx, _, P = plan.partial.index.shape
     out = torch.zeros(H, nq, P, bm, bn, dtype=torch.bool)
     if int(plan.partial.counts.sum()) == 0:
         return out[:1] if Hx == 1 else out  # keep a per-head plan's head dimension
     budget = chunk_elements or CONFIG.mask_chunk_elements
-    fn, uses_h = _pointwise(call, inputs)
+    fn, uses_h = _pointwise(call, inputs, layout)
+    if fn is None and layout is not None:
+        raise ValueError("N-D tiles need the pattern's pointwise form")  # never chosen without one (choose_tile)
     if fn is not None:
         # one plan for every head and bits that do not read h: evaluate one head, not H copies
         He = 1 if Hx == 1 and not uses_h else H
@@ -125,17 +130,20 @@ def partial_tile_masks(call: Call, plan: Plan, inputs: dict | None = None, *, ch
     return out
 
 
-def _pointwise(call: Call, inputs: dict | None):
+def _pointwise(call: Call, inputs: dict | None, layout=None):
     """(the pattern's pointwise mask function (q, k, h, b) -> bool, whether it
-    reads h), or (None, True) when the pattern has no pointwise lowering."""
+    reads h), or (None, True) when the pattern has no pointwise lowering; in the
+    padded tile-major order of `layout` when given."""
     from attnc.codegen.pointwise import lower
 
     batched = {n: t[None] for n, t in (inputs or {}).items()}  # one batch element: b = 0
     try:
         low = lower(call.pattern.ir, call.M, call.N, call.Hq, call.grid, {n: tuple(t.shape) for n, t in batched.items()})
-        return low.evaluator(batched), low.uses("h")
     except AttnError:
         return None, True
+    if layout is not None:
+        low = layout.lower(low)
+    return low.evaluator(batched), low.uses("h")
 
 
 def scan_plan(call: Call, inputs: dict, block: tuple[int, int]) -> Plan:
@@ -191,13 +199,19 @@ class Schedule:
     #: query / key tile; None: local tile i is global tile i
     q_tiles: torch.Tensor | None = None
     k_tiles: torch.Tensor | None = None
+    #: N-D tiles: the padded tile-major order (codegen/ndtiles.TileLayout) q / k / v are
+    #: gathered into and out / lse / gradients scattered back from ([Note: N-D tiles here])
+    layout: object | None = None
 
 
-def build_schedule(call: Call, plan: Plan, masks: torch.Tensor, config: TorchPathConfig = CONFIG) -> Schedule:
-    """Turn a plan and its partial-tile masks into gather tables (pure function)."""
+def build_schedule(call: Call, plan: Plan, masks: torch.Tensor, config: TorchPathConfig = CONFIG,
+                   layout=None) -> Schedule:
+    """Turn a plan and its partial-tile masks into gather tables (pure function). With
+    N-D tiles (`layout`) the keys are the padded tile-major order: no ragged last tile
+    (padding is masked in the partial tiles, codegen/ndtiles.TileLayout.kernel_plan)."""
     bm, bn = plan.block
     nq, nk = plan.shape
-    N = call.N
+    N = call.N if layout is None else layout.N
     Hq, Hkv = call.Hq, call.Hkv
     G = Hq // Hkv
     Hx = masks.shape[0]  # 1: one plan and one set of bits for every head
@@ -280,7 +294,7 @@ def build_schedule(call: Call, plan: Plan, masks: torch.Tensor, config: TorchPat
                 m = masks_c[:, a:b].permute(0, 2, 1, 3).reshape(c, 1, bm, (b - a) * bn).contiguous()
             groups.append(Group(kv=flat_kv[:, g0:g1].reshape(-1).contiguous(), slots=g1 - g0, n_full=n_full, mask=m))
         chunks.append(Chunk(q=qidx, groups=tuple(groups)))
-    return Schedule(block=(bm, bn), shared=shared, nq=nq, nk=nk, chunks=tuple(chunks), tiles=tiles)
+    return Schedule(block=(bm, bn), shared=shared, nq=nq, nk=nk, chunks=tuple(chunks), tiles=tiles, layout=layout)
 
 
 def restrict(sched: Schedule, q_tiles, k_tiles) -> Schedule:
@@ -300,8 +314,8 @@ def restrict(sched: Schedule, q_tiles, k_tiles) -> Schedule:
     q_tiles = torch.as_tensor(q_tiles, dtype=torch.int64)
     k_tiles = torch.as_tensor(k_tiles, dtype=torch.int64)
     k_tiles = k_tiles[None] if k_tiles.dim() == 1 else k_tiles
-    if sched.q_tiles is not None:
-        raise ValueError("restrict: expected a global schedule, got a restricted one")
+    if sched.q_tiles is not None or sched.layout is not None:
+        raise ValueError("restrict: expected a global schedule of 1-D tiles, got a restricted or N-D one")
     C, nk = k_tiles.shape
     nq = q_tiles.numel()
     q_local = torch.full((sched.nq,), -1, dtype=torch.int64)
@@ -350,7 +364,7 @@ def inputs_digest(inputs: dict[str, torch.Tensor]) -> tuple:
 
 
 
-def schedules(call: Call, config: TorchPathConfig = CONFIG) -> list[tuple[slice, Schedule]]:
+def schedules(call: Call, config: TorchPathConfig = CONFIG, nd: bool = True) -> list[tuple[slice, Schedule]]:
     """(batch slice, schedule) pairs covering the batch.
 
     Static patterns: one schedule, cached by (pattern IR, sizes, heads, grid,
@@ -364,12 +378,19 @@ def schedules(call: Call, config: TorchPathConfig = CONFIG) -> list[tuple[slice,
     LRU (`_INPUT_CACHE_SIZE`) keyed by a hash of the inputs' values
     (`inputs_digest`): equal values hit whatever tensor holds them, an in-place
     change misses. Hashing costs O(inputs) per call, far below a rebuild.
+
+    `nd=False` keeps 1-D tiles (context parallelism restricts these schedules to a
+    rank's tiles); otherwise `choose_tile` may choose N-D tiles on a grid.
     """
-    block = tile_block(call, config)
+    block = choose_tile(call, config) if nd else tile_block(call, config)
     key = (call.pattern.ir, call.M, call.N, call.Hq, call.Hkv, call.grid, block, config)
     out = []
     for bs, inputs in _batches(call):
         def build(inputs=inputs):
+            if isinstance(block[0], tuple):  # N-D tiles: static patterns only (choose_tile)
+                layout = _layout(call, block)
+                plan = layout.kernel_plan(call.pattern.plan(call.M, call.N, heads=call.Hq, grid=call.grid, block=block))
+                return build_schedule(call, plan, partial_tile_masks(call, plan, layout=layout), config, layout)
             plan = _plan(call, inputs, block)
             return build_schedule(call, plan, partial_tile_masks(call, plan, inputs), config)
         if inputs is None:
@@ -380,15 +401,101 @@ def schedules(call: Call, config: TorchPathConfig = CONFIG) -> list[tuple[slice,
 
 
 def plans(call: Call, config: TorchPathConfig = CONFIG) -> list[tuple[slice, Plan]]:
-    """(batch slice, tile plan) pairs: the plans `schedules` builds its schedules from, in
-    the same order (built afresh: the schedules are what is cached)."""
+    """(batch slice, tile plan) pairs of 1-D tiles (the torch path's `tile_block`), one per
+    distinct batch element, built afresh (the schedules are what is cached). Context
+    parallelism shards these; `schedules` may choose N-D tiles instead (`choose_tile`)."""
     block = tile_block(call, config)
     return [(bs, _plan(call, inputs, block)) for bs, inputs in _batches(call)]
 
 
 def tile_block(call: Call, config: TorchPathConfig = CONFIG) -> tuple[int, int]:
-    """The torch path's tile for this call: the configured one, shrunk to short sequences."""
+    """The torch path's 1-D tile for this call: the configured one, shrunk to short sequences."""
     return min(config.block[0], _pow2_at_least(call.M)), min(config.block[1], _pow2_at_least(call.N))
+
+
+#: N-D tiles the torch path considers per grid dimension: 64-token query boxes, key boxes of
+#: 64 or 16 tokens (small key boxes cover a window's footprint more tightly; measured on a
+#: 7x7 neighbourhood at 96x96: 8x8 / 4x4 tiles 193 ms, 8x8 / 8x8 291 ms, 1-D 301 ms)
+ND_TILES = {2: (((8, 8), (8, 8)), ((8, 8), (4, 4))), 3: (((4, 4, 4), (4, 4, 4)), ((2, 4, 8), (1, 4, 4)))}
+#: N-D tiles are chosen when their predicted time is at most this fraction of the 1-D
+#: tiles' (the model's error on the cases it was fitted to is about 10 %)
+ND_GAIN = 0.9
+
+_TILE_CHOICES = LRU("tile_choices", 64, "the torch path's tile choice per pattern and size")
+
+#: the torch path's time model, ns per full-tile pair, partial-tile pair, visited tile and
+#: (N-D tiles) token gathered into and out of the tile-major order, per head: a least-squares
+#: fit to 12 runs of 2-D / 3-D neighbourhoods and blocked attention, 1-D and N-D tiles,
+#: H = 8, D = 64, fp32, one thread on this project's 2-core machine (2026-11-28)
+COST = {"full": 2.6, "partial": 5.4, "tile": 690.0, "token": 635.0}
+
+
+def tile_cost(plan: Plan, heads: int, layout=None) -> float:
+    """Predicted forward time (ns) of the torch path on `plan` ([Note: N-D tiles here])."""
+    bm, bn = plan.block
+    per_head = 1 if plan.full.counts.shape[0] > 1 else heads
+    full, partial = int(plan.full.counts.sum()) * per_head, int(plan.partial.counts.sum()) * per_head
+    permute = 0 if layout is None else COST["token"] * (layout.M + layout.N) / 2 * heads
+    return (COST["full"] * full * bm * bn + COST["partial"] * partial * bm * bn
+            + COST["tile"] * (full + partial) + permute)
+
+
+def choose_tile(call: Call, config: TorchPathConfig = CONFIG):
+    """The torch path's tiles for `call`: 1-D `tile_block`, or N-D tiles on a grid.
+
+    [Note: N-D tiles here] On a pure grid, 1-D tiles of 64 consecutive tokens cut
+    across grid rows, so a 7x7 neighbourhood's tiles visit ~10x the pairs it allows. N-D
+    tiles are compact boxes of the grid: q / k / v are gathered into the padded
+    tile-major order (codegen/ndtiles.TileLayout), the same schedule machinery runs on
+    it, and out / lse / gradients are scattered back. The choice compares the predicted
+    time (`tile_cost`: full and partial pairs, tiles, the permutation) of the 1-D plan
+    and of each `ND_TILES` candidate's plan (cached per pattern and size); N-D wins at
+    `ND_GAIN` of the 1-D time or less. `block=` N-D tiles given to
+    the op are used as asked. Patterns with run-time inputs or score terms, mixed
+    layouts and grids under 256 tokens keep 1-D tiles."""
+    return tile_options(call, config)[0]
+
+
+def tile_options(call: Call, config: TorchPathConfig = CONFIG) -> tuple:
+    """(the tiles `choose_tile` takes, {tiles: predicted time in ns} of every candidate it
+    weighed; {} when it weighed none)."""
+    one = tile_block(call, config)
+    ir_ = call.pattern.ir
+    lay = ir_.layout
+    if not lay.axes or lay.text is not None or ir_.inputs or ir_.score is not None or call.M != call.N:
+        return one, {}
+    if call.block is not None and isinstance(call.block[0], tuple):
+        return call.block, {}
+    candidates = ND_TILES.get(len(lay.axes), ())
+    if not candidates or config.block != CONFIG.block or call.N < 256:
+        return one, {}
+    key = (ir_, call.M, call.Hq, call.grid, config)
+
+    def decide():
+        from attnc.codegen.pointwise import lower
+
+        try:
+            lower(ir_, call.M, call.N, call.Hq, call.grid)
+        except AttnError:
+            return one, {}
+
+        def cost(block):
+            plan = call.pattern.plan(call.M, call.N, heads=call.Hq, grid=call.grid, block=block)
+            if block is one:
+                return tile_cost(plan, call.Hq)
+            layout = _layout(call, block)
+            return tile_cost(layout.kernel_plan(plan), call.Hq, layout)
+
+        costs = {block: cost(block) for block in (one, *candidates)}
+        best = min(candidates, key=costs.get)
+        return (best if costs[best] <= ND_GAIN * costs[one] else one), costs
+
+    return _TILE_CHOICES.get(key, decide)
+
+
+def _layout(call: Call, block):
+    from attnc.codegen.ndtiles import TileLayout
+    return TileLayout(call.grid, *block)
 
 
 def _batches(call: Call) -> list[tuple[slice, dict | None]]:
@@ -658,10 +765,31 @@ def forward(call: Call, q, k, v, config: TorchPathConfig = CONFIG) -> tuple[torc
     out = q.new_zeros(B, Hq, M, v.shape[-1])
     lse = torch.full((B, Hq, M), float("-inf"), dtype=acc, device=q.device)
     for bs, sched in schedules(call, config):
-        o, l = run_forward(sched, call, q[bs], k[bs], v[bs], acc)
-        out[bs] = o
-        lse[bs] = l
+        if sched.layout is None:
+            out[bs], lse[bs] = run_forward(sched, call, q[bs], k[bs], v[bs], acc)
+            continue
+        pq, pk = _positions(sched.layout, q.device)
+        o, l = run_forward(sched, call, *_into(sched.layout, pq, pk, q[bs], k[bs], v[bs]), acc)
+        out[bs], lse[bs] = o[:, :, pq], l[:, :, pq]
     return out, lse
+
+
+@functools.lru_cache(maxsize=16)
+def _positions(layout, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where every grid token sits in the padded tile-major order, for queries and keys."""
+    return layout.positions("q").to(device), layout.positions("k").to(device)
+
+
+def _into(layout, pq, pk, q, k, v):
+    """q / k / v gathered into the padded tile-major order (zero vectors at padding)."""
+    return _put(q, pq, layout.M), _put(k, pk, layout.N), _put(v, pk, layout.N)
+
+
+def _put(t: torch.Tensor, pos: torch.Tensor, L: int, fill: float = 0.0) -> torch.Tensor:
+    """[B, H, n, ...] -> [B, H, L, ...] with row i at position pos[i], `fill` elsewhere."""
+    out = t.new_full((*t.shape[:2], L, *t.shape[3:]), fill)
+    out[:, :, pos] = t
+    return out
 
 
 def run_forward(sched: Schedule, call: Call, q, k, v, acc=None):
@@ -714,9 +842,18 @@ def backward(call: Call, q, k, v, out, lse, dout, dlse=None, config: TorchPathCo
     tables = call.score_tables(_acc_dtype(q.dtype), q.device)
     dtables = {n: torch.zeros_like(t) for n, t in tables.items()}
     for bs, sched in schedules(call, config):
-        g = run_backward(sched, call, q[bs], k[bs], v[bs], out[bs], lse[bs], dout[bs], None if dlse is None else dlse[bs],
-                          tables, dtables)
-        dq[bs], dk[bs], dv[bs] = g
+        d = None if dlse is None else dlse[bs]
+        if sched.layout is None:
+            dq[bs], dk[bs], dv[bs] = run_backward(sched, call, q[bs], k[bs], v[bs], out[bs], lse[bs], dout[bs], d,
+                                                  tables, dtables)
+            continue
+        lay = sched.layout
+        pq, pk = _positions(lay, q.device)
+        qp, kp, vp = _into(lay, pq, pk, q[bs], k[bs], v[bs])
+        # padding rows: zero q and dO, lse -inf (no key), so they add nothing to dK / dV
+        g = run_backward(sched, call, qp, kp, vp, _put(out[bs], pq, lay.M), _put(lse[bs], pq, lay.M, float("-inf")),
+                         _put(dout[bs], pq, lay.M), None if d is None else _put(d, pq, lay.M), tables, dtables)
+        dq[bs], dk[bs], dv[bs] = g[0][:, :, pq], g[1][:, :, pk], g[2][:, :, pk]
     if call.score is not None:
         return dq, dk, dv, dtables
     return dq, dk, dv

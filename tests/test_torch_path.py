@@ -274,8 +274,8 @@ def test_partial_tile_masks_evaluate_one_head_when_the_bits_do_not_read_h(monkey
     seen = []
     real = torch_backend._pointwise
 
-    def spy(call, inputs):
-        fn, uses_h = real(call, inputs)
+    def spy(call, inputs, layout=None):
+        fn, uses_h = real(call, inputs, layout)
         return (lambda q, k, h, batch: seen.append(h.shape[0]) or fn(q, k, h, batch)), uses_h
 
     monkeypatch.setattr(torch_backend, "_pointwise", spy)
