@@ -255,7 +255,8 @@ def attention(layout: Layout, q, k, v, *, group=None, scale: float | None = None
     (each rank passes the same; their gradients are this rank's part, summed over ranks by
     the data-parallel all-reduce as for any replicated parameter)."""
     rank = _rank_of(layout, group)
-    _verify(layout, group)
+    # first, on every rank alike: a rank that raised before this collective would hang the others
+    _verify(layout, group, q.device if isinstance(q, torch.Tensor) else "cpu")
     n = layout.sharding.tokens(rank)
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor) or t.dim() != 4 or t.shape[2] != n:
@@ -281,7 +282,7 @@ def attention(layout: Layout, q, k, v, *, group=None, scale: float | None = None
     return (out, lse) if return_lse else out
 
 
-def _verify(layout: Layout, group) -> None:
+def _verify(layout: Layout, group, device) -> None:
     """Once per layout: check that every rank planned the same one (a rank given other
     inputs or sizes would exchange the wrong tokens and compute silently wrong rows)."""
     if layout.verified:
@@ -290,7 +291,7 @@ def _verify(layout: Layout, group) -> None:
     for n in sorted(layout.inputs):
         h.update(n.encode() + layout.inputs[n].detach().cpu().contiguous().numpy().tobytes())
     h.update(repr((layout.N, layout.grid, layout.heads, layout.batch)).encode())
-    mine = torch.tensor([int.from_bytes(h.digest(), "little") >> 1], dtype=torch.int64)
+    mine = torch.tensor([int.from_bytes(h.digest(), "little") >> 1], dtype=torch.int64, device=device)  # NCCL: on q's GPU
     all_ = [torch.zeros_like(mine) for _ in range(layout.ranks)]
     dist.all_gather(all_, mine, group=group)
     if any(int(t) != int(mine) for t in all_):
