@@ -302,7 +302,9 @@ def shard(plans, ranks: int, *, kv_heads: int | None = None, strategy: str = "au
     Hkv = kv_heads or heads
     if isinstance(Hkv, bool) or not isinstance(Hkv, int) or Hkv < 1 or heads % Hkv:
         raise ValueError(f"kv_heads: expected a divisor of the {heads} query heads, got {kv_heads!r}")
-    classes = Hkv if any(p.full.counts.shape[0] > 1 for p in plans) else 1
+    # one layout of gathered rows per key/value head only when every batch element's plan is
+    # per head: a shared plan's schedule gathers one key block for all heads (the union then)
+    classes = Hkv if all(p.full.counts.shape[0] > 1 for p in plans) else 1
     tile_flops = 4.0 * bm * bn * link.head_dim
     row_bytes = 2 * link.head_dim * link.bytes_per_element  # K and V of one token of one head
     best = None

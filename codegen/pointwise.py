@@ -1121,7 +1121,8 @@ def torch_program(expr: Expr) -> tuple:
         if isinstance(e, Var):
             step = ("var", e.name, ())
         elif isinstance(e, Const):
-            step = ("const", e.value if isinstance(e.value, bool) else int(e.value), ())
+            v = e.value  # a size-tagged int (codegen/sizes.Sym) becomes a plain int; bools and floats stay
+            step = ("const", v if isinstance(v, (bool, float)) else int(v), ())
         elif isinstance(e, Lookup):
             args = tuple(go(i) for i in e.index) + (() if e.bit is None else (go(e.bit),))
             step = ("lookup", (e.table, e.bit is not None), args)

@@ -114,9 +114,12 @@ class Layout:
         out = torch.empty_like(cat)
         return out.index_copy_(dim, order, cat)
 
-    def report(self, *, head_dim: int = 128, head_dim_v: int | None = None, bytes_per_element: int = 2) -> ShardReport:
-        """Predicted per-rank tokens, work and bytes (attnc/sharding.ShardReport)."""
-        return self.sharding.report(batch=self.batch, head_dim=head_dim, head_dim_v=head_dim_v,
+    def report(self, *, batch: int | None = None, head_dim: int = 128, head_dim_v: int | None = None,
+               bytes_per_element: int = 2) -> ShardReport:
+        """Predicted per-rank tokens, work and bytes (attnc/sharding.ShardReport) of a call
+        with `batch` sequences (default: the run-time inputs' batch, else 1): bytes grow
+        with the batch, as every sequence's rows travel."""
+        return self.sharding.report(batch=batch or self.batch, head_dim=head_dim, head_dim_v=head_dim_v,
                                     bytes_per_element=bytes_per_element, name=self.pattern.name)
 
     def _check_rank(self, rank: int) -> None:
@@ -287,10 +290,14 @@ def _verify(layout: Layout, group, device) -> None:
     inputs or sizes would exchange the wrong tokens and compute silently wrong rows)."""
     if layout.verified:
         return
-    h = hashlib.blake2b(layout.sharding.owner.tobytes(), digest_size=8)
+    sh = layout.sharding
+    h = hashlib.blake2b(sh.owner.tobytes(), digest_size=8)
+    for per_class in sh.need:  # what every rank sends and receives
+        for tiles in per_class:
+            h.update(tiles.tobytes() + b"|")
     for n in sorted(layout.inputs):
         h.update(n.encode() + layout.inputs[n].detach().cpu().contiguous().numpy().tobytes())
-    h.update(repr((layout.N, layout.grid, layout.heads, layout.batch)).encode())
+    h.update(repr((layout.pattern.text(), layout.N, layout.grid, sh.heads, sh.kv_heads, layout.batch)).encode())
     mine = torch.tensor([int.from_bytes(h.digest(), "little") >> 1], dtype=torch.int64, device=device)  # NCCL: on q's GPU
     all_ = [torch.zeros_like(mine) for _ in range(layout.ranks)]
     dist.all_gather(all_, mine, group=group)
@@ -386,7 +393,8 @@ class _Attend(torch.autograd.Function):
             dq[bs], dkg[bs], dvg[bs] = tb.run_backward(sched, call, q[bs], kg[bs], vg[bs], out[bs], lse[bs], dout[bs],
                                                         None if dlse is None else dlse[bs], tables, dtables)
         dk, dv = _send_back(state, dkg, dvg)
-        names = list(call.tables)
+        # the tables came in declaration order (`attention`), whatever order the caller named them in
+        names = [t.name for t in call.pattern.ir.tables]
         return (None, dq, dk.to(q.dtype), dv.to(q.dtype), *(dtables[n].to(call.tables[n].dtype) for n in names))
 
 

@@ -317,6 +317,8 @@ def restrict(sched: Schedule, q_tiles, k_tiles) -> Schedule:
     if sched.q_tiles is not None or sched.layout is not None:
         raise ValueError("restrict: expected a global schedule of 1-D tiles, got a restricted or N-D one")
     C, nk = k_tiles.shape
+    if sched.shared and C > 1:  # a unit gathers one key block for every head: one tile list
+        raise ValueError("restrict: a schedule shared by all heads needs one key-tile list, got one per head")
     nq = q_tiles.numel()
     q_local = torch.full((sched.nq,), -1, dtype=torch.int64)
     q_local[q_tiles] = torch.arange(nq)

@@ -30,6 +30,9 @@ CASES = {
     "score_table": ("nat_rpb.attn", {"size": 5}, {"grid": (20, 26)}, 2, 2, "auto"),
     "causal_zigzag": ("pattern causal_lm = causal", {}, {"seq_len": 1100}, 2, 2, "zigzag"),
     "bfloat16": ("streaming_llm.attn", {"recent": 64}, {"seq_len": 700}, 2, 2, "auto"),
+    # two tables, passed in the other order than declared: each gets its own gradient
+    "two_tables": ("pattern p(a: table(H), b: table(H)) = sliding(100) score score - a[h] * (q - k) * 0.01 "
+                   "+ b[h] * (q - k) * 0.03", {}, {"seq_len": 600}, 2, 2, "auto"),
 }
 #: cases in bfloat16 (K / V travel in it too); the others are float64
 LOW_PRECISION = {"bfloat16": 2e-2}
@@ -55,6 +58,8 @@ def _inputs(name: str, pat, N: int, H: int) -> dict:
         return {"sel": sel[None]}
     if name == "score_table":
         return {"rpb": torch.randn(H, 9, 9, generator=g, dtype=torch.float64)}
+    if name == "two_tables":
+        return {"b": torch.randn(H, generator=g, dtype=torch.float64), "a": torch.randn(H, generator=g, dtype=torch.float64)}
     return {}
 
 
@@ -143,6 +148,21 @@ def _errors(rank, world, dist) -> dict:
         cp.attention(lay, mine, mine, mine)
     except ValueError as exc:
         out["mismatch"] = str(exc)
+    # another window on every rank: the same tiles owned, other rows exchanged
+    other = attnc.load(EX / "streaming_llm.attn").pattern(recent=64 + 64 * rank)
+    lay = cp.layout(other, 512, ranks=world, strategy="contiguous")
+    mine = lay.shard(x, rank)
+    try:
+        cp.attention(lay, mine, mine, mine)
+    except ValueError as exc:
+        out["pattern_mismatch"] = str(exc)
+    # a batch of 3 sequences: every sequence's rows travel, as the report says for batch=3
+    lay = cp.layout(pat, 512, ranks=world)
+    xb = lay.shard(torch.randn(3, 1, 512, 8), rank)
+    cp.attention(lay, xb, xb, xb)
+    rep = lay.report(batch=3, head_dim=8, bytes_per_element=4)
+    out["batch_bytes"] = [lay.exchanged["forward_sent"], rep.sent_bytes[rank], lay.exchanged["forward_received"],
+                          rep.recv_bytes[rank]]
     return out
 
 
@@ -196,6 +216,9 @@ def test_errors_are_clear_on_every_rank(ranks):
     for r, res in enumerate(results):
         assert "expected this rank's shard" in res["_errors"]["shape"] and "layout.shard(x" in res["_errors"]["shape"]
         assert "expected every rank to build its layout from the same" in res["_errors"]["mismatch"]
+        assert "expected every rank to build its layout from the same" in res["_errors"]["pattern_mismatch"]
+        sent, want_sent, got, want_got = res["_errors"]["batch_bytes"]
+        assert sent == want_sent and got == want_got and sent + got > 0
 
 
 # ----------------------------------------------------------------------------- planning (no processes)
@@ -347,3 +370,28 @@ def test_layout_docstring_and_input_errors():
     # cu_seqlens offsets are segments too
     lay = cp.layout(packed, 1000, ranks=2, doc=attnc.cu_seqlens(torch.tensor([0, 300, 1000])))
     assert lay.sharding.tokens(0) + lay.sharding.tokens(1) == 1000
+
+
+def test_mixed_shared_and_per_head_plans_exchange_one_tile_list():
+    """A batch element whose heads agree gets one plan for all heads (a shared schedule) while
+    another keeps per-head plans: the rows are then laid out once for every head."""
+    from attnc.runtime import torch_backend as tb
+
+    src = "pattern p(doc: segments) = heads { {0} => causal & same(doc); _ => sliding(64) & same(doc) }"
+    pat = attnc.loads(src).pattern()
+    N = 640
+    blk = torch.arange(N) // 10
+    d0 = (blk // 3) * 2 + torch.tensor([0, 1, 0])[blk % 3]  # short documents in two runs: the heads agree
+    d1 = (torch.arange(N) >= 300).long()  # two long documents: they do not
+    doc = torch.stack([d0, d1])
+    lay = cp.layout(pat, N, ranks=4, heads=2, doc=doc)
+    assert lay.sharding.classes == 1
+    e = torch.empty(()).expand(2, 2, N, 8)
+    from attnc.runtime.ops import make_call
+
+    (shared, _), (per_head, _) = [(s.shared, bs) for bs, s in tb.schedules(make_call(pat, e, e, e, {"doc": doc}, None, 1.0),
+                                                                         nd=False)]
+    assert shared and not per_head
+    sched = tb.schedules(make_call(pat, e, e, e, {"doc": doc}, None, 1.0), nd=False)[0][1]
+    with pytest.raises(ValueError, match="needs one key-tile list"):
+        tb.restrict(sched, [0], torch.tensor([[0], [0]]))
