@@ -47,13 +47,18 @@ def _ordered(dense: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return counts.contiguous(), index.contiguous()
 
 
+def _tile_states(plan):
+    """int8 [Hx, nq, nk]: 0 empty, 1 partial, 2 full (the BlockMask's and the lookup's tiles)."""
+    return plan.to_dense()
+
+
 def _plan_tables(call: Call, plan, inputs: dict | None):
-    """(state int8 [Hx, nq, nk], slot int64 [Hx, nq, nk], bits bool [S, bm, bn])."""
+    """The lookup's tables: (state int8 [Hx, nq, nk], slot int64 [Hx, nq, nk], bits bool [S, bm, bn])."""
     nq, nk = plan.shape
     bm, bn = plan.block
     masks = partial_tile_masks(call, plan, inputs)  # [Hx, nq, P, bm, bn]
     Hx, _, P = masks.shape[:3]
-    dense = plan.to_dense().expand(Hx, -1, -1)  # 0 empty, 1 partial, 2 full
+    dense = _tile_states(plan).expand(Hx, -1, -1)
     slot = torch.full((Hx, nq, nk + 1), -1, dtype=torch.int64)
     idx = plan.partial.index.long().expand(Hx, -1, -1)
     flat = torch.arange(Hx * nq * P, dtype=torch.int64).view(Hx, nq, P)
@@ -62,40 +67,35 @@ def _plan_tables(call: Call, plan, inputs: dict | None):
     return dense, slot[..., :nk], masks.reshape(Hx * nq * P, bm, bn)
 
 
+def _stack(ts: list) -> torch.Tensor:
+    """[Bx, Hx, ...] of per-batch-element [Hx or 1, ...] tensors."""
+    hx = max(t.shape[0] for t in ts)
+    return torch.stack([t.expand(hx, *t.shape[1:]) for t in ts])
+
+
 class FlexExport:
-    """What `to_flex` builds: tables behind mask_mod, and the BlockMask."""
+    """What `to_flex` builds: the BlockMask's tile classes, and the mask_mod (whose lookup
+    tables, for patterns without a closed form, are built only then)."""
 
     def __init__(self, call: Call, block: tuple[int, int], batches: list[dict]):
         self.call, self.batches, self.device = call, batches, torch.device("cpu")
         M, N = call.M, call.N
         bm, bn = block
-        states, slots, banks, fulls, partials = [], [], [], [], []
-        offset = 0
-        for inputs in batches:
-            plan = (call.pattern.plan(M, N, heads=call.Hq, grid=call.grid, block=block)
-                    if not call.pattern.ir.inputs else scan_plan(call, inputs, block))
-            state, slot, bits = _plan_tables(call, plan, inputs)
-            states.append(state)
-            slots.append(torch.where(slot >= 0, slot + offset, -1))
-            banks.append(bits)
-            offset += bits.shape[0]
+        self.plans = [call.pattern.plan(M, N, heads=call.Hq, grid=call.grid, block=block)
+                      if not call.pattern.ir.inputs else scan_plan(call, inputs, block) for inputs in batches]
+        fulls, partials = [], []
+        for plan in self.plans:
+            state = _tile_states(plan)
             full = state == 2
-            partial = state == 1
             edge = torch.zeros_like(full)  # [Note: edge tiles]
             if M % bm:
                 edge[:, -1, :] = True
             if N % bn:
                 edge[:, :, -1] = True
             fulls.append(full & ~edge)
-            partials.append(partial | (full & edge))
-        hx = max(s.shape[0] for s in states)
-        expand = lambda ts: torch.stack([t.expand(hx, -1, -1) for t in ts])  # noqa: E731
-        self.state = expand(states)  # [Bx, Hx, nq, nk]
-        self.slot = expand(slots)
-        bank = torch.cat(banks) if offset else torch.zeros(1, bm, bn, dtype=torch.bool)
-        self.bits = bank if bank.shape[0] else torch.zeros(1, bm, bn, dtype=torch.bool)
-        self.full = expand(fulls)
-        self.partial = expand(partials)
+            partials.append((state == 1) | (full & edge))
+        self.full = _stack(fulls)  # [Bx, Hx, nq, nk]
+        self.partial = _stack(partials)
         self.M, self.N, self.block = M, N, block
 
     def mask_mod(self):
@@ -126,7 +126,16 @@ class FlexExport:
         return attnc_mask_mod
 
     def _lookup(self):
-        state, slot, bits = self.state, self.slot, self.bits
+        states, slots, banks = [], [], []
+        offset = 0
+        for plan, inputs in zip(self.plans, self.batches):
+            state, slot, bits = _plan_tables(self.call, plan, inputs)
+            states.append(state)
+            slots.append(torch.where(slot >= 0, slot + offset, -1))
+            banks.append(bits)
+            offset += bits.shape[0]
+        state, slot = _stack(states).to(self.device), _stack(slots).to(self.device)
+        bits = (torch.cat(banks) if offset else torch.zeros(1, *self.block, dtype=torch.bool)).to(self.device)
         M, N = self.M, self.N
         bm, bn = self.block
         Bx, Hx = state.shape[0], state.shape[1]
@@ -153,8 +162,7 @@ class FlexExport:
 
     def to(self, device) -> "FlexExport":
         self.device = torch.device(device)
-        for name in ("state", "slot", "bits", "full", "partial"):
-            setattr(self, name, getattr(self, name).to(device))
+        self.full, self.partial = self.full.to(device), self.partial.to(device)
         return self
 
 

@@ -608,15 +608,14 @@ def _break(backend: str, monkeypatch) -> None:
                             staticmethod(lambda plan, device: real_lists(_drop_a_tile(plan), device)))
         triton_backend._KERNEL_SETS.clear()  # no kernel set memoised before the break
     else:
-        real_tables = flex._plan_tables
+        real_states = flex._tile_states
 
-        def tables(call, plan, inputs):
-            state, slot, bits = real_tables(call, plan, inputs)
-            state = state.clone()
+        def states(plan):
+            state = real_states(plan).clone()
             state.view(-1)[int((state.view(-1) > 0).nonzero()[0])] = 0  # the first non-empty tile: empty
-            return state, slot, bits
+            return state
 
-        monkeypatch.setattr(flex, "_plan_tables", tables)
+        monkeypatch.setattr(flex, "_tile_states", states)
 
 
 BROKEN = {  # backend -> (the check that runs it, what its failure message names, shrink budget)
