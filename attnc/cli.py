@@ -237,12 +237,11 @@ def _check_tables(f, name, pat, M, N, H, grid, out, err) -> int:
     """Prove the score term's table indices in range on every allowed pair at these sizes
     (the op's own check, runtime/torch_backend.check_table_indices); a failure is an error at
     the table's declaration."""
-    from .runtime.backend import Call
+    from .runtime.ops import probe_call
     from .runtime.torch_backend import check_table_indices
 
-    call = Call(pattern=pat, B=1, Hq=H, Hkv=H, M=M, N=N, D=1, Dv=1, grid=grid, scale=1.0)
     try:
-        check_table_indices(call)
+        check_table_indices(probe_call(pat, M, N, H, grid))
     except ValueError as e:
         table = str(e).split("[", 1)[0]
         spec = next((t for t in pat.ir.tables if t.name == table), pat.ir.tables[0])
@@ -378,14 +377,10 @@ def _cpu_tiles(pat, M, N, H, grid) -> str:
     """The torch path's tile choice on a grid and the alternatives it weighed (a table line)."""
     if grid is None or pat.ir.inputs or pat._has_topk():
         return ""
-    import torch
-
-    from .runtime.ops import make_call
+    from .runtime.ops import probe_call
     from .runtime.torch_backend import tile_options
 
-    e = torch.empty(()).expand(1, H, N, 64)
-    chosen, costs = tile_options(make_call(pat, e[:, :, :M], e, e, {}, grid, 1.0,
-                                           tables={n: torch.zeros(s) for n, s in pat.table_shapes(M, N, H, grid).items()}))
+    chosen, costs = tile_options(probe_call(pat, M, N, H, grid))
     if not costs:
         return ""
     text = lambda b: "/".join("x".join(map(str, t)) for t in b) if isinstance(b[0], tuple) else f"{b[0]}x{b[1]}"  # noqa: E731

@@ -33,7 +33,7 @@ import torch.distributed as dist
 from attnc.sharding import STRATEGIES, LinkModel, Sharding, ShardReport, shard
 
 from . import torch_backend as tb
-from .ops import make_call
+from .ops import make_call, probe_call
 
 __all__ = ["Layout", "layout", "attention", "gather", "STRATEGIES", "LinkModel", "Sharding", "ShardReport"]
 
@@ -226,17 +226,9 @@ def layout(pattern, seq_len: int | None = None, *, ranks: int, heads: int = 1, k
             raise ValueError(f"{n}: expected a torch integer tensor for the whole sequence, got {type(t).__name__}; "
                              f"try torch.as_tensor({n})")
     inputs = {n: (t.segment_ids(N, n) if isinstance(t, CuSeqlens) else t) for n, t in inputs.items()}
-    batch = max([int(t.shape[0]) for n, t in inputs.items() if t.dim() == (2 if _kind(pattern, n) == "segments" else 4)]
-                or [1])
-    probe = torch.empty(())
-    call = make_call(pattern, probe.expand(batch, H, N, 1), probe.expand(batch, H, N, 1), probe.expand(batch, H, N, 1),
-                     inputs, grid, 1.0, tables={n: torch.zeros(shape) for n, shape in pattern.table_shapes(N, N, H, grid).items()})
-    plans = [p for _, p in tb.plans(call)]
+    batch = len(pattern._inputs(N, N, H, inputs)[0])  # the batch rule of every call ([Note: input batches])
+    plans = [p for _, p in tb.plans(probe_call(pattern, N, N, H, grid, inputs, batch))]
     return Layout(pattern, shard(plans, ranks, kv_heads=kv_heads, strategy=strategy, link=link), grid, inputs, batch)
-
-
-def _kind(pattern, name: str) -> str:
-    return next(s.kind for s in pattern.ir.inputs if s.name == name)
 
 
 def _rank_of(layout: Layout, group) -> int:

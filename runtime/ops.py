@@ -148,6 +148,16 @@ def make_call(pat, q: Tensor, k: Tensor, v: Tensor, inputs: dict, grid, scale: f
                 tables=tables)
 
 
+def probe_call(pat, M: int, N: int, H: int, grid, inputs: dict | None = None, batch: int = 1) -> Call:
+    """A validated `Call` at these sizes without real tensors, for planning and checks that
+    read no values (tile choices, context-parallel layouts, index proofs): q / k / v are
+    zero-stride views of one element, the score term's tables zeros of their declared shapes."""
+    e = torch.empty(())
+    return make_call(pat, e.expand(batch, H, M, 1), e.expand(batch, H, N, 1), e.expand(batch, H, N, 1),
+                     dict(inputs or {}), grid, 1.0,
+                     tables={n: torch.zeros(s) for n, s in pat.table_shapes(M, N, H, grid).items()})
+
+
 def check_tables(pat, tables: dict, M: int, N: int, H: int, grid, device) -> None:
     """Raise ValueError unless `tables` holds every table of the score term: real, of the
     declared shape at these sizes, on `device` (expected / got / try)."""

@@ -386,12 +386,11 @@ def test_mixed_shared_and_per_head_plans_exchange_one_tile_list():
     doc = torch.stack([d0, d1])
     lay = cp.layout(pat, N, ranks=4, heads=2, doc=doc)
     assert lay.sharding.classes == 1
-    e = torch.empty(()).expand(2, 2, N, 8)
-    from attnc.runtime.ops import make_call
+    from attnc.runtime.ops import probe_call
 
-    (shared, _), (per_head, _) = [(s.shared, bs) for bs, s in tb.schedules(make_call(pat, e, e, e, {"doc": doc}, None, 1.0),
-                                                                         nd=False)]
+    call = probe_call(pat, N, N, 2, None, {"doc": doc}, batch=2)
+    (shared, _), (per_head, _) = [(s.shared, bs) for bs, s in tb.schedules(call, nd=False)]
     assert shared and not per_head
-    sched = tb.schedules(make_call(pat, e, e, e, {"doc": doc}, None, 1.0), nd=False)[0][1]
+    sched = tb.schedules(call, nd=False)[0][1]
     with pytest.raises(ValueError, match="needs one key-tile list"):
         tb.restrict(sched, [0], torch.tensor([[0], [0]]))

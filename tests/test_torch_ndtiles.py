@@ -7,7 +7,7 @@ import torch
 
 import attnc
 from attnc.runtime import torch_backend as tb
-from attnc.runtime.ops import make_call
+from attnc.runtime.ops import make_call, probe_call
 
 CASES = [
     # source, grid, heads, kv heads, tiles (None: the automatic choice)
@@ -49,14 +49,13 @@ def test_n_d_tiles_match_the_reference(src, grid, H, Hkv, block):
         assert torch.allclose(a, b, atol=1e-10, rtol=0), name
 
 
-def _choice(src, grid=None, N=None, H=8, **tables):
+def _choice(src, grid=None, N=None, H=8):
     pat = attnc.loads(src).pattern()
     if grid:
         N = 1
         for g in grid:
             N *= g
-    e = torch.empty(()).expand(1, H, N, 64)
-    return tb.choose_tile(make_call(pat, e, e, e, {}, grid, 1.0, tables=tables))
+    return tb.choose_tile(probe_call(pat, N, N, H, grid))
 
 
 def test_the_cost_model_chooses_n_d_tiles_where_they_save_work():
@@ -70,13 +69,12 @@ def test_the_cost_model_chooses_n_d_tiles_where_they_save_work():
     assert _choice("pattern p on grid(h, w) = neighborhood(7)", (10, 12)) == (64, 64)
     assert _choice("pattern p on grid(h, w) = full", (64, 64)) == (64, 64)
     rpb = "pattern p(r: table(13, 13)) on grid(h, w) = neighborhood(7) score score + r[k.h - q.h + 6, k.w - q.w + 6]"
-    assert _choice(rpb, (64, 64), r=torch.zeros(13, 13)) == (64, 64)
+    assert _choice(rpb, (64, 64)) == (64, 64)
 
 
 def test_context_parallelism_keeps_one_d_tiles_on_a_grid():
     pat = attnc.loads("pattern p on grid(h, w) = neighborhood(7)").pattern()
-    e = torch.empty(()).expand(1, 8, 4096, 64)
-    call = make_call(pat, e, e, e, {}, (64, 64), 1.0)
+    call = probe_call(pat, 4096, 4096, 8, (64, 64))
     assert isinstance(tb.choose_tile(call)[0], tuple)
     assert all(s.layout is None for _, s in tb.schedules(call, nd=False))
 
