@@ -32,6 +32,8 @@ import torch
 
 import attnc
 
+from _report import timed
+
 
 def _natten(L: int, W: int, size: int):
     """NATTEN's window on an L x W grid, written by hand (clamped window start per axis)."""
@@ -73,9 +75,8 @@ def _cases():
 
 
 def _timed(fn):
-    w, c = time.perf_counter(), time.process_time()
-    fn()
-    return (time.perf_counter() - w) * 1e3, (time.process_time() - c) * 1e3
+    """(wall ms, CPU ms) of one call."""
+    return timed(fn)[1:]
 
 
 def matmul_gflops() -> float:
