@@ -205,6 +205,13 @@ class _Attention2D(nn.Module):
         out = out.transpose(1, 2).reshape(B, Hh, Ww, C)
         return self.proj_drop(self.proj(out))
 
+    #: the subclass's own constructor arguments, shown by `extra_repr`
+    _geometry: tuple[str, ...] = ()
+
+    def extra_repr(self) -> str:
+        own = "".join(f"{name}={getattr(self, name)}, " for name in self._geometry)
+        return f"dim={self.dim}, num_heads={self.num_heads}, {own}rpb={self.rpb is not None}, backend={self.backend!r}"
+
 
 class NeighborhoodAttention2D(_Attention2D):
     """Neighborhood attention on ``[B, H, W, dim]`` images, with NATTEN's relative position bias.
@@ -218,6 +225,8 @@ class NeighborhoodAttention2D(_Attention2D):
     >>> y = layer(x)                     # x [B, 56, 56, 128] -> y [B, 56, 56, 128]
     """
 
+    _geometry = ("kernel_size", "dilation")
+
     def __init__(self, dim: int, num_heads: int, kernel_size: int, dilation: int = 1, *, rpb: bool = True,
                  qkv_bias: bool = True, proj_bias: bool = True, qk_scale: float | None = None, proj_drop: float = 0.0,
                  backend: str = "auto", device=None, dtype=None):
@@ -225,10 +234,6 @@ class NeighborhoodAttention2D(_Attention2D):
                          proj_bias=proj_bias, qk_scale=qk_scale, proj_drop=proj_drop, backend=backend, device=device,
                          dtype=dtype)
         self.kernel_size, self.dilation = kernel_size, dilation
-
-    def extra_repr(self) -> str:
-        return (f"dim={self.dim}, num_heads={self.num_heads}, kernel_size={self.kernel_size}, dilation={self.dilation}, "
-                f"rpb={self.rpb is not None}, backend={self.backend!r}")
 
 
 class WindowAttention2D(_Attention2D):
@@ -240,6 +245,8 @@ class WindowAttention2D(_Attention2D):
     relative_position_index (``rpb=False`` for none).
     """
 
+    _geometry = ("window_size", "shift")
+
     def __init__(self, dim: int, num_heads: int, window_size: int, shift: int = 0, *, rpb: bool = True,
                  qkv_bias: bool = True, proj_bias: bool = True, qk_scale: float | None = None, proj_drop: float = 0.0,
                  backend: str = "auto", device=None, dtype=None):
@@ -247,10 +254,6 @@ class WindowAttention2D(_Attention2D):
                          proj_bias=proj_bias, qk_scale=qk_scale, proj_drop=proj_drop, backend=backend, device=device,
                          dtype=dtype)
         self.window_size, self.shift = window_size, shift
-
-    def extra_repr(self) -> str:
-        return (f"dim={self.dim}, num_heads={self.num_heads}, window_size={self.window_size}, shift={self.shift}, "
-                f"rpb={self.rpb is not None}, backend={self.backend!r}")
 
 
 class KVCache:
