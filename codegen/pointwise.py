@@ -500,7 +500,7 @@ class Lowered:
         def fn(q, k, h, b=None):
             env = {"q": _as_tensor(q, device), "k": _as_tensor(k, device), "h": _as_tensor(h, device),
                    "b": _as_tensor(0 if b is None else b, device)}
-            out = _run_torch(program, env, tables)
+            out = run_torch_program(program, env, tables)
             if not isinstance(out, torch.Tensor):
                 shape = torch.broadcast_shapes(env["q"].shape, env["k"].shape, env["h"].shape)
                 return torch.full(shape, bool(out), dtype=torch.bool, device=env["q"].device)
@@ -1136,7 +1136,8 @@ def torch_program(expr: Expr) -> tuple:
     return tuple(steps)
 
 
-def _run_torch(program: tuple, env: dict, tables: dict):
+def run_torch_program(program: tuple, env: dict, tables: dict):
+    """The value of a `torch_program` with variables `env` and tables `tables`."""
     vals = []
     for kind, what, args in program:
         if kind == "var":

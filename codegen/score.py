@@ -155,25 +155,11 @@ def _eval(e, s, env, tables, vals=None):
 
 
 def _closure(e: pw.Expr):
-    """`e` as a Python closure env -> value with plain ints for constants: traceable by
-    dynamo (FlexAttention traces score_mods), unlike a walk keyed by expression nodes."""
-    if isinstance(e, pw.Var):
-        name = e.name
-        return lambda env: env[name]
-    if isinstance(e, pw.Const):
-        value = int(e.value) if not isinstance(e.value, bool) else bool(e.value)
-        return lambda env: value
-    if isinstance(e, pw.Op):
-        op = pw._TORCH_OPS[e.op]
-        args = tuple(_closure(a) for a in e.args)
-        if len(args) == 1:
-            a0 = args[0]
-            return lambda env: op(a0(env))
-        if len(args) == 2:
-            a0, a1 = args
-            return lambda env: op(a0(env), a1(env))
-        return lambda env: op(*(a(env) for a in args))
-    raise AttnError(f"a score term's integer part cannot read tables ({type(e).__name__})")
+    """`e` as a function env -> value: the pointwise torch program ([Note: torch program] in
+    codegen/pointwise.py), traceable by dynamo (FlexAttention traces score_mods)."""
+    if any(isinstance(n, pw.Lookup) for n in pw.nodes(e)):
+        raise AttnError("a score term's integer part cannot read tables (Lookup)")
+    return functools.partial(pw.run_torch_program, pw.torch_program(e), tables={})
 
 
 def _flat_index(e: "Read", env):
