@@ -39,10 +39,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from . import ir
+from . import ir, semantics
 from .limits import require
 from .progress import each, task
-from .reference import Evaluator, View, _component, neighborhood_window, random_table, top_view
+from .reference import Evaluator, View, _component, random_table, top_view
 
 #: intervals per query the closed form always keeps (beyond `max_intervals`: tile boxes / scan)
 MAX_INTERVALS = 64
@@ -215,10 +215,13 @@ class IntervalAnalysis(Evaluator):
         if isinstance(node, ir.AXISWISE) and view.axes:
             self.check(node, view)
             return self.grid_product(view, {a: self.axis_set(_component(node, i), view, a) for i, a in enumerate(view.axes)})
+        self.check(node, view)
+        parts = self.keys(node, view)
+        if parts is not None:
+            return self.key_intervals(parts, view)
         method = getattr(self, "iv_" + type(node).__name__.rstrip("_"), None)
         if method is None:
             raise NotIntervals(type(node).__name__)
-        self.check(node, view)
         return method(node, view)
 
     # -- grids: products of per-axis interval sets
@@ -272,89 +275,53 @@ class IntervalAnalysis(Evaluator):
     def _iv(self, lo, hi, view) -> ISet:
         return ISet.make(lo[:, None], hi[:, None], view.L)
 
-    def iv_Full(self, node, view):
-        z = torch.zeros_like(view.q)
-        return self._iv(z, z + view.L, view)
+    # -- primitives: progressions of keys from their definitions ([Note: one definition])
+    def key_intervals(self, parts: tuple[semantics.Keys, ...], view: View) -> ISet:
+        """The primitive's keys per query as intervals: one per interval part, one per key of
+        a stepped part (TooManyIntervals past `max_intervals`); constant parts in one tensor."""
+        Mq, L = len(view.q), view.L
+        limit = max_intervals(Mq)
+        los, his, points = [], [], []
+        for p in parts:
+            if p.when is None and p.step is None and isinstance(p.lo, ir.PConst) and isinstance(p.hi, ir.PConst):
+                points.append((self.val(p.lo.value, view.env), self.val(p.hi.value, view.env)))
+                continue
+            lo, hi = self.per_query(p.lo, view), self.per_query(p.hi, view)
+            if p.when is not None:
+                hi = torch.where(self.per_query(p.when, view), hi, lo)
+            if p.step is None:
+                los.append(lo[:, None])
+                his.append(hi[:, None])
+                continue
+            step = self.per_query(p.step, view)
+            if bool((step != step[0]).any()) or int(step[0]) < 1:
+                raise NotIntervals("a progression whose step varies")
+            step = int(step[0])
+            first = lo + (-lo).clamp(min=0) // step * step  # keys below 0 do not exist
+            first = torch.where(first < 0, first + step, first)
+            hi = hi.clamp(max=L)
+            count = int(((hi - first + step - 1) // step).clamp(min=0).max()) if Mq else 0
+            if len(los) + count > limit:
+                raise TooManyIntervals(f"more than {limit} keys of a progression per query")
+            keys = first[:, None] + step * torch.arange(count, dtype=torch.int64)[None, :]
+            los.append(keys)
+            his.append(torch.where(keys < hi[:, None], keys + 1, keys))
+        if points:
+            if len(points) > limit:
+                raise TooManyIntervals(f"more than {limit} key intervals per query")
+            pts = torch.tensor(points, dtype=torch.int64)
+            los.append(pts[:, 0].expand(Mq, -1))
+            his.append(pts[:, 1].expand(Mq, -1))
+        if not los:
+            z = torch.zeros(Mq, 1, dtype=torch.int64)
+            return ISet.make(z, z, L)
+        out = ISet.make(torch.cat(los, dim=1), torch.cat(his, dim=1), L)
+        return out if out.lo.shape[-1] == 1 else merge(out)
 
-    def iv_Empty(self, node, view):
-        z = torch.zeros_like(view.q)
-        return self._iv(z, z, view)
-
-    def iv_Causal(self, node, view):
-        return self._iv(torch.zeros_like(view.q), view.q + 1, view)
-
-    def iv_Band(self, node, view):
-        lft, rgt = self.val(node.left, view.env), self.val(node.right, view.env)
-        return self._iv(view.q - lft, view.q + rgt + 1, view)
-
-    def iv_Sliding(self, node, view):
-        w = self.val(node.w, view.env)
-        return self._iv(view.q - w + 1, view.q + 1, view)
-
-    def iv_Sink(self, node, view):
-        n = self.val(node.n, view.env)
-        z = torch.zeros_like(view.q)
-        return self._iv(z, z + n, view)
-
-    def iv_Prefix(self, node, view):
-        n = self.val(node.n, view.env)
-        z = torch.zeros_like(view.q)
-        return self._iv(z, torch.where(view.q < n, z + n, z), view)
-
-    def _rows(self, s, view) -> ISet:
-        inside = self.set_contains(s, view.q, view.env)
-        z = torch.zeros_like(view.q)
-        return self._iv(z, torch.where(inside, z + view.L, z), view)
-
-    def _cols(self, s, view) -> ISet:
-        if isinstance(s, ir.SetRange) and self.val(s.step, view.env) == 1:
-            a, b = self.val(s.start, view.env), self.val(s.stop, view.env)
-            z = torch.zeros_like(view.q)
-            return self._iv(z + a, z + b, view)
-        if isinstance(s, ir.SetRange):
-            a, b, st = (self.val(x, view.env) for x in (s.start, s.stop, s.step))
-            items = list(range(a, b, st))
-        else:
-            items = sorted({self.val(i, view.env) for i in s.items})
-        if len(items) > max_intervals(len(view.q)):
-            raise TooManyIntervals("too many key columns")
-        pts = torch.tensor(items or [view.L], dtype=torch.int64)
-        lo = pts.expand(len(view.q), -1)
-        return merge(ISet.make(lo, lo + (1 if items else 0), view.L))
-
-    def iv_Rows(self, node, view):
-        return self._rows(node.tokens, view)
-
-    def iv_Cols(self, node, view):
-        return self._cols(node.tokens, view)
-
-    def iv_Global(self, node, view):
-        return union(self._rows(node.tokens, view), self._cols(node.tokens, view))
-
-    def iv_Block(self, node, view):
-        start, end = self.block_window(node, view)
-        return self._iv(start, end, view)
-
-    def iv_Neighborhood(self, node, view):
-        size, d, s, causal = self.neighborhood_args(node, view)
-        g, start, end = neighborhood_window(view.q, view.L, size, d, s, causal)
-        if d == 1:
-            return self._iv(start, end, view)
-        if size > max_intervals(len(view.q)):
-            raise TooManyIntervals("dilated neighborhood with a large window")
-        j = torch.arange(size, dtype=torch.int64)
-        local = start[:, None] + j[None, :]
-        keys = g[:, None] + d * local
-        valid = local < end[:, None]
-        return merge(ISet.make(keys, torch.where(valid, keys + 1, keys), view.L))
-
-    def iv_Strided(self, node, view):
-        s = self.val(node.s, view.env)
-        C = -(-view.L // s)
-        if C > max_intervals(len(view.q)):
-            raise TooManyIntervals("strided with many keys per query")
-        keys = (view.q % s)[:, None] + s * torch.arange(C, dtype=torch.int64)[None, :]
-        return merge(ISet.make(keys, keys + 1, view.L))
+    def per_query(self, e: ir.PExpr, view: View) -> torch.Tensor:
+        """A term without k (an end, step or condition of a progression) at every query: [Mq]."""
+        v, _ = self.pos(e, view)
+        return v.reshape(-1).expand(len(view.q)) if v.numel() == 1 else v.reshape(len(view.q))
 
     def iv_Same(self, node, view):
         # keys of the query's own segment: one interval when every id is one contiguous run

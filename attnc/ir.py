@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import functools
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Iterator, Union
 
 import networkx as nx
@@ -634,6 +634,9 @@ def pformat(node: "Mask | PExpr | SExpr") -> str:
             return f"{f}(" + ", ".join(pformat(a) for a in args) + ")"
         case SIndex(table=t, indices=idx):
             return f"{t}[" + ", ".join(pformat(i) for i in idx) + "]"
+    if isinstance(node, Mask) and not node.children():  # a primitive added since: name(field=value, ...)
+        args = ", ".join(f"{f.name}={_fmt(getattr(node, f.name))}" for f in fields(node) if f.name != "span")
+        return f"{type(node).__name__.lower()}({args})"
     raise TypeError(f"not an IR node: {node!r}")
 
 

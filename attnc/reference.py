@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import sympy
 import torch
 
-from . import ir
+from . import ir, semantics
 from .constraints import violations
 from .errors import AttnError, SizeError, error
 from .limits import require
@@ -69,25 +69,6 @@ def random_table(rows: torch.Tensor, n: int, r: int, seed: int) -> torch.Tensor:
         taken = (chosen[:, :idx] == t[:, None]).any(dim=1) if idx else torch.zeros_like(t, dtype=torch.bool)
         chosen[:, idx] = torch.where(taken, torch.full_like(t, j), t)
     return chosen
-
-
-def neighborhood_window(qa: torch.Tensor, L: int, size: int, d: int, s: int, causal: bool):
-    """NATTEN / GNA window of every query along one axis of length L:
-    (dilation group g, start, end) in group-local key indices; key k is allowed
-    iff k % d == g and start <= k // d < end."""
-    wl = size // 2
-    g = qa % d
-    i = qa // d
-    lg = (L - g + d - 1) // d
-    if not causal:
-        leader = torch.minimum((i // s) * s + s // 2, lg - 1)
-        start = torch.clamp(torch.minimum(leader - wl, lg - size), min=0)
-        end = start + size
-    else:
-        leader = torch.minimum((i // s) * s + s - 1, lg - 1)
-        start = torch.clamp(leader - (size - 1), min=0)
-        end = i + 1
-    return g, start, end
 
 
 # ----------------------------------------------------------------------------- views
@@ -189,8 +170,11 @@ class Evaluator:
         self.check(node, view)
         if isinstance(node, ir.AXISWISE) and view.axes:
             return self.per_axis(node, view)
-        method = getattr(self, "eval_" + type(node).__name__.rstrip("_"))
-        out = method(node, view)
+        parts = self.keys(node, view)
+        if parts is not None:
+            out = self.eval_keys(parts, view)
+        else:
+            out = getattr(self, "eval_" + type(node).__name__.rstrip("_"))(node, view)
         if out.dim() == 2:
             out = out.unsqueeze(0)
         return out
@@ -221,76 +205,23 @@ class Evaluator:
             out = r if out is None else out & r
         return self.in_grid(view, out)
 
-    # -- primitives (1-D semantics over view.q / view.k)
-    def eval_Full(self, node, view):
-        return torch.ones(len(view.q), len(view.k), dtype=torch.bool)
+    # -- primitives: their definitions in semantics.py ([Note: one definition]) as `where` conditions
+    def keys(self, node: ir.Mask, view: View) -> tuple[semantics.Keys, ...] | None:
+        """The positional primitive's keys per query (None for other nodes), once the
+        view's length is checked against what the primitive needs."""
+        parts = semantics.keys_of(node)
+        if parts is not None:
+            problem = semantics.length_problem(node, view.L, lambda v: self.val(v, view.env))
+            if problem:
+                raise SizeError(error(node.span, problem))
+        return parts
 
-    def eval_Empty(self, node, view):
-        return torch.zeros(len(view.q), len(view.k), dtype=torch.bool)
-
-    def eval_Causal(self, node, view):
-        return view.k[None, :] <= view.q[:, None]
-
-    def eval_Band(self, node, view):
-        lft, rgt = self.val(node.left, view.env), self.val(node.right, view.env)
-        q, k = view.q[:, None], view.k[None, :]
-        return (k >= q - lft) & (k <= q + rgt)
-
-    def eval_Sliding(self, node, view):
-        w = self.val(node.w, view.env)
-        q, k = view.q[:, None], view.k[None, :]
-        return (k > q - w) & (k <= q)
-
-    def neighborhood_args(self, node, view) -> tuple[int, int, int, bool]:
-        size = self.val(node.size, view.env)
-        d = self.val(node.dilation, view.env)
-        s = self.val(node.stride, view.env)
-        if size * d > view.L:
-            raise SizeError(error(node.span, f"neighborhood needs size * dilation <= length, got {size} * {d} > {view.L}"))
-        if s > size:
-            raise SizeError(error(node.span, f"neighborhood stride must be <= size, got stride {s} > size {size}"))
-        return size, d, s, bool(node.causal)
-
-    def eval_Neighborhood(self, node, view):
-        size, d, s, causal = self.neighborhood_args(node, view)
-        g, start, end = neighborhood_window(view.q, view.L, size, d, s, causal)
-        k = view.k[None, :]
-        kl = k // d
-        return (k % d == g[:, None]) & (kl >= start[:, None]) & (kl < end[:, None])
-
-    def block_window(self, node, view) -> tuple[torch.Tensor, torch.Tensor]:
-        """[start, end) of the keys each query's block (with halo) allows."""
-        size = self.val(node.size, view.env)
-        shift = self.val(node.shift, view.env)
-        halo = self.val(node.halo, view.env)
-        bq = (view.q - shift) // size
-        return bq * size + shift - halo, (bq + 1) * size + shift + halo
-
-    def eval_Block(self, node, view):
-        start, end = self.block_window(node, view)
-        k = view.k[None, :]
-        return (k >= start[:, None]) & (k < end[:, None])
-
-    def eval_Strided(self, node, view):
-        s = self.val(node.s, view.env)
-        return (view.q[:, None] - view.k[None, :]) % s == 0
-
-    def eval_Sink(self, node, view):
-        n = self.val(node.n, view.env)
-        return (view.k < n)[None, :].expand(len(view.q), -1)
-
-    def eval_Global(self, node, view):
-        return self.set_contains(node.tokens, view.q, view.env)[:, None] | self.set_contains(node.tokens, view.k, view.env)[None, :]
-
-    def eval_Rows(self, node, view):
-        return self.set_contains(node.tokens, view.q, view.env)[:, None].expand(-1, len(view.k))
-
-    def eval_Cols(self, node, view):
-        return self.set_contains(node.tokens, view.k, view.env)[None, :].expand(len(view.q), -1)
-
-    def eval_Prefix(self, node, view):
-        n = self.val(node.n, view.env)
-        return (view.q < n)[:, None] & (view.k < n)[None, :]
+    def eval_keys(self, parts: tuple[semantics.Keys, ...], view: View) -> torch.Tensor:
+        pred = semantics.predicate(parts)
+        if pred is None:
+            return torch.zeros(len(view.q), len(view.k), dtype=torch.bool)
+        val, _ = self.pos(pred, view)
+        return val.expand(len(view.q), len(view.k))
 
     def eval_Random(self, node, view):
         r, seed = self.val(node.r, view.env), self.val(node.seed, view.env)

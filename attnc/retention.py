@@ -5,14 +5,18 @@ output: bool [H, L]: True where key j may still be attended by a query at positi
         (the next token and every later one); False keys can be evicted for good.
 does not: evict (attnc.nn.KVCache does), or look at tensors.
 
-[Note: retention] The answer is derived from the pattern's expression, per construct, and is
-conservative by construction -- a key is dropped only when no future query can be allowed to
-read it: `sliding(w)` keeps (L - w, L), `band(l, r)` keeps [L - l, L), `sink(n)` / `cols(S)`
-their keys, `block` the keys from the first future block on, `prefix(n)` and `rows(S)` what
-their future rows see, `|` unions, `&` intersects (a pair allowed by P & Q is allowed by both),
-`P - Q` keeps what P keeps, `heads {}` decides per head. Everything else -- `causal`,
-`strided`, `random`, `where`, complements, structural combinators, grids, run-time inputs,
-and any pattern whose parameters depend on M or N (they change as the sequence grows) --
+[Note: retention] The answer is derived from the pattern's expression and is conservative by
+construction -- a key is dropped only when no future query can be allowed to read it. A primitive
+is read from its definition (semantics.py): each progression of keys [lo(q), hi(q)) keeps the
+keys from lo(L) on -- lo at the next query, when lo is proved never to decrease -- and below hi
+when hi is a constant; a progression whose condition no future query meets keeps nothing
+(`prefix(n)` once L >= n, `rows(S)` without future rows). So `sliding(w)` keeps (L - w, L),
+`band(l, r)` keeps [L - l, L), `sink(n)` / `cols(S)` their keys, `block` the keys from the first
+future block on. `|` unions, `&` intersects (a pair allowed by P & Q is allowed by both),
+`P - Q` keeps what P keeps, `heads {}` decides per head. Everything else -- `causal` (lo = 0),
+`strided` (lo = q % s), `neighborhood` (its window depends on N), `random`, `where`,
+complements, structural combinators, grids, run-time inputs, and any pattern whose parameters
+depend on M or N (they change as the sequence grows) --
 keeps every key. tests/test_decode.py checks the rule against the mask: no evicted key is
 allowed for any of many later query positions, on every example and on random patterns.
 """
@@ -21,8 +25,8 @@ from __future__ import annotations
 
 import torch
 
-from . import ir
-from .reference import Evaluator, top_view
+from . import ir, semantics
+from .reference import Evaluator, View, top_view
 
 
 def retention(pattern: ir.PatternIR, L: int, heads: int = 1) -> torch.Tensor:
@@ -52,39 +56,11 @@ class _Retention:
     def all(self) -> torch.Tensor:
         return torch.ones(1, self.L, dtype=torch.bool)
 
-    def from_(self, start: int) -> torch.Tensor:
-        """Keys j >= start."""
-        return (self.keys >= start)[None]
-
     def need(self, node: ir.Mask) -> torch.Tensor:  # bool [1 | H, L]
-        L = self.L
+        parts = semantics.keys_of(node)
+        if parts is not None:
+            return self.keys_needed(parts)
         match node:
-            case ir.Empty():
-                return torch.zeros(1, L, dtype=torch.bool)
-            case ir.Band(left=left, right=_) if not isinstance(left, tuple):
-                return self.from_(L - self.val(left))
-            case ir.Sliding(w=w) if not isinstance(w, tuple):
-                return self.from_(L - self.val(w) + 1)
-            case ir.Sink(n=n):
-                return (self.keys < self.val(n))[None]
-            case ir.Cols(tokens=s):
-                return self.ev.set_contains(s, self.keys, self.env)[None]
-            case ir.Rows(tokens=s):
-                return self.all() if self._has_future(s) else torch.zeros(1, L, dtype=torch.bool)
-            case ir.Global(tokens=s):
-                if self._has_future(s):
-                    return self.all()
-                return self.ev.set_contains(s, self.keys, self.env)[None]
-            case ir.Prefix(n=n):
-                n = self.val(n)
-                return (self.keys < n)[None] if L < n else torch.zeros(1, L, dtype=torch.bool)
-            case ir.Block(size=size, shift=shift, halo=halo) if not isinstance(size, tuple):
-                size, shift = self.val(size), self.val(shift) if not isinstance(shift, tuple) else None
-                halo = self.val(halo) if not isinstance(halo, tuple) else None
-                if shift is None or halo is None:
-                    return self.all()
-                first = ((L - shift) // size) * size + shift  # the block of the next query
-                return self.from_(first - halo)
             case ir.Union_(parts=ps):
                 out = self.need(ps[0])
                 for p in ps[1:]:
@@ -100,6 +76,46 @@ class _Retention:
             case ir.Heads(arms=arms):
                 return self._heads(arms)
         return self.all()  # causal, full, strided, random, where, ~, structural: keep everything
+
+    def keys_needed(self, parts: tuple[semantics.Keys, ...]) -> torch.Tensor:
+        """The cached keys some future query p >= L reads through a primitive's progressions
+        (semantics.py): from lo(L) on when lo never decreases, below hi when hi is constant."""
+        out = torch.zeros(1, self.L, dtype=torch.bool)
+        value = self.term_value
+        for p in parts:
+            if p.when is not None and not semantics.mentions(p.when, semantics.LENGTH) and not self._future(p.when):
+                continue
+            terms = [p.lo] + [t for t in (p.step, p.when) if t is not None]
+            if any(semantics.mentions(t, semantics.LENGTH) for t in terms):
+                return self.all()  # the first key moves with the sequence's length
+            if not semantics.non_decreasing(p.lo, value) or (p.step is not None and semantics.mentions(p.lo, semantics.Q)):
+                return self.all()
+            lo = self.at_next(p.lo)
+            keep = self.keys >= lo
+            if not (semantics.mentions(p.hi, semantics.Q) or semantics.mentions(p.hi, semantics.LENGTH)):
+                keep &= self.keys < value(p.hi)  # (an end that grows with q or N bounds nothing cached)
+            if p.step is not None:
+                keep &= (self.keys - lo) % value(p.step) == 0
+            out |= keep[None]
+        return out
+
+    def term_value(self, e: ir.PExpr) -> int:
+        """A term without q (a parameter expression)."""
+        return int(self.at_next(e))
+
+    def at_next(self, e: ir.PExpr) -> int:
+        """A term at the next query, q = L."""
+        v, _ = self.ev.pos(e, View(q=torch.tensor([self.L]), k=torch.tensor([0]), env=self.env))
+        return int(v.reshape(-1)[0])
+
+    def _future(self, cond: ir.PExpr) -> bool:
+        """Whether some query p >= L meets a progression's condition (True when unsure)."""
+        match cond:
+            case ir.PCmp(ops=("<",), operands=(ir.PVar(name="q", axis=None), bound)):
+                return self.L < self.term_value(bound)
+            case ir.PIn(item=ir.PVar(name="q", axis=None), collection=s):
+                return self._has_future(s)
+        return True
 
     def _has_future(self, s) -> bool:
         """Whether the set holds a position >= L (a future row)."""

@@ -31,7 +31,7 @@ from fractions import Fraction
 
 import sympy
 
-from . import ir
+from . import ir, semantics
 
 Q = sympy.Symbol("q", integer=True)
 D = sympy.Symbol("D", integer=True, positive=True)  # head dim, for FLOPs
@@ -302,6 +302,12 @@ class Builder:
         return sympy.sympify(v)
 
     def build(self, node: ir.Mask) -> SetExpr:
+        parts = semantics.keys_of(node)
+        if parts is not None:
+            try:
+                return self.key_sets(node, parts)
+            except NoFormula as e:
+                raise NoFormula(f"{type(node).__name__.rstrip('_').lower()} has no closed-form count: {e}") from None
         m = getattr(self, "b_" + type(node).__name__.rstrip("_"), None)
         if m is None:
             raise NoFormula(f"{ir.pformat(node).split('(')[0]} has no closed-form count")
@@ -310,27 +316,70 @@ class Builder:
     def iv(self, lo, hi) -> SetExpr:
         return _iv(PL.of(lo), PL.of(hi))
 
-    def b_Full(self, n):
-        return self.iv(0, ir.N)
+    # -- primitives: their definitions (attnc/semantics.py) as piecewise-linear ends
+    def key_sets(self, node: ir.Mask, parts: tuple[semantics.Keys, ...]) -> SetExpr:
+        if any(isinstance(getattr(node, f), tuple) for f in getattr(node, "__dataclass_fields__", ()) if f != "span"):
+            raise NoFormula("per-axis arguments")
+        sets = []
+        for p in parts:
+            if p.step is not None and self.scalar(self.term(p.step)) != 1:
+                raise NoFormula("a set with a step" if isinstance(node, (ir.Cols, ir.Global)) else
+                                "keys with a step (dilated or strided)")
+            lo, hi = self.pl(p.lo), self.pl(p.hi)
+            if p.when is not None:  # outside the condition the interval is empty: hi = lo
+                inside = self.indicator(p.when)
+                hi = combine([lo, hi, inside], lambda a, b, c: a + (b - a) * c, self.o)
+            sets.append(_iv(lo, hi))
+        if not sets:
+            return self.iv(0, 0)
+        return sets[0] if len(sets) == 1 else SetExpr("or", tuple(sets))
 
-    def b_Empty(self, n):
-        return self.iv(0, 0)
+    def term(self, e: ir.PExpr) -> sympy.Expr:
+        """A term without the query position (a parameter expression)."""
+        f = self.pl(e)
+        if len(f.segs) != 1 or f.segs[0][1].has(Q):
+            raise NoFormula("a step that depends on the query")
+        return f.segs[0][1]
 
-    def b_Causal(self, n):
-        return self.iv(0, Q + 1)
+    def pl(self, e: ir.PExpr) -> PL:
+        """A term of the definitions as a piecewise-linear function of q."""
+        o = self.o
+        match e:
+            case ir.PVar(name="q", axis=None):
+                return PL.of(Q)
+            case ir.PConst(value=v):
+                return PL.of(self.scalar(v))
+            case ir.PCall(func="min" | "max" as f, args=args):
+                out = self.pl(args[0])
+                for a in args[1:]:
+                    out = extremum(out, self.pl(a), o, f == "max")
+                return out
+            case ir.PBin(op=op, left=a, right=b):
+                x, y = self.pl(a), self.pl(b)
+                if op in ("+", "-"):
+                    return combine([x, y], (lambda u, v: u + v) if op == "+" else (lambda u, v: u - v), o)
+                fixed = [len(f.segs) == 1 and not f.segs[0][1].has(Q) for f in (x, y)]
+                if op == "*" and any(fixed):
+                    return combine([x, y], lambda u, v: u * v, o)
+                if op in ("//", "%") and all(fixed):
+                    u, v = x.segs[0][1], y.segs[0][1]
+                    return PL.of(sympy.floor(u / v) if op == "//" else sympy.Mod(u, v))
+                if op in ("//", "%"):
+                    raise NoFormula("// or % of the query position (blocked, dilated or strided keys)")
+        raise NoFormula(f"a term {type(e).__name__} the formulas do not handle")
 
-    def b_Band(self, n):
-        return self.iv(Q - self.scalar(n.left), Q + self.scalar(n.right) + 1)
-
-    def b_Sliding(self, n):
-        return self.iv(Q - self.scalar(n.w) + 1, Q + 1)
-
-    def b_Sink(self, n):
-        return self.iv(0, self.scalar(n.n))
-
-    def b_Prefix(self, n):
-        k = self.scalar(n.n)
-        return _iv(PL.of(0), PL.step(k, k, 0, self.o))
+    def indicator(self, cond: ir.PExpr) -> PL:
+        """1 where the query satisfies a progression's condition, else 0."""
+        o = self.o
+        match cond:
+            case ir.PCmp(ops=("<",), operands=(ir.PVar(name="q", axis=None), bound)):
+                return PL.step(self.term(bound), 1, 0, o)
+            case ir.PIn(item=ir.PVar(name="q", axis=None), collection=tokens):
+                out = PL.of(0)
+                for a, b in self._ranges(tokens):
+                    out = combine([out, PL.step(a, 0, 1, o), PL.step(b, 0, 1, o)], lambda t, u, v: t + u - v, o)
+                return out
+        raise NoFormula("a condition on the query that is not a range or a set")
 
     def _ranges(self, s) -> list[tuple]:
         if isinstance(s, ir.SetRange):
@@ -338,39 +387,6 @@ class Builder:
                 raise NoFormula("a set with a step")
             return [(s.start, s.stop)]
         return [(i, i + 1) for i in s.items]
-
-    def _rows(self, s) -> SetExpr:
-        if not self._ranges(s):
-            return self.iv(0, 0)  # the empty set: no rows
-        parts = []
-        for a, b in self._ranges(s):
-            inside = combine([PL.step(a, 0, ir.N, self.o), PL.step(b, 0, ir.N, self.o)], lambda x, y: x - y, self.o)
-            parts.append(_iv(PL.of(0), inside))
-        return parts[0] if len(parts) == 1 else SetExpr("or", tuple(parts))
-
-    def _cols(self, s) -> SetExpr:
-        parts = [self.iv(a, b) for a, b in self._ranges(s)] or [self.iv(0, 0)]
-        return parts[0] if len(parts) == 1 else SetExpr("or", tuple(parts))
-
-    def b_Rows(self, n):
-        return self._rows(n.tokens)
-
-    def b_Cols(self, n):
-        return self._cols(n.tokens)
-
-    def b_Global(self, n):
-        return SetExpr("or", (self._rows(n.tokens), self._cols(n.tokens)))
-
-    def b_Neighborhood(self, n):
-        size = self.scalar(n.size)
-        if self.scalar(n.dilation) != 1 or self.scalar(n.stride) != 1:
-            raise NoFormula("dilated or strided neighborhoods")
-        if n.causal is True:
-            start = extremum(PL.of(Q - (size - 1)), PL.of(0), self.o, True)
-            return _iv(start, PL.of(Q + 1))
-        wl = sympy.floor(size / 2)
-        start = extremum(extremum(PL.of(Q - wl), PL.of(ir.N - size), self.o, False), PL.of(0), self.o, True)
-        return _iv(start, combine([start], lambda a: a + size, self.o))
 
     def b_Union(self, n):
         return SetExpr("or", tuple(self.build(p) for p in n.parts))

@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from attnc import ir
+from attnc import ir, semantics
 from attnc.reference import Evaluator, View, top_view
 
 from . import sizes as size_tags
@@ -546,10 +546,17 @@ class Derivation:
 
     def build(self, node: ir.Mask, env: dict, dom: Domain) -> list[Range]:
         self.ev.check(node, View(q=self.view.q, k=self.view.k, env=env))
-        m = getattr(self, "r_" + type(node).__name__.rstrip("_"), None)
-        if m is None:
-            raise NoClosedForm(f"{type(node).__name__.rstrip('_').lower()} (keys are not a few monotone ranges per query)")
-        out = m(node, env, dom)
+        parts = self.ev.keys(node, View(q=self.view.q, k=self.view.k, env=env))
+        if parts is not None:
+            try:
+                out = self.key_ranges(parts, env, dom)
+            except NoClosedForm as e:
+                raise NoClosedForm(f"{type(node).__name__.rstrip('_').lower()} ({e})") from None
+        else:
+            m = getattr(self, "r_" + type(node).__name__.rstrip("_"), None)
+            if m is None:
+                raise NoClosedForm(f"{type(node).__name__.rstrip('_').lower()} (keys are not a few monotone ranges per query)")
+            out = m(node, env, dom)
         pruned = []
         for r in out:
             c = dom.clip(r)
@@ -562,27 +569,81 @@ class Derivation:
     def all(self, dom: Domain, lo: E, hi: E) -> list[Range]:
         return [Range(lo, hi, dom.x0, dom.x1)]
 
-    def r_Full(self, n, env, dom):
-        return self.all(dom, C(0), C(dom.L))
+    # -- primitives: their definitions (attnc/semantics.py) as monotone ranges
+    def key_ranges(self, parts: tuple[semantics.Keys, ...], env: dict, dom: Domain) -> list[Range]:
+        out: list[Range] = []
+        spans: list[tuple[int, int]] = []  # constant key intervals, merged into runs below
+        for p in parts:
+            step = 1 if p.step is None else _const(self.monotone(p.step, env))
+            try:
+                lo, hi = self.monotone(p.lo, env), self.monotone(p.hi, env)
+            except NoClosedForm:
+                if step == 1:
+                    raise
+                lo = hi = None
+            constant = isinstance(lo, C) and isinstance(hi, C)
+            if step != 1 and not constant:
+                raise NoClosedForm("keys with a step: dilated or strided, not an interval")
+            if p.when is None and constant:
+                a, b = max(lo.value, 0), min(hi.value, dom.L)
+                if step != 1 and (b - a) // step > MAX_RANGES:
+                    raise NoClosedForm(f"a token set with more than {MAX_RANGES} separate runs")
+                spans += [(a, b)] if step == 1 else [(x, x + 1) for x in range(a + (lo.value - a) % step, b, step)]
+                continue
+            for g0, g1 in self.guard(p.when, env, dom):
+                out.append(Range(lo, hi, g0, g1))
+        runs: list[list[int]] = []
+        for a, b in sorted(s for s in spans if s[0] < s[1]):  # (ends keep their size tags)
+            if runs and a <= runs[-1][1]:
+                runs[-1][1] = max(runs[-1][1], b)
+            else:
+                runs.append([a, b])
+        if len(runs) > MAX_RANGES:
+            raise NoClosedForm(f"a token set with {len(runs)} separate runs")
+        return out + [Range(C(a), C(b), dom.x0, dom.x1) for a, b in runs]
 
-    def r_Empty(self, n, env, dom):
-        return []
+    def guard(self, when: ir.PExpr | None, env: dict, dom: Domain) -> list[tuple[int, int]]:
+        """The runs of query positions [g0, g1) where a progression's condition holds."""
+        match when:
+            case None:
+                return [(dom.x0, dom.x1)]
+            case ir.PCmp(ops=("<",), operands=(ir.PVar(name="q", axis=None), bound)):
+                return [(dom.x0, _const(self.monotone(bound, env)))]
+            case ir.PIn(item=ir.PVar(name="q", axis=None), collection=tokens):
+                return self._runs(tokens, env, dom.x0, dom.x1)
+        raise NoClosedForm("a condition on the query that is not a range or a set")
 
-    def r_Causal(self, n, env, dom):
-        return self.all(dom, C(0), Add(X(), 1))
-
-    def r_Band(self, n, env, dom):
-        return self.all(dom, Add(X(), -self.val(n.left, env)), Add(X(), self.val(n.right, env) + 1))
-
-    def r_Sliding(self, n, env, dom):
-        return self.all(dom, Add(X(), 1 - self.val(n.w, env)), Add(X(), 1))
-
-    def r_Sink(self, n, env, dom):
-        return self.all(dom, C(0), C(self.val(n.n, env)))
-
-    def r_Prefix(self, n, env, dom):
-        v = self.val(n.n, env)
-        return [Range(C(0), C(v), dom.x0, v)]
+    def monotone(self, e: ir.PExpr, env: dict) -> E:
+        """A term of the definitions as a non-decreasing expression of x (NoClosedForm otherwise)."""
+        match e:
+            case ir.PVar(name="q", axis=None):
+                return X()
+            case ir.PConst(value=v):
+                return C(self.val(v, env))
+            case ir.PCall(func="min" | "max" as f, args=args):
+                xs = tuple(self.monotone(a, env) for a in args)
+                if all(isinstance(x, C) for x in xs):
+                    return C(min(x.value for x in xs) if f == "min" else max(x.value for x in xs))
+                return Min(xs) if f == "min" else Max(xs)
+            case ir.PBin(op=op, left=a, right=b):
+                x, y = self.monotone(a, env), self.monotone(b, env)
+                if isinstance(x, C) and isinstance(y, C):
+                    if op in ("//", "%") and y.value == 0:
+                        raise NoClosedForm("a division by zero")
+                    u, v = x.value, y.value
+                    return C({"+": lambda: u + v, "-": lambda: u - v, "*": lambda: u * v, "//": lambda: u // v,
+                              "%": lambda: u % v, "**": lambda: u ** v}[op]())
+                if op == "+" and isinstance(x, C):
+                    x, y = y, x
+                if op in ("+", "-") and isinstance(y, C):
+                    return Add(x, y.value if op == "+" else -y.value)
+                if op == "*" and isinstance(x, C):
+                    x, y = y, x
+                if op in ("*", "//", "%") and isinstance(y, C) and y.value == 1:  # (a parameter that is 1 here)
+                    return C(0) if op == "%" else x
+                if op in ("*", "//") and isinstance(y, C) and y.value > 0:
+                    return Mul(x, y.value) if op == "*" else Div(x, y.value)
+        raise NoClosedForm("keys whose ends are not non-decreasing in the query (a remainder, or a decreasing term)")
 
     def _runs(self, s: ir.SetVal, env, lo: int, hi: int) -> list[tuple[int, int]]:
         """The set's integers inside [lo, hi) as runs [a, b)."""
@@ -602,34 +663,6 @@ class Derivation:
         if len(runs) > MAX_RANGES:
             raise NoClosedForm(f"a token set with {len(runs)} separate runs")
         return runs
-
-    def r_Rows(self, n, env, dom):
-        return [Range(C(0), C(dom.L), a, b) for a, b in self._runs(n.tokens, env, dom.x0, dom.x1)]
-
-    def r_Cols(self, n, env, dom):
-        return [Range(C(a), C(b), dom.x0, dom.x1) for a, b in self._runs(n.tokens, env, 0, dom.L)]
-
-    def r_Global(self, n, env, dom):
-        return self.r_Rows(n, env, dom) + self.r_Cols(n, env, dom)
-
-    def r_Block(self, n, env, dom):
-        size, shift, halo = (self.val(v, env) for v in (n.size, n.shift, n.halo))
-        start = Add(Mul(Div(Add(X(), -shift), size), size), shift - halo)
-        return self.all(dom, start, Add(start, size + 2 * halo))
-
-    def r_Neighborhood(self, n, env, dom):
-        view = View(q=self.view.q, k=self.view.k, env=env)
-        size, d, s, causal = self.ev.neighborhood_args(n, view)
-        if d != 1:
-            raise NoClosedForm("dilated neighborhood (keys are not an interval)")
-        L = dom.L
-        cell = Mul(Div(X(), s), s)  # (x // s) * s, as reference.neighborhood_window with d = 1
-        if causal:
-            leader = Min((Add(cell, s - 1), C(L - 1)))
-            return self.all(dom, Max((Add(leader, -(size - 1)), C(0))), Add(X(), 1))
-        leader = Min((Add(cell, s // 2), C(L - 1)))
-        start = Max((Min((Add(leader, -(size // 2)), C(L - size))), C(0)))
-        return self.all(dom, start, Add(start, size))
 
     def r_Union(self, n, env, dom):
         return [r for p in n.parts for r in self.build(p, env, dom)]

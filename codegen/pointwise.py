@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from attnc import ir
+from attnc import ir, semantics
 from attnc.errors import AttnError, error
 from attnc.limits import require
 from attnc.reference import Evaluator, _pick, _ravel, _unravel, random_table
@@ -605,6 +605,10 @@ class _Lower(Evaluator):
         self.check(node, view)
         if isinstance(node, ir.AXISWISE) and view.axes:
             return self.per_axis(node, view)
+        parts = self.keys(node, view)
+        if parts is not None:
+            pred = semantics.predicate(parts)
+            return Const(False) if pred is None else self.pos(pred, view)[0]
         return getattr(self, "lw_" + type(node).__name__.rstrip("_"))(node, view)
 
     # -- views
@@ -623,65 +627,7 @@ class _Lower(Evaluator):
         parts = [self.eval(_component(node, i), self.axis_view(view, a)) for i, a in enumerate(view.axes)]
         return self.in_grid(view, self.b.and_(*parts))
 
-    # -- primitives
-    def lw_Full(self, node, view):
-        return Const(True)
-
-    def lw_Empty(self, node, view):
-        return Const(False)
-
-    def lw_Causal(self, node, view):
-        return self.b.le(view.k, view.q)
-
-    def lw_Band(self, node, view):
-        b = self.b
-        lft, rgt = self.val(node.left, view.env), self.val(node.right, view.env)
-        return b.and_(b.ge(view.k, b.sub(view.q, b.c(lft))), b.le(view.k, b.add(view.q, b.c(rgt))))
-
-    def lw_Sliding(self, node, view):
-        b = self.b
-        w = self.val(node.w, view.env)
-        return b.and_(b.cmp("gt", view.k, b.sub(view.q, b.c(w))), b.le(view.k, view.q))
-
-    def lw_Neighborhood(self, node, view):
-        # reference.neighborhood_window, term by term
-        b = self.b
-        size, d, s, causal = self.neighborhood_args(node, view)
-        L = view.L
-        wl = size // 2
-        g = b.mod(view.q, b.c(d))
-        i = b.floordiv(view.q, b.c(d))
-        lg = b.floordiv(b.add(b.sub(b.c(L), g), b.c(d - 1)), b.c(d))
-        if not causal:
-            leader = b.minimum(b.add(b.mul(b.floordiv(i, b.c(s)), b.c(s)), b.c(s // 2)), b.sub(lg, b.c(1)))
-            start = b.maximum(b.minimum(b.sub(leader, b.c(wl)), b.sub(lg, b.c(size))), b.c(0))
-            end = b.add(start, b.c(size))
-        else:
-            leader = b.minimum(b.add(b.mul(b.floordiv(i, b.c(s)), b.c(s)), b.c(s - 1)), b.sub(lg, b.c(1)))
-            start = b.maximum(b.sub(leader, b.c(size - 1)), b.c(0))
-            end = b.add(i, b.c(1))
-        kl = b.floordiv(view.k, b.c(d))
-        return b.and_(b.eq(b.mod(view.k, b.c(d)), g), b.ge(kl, start), b.lt(kl, end))
-
-    def lw_Block(self, node, view):
-        b = self.b
-        size = self.val(node.size, view.env)
-        shift = self.val(node.shift, view.env)
-        halo = self.val(node.halo, view.env)
-        bq = b.floordiv(b.sub(view.q, b.c(shift)), b.c(size))
-        start = b.add(b.mul(bq, b.c(size)), b.c(shift - halo))
-        if halo == 0:  # same block: compare block indices (reads better, folds better)
-            return b.eq(b.floordiv(b.sub(view.k, b.c(shift)), b.c(size)), bq)
-        return b.and_(b.ge(view.k, start), b.lt(view.k, b.add(start, b.c(size + 2 * halo))))
-
-    def lw_Strided(self, node, view):
-        b = self.b
-        s = self.val(node.s, view.env)
-        return b.eq(b.mod(b.sub(view.q, view.k), b.c(s)), b.c(0))
-
-    def lw_Sink(self, node, view):
-        return self.b.lt(view.k, self.b.c(self.val(node.n, view.env)))
-
+    # -- primitives: their definitions (attnc/semantics.py) as `where` conditions
     def set_cond(self, s: ir.SetVal, x: Expr, env) -> Expr:
         if isinstance(s, ir.SetList):
             return self.b.in_items(x, [self.val(i, env) for i in s.items])
@@ -689,19 +635,6 @@ class _Lower(Evaluator):
         if st < 1:
             raise AttnError(error(self.pattern.span, f"a range step must be >= 1, got {st}"))
         return self.b.in_range(x, a, stop, st)
-
-    def lw_Global(self, node, view):
-        return self.b.or_(self.set_cond(node.tokens, view.q, view.env), self.set_cond(node.tokens, view.k, view.env))
-
-    def lw_Rows(self, node, view):
-        return self.set_cond(node.tokens, view.q, view.env)
-
-    def lw_Cols(self, node, view):
-        return self.set_cond(node.tokens, view.k, view.env)
-
-    def lw_Prefix(self, node, view):
-        n = self.b.c(self.val(node.n, view.env))
-        return self.b.and_(self.b.lt(view.q, n), self.b.lt(view.k, n))
 
     def lw_Random(self, node, view):
         # [Note: random rows] the generator is defined for every row the view's queries

@@ -1,0 +1,379 @@
+"""The meaning of every positional primitive, declared once.
+
+input:  a primitive's IR node (1-D: on grids, the per-axis component).
+output: its allowed keys per query as `Keys` -- progressions whose ends are
+        `ir.PExpr` expressions of the query position `q`, the view length `N`
+        and the node's parameters -- and `predicate`, the same set as a
+        pointwise condition on (q, k).
+does not: evaluate anything. The consumers interpret these expressions: the
+        dense reference and the Triton lowering evaluate `predicate`
+        (reference.py, codegen/pointwise.py), the interval analysis evaluates
+        the ends over tensors of queries (analysis.py), the loop bounds
+        translate them into monotone range expressions (codegen/bounds.py) and
+        the density formulas into piecewise-linear functions of q
+        (symbolic.py).
+
+[Note: one definition] A positional primitive allows, for each query q, the
+keys of a few *progressions*
+
+    lo(q), lo(q) + step, lo(q) + 2 step, ...  below hi(q),   for the queries where when(q) holds
+
+(step absent: every key of [lo, hi); when absent: every query). Ends may fall
+outside [0, N): every consumer clips to the keys that exist. Progressions are
+the shape the analyses need: an interval is one closed form for the plan, the
+loop bounds and the formula, and the residue structure of dilation and
+strides stays visible (a consumer that needs intervals enumerates a short
+progression, or says it cannot). Combinators (`|`, `&`, `-`, `~`, `@`,
+`dilate`, `blockwise`, `heads`), `where`, `random` and the run-time inputs are
+not primitives here: each consumer combines sets its own way.
+
+Adding a primitive is one function below (plus its IR node, its signature in
+elaborate.PRIMITIVES, constraints in constraints.py and its tests): the
+reference mask, the plan, the kernels' predicate and loop bounds, and the
+formula all follow from it. Where a consumer cannot use a form (bounds: a
+step or a decreasing end; formulas: `//` or `%` of q), it reports why, in one
+place each (`codegen/bounds.py` `_monotone`, `symbolic.py` `_pl`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import sympy
+
+from . import ir
+
+# ----------------------------------------------------------------------------- terms
+
+#: the query position (absolute, in the view) and the key position
+Q = ir.PVar(name="q")
+K = ir.PVar(name="k")
+#: the view's length (N of the view: the axis length on a grid axis)
+LENGTH = ir.PConst(value=ir.N)
+
+
+def const(v) -> ir.PExpr:
+    """A parameter or literal as a term."""
+    return v if isinstance(v, ir.PNode) else ir.PConst(value=v)
+
+
+def literal(e: ir.PExpr) -> int | None:
+    """The integer a term is, when it is a literal (not a parameter or size)."""
+    if isinstance(e, ir.PConst) and not isinstance(e.value, bool):
+        v = e.value
+        if isinstance(v, int) or (isinstance(v, sympy.Integer)):
+            return int(v)
+    return None
+
+
+def _bin(op: str, a, b) -> ir.PExpr:
+    a, b = const(a), const(b)
+    x, y = literal(a), literal(b)
+    if x is not None and y is not None and not (op in ("//", "%") and y == 0):
+        return ir.PConst(value={"+": x + y, "-": x - y, "*": x * y, "//": x // y if y else 0,
+                                "%": x % y if y else 0}[op])
+    if op in ("+", "-") and y == 0:
+        return a
+    if op == "+" and x == 0:
+        return b
+    if op == "*" and (y == 1 or x == 1):
+        return a if y == 1 else b
+    if op == "//" and y == 1:
+        return a
+    if op == "%" and y == 1:
+        return ir.PConst(value=0)
+    return ir.PBin(op=op, left=a, right=b)
+
+
+def add(a, b) -> ir.PExpr:
+    return _bin("+", a, b)
+
+
+def sub(a, b) -> ir.PExpr:
+    return _bin("-", a, b)
+
+
+def mul(a, b) -> ir.PExpr:
+    return _bin("*", a, b)
+
+
+def floordiv(a, b) -> ir.PExpr:
+    return _bin("//", a, b)
+
+
+def mod(a, b) -> ir.PExpr:
+    return _bin("%", a, b)
+
+
+def minimum(a, b) -> ir.PExpr:
+    return ir.PCall(func="min", args=(const(a), const(b)))
+
+
+def maximum(a, b) -> ir.PExpr:
+    return ir.PCall(func="max", args=(const(a), const(b)))
+
+
+def less(a, b) -> ir.PExpr:
+    return ir.PCmp(ops=("<",), operands=(const(a), const(b)))
+
+
+def member(x, s: ir.SetVal) -> ir.PExpr:
+    return ir.PIn(item=const(x), collection=s)
+
+
+# ----------------------------------------------------------------------------- key sets
+
+
+@dataclass(frozen=True)
+class Keys:
+    """Keys lo, lo + step, ... below hi, for the queries where `when` holds."""
+
+    lo: ir.PExpr
+    hi: ir.PExpr
+    step: ir.PExpr | None = None  # None: every key of [lo, hi)
+    when: ir.PExpr | None = None  # None: every query
+
+    @property
+    def step_literal(self) -> int | None:
+        """1 for an interval, the step when it is a literal, None when it is a parameter."""
+        return 1 if self.step is None else literal(self.step)
+
+
+Definition = Callable[[ir.Mask], tuple[Keys, ...]]
+DEFINITIONS: dict[type, Definition] = {}
+
+
+def defines(node_type: type) -> Callable[[Definition], Definition]:
+    def register(fn: Definition) -> Definition:
+        DEFINITIONS[node_type] = fn
+        return fn
+    return register
+
+
+def keys_of(node: ir.Mask) -> tuple[Keys, ...] | None:
+    """The node's allowed keys per query, or None when it is not a positional primitive."""
+    fn = DEFINITIONS.get(type(node))
+    return None if fn is None else fn(node)
+
+
+def is_primitive(node: ir.Mask) -> bool:
+    return type(node) in DEFINITIONS
+
+
+def length_problem(node: ir.Mask, length: int, value_of) -> str | None:
+    """What the primitive needs of the view's length that it lacks (None: nothing);
+    `value_of` gives a parameter's integer value. The other argument constraints do
+    not depend on the length: constraints.py."""
+    if isinstance(node, ir.Neighborhood):
+        size, d = value_of(node.size), value_of(node.dilation)
+        if size * d > length:
+            return f"neighborhood needs size * dilation <= length, got {size} * {d} > {length}"
+    return None
+
+
+def _set_keys(s: ir.SetVal) -> tuple[Keys, ...]:
+    """The keys of a constant token set: one progression for a range, one key per listed item."""
+    if isinstance(s, ir.SetRange):
+        step = const(s.step)
+        return (Keys(const(s.start), const(s.stop), None if literal(step) == 1 else step),)
+    return tuple(Keys(const(i), add(i, 1)) for i in s.items)
+
+
+# ----------------------------------------------------------------------------- the primitives (spec §3)
+
+
+@defines(ir.Full)
+def _full(node: ir.Full):
+    return (Keys(const(0), LENGTH),)
+
+
+@defines(ir.Empty)
+def _empty(node: ir.Empty):
+    return ()
+
+
+@defines(ir.Causal)
+def _causal(node: ir.Causal):  # k <= q
+    return (Keys(const(0), add(Q, 1)),)
+
+
+@defines(ir.Band)
+def _band(node: ir.Band):  # q - left <= k <= q + right
+    return (Keys(sub(Q, node.left), add(add(Q, node.right), 1)),)
+
+
+@defines(ir.Sliding)
+def _sliding(node: ir.Sliding):  # q - w < k <= q
+    return (Keys(add(sub(Q, node.w), 1), add(Q, 1)),)
+
+
+@defines(ir.Sink)
+def _sink(node: ir.Sink):  # k < n
+    return (Keys(const(0), const(node.n)),)
+
+
+@defines(ir.Prefix)
+def _prefix(node: ir.Prefix):  # q < n and k < n
+    return (Keys(const(0), const(node.n), when=less(Q, node.n)),)
+
+
+@defines(ir.Rows)
+def _rows(node: ir.Rows):  # q in S
+    return (Keys(const(0), LENGTH, when=member(Q, node.tokens)),)
+
+
+@defines(ir.Cols)
+def _cols(node: ir.Cols):  # k in S
+    return _set_keys(node.tokens)
+
+
+@defines(ir.Global)
+def _global(node: ir.Global):  # q in S or k in S
+    return _rows(node) + _cols(node)
+
+
+@defines(ir.Block)
+def _block(node: ir.Block):
+    # (q - shift) // size == (k - shift) // size, widened by halo on both sides
+    start = add(mul(floordiv(sub(Q, node.shift), node.size), node.size), sub(node.shift, node.halo))
+    return (Keys(start, add(start, add(node.size, mul(2, node.halo)))),)
+
+
+@defines(ir.Strided)
+def _strided(node: ir.Strided):  # (q - k) % s == 0
+    return (Keys(mod(Q, node.s), LENGTH, const(node.s)),)
+
+
+@defines(ir.Neighborhood)
+def _neighborhood(node: ir.Neighborhood):
+    """NATTEN / GNA (spec §3.1): queries in dilation group g = q % d see the keys of
+    their group whose group-local index k // d lies in [start, end)."""
+    size, d, s = node.size, node.dilation, node.stride
+    g, i = mod(Q, d), floordiv(Q, d)
+    group_len = floordiv(add(sub(LENGTH, g), sub(d, 1)), d)  # ceil((N - g) / d)
+    # the stride group's leader; with stride 1 every query leads its own window
+    cell = i if literal(const(s)) == 1 else mul(floordiv(i, s), s)
+    if not node.causal:
+        leader = cell if literal(const(s)) == 1 else minimum(add(cell, floordiv(s, 2)), sub(group_len, 1))
+        start = maximum(minimum(sub(leader, floordiv(size, 2)), sub(group_len, size)), 0)
+        end = add(start, size)
+    else:
+        leader = cell if literal(const(s)) == 1 else minimum(add(cell, sub(s, 1)), sub(group_len, 1))
+        start = maximum(sub(leader, sub(size, 1)), 0)
+        end = add(i, 1)
+    if literal(const(d)) == 1:
+        return (Keys(start, end),)
+    return (Keys(add(mul(start, d), g), add(add(mul(sub(end, 1), d), g), 1), const(d)),)
+
+
+# ----------------------------------------------------------------------------- properties of terms
+
+
+def mentions(e: ir.PExpr, x: ir.PExpr) -> bool:
+    """Whether term `x` (Q, LENGTH, ...) occurs in e."""
+    if e == x:
+        return True
+    match e:
+        case ir.PBin(left=a, right=b):
+            return mentions(a, x) or mentions(b, x)
+        case ir.PCall(args=args) | ir.PCmp(operands=args) | ir.PBool(parts=args):
+            return any(mentions(a, x) for a in args)
+        case ir.PNeg(operand=a) | ir.PNot(operand=a):
+            return mentions(a, x)
+        case ir.PIn(item=a):
+            return mentions(a, x)
+    return False
+
+
+def non_decreasing(e: ir.PExpr, value_of) -> bool:
+    """Whether e never decreases as q grows (proved from its form; `value_of` gives a
+    constant term's integer value). False means "not proved", not "decreasing"."""
+    if not mentions(e, Q):
+        return True
+    match e:
+        case ir.PVar(name="q", axis=None):
+            return True
+        case ir.PCall(func="min" | "max", args=args):
+            return all(non_decreasing(a, value_of) for a in args)
+        case ir.PBin(op="+", left=a, right=b):
+            return non_decreasing(a, value_of) and non_decreasing(b, value_of)
+        case ir.PBin(op="-", left=a, right=b):
+            return non_decreasing(a, value_of) and not mentions(b, Q)
+        case ir.PBin(op="*" | "//" as op, left=a, right=b):
+            if op == "*" and not mentions(a, Q):
+                a, b = b, a
+            return not mentions(b, Q) and value_of(b) >= (0 if op == "*" else 1) and non_decreasing(a, value_of)
+    return False
+
+
+# ----------------------------------------------------------------------------- as a pointwise condition
+
+
+def _at_least(e: ir.PExpr) -> ir.PExpr:
+    """k >= e, written k > e' when e is e' + 1 (q - w < k reads k > q - w)."""
+    if isinstance(e, ir.PBin) and e.op == "+" and literal(e.right) == 1:
+        return ir.PCmp(ops=(">",), operands=(K, e.left))
+    return ir.PCmp(ops=(">=",), operands=(K, e))
+
+
+def _below(e: ir.PExpr) -> ir.PExpr:
+    """k < e, written k <= e' when e is e' + 1 (reads as the spec does: k <= q)."""
+    if isinstance(e, ir.PBin) and e.op == "+" and literal(e.right) == 1:
+        return ir.PCmp(ops=("<=",), operands=(K, e.left))
+    return ir.PCmp(ops=("<",), operands=(K, e))
+
+
+def _peel(e: ir.PExpr) -> tuple[ir.PExpr, object]:
+    """e as base + offset, the offset a sum of constants (literals or parameters)."""
+    off = 0
+    while isinstance(e, ir.PBin) and e.op in ("+", "-") and isinstance(e.right, ir.PConst):
+        off = off + (e.right.value if e.op == "+" else -e.right.value)
+        e = e.left
+    return e, off
+
+
+def _cell(p: Keys) -> ir.PExpr | None:
+    """[(x // m) * m + c, ... + m): the keys of q's cell, written (k - c) // m == x // m."""
+    (base, c1), (base2, c2) = _peel(p.lo), _peel(p.hi)
+    if not (base == base2 and isinstance(base, ir.PBin) and base.op == "*" and isinstance(base.left, ir.PBin)
+            and base.left.op == "//" and base.left.right == base.right and isinstance(base.right, ir.PConst)):
+        return None
+    if sympy.simplify(sympy.sympify(c2) - sympy.sympify(c1) - sympy.sympify(base.right.value)) != 0:
+        return None
+    return ir.PCmp(ops=("==",), operands=(floordiv(sub(K, c1), base.right), base.left))
+
+
+def _residue(p: Keys) -> ir.PExpr | None:
+    """The keys k = x mod s of [0, N): (x - k) % s == 0 (k >= x % s follows for k >= 0)."""
+    lo = p.lo
+    if isinstance(lo, ir.PBin) and lo.op == "%" and lo.right == p.step and p.hi == LENGTH:
+        return ir.PCmp(ops=("==",), operands=(mod(sub(lo.left, K), p.step), const(0)))
+    return None
+
+
+def _part(p: Keys) -> ir.PExpr:
+    short = (_cell(p) if p.step is None else _residue(p)) if p.when is None else None
+    if short is not None:
+        return short
+    conds = [_at_least(p.lo), _below(p.hi)]
+    if p.step is not None:
+        conds.append(ir.PCmp(ops=("==",), operands=(mod(sub(K, p.lo), p.step), const(0))))
+    if p.when is not None:
+        conds.insert(0, p.when)
+    return ir.PBool(op="and", parts=tuple(conds))
+
+
+def predicate(parts: tuple[Keys, ...]) -> ir.PExpr | None:
+    """allowed(q, k) as one `where` condition (None: never). Single keys listed by a set
+    are one membership test, `k in {a, b, ...}`."""
+    points = [p for p in parts if p.step is None and p.when is None and p.hi == add(p.lo, 1)]
+    rest = [p for p in parts if not any(p is x for x in points)]
+    conds = [_part(p) for p in rest]
+    if len(points) == 1:
+        conds.append(ir.PCmp(ops=("==",), operands=(K, points[0].lo)))
+    elif points:
+        conds.append(member(K, ir.SetList(items=tuple(p.lo.value for p in points))))
+    if not conds:
+        return None
+    return conds[0] if len(conds) == 1 else ir.PBool(op="or", parts=tuple(conds))
