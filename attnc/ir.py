@@ -14,7 +14,6 @@ can keep parameters and sizes symbolic.
 
 from __future__ import annotations
 
-import functools
 import re
 from dataclasses import dataclass, field, fields
 from typing import Iterator, Union
@@ -23,6 +22,7 @@ import networkx as nx
 import sympy
 
 from .errors import NO_SPAN, Span
+from .lru import memoize
 
 # ----------------------------------------------------------------------------- symbols
 
@@ -650,7 +650,7 @@ def pattern_text(p: PatternIR) -> str:
     return f"pattern {p.name}({sig}) on {p.layout} = {pformat(p.body)}{score}"
 
 
-@functools.lru_cache(maxsize=256)
+@memoize("reads_sizes", 256, "which of M and N each pattern reads")
 def reads_sizes(p: PatternIR) -> frozenset[str]:
     """Which of the lengths M and N the pattern's bindings, body or score term mention: such a
     pattern changes as a sequence grows (decoding and KV retention care)."""

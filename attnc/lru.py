@@ -7,7 +7,9 @@ does not: persist anything (codegen/cache.py stores generated kernel source on d
 
 [Note: cache limits] A process that sees many sequence lengths must not grow
 without bound: kernel sets, imported kernel modules, tile schedules, FlexAttention
-exports and tile lists built from run-time inputs are each held in an `LRU`.
+exports, tile lists built from run-time inputs, density formulas and lowered score
+terms are each held in an `LRU` (`memoize` wraps a function in one); the only
+`functools` caches left hold one value per process (the parser, the backends).
 The limit of cache `name` is, in order: `set_limit(name, n)`, the environment
 variable `ATTNC_CACHE_<NAME>` (upper case), `ATTNC_CACHE_ENTRIES` (every cache),
 or the cache's default. A limit of 0 keeps nothing (every call rebuilds).
@@ -124,6 +126,22 @@ def set_limit(name: str, entries: int | None) -> None:
 
 
 set_cache_limit = set_limit  # attnc.set_cache_limit("kernel_sets", 16)
+
+
+def memoize(name: str, default: int, what: str) -> Callable[[Callable], Callable]:
+    """A function memoised in an `LRU` named `name`, keyed by its (hashable) positional
+    arguments: the bounded, settable replacement for `functools.lru_cache`."""
+    def wrap(fn: Callable) -> Callable:
+        cache = LRU(name, default, what)
+
+        def memoised(*args):
+            return cache.get(args, lambda: fn(*args))
+        memoised.__wrapped__ = fn
+        memoised.__doc__ = fn.__doc__
+        memoised.__name__ = fn.__name__
+        memoised.cache = cache
+        return memoised
+    return wrap
 
 
 def caches() -> list[dict]:

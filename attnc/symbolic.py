@@ -32,6 +32,7 @@ from fractions import Fraction
 import sympy
 
 from . import ir, semantics
+from .lru import memoize
 
 Q = sympy.Symbol("q", integer=True)
 D = sympy.Symbol("D", integer=True, positive=True)  # head dim, for FLOPs
@@ -462,7 +463,7 @@ def formula(pattern: ir.PatternIR) -> Formula:
     return out
 
 
-@functools.lru_cache(maxsize=128)
+@memoize("formulas", 128, "density formulas (or why there is none) per pattern")
 def _formula_or_reason(pattern: ir.PatternIR) -> "Formula | NoFormula":
     try:
         return _formula(pattern)

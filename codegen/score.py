@@ -26,6 +26,7 @@ import torch
 
 from attnc import ir
 from attnc.errors import AttnError
+from attnc.lru import memoize
 
 from . import pointwise as pw
 
@@ -381,7 +382,7 @@ def lower_score(pattern: ir.PatternIR, M: int, N: int, H: int, grid=None, source
     return ScoreFn(expr=expr, tables=tuple(dims.items()), reads=tuple(reads), text=ir.pformat(term.expr))
 
 
-@functools.lru_cache(maxsize=64)
+@memoize("score_terms", 64, "lowered score terms per pattern and size")
 def score_fn(pattern: ir.PatternIR, M: int, N: int, H: int, grid=None) -> ScoreFn | None:
     """`lower_score`, cached per pattern and sizes."""
     return lower_score(pattern, M, N, H, grid)

@@ -29,7 +29,6 @@ one index_add_ per group (deterministic on CPU).
 from __future__ import annotations
 
 import dataclasses
-import functools
 import hashlib
 from dataclasses import dataclass
 
@@ -38,7 +37,7 @@ import torch
 from attnc import ir
 from attnc.errors import AttnError
 from attnc.analysis import Plan
-from attnc.lru import LRU
+from attnc.lru import LRU, memoize
 
 from .backend import Backend, Call
 
@@ -776,7 +775,7 @@ def forward(call: Call, q, k, v, config: TorchPathConfig = CONFIG) -> tuple[torc
     return out, lse
 
 
-@functools.lru_cache(maxsize=16)
+@memoize("tile_positions", 16, "torch-path token positions of N-D tile layouts per device")
 def _positions(layout, device) -> tuple[torch.Tensor, torch.Tensor]:
     """Where every grid token sits in the padded tile-major order, for queries and keys."""
     return layout.positions("q").to(device), layout.positions("k").to(device)
@@ -914,7 +913,7 @@ def _score_backward(step, qs, kc, vc, doc, lse_c, delta_c, group, w, dtables):
     return p, step.backward(raw, ds, dtables)
 
 
-@functools.lru_cache(maxsize=8)
+@memoize("device_schedules", 8, "torch-path schedules copied to an accelerator")
 def _on_device(sched: Schedule, device: torch.device) -> Schedule:
     """The schedule's tables on `device` (kept while the schedule is in use)."""
     if device.type == "cpu":

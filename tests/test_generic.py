@@ -308,6 +308,25 @@ def test_lru_is_bounded_and_its_limit_can_be_set(monkeypatch):
     monkeypatch.delenv("ATTNC_CACHE_TEST_GENERIC_CACHE")
 
 
+def test_memoized_functions_are_bounded_caches_users_can_size():
+    from attnc.lru import caches, memoize, set_limit
+    calls = []
+
+    @memoize("test_memoized", 2, "a test cache")
+    def square(x):
+        calls.append(x)
+        return x * x
+    assert [square(i) for i in (1, 2, 1, 3, 1, 2)] == [1, 4, 1, 9, 1, 4]
+    assert calls == [1, 2, 3, 2]  # 2 was evicted (least recently used) when 3 came
+    set_limit("test_memoized", 0)
+    square(1), square(1)
+    assert calls[-2:] == [1, 1]  # a limit of 0 keeps nothing
+    set_limit("test_memoized", None)
+    import attnc.codegen.score, attnc.runtime.torch_backend, attnc.symbolic  # noqa: F401,E401
+    names = {i["name"] for i in caches()}
+    assert {"formulas", "reads_sizes", "score_terms", "tile_positions", "device_schedules"} <= names
+
+
 @interpreted
 def test_kernel_sets_are_evicted_past_their_limit():
     pat = attnc.loads("pattern p = causal").pattern()
