@@ -10,8 +10,7 @@
 import importlib
 
 from .errors import AttnError, Diagnostic, SizeError, Span
-
-__version__ = "0.1.0"
+from .version import __version__
 
 __all__ = ["AttnError", "SizeError", "BoundPattern", "CuSeqlens", "cu_seqlens", "distributed", "nn", "Diagnostic", "PatternInfo", "Program", "Span", "load", "loads", "set_cache_limit", "__version__"]
 

@@ -634,7 +634,7 @@ def generate(low: Lowered, config: KernelConfig, plan_text: str = "built from ru
     adds the pattern's score term to every loop and its derivative to the backward,
     the tables' gradients accumulated by the dQ kernel (see [Note: score kernels]).
     """
-    from attnc import __version__
+    from attnc.version import __version__
 
     from . import sizes as size_tags
 
