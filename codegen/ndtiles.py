@@ -70,14 +70,14 @@ def check_tile(tile, block: tuple[int, int]) -> tuple[tuple[int, ...], tuple[int
 
 def nd_reason(pat, M: int, N: int, tile) -> str | None:
     """Why N-D tiles `tile` cannot run pattern `pat` at (M, N), or None."""
-    from attnc.program import _tile
+    from attnc.tiles import check_block
 
     if pat.ir.inputs:
         names = ", ".join(i.name for i in pat.ir.inputs)
         return (f"N-D tiles {tile!r} are planned when the kernels are built, but pattern "
                 f"'{pat.name}' has run-time inputs ({names}); try 1-D tiles like KernelConfig(block_m=64, block_n=64)")
     try:
-        _tile(tile, pat.layout, M, N)
+        check_block(tile, pat.layout, M, N)
     except ValueError as exc:
         return f"N-D tiles {tile!r}: {exc}"
     return None
