@@ -16,8 +16,8 @@ __all__ = ["AttnError", "SizeError", "BoundPattern", "CuSeqlens", "cu_seqlens", 
 
 #: names imported on first use (PEP 562), so `attnc --help` and `attnc check` start without
 #: importing torch (program.py loads sympy and networkx; torch comes with the first mask or plan)
-_LAZY = {"set_cache_limit": "lru", "BoundPattern": "program", "CuSeqlens": "program", "PatternInfo": "program", "Program": "program",
-         "cu_seqlens": "program", "load": "program", "loads": "program"}
+_LAZY = {"set_cache_limit": "lru", "BoundPattern": "program", "CuSeqlens": "inputs", "PatternInfo": "program", "Program": "program",
+         "cu_seqlens": "inputs", "load": "program", "loads": "program"}
 
 
 def __getattr__(name: str):

@@ -19,6 +19,7 @@ import networkx as nx
 from . import ir, syntax as ast
 from .elaborate import Elaborator, ModuleScope
 from .errors import AttnError, Collector, Span, error, source_lines
+from .inputs import CuSeqlens
 from .limits import require
 from .tiles import check_block
 
@@ -879,38 +880,6 @@ class BoundPattern:
         from .runtime.ops import attention
         return attention(self, q, k, v, return_lse=return_lse, scale=scale, backend=backend, grid=grid, inputs=inputs,
                          block=block)
-
-
-@dataclass(frozen=True)
-class CuSeqlens:
-    """Packed-sequence offsets (FlashAttention's `cu_seqlens`) for a `segments` input.
-
-    ``attnc.cu_seqlens(torch.tensor([0, 3, 7, 10]))`` says tokens 0..2, 3..6 and
-    7..9 are three documents; the op turns it into segment ids on the tensor's
-    device in O(N). One offsets tensor describes every batch element alike.
-    """
-
-    offsets: torch.Tensor
-
-    def segment_ids(self, N: int, name: str) -> torch.Tensor:
-        import torch
-
-        o = self.offsets
-        if not isinstance(o, torch.Tensor) or o.dim() != 1 or o.dtype.is_floating_point or o.dtype == torch.bool:
-            got = f"{o.dtype} tensor of shape {tuple(o.shape)}" if isinstance(o, torch.Tensor) else type(o).__name__
-            raise ValueError(f"{name}: expected cu_seqlens as a 1-D integer tensor [0, ..., {N}], got {got}")
-        o = o.to(torch.int64)
-        if o.numel() < 2 or int(o[0]) != 0 or int(o[-1]) != N or bool((o[1:] < o[:-1]).any()):
-            shown = o.tolist() if o.numel() <= 8 else o[:4].tolist() + ["..."] + o[-2:].tolist()
-            raise ValueError(f"{name}: expected non-decreasing cu_seqlens from 0 to N = {N}, got {shown}; "
-                             f"try torch.cat([torch.zeros(1), lengths.cumsum(0)]) with lengths summing to {N}")
-        pos = torch.arange(N, device=o.device)
-        return torch.searchsorted(o[1:], pos, right=True)[None]
-
-
-def cu_seqlens(offsets: torch.Tensor) -> CuSeqlens:
-    """Mark `offsets` as cu_seqlens for a `segments` input: ``pat(q, k, v, doc=attnc.cu_seqlens(cu))``."""
-    return CuSeqlens(offsets)
 
 
 def _int(expr, env) -> int | None:

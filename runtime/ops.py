@@ -331,7 +331,7 @@ def attention(pat, q, k, v, *, return_lse: bool, scale, backend: str, grid, inpu
             raise ValueError(f"{name}: expected a real torch tensor (the score term's table), got {type(t).__name__}; "
                              f"try torch.as_tensor({name}, dtype=torch.float32)")
     specs = pat.check_input_names(inputs)
-    from attnc.program import CuSeqlens
+    from attnc.inputs import CuSeqlens
     inputs = {n: (t.segment_ids(k.shape[2], n) if isinstance(t, CuSeqlens) else t) for n, t in inputs.items()}
     if pat._has_topk():
         # topk is lowered to routed(sel) with tables chosen from q and k (attnc/dynamic.py):
