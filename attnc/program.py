@@ -7,10 +7,8 @@ does not: compute anything heavy at load; masks are evaluated on demand.
 
 from __future__ import annotations
 
-import itertools
 import math
 import os
-import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +19,7 @@ from .elaborate import Elaborator, ModuleScope
 from .errors import AttnError, Collector, Span, error, source_lines
 from .inputs import CuSeqlens
 from .limits import require
+from .runtime.registry import register
 from .tiles import check_block
 
 # torch (and the analysis / reference modules built on it) are imported where they are
@@ -382,17 +381,6 @@ def loads(source: str, file: str = "<string>", search_path=None) -> Program:
 # ----------------------------------------------------------------------------- bound patterns
 
 
-#: Every live bound pattern by its op key (the `attnc::attention` op names its pattern by
-#: this string; runtime/ops.py looks it up). Weak: a pattern nobody holds is forgotten.
-_LIVE_PATTERNS: "weakref.WeakValueDictionary[str, BoundPattern]" = weakref.WeakValueDictionary()
-_KEY_COUNTER = itertools.count()
-
-
-def live_pattern(key: str) -> "BoundPattern | None":
-    """The live bound pattern with this op key, or None."""
-    return _LIVE_PATTERNS.get(key)
-
-
 class BoundPattern:
     """A pattern with its parameters bound; callable as an attention op.
 
@@ -407,8 +395,7 @@ class BoundPattern:
         # computed here, eagerly: under torch.compile(fullgraph=True) the first call may
         # be traced, and dynamo cannot trace IR walks (networkx) or a registry write.
         self._topk = ir.has_topk(pattern)
-        self.op_key = f"{pattern.name}#{next(_KEY_COUNTER)}"
-        _LIVE_PATTERNS[self.op_key] = self
+        self.op_key = register(self, pattern.name)  # how the op names it (runtime/registry.py)
 
     @property
     def name(self) -> str:

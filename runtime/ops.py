@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 
 from .backend import Backend, Call
+from .registry import live_pattern
 from .validate import check_finite_result, check_qkv
 
 log = logging.getLogger("attnc.runtime")
@@ -118,13 +119,11 @@ def choose_backend(call: Call, q: torch.Tensor, backend: str) -> Backend:
 
 
 def pattern_key(pat) -> str:
-    """The registry key of a bound pattern (assigned when it is bound, attnc/program.py)."""
+    """The registry key of a bound pattern (assigned when it is bound: runtime/registry.py)."""
     return pat.op_key
 
 
 def _lookup(key: str):
-    from attnc.program import live_pattern
-
     pat = live_pattern(key)
     if pat is None:
         raise ValueError(f"attnc::attention: expected the key of a live bound pattern, got {key!r}; "
