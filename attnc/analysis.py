@@ -1595,7 +1595,7 @@ def head_classes(pattern: ir.PatternIR, M: int, N: int, heads: int, grid) -> lis
     arm), so per-head work runs once per group ("per-head patterns share work across heads
     with identical arms"). None when there is nothing to share: no `heads { }` node, one group
     per head, or a head dependence elsewhere (a `where` over h, run-time inputs, routing)."""
-    from .dynamic import transform
+    from .ir import transform
 
     every = list(ir.walk(pattern.body))
     nodes = [n for n in every if isinstance(n, ir.Heads)]
