@@ -802,7 +802,6 @@ def compile_pattern(pat, M: int, N: int | None = None, *, heads: int | None = No
 
     config = config or KernelConfig()
     if config.tile is not None:
-        from .ndtiles import compile_nd
         return compile_nd(pat, M, N, heads=heads, grid=grid, config=config, input_shapes=input_shapes)
     M, N, H, grid = pat.resolve_sizes(M, N, heads, grid)
     low = lower(pat.ir, M, N, H, grid, input_shapes, sources=pat.program.sources)
@@ -813,3 +812,40 @@ def compile_pattern(pat, M: int, N: int | None = None, *, heads: int | None = No
     score = lower_score(pat.ir, M, N, H, grid, sources=pat.program.sources)
     return Compiled(source=generate(low, config, text, bounds, score), lowered=low, plan=plan, config=config,
                     bounds=bounds, score=score)
+
+
+@dataclass(frozen=True)
+class NDCompiled(Compiled):
+    """`Compiled` for N-D tiles: the plan is the kernels' plan (in the padded
+    order) and `layout` says where every token goes."""
+
+    layout: object | None = None  # ndtiles.TileLayout
+
+    def metadata(self) -> dict:
+        from .ndtiles import plan_summary
+
+        meta = super().metadata()
+        lay = self.layout
+        meta["plan"]["tile_shape"] = [list(lay.tile_q), list(lay.tile_k)]
+        meta["plan"]["summary"] = plan_summary(self.plan)
+        meta["permutation"] = {"tile_q": list(lay.tile_q), "tile_k": list(lay.tile_k), "M_padded": lay.M,
+                               "N_padded": lay.N, "order_q": lay.order("q").tolist(), "order_k": lay.order("k").tolist()}
+        return meta
+
+
+def compile_nd(pat, M: int, N: int | None = None, *, heads: int | None = None, grid=None,
+               config: KernelConfig, input_shapes: dict | None = None) -> NDCompiled:
+    """`compile_pattern` for `config.tile` (N-D tiles on a pure grid, codegen/ndtiles.py)."""
+    from .ndtiles import TileLayout, header_text, nd_reason
+    from .pointwise import lower
+
+    M, N, H, grid = pat.resolve_sizes(M, N, heads, grid)
+    reason = nd_reason(pat, M, N, config.tile)
+    if reason:
+        raise ValueError(reason)
+    layout = TileLayout(grid, *config.tile)
+    low = layout.lower(lower(pat.ir, M, N, H, grid, input_shapes, sources=pat.program.sources))
+    plan = layout.kernel_plan(pat.plan(M, N, heads=H, grid=grid, block=config.tile))
+    bounds = loop_bounds(pat.ir, M, N, H, config.block, plan)  # N-D tiles: tile lists, with that reason
+    return NDCompiled(source=generate(low, config, header_text(layout, plan), bounds), lowered=low, plan=plan, config=config,
+                      layout=layout)
