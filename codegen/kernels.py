@@ -131,7 +131,18 @@ def _configs(text: str) -> tuple:
     return tuple(KernelConfig.parse(part) for part in text.split())
 
 
-# [Note: configs per target] Measured by compiling ahead of time (codegen/aot.py; docs/codegen.md
+#: target name -> (compute capability, shared memory per block with opt-in, bytes; the CUDA
+#: programming guide's table: 227 KB on sm_90 / sm_100, 163 KB on sm_80 / sm_87, 99 KB on sm_86 / sm_89)
+TARGETS = {
+    "sm_80": (80, 166912),
+    "sm_86": (86, 101376),
+    "sm_87": (87, 166912),
+    "sm_89": (89, 101376),
+    "sm_90": (90, 232448),
+    "sm_100": (100, 232448),
+}
+
+# [Note: configs per target] Measured by compiling ahead of time (attnc/aot.py; docs/codegen.md
 # section 7 and benchmarks/results/aot_*.md: `scripts/aot_all.py candidates`), bf16 (fp16 tiles
 # take the same shared memory), Triton 3.9, for closed-form loops (streaming_llm), tile lists
 # (bigbird) and per-element table reads (biformer; not at D = 256); the chosen configs are
@@ -167,7 +178,6 @@ _TABLE = {
 
 
 def _shared_class(capability: int) -> str:
-    from .aot import TARGETS
     if capability < 80:
         return "64K"
     limit = TARGETS.get(f"sm_{capability}", (0, 101376))[1]
