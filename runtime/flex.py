@@ -232,7 +232,7 @@ def to_flex(pat, M: int, N: int | None = None, *, heads: int | None = None, grid
     call = Call(pattern=pat, B=len(batches), Hq=H, Hkv=H, M=M, N=N, D=1, Dv=1, grid=grid, scale=1.0, inputs=dict(inputs),
                 tables=tables)
     if tables:
-        from .ops import check_tables
+        from .validate import check_tables
         from .torch_backend import check_table_indices
         check_tables(pat, tables, M, N, H, grid, torch.device(device))
         check_table_indices(call)

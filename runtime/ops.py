@@ -33,7 +33,7 @@ from torch import Tensor
 
 from .backend import Backend, Call
 from .registry import live_pattern
-from .validate import check_finite_result, check_qkv
+from .validate import check_finite_result, check_qkv, check_tables
 
 log = logging.getLogger("attnc.runtime")
 
@@ -155,26 +155,6 @@ def probe_call(pat, M: int, N: int, H: int, grid, inputs: dict | None = None, ba
     return make_call(pat, e.expand(batch, H, M, 1), e.expand(batch, H, N, 1), e.expand(batch, H, N, 1),
                      dict(inputs or {}), grid, 1.0,
                      tables={n: torch.zeros(s) for n, s in pat.table_shapes(M, N, H, grid).items()})
-
-
-def check_tables(pat, tables: dict, M: int, N: int, H: int, grid, device) -> None:
-    """Raise ValueError unless `tables` holds every table of the score term: real, of the
-    declared shape at these sizes, on `device` (expected / got / try)."""
-    for name, shape in pat.table_shapes(M, N, H, grid).items():
-        t = tables.get(name)
-        if not isinstance(t, Tensor):
-            raise ValueError(f"{name}: expected a real tensor of shape {shape} (the score term's table), "
-                             f"got {type(t).__name__}; try {name}=torch.zeros{shape}")
-        if not t.dtype.is_floating_point:
-            raise ValueError(f"{name}: expected a floating-point table, got dtype {t.dtype}; try {name}.float()")
-        if tuple(t.shape) != shape:
-            raise ValueError(f"{name}: expected a table of shape {shape} at M = {M}, N = {N}, H = {H}"
-                             + (f", grid = {grid}" if grid else "") + f", got {tuple(t.shape)}; "
-                             f"try torch.zeros{shape} (its declaration fixes the shape)")
-        if t.device != device:
-            raise ValueError(f"{name}: expected the table on q's device {device}, got {t.device}; try {name}.to(q.device)")
-        if not bool(torch.isfinite(t).all()):
-            raise ValueError(f"{name}: expected a table of finite values, got inf or NaN; try torch.nan_to_num({name})")
 
 
 def check_block(block) -> tuple | None:
