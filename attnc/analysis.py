@@ -43,6 +43,7 @@ from . import ir, semantics
 from .limits import require
 from .progress import each, task
 from .reference import Evaluator, View, _component, random_table, top_view
+from .tilestats import count_dtype, tile_lengths
 
 #: intervals per query the closed form always keeps (beyond `max_intervals`: tile boxes / scan)
 MAX_INTERVALS = 64
@@ -601,7 +602,7 @@ class Plan:
         return (c["tiles_full"] + c["tiles_partial"]) / c["tiles_total"]
 
     def to_string(self, head: int = 0, max_cells: int = 64) -> str:
-        from .show import ascii_map
+        from .tilestats import ascii_map
         dense = self.to_dense()
         pic, f = ascii_map(dense[min(head, dense.shape[0] - 1)], max_cells)
         c = self.counts()
@@ -1079,17 +1080,6 @@ def _evaluated_counts(pattern, M, N, H, grid, queries, keys, key_tile, ncols) ->
     return per_tile, torch.from_numpy(m.sum(2, dtype=np.int32)).to(torch.int64)
 
 
-def tile_lengths(length: int, b: int) -> torch.Tensor:
-    """int64 [ceil(length / b)]: the tokens of every 1-D tile of b tokens (the last may be short)."""
-    t = torch.arange(-(-length // b))
-    return torch.clamp((t + 1) * b, max=length) - t * b
-
-
-def count_dtype(block: tuple[int, int]) -> torch.dtype:
-    """int32 per-tile counts unless a tile holds 2**31 pairs or more."""
-    return torch.int32 if block[0] * block[1] < 2 ** 31 else torch.int64
-
-
 def _full_tile_counts(full: torch.Tensor, qsz: torch.Tensor, ksz: torch.Tensor, block) -> torch.Tensor:
     """Per-tile counts of bool `full` tiles [H, nq, nk] (their sizes; 0 elsewhere), built in
     place without an [nq, nk] int64 map (10^6 tokens in 128-token tiles: 64 M tiles)."""
@@ -1397,7 +1387,7 @@ def _row_report(pattern, M, N, heads, grid) -> RowReport:
         method = "closed-form"
     except NotIntervals:
         from .reference import evaluate
-        from .show import tile_stats
+        from .tilestats import tile_stats
         _, counts = tile_stats(lambda lo, hi: evaluate(pattern, M, N, heads, grid, {}, rows=(lo, hi)), M, N, heads, (64, 64))
         method = "exact-scan"
     rep = heads // counts.shape[0]
@@ -1562,7 +1552,7 @@ def head_classes(pattern: ir.PatternIR, M: int, N: int, heads: int, grid) -> lis
     arm), so per-head work runs once per group ("per-head patterns share work across heads
     with identical arms"). None when there is nothing to share: no `heads { }` node, one group
     per head, or a head dependence elsewhere (a `where` over h, run-time inputs, routing)."""
-    from .dynamic import transform
+    from .ir import transform
 
     every = list(ir.walk(pattern.body))
     nodes = [n for n in every if isinstance(n, ir.Heads)]

@@ -413,7 +413,7 @@ def cmd_compile(args, out, err) -> int:
     meta = compiled.metadata()
     status = 0
     if targets:
-        from .codegen import aot
+        from . import aot
 
         jobs = [aot.Job(str(args.file), pat.name, tuple(sets.items()), M=M, N=N, heads=H, grid=grid, config=chosen,
                         dtype=args.dtype, D=args.head_dim, target=t, label=pat.name) for t in targets]
@@ -463,7 +463,7 @@ def _compile_generic(args, pat, sets, chosen, targets, out, err) -> int:
             "skipped": [{"size": list(s) if isinstance(s, tuple) else s, "reason": m} for s, m in skipped]}
     status = 0
     if targets:
-        from .codegen import aot
+        from . import aot
 
         jobs = []
         for t in targets:
@@ -532,7 +532,7 @@ def cmd_cache(args, out, err) -> int:
 def _run_aot(jobs, meta: dict, args, out, err) -> int | None:
     """Compile `jobs` ahead of time, print the table, record it in `meta`: 0 when every
     kernel fits, 1 when some do not, None when compiling failed (said on `err`)."""
-    from .codegen import aot
+    from . import aot
 
     try:
         from .progress import task
@@ -556,7 +556,7 @@ def _aot_targets(args) -> list[str]:
     """--target checked (UsageError with expected / got / try); [] without it."""
     if args.target is None:
         return []
-    from .codegen.aot import AOTError, parse_targets
+    from .aot import AOTError, parse_targets
 
     if not 1 <= args.head_dim <= 256:
         raise UsageError(f"--head-dim: expected 1 to 256 (the kernels' limit), got {args.head_dim}; try 64 or 128")

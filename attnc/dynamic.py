@@ -52,28 +52,6 @@ class Lowered:
     sites: tuple[TopKSite, ...]
 
 
-def transform(node: ir.Mask, fn) -> ir.Mask:
-    """Rebuild `node` bottom-up; `fn(node)` returns a replacement or None to keep it."""
-    changes = {}
-    for f in dataclasses.fields(node):
-        v = getattr(node, f.name)
-        if isinstance(v, ir.Mask):
-            nv = transform(v, fn)
-            if nv is not v:
-                changes[f.name] = nv
-        elif isinstance(v, tuple) and v and isinstance(v[0], ir.Mask):
-            nv = tuple(transform(x, fn) for x in v)
-            if any(a is not b for a, b in zip(nv, v)):
-                changes[f.name] = nv
-        elif isinstance(v, tuple) and v and isinstance(v[0], ir.HeadArm):
-            nv = tuple(dataclasses.replace(a, body=transform(a.body, fn)) for a in v)
-            if any(a.body is not b.body for a, b in zip(nv, v)):
-                changes[f.name] = nv
-    new = dataclasses.replace(node, **changes) if changes else node
-    out = fn(new)
-    return new if out is None else out
-
-
 
 def lower_topk(p: ir.PatternIR) -> Lowered:
     """Replace every `topk` by `routed` over a fresh `blocks(b)` input (in source order)."""
@@ -94,7 +72,7 @@ def lower_topk(p: ir.PatternIR) -> Lowered:
             return ir.Routed(input=site.input, block=node.block, span=node.span)
         return None
 
-    body = transform(p.body, rw)
+    body = ir.transform(p.body, rw)
     specs = p.inputs + tuple(ir.InputSpec(name=s.input, kind="blocks", block=s.node.block, span=s.node.span) for s in sites)
     return Lowered(dataclasses.replace(p, body=body, inputs=specs), tuple(sites))
 
@@ -106,7 +84,7 @@ def _with_site(lowered: Lowered, site: TopKSite, as_full: bool) -> ir.PatternIR:
             return ir.Full(span=node.span) if (as_full and node.input == site.input) else ir.Empty(span=node.span)
         return None
     p = lowered.pattern
-    body = transform(p.body, rw)
+    body = ir.transform(p.body, rw)
     names = {s.input for s in lowered.sites}
     return dataclasses.replace(p, body=body, inputs=tuple(i for i in p.inputs if i.name not in names))
 

@@ -14,6 +14,7 @@ can keep parameters and sizes symbolic.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass, field, fields
 from typing import Iterator, Union
@@ -491,8 +492,6 @@ def tree_size(root, limit: int) -> int:
     as a tree, counted on the DAG (each shared vertex once, with its size memoised by
     identity) and capped just above `limit`: linear in the DAG even when the tree is
     exponentially larger."""
-    import dataclasses
-
     sizes: dict[int, int] = {}
     stack = [(root, False)]
     while stack:
@@ -513,6 +512,28 @@ def tree_size(root, limit: int) -> int:
 def walk(node: Mask) -> Iterator[Mask]:
     """Every distinct node of the DAG below `node`, children before parents."""
     yield from nx.topological_sort(dag(node).reverse(copy=False))
+
+
+def transform(node: Mask, fn) -> Mask:
+    """Rebuild `node` bottom-up; `fn(node)` returns a replacement or None to keep it."""
+    changes = {}
+    for f in dataclasses.fields(node):
+        v = getattr(node, f.name)
+        if isinstance(v, Mask):
+            nv = transform(v, fn)
+            if nv is not v:
+                changes[f.name] = nv
+        elif isinstance(v, tuple) and v and isinstance(v[0], Mask):
+            nv = tuple(transform(x, fn) for x in v)
+            if any(a is not b for a, b in zip(nv, v)):
+                changes[f.name] = nv
+        elif isinstance(v, tuple) and v and isinstance(v[0], HeadArm):
+            nv = tuple(dataclasses.replace(a, body=transform(a.body, fn)) for a in v)
+            if any(a.body is not b.body for a, b in zip(nv, v)):
+                changes[f.name] = nv
+    new = dataclasses.replace(node, **changes) if changes else node
+    out = fn(new)
+    return new if out is None else out
 
 
 def dag(root: Mask) -> nx.DiGraph:

@@ -7,10 +7,8 @@ does not: compute anything heavy at load; masks are evaluated on demand.
 
 from __future__ import annotations
 
-import itertools
 import math
 import os
-import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +17,10 @@ import networkx as nx
 from . import ir, syntax as ast
 from .elaborate import Elaborator, ModuleScope
 from .errors import AttnError, Collector, Span, error, source_lines
+from .inputs import CuSeqlens
 from .limits import require
+from .runtime.registry import register
+from .tiles import check_block
 
 # torch (and the analysis / reference modules built on it) are imported where they are
 # used, so `attnc check` and `attnc list` load and bind patterns without importing torch
@@ -380,17 +381,6 @@ def loads(source: str, file: str = "<string>", search_path=None) -> Program:
 # ----------------------------------------------------------------------------- bound patterns
 
 
-#: Every live bound pattern by its op key (the `attnc::attention` op names its pattern by
-#: this string; runtime/ops.py looks it up). Weak: a pattern nobody holds is forgotten.
-_LIVE_PATTERNS: "weakref.WeakValueDictionary[str, BoundPattern]" = weakref.WeakValueDictionary()
-_KEY_COUNTER = itertools.count()
-
-
-def live_pattern(key: str) -> "BoundPattern | None":
-    """The live bound pattern with this op key, or None."""
-    return _LIVE_PATTERNS.get(key)
-
-
 class BoundPattern:
     """A pattern with its parameters bound; callable as an attention op.
 
@@ -405,8 +395,7 @@ class BoundPattern:
         # computed here, eagerly: under torch.compile(fullgraph=True) the first call may
         # be traced, and dynamo cannot trace IR walks (networkx) or a registry write.
         self._topk = ir.has_topk(pattern)
-        self.op_key = f"{pattern.name}#{next(_KEY_COUNTER)}"
-        _LIVE_PATTERNS[self.op_key] = self
+        self.op_key = register(self, pattern.name)  # how the op names it (runtime/registry.py)
 
     @property
     def name(self) -> str:
@@ -641,7 +630,7 @@ class BoundPattern:
         (31, 'closed-form')
         """
         M, N, H, grid = self.resolve_sizes(M, N, heads, grid)
-        block = _tile(block, self.layout, M, N)
+        block = check_block(block, self.layout, M, N)
         one = None
         if inputs or self.ir.inputs:
             batches, _ = self._inputs(M, N, H, inputs)
@@ -878,70 +867,6 @@ class BoundPattern:
         from .runtime.ops import attention
         return attention(self, q, k, v, return_lse=return_lse, scale=scale, backend=backend, grid=grid, inputs=inputs,
                          block=block)
-
-
-@dataclass(frozen=True)
-class CuSeqlens:
-    """Packed-sequence offsets (FlashAttention's `cu_seqlens`) for a `segments` input.
-
-    ``attnc.cu_seqlens(torch.tensor([0, 3, 7, 10]))`` says tokens 0..2, 3..6 and
-    7..9 are three documents; the op turns it into segment ids on the tensor's
-    device in O(N). One offsets tensor describes every batch element alike.
-    """
-
-    offsets: torch.Tensor
-
-    def segment_ids(self, N: int, name: str) -> torch.Tensor:
-        import torch
-
-        o = self.offsets
-        if not isinstance(o, torch.Tensor) or o.dim() != 1 or o.dtype.is_floating_point or o.dtype == torch.bool:
-            got = f"{o.dtype} tensor of shape {tuple(o.shape)}" if isinstance(o, torch.Tensor) else type(o).__name__
-            raise ValueError(f"{name}: expected cu_seqlens as a 1-D integer tensor [0, ..., {N}], got {got}")
-        o = o.to(torch.int64)
-        if o.numel() < 2 or int(o[0]) != 0 or int(o[-1]) != N or bool((o[1:] < o[:-1]).any()):
-            shown = o.tolist() if o.numel() <= 8 else o[:4].tolist() + ["..."] + o[-2:].tolist()
-            raise ValueError(f"{name}: expected non-decreasing cu_seqlens from 0 to N = {N}, got {shown}; "
-                             f"try torch.cat([torch.zeros(1), lengths.cumsum(0)]) with lengths summing to {N}")
-        pos = torch.arange(N, device=o.device)
-        return torch.searchsorted(o[1:], pos, right=True)[None]
-
-
-def cu_seqlens(offsets: torch.Tensor) -> CuSeqlens:
-    """Mark `offsets` as cu_seqlens for a `segments` input: ``pat(q, k, v, doc=attnc.cu_seqlens(cu))``."""
-    return CuSeqlens(offsets)
-
-
-#: the largest tile side a plan accepts (tile tables hold sizes as int32)
-MAX_TILE = 1 << 30
-
-
-def _tile(block, layout: ir.Layout, M: int, N: int) -> tuple:
-    """(bm, bn), or ((query tile shape), (key tile shape)) for N-D tiles on a grid."""
-    if isinstance(block, int) and not isinstance(block, bool):
-        block = (block, block)
-    try:
-        bm, bn = block
-    except (TypeError, ValueError):
-        raise ValueError(f"block: expected (query tile, key tile) like (128, 128), got {block!r}") from None
-    if any(isinstance(b, (tuple, list)) for b in (bm, bn)):
-        d = len(layout.axes)
-        shapes = tuple(tuple(b) if isinstance(b, (tuple, list)) else (b,) * d for b in (bm, bn))
-        if not layout.axes or layout.text is not None:
-            raise ValueError(f"block: N-D tiles need a pattern on a pure grid, got one on {layout}; try 1-D tiles like (128, 128)")
-        if M != N:
-            raise ValueError(f"block: N-D tiles cover the whole grid: expected M = N, got M={M}, N={N}; try 1-D tiles")
-        if any(len(t) != d or not all(isinstance(x, int) and not isinstance(x, bool) and 1 <= x <= MAX_TILE for x in t)
-               for t in shapes):
-            raise ValueError(f"block: expected two tile shapes of {d} positive sizes (one per axis of {layout}), "
-                             f"got {block!r}; try {tuple((8,) * d for _ in range(2))}")
-        return shapes
-    if not all(isinstance(b, int) and not isinstance(b, bool) and b >= 1 for b in (bm, bn)):
-        raise ValueError(f"block: expected positive tile sizes, got {block!r}")
-    if max(bm, bn) > MAX_TILE:
-        raise ValueError(f"block: expected tile sizes up to 2**30 = {MAX_TILE}, got {block!r}; "
-                         f"try a tile no larger than the sequence, e.g. ({min(bm, M, MAX_TILE)}, {min(bn, N, MAX_TILE)})")
-    return bm, bn
 
 
 def _int(expr, env) -> int | None:

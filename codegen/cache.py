@@ -94,7 +94,7 @@ def codegen_hash() -> str:
 
 
 def versions() -> dict[str, str]:
-    from attnc import __version__
+    from attnc.version import __version__
     try:
         import triton
         tv = triton.__version__

@@ -115,7 +115,7 @@ $params                  HQ: tl.constexpr, HKV: tl.constexpr, MQ: tl.constexpr, 
 def decode_source(low: Lowered, score=None) -> str:
     """The decode module for a pattern lowered at (M, N = a sequence's length); `score`: its
     score term at the same sizes (codegen/score.ScoreFn), printed as in the attention kernels."""
-    from attnc import __version__
+    from attnc.version import __version__
 
     from .score import score_arg, triton_score_source
 

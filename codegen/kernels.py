@@ -131,7 +131,18 @@ def _configs(text: str) -> tuple:
     return tuple(KernelConfig.parse(part) for part in text.split())
 
 
-# [Note: configs per target] Measured by compiling ahead of time (codegen/aot.py; docs/codegen.md
+#: target name -> (compute capability, shared memory per block with opt-in, bytes; the CUDA
+#: programming guide's table: 227 KB on sm_90 / sm_100, 163 KB on sm_80 / sm_87, 99 KB on sm_86 / sm_89)
+TARGETS = {
+    "sm_80": (80, 166912),
+    "sm_86": (86, 101376),
+    "sm_87": (87, 166912),
+    "sm_89": (89, 101376),
+    "sm_90": (90, 232448),
+    "sm_100": (100, 232448),
+}
+
+# [Note: configs per target] Measured by compiling ahead of time (attnc/aot.py; docs/codegen.md
 # section 7 and benchmarks/results/aot_*.md: `scripts/aot_all.py candidates`), bf16 (fp16 tiles
 # take the same shared memory), Triton 3.9, for closed-form loops (streaming_llm), tile lists
 # (bigbird) and per-element table reads (biformer; not at D = 256); the chosen configs are
@@ -167,7 +178,6 @@ _TABLE = {
 
 
 def _shared_class(capability: int) -> str:
-    from .aot import TARGETS
     if capability < 80:
         return "64K"
     limit = TARGETS.get(f"sm_{capability}", (0, 101376))[1]
@@ -634,7 +644,7 @@ def generate(low: Lowered, config: KernelConfig, plan_text: str = "built from ru
     adds the pattern's score term to every loop and its derivative to the backward,
     the tables' gradients accumulated by the dQ kernel (see [Note: score kernels]).
     """
-    from attnc import __version__
+    from attnc.version import __version__
 
     from . import sizes as size_tags
 
@@ -802,7 +812,6 @@ def compile_pattern(pat, M: int, N: int | None = None, *, heads: int | None = No
 
     config = config or KernelConfig()
     if config.tile is not None:
-        from .ndtiles import compile_nd
         return compile_nd(pat, M, N, heads=heads, grid=grid, config=config, input_shapes=input_shapes)
     M, N, H, grid = pat.resolve_sizes(M, N, heads, grid)
     low = lower(pat.ir, M, N, H, grid, input_shapes, sources=pat.program.sources)
@@ -813,3 +822,40 @@ def compile_pattern(pat, M: int, N: int | None = None, *, heads: int | None = No
     score = lower_score(pat.ir, M, N, H, grid, sources=pat.program.sources)
     return Compiled(source=generate(low, config, text, bounds, score), lowered=low, plan=plan, config=config,
                     bounds=bounds, score=score)
+
+
+@dataclass(frozen=True)
+class NDCompiled(Compiled):
+    """`Compiled` for N-D tiles: the plan is the kernels' plan (in the padded
+    order) and `layout` says where every token goes."""
+
+    layout: object | None = None  # ndtiles.TileLayout
+
+    def metadata(self) -> dict:
+        from .ndtiles import plan_summary
+
+        meta = super().metadata()
+        lay = self.layout
+        meta["plan"]["tile_shape"] = [list(lay.tile_q), list(lay.tile_k)]
+        meta["plan"]["summary"] = plan_summary(self.plan)
+        meta["permutation"] = {"tile_q": list(lay.tile_q), "tile_k": list(lay.tile_k), "M_padded": lay.M,
+                               "N_padded": lay.N, "order_q": lay.order("q").tolist(), "order_k": lay.order("k").tolist()}
+        return meta
+
+
+def compile_nd(pat, M: int, N: int | None = None, *, heads: int | None = None, grid=None,
+               config: KernelConfig, input_shapes: dict | None = None) -> NDCompiled:
+    """`compile_pattern` for `config.tile` (N-D tiles on a pure grid, codegen/ndtiles.py)."""
+    from .ndtiles import TileLayout, header_text, nd_reason
+    from .pointwise import lower
+
+    M, N, H, grid = pat.resolve_sizes(M, N, heads, grid)
+    reason = nd_reason(pat, M, N, config.tile)
+    if reason:
+        raise ValueError(reason)
+    layout = TileLayout(grid, *config.tile)
+    low = layout.lower(lower(pat.ir, M, N, H, grid, input_shapes, sources=pat.program.sources))
+    plan = layout.kernel_plan(pat.plan(M, N, heads=H, grid=grid, block=config.tile))
+    bounds = loop_bounds(pat.ir, M, N, H, config.block, plan)  # N-D tiles: tile lists, with that reason
+    return NDCompiled(source=generate(low, config, header_text(layout, plan), bounds), lowered=low, plan=plan, config=config,
+                      layout=layout)

@@ -4,11 +4,11 @@ input:  a pure-grid pattern at concrete sizes and N-D tile shapes
         ((query tile shape), (key tile shape)), as `KernelConfig(tile=...)`.
 output: `TileLayout` (where every grid token sits in the padded tile-major
         order: index tensors for the runtime's gather / scatter), the plan's
-        tile lists in that order, and the generated module: the unchanged
-        kernels over M' x N' positions with `_mask` composed with the
-        permutation (`pointwise.permute`, see [Note: N-D tiles] there).
-does not: launch anything; runtime/triton_backend.py gathers q, k, v into the
-        order, runs the kernels and scatters out, lse and the gradients back.
+        tile lists in that order and the mask composed with the permutation
+        (`pointwise.permute`, see [Note: N-D tiles] there), from which
+        `kernels.compile_nd` generates the unchanged kernels over M' x N' positions.
+does not: generate or launch anything; runtime/triton_backend.py gathers q, k, v
+        into the order, runs the kernels and scatters out, lse and the gradients back.
 
 [Note: why pad] Edge tiles of the analysis' tile-major order are smaller when a
 grid size is not a multiple of the tile (`Plan.offsets_q`). The kernels want
@@ -29,9 +29,7 @@ import torch
 
 from attnc.analysis import Plan
 
-from .bounds import loop_bounds
-from .kernels import Compiled, KernelConfig, generate
-from .pointwise import lower, padded_length, permute
+from .pointwise import padded_length, permute
 
 
 def tile_text(tile) -> str:
@@ -70,14 +68,14 @@ def check_tile(tile, block: tuple[int, int]) -> tuple[tuple[int, ...], tuple[int
 
 def nd_reason(pat, M: int, N: int, tile) -> str | None:
     """Why N-D tiles `tile` cannot run pattern `pat` at (M, N), or None."""
-    from attnc.program import _tile
+    from attnc.tiles import check_block
 
     if pat.ir.inputs:
         names = ", ".join(i.name for i in pat.ir.inputs)
         return (f"N-D tiles {tile!r} are planned when the kernels are built, but pattern "
                 f"'{pat.name}' has run-time inputs ({names}); try 1-D tiles like KernelConfig(block_m=64, block_n=64)")
     try:
-        _tile(tile, pat.layout, M, N)
+        check_block(tile, pat.layout, M, N)
     except ValueError as exc:
         return f"N-D tiles {tile!r}: {exc}"
     return None
@@ -205,35 +203,3 @@ def plan_summary(plan: Plan) -> str:
 def header_text(layout: TileLayout, plan: Plan) -> str:
     """The `plan:` header lines of an N-D module (plan, then the permutation)."""
     return plan_summary(plan) + "\n# tokens:  " + layout.describe()
-
-
-@dataclass(frozen=True)
-class NDCompiled(Compiled):
-    """`Compiled` for N-D tiles: the plan is the kernels' plan (in the padded
-    order) and `layout` says where every token goes."""
-
-    layout: TileLayout | None = None
-
-    def metadata(self) -> dict:
-        meta = super().metadata()
-        lay = self.layout
-        meta["plan"]["tile_shape"] = [list(lay.tile_q), list(lay.tile_k)]
-        meta["plan"]["summary"] = plan_summary(self.plan)
-        meta["permutation"] = {"tile_q": list(lay.tile_q), "tile_k": list(lay.tile_k), "M_padded": lay.M,
-                               "N_padded": lay.N, "order_q": lay.order("q").tolist(), "order_k": lay.order("k").tolist()}
-        return meta
-
-
-def compile_nd(pat, M: int, N: int | None = None, *, heads: int | None = None, grid=None,
-               config: KernelConfig, input_shapes: dict | None = None) -> NDCompiled:
-    """`kernels.compile_pattern` for `config.tile` (N-D tiles on a pure grid)."""
-    M, N, H, grid = pat.resolve_sizes(M, N, heads, grid)
-    reason = nd_reason(pat, M, N, config.tile)
-    if reason:
-        raise ValueError(reason)
-    layout = TileLayout(grid, *config.tile)
-    low = layout.lower(lower(pat.ir, M, N, H, grid, input_shapes, sources=pat.program.sources))
-    plan = layout.kernel_plan(pat.plan(M, N, heads=H, grid=grid, block=config.tile))
-    bounds = loop_bounds(pat.ir, M, N, H, config.block, plan)  # N-D tiles: tile lists, with that reason
-    return NDCompiled(source=generate(low, config, header_text(layout, plan), bounds), lowered=low, plan=plan, config=config,
-                      layout=layout)

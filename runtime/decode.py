@@ -203,7 +203,7 @@ def decode(pat, q: Tensor, k_cache, v_cache, *, cache_seqlens=None, block_table=
         score = None
         if pat.ir.score is not None:
             from attnc.codegen.score import score_fn
-            from .ops import check_tables
+            from .validate import check_tables
             check_tables(pat, tables, Mq, L, Hq, None, q.device)
             tabs = tabs or {n: t.detach().to(device=q.device, dtype=acc) for n, t in tables.items()}
             score = (score_fn(pat.ir, Mq, L, Hq, None), row0)
@@ -377,7 +377,7 @@ def _decode_triton(pat, q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table
         score = None
         if pat.ir.score is not None:
             from attnc.codegen.score import score_fn
-            from .ops import check_tables
+            from .validate import check_tables
             check_tables(pat, tables, Mq, L, Hq, None, q.device)
             score = score_fn(pat.ir, Mq, L, Hq, None)
         text = decode_source(low, score)

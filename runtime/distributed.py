@@ -212,7 +212,7 @@ def layout(pattern, seq_len: int | None = None, *, ranks: int, heads: int = 1, k
         raise ValueError(f"layout: expected the sequence length (or grid=) of pattern '{pattern.name}', got neither; "
                          f"try layout(pat, 8192, ranks={ranks})")
     M, N, H, grid = pattern.resolve_sizes(seq_len, seq_len, heads, grid)
-    from attnc.program import CuSeqlens
+    from attnc.inputs import CuSeqlens
 
     names = [s.name for s in pattern.ir.inputs]
     missing = [n for n in names if n not in inputs]

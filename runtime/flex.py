@@ -221,8 +221,8 @@ def to_flex(pat, M: int, N: int | None = None, *, heads: int | None = None, grid
     >>> out = flex_attention(q, k, v, block_mask=ex.block_mask, score_mod=ex.score_mod)
     """
     M, N, H, grid = pat.resolve_sizes(M, N, heads, grid)
-    from attnc.program import _tile
-    block = _tile(block, pat.layout, M, N)
+    from attnc.tiles import check_block
+    block = check_block(block, pat.layout, M, N)
     if isinstance(block[0], tuple):
         raise ValueError(f"block: a BlockMask has 1-D tiles (BLOCK_SIZE), got N-D tiles {block!r}; try block=(128, 128)")
     table_names = {t.name for t in pat.ir.tables}
@@ -232,7 +232,7 @@ def to_flex(pat, M: int, N: int | None = None, *, heads: int | None = None, grid
     call = Call(pattern=pat, B=len(batches), Hq=H, Hkv=H, M=M, N=N, D=1, Dv=1, grid=grid, scale=1.0, inputs=dict(inputs),
                 tables=tables)
     if tables:
-        from .ops import check_tables
+        from .validate import check_tables
         from .torch_backend import check_table_indices
         check_tables(pat, tables, M, N, H, grid, torch.device(device))
         check_table_indices(call)

@@ -32,7 +32,8 @@ import torch
 from torch import Tensor
 
 from .backend import Backend, Call
-from .validate import check_finite_result, check_qkv
+from .registry import live_pattern
+from .validate import check_finite_result, check_qkv, check_tables
 
 log = logging.getLogger("attnc.runtime")
 
@@ -118,13 +119,11 @@ def choose_backend(call: Call, q: torch.Tensor, backend: str) -> Backend:
 
 
 def pattern_key(pat) -> str:
-    """The registry key of a bound pattern (assigned when it is bound, attnc/program.py)."""
+    """The registry key of a bound pattern (assigned when it is bound: runtime/registry.py)."""
     return pat.op_key
 
 
 def _lookup(key: str):
-    from attnc.program import live_pattern
-
     pat = live_pattern(key)
     if pat is None:
         raise ValueError(f"attnc::attention: expected the key of a live bound pattern, got {key!r}; "
@@ -156,26 +155,6 @@ def probe_call(pat, M: int, N: int, H: int, grid, inputs: dict | None = None, ba
     return make_call(pat, e.expand(batch, H, M, 1), e.expand(batch, H, N, 1), e.expand(batch, H, N, 1),
                      dict(inputs or {}), grid, 1.0,
                      tables={n: torch.zeros(s) for n, s in pat.table_shapes(M, N, H, grid).items()})
-
-
-def check_tables(pat, tables: dict, M: int, N: int, H: int, grid, device) -> None:
-    """Raise ValueError unless `tables` holds every table of the score term: real, of the
-    declared shape at these sizes, on `device` (expected / got / try)."""
-    for name, shape in pat.table_shapes(M, N, H, grid).items():
-        t = tables.get(name)
-        if not isinstance(t, Tensor):
-            raise ValueError(f"{name}: expected a real tensor of shape {shape} (the score term's table), "
-                             f"got {type(t).__name__}; try {name}=torch.zeros{shape}")
-        if not t.dtype.is_floating_point:
-            raise ValueError(f"{name}: expected a floating-point table, got dtype {t.dtype}; try {name}.float()")
-        if tuple(t.shape) != shape:
-            raise ValueError(f"{name}: expected a table of shape {shape} at M = {M}, N = {N}, H = {H}"
-                             + (f", grid = {grid}" if grid else "") + f", got {tuple(t.shape)}; "
-                             f"try torch.zeros{shape} (its declaration fixes the shape)")
-        if t.device != device:
-            raise ValueError(f"{name}: expected the table on q's device {device}, got {t.device}; try {name}.to(q.device)")
-        if not bool(torch.isfinite(t).all()):
-            raise ValueError(f"{name}: expected a table of finite values, got inf or NaN; try torch.nan_to_num({name})")
 
 
 def check_block(block) -> tuple | None:
@@ -331,7 +310,7 @@ def attention(pat, q, k, v, *, return_lse: bool, scale, backend: str, grid, inpu
             raise ValueError(f"{name}: expected a real torch tensor (the score term's table), got {type(t).__name__}; "
                              f"try torch.as_tensor({name}, dtype=torch.float32)")
     specs = pat.check_input_names(inputs)
-    from attnc.program import CuSeqlens
+    from attnc.inputs import CuSeqlens
     inputs = {n: (t.segment_ids(k.shape[2], n) if isinstance(t, CuSeqlens) else t) for n, t in inputs.items()}
     if pat._has_topk():
         # topk is lowered to routed(sel) with tables chosen from q and k (attnc/dynamic.py):

@@ -150,7 +150,7 @@ def scan_plan(call: Call, inputs: dict, block: tuple[int, int]) -> Plan:
     in closed form from the inputs when the analysis has one (contiguous segments,
     block tables: O(N) / O(M * kmax)), else by scanning the mask in row chunks."""
     from attnc.analysis import plan_blocks
-    from attnc.show import tile_stats
+    from attnc.tilestats import tile_stats
 
     M, N, H = call.M, call.N, call.Hq
     try:

@@ -81,3 +81,23 @@ def raise_nonfinite(scale: float, **tensors):
     big = float(q.abs().amax()) * float(k.abs().amax()) * q.shape[-1]
     raise ValueError(f"scale * q.k overflows {acc}: expected |scale * q.k| < {torch.finfo(acc).max:.3g}, got scale={scale:g} "
                      f"with |q.k| up to {big:.3g}; try a smaller scale or float64 inputs")
+
+
+def check_tables(pat, tables: dict, M: int, N: int, H: int, grid, device) -> None:
+    """Raise ValueError unless `tables` holds every table of the score term: real, of the
+    declared shape at these sizes, on `device` (expected / got / try)."""
+    for name, shape in pat.table_shapes(M, N, H, grid).items():
+        t = tables.get(name)
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name}: expected a real tensor of shape {shape} (the score term's table), "
+                             f"got {type(t).__name__}; try {name}=torch.zeros{shape}")
+        if not t.dtype.is_floating_point:
+            raise ValueError(f"{name}: expected a floating-point table, got dtype {t.dtype}; try {name}.float()")
+        if tuple(t.shape) != shape:
+            raise ValueError(f"{name}: expected a table of shape {shape} at M = {M}, N = {N}, H = {H}"
+                             + (f", grid = {grid}" if grid else "") + f", got {tuple(t.shape)}; "
+                             f"try torch.zeros{shape} (its declaration fixes the shape)")
+        if t.device != device:
+            raise ValueError(f"{name}: expected the table on q's device {device}, got {t.device}; try {name}.to(q.device)")
+        if not bool(torch.isfinite(t).all()):
+            raise ValueError(f"{name}: expected a table of finite values, got inf or NaN; try torch.nan_to_num({name})")

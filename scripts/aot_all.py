@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.environ.pop("TRITON_INTERPRET", None)
 
-from attnc.codegen import aot  # noqa: E402
+from attnc import aot  # noqa: E402
 from attnc.codegen.kernels import KernelConfig  # noqa: E402
 
 #: configs measured to choose kernels.configs_for (the old AUTOTUNE_CONFIGS, the default and neighbours)

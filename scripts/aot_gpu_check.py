@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""On a CUDA machine: does AOT compilation (codegen/aot.py) give the kernels a real launch compiles?
+"""On a CUDA machine: does AOT compilation (attnc/aot.py) give the kernels a real launch compiles?
 
 For a few jobs of the CI subset on the GPU's own target, compiles them ahead of time (stand-in
 driver, subprocess) and then runs the same call through TritonBackend on the GPU, and compares
@@ -22,7 +22,7 @@ os.environ.pop("TRITON_INTERPRET", None)
 
 import torch  # noqa: E402
 
-from attnc.codegen import aot  # noqa: E402
+from attnc import aot  # noqa: E402
 
 
 def real_kernels(job) -> dict:

@@ -168,7 +168,8 @@ def _query_view(pat, M, N, H, grid, head, inputs):
 def render(entry: Entry, out_dir: Path | None) -> Row:
     """Bind, measure and (when out_dir is given) draw one entry."""
     import attnc
-    from attnc.show import head_groups, render_png, tile_stats
+    from attnc.show import head_groups, render_png
+    from attnc.tilestats import tile_stats
 
     pat = attnc.load(EXAMPLES / f"{entry.file}.attn").pattern(entry.name, **entry.params)
     if entry.grid:

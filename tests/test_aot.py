@@ -1,4 +1,4 @@
-"""Ahead-of-time compilation for NVIDIA targets (codegen/aot.py), without a GPU.
+"""Ahead-of-time compilation for NVIDIA targets (attnc/aot.py), without a GPU.
 
 The compile test builds the CI subset (`aot.ci_jobs`: a covering design over pattern kind x
 target x dtype x head dim, forward and backward) in two worker processes and asserts every
@@ -14,8 +14,7 @@ import torch
 
 import attnc
 
-from attnc import cli
-from attnc.codegen import aot
+from attnc import aot, cli
 from attnc.codegen.kernels import AUTOTUNE_CONFIGS, KernelConfig, configs_for
 from conftest import EXAMPLES
 

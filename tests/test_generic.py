@@ -17,7 +17,8 @@ import torch
 
 import attnc
 from attnc.cli import main
-from attnc.codegen import aot, cache, sizes
+from attnc import aot
+from attnc.codegen import cache, sizes
 from attnc.codegen.generic import size_classes
 from attnc.codegen.kernels import KernelConfig, compile_pattern
 from attnc.lru import LRU, caches, set_limit
@@ -167,7 +168,7 @@ def test_ten_lengths_import_one_module():
 
 
 def test_ten_lengths_compile_each_gpu_kernel_once():
-    """Real compilations for sm_90 (no GPU needed: codegen/aot.py's stand-in driver), counted
+    """Real compilations for sm_90 (no GPU needed: attnc/aot.py's stand-in driver), counted
     as distinct binaries Triton returns: closed-form loops and tile lists, 10 lengths each."""
     jobs = [aot.Job(file=str(EXAMPLES / "mistral.attn"), params=(("window", 512),), M=n, D=64)
             for n in (600, 1000, 1333, 2048, 3001, 4096, 5000, 8191, 12345, 16384)]

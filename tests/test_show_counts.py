@@ -1,5 +1,5 @@
 """`attnc show`'s figures from the plan (analysis.tile_counts, show.plan_tile_stats) against the
-brute-force counts from dense mask rows (show.tile_stats)."""
+brute-force counts from dense mask rows (tilestats.tile_stats)."""
 
 import pytest
 import torch
@@ -7,7 +7,8 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 import attnc
 from attnc import analysis
-from attnc.show import head_groups, plan_tile_stats, render_text, tile_stats
+from attnc.show import head_groups, plan_tile_stats, render_text
+from attnc.tilestats import tile_stats
 from test_analysis import grid_patterns, patterns
 
 

@@ -27,7 +27,7 @@ Registers and spills come from `cuobjdump --dump-resource-usage` on the cubin
 (REG, LOCAL: bytes of local memory per thread, which holds the spills); shared
 memory from Triton's metadata (dynamic) plus cuobjdump's static SHARED. A kernel
 fits when it spills nothing, its shared memory is within the target's opt-in
-per-block limit (`TARGETS`) and registers x threads <= 65536.
+per-block limit (`TARGETS`, codegen/kernels.py) and registers x threads <= 65536.
 """
 
 from __future__ import annotations
@@ -46,16 +46,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-#: target name -> (compute capability, shared memory per block with opt-in, bytes; the CUDA
-#: programming guide's table: 227 KB on sm_90 / sm_100, 163 KB on sm_80 / sm_87, 99 KB on sm_86 / sm_89)
-TARGETS = {
-    "sm_80": (80, 166912),
-    "sm_86": (86, 101376),
-    "sm_87": (87, 166912),
-    "sm_89": (89, 101376),
-    "sm_90": (90, 232448),
-    "sm_100": (100, 232448),
-}
+from .codegen.kernels import TARGETS
 
 REGISTERS_PER_SM = 65536
 
@@ -309,8 +300,8 @@ def _synthetic_call(job: Job, pat, dtype):
 
     import torch
 
-    from attnc.dynamic import synthetic_inputs
-    from attnc.runtime.backend import Call
+    from .dynamic import synthetic_inputs
+    from .runtime.backend import Call
 
     M, N, H, grid = pat.resolve_sizes(job.M, job.N, job.heads, job.grid)
     D, Dv = job.D, job.Dv or job.D
@@ -335,8 +326,8 @@ def _synthetic_call(job: Job, pat, dtype):
 
 
 def _bind(job: Job):
-    import attnc
-    return attnc.load(job.file).pattern(job.pattern, **dict(job.params))
+    from .program import load
+    return load(job.file).pattern(job.pattern, **dict(job.params))
 
 
 def _launch_job(job: Job, cap: int, dtype, sink: list) -> tuple[dict, set]:
@@ -345,7 +336,7 @@ def _launch_job(job: Job, cap: int, dtype, sink: list) -> tuple[dict, set]:
     later jobs share them). Returns ({sink index: config it ran with}, module keys used)."""
     import torch
 
-    from attnc.runtime.triton_backend import TritonBackend
+    from .runtime.triton_backend import TritonBackend
 
     if job.passes == "decode":
         return _launch_decode(job, dtype, sink)
@@ -381,9 +372,9 @@ def _launch_decode(job: Job, dtype, sink: list) -> tuple[dict, set]:
     recorded instead of run): batch 2, one new token, a cache of `job.M` tokens."""
     import torch
 
-    from attnc.codegen import cache
-    from attnc.codegen.kernels import KernelConfig
-    from attnc.runtime import decode as dec
+    from .codegen import cache
+    from .codegen.kernels import KernelConfig
+    from .runtime import decode as dec
 
     pat = _bind(job)
     H = job.heads or 8
@@ -432,7 +423,7 @@ def run_job(job: Job, driver: _StandInDriver) -> JobReport:
 def _short(config) -> str:
     s = f"{config.block_m}x{config.block_n} w{config.num_warps} s{config.num_stages}"
     if config.tile is not None:
-        from .ndtiles import tile_text
+        from .codegen.ndtiles import tile_text
         s += f" tile {tile_text(config.tile)}"
     return s
 
@@ -466,7 +457,7 @@ def _job_to_json(job: Job) -> str:
 
 
 def _job_from_json(text: str) -> Job:
-    from .kernels import KernelConfig
+    from .codegen.kernels import KernelConfig
 
     d = json.loads(text)
     if d["config"] is not None:
@@ -479,9 +470,9 @@ def _job_from_json(text: str) -> Job:
 
 
 def worker_main() -> int:
-    """`python -m attnc.codegen.aot worker`: one JSON job per stdin line, one JSON report per stdout line."""
+    """`python -m attnc.aot worker`: one JSON job per stdin line, one JSON report per stdout line."""
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
-        print("attnc.codegen.aot worker: expected TRITON_INTERPRET unset (the interpreter cannot compile), got 1",
+        print("attnc.aot worker: expected TRITON_INTERPRET unset (the interpreter cannot compile), got 1",
               file=sys.stderr)
         return 2
     from triton.runtime import driver as triton_driver
@@ -543,7 +534,7 @@ def compile_jobs(jobs, processes: int = 2, python: str | None = None, progress=N
         with tempfile.TemporaryDirectory(prefix="attnc-aot-") as cache:
             env = worker_env()
             env["TRITON_CACHE_DIR"] = cache
-            proc = subprocess.Popen([python or sys.executable, "-m", "attnc.codegen.aot", "worker"], env=env, text=True,
+            proc = subprocess.Popen([python or sys.executable, "-m", "attnc.aot", "worker"], env=env, text=True,
                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
             try:
                 while deadline is None or time.time() < deadline:
@@ -614,9 +605,9 @@ EXAMPLE_HEADS = 12
 
 def example_job(file, pattern=None, **kw) -> Job:
     """A job for an example pattern at the example sizes (override with M= / grid= / heads=)."""
-    import attnc
+    from .program import load
 
-    pat = attnc.load(file).pattern(pattern)
+    pat = load(file).pattern(pattern)
     base = {"heads": EXAMPLE_HEADS, "pattern": pat.name, "label": pat.name}
     if pat.layout.axes:
         base["grid"] = EXAMPLE_GRIDS[len(pat.layout.axes)]
@@ -633,7 +624,7 @@ def runtime_jobs(job: Job) -> list[Job]:
     import torch
     from dataclasses import replace as dc_replace
 
-    from attnc.runtime.triton_backend import TritonBackend
+    from .runtime.triton_backend import TritonBackend
 
     job = job.check()
     cap, _ = parse_target(job.target)
@@ -665,7 +656,7 @@ def ci_jobs(examples_dir) -> list[Job]:
     fp16 / bf16 x D = 64 / 128, forward and backward, each pair of factor levels met at least
     once, in the runtime's default config for the target (the autotune candidates are the
     long run's: scripts/aot_all.py)."""
-    from .kernels import KernelConfig
+    from .codegen.kernels import KernelConfig
 
     d = Path(examples_dir)
     nd = KernelConfig(tile=((8, 8), (8, 8)))
@@ -722,12 +713,12 @@ def table(reports: list[JobReport], markdown: bool = False) -> str:
 # -- compilations across sizes (issue 16: compile once) ---------------------------------------------
 
 def count_main() -> int:
-    """`python -m attnc.codegen.aot count`: a JSON list of jobs on stdin (one pattern at several
+    """`python -m attnc.aot count`: a JSON list of jobs on stdin (one pattern at several
     sizes, one target); launches each job's passes through the runtime like `run_job`
     (`_launch_job`), in one process, and prints {kernel name: distinct compiled binaries} as JSON.
     With kernels generic in the sizes, every kernel compiles once (Triton's own cache hits)."""
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
-        print("attnc.codegen.aot count: expected TRITON_INTERPRET unset, got 1", file=sys.stderr)
+        print("attnc.aot count: expected TRITON_INTERPRET unset, got 1", file=sys.stderr)
         return 2
     from triton.runtime import driver as triton_driver
 
@@ -767,7 +758,7 @@ def compile_counts(jobs, python: str | None = None) -> dict:
     payload = json.dumps([json.loads(_job_to_json(j.check())) for j in jobs])
     with tempfile.TemporaryDirectory(prefix="attnc-aot-count-") as cache:
         env = {**worker_env(), "TRITON_CACHE_DIR": cache}
-        res = subprocess.run([python or sys.executable, "-m", "attnc.codegen.aot", "count"], input=payload,
+        res = subprocess.run([python or sys.executable, "-m", "attnc.aot", "count"], input=payload,
                              capture_output=True, text=True, env=env)
     if res.returncode != 0:
         raise AOTError(f"compile count failed ({res.returncode}): {res.stderr.strip()[-800:]}")
@@ -779,6 +770,6 @@ if __name__ == "__main__":
         sys.exit(worker_main())
     if sys.argv[1:] == ["count"]:
         sys.exit(count_main())
-    print("usage: python -m attnc.codegen.aot worker|count  (driven by attnc.codegen.aot.compile_jobs / "
+    print("usage: python -m attnc.aot worker|count  (driven by attnc.aot.compile_jobs / "
           "compile_counts)", file=sys.stderr)
     sys.exit(2)
