@@ -3,7 +3,7 @@
 input:  a `PatternIR`, sizes (M, N, H, grid) and run-time inputs.
 output: a bool tensor [H, M, N] (row slices of it for large sizes); this is
         the oracle every backend is tested against.
-does not: plan tiles or compute attention (runtime/reference.py does that).
+does not: plan tiles or compute attention (runtime/dense.py does that).
 
 [Note: views] Every node is evaluated in a *view*: the absolute positions of
 the queries and keys it sees (1-D, flattened), the sizes bound to M, N and

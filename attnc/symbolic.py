@@ -291,7 +291,7 @@ class Counter:
 # ----------------------------------------------------------------------------- primitives
 
 
-class Builder:
+class FormulaBuilder:
     """Mask IR -> SetExpr over symbolic q (absolute position) and N."""
 
     def __init__(self, order: Order):
@@ -483,7 +483,7 @@ def _formula(pattern: ir.PatternIR) -> Formula:
             raise NoFormula(f"parameter {sym} = {v} depends on the sizes")
         values[sym] = int(v)
     order = Order(values)
-    sets = Builder(order).build(pattern.body)
+    sets = FormulaBuilder(order).build(pattern.body)
     counts = Counter(order).count(sets)
     allowed = sum_over_q(counts, order)
     conditions = tuple(sorted(_simplify_conditions(order.conditions, values), key=lambda c: (ir.N in c.free_symbols, str(c))))

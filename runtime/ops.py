@@ -68,7 +68,7 @@ def get_backend(name: str) -> Backend:
         from .torch_backend import TorchBackend
         return TorchBackend()
     if name == "reference":
-        from .reference import ReferenceBackend
+        from .dense import ReferenceBackend
         return ReferenceBackend()
     if name == "flex":
         from .flex import FlexBackend

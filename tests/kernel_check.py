@@ -14,7 +14,7 @@ import torch
 
 from attnc.codegen.kernels import KernelConfig
 from attnc.runtime.backend import Call
-from attnc.runtime.reference import dense_attention
+from attnc.runtime.dense import dense_attention
 from attnc.runtime.triton_backend import TritonBackend
 
 

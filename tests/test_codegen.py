@@ -23,7 +23,7 @@ from attnc.cli import main
 from attnc.codegen import cache
 from attnc.codegen.kernels import AUTOTUNE_CONFIGS, KernelConfig, compile_pattern
 from attnc.runtime.backend import Call
-from attnc.runtime.reference import dense_attention
+from attnc.runtime.dense import dense_attention
 from attnc.runtime.triton_backend import TritonBackend
 from conftest import EXAMPLES, example_names, example_pattern
 from kernel_check import TOL, backend, cache_root, check, make_call, private_cache  # noqa: F401 (fixtures, shared helpers)

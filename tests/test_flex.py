@@ -94,7 +94,7 @@ def test_flex_backward_uses_the_saved_lse():
     autograd cannot run inside a custom op); on CPU without an lse it refuses."""
     from attnc.runtime.flex import FlexBackend
     from attnc.runtime.ops import make_call
-    from attnc.runtime.reference import ReferenceBackend
+    from attnc.runtime.dense import ReferenceBackend
 
     pat = attnc.loads("pattern p = sliding(4)").pattern()
     q, k, v = (rand(1, 1, 20, 8, seed=s).double() for s in (1, 2, 3))

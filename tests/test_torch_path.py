@@ -10,7 +10,7 @@ import torch
 import attnc
 from attnc.runtime.backend import Call
 from attnc.runtime.ops import make_call
-from attnc.runtime.reference import ReferenceBackend, dense_attention
+from attnc.runtime.dense import ReferenceBackend, dense_attention
 from attnc.runtime.torch_backend import TorchBackend, TorchPathConfig, partial_tile_masks, scan_plan
 from conftest import example_names, example_pattern
 

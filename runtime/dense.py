@@ -1,5 +1,9 @@
 """The dense reference attention: the numerical oracle for every backend.
 
+input:  q, k, v and a dense boolean mask (attnc/reference.py builds it from the pattern).
+output: out and logsumexp, forward and backward (`backend="reference"`).
+does not: use the plan or any sparsity: O(N^2) memory, for checking.
+
 Masked positions get -inf before the softmax; queries with no allowed key give
 output 0 and logsumexp -inf (never NaN). Accumulates in float32 (float64 for
 float64 inputs). Memory is O(B * H * M * N): for checking, not for speed.
