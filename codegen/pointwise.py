@@ -1080,7 +1080,14 @@ def run_torch_program(program: tuple, env: dict, tables: dict):
         elif kind == "lookup":
             name, has_bit = what
             idx = [vals[i] for i in (args[:-1] if has_bit else args)]
-            r = tables[name][tuple(i if isinstance(i, torch.Tensor) else int(i) for i in idx)]
+            # one flat index (arithmetic on the row-major strides), not a tuple mixing ints and tensors:
+            # dynamo, tracing a mask_mod inside flex_attention after other patterns, could turn an
+            # int of that tuple into a data-dependent symbol and fail on `int(...)` (long differential run)
+            table = tables[name]
+            flat = 0
+            for size, i in zip(table.shape, idx):
+                flat = flat * size + i
+            r = table.reshape(-1)[flat]
             if has_bit:
                 r = ((r >> vals[args[-1]]) & 1) != 0
         else:
