@@ -10,11 +10,12 @@ does not: evaluate masks, look at sizes known only at call time (the
 from __future__ import annotations
 
 import difflib
+from collections import ChainMap
 from dataclasses import dataclass, field
 
 import sympy
 
-from . import ir, syntax as ast
+from . import ir, semantics, syntax as ast
 from .constraints import violations
 from .errors import Collector, Span, error
 
@@ -167,33 +168,20 @@ class Ctx:
 
 # ----------------------------------------------------------------------------- primitive signatures
 
-INT, AXIS_INT, AXIS_BOOL, SET, MASK, SEGMENTS, BLOCKS = "int", "axis-int", "axis-bool", "set", "mask", "segments", "blocks"
-_REQUIRED = object()
+INT, AXIS_INT, AXIS_BOOL, SET = semantics.INT, semantics.AXIS_INT, semantics.AXIS_BOOL, semantics.SET
+MASK, SEGMENTS, BLOCKS = "mask", "segments", "blocks"
+_REQUIRED = semantics.REQUIRED
 
-#: name -> (parameters [(name, kind, default)], description of the call)
-PRIMITIVES: dict[str, tuple[list[tuple[str, str, object]], str]] = {
-    "full": ([], "full"),
-    "none": ([], "none"),
-    "causal": ([], "causal"),
-    "band": ([("left", AXIS_INT, _REQUIRED), ("right", AXIS_INT, _REQUIRED)], "band(left, right)"),
-    "sliding": ([("w", AXIS_INT, _REQUIRED)], "sliding(w)"),
-    "neighborhood": ([("size", AXIS_INT, _REQUIRED), ("dilation", AXIS_INT, 1), ("stride", AXIS_INT, 1),
-                      ("causal", AXIS_BOOL, False)], "neighborhood(size, dilation=1, stride=1, causal=false)"),
-    "block": ([("size", AXIS_INT, _REQUIRED), ("shift", AXIS_INT, 0), ("halo", AXIS_INT, 0)],
-              "block(size, shift=0, halo=0)"),
-    "strided": ([("s", AXIS_INT, _REQUIRED)], "strided(s)"),
-    "sink": ([("n", INT, _REQUIRED)], "sink(n)"),
-    "global": ([("tokens", SET, _REQUIRED)], "global(S)"),
-    "rows": ([("tokens", SET, _REQUIRED)], "rows(S)"),
-    "cols": ([("tokens", SET, _REQUIRED)], "cols(S)"),
-    "prefix": ([("n", INT, _REQUIRED)], "prefix(n)"),
+#: name -> (parameters [(name, kind, default)], description of the call): the positional primitives'
+#: signatures are declared with their definitions (semantics.py), the others here
+PRIMITIVES = ChainMap(semantics.SIGNATURES, {
     "random": ([("r", INT, _REQUIRED), ("seed", INT, 0)], "random(r, seed=0)"),
     "same": ([("doc", SEGMENTS, _REQUIRED)], "same(doc)"),
     "routed": ([("sel", BLOCKS, _REQUIRED)], "routed(sel)"),
     "topk": ([("k", INT, _REQUIRED), ("block", INT, 64)], "topk(k, block=64)"),
     "dilate": ([("d", AXIS_INT, _REQUIRED), ("pattern", MASK, _REQUIRED)], "dilate(d, P)"),
     "blockwise": ([("b", AXIS_INT, _REQUIRED), ("pattern", MASK, _REQUIRED)], "blockwise(b, P)"),
-}
+})
 FUNCTIONS = {"min": "min(a, b, ...)", "max": "max(a, b, ...)", "abs": "abs(x)", "size": "size(axis)"}
 INPUT_TYPES = {"segments": 0, "blocks": 1, "table": None}
 
@@ -215,10 +203,7 @@ def _short(v: int) -> str:
 
 
 #: primitives whose IR node takes exactly the primitive's arguments
-_NODES = {"full": ir.Full, "none": ir.Empty, "causal": ir.Causal, "band": ir.Band, "sliding": ir.Sliding,
-          "neighborhood": ir.Neighborhood, "block": ir.Block, "strided": ir.Strided, "sink": ir.Sink,
-          "global": ir.Global, "rows": ir.Rows, "cols": ir.Cols, "prefix": ir.Prefix, "random": ir.Random,
-          "topk": ir.TopK}
+_NODES = ChainMap(semantics.NODES, {"random": ir.Random, "topk": ir.TopK})
 
 # ----------------------------------------------------------------------------- the elaborator
 

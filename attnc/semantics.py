@@ -27,10 +27,10 @@ progression, or says it cannot). Combinators (`|`, `&`, `-`, `~`, `@`,
 `dilate`, `blockwise`, `heads`), `where`, `random` and the run-time inputs are
 not primitives here: each consumer combines sets its own way.
 
-Adding a primitive is one function below (plus its IR node, its signature in
-elaborate.PRIMITIVES, constraints in constraints.py and its tests): the
-reference mask, the plan, the kernels' predicate and loop bounds, and the
-formula all follow from it. Where a consumer cannot use a form (bounds: a
+Adding a primitive is one decorated function below -- its name, signature and
+argument constraints in `@defines`, its keys in the body -- plus its IR node
+and its tests: the parser, the checks, the reference mask, the plan, the
+kernels' predicate and loop bounds, the formula and KV retention all follow. Where a consumer cannot use a form (bounds: a
 step or a decreasing end; formulas: `//` or `%` of q), it reports why, in one
 place each (`codegen/bounds.py` `_monotone`, `symbolic.py` `_pl`).
 """
@@ -141,14 +141,57 @@ class Keys:
 
 
 Definition = Callable[[ir.Mask], tuple[Keys, ...]]
-DEFINITIONS: dict[type, Definition] = {}
+
+#: parameter kinds of a primitive's signature (elaborate.py checks calls against them)
+INT, AXIS_INT, AXIS_BOOL, SET = "int", "axis-int", "axis-bool", "set"
+REQUIRED = object()  # a parameter without a default
 
 
-def defines(node_type: type) -> Callable[[Definition], Definition]:
+@dataclass(frozen=True)
+class Primitive:
+    """Everything the compiler knows about one positional primitive."""
+
+    name: str  # the language name
+    node: type  # its IR node; the parameters are its fields
+    params: tuple  # ((name, kind, default or REQUIRED), ...)
+    usage: str  # "neighborhood(size, dilation=1, stride=1, causal=false)"
+    keys: Definition
+    rules: tuple = ()  # ((parameter, predicate on one value, requirement), ...)
+    relation: Callable | None = None  # (node, value_of) -> a violated requirement between parameters, or None
+    length: Callable | None = None  # (node, view length, value_of) -> what the length lacks, or None
+
+
+PRIMITIVES: dict[str, Primitive] = {}  # by language name
+BY_NODE: dict[type, Primitive] = {}  # by IR node
+DEFINITIONS: dict[type, Definition] = {}  # by IR node: the keys
+RULES: dict[type, list] = {}  # by IR node: constraints.py reads them
+SIGNATURES: dict[str, tuple] = {}  # name -> ([(parameter, kind, default)], usage): elaborate.py reads them
+NODES: dict[str, type] = {}  # name -> IR node
+
+
+def defines(node_type: type, usage: str, *params: tuple, rules=(), relation=None, length=None):
+    """Register the decorated function as the definition of a primitive: its IR node, its
+    call signature (`usage` names it; params are (name, kind) or (name, kind, default)), the
+    constraints on its arguments, and its keys per query."""
+    name = usage.split("(")[0]
+    full = tuple(p if len(p) == 3 else (*p, REQUIRED) for p in params)
+
     def register(fn: Definition) -> Definition:
-        DEFINITIONS[node_type] = fn
+        prim = Primitive(name, node_type, full, usage, fn, tuple(rules), relation, length)
+        PRIMITIVES[name], BY_NODE[node_type], DEFINITIONS[node_type], NODES[name] = prim, prim, fn, node_type
+        SIGNATURES[name] = (list(full), usage)
+        if rules:
+            RULES[node_type] = list(rules)
         return fn
     return register
+
+
+def undefine(name: str) -> None:
+    """Forget a primitive (tests that add one)."""
+    prim = PRIMITIVES.pop(name)
+    for table, key in ((BY_NODE, prim.node), (DEFINITIONS, prim.node), (RULES, prim.node), (SIGNATURES, name),
+                       (NODES, name)):
+        table.pop(key, None)
 
 
 def keys_of(node: ir.Mask) -> tuple[Keys, ...] | None:
@@ -161,15 +204,17 @@ def is_primitive(node: ir.Mask) -> bool:
     return type(node) in DEFINITIONS
 
 
+def relation_problem(node: ir.Mask, value_of) -> str | None:
+    """A violated requirement between the primitive's arguments (None: none, or not known yet)."""
+    prim = BY_NODE.get(type(node))
+    return None if prim is None or prim.relation is None else prim.relation(node, value_of)
+
+
 def length_problem(node: ir.Mask, length: int, value_of) -> str | None:
     """What the primitive needs of the view's length that it lacks (None: nothing);
-    `value_of` gives a parameter's integer value. The other argument constraints do
-    not depend on the length: constraints.py."""
-    if isinstance(node, ir.Neighborhood):
-        size, d = value_of(node.size), value_of(node.dilation)
-        if size * d > length:
-            return f"neighborhood needs size * dilation <= length, got {size} * {d} > {length}"
-    return None
+    `value_of` gives a parameter's integer value."""
+    prim = BY_NODE.get(type(node))
+    return None if prim is None or prim.length is None else prim.length(node, length, value_of)
 
 
 def _set_keys(s: ir.SetVal) -> tuple[Keys, ...]:
@@ -183,69 +228,93 @@ def _set_keys(s: ir.SetVal) -> tuple[Keys, ...]:
 # ----------------------------------------------------------------------------- the primitives (spec §3)
 
 
-@defines(ir.Full)
+@defines(ir.Full, "full")
 def _full(node: ir.Full):
     return (Keys(const(0), LENGTH),)
 
 
-@defines(ir.Empty)
+@defines(ir.Empty, "none")
 def _empty(node: ir.Empty):
     return ()
 
 
-@defines(ir.Causal)
+@defines(ir.Causal, "causal")
 def _causal(node: ir.Causal):  # k <= q
     return (Keys(const(0), add(Q, 1)),)
 
 
-@defines(ir.Band)
+@defines(ir.Band, "band(left, right)", ("left", AXIS_INT), ("right", AXIS_INT))
 def _band(node: ir.Band):  # q - left <= k <= q + right
     return (Keys(sub(Q, node.left), add(add(Q, node.right), 1)),)
 
 
-@defines(ir.Sliding)
+@defines(ir.Sliding, "sliding(w)", ("w", AXIS_INT), rules=[("w", lambda v: v >= 1, "sliding window w must be >= 1")])
 def _sliding(node: ir.Sliding):  # q - w < k <= q
     return (Keys(add(sub(Q, node.w), 1), add(Q, 1)),)
 
 
-@defines(ir.Sink)
+@defines(ir.Sink, "sink(n)", ("n", INT), rules=[("n", lambda v: v >= 0, "sink count n must be >= 0")])
 def _sink(node: ir.Sink):  # k < n
     return (Keys(const(0), const(node.n)),)
 
 
-@defines(ir.Prefix)
+@defines(ir.Prefix, "prefix(n)", ("n", INT), rules=[("n", lambda v: v >= 0, "prefix length n must be >= 0")])
 def _prefix(node: ir.Prefix):  # q < n and k < n
     return (Keys(const(0), const(node.n), when=less(Q, node.n)),)
 
 
-@defines(ir.Rows)
+@defines(ir.Rows, "rows(S)", ("tokens", SET))
 def _rows(node: ir.Rows):  # q in S
     return (Keys(const(0), LENGTH, when=member(Q, node.tokens)),)
 
 
-@defines(ir.Cols)
+@defines(ir.Cols, "cols(S)", ("tokens", SET))
 def _cols(node: ir.Cols):  # k in S
     return _set_keys(node.tokens)
 
 
-@defines(ir.Global)
+@defines(ir.Global, "global(S)", ("tokens", SET))
 def _global(node: ir.Global):  # q in S or k in S
     return _rows(node) + _cols(node)
 
 
-@defines(ir.Block)
+@defines(ir.Block, "block(size, shift=0, halo=0)", ("size", AXIS_INT), ("shift", AXIS_INT, 0), ("halo", AXIS_INT, 0),
+         rules=[("size", lambda v: v >= 1, "block size must be >= 1"), ("halo", lambda v: v >= 0, "block halo must be >= 0")])
 def _block(node: ir.Block):
     # (q - shift) // size == (k - shift) // size, widened by halo on both sides
     start = add(mul(floordiv(sub(Q, node.shift), node.size), node.size), sub(node.shift, node.halo))
     return (Keys(start, add(start, add(node.size, mul(2, node.halo)))),)
 
 
-@defines(ir.Strided)
+@defines(ir.Strided, "strided(s)", ("s", AXIS_INT), rules=[("s", lambda v: v >= 1, "strided step s must be >= 1")])
 def _strided(node: ir.Strided):  # (q - k) % s == 0
     return (Keys(mod(Q, node.s), LENGTH, const(node.s)),)
 
 
-@defines(ir.Neighborhood)
+def _stride_within_size(node: ir.Neighborhood, value_of) -> str | None:
+    sizes, strides = node.size, node.stride
+    n = max((len(x) for x in (sizes, strides) if isinstance(x, tuple)), default=1)
+    for i in range(n):
+        s = value_of(sizes[i] if isinstance(sizes, tuple) else sizes)
+        st = value_of(strides[i] if isinstance(strides, tuple) else strides)
+        if s is not None and st is not None and st > s:
+            return f"neighborhood stride must be <= size, got stride {st} > size {s}"
+    return None
+
+
+def _window_fits(node: ir.Neighborhood, length: int, value_of) -> str | None:
+    size, d = value_of(node.size), value_of(node.dilation)
+    if size * d > length:
+        return f"neighborhood needs size * dilation <= length, got {size} * {d} > {length}"
+    return None
+
+
+@defines(ir.Neighborhood, "neighborhood(size, dilation=1, stride=1, causal=false)", ("size", AXIS_INT),
+         ("dilation", AXIS_INT, 1), ("stride", AXIS_INT, 1), ("causal", AXIS_BOOL, False),
+         rules=[("size", lambda v: v >= 2, "neighborhood size must be >= 2"),
+                ("dilation", lambda v: v >= 1, "neighborhood dilation must be >= 1"),
+                ("stride", lambda v: v >= 1, "neighborhood stride must be >= 1")],
+         relation=_stride_within_size, length=_window_fits)
 def _neighborhood(node: ir.Neighborhood):
     """NATTEN / GNA (spec §3.1): queries in dilation group g = q % d see the keys of
     their group whose group-local index k // d lies in [start, end)."""

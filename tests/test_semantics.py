@@ -95,7 +95,7 @@ class Ring(ir.Mask):
     w: ir.Int
 
 
-def _ring(node: Ring):
+def _ring(node: Ring):  # registered by the fixture with @semantics.defines(Ring, "ring(w)", ("w", INT), rules=...)
     Q, N, w = semantics.Q, semantics.LENGTH, node.w
     lo, hi = semantics.sub(Q, w), semantics.add(semantics.add(Q, w), 1)
     return (semantics.Keys(lo, hi),  # the window itself, and the parts that wrap around either end
@@ -104,10 +104,10 @@ def _ring(node: Ring):
 
 
 @pytest.fixture
-def ring(monkeypatch):
-    monkeypatch.setitem(elaborate.PRIMITIVES, "ring", ([("w", elaborate.INT, elaborate._REQUIRED)], "ring(w)"))
-    monkeypatch.setitem(elaborate._NODES, "ring", Ring)
-    monkeypatch.setitem(semantics.DEFINITIONS, Ring, _ring)
+def ring():
+    semantics.defines(Ring, "ring(w)", ("w", semantics.INT), rules=[("w", lambda v: v >= 0, "ring width w must be >= 0")])(_ring)
+    yield
+    semantics.undefine("ring")
 
 
 def _ring_mask(n: int, w: int) -> torch.Tensor:
@@ -150,5 +150,14 @@ def test_a_new_primitive_is_one_definition(ring):
 
 
 def test_a_new_primitive_gets_located_errors(ring):
-    with pytest.raises(attnc.AttnError, match="ring"):
+    with pytest.raises(attnc.AttnError, match=r"1:13: error: ring is missing its argument 'w'"):
         attnc.loads("pattern p = ring()").pattern()
+    with pytest.raises(attnc.AttnError, match="ring width w must be >= 0, got -1"):
+        attnc.loads("pattern p = ring(-1)").pattern()
+
+
+def test_the_language_reads_its_primitives_from_the_definitions():
+    assert set(semantics.PRIMITIVES) <= set(elaborate.PRIMITIVES)
+    for name, prim in semantics.PRIMITIVES.items():
+        assert elaborate.PRIMITIVES[name] == (list(prim.params), prim.usage)
+        assert [f.name for f in dataclasses.fields(prim.node) if f.name != "span"] == [p[0] for p in prim.params]
