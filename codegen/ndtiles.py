@@ -27,7 +27,7 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from attnc.analysis import Plan
+from attnc.plans import Plan
 
 from .pointwise import padded_length, permute
 
