@@ -30,7 +30,9 @@ from dataclasses import dataclass, replace
 from string import Template
 
 from .bounds import loop_bounds
-from .pointwise import Lowered, TritonPrinter, _table_arg, to_text
+from .expr import to_text
+from .lowered import Lowered
+from .triton_text import TritonPrinter, table_arg as _table_arg
 
 
 #: largest tile (tokens per side) a kernel accepts: 256 x 256 scores already fill

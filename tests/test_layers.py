@@ -40,8 +40,10 @@ LAYERS = (
     ("analysis", ("attnc.reference", "attnc.tilestats", "attnc.intervals", "attnc.interval_tiles", "attnc.plans",
                   "attnc.products", "attnc.tileboxes", "attnc.analysis", "attnc.symbolic", "attnc.show",
                   "attnc.dynamic", "attnc.retention", "attnc.simulate", "attnc.sharding")),
-    # kernels from patterns: pointwise lowering, loop bounds, Triton source, the kernel cache
-    ("codegen", ("attnc.codegen", "attnc.codegen.sizes", "attnc.codegen.pointwise", "attnc.codegen.bounds",
+    # kernels from patterns: the expression IR, the lowered mask and its torch program, pointwise
+    # lowering, the Triton printer, loop bounds, Triton source, the kernel cache
+    ("codegen", ("attnc.codegen", "attnc.codegen.sizes", "attnc.codegen.expr", "attnc.codegen.torch_program",
+                 "attnc.codegen.lowered", "attnc.codegen.pointwise", "attnc.codegen.triton_text", "attnc.codegen.bounds",
                  "attnc.codegen.score", "attnc.codegen.kernels", "attnc.codegen.ndtiles",
                  "attnc.codegen.decode_kernel", "attnc.codegen.generic", "attnc.codegen.cache")),
     # the attention ops and their backends (they run what codegen generates)
