@@ -578,7 +578,7 @@ def _range_helper(rs, i: int, bits: int, r, sizes: str = "", env: dict | None = 
     import torch
 
     from . import sizes as size_tags
-    from .bounds import to_text, to_triton
+    from .monotone import to_text, to_triton
 
     rows = rs.direction == "rows"
     v = "q" if rows else "k"
@@ -602,7 +602,7 @@ def _range_helper(rs, i: int, bits: int, r, sizes: str = "", env: dict | None = 
     else:
         lines += [f"    active = {v}0 < {v}1", f"    {v}_first = {v}0", f"    {v}_last = {v}1 - 1"]
     if bits != -1:
-        from .bounds import _head_runs
+        from .ranges import head_runs as _head_runs
         runs = _head_runs(bits, bits.bit_length())
         cond = " | ".join(f"(h == {a})" if b == a + 1 else f"((h >= {a}) & (h < {b}))" for a, b in runs)
         lines.append(f"    active = active & ({cond})")

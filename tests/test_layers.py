@@ -41,9 +41,11 @@ LAYERS = (
                   "attnc.products", "attnc.tileboxes", "attnc.analysis", "attnc.symbolic", "attnc.show",
                   "attnc.dynamic", "attnc.retention", "attnc.simulate", "attnc.sharding")),
     # kernels from patterns: the expression IR, the lowered mask and its torch program, pointwise
-    # lowering, the Triton printer, loop bounds, Triton source, the kernel cache
+    # lowering, the Triton printer, loop bounds (monotone expressions, ranges, their derivation, the
+    # replay against the plan), Triton source, the kernel cache
     ("codegen", ("attnc.codegen", "attnc.codegen.sizes", "attnc.codegen.expr", "attnc.codegen.torch_program",
-                 "attnc.codegen.lowered", "attnc.codegen.pointwise", "attnc.codegen.triton_text", "attnc.codegen.bounds",
+                 "attnc.codegen.lowered", "attnc.codegen.pointwise", "attnc.codegen.triton_text",
+                 "attnc.codegen.monotone", "attnc.codegen.ranges", "attnc.codegen.range_derivation", "attnc.codegen.bounds",
                  "attnc.codegen.score", "attnc.codegen.kernels", "attnc.codegen.ndtiles",
                  "attnc.codegen.decode_kernel", "attnc.codegen.generic", "attnc.codegen.cache")),
     # the attention ops and their backends (they run what codegen generates)
