@@ -216,6 +216,7 @@ class Ranges:
 
 
 def head_runs(bits: int, H: int) -> list[tuple[int, int]]:
+    """The heads of the bit set `bits` among H heads, as runs [a, b)."""
     flags = torch.tensor([(bits >> h) & 1 for h in range(H)], dtype=torch.bool)
     return runs_of(flags, 0)
 
@@ -226,6 +227,8 @@ def _head_text(bits: int, H: int | None = None) -> str:
 
 
 def group_heads(per_head: list[tuple[Range, ...]]) -> tuple:
+    """`Ranges.groups` from each head's list: one group (-1) when all heads agree, else one
+    (head bits, list) per distinct list."""
     if all(p == per_head[0] for p in per_head):
         return ((-1, per_head[0]),)
     groups: dict = {}
