@@ -100,7 +100,7 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def _unravel(flat: torch.Tensor, sizes: list[int]) -> list[torch.Tensor]:
+def unravel_flat(flat: torch.Tensor, sizes: list[int]) -> list[torch.Tensor]:
     out = []
     rem = flat
     for s in reversed(sizes):
@@ -109,7 +109,7 @@ def _unravel(flat: torch.Tensor, sizes: list[int]) -> list[torch.Tensor]:
     return list(reversed(out))
 
 
-def _ravel(coords: list[torch.Tensor], sizes: list[int]) -> torch.Tensor:
+def ravel_coords(coords: list[torch.Tensor], sizes: list[int]) -> torch.Tensor:
     flat = torch.zeros_like(coords[0])
     for c, s in zip(coords, sizes):
         flat = flat * s + c
@@ -199,7 +199,7 @@ class Evaluator:
     def per_axis(self, node: ir.Mask, view: View) -> torch.Tensor:
         out = None
         for i, axis in enumerate(view.axes):
-            comp = _component(node, i)
+            comp = axis_component(node, i)
             sub, iq, ik = self.axis_view(view, axis)
             r = self.gather(self.eval(comp, sub), iq, ik)
             out = r if out is None else out & r
@@ -326,7 +326,7 @@ class Evaluator:
             uk, ik = torch.unique(view.k // b, return_inverse=True)
             env = {**view.env, ir.M: _cdiv(view.env[ir.M], b), ir.N: _cdiv(view.env[ir.N], b)}
             return self.gather(self.eval(node.operand, View(q=uq, k=uk, env=env)), iq, ik)
-        bs = [self.val(_pick(node.b, i), view.env) for i in range(len(view.axes))]
+        bs = [self.val(axis_value(node.b, i), view.env) for i in range(len(view.axes))]
         sizes = [_cdiv(view.env[ir.axis_size(a)], b) for a, b in zip(view.axes, bs)]
         qcs = [view.qc[a] // b for a, b in zip(view.axes, bs)]
         kcs = [view.kc[a] // b for a, b in zip(view.axes, bs)]
@@ -336,10 +336,10 @@ class Evaluator:
         return self.gather(self.eval(node.operand, sub), iq, ik)
 
     def grid_subview(self, axes, qcs, kcs, sizes, env):
-        uq, iq = torch.unique(_ravel(qcs, sizes), return_inverse=True)
-        uk, ik = torch.unique(_ravel(kcs, sizes), return_inverse=True)
+        uq, iq = torch.unique(ravel_coords(qcs, sizes), return_inverse=True)
+        uk, ik = torch.unique(ravel_coords(kcs, sizes), return_inverse=True)
         sub = View(q=uq, k=uk, env=env, axes=axes,
-                   qc=dict(zip(axes, _unravel(uq, sizes))), kc=dict(zip(axes, _unravel(uk, sizes))))
+                   qc=dict(zip(axes, unravel_flat(uq, sizes))), kc=dict(zip(axes, unravel_flat(uk, sizes))))
         return sub, iq, ik
 
     def eval_Dilate(self, node, view):
@@ -358,7 +358,7 @@ class Evaluator:
                 r = self.eval(node.operand, View(q=view.q[qi] // d, k=view.k[ki] // d, env=env))
                 out = self._scatter(out, r, qi, ki)
             return out
-        ds = [self.val(_pick(node.d, i), view.env) for i in range(len(view.axes))]
+        ds = [self.val(axis_value(node.d, i), view.env) for i in range(len(view.axes))]
         present = torch.unique(torch.stack([view.qc[a] % d for a, d in zip(view.axes, ds)], dim=1), dim=0)
         for groups in present.tolist():  # only group combinations some query is in
             qsel = torch.ones(len(view.q), dtype=torch.bool)
@@ -375,7 +375,7 @@ class Evaluator:
             env[ir.M] = len(qi)
             qcs = [view.qc[a][qi] // d for a, d in zip(view.axes, ds)]
             kcs = [view.kc[a][ki] // d for a, d in zip(view.axes, ds)]
-            sub = View(q=_ravel(qcs, sizes), k=_ravel(kcs, sizes), env=env, axes=view.axes,
+            sub = View(q=ravel_coords(qcs, sizes), k=ravel_coords(kcs, sizes), env=env, axes=view.axes,
                        qc=dict(zip(view.axes, qcs)), kc=dict(zip(view.axes, kcs)))
             out = self._scatter(out, self.eval(node.operand, sub), qi, ki)
         return out
@@ -481,11 +481,11 @@ def _magnitude(x: torch.Tensor) -> int:
     return max(-int(lo), int(hi))
 
 
-def _pick(v, i):
+def axis_value(v, i):
     return v[i] if isinstance(v, tuple) else v
 
 
-def _component(node: ir.Mask, i: int) -> ir.Mask:
+def axis_component(node: ir.Mask, i: int) -> ir.Mask:
     """The 1-D primitive for grid axis i (per-axis tuples picked apart)."""
     changes = {f.name: getattr(node, f.name)[i] for f in dataclasses.fields(node)
                if f.name != "span" and isinstance(getattr(node, f.name), tuple)}
@@ -519,8 +519,8 @@ def top_view(pattern: ir.PatternIR, M: int, N: int, heads: int, grid, inputs: di
         view.axes = layout.axes
         qg = (q - T).clamp(min=0)
         kg = (k - T).clamp(min=0)
-        view.qc = dict(zip(layout.axes, _unravel(qg, sizes)))
-        view.kc = dict(zip(layout.axes, _unravel(kg, sizes)))
+        view.qc = dict(zip(layout.axes, unravel_flat(qg, sizes)))
+        view.kc = dict(zip(layout.axes, unravel_flat(kg, sizes)))
         if layout.text is not None:
             view.qin = q >= T
             view.kin = k >= T

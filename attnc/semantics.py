@@ -8,8 +8,8 @@ output: its allowed keys per query as `Keys` -- progressions whose ends are
 does not: evaluate anything. The consumers interpret these expressions: the
         dense reference and the Triton lowering evaluate `predicate`
         (reference.py, codegen/pointwise.py), the interval analysis evaluates
-        the ends over tensors of queries (analysis.py), the loop bounds
-        translate them into monotone range expressions (codegen/bounds.py) and
+        the ends over tensors of queries (intervals.py), the loop bounds
+        translate them into monotone range expressions (codegen/range_derivation.py) and
         the density formulas into piecewise-linear functions of q
         (symbolic.py).
 
@@ -30,9 +30,10 @@ not primitives here: each consumer combines sets its own way.
 Adding a primitive is one decorated function below -- its name, signature and
 argument constraints in `@defines`, its keys in the body -- plus its IR node
 and its tests: the parser, the checks, the reference mask, the plan, the
-kernels' predicate and loop bounds, the formula and KV retention all follow. Where a consumer cannot use a form (bounds: a
-step or a decreasing end; formulas: `//` or `%` of q), it reports why, in one
-place each (`codegen/bounds.py` `_monotone`, `symbolic.py` `_pl`).
+kernels' predicate and loop bounds, the formula and KV retention all follow.
+Where a consumer cannot use a form (bounds: a step or a decreasing end;
+formulas: `//` or `%` of q), it reports why, in one place each
+(`range_derivation.Derivation.monotone`, `symbolic.FormulaBuilder.pl`).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Context parallelism, planned: which query tiles each rank owns, which key tiles it must
 receive, and how much work and traffic that makes.
 
-input:  tile plans (analysis.Plan, 1-D tiles, M == N) of one call, the number of ranks,
+input:  tile plans (plans.Plan, 1-D tiles, M == N) of one call, the number of ranks,
         a strategy and a link model.
 output: a `Sharding` (owner of every tile, per rank its tiles, visited tiles, needed key
         tiles) and its `ShardReport` (tokens, work, bytes per rank; plain ring attention's

@@ -1,7 +1,7 @@
 """The simulator: density, tile counts and a roofline estimate of the speedup
 of a block-sparse attention kernel over dense FlashAttention on a given GPU.
 
-input:  a Plan (analysis.py), head dim, GPU name.
+input:  a Plan (plans.py), head dim, GPU name.
 output: a `SimReport` (attributes and `to_dict()` keys fixed by the spec).
 does not: run anything on a GPU; constants are data-sheet peaks times an
         efficiency factor that issue 9's measurements will calibrate.

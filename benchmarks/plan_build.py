@@ -123,12 +123,12 @@ def products(evaluated: bool) -> list[str]:
     256x256 grid: plan with 1-D 128x128 tiles, plan with N-D (16, 8) tiles, and simulate, in CPU
     seconds. `evaluated`: the path before ProductCounts (tile boxes, every undecided tile evaluated)."""
     import attnc
-    from attnc import analysis
+    from attnc import analysis, intervals, products
     if evaluated:
         def declined(*args, **kwargs):
-            raise analysis.NotIntervals("declined: measuring the evaluated path")
-        analysis.ProductCounts.counts = declined
-        analysis._axis_masks = declined
+            raise intervals.NotIntervals("declined: measuring the evaluated path")
+        products.ProductCounts.counts = declined
+        analysis.axis_masks = declined  # the plan drivers' per-axis masks (tile counts, N-D plans)
     pat = attnc.loads(PRODUCT).pattern()
     lines = [f"`{PRODUCT}`, 256x256 grid (65 536 tokens), {'evaluated' if evaluated else 'product counts'}:", "",
              "| step | CPU s | wall s | method | tiles full + partial | allowed |", "|---|---|---|---|---|---|"]

@@ -1,11 +1,12 @@
 """attnc.codegen: bound patterns -> pointwise mask expressions -> Triton kernels.
 
 `pointwise.lower` turns a bound pattern at concrete sizes into one expression
-of (q, k, h, b) with a torch evaluator; `kernels.generate` prints the forward
+of (q, k, h, b) (expr.py) with a torch evaluator (lowered.py); `kernels.generate` prints the forward
 and backward Triton kernels around it; `cache` stores generated modules by
 content hash. See docs/codegen.md.
 """
 
-from .pointwise import Lowered, LoweringError, lower
+from .lowered import Lowered
+from .pointwise import LoweringError, lower
 
 __all__ = ["Lowered", "LoweringError", "lower"]

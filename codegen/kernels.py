@@ -30,7 +30,9 @@ from dataclasses import dataclass, replace
 from string import Template
 
 from .bounds import loop_bounds
-from .pointwise import Lowered, TritonPrinter, _table_arg, to_text
+from .expr import to_text
+from .lowered import Lowered
+from .triton_text import TritonPrinter, table_arg as _table_arg
 
 
 #: largest tile (tokens per side) a kernel accepts: 256 x 256 scores already fill
@@ -576,7 +578,7 @@ def _range_helper(rs, i: int, bits: int, r, sizes: str = "", env: dict | None = 
     import torch
 
     from . import sizes as size_tags
-    from .bounds import to_text, to_triton
+    from .monotone import to_text, to_triton
 
     rows = rs.direction == "rows"
     v = "q" if rows else "k"
@@ -600,7 +602,7 @@ def _range_helper(rs, i: int, bits: int, r, sizes: str = "", env: dict | None = 
     else:
         lines += [f"    active = {v}0 < {v}1", f"    {v}_first = {v}0", f"    {v}_last = {v}1 - 1"]
     if bits != -1:
-        from .bounds import _head_runs
+        from .ranges import head_runs as _head_runs
         runs = _head_runs(bits, bits.bit_length())
         cond = " | ".join(f"(h == {a})" if b == a + 1 else f"((h >= {a}) & (h < {b}))" for a, b in runs)
         lines.append(f"    active = active & ({cond})")

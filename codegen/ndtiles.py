@@ -5,8 +5,8 @@ input:  a pure-grid pattern at concrete sizes and N-D tile shapes
 output: `TileLayout` (where every grid token sits in the padded tile-major
         order: index tensors for the runtime's gather / scatter), the plan's
         tile lists in that order and the mask composed with the permutation
-        (`pointwise.permute`, see [Note: N-D tiles] there), from which
-        `kernels.compile_nd` generates the unchanged kernels over M' x N' positions.
+        (`permute`, see [Note: N-D tiles]), from which `kernels.compile_nd`
+        generates the unchanged kernels over M' x N' positions.
 does not: generate or launch anything; runtime/triton_backend.py gathers q, k, v
         into the order, runs the kernels and scatters out, lse and the gradients back.
 
@@ -27,9 +27,75 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from attnc.analysis import Plan
+from attnc.plans import Plan
 
-from .pointwise import padded_length, permute
+from .expr import Builder, Expr, Var, substitute, unravel
+from .lowered import Lowered
+
+
+# ----------------------------------------------------------------------------- the mask in tile-major order
+
+
+def permute(low: Lowered, tile_q: tuple[int, ...], tile_k: tuple[int, ...]) -> Lowered:
+    """The mask of a pure-grid pattern in the padded tile-major token order of N-D tiles.
+
+    [Note: N-D tiles] Every grid axis is padded to a multiple of the tile's extent
+    on it, so every tile is full size: tile t holds positions t * BLOCK .. (t + 1)
+    * BLOCK - 1 (BLOCK = prod(tile)), tiles row-major over the tile grid, tokens
+    row-major inside a tile (the plan's `tileboxes.tile_major` order, plus the padding).
+    The returned expression is `low.expr` with `q` and `k` replaced by
+
+        p -> (p // BLOCK, p % BLOCK) -> (tile coords, coords in the tile)
+          -> x_i = tile_i * t_i + r_i -> flat index ravel(min(x_i, L_i - 1))
+
+    and'ed with `x_i < L_i` on every axis (padded positions are never allowed;
+    the clamp keeps table lookups in range). The builder's ravel/unravel folding
+    turns the original `flat // L` and `flat % L` back into the coordinates, so
+    the kernel computes grid coordinates once per position. M / N become the
+    padded lengths; `tables` and `h`, `b` are unchanged.
+
+    >>> low = lower(attnc.loads("pattern p on grid(y, x) = neighborhood(3)").pattern().ir, 36, 36, 1, (6, 6))
+    >>> permute(low, (4, 4), (4, 4)).M
+    64
+    """
+    if not low.grid or low.M != low.N or low.tiles is not None:
+        raise ValueError(f"permute: expected a pattern lowered on a pure grid with M = N, got grid={low.grid}, "
+                         f"M={low.M}, N={low.N}")
+    sizes = [int(s) for s in low.grid]
+    for name, t in (("query", tile_q), ("key", tile_k)):
+        if len(t) != len(sizes):
+            raise ValueError(f"permute: expected a {name} tile of {len(sizes)} sizes (one per grid axis), got {t!r}")
+    Mp, Np = padded_length(sizes, tile_q), padded_length(sizes, tile_k)
+    bounds = dict(low.var_bounds)
+    bounds.update(q=(0, Mp - 1), k=(0, Np - 1))
+    b = Builder(bounds)
+    q_flat, q_ok = tile_major_position(b, Var("q"), sizes, tile_q)
+    k_flat, k_ok = tile_major_position(b, Var("k"), sizes, tile_k)
+    expr = b.and_(q_ok, k_ok, substitute(b, low.expr, {"q": q_flat, "k": k_flat}))
+    return Lowered(name=low.name, text=low.text, M=Mp, N=Np, H=low.H, grid=low.grid, expr=expr, tables=low.tables,
+                   var_bounds=tuple(sorted(bounds.items())), tiles=(tuple(tile_q), tuple(tile_k)))
+
+
+def padded_length(sizes, tile) -> int:
+    """Tokens of the padded tile-major order: every axis rounded up to a multiple of its tile extent."""
+    return math.prod(-(-int(L) // t) * t for L, t in zip(sizes, tile))
+
+
+def tile_major_position(b: Builder, p: Expr, sizes: list[int], tile) -> tuple[Expr, Expr]:
+    """(flat grid index, valid) of position `p` of the padded tile-major order (see `permute`)."""
+    counts = [-(-L // t) for L, t in zip(sizes, tile)]
+    block = math.prod(tile)
+    tcoords = unravel(b, b.floordiv(p, b.c(block)), counts)
+    rcoords = unravel(b, b.mod(p, b.c(block)), list(tile))
+    xs = [b.add(b.mul(tc, b.c(t)), rc) for tc, t, rc in zip(tcoords, tile, rcoords)]
+    valid = b.and_(*[b.lt(x, b.c(L)) for x, L in zip(xs, sizes)])
+    flat = b.minimum(xs[0], b.c(sizes[0] - 1))
+    for x, L in zip(xs[1:], sizes[1:]):
+        flat = b.add(b.mul(flat, b.c(L)), b.minimum(x, b.c(L - 1)))
+    return flat, valid
+
+
+# ----------------------------------------------------------------------------- tile shapes and layouts
 
 
 def tile_text(tile) -> str:
@@ -146,7 +212,7 @@ class TileLayout:
         return out
 
     def lower(self, low):
-        """The lowered mask in this order (`pointwise.permute`)."""
+        """The lowered mask in this order (`permute`)."""
         return permute(low, self.tile_q, self.tile_k)
 
     def check(self, plan: Plan) -> None:

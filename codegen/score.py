@@ -28,7 +28,11 @@ from attnc import ir
 from attnc.errors import AttnError
 from attnc.lru import memoize
 
-from . import pointwise as pw
+from .expr import Const, Expr, Lookup, nodes
+from .lowered import Lowered
+from .pointwise import top_view
+from .torch_program import run_torch_program, torch_program
+from .triton_text import TritonPrinter, helper_lines, mask_size_args
 
 
 @dataclass(frozen=True)
@@ -43,7 +47,7 @@ class Score:
 
 @dataclass(frozen=True)
 class Int:
-    expr: pw.Expr
+    expr: Expr
     fn: object = None  # env -> value (`_closure`)
 
 
@@ -155,12 +159,12 @@ def _eval(e, s, env, tables, vals=None):
     return out
 
 
-def _closure(e: pw.Expr):
+def _closure(e: Expr):
     """`e` as a function env -> value: the pointwise torch program ([Note: torch program] in
-    codegen/pointwise.py), traceable by dynamo (FlexAttention traces score_mods)."""
-    if any(isinstance(n, pw.Lookup) for n in pw.nodes(e)):
+    codegen/torch_program.py), traceable by dynamo (FlexAttention traces score_mods)."""
+    if any(isinstance(n, Lookup) for n in nodes(e)):
         raise AttnError("a score term's integer part cannot read tables (Lookup)")
-    return functools.partial(pw.run_torch_program, pw.torch_program(e), tables={})
+    return functools.partial(run_torch_program, torch_program(e), tables={})
 
 
 def _flat_index(e: "Read", env):
@@ -347,7 +351,7 @@ def lower_score(pattern: ir.PatternIR, M: int, N: int, H: int, grid=None, source
     term = pattern.score
     if term is None:
         return None
-    low, view, *_ = pw.top_view(pattern, M, N, H, grid)
+    low, view, *_ = top_view(pattern, M, N, H, grid)
     dims = {}
     for spec in term.tables:
         dims[spec.name] = tuple(int(low.val(d, view.env)) for d in spec.dims)
@@ -404,7 +408,7 @@ def grad_arg(name: str) -> str:
 class _TritonScore:
     """Straight-line Triton text of a score term and of its reverse-mode derivative."""
 
-    def __init__(self, fn: ScoreFn, low: pw.Lowered):
+    def __init__(self, fn: ScoreFn, low: Lowered):
         self.fn = fn
         self.low = low
         self.order = []  # nodes in post-order (children first), each once
@@ -423,12 +427,12 @@ class _TritonScore:
         self.helpers: set[str] = set()
         self.flats: dict[int, str] = {}
 
-    def _int(self, e: pw.Expr, prefix: str, out: list[str]) -> str:
+    def _int(self, e: Expr, prefix: str, out: list[str]) -> str:
         """Print an integer expression (temporaries renamed with `prefix`), returning its text."""
         import dataclasses
         import re
 
-        printer = pw.TritonPrinter(dataclasses.replace(self.low, expr=e, tables=()))
+        printer = TritonPrinter(dataclasses.replace(self.low, expr=e, tables=()))
         stmts, final = printer.lines()
         self.helpers |= printer.helpers
         rename = lambda text: re.sub(r"\bt(\d+)\b", lambda m: f"{prefix}t{m.group(1)}", text)  # noqa: E731
@@ -444,7 +448,7 @@ class _TritonScore:
             elif isinstance(e, Real):
                 out.append(f"{v} = {e.value!r}")
             elif isinstance(e, Int):
-                if isinstance(e.expr, pw.Const):
+                if isinstance(e.expr, Const):
                     out.append(f"{v} = {float(int(e.expr.value))!r}")
                 else:
                     out.append(f"{v} = ({self._int(e.expr, f'i{i}', out)}).to(tl.float32)")
@@ -561,7 +565,7 @@ class _TritonScore:
         return out
 
     def source(self, mask_helpers: str) -> str:
-        sizes = ", ".join(pw.mask_size_args(self.low))
+        sizes = ", ".join(mask_size_args(self.low))
         tabs = "".join(f", {score_arg(n)}" for n, _ in self.fn.tables)
         grads = "".join(f", {grad_arg(n)}" for n, _ in self.fn.tables)
         fwd = self.forward_lines()
@@ -584,19 +588,19 @@ class _TritonScore:
                         "    odd = whole & (tl.floor(b * 0.5) * 2.0 != b)",
                         "    neg = tl.where(whole, tl.where(odd, -mag, mag), float(\"nan\"))",
                         "    return tl.where(b == 0.0, 1.0, tl.where(a < 0.0, neg, mag))", "", ""]
-        helpers += pw.helper_lines(self.helpers, mask_helpers)
+        helpers += helper_lines(self.helpers, mask_helpers)
         return "\n".join(helpers + parts)
 
 
 def _const_int(e) -> int | None:
     if isinstance(e, Real) and float(e.value).is_integer():
         return int(e.value)
-    if isinstance(e, Int) and isinstance(e.expr, pw.Const):
+    if isinstance(e, Int) and isinstance(e.expr, Const):
         return int(e.expr.value)
     return None
 
 
-def triton_score_source(fn: ScoreFn, low: pw.Lowered, mask_source: str) -> str:
+def triton_score_source(fn: ScoreFn, low: Lowered, mask_source: str) -> str:
     """Triton source of `_score`, `_score_grad` and `_score_grad_tables` for a score term
     (the floor-division helpers are added unless `mask_source` defines them)."""
     return _TritonScore(fn, low).source(mask_source)

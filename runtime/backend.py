@@ -68,7 +68,7 @@ class Call:
         return {n: t.detach().to(device=device, dtype=dtype) for n, t in self.tables.items()}
 
     def plan(self, block: tuple[int, int]):
-        """The tile plan for this call's sizes (analysis.Plan)."""
+        """The tile plan for this call's sizes (plans.Plan)."""
         return self.pattern.plan(self.M, self.N, heads=self.Hq, grid=self.grid, block=block)
 
     def mask(self) -> torch.Tensor:

@@ -9,7 +9,7 @@ does not: plan tiles (no work proportional to the cache length: the closed form 
         keys a query position sees), or differentiate (inference; use the op to train).
 
 [Note: decode] Per sequence, the pattern's interval sets for its m query rows at (M = m,
-N = length) give each row's allowed keys exactly (analysis.IntervalAnalysis, O(m) plus the
+N = length) give each row's allowed keys exactly (intervals.IntervalAnalysis, O(m) plus the
 pattern's size). Their union, merged, is a handful of key segments: a sliding window with
 sinks is two. Each segment is read in place from the cache (a view of a contiguous cache,
 its pages of a paged one, a searchsorted range of a position-tagged one), scores are masked
@@ -147,7 +147,7 @@ def _sizes(pat, m: int, L: int) -> tuple[int, int]:
 def _rows(pat, m: int, L: int, H: int):
     """(lo, hi) int64 [Hx, m, R]: the newest m rows' allowed key intervals (see `_sizes`), or
     None when the pattern has no interval form (then the reference rows)."""
-    from attnc.analysis import IntervalAnalysis, NotIntervals, merge
+    from attnc.intervals import IntervalAnalysis, NotIntervals, merge
     from attnc.reference import top_view
 
     Mq, row0 = _sizes(pat, m, L)

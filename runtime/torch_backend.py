@@ -36,7 +36,7 @@ import torch
 
 from attnc import ir
 from attnc.errors import AttnError
-from attnc.analysis import Plan
+from attnc.plans import Plan
 from attnc.lru import LRU, memoize
 
 from .backend import Backend, Call

@@ -22,7 +22,7 @@ from types import ModuleType
 
 import torch
 
-from attnc.analysis import TileList
+from attnc.plans import TileList
 from attnc.errors import AttnError
 from attnc.lru import LRU
 

@@ -487,7 +487,7 @@ def test_resolve_sizes_without_M():
 @pytest.mark.parametrize("Hx,nq,nk", [(1, 7, 9), (3, 5, 4), (2, 1, 6), (2, 6, 1)])
 def test_plan_from_tiles_equals_plan_from_flags(Hx, nq, nk):
     """The sparse constructor (a counting sort for the transposed lists) against the dense one."""
-    from attnc.analysis import Plan
+    from attnc.plans import Plan
 
     g = torch.Generator().manual_seed(Hx * 100 + nq * 10 + nk)
     nonempty = torch.rand(Hx, nq, nk, generator=g) < 0.5
@@ -518,15 +518,15 @@ def test_more_intervals_per_query_when_few_queries_are_planned_at_once(monkeypat
     """max_intervals: the closed form keeps up to INTERVAL_BUDGET / rows intervals per query (the
     plan's chunks), so strided with many keys per query stays closed-form; the plan is the one
     the tile boxes (with exact evaluation) find."""
-    from attnc import analysis
+    from attnc import analysis, intervals
 
     pat = attnc.loads("pattern p = causal & (sliding(8) | strided(16))").pattern()
-    monkeypatch.setattr(analysis, "MAX_INTERVALS", 4)
+    monkeypatch.setattr(intervals, "MAX_INTERVALS", 4)
     plans = {}
     # 0: nothing beyond 4 per query (tile boxes); 40 * 512: the whole 512 rows at once; 40 * 128:
     # only chunks of 128 rows fit, so the plan halves its chunk twice
     for budget in (0, 40 * 512, 40 * 128):
-        monkeypatch.setattr(analysis, "INTERVAL_BUDGET", budget)
+        monkeypatch.setattr(intervals, "INTERVAL_BUDGET", budget)
         plans[budget] = analysis.plan_blocks(pat.ir, 512, 512, 1, None, block=(32, 32))
     assert plans[0].method == "tile-boxes"
     assert plans[40 * 512].method == plans[40 * 128].method == "closed-form"
@@ -535,6 +535,6 @@ def test_more_intervals_per_query_when_few_queries_are_planned_at_once(monkeypat
         for name in ("full_t", "partial_t"):
             assert torch.equal(getattr(plans[0], name).index, getattr(plans[budget], name).index)
         assert plans[budget].allowed == plans[0].allowed == int(pat.mask(512).sum())
-    assert analysis.max_intervals(128) == 40 and analysis.max_intervals(10 ** 6) == 4
-    monkeypatch.setattr(analysis, "INTERVAL_BUDGET", 8 * 32)  # not even one query tile fits: tile boxes
+    assert intervals.max_intervals(128) == 40 and intervals.max_intervals(10 ** 6) == 4
+    monkeypatch.setattr(intervals, "INTERVAL_BUDGET", 8 * 32)  # not even one query tile fits: tile boxes
     assert analysis.plan_blocks(pat.ir, 512, 512, 1, None, block=(32, 32)).method == "tile-boxes"

@@ -11,8 +11,10 @@ import torch
 
 import attnc
 from attnc.codegen import cache
-from attnc.codegen.bounds import (NoClosedForm, col_ranges, ev, loop_bounds, row_ranges, simulate, simplify, upper,
-                                  Add, C, Div, Max, Min, Mul, X)
+from attnc.codegen.bounds import loop_bounds, simulate
+from attnc.codegen.monotone import Add, Const, Div, Max, Min, Mul, Position, ev, simplify, upper
+from attnc.codegen.range_derivation import col_ranges, row_ranges
+from attnc.codegen.ranges import NoClosedForm
 from attnc.codegen.kernels import KernelConfig, compile_pattern
 from conftest import example_pattern
 
@@ -58,20 +60,20 @@ def check_exact(src: str, M: int, N: int, H: int = 1, tiles=(16, 32)) -> tuple[b
 
 def test_upper_inverts_monotone_expressions():
     x = torch.arange(-40, 120)
-    exprs = [Add(X(), 3), Max((Add(X(), -7), C(0))), Min((Add(Mul(Div(Add(X(), -3), 10), 10), 15), C(70))),
-             C(12), Min((Add(X(), 1), C(21)))]
+    exprs = [Add(Position(), 3), Max((Add(Position(), -7), Const(0))),
+             Min((Add(Mul(Div(Add(Position(), -3), 10), 10), 15), Const(70))), Const(12), Min((Add(Position(), 1), Const(21)))]
     for e in exprs:
         vals = ev(e, x)
         for k in range(-5, 80, 7):
-            u = int(ev(upper(e, X()), torch.tensor([k]))[0])  # {x : e(x) <= k} = (-inf, u)
+            u = int(ev(upper(e, Position()), torch.tensor([k]))[0])  # {x : e(x) <= k} = (-inf, u)
             assert bool((vals[x < u] <= k).all()) and bool((vals[x >= u] > k).all()), (e, k, u)
 
 
 def test_simplify_drops_clamps_that_never_bind():
     x = torch.arange(10, 50)
-    assert simplify(Max((Add(X(), -5), C(0))), x) == Add(X(), -5)
-    assert simplify(Min((Add(X(), 1), C(100))), x) == Add(X(), 1)
-    assert simplify(Max((C(3), C(5))), x) == C(5)
+    assert simplify(Max((Add(Position(), -5), Const(0))), x) == Add(Position(), -5)
+    assert simplify(Min((Add(Position(), 1), Const(100))), x) == Add(Position(), 1)
+    assert simplify(Max((Const(3), Const(5))), x) == Const(5)
 
 
 # ----------------------------------------------------------------------------- exactness
@@ -254,17 +256,17 @@ def test_check_against_the_plan_needs_no_tile_map():
     """The check compares the kernels' visits with the plan's compressed lists: it accepts the
     pattern's own plan, names each kind of difference for another plan, and stays sparse
     at sizes where a dense tile map would be large (2**18 tokens in 64x64 tiles: 16 M tiles)."""
-    from attnc.codegen.bounds import _check
+    from attnc.codegen.bounds import check_ranges
     pat = attnc.loads("pattern p = sliding(100) | sink(4)").pattern()
     other = attnc.loads("pattern p = sliding(60) | sink(4)").pattern()
     M, tiles = 300, (16, 32)
     rows = row_ranges(pat.ir, M, M, 1)
     mine, theirs = pat.plan(M, block=tiles), other.plan(M, block=tiles)
-    assert _check(rows, 1, tiles, mine.full, mine.partial) == ""
-    why = _check(rows, 1, tiles, theirs.full, theirs.partial)
+    assert check_ranges(rows, 1, tiles, mine.full, mine.partial) == ""
+    why = check_ranges(rows, 1, tiles, theirs.full, theirs.partial)
     assert "empty tiles visited" in why and "full tiles masked" in why and not why.startswith("the closed form differs from the plan at these sizes (0 tiles missed, 0 empty")
     nothing = attnc.loads("pattern p = causal - causal").pattern().plan(M, block=tiles)  # a plan without tiles
-    assert "empty tiles visited" in _check(rows, 1, tiles, nothing.full, nothing.partial)
+    assert "empty tiles visited" in check_ranges(rows, 1, tiles, nothing.full, nothing.partial)
     n = 2**18
     big = pat.plan(n, block=(64, 64))
     lb = loop_bounds(pat.ir, n, n, 1, (64, 64), big)
@@ -274,13 +276,13 @@ def test_check_against_the_plan_needs_no_tile_map():
 def test_heads_with_equal_ranges_are_derived_and_checked_once(monkeypatch):
     """A new length's host work does not grow with the heads of a head-uniform pattern
     (benchmarks/new_length.py): normalisation and the replay run once per distinct head group."""
-    from attnc.codegen import bounds
+    from attnc.codegen import bounds, range_derivation
 
     pat = attnc.loads("pattern p = sliding(100) | (sink(4) & causal)").pattern()
     counts = {}
     for H in (1, 16):
         calls = {"normalize": 0, "replay": 0}
-        real_norm, real_tiles = bounds.normalize, bounds.range_tiles
+        real_norm, real_tiles = range_derivation.normalize, bounds.range_tiles
 
         def norm(*a, **k):
             calls["normalize"] += 1
@@ -290,7 +292,7 @@ def test_heads_with_equal_ranges_are_derived_and_checked_once(monkeypatch):
             calls["replay"] += 1
             return real_tiles(*a, **k)
 
-        monkeypatch.setattr(bounds, "normalize", norm)
+        monkeypatch.setattr(range_derivation, "normalize", norm)
         monkeypatch.setattr(bounds, "range_tiles", tiles)
         lb = loop_bounds(pat.ir, 1000, 1000, H, (64, 64), pat.plan(1000, 1000, heads=H, block=(64, 64)))
         assert lb.closed == (True, True)

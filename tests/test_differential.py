@@ -523,7 +523,7 @@ def _uncounted():
 
 def test_a_wrong_plan_is_caught_and_shrunk(monkeypatch, _uncounted):
     """Break the analysis on purpose: the harness must fail and print a small snippet."""
-    from attnc import analysis
+    from attnc import analysis, plans
 
     real = analysis.plan_blocks
 
@@ -532,9 +532,9 @@ def test_a_wrong_plan_is_caught_and_shrunk(monkeypatch, _uncounted):
         if plan.full.counts.sum() == 0:
             return plan
         # forget the full tiles: they would be skipped
-        empty = analysis.TileList.from_dense(torch.zeros_like(tile_list_dense(plan.full, *plan.shape)))
-        return analysis.Plan(M=plan.M, N=plan.N, heads=plan.heads, block=plan.block, full=empty, partial=plan.partial,
-                             full_t=plan.full_t, partial_t=plan.partial_t, allowed=plan.allowed, method=plan.method)
+        empty = plans.TileList.from_dense(torch.zeros_like(tile_list_dense(plan.full, *plan.shape)))
+        return plans.Plan(M=plan.M, N=plan.N, heads=plan.heads, block=plan.block, full=empty, partial=plan.partial,
+                          full_t=plan.full_t, partial_t=plan.partial_t, allowed=plan.allowed, method=plan.method)
 
     monkeypatch.setattr(analysis, "plan_blocks", broken)
 
@@ -576,7 +576,7 @@ def test_found_by_the_long_run_random_zero_under_complement(src):
 def _drop_a_tile(plan):
     """`plan` without the last tile of its first non-empty query-tile row (a
     partial one when the row has any): the bug of a backend that skips a tile."""
-    from attnc import analysis
+    from attnc.plans import TileList
 
     for lst, name in ((plan.partial, "partial"), (plan.full, "full")):
         rows = (lst.counts[0] > 0).nonzero()
@@ -585,7 +585,7 @@ def _drop_a_tile(plan):
             counts, index = lst.counts.clone(), lst.index.clone()
             counts[:, i] -= 1
             index[:, i, counts[0, i]] = -1
-            return dataclasses.replace(plan, **{name: analysis.TileList.from_padded(counts, index)})
+            return dataclasses.replace(plan, **{name: TileList.from_padded(counts, index)})
     return plan
 
 

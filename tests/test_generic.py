@@ -221,7 +221,7 @@ def test_lengths_on_a_gpu_compile_each_kernel_once_and_match_the_reference(name,
 
 
 def test_move_column_keeps_rows_ascending_and_tiles_whole():
-    from attnc.analysis import TileList
+    from attnc.plans import TileList
 
     g = torch.Generator().manual_seed(3)
     flags = torch.rand(2, 6, 7, generator=g) < 0.4

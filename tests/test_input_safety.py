@@ -14,7 +14,8 @@ import pytest
 import torch
 
 import attnc
-from attnc.codegen.pointwise import lower, triton_mask_source
+from attnc.codegen.pointwise import lower
+from attnc.codegen.triton_text import triton_mask_source
 
 BACKENDS = ("reference", "torch", "triton")
 
@@ -74,7 +75,7 @@ def test_segment_ids_beyond_int32_stay_exact_on_every_backend(ids):
 
 
 def test_dense_ranks_keep_equality_per_row():
-    from attnc.codegen.pointwise import dense_ranks
+    from attnc.codegen.lowered import dense_ranks
 
     ids = torch.tensor([[2**40, 3, 2**40, -7], [1, 1, 1, 1]])
     r = dense_ranks(ids)

@@ -33,13 +33,19 @@ LAYERS = (
     # the validation of the two things a call adds to a pattern (tile shapes, packed-sequence offsets)
     ("frontend", ("attnc.syntax", "attnc.ir", "attnc.semantics", "attnc.constraints", "attnc.elaborate",
                   "attnc.tiles", "attnc.inputs")),
-    # what a pattern means and costs: the reference masks, tile plans and per-tile counts,
+    # what a pattern means and costs: the reference masks, interval sets and the tile classes
+    # from them, tile plans, products on grids, tile boxes, the plan drivers and per-tile counts,
     # formulas, dynamic routing, KV retention, pictures, the simulator and the
     # context-parallel sharding model
-    ("analysis", ("attnc.reference", "attnc.tilestats", "attnc.analysis", "attnc.symbolic", "attnc.show",
+    ("analysis", ("attnc.reference", "attnc.tilestats", "attnc.intervals", "attnc.interval_tiles", "attnc.plans",
+                  "attnc.products", "attnc.tileboxes", "attnc.analysis", "attnc.symbolic", "attnc.show",
                   "attnc.dynamic", "attnc.retention", "attnc.simulate", "attnc.sharding")),
-    # kernels from patterns: pointwise lowering, loop bounds, Triton source, the kernel cache
-    ("codegen", ("attnc.codegen", "attnc.codegen.sizes", "attnc.codegen.pointwise", "attnc.codegen.bounds",
+    # kernels from patterns: the expression IR, the lowered mask and its torch program, pointwise
+    # lowering, the Triton printer, loop bounds (monotone expressions, ranges, their derivation, the
+    # replay against the plan), Triton source, the kernel cache
+    ("codegen", ("attnc.codegen", "attnc.codegen.sizes", "attnc.codegen.expr", "attnc.codegen.torch_program",
+                 "attnc.codegen.lowered", "attnc.codegen.pointwise", "attnc.codegen.triton_text",
+                 "attnc.codegen.monotone", "attnc.codegen.ranges", "attnc.codegen.range_derivation", "attnc.codegen.bounds",
                  "attnc.codegen.score", "attnc.codegen.kernels", "attnc.codegen.ndtiles",
                  "attnc.codegen.decode_kernel", "attnc.codegen.generic", "attnc.codegen.cache")),
     # the attention ops and their backends (they run what codegen generates)

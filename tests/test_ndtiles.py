@@ -1,4 +1,4 @@
-"""N-D tiles with token permutation on grids (codegen/ndtiles.py, pointwise.permute):
+"""N-D tiles with token permutation on grids (codegen/ndtiles.py, ndtiles.permute):
 the permuted mask against the reference, the padded layout against the N-D plan's
 tile-major order, the kernels in the interpreter against the float64 reference
 (out, lse, dq, dk, dv), the visited tiles, backend reasons and `attnc compile`.
@@ -14,9 +14,10 @@ import torch
 
 import attnc
 from attnc.codegen.kernels import KernelConfig, compile_pattern
-from attnc.codegen.ndtiles import TileLayout
-from attnc.codegen.pointwise import (Builder, Const, Op, TritonPrinter, Var, _tile_major_position, lower, nodes, permute,
-                                     to_text)
+from attnc.codegen.expr import Builder, Const, Op, Var, nodes, to_text
+from attnc.codegen.ndtiles import TileLayout, permute, tile_major_position
+from attnc.codegen.pointwise import lower
+from attnc.codegen.triton_text import TritonPrinter
 from attnc.runtime.triton_backend import TritonBackend
 from conftest import EXAMPLES, example_pattern
 from test_codegen import backend, cache_root, check, interpreted, make_call, private_cache, run_cli  # noqa: F401
@@ -91,11 +92,11 @@ def test_builder_folds_the_unravel_of_a_ravel():
 
 def test_padded_positions_fold_away_when_tiles_divide_the_grid():
     b = Builder({"q": (0, 143)})
-    flat, valid = _tile_major_position(b, Var("q"), [12, 12], (4, 4))
+    flat, valid = tile_major_position(b, Var("q"), [12, 12], (4, 4))
     assert valid == Const(True)  # no padding: no validity term and no clamp
     assert not any(isinstance(n, Op) and n.op == "min" for n in nodes(flat))
     b = Builder({"q": (0, 191)})
-    flat, valid = _tile_major_position(b, Var("q"), [10, 12], (4, 4))
+    flat, valid = tile_major_position(b, Var("q"), [10, 12], (4, 4))
     assert to_text(valid) == "q // 16 // 3 * 4 + q % 16 // 4 < 10"  # only the padded axis is checked
     assert sum(isinstance(n, Op) and n.op == "min" for n in nodes(flat)) == 1
 

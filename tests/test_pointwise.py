@@ -9,7 +9,9 @@ import pytest
 import torch
 
 import attnc
-from attnc.codegen.pointwise import Builder, Const, LoweringError, Var, lower, to_text, triton_mask_source
+from attnc.codegen.expr import Builder, Const, Var, to_text
+from attnc.codegen.pointwise import LoweringError, lower
+from attnc.codegen.triton_text import triton_mask_source
 from conftest import EXAMPLES, example_names, example_pattern
 
 

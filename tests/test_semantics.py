@@ -14,8 +14,11 @@ import torch
 
 import attnc
 from attnc import elaborate, ir, semantics
-from attnc.codegen.bounds import ev, loop_bounds, row_ranges
-from attnc.codegen.pointwise import lower, to_text
+from attnc.codegen.bounds import loop_bounds
+from attnc.codegen.monotone import ev
+from attnc.codegen.range_derivation import row_ranges
+from attnc.codegen.expr import to_text
+from attnc.codegen.pointwise import lower
 from attnc.reference import Evaluator, View
 from attnc.retention import retention
 from kernel_check import check

@@ -96,12 +96,13 @@ def test_states_and_fractions_match_the_dense_mask():
 def test_one_dimensional_partial_tiles_are_counted_from_intervals(monkeypatch):
     """1-D patterns with interval sets count their partial tiles in closed form: no mask
     entry is evaluated (the evaluation path would be O(partial tiles x tile pairs))."""
-    from attnc import analysis
+    from attnc import analysis, tileboxes
 
     def boom(*a, **k):
         raise AssertionError("a mask was evaluated")
 
-    monkeypatch.setattr(analysis, "_evaluated_counts", boom)
+    monkeypatch.setattr(analysis, "evaluated_counts", boom)
+    monkeypatch.setattr(tileboxes, "evaluated_counts", boom)
     for src, H in (("pattern p = sliding(37) | (sink(3) & causal)", 2),
                    ("pattern p = heads { 0 => band(5, 9); _ => causal - sliding(20) }", 3)):
         pat = attnc.loads(src).pattern()

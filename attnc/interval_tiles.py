@@ -1,0 +1,148 @@
+"""Tile classes from interval sets: which tiles of 1-D tiles are full, partial or empty.
+
+input:  a merged interval set (intervals.ISet) of whole query tiles and a tile shape.
+output: `classify_from_intervals`: dense bool (full, nonempty) maps [Hx, nq, nk];
+        `sparse_tiles`: the sorted keys of the non-empty tiles, their full flags and the
+        allowed count, without a dense map (what `Plan.from_tiles` takes).
+does not: compute interval sets (intervals.py) or chunk the queries of a plan (analysis.py).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .intervals import ISet
+from .limits import require
+from .tilestats import tile_lengths
+
+#: about the bytes a non-empty tile costs while a plan is built from sparse tiles: its key and flag,
+#: the sort orders and both tile lists (row and transposed) of `Plan.from_tiles`
+PLAN_BYTES_PER_TILE = 64
+
+
+def classify_from_intervals(s: ISet, M: int, bm: int, bn: int, qrel: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(full, nonempty) bool [Hx, nq, nk] from per-query intervals, by difference arrays."""
+    N = s.n
+    Hx, Mq, R = s.lo.shape
+    nq, nk = -(-M // bm), -(-N // bn)
+    real = s.lo < N
+    qt = (qrel // bm).view(1, Mq, 1).expand(Hx, Mq, R)
+    hidx = torch.arange(Hx).view(Hx, 1, 1).expand(Hx, Mq, R)
+    # covered key tiles: t with t*bn >= lo and min((t+1)*bn, N) <= hi
+    c_lo = (s.lo + bn - 1) // bn
+    c_hi = s.hi // bn + ((s.hi == N) & (N % bn != 0)).to(torch.int64)
+    t_lo = s.lo // bn
+    t_hi = (s.hi + bn - 1) // bn
+
+    row = (hidx * nq + qt) * (nk + 1)
+    size = Hx * nq * (nk + 1)
+
+    def accumulate(a, b):
+        ok = real & (b > a)  # empty slots go to a dump bin past the end
+        starts = torch.bincount(torch.where(ok, row + a, size).flatten(), minlength=size + 1)
+        ends = torch.bincount(torch.where(ok, row + b, size).flatten(), minlength=size + 1)
+        return torch.cumsum((starts - ends)[:size].view(Hx, nq, nk + 1), dim=-1)[..., :nk]
+
+    cover = accumulate(c_lo, c_hi)
+    touch = accumulate(t_lo, t_hi)
+    return cover == tile_lengths(M, bm).view(1, nq, 1), touch > 0
+
+
+def _expand(lo: np.ndarray, hi: np.ndarray, nk: int) -> np.ndarray:
+    """Keys row * nk + t of every tile t in the ranges [lo, hi) of [rows, R] arrays."""
+    n = np.maximum(hi - lo, 0).ravel()
+    idx = np.repeat(np.arange(n.size), n)
+    first = np.cumsum(n) - n
+    return (idx // lo.shape[-1]) * nk + lo.ravel()[idx] + (np.arange(len(idx)) - first[idx])
+
+
+def sparse_tiles(s: ISet, bm: int, bn: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """The non-empty tiles of whole query tiles (the last may be short) from merged
+    interval sets, without a dense [nq, nk] map: sorted unique int64 keys
+    (h * nq + query tile) * nk + key tile, bool `full` per key, and the number
+    of allowed (head, query, key) triples of the set.
+
+    [Note: sparse tiles] Per query tile and interval slot r (a query's r-th
+    interval, in tile units: touched key tiles [t_lo, t_hi), covered ones
+    [c_lo, c_hi)), two reductions over the tile's queries give its classes:
+    * non-empty tiles = union over r of the union over q of [t_lo, t_hi), which
+      is the one range [min t_lo, max t_hi) when every query of the tile has slot
+      r (or none does), t_hi does not decrease and each range starts before
+      the previous one ends;
+    * full tiles = union over r of the intersection over q of [c_lo, c_hi), i.e.
+      [max c_lo, min c_hi), when no key tile may be covered through two slots:
+      the slots' ranges [min c_lo, max c_hi) over covering queries are disjoint
+      (a query's own intervals are disjoint, so then every query must cover a
+      full tile through the same slot).
+    Tiles where a condition fails (a slot appears or splits inside the tile,
+    a random or dilated pattern) are classified exactly by difference arrays over
+    their own queries only. Cost O(Hx * M * R) elementwise plus O(non-empty tiles);
+    memory O(M * R + non-empty tiles + bad tiles * nk)."""
+    N = s.n
+    Hx, Mq, R = s.lo.shape
+    bm = min(bm, Mq)  # one query tile either way; padding a short tile up to a huge bm would allocate bm rows
+    nq, nk = -(-Mq // bm), -(-N // bn)
+    # slot-major [R, Hx * nq, bm] copies: reductions over a tile's queries run along the last axis
+    dt = np.int32 if N + 2 * bn < 2**31 else np.int64
+    lo, hi = (x.numpy().transpose(2, 0, 1).astype(dt, order="C") for x in (s.lo, s.hi))
+    allowed = int(np.subtract(hi, lo).sum(dtype=np.int64))  # empty slots are (N, N)
+    pad = nq * bm - Mq
+    if pad:  # the short last tile repeats its last query: no class changes
+        lo = np.concatenate([lo, np.repeat(lo[..., -1:], pad, -1)], -1)
+        hi = np.concatenate([hi, np.repeat(hi[..., -1:], pad, -1)], -1)
+    lo, hi = lo.reshape(R, Hx * nq, bm), hi.reshape(R, Hx * nq, bm)
+    real = lo < N
+    # an empty slot becomes [-bn, -bn): key tile -1 in all four ranges below
+    np.putmask(lo, ~real, -bn)
+    np.putmask(hi, ~real, -bn)
+    shift = bn.bit_length() - 1 if bn & (bn - 1) == 0 else None
+    div = (lambda x: x >> shift) if shift is not None else (lambda x: x // bn)
+    t_lo, t_hi = div(lo), div(hi + (bn - 1))  # touched key tiles [t_lo, t_hi)
+    c_lo, c_hi = div(lo + (bn - 1)), div(hi)  # covered key tiles [c_lo, c_hi)
+    if N % bn:  # the short last key tile is covered by intervals that reach N
+        np.putmask(c_hi, hi == N, nk)
+    # consecutive queries keep the slot (-1 marks a missing one), t_hi never decreases,
+    # each range starts before the previous one ends
+    b0 = t_hi[..., :-1]
+    bad = ((t_hi[..., 1:] < b0) | (t_lo[..., 1:] > b0)).any(-1).any(0)  # [Hx * nq]
+    T_lo, T_hi = t_lo.min(-1).T.astype(np.int64), t_hi.max(-1).T.astype(np.int64)  # [Hx * nq, R]
+    F_lo, F_hi = c_lo.max(-1).T.astype(np.int64), c_hi.min(-1).T.astype(np.int64)
+    if R > 1:  # the slots' may-cover ranges (a superset: non-covering queries included) must be disjoint
+        m_lo, m_hi = c_lo.min(-1).T, c_hi.max(-1).T
+        order = np.argsort(m_lo, axis=-1, kind="stable")
+        m_lo, m_hi = np.take_along_axis(m_lo, order, -1), np.maximum.accumulate(np.take_along_axis(m_hi, order, -1), -1)
+        bad |= (m_lo[:, 1:] < m_hi[:, :-1]).any(-1)
+    good = ~bad[:, None]
+    n_bad = int(bad.sum())
+    require(PLAN_BYTES_PER_TILE * int(np.subtract(np.where(good, T_hi, T_lo), T_lo).sum(dtype=np.int64))
+            + 48 * n_bad * (nk + 1) + 16 * n_bad * R * bm,
+            f"the tile plan of {Mq} queries x {N} keys with {bm}x{bn} tiles",
+            "a larger tile (block=(256, 256), --tile 256x256) or smaller sizes")
+    keys = _expand(T_lo, np.where(good, T_hi, T_lo), nk)
+    fkeys = _expand(F_lo, np.where(good, F_hi, F_lo), nk)
+    rows = np.flatnonzero(bad)
+    if len(rows):
+        # exact classes of the bad tiles by difference arrays over their queries
+        b_real = real[:, rows]
+        base = (np.arange(len(rows)) * (nk + 1))[None, :, None]
+        size = len(rows) * (nk + 1)
+
+        def count(a, b, ok):
+            starts = np.bincount(np.where(ok, base + a, size).ravel(), minlength=size + 1)
+            ends = np.bincount(np.where(ok, base + b, size).ravel(), minlength=size + 1)
+            return np.cumsum((starts - ends)[:size].reshape(len(rows), nk + 1), -1)[:, :nk]
+
+        bc_lo, bc_hi = c_lo[:, rows], c_hi[:, rows]
+        touch = count(t_lo[:, rows], t_hi[:, rows], b_real)
+        cover = count(bc_lo, bc_hi, b_real & (bc_hi > bc_lo))
+        r_t, k_t = np.nonzero(touch > 0)
+        r_f, k_f = np.nonzero(cover == bm)
+        keys = np.concatenate([keys, rows[r_t] * nk + k_t])
+        fkeys = np.concatenate([fkeys, rows[r_f] * nk + k_f])
+    if R > 1 or len(rows):  # slots may touch the same tile (np.unique would import numpy.ma: 7 ms cold)
+        keys, fkeys = np.sort(keys), np.sort(fkeys)
+        keys = keys[np.concatenate([[True], keys[1:] != keys[:-1]])]
+    pos = np.searchsorted(fkeys, keys).clip(max=max(len(fkeys) - 1, 0))
+    full = fkeys[pos] == keys if len(fkeys) else np.zeros(len(keys), dtype=bool)
+    return keys, full, allowed

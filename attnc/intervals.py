@@ -1,0 +1,389 @@
+"""Interval sets: every query's allowed keys as a short union of key intervals, in closed form.
+
+input:  a bound pattern (PatternIR) and a reference `View` (the queries to answer for,
+        sizes, run-time inputs).
+output: an `ISet` per node (`IntervalAnalysis.eval`): int64 lo / hi tensors [Hx, queries, R],
+        and the set algebra on them (`merge`, `union`, `intersect`, `complement`).
+does not: classify tiles (interval_tiles.py) or build plans (analysis.py); decide patterns
+        that are not short interval unions per query (it raises `NotIntervals`, and the
+        tile boxes take over: tileboxes.py).
+
+[Note: interval sets] The analysis computes, for every query,
+its allowed keys as a short union of disjoint half-open intervals: a tensor
+pair lo/hi of shape [Hx, M, R] (Hx is 1 when all heads agree, R intervals per
+query; an empty slot is (N, N)). Primitives have closed forms (causal is
+[0, qa + 1), band is [qa - l, qa + r + 1), a neighborhood is NATTEN's window,
+...), and the combinators are set algebra on intervals (merge, pairwise
+intersection, gaps). From intervals, 1-D tiles are classified exactly by
+per-tile reductions over the queries' touched / covered key-tile ranges, without
+a dense tile map ([Note: sparse tiles] in interval_tiles.py): a key tile is *full*
+for a query tile when every query covers it, *empty* when none touches it. Cost
+O(H * M * R + non-empty tiles), no N^2 or nq * nk term.
+On grids, per-axis primitives are products of per-axis sets ([Note: products]);
+with more intervals than the closed form keeps, 1-D tiles of a product are
+still counted exactly, from row segments ([Note: product counts] in products.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from . import ir, semantics
+from .limits import require
+from .reference import Evaluator, View, axis_component, random_table
+
+
+#: intervals per query the closed form always keeps (beyond `max_intervals`: tile boxes / scan)
+MAX_INTERVALS = 64
+#: intervals (heads x queries x per query) one evaluation may hold: few queries at a time (the
+#: plan's chunks) may keep more per query, e.g. strided(128) at 32K tokens or 10 % routing at 128K
+INTERVAL_BUDGET = 1 << 22
+
+
+def max_intervals(rows: int, heads: int = 1) -> int:
+    """How many intervals per query the closed form keeps for `rows` queries of `heads` heads."""
+    return max(MAX_INTERVALS, INTERVAL_BUDGET // max(1, rows * heads))
+
+
+class NotIntervals(Exception):
+    """This node is not a short union of key intervals per query."""
+
+
+class TooManyIntervals(NotIntervals):
+    """More intervals per query than `max_intervals` keeps for the queries evaluated together:
+    fewer queries at once may fit (the plan halves its chunk and tries again)."""
+
+
+# ----------------------------------------------------------------------------- interval sets
+
+
+@dataclass(frozen=True)
+class ISet:
+    lo: torch.Tensor  # int64 [Hx, Mq, R]
+    hi: torch.Tensor
+    n: int  # key length: intervals live in [0, n); (n, n) marks an empty slot
+    merged: bool = False  # sorted, disjoint, non-adjacent (merge() is then the identity)
+
+    @staticmethod
+    def make(lo: torch.Tensor, hi: torch.Tensor, n: int) -> "ISet":
+        while lo.dim() < 3:
+            lo, hi = lo.unsqueeze(0), hi.unsqueeze(0)
+        if lo.shape[-1] == 0:  # no interval at all (random(0)): one empty slot, so complement sees a row
+            lo = hi = torch.full((*lo.shape[:-1], 1), n, dtype=torch.int64)
+        lo = lo.clamp(0, n)  # new tensors: filled in place below
+        hi = hi.clamp(0, n)
+        empty = hi <= lo
+        if bool(empty.any()):
+            lo.masked_fill_(empty, n)
+            hi.masked_fill_(empty, n)
+        # one interval per query is merged by construction
+        return ISet(lo, hi, n, merged=lo.shape[-1] == 1)
+
+    def count(self) -> torch.Tensor:
+        """Allowed keys per query: int64 [Hx, Mq]."""
+        return (self.hi - self.lo).sum(-1)
+
+
+def _broadcast(a: ISet, b: ISet) -> tuple[ISet, ISet]:
+    h = max(a.lo.shape[0], b.lo.shape[0])
+    ea = ISet(a.lo.expand(h, -1, -1), a.hi.expand(h, -1, -1), a.n, a.merged)
+    eb = ISet(b.lo.expand(h, -1, -1), b.hi.expand(h, -1, -1), b.n, b.merged)
+    return ea, eb
+
+
+def merge(s: ISet) -> ISet:
+    """Sort and merge overlapping or adjacent intervals; drop all-empty slots."""
+    if s.merged:
+        return s
+    if s.lo.shape[-1] == 2:
+        return _merge2(s)
+    lo, order = torch.sort(s.lo, dim=-1, stable=True)
+    hi = torch.gather(s.hi, -1, order)
+    cm = torch.cummax(hi, dim=-1).values
+    prev = torch.cat([torch.full_like(cm[..., :1], -1), cm[..., :-1]], dim=-1)
+    start = lo > prev
+    group = torch.cumsum(start.to(torch.int64), dim=-1) - 1
+    R = lo.shape[-1]
+    new_lo = torch.full_like(lo, s.n).scatter_reduce(-1, group, lo, reduce="amin", include_self=True)
+    new_hi = torch.full_like(hi, -1).scatter_reduce(-1, group, hi, reduce="amax", include_self=True)
+    out = ISet.make(new_lo, new_hi.clamp(min=0), s.n)
+    used = int((out.lo < s.n).sum(-1).max()) if out.lo.numel() else 0
+    used = max(used, 1)
+    limit = max_intervals(s.lo.shape[1], s.lo.shape[0])
+    if used > limit:
+        raise TooManyIntervals(f"more than {limit} intervals per query")
+    return ISet(out.lo[..., :used], out.hi[..., :used], s.n, merged=True) if used < R else ISet(out.lo, out.hi, s.n, merged=True)
+
+
+def _merge2(s: ISet) -> ISet:
+    """merge() of two slots without sorting (unions and complements of single
+    intervals): a few elementwise ops instead of sort, cummax and scatters."""
+    return _merge_pair(s.lo[..., 0], s.hi[..., 0], s.lo[..., 1], s.hi[..., 1], s.n)
+
+
+def _merge_pair(l1, h1, l2, h2, n: int) -> ISet:
+    """The merged set of two intervals per query ([Hx, Mq] each, made: empty = (n, n))."""
+    swap = l2 < l1  # empty slots (n, n) sort last
+    a_lo, b_lo = torch.minimum(l1, l2), torch.maximum(l1, l2)
+    a_hi, b_hi = torch.where(swap, h2, h1), torch.where(swap, h1, h2)
+    join = b_lo <= a_hi  # overlapping or adjacent (an empty second slot joins harmlessly)
+    a_hi = torch.where(join, torch.maximum(a_hi, b_hi), a_hi)
+    b_lo.masked_fill_(join, n)
+    if not bool((b_lo < n).any()):
+        return ISet(a_lo[..., None], a_hi[..., None], n, merged=True)
+    b_hi.masked_fill_(join, n)
+    return ISet(torch.stack([a_lo, b_lo], -1), torch.stack([a_hi, b_hi], -1), n, merged=True)
+
+
+def union(a: ISet, b: ISet) -> ISet:
+    a, b = _broadcast(a, b)
+    if a.lo.shape[-1] == 1 and b.lo.shape[-1] == 1:
+        return _merge_pair(a.lo[..., 0], a.hi[..., 0], b.lo[..., 0], b.hi[..., 0], a.n)
+    return merge(ISet(torch.cat([a.lo, b.lo], -1), torch.cat([a.hi, b.hi], -1), a.n))
+
+
+def intersect(a: ISet, b: ISet) -> ISet:
+    a, b = _broadcast(a, b)
+    lo = torch.maximum(a.lo[..., :, None], b.lo[..., None, :]).flatten(-2)
+    hi = torch.minimum(a.hi[..., :, None], b.hi[..., None, :]).flatten(-2)
+    return merge(ISet.make(lo, hi, a.n))
+
+
+def complement(a: ISet) -> ISet:
+    a = merge(a)
+    zero = torch.zeros_like(a.lo[..., :1])
+    end = torch.full_like(a.lo[..., :1], a.n)
+    real_hi = torch.where(a.lo < a.n, a.hi, a.n)
+    lo = torch.cat([zero, real_hi], -1)
+    hi = torch.cat([a.lo, end], -1)
+    return merge(ISet.make(lo, hi, a.n))
+
+
+def _fold(A: ISet, F: ISet, S: int) -> ISet:
+    """The set {c * S + f : c in A, f in F} over A.n * S positions (A, F merged)."""
+    A, F = _broadcast(A, F)
+    n = A.n * S
+    full = F.count() == S  # [Hx, Mq]
+    cnt = A.count()
+    partial_rows = cnt.masked_fill(full, 0)
+    C = int(partial_rows.max()) if partial_rows.numel() else 0
+    RF = F.lo.shape[-1]
+    if C * RF > max_intervals(A.lo.shape[1], A.lo.shape[0]):
+        raise TooManyIntervals(f"grid product with {C * RF} intervals per query")
+    scaled_lo, scaled_hi = A.lo * S, A.hi * S
+    if C == 0:
+        return merge(ISet.make(scaled_lo, scaled_hi, n))
+    # the j-th coordinate of A for j < C: find its interval by cumulative counts
+    sizes = A.hi - A.lo
+    cum = torch.cumsum(sizes, -1)
+    j = torch.arange(C, dtype=torch.int64).expand(*cum.shape[:-1], C).contiguous()
+    idx = torch.searchsorted(cum, j, right=True).clamp(max=sizes.shape[-1] - 1)
+    before = torch.gather(cum - sizes, -1, idx)
+    coord = torch.gather(A.lo, -1, idx) + (j - before)
+    valid = j < cnt[..., None]
+    base = (coord * S)[..., :, None]
+    lo = (base + F.lo[..., None, :]).flatten(-2)
+    hi = (base + F.hi[..., None, :]).flatten(-2)
+    keep = (valid[..., :, None] & (F.lo < F.n)[..., None, :]).flatten(-2) & ~full[..., None]
+    lo, hi = lo.masked_fill(~keep, n), hi.masked_fill(~keep, n)
+    f = full[..., None]
+    R = max(lo.shape[-1], scaled_lo.shape[-1])
+    pad = lambda t, fill: torch.cat([t, torch.full((*t.shape[:-1], R - t.shape[-1]), fill, dtype=t.dtype)], -1)
+    lo = torch.where(f, pad(scaled_lo.masked_fill(~f, n), n), pad(lo, n))
+    hi = torch.where(f, pad(scaled_hi.masked_fill(~f, n), n), pad(hi, n))
+    return merge(ISet.make(lo, hi, n))
+
+
+# ----------------------------------------------------------------------------- closed forms per primitive
+
+
+class IntervalAnalysis(Evaluator):
+    """The per-query interval sets of a 1-D pattern (raises NotIntervals)."""
+
+    def eval(self, node: ir.Mask, view: View) -> ISet:  # type: ignore[override]
+        if isinstance(node, ir.AXISWISE) and view.axes:
+            self.check(node, view)
+            return self.grid_product(view, {a: self.axis_set(axis_component(node, i), view, a) for i, a in enumerate(view.axes)})
+        self.check(node, view)
+        parts = self.keys(node, view)
+        if parts is not None:
+            return self.key_intervals(parts, view)
+        method = getattr(self, "iv_" + type(node).__name__.rstrip("_"), None)
+        if method is None:
+            raise NotIntervals(type(node).__name__)
+        return method(node, view)
+
+    # -- grids: products of per-axis interval sets
+    def coord_set(self, node: ir.Mask, view: View, axis: str) -> ISet:
+        """The 1-D interval set of `node` along `axis`, one row per coordinate 0 .. size(axis) - 1."""
+        L = view.env[ir.axis_size(axis)]
+        require(128 * L, f"the allowed keys of every coordinate of axis {axis} (size {L})",
+                "smaller grid sizes")
+        coords = torch.arange(L, dtype=torch.int64)
+        return merge(self.eval(node, View(q=coords, k=coords, env={**view.env, ir.M: L, ir.N: L})))
+
+    def axis_set(self, node: ir.Mask, view: View, axis: str) -> ISet:
+        """The 1-D interval set of `node` along `axis`, one row per query of `view`."""
+        # a 1-D set depends only on the coordinate and the axis length: evaluate
+        # every coordinate once (no unique() over the flat queries) and gather
+        s = self.coord_set(node, view, axis)
+        return ISet(s.lo[:, view.qc[axis]], s.hi[:, view.qc[axis]], s.n, s.merged)
+
+    def grid_product(self, view: View, per_axis: dict) -> ISet:
+        """Flat key intervals of the box product of per-axis sets (an absent axis is
+        unconstrained); tokens outside the grid part of a mixed layout get none.
+
+        [Note: products] Axes are folded from the fastest outwards. With F the
+        set over the inner axes (S positions) and A the set of the next axis: where
+        F is all of [0, S) the product is A's intervals scaled by S (adjacent rows
+        merge), otherwise every coordinate c of A contributes c * S + F. The
+        interval count stays the number of non-full inner rows, e.g. `size`
+        intervals for a 2-D neighborhood, instead of the keys' count.
+        """
+        sizes = [view.env[ir.axis_size(a)] for a in view.axes]
+        Mq = len(view.q)
+        F = None
+        S = 1
+        for axis, L in zip(reversed(view.axes), reversed(sizes)):
+            A = per_axis.get(axis)
+            if A is None:
+                z = torch.zeros(1, Mq, 1, dtype=torch.int64)
+                A = ISet(z, z + L, L, merged=True)
+            F = A if F is None else _fold(A, F, S)
+            S *= L
+        T = view.L - S
+        lo, hi = F.lo + T, F.hi + T
+        if view.qin is not None:
+            out = ~view.qin.view(1, Mq, 1)
+            lo, hi = lo.masked_fill(out, view.L), hi.masked_fill(out, view.L)
+        return ISet.make(lo, hi, view.L)
+
+    def iv_Along(self, node, view):
+        return self.grid_product(view, {node.axis: self.axis_set(node.operand, view, node.axis)})
+
+    def _iv(self, lo, hi, view) -> ISet:
+        return ISet.make(lo[:, None], hi[:, None], view.L)
+
+    # -- primitives: progressions of keys from their definitions ([Note: one definition])
+    def key_intervals(self, parts: tuple[semantics.Keys, ...], view: View) -> ISet:
+        """The primitive's keys per query as intervals: one per interval part, one per key of
+        a stepped part (TooManyIntervals past `max_intervals`); constant parts in one tensor."""
+        Mq, L = len(view.q), view.L
+        limit = max_intervals(Mq)
+        los, his, points = [], [], []
+        for p in parts:
+            if p.when is None and p.step is None and isinstance(p.lo, ir.PConst) and isinstance(p.hi, ir.PConst):
+                points.append((self.val(p.lo.value, view.env), self.val(p.hi.value, view.env)))
+                continue
+            lo, hi = self.per_query(p.lo, view), self.per_query(p.hi, view)
+            if p.when is not None:
+                hi = torch.where(self.per_query(p.when, view), hi, lo)
+            if p.step is None:
+                los.append(lo[:, None])
+                his.append(hi[:, None])
+                continue
+            step = self.per_query(p.step, view)
+            if bool((step != step[0]).any()) or int(step[0]) < 1:
+                raise NotIntervals("a progression whose step varies")
+            step = int(step[0])
+            first = lo + (-lo).clamp(min=0) // step * step  # keys below 0 do not exist
+            first = torch.where(first < 0, first + step, first)
+            hi = hi.clamp(max=L)
+            count = int(((hi - first + step - 1) // step).clamp(min=0).max()) if Mq else 0
+            if len(los) + count > limit:
+                raise TooManyIntervals(f"more than {limit} keys of a progression per query")
+            keys = first[:, None] + step * torch.arange(count, dtype=torch.int64)[None, :]
+            los.append(keys)
+            his.append(torch.where(keys < hi[:, None], keys + 1, keys))
+        if points:
+            if len(points) > limit:
+                raise TooManyIntervals(f"more than {limit} key intervals per query")
+            pts = torch.tensor(points, dtype=torch.int64)
+            los.append(pts[:, 0].expand(Mq, -1))
+            his.append(pts[:, 1].expand(Mq, -1))
+        if not los:
+            z = torch.zeros(Mq, 1, dtype=torch.int64)
+            return ISet.make(z, z, L)
+        out = ISet.make(torch.cat(los, dim=1), torch.cat(his, dim=1), L)
+        return out if out.lo.shape[-1] == 1 else merge(out)
+
+    def per_query(self, e: ir.PExpr, view: View) -> torch.Tensor:
+        """A term without k (an end, step or condition of a progression) at every query: [Mq]."""
+        v, _ = self.pos(e, view)
+        return v.reshape(-1).expand(len(view.q)) if v.numel() == 1 else v.reshape(len(view.q))
+
+    def iv_Same(self, node, view):
+        # keys of the query's own segment: one interval when every id is one contiguous run
+        doc = view.inputs[node.input].to(torch.int64)
+        n = doc.shape[-1]
+        starts = torch.ones(n, dtype=torch.bool)
+        starts[1:] = doc[1:] != doc[:-1]
+        run = torch.cumsum(starts.to(torch.int64), 0) - 1  # run index of every position
+        if int(run[-1]) + 1 != len(torch.unique(doc)):
+            raise NotIntervals("a segment id occurs in several runs")
+        run_lo = starts.nonzero().flatten()
+        run_hi = torch.cat([run_lo[1:], torch.tensor([n])])
+        r = run[view.q.clamp(0, n - 1)]
+        ok = (view.q >= 0) & (view.q < n)
+        lo = torch.where(ok, run_lo[r], 0)
+        return self._iv(lo, torch.where(ok, run_hi[r], 0), view)
+
+    def iv_Routed(self, node, view):
+        sel = view.inputs[node.input].to(torch.int64)  # [H or 1, nqb, kmax], -1 ignored
+        b = self.val(node.block, view.env)
+        if sel.shape[-1] > max_intervals(len(view.q), sel.shape[0]):
+            raise TooManyIntervals("routed with many blocks per query block")
+        rows = sel[:, view.qrel // b]  # [Hs, Mq, kmax]
+        lo = torch.where(rows >= 0, rows * b, view.L)
+        hi = torch.where(rows >= 0, (rows + 1) * b, view.L)
+        return merge(ISet.make(lo, hi, view.L))
+
+    def iv_Random(self, node, view):
+        r, seed = self.val(node.r, view.env), self.val(node.seed, view.env)
+        if min(r, view.L) > max_intervals(len(view.q)):
+            raise TooManyIntervals("random with many keys")
+        table = random_table(view.q, view.L, r, seed)
+        return merge(ISet.make(table, table + 1, view.L))
+
+    def iv_Union(self, node, view):
+        out = self.eval(node.parts[0], view)
+        for p in node.parts[1:]:
+            out = union(out, self.eval(p, view))
+        return out
+
+    def iv_Inter(self, node, view):
+        out = self.eval(node.parts[0], view)
+        for p in node.parts[1:]:
+            out = intersect(out, self.eval(p, view))
+        return out
+
+    def iv_Diff(self, node, view):
+        return intersect(self.eval(node.left, view), complement(self.eval(node.right, view)))
+
+    def iv_Not(self, node, view):
+        return complement(self.eval(node.operand, view))
+
+    def iv_Heads(self, node, view):
+        H = view.heads
+        chosen = [(sel, self.eval(arm.body, view)) for sel, arm in self.head_arms(node, view)]
+        R = max(s.lo.shape[-1] for _, s in chosen)
+        lo = torch.full((H, len(view.q), R), view.L, dtype=torch.int64)
+        hi = lo.clone()
+        for sel, s in chosen:
+            r = s.lo.shape[-1]
+            lo[sel, :, :r] = s.lo.expand(H, -1, -1)[sel]
+            hi[sel, :, :r] = s.hi.expand(H, -1, -1)[sel]
+        return ISet(lo, hi, view.L, merged=all(s.merged for _, s in chosen))
+
+    def iv_Blockwise(self, node, view):
+        if view.axes:
+            raise NotIntervals("blockwise on a grid")
+        b = self.val(node.b, view.env)
+        uq, iq = torch.unique(torch.div(view.q, b, rounding_mode="floor"), return_inverse=True)
+        nb = -(-view.L // b)
+        env = {**view.env, ir.M: -(-view.env[ir.M] // b), ir.N: nb}
+        inner = self.eval(node.operand, View(q=uq, k=torch.arange(nb), env=env))
+        lo, hi = inner.lo[:, iq] * b, inner.hi[:, iq] * b
+        return ISet.make(lo, torch.where(hi >= nb * b, view.L, hi), view.L)

@@ -1,0 +1,231 @@
+"""Tile plans: which tiles a kernel visits, stored as compressed per-row tile lists.
+
+input:  tile classes from the analysis: dense bool maps (`Plan.from_flags`) or sorted
+        keys of the non-empty tiles with their full flags (`Plan.from_tiles`).
+output: `Plan` (forward lists per query tile, transposed lists per key tile, the exact
+        allowed count, how it was built) and `TileList` (one direction's compressed lists,
+        with the padded index view the kernels read).
+does not: decide which tiles are full, partial or empty (analysis.py and the modules it
+        drives: intervals, interval_tiles, products, tileboxes).
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .limits import require
+
+
+@dataclass(frozen=True, eq=False)
+class TileList:
+    """Per row of tiles, the column indices of some tiles, stored compressed:
+    row r (flat over heads, r = h * rows + row) holds
+    `cols[start[r] : start[r] + counts[r]]`, ascending, so a plan's memory is
+    proportional to its non-empty tiles. `index` is the padded view the kernels
+    and the torch path read ([Hx, rows, max count], -1 padded), made on first use.
+    """
+
+    counts: torch.Tensor  # int32 [Hx, rows]
+    cols: torch.Tensor  # int32 [number of tiles], row-major
+
+    @functools.cached_property
+    def index(self) -> torch.Tensor:
+        """int32 [Hx, rows, max(counts)] (at least 1 wide), padded with -1."""
+        Hx, rows = self.counts.shape
+        cnt = self.counts.flatten().long()
+        width = max(int(cnt.max()) if cnt.numel() else 0, 1)
+        flat_row = self.flat_rows()
+        slot = torch.arange(len(self.cols), dtype=torch.int64, device=cnt.device) - (torch.cumsum(cnt, 0) - cnt)[flat_row]
+        index = torch.full((Hx * rows * width,), -1, dtype=torch.int32, device=cnt.device)
+        index[flat_row * width + slot] = self.cols.to(torch.int32)
+        return index.view(Hx, rows, width)
+
+    def flat_rows(self) -> torch.Tensor:
+        """int64 [number of tiles]: the flat row (h * rows + row) of every entry of `cols`."""
+        cnt = self.counts.flatten().long()
+        return torch.repeat_interleave(torch.arange(len(cnt), device=cnt.device), cnt)
+
+    @staticmethod
+    def from_padded(counts: torch.Tensor, index: torch.Tensor) -> "TileList":
+        """From per-row counts and a -1 padded index (the entries past a row's count are ignored)."""
+        width = index.shape[-1]
+        keep = torch.arange(width, device=index.device) < counts[..., None].long()
+        t = TileList(counts.to(torch.int32), index[keep].to(torch.int32))
+        t.__dict__["index"] = index.to(torch.int32)  # already padded: no need to rebuild it
+        return t
+
+    def to(self, device) -> "TileList":
+        """Contiguous int32 copies on `device` (with the padded view, which kernels read)."""
+        return TileList.from_padded(self.counts.to(device, torch.int32).contiguous(),
+                                    self.index.to(device, torch.int32).contiguous())
+
+    def ragged_partial(self, partial: "TileList", length: int, b: int) -> tuple["TileList", "TileList"]:
+        """(full, partial) with a ragged last tile (length not a multiple of b) moved from this
+        full list to `partial`: how the kernels' forward / dQ loops read key tiles (their full
+        loop has no bounds check, [Note: the two loops] in codegen/kernels.py)."""
+        return self.move_column(partial, length // b) if length % b else (self, partial)
+
+    def move_column(self, to: "TileList", col: int) -> tuple["TileList", "TileList"]:
+        """(self without its tiles in column `col`, `to` with them added): both stay
+        ascending per row (the runtime moves a ragged last key tile from the full
+        list to the partial one)."""
+        sel = self.cols == col
+        if not bool(sel.any()):
+            return self, to
+        Hx, rows = self.counts.shape
+        moved_rows = self.flat_rows()[sel]
+        keep = TileList(torch.bincount(self.flat_rows()[~sel], minlength=Hx * rows).to(torch.int32).view(Hx, rows),
+                        self.cols[~sel].to(torch.int32))
+        all_rows = torch.cat([to.flat_rows(), moved_rows])
+        all_cols = torch.cat([to.cols.long(), self.cols[sel].long()])
+        order = torch.argsort(all_rows * (int(all_cols.max()) + 1) + all_cols)
+        add = TileList(torch.bincount(all_rows, minlength=Hx * rows).to(torch.int32).view(Hx, rows),
+                       all_cols[order].to(torch.int32))
+        return keep, add
+
+    @staticmethod
+    def from_dense(flags: torch.Tensor) -> "TileList":
+        h, r, c = flags.nonzero(as_tuple=True)  # row-major: columns ascend within a row
+        return TileList(flags.sum(-1).to(torch.int32), c.to(torch.int32))
+
+    @staticmethod
+    def from_rows(row: np.ndarray, col: np.ndarray, Hx: int, rows: int) -> "TileList":
+        """From int64 numpy coordinates sorted by (row, col), row = h * rows + r."""
+        counts = np.bincount(row, minlength=Hx * rows).astype(np.int32)
+        return TileList(torch.from_numpy(counts).view(Hx, rows), torch.from_numpy(col.astype(np.int32)))
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Which tiles a kernel must visit, like FlexAttention's BlockMask but named.
+
+    `full` / `partial`: per query tile, the key tiles that need no mask / need
+    the mask; `full_t` / `partial_t`: per key tile, its query tiles (backward).
+    The head dimension is 1 when every head has the same plan.
+    """
+
+    M: int
+    N: int
+    heads: int
+    block: tuple[int, int]
+    full: TileList
+    partial: TileList
+    full_t: TileList
+    partial_t: TileList
+    allowed: int  # exact number of allowed (head, query, key) triples
+    method: str  # "closed-form" | "tile-boxes" (sound tile classes, exact evaluation inside undecided tiles)
+    tiles_evaluated: int = 0  # tiles whose mask was evaluated because the boxes left them undecided
+    # N-D tiles on grids (None for 1-D tiles): the tile shapes, and the token order they imply.
+    # perm_q[i] is the query index (0..M-1) at position i of the tile-major order (tiles row-major
+    # over the tile grid, tokens row-major inside a tile); tile t holds positions
+    # offsets_q[t] .. offsets_q[t + 1] - 1 (edge tiles are smaller when sizes are not multiples).
+    # `block` is then (prod(query tile), prod(key tile)).
+    tile_shape: tuple | None = None
+    perm_q: torch.Tensor | None = None
+    perm_k: torch.Tensor | None = None
+    offsets_q: torch.Tensor | None = None
+    offsets_k: torch.Tensor | None = None
+
+    @staticmethod
+    def from_flags(full: torch.Tensor, nonempty: torch.Tensor, **fields) -> "Plan":
+        """The plan of bool [Hx, nq, nk] tile classes (full implies nonempty);
+        `fields` are the other Plan fields (M, N, heads, block, allowed, method, ...)."""
+        partial = nonempty & ~full
+        return Plan(full=TileList.from_dense(full), partial=TileList.from_dense(partial),
+                    full_t=TileList.from_dense(full.transpose(1, 2)),
+                    partial_t=TileList.from_dense(partial.transpose(1, 2)), **fields)
+
+    @staticmethod
+    def from_tiles(keys: np.ndarray, full: np.ndarray, Hx: int, nq: int, nk: int, **fields) -> "Plan":
+        """The plan of the non-empty tiles `keys` = (h * nq + query tile) * nk + key tile
+        (int64, sorted, unique) and their bool `full` flags; no dense [nq, nk] map.
+
+        The transposed lists come from a counting sort by (head, key tile): query-tile rows
+        are visited in order, so each key tile's query tiles come out ascending (O(tiles),
+        no comparison sort of all tiles: a causal plan at 10^6 tokens has 33 M of them)."""
+        row, kt = np.divmod(keys, nk)
+        rows = Hx * nq
+        bounds = np.zeros(rows + 1, dtype=np.int64)
+        np.cumsum(np.bincount(row, minlength=rows), out=bounds[1:])
+        del row
+        kt = kt.astype(np.int32)
+
+        def lists(cols: np.ndarray, flags: np.ndarray, edges: np.ndarray, Hr: int, per: int) -> tuple:
+            """(full, partial) TileLists of rows [edges[i], edges[i + 1]) of `cols`."""
+            acc = np.zeros(len(flags) + 1, dtype=np.int64)
+            np.cumsum(flags, out=acc[1:])
+            f_count = acc[edges[1:]] - acc[edges[:-1]]
+            p_count = (edges[1:] - edges[:-1]) - f_count
+            out = []
+            for count, pick in ((f_count, flags), (p_count, ~flags)):
+                out.append(TileList(torch.from_numpy(count.astype(np.int32)).view(Hr, per),
+                                    torch.from_numpy(cols[pick])))
+            return tuple(out)
+
+        fwd_full, fwd_part = lists(kt, full, bounds, Hx, nq)
+        group = np.zeros((Hx, nk), dtype=np.int64)
+        for h in range(Hx):
+            group[h] = np.bincount(kt[bounds[h * nq]:bounds[(h + 1) * nq]], minlength=nk)
+        edges_t = np.zeros(Hx * nk + 1, dtype=np.int64)
+        np.cumsum(group.reshape(-1), out=edges_t[1:])
+        ptr = edges_t[:-1].copy()
+        qt_t = np.empty(len(kt), dtype=np.int32)
+        full_t = np.empty(len(kt), dtype=bool)
+        for r in np.flatnonzero(bounds[1:] > bounds[:-1]).tolist():
+            s, e = int(bounds[r]), int(bounds[r + 1])
+            g = kt[s:e] + (r // nq) * nk
+            pos = ptr[g]
+            qt_t[pos] = r % nq
+            full_t[pos] = full[s:e]
+            ptr[g] += 1
+        t_full, t_part = lists(qt_t, full_t, edges_t, Hx, nk)
+        return Plan(full=fwd_full, partial=fwd_part, full_t=t_full, partial_t=t_part, **fields)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        if self.tile_shape is not None:
+            return len(self.offsets_q) - 1, len(self.offsets_k) - 1
+        return -(-self.M // self.block[0]), -(-self.N // self.block[1])
+
+    def to_dense(self) -> torch.Tensor:
+        """int8 [Hx, query tiles, key tiles]: 0 empty, 1 partial, 2 full."""
+        nq, nk = self.shape
+        hx = self.full.counts.shape[0]
+        require(2 * hx * nq * (nk + 1), f"a dense map of {hx} x {nq} x {nk} tiles",
+                "a larger tile, smaller sizes, or the plan's tile lists (plan.full, plan.partial) instead of a dense map")
+        out = torch.zeros(self.full.counts.shape[0], nq, nk + 1, dtype=torch.int8)
+        flat = out.view(-1)
+        for lst, val in ((self.partial, 1), (self.full, 2)):
+            flat[lst.flat_rows() * (nk + 1) + lst.cols.long()] = val
+        return out[..., :nk]
+
+    def density(self) -> float:
+        """Allowed pairs / all pairs (exact)."""
+        return self.allowed / (self.heads * self.M * self.N)
+
+    def counts(self) -> dict[str, int]:
+        hx = self.full.counts.shape[0]
+        rep = self.heads // hx
+        nq, nk = self.shape
+        full = int(self.full.counts.sum()) * rep
+        part = int(self.partial.counts.sum()) * rep
+        return {"tiles_total": nq * nk * self.heads, "tiles_full": full, "tiles_partial": part}
+
+    def tile_density(self) -> float:
+        c = self.counts()
+        return (c["tiles_full"] + c["tiles_partial"]) / c["tiles_total"]
+
+    def to_string(self, head: int = 0, max_cells: int = 64) -> str:
+        from .tilestats import ascii_map
+        dense = self.to_dense()
+        pic, f = ascii_map(dense[min(head, dense.shape[0] - 1)], max_cells)
+        c = self.counts()
+        tiles = (f"{self.block[0]}x{self.block[1]}" if self.tile_shape is None else
+                 "/".join("x".join(map(str, t)) for t in self.tile_shape) + " (tile-major order)")
+        head_line = (f"plan {self.M}x{self.N}, tiles {tiles} ({self.method}): "
+                     f"{c['tiles_full']} full, {c['tiles_partial']} partial of {c['tiles_total']}; density {self.density():.4f}")
+        return head_line + ("" if f == 1 else f"\n(each character: {f}x{f} tiles)") + "\n" + pic
