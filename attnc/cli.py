@@ -378,7 +378,7 @@ def _cpu_tiles(pat, M, N, H, grid) -> str:
     if grid is None or pat.ir.inputs or pat._has_topk():
         return ""
     from .runtime.ops import probe_call
-    from .runtime.torch_backend import tile_options
+    from .runtime.tile_choice import tile_options
 
     chosen, costs = tile_options(probe_call(pat, M, N, H, grid))
     if not costs:

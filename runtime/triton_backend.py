@@ -339,7 +339,7 @@ class TritonBackend(Backend):
         """Plan of a pattern with run-time inputs: per batch element (closed form
         from the inputs where the analysis has one, else the reference mask in row
         chunks), united over the batch."""
-        from .torch_backend import inputs_digest, scan_plan
+        from .schedules import inputs_digest, scan_plan
 
         batches, _ = call.pattern._inputs(call.M, call.N, call.Hq, call.inputs, batch=call.B)
 

@@ -44,7 +44,8 @@ LAYERS = (
                  "attnc.codegen.decode_kernel", "attnc.codegen.generic", "attnc.codegen.cache")),
     # the attention ops and their backends (they run what codegen generates)
     ("runtime", ("attnc.runtime", "attnc.runtime.registry", "attnc.runtime.validate", "attnc.runtime.backend",
-                 "attnc.runtime.dense", "attnc.runtime.torch_backend", "attnc.runtime.triton_backend",
+                 "attnc.runtime.dense", "attnc.runtime.tile_choice", "attnc.runtime.schedules",
+                 "attnc.runtime.torch_backend", "attnc.runtime.triton_backend",
                  "attnc.runtime.flex", "attnc.runtime.ops", "attnc.runtime.decode", "attnc.runtime.distributed")),
     # what users call: programs and bound patterns, the nn layers, context parallelism, the
     # ahead-of-time compiler (it drives the runtime's launches), the CLI, the package itself
