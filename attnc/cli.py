@@ -378,7 +378,7 @@ def _cpu_tiles(pat, M, N, H, grid) -> str:
     if grid is None or pat.ir.inputs or pat._has_topk():
         return ""
     from .runtime.ops import probe_call
-    from .runtime.torch_backend import tile_options
+    from .runtime.tile_choice import tile_options
 
     chosen, costs = tile_options(probe_call(pat, M, N, H, grid))
     if not costs:
@@ -386,7 +386,7 @@ def _cpu_tiles(pat, M, N, H, grid) -> str:
     text = lambda b: "/".join("x".join(map(str, t)) for t in b) if isinstance(b[0], tuple) else f"{b[0]}x{b[1]}"  # noqa: E731
     rest = ", ".join(f"{text(b)} {c / costs[chosen]:.2f}x" for b, c in costs.items() if b != chosen)
     return (f"\n{'cpu torch path'.ljust(len('predicted_speedup'))}  tiles {text(chosen)} (predicted time relative to it, D = 64: {rest}; "
-            f"runtime/torch_backend.choose_tile)")
+            f"runtime/tile_choice.choose_tile)")
 
 
 def cmd_compile(args, out, err) -> int:

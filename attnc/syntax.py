@@ -2,13 +2,13 @@
 
 input:  source text and a file name (for spans).
 output: a `Module` of frozen AST nodes, every node with its `Span`.
-does not: resolve names, check types or evaluate anything (see elaborate.py).
+does not: resolve names, check types or evaluate anything (see elaborate.py), or word
+        syntax errors (parse_errors.py says what a syntax error says).
 """
 
 from __future__ import annotations
 
 import functools
-import re
 import threading
 from dataclasses import dataclass, field
 from importlib import resources
@@ -17,6 +17,7 @@ import lark
 from lark import Lark, Token, Transformer, v_args
 
 from .errors import AttnError, Span, error, source_lines
+from .parse_errors import glued_keyword, max_nesting, syntax_diagnostic
 
 # ----------------------------------------------------------------------------- AST nodes
 
@@ -250,19 +251,6 @@ def _parser() -> Lark:
                 lexer_callbacks={k: _note_keyword for k in _KEYWORDS})
 
 
-def _glued_keyword(source: str, file: str, keywords: list[Token]):
-    """A diagnostic for the first keyword directly followed by a name character, or None."""
-    for tok in keywords:
-        end = tok.start_pos + len(tok)
-        if end < len(source) and (source[end].isalnum() or source[end] == "_"):
-            m = _WORD.match(source, tok.start_pos)
-            word = m.group(0) if m else str(tok)
-            span = Span(file=file, line=tok.line, col=tok.column, end_line=tok.line, end_col=tok.column + len(word))
-            return error(span, f"missing space: the keyword '{tok}' runs into the name after it ('{word}')",
-                         f"{tok} {word[len(str(tok)):]}")
-    return None
-
-
 def _span(file: str, meta_or_tok) -> Span:
     if isinstance(meta_or_tok, Token):
         end_line = meta_or_tok.end_line or meta_or_tok.line
@@ -454,32 +442,6 @@ class _ToAst(Transformer):
         return In(span=self.s(meta), item=ch[0], collection=ch[1])
 
 
-# Friendly names for terminals in "expected ..." messages.
-_TERMINAL_NAMES = {
-    "LPAR": "'('", "RPAR": "')'", "LBRACE": "'{'", "RBRACE": "'}'", "COMMA": "','", "EQUAL": "'='",
-    "SEMICOLON": "';'", "COLON": "':'", "VBAR": "'|'", "AMPERSAND": "'&'", "PLUS": "'+'", "MINUS": "'-'",
-    "STAR": "'*'", "PERCENT": "'%'", "AT": "'@'", "DOT": "'.'", "TILDE": "'~'", "NAME": "a name",
-    "INT": "an integer", "STRING": "a string", "CMP": "a comparison", "$END": "end of file",
-    "PATTERN": "'pattern'", "LET": "'let'", "IMPORT": "'import'", "ON": "'on'", "IN": "'in'",
-    "WHERE": "'where'", "HEADS": "'heads'",
-}
-
-_KNOWN_MISTAKES = [
-    # (predicate on the offending token and the previous one, message, hint)
-    (lambda tok, prev: tok.type == "EQUAL" and prev is not None and prev.type == "EQUAL",
-     "'==' is a comparison; it is only allowed inside `where`", "where q == k"),
-    (lambda tok, prev: str(tok) in {"&&", "||"} or (tok.type in {"AMPERSAND", "VBAR"} and prev is not None and prev.type == tok.type),
-     "doubled operator: masks combine with a single '|' or '&'", "P | Q"),
-]
-
-
-def _describe_expected(expected: set[str]) -> str:
-    names = sorted({_TERMINAL_NAMES.get(e, e.lower() if e.isupper() else repr(e)) for e in expected if not e.startswith("__")})
-    if len(names) > 8:
-        return ""
-    return ", ".join(names)
-
-
 def parse(source: str, file: str = "<string>") -> Module:
     """Parse `.attn` text into a `Module`; raise `AttnError` on a syntax error."""
     if len(source) > MAX_SOURCE_CHARS:
@@ -488,7 +450,7 @@ def parse(source: str, file: str = "<string>") -> Module:
                   f"file too large: {len(source)} characters (limit {MAX_SOURCE_CHARS})"),
             {file: source},
         )
-    depth = _max_nesting(source)
+    depth = max_nesting(source)
     if depth[0] > MAX_NESTING:
         line, col = depth[1]
         raise AttnError(
@@ -500,11 +462,11 @@ def parse(source: str, file: str = "<string>") -> Module:
     try:
         tree = _parser().parse(source)
     except lark.UnexpectedInput as exc:
-        raise AttnError(_glued_keyword(source, file, keywords) or _syntax_diagnostic(exc, source, file),
+        raise AttnError(glued_keyword(source, file, keywords) or syntax_diagnostic(exc, source, file),
                         {file: source}) from None
     finally:
         _LEXED.keywords = None
-    glued = _glued_keyword(source, file, keywords)
+    glued = glued_keyword(source, file, keywords)
     if glued is not None:
         raise AttnError(glued, {file: source})
     deep = _too_deep(tree)
@@ -534,72 +496,3 @@ def _too_deep(tree: lark.Tree) -> lark.Tree | None:
         # leftmost first, so a long chain `a | b | ...` is reported where it starts
         stack.extend((c, depth + 1) for c in reversed(node.children) if isinstance(c, lark.Tree))
     return None
-
-
-_WORD = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-
-
-def _max_nesting(source: str) -> tuple[int, tuple[int, int]]:
-    """The deepest bracket nesting of the code (comments and strings do not count) and where it is."""
-    depth = best = 0
-    where = (1, 1)
-    line, col = 1, 0
-    skip_to = None  # inside a comment: "\n"; inside a string: '"' (strings end at the line too)
-    for ch in source:
-        col += 1
-        if ch == "\n":
-            line, col = line + 1, 0
-            skip_to = None
-        elif skip_to is not None:
-            if ch == skip_to:
-                skip_to = None
-        elif ch == "#":
-            skip_to = "\n"
-        elif ch == '"':
-            skip_to = '"'
-        elif ch in "({":
-            depth += 1
-            if depth > best:
-                best, where = depth, (line, col)
-        elif ch in ")}":
-            depth -= 1
-    return best, where
-
-
-def _syntax_diagnostic(exc: lark.UnexpectedInput, source: str, file: str):
-    line = getattr(exc, "line", 1) or 1
-    col = getattr(exc, "column", 1) or 1
-    if isinstance(exc, lark.UnexpectedToken) and exc.token.type == "$END":
-        lines = source_lines(source)
-        line = max((i + 1 for i, text in enumerate(lines) if text.strip()), default=1)
-        col = len(lines[line - 1].rstrip()) + 1
-        span = Span(file=file, line=line, col=col, end_line=line, end_col=col + 1)
-        return error(span, "unexpected end of file: the last definition is incomplete")
-    if isinstance(exc, lark.UnexpectedCharacters):
-        ch = source[exc.pos_in_stream] if exc.pos_in_stream < len(source) else "?"
-        span = Span(file=file, line=line, col=col, end_line=line, end_col=col + 1)
-        if ch == '"':
-            return error(span, "unterminated string: a string must end on the same line")
-        if ch in "!=":
-            return error(span, f"unexpected {ch!r}: comparisons are only allowed inside `where`",
-                         "where q == k")
-        if ch == "[":
-            return error(span, "unexpected '[': use parentheses for tuples `(3, 5)` and braces for sets `{1, 2}`")
-        return error(span, f"unexpected character {ch!r}")
-    tok = exc.token
-    span = Span(file=file, line=line, col=col, end_line=line, end_col=col + max(1, len(str(tok))))
-    prev = None
-    if getattr(exc, "token_history", None):
-        prev = exc.token_history[-1]
-    for pred, msg, hint in _KNOWN_MISTAKES:
-        if pred(tok, prev):
-            return error(span, msg, hint)
-    if tok.type == "CMP":
-        return error(span, f"comparison '{tok}' outside a condition: comparisons live inside `where`, "
-                     "whose condition ends at '|', '&' and ')'",
-                     "where q < k and k > 2    or    (where q < k) & causal")
-    if tok.type == "NAME" and prev is not None and prev.type in {"NAME", "INT", "RPAR"}:
-        return error(span, f"unexpected name {str(tok)!r}: missing an operator or a ',' before it?")
-    expected = _describe_expected(set(getattr(exc, "expected", ()) or ()))
-    what = f"unexpected {str(tok)!r}"
-    return error(span, what + (f"; expected {expected}" if expected else ""))

@@ -1,7 +1,7 @@
 """Kernel generation: a lowered pattern and its plan -> one Triton module.
 
 input:  a `Lowered` mask (pointwise.py), the tile plan it runs with
-        (analysis.Plan; only its shape and method go into the text) and a
+        (plans.Plan; only its shape and method go into the text) and a
         `KernelConfig`.
 output: Python source of a module with `_mask`, the forward kernel and the
         three backward kernels (preprocess, dK/dV, dQ), formatted like

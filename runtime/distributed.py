@@ -13,7 +13,7 @@ one key/value head; a head mixture needs different tiles per head). K and V, pac
 rows [Hkv * n, B, D + Dv], go out in one `all_to_all_single` whose splits are those row
 counts -- nothing else is sent, and nothing at all when no rank needs another's rows. The
 received rows and the rank's own needed rows are laid out as the key tiles of the
-restricted schedule ([Note: restricted schedules] in runtime/torch_backend.py), so
+restricted schedule ([Note: restricted schedules] in runtime/schedules.py), so
 each local row is computed exactly as in one process. Backward runs the same exchange in
 reverse: the gradients of the gathered K / V go back to the ranks that own them, which add
 them to their own (a token needed by several ranks gets the sum). Gradients travel in the
@@ -32,6 +32,7 @@ import torch.distributed as dist
 
 from attnc.sharding import STRATEGIES, LinkModel, Sharding, ShardReport, shard
 
+from . import schedules as sc
 from . import torch_backend as tb
 from .ops import make_call, probe_call
 
@@ -54,7 +55,7 @@ class _Exchange:
     src_index: torch.Tensor  # int64: gathered row -> row of cat(own rows, received rows, one zero row)
     own_rows: int
     q_tiles: np.ndarray
-    k_tiles: torch.Tensor  # int64 [classes, gathered key tiles], -1 padded (torch_backend.restrict)
+    k_tiles: torch.Tensor  # int64 [classes, gathered key tiles], -1 padded (schedules.restrict)
     silent: bool  # no rank receives anything: skip the collective
 
 
@@ -182,7 +183,7 @@ class Layout:
         key = (rank, call.Hkv, call.B)
         if key not in self._schedules:
             ex = self.exchange(rank)
-            self._schedules[key] = [(bs, tb.restrict(sched, ex.q_tiles, ex.k_tiles)) for bs, sched in tb.schedules(call, nd=False)]
+            self._schedules[key] = [(bs, sc.restrict(sched, ex.q_tiles, ex.k_tiles)) for bs, sched in sc.schedules(call, nd=False)]
         return self._schedules[key]
 
 
@@ -227,7 +228,7 @@ def layout(pattern, seq_len: int | None = None, *, ranks: int, heads: int = 1, k
                              f"try torch.as_tensor({n})")
     inputs = {n: (t.segment_ids(N, n) if isinstance(t, CuSeqlens) else t) for n, t in inputs.items()}
     batch = len(pattern._inputs(N, N, H, inputs)[0])  # the batch rule of every call ([Note: input batches])
-    plans = [p for _, p in tb.plans(probe_call(pattern, N, N, H, grid, inputs, batch))]
+    plans = [p for _, p in sc.plans(probe_call(pattern, N, N, H, grid, inputs, batch))]
     return Layout(pattern, shard(plans, ranks, kv_heads=kv_heads, strategy=strategy, link=link), grid, inputs, batch)
 
 

@@ -5,7 +5,7 @@ output: `(mask_mod, BlockMask)` for `torch.nn.attention.flex_attention`, the
         BlockMask built from attnc's Plan (`BlockMask.from_kv_blocks`), never by
         evaluating mask_mod over N^2 positions (`create_block_mask`).
 does not: compile FlexAttention kernels (torch does) or evaluate masks itself:
-        mask bits come from torch_backend.partial_tile_masks.
+        mask bits come from schedules.partial_tile_masks.
 
 [Note: mask_mod] The exported mask_mod is the pattern's closed form -- the
 pointwise lowering the Triton kernels print (codegen/pointwise.py), a handful of
@@ -32,7 +32,7 @@ from attnc import ir
 from attnc.lru import LRU
 
 from .backend import Backend, Call
-from .torch_backend import inputs_digest, partial_tile_masks, scan_plan
+from .schedules import inputs_digest, partial_tile_masks, scan_plan
 
 
 def _flex():
@@ -283,7 +283,7 @@ class FlexBackend(Backend):
     def _export(self, call: Call, device):
         """(mask_mod, BlockMask), cached by pattern, sizes and device -- and, with run-time
         inputs, by their content (a training step's forward and backward, repeated packed
-        batches: [Note: input schedules] in torch_backend.py)."""
+        batches: [Note: input schedules] in schedules.py)."""
         key = (call.pattern.ir, call.M, call.N, call.Hq, call.grid, self.block, str(device))
         batches = [{}]
         if call.pattern.ir.inputs:

@@ -339,7 +339,7 @@ class TritonBackend(Backend):
         """Plan of a pattern with run-time inputs: per batch element (closed form
         from the inputs where the analysis has one, else the reference mask in row
         chunks), united over the batch."""
-        from .torch_backend import inputs_digest, scan_plan
+        from .schedules import inputs_digest, scan_plan
 
         batches, _ = call.pattern._inputs(call.M, call.N, call.Hq, call.inputs, batch=call.B)
 
@@ -358,7 +358,7 @@ class TritonBackend(Backend):
                                    call.N, config.block[1], device)
 
         # forward and backward of a step see the same inputs: one build, keyed by their content
-        # (the torch path's input-schedule cache, [Note: input schedules] in torch_backend.py)
+        # (the torch path's input-schedule cache, [Note: input schedules] in schedules.py)
         key = (call.pattern.ir, call.M, call.N, call.Hq, call.grid, config.block, str(device),
                tuple(inputs_digest(inp) for inp in batches))
         return _INPUT_LISTS.get(key, build)

@@ -29,8 +29,8 @@ def real_kernels(job) -> dict:
     """{kernel: (ptx sha, registers, spills, shared)} of a real launch of the job's call."""
     from attnc.runtime.triton_backend import TritonBackend
 
-    pat = aot._bind(job)
-    call, q, k, v = aot._synthetic_call(job, pat, aot.torch_dtype(job.dtype))
+    pat = aot.bind(job)
+    call, q, k, v = aot.synthetic_call(job, pat, aot.torch_dtype(job.dtype))
     q, k, v = (torch.randn(x.shape, dtype=x.dtype, device="cuda") for x in (q, k, v))
     inputs = {n: t.cuda() for n, t in call.inputs.items()}
     from dataclasses import replace

@@ -14,7 +14,7 @@ import torch
 
 import attnc
 
-from attnc import aot, cli
+from attnc import aot, aot_worker, cli
 from attnc.codegen.kernels import AUTOTUNE_CONFIGS, KernelConfig, configs_for
 from conftest import EXAMPLES
 
@@ -30,7 +30,7 @@ Resource usage:
 
 
 def test_parse_resource_usage():
-    got = aot.parse_resource_usage(USAGE)
+    got = aot_worker.parse_resource_usage(USAGE)
     assert set(got) == {"_attn_bwd_dkdv", "_mask"}
     assert got["_attn_bwd_dkdv"]["REG"] == 255
     assert got["_attn_bwd_dkdv"]["LOCAL"] == 36
@@ -42,7 +42,7 @@ def test_parse_resource_usage():
 @pytest.mark.parametrize("text", ["", "Resource usage:\n Common:\n  GLOBAL:0\n", " Function f:\n  STACK:0\n"])
 def test_parse_resource_usage_says_what_it_expected(text):
     with pytest.raises(aot.AOTError, match="expected 'Function NAME:' lines"):
-        aot.parse_resource_usage(text)
+        aot_worker.parse_resource_usage(text)
 
 
 def test_problems():
@@ -81,7 +81,7 @@ def test_bad_jobs_say_expected_got_try():
 def test_job_round_trips_through_the_worker_protocol():
     j = aot.Job("x.attn", "p", (("w", 64), ("r", range(0, 16)), ("s", {0, 5}), ("t", (3, 5))), M=100, grid=(8, 8),
                 config=KernelConfig(tile=((8, 8), (8, 4))), dtype="bf16", D=128, Dv=64, target="sm_80", passes="bwd")
-    assert aot._job_from_json(aot._job_to_json(j)) == j
+    assert aot.job_from_json(aot.job_to_json(j)) == j
 
 
 def test_cli_target_errors():

@@ -592,14 +592,14 @@ def _drop_a_tile(plan):
 def _break(backend: str, monkeypatch) -> None:
     """Make `backend` drop a tile of every plan it runs, through its own tables."""
 
-    from attnc.runtime import flex, ops, torch_backend
+    from attnc.runtime import flex, ops, schedules
 
     if backend == "torch":
-        real = torch_backend.build_schedule
-        monkeypatch.setattr(torch_backend, "build_schedule", lambda call, plan, masks, config=torch_backend.CONFIG:
+        real = schedules.build_schedule
+        monkeypatch.setattr(schedules, "build_schedule", lambda call, plan, masks, config=schedules.CONFIG:
                             real(call, _drop_a_tile(plan), masks, config))
-        torch_backend._SCHEDULES.clear()  # no schedule cached before the break
-        torch_backend._INPUT_SCHEDULES.clear()
+        schedules._SCHEDULES.clear()  # no schedule cached before the break
+        schedules._INPUT_SCHEDULES.clear()
     elif backend == "triton":
         from attnc.runtime import triton_backend
 

@@ -375,7 +375,7 @@ def test_layout_docstring_and_input_errors():
 def test_mixed_shared_and_per_head_plans_exchange_one_tile_list():
     """A batch element whose heads agree gets one plan for all heads (a shared schedule) while
     another keeps per-head plans: the rows are then laid out once for every head."""
-    from attnc.runtime import torch_backend as tb
+    from attnc.runtime import schedules as sc
 
     src = "pattern p(doc: segments) = heads { {0} => causal & same(doc); _ => sliding(64) & same(doc) }"
     pat = attnc.loads(src).pattern()
@@ -389,8 +389,8 @@ def test_mixed_shared_and_per_head_plans_exchange_one_tile_list():
     from attnc.runtime.ops import probe_call
 
     call = probe_call(pat, N, N, 2, None, {"doc": doc}, batch=2)
-    (shared, _), (per_head, _) = [(s.shared, bs) for bs, s in tb.schedules(call, nd=False)]
+    (shared, _), (per_head, _) = [(s.shared, bs) for bs, s in sc.schedules(call, nd=False)]
     assert shared and not per_head
-    sched = tb.schedules(call, nd=False)[0][1]
+    sched = sc.schedules(call, nd=False)[0][1]
     with pytest.raises(ValueError, match="needs one key-tile list"):
-        tb.restrict(sched, [0], torch.tensor([[0], [0]]))
+        sc.restrict(sched, [0], torch.tensor([[0], [0]]))

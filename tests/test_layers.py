@@ -31,8 +31,8 @@ LAYERS = (
     ("base", ("attnc.errors", "attnc.limits", "attnc.lru", "attnc.progress", "attnc.version", "attnc.grammar")),
     # the language: parsing, the IR, the primitives' definitions, elaboration and its checks, and
     # the validation of the two things a call adds to a pattern (tile shapes, packed-sequence offsets)
-    ("frontend", ("attnc.syntax", "attnc.ir", "attnc.semantics", "attnc.constraints", "attnc.elaborate",
-                  "attnc.tiles", "attnc.inputs")),
+    ("frontend", ("attnc.syntax", "attnc.parse_errors", "attnc.ir", "attnc.semantics", "attnc.constraints",
+                  "attnc.elaborate", "attnc.tiles", "attnc.inputs")),
     # what a pattern means and costs: the reference masks, interval sets and the tile classes
     # from them, tile plans, products on grids, tile boxes, the plan drivers and per-tile counts,
     # formulas, dynamic routing, KV retention, pictures, the simulator and the
@@ -50,12 +50,13 @@ LAYERS = (
                  "attnc.codegen.decode_kernel", "attnc.codegen.generic", "attnc.codegen.cache")),
     # the attention ops and their backends (they run what codegen generates)
     ("runtime", ("attnc.runtime", "attnc.runtime.registry", "attnc.runtime.validate", "attnc.runtime.backend",
-                 "attnc.runtime.dense", "attnc.runtime.torch_backend", "attnc.runtime.triton_backend",
+                 "attnc.runtime.dense", "attnc.runtime.tile_choice", "attnc.runtime.schedules",
+                 "attnc.runtime.torch_backend", "attnc.runtime.triton_backend",
                  "attnc.runtime.flex", "attnc.runtime.ops", "attnc.runtime.decode", "attnc.runtime.distributed")),
     # what users call: programs and bound patterns, the nn layers, context parallelism, the
     # ahead-of-time compiler (it drives the runtime's launches), the CLI, the package itself
     ("api", ("attnc", "attnc.__main__", "attnc.program", "attnc.nn", "attnc.distributed", "attnc.aot",
-             "attnc.cli")),
+             "attnc.aot_worker", "attnc.cli")),
 )
 
 LAYER = {mod: i for i, (_, mods) in enumerate(LAYERS) for mod in mods}

@@ -1,4 +1,4 @@
-"""N-D tiles in the torch path ([Note: N-D tiles here] in runtime/torch_backend.py): q, k, v
+"""N-D tiles in the torch path ([Note: N-D tiles here] in runtime/tile_choice.py): q, k, v
 gathered into the padded tile-major order of compact grid boxes, chosen by a cost model
 or asked for with `block=`; every output and gradient equal to the reference."""
 
@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import attnc
-from attnc.runtime import torch_backend as tb
+from attnc.runtime import schedules as sc
+from attnc.runtime import tile_choice
 from attnc.runtime.ops import make_call, probe_call
 
 CASES = [
@@ -40,8 +41,8 @@ def test_n_d_tiles_match_the_reference(src, grid, H, Hkv, block):
     q = torch.randn(2, H, N, 8, generator=gen, dtype=torch.float64)
     k, v = (torch.randn(2, Hkv, N, 8, generator=gen, dtype=torch.float64) for _ in range(2))
     call = make_call(pat, q, k, v, {}, grid, 1.0, block=block)
-    assert isinstance(tb.choose_tile(call)[0], tuple)  # N-D tiles ran
-    (sched,) = [s for _, s in tb.schedules(call)]
+    assert isinstance(tile_choice.choose_tile(call)[0], tuple)  # N-D tiles ran
+    (sched,) = [s for _, s in sc.schedules(call)]
     assert sched.layout is not None
     got = _grads(pat, grid, q, k, v, "torch", block)
     want = _grads(pat, grid, q, k, v, "reference", None)
@@ -55,7 +56,7 @@ def _choice(src, grid=None, N=None, H=8):
         N = 1
         for g in grid:
             N *= g
-    return tb.choose_tile(probe_call(pat, N, N, H, grid))
+    return tile_choice.choose_tile(probe_call(pat, N, N, H, grid))
 
 
 def test_the_cost_model_chooses_n_d_tiles_where_they_save_work():
@@ -75,8 +76,8 @@ def test_the_cost_model_chooses_n_d_tiles_where_they_save_work():
 def test_context_parallelism_keeps_one_d_tiles_on_a_grid():
     pat = attnc.loads("pattern p on grid(h, w) = neighborhood(7)").pattern()
     call = probe_call(pat, 4096, 4096, 8, (64, 64))
-    assert isinstance(tb.choose_tile(call)[0], tuple)
-    assert all(s.layout is None for _, s in tb.schedules(call, nd=False))
+    assert isinstance(tile_choice.choose_tile(call)[0], tuple)
+    assert all(s.layout is None for _, s in sc.schedules(call, nd=False))
 
 
 def test_simulate_shows_the_torch_paths_tile_choice_and_the_alternatives():

@@ -11,7 +11,9 @@ import attnc
 from attnc.runtime.backend import Call
 from attnc.runtime.ops import make_call
 from attnc.runtime.dense import ReferenceBackend, dense_attention
-from attnc.runtime.torch_backend import TorchBackend, TorchPathConfig, partial_tile_masks, scan_plan
+from attnc.runtime.schedules import partial_tile_masks, scan_plan
+from attnc.runtime.tile_choice import TorchPathConfig
+from attnc.runtime.torch_backend import TorchBackend
 from conftest import example_names, example_pattern
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one torch thread per module
@@ -269,16 +271,16 @@ def test_partial_tile_masks_are_the_reference_tiles(src, M, N, H, grid, block):
     ("pattern p = heads { 0 => causal; _ => block(3) }", 3, 32, 3),  # bits per head: every head evaluated
 ])
 def test_partial_tile_masks_evaluate_one_head_when_the_bits_do_not_read_h(monkeypatch, src, H, b, heads_evaluated):
-    from attnc.runtime import torch_backend
+    from attnc.runtime import schedules
 
     seen = []
-    real = torch_backend._pointwise
+    real = schedules._pointwise
 
     def spy(call, inputs, layout=None):
         fn, uses_h = real(call, inputs, layout)
         return (lambda q, k, h, batch: seen.append(h.shape[0]) or fn(q, k, h, batch)), uses_h
 
-    monkeypatch.setattr(torch_backend, "_pointwise", spy)
+    monkeypatch.setattr(schedules, "_pointwise", spy)
     pat = attnc.loads(src).pattern()
     inputs = {"doc": torch.tensor([0] * 7 + [1] * 13)} if "doc" in src else {}
     call = Call(pattern=pat, B=1, Hq=H, Hkv=H, M=20, N=20, D=1, Dv=1, grid=None, scale=1.0, inputs=inputs)
@@ -316,19 +318,19 @@ def test_schedules_of_run_time_inputs_are_cached_by_content(monkeypatch):
     schedule, different or changed-in-place inputs build their own, the cache is
     bounded, and a result is never computed with another input's schedule."""
 
-    from attnc.runtime import torch_backend
+    from attnc.runtime import schedules
 
-    torch_backend._INPUT_SCHEDULES.clear()
+    schedules._INPUT_SCHEDULES.clear()
     builds = []
-    real = torch_backend.build_schedule
-    monkeypatch.setattr(torch_backend, "build_schedule", lambda *a, **kw: builds.append(1) or real(*a, **kw))
+    real = schedules.build_schedule
+    monkeypatch.setattr(schedules, "build_schedule", lambda *a, **kw: builds.append(1) or real(*a, **kw))
     pat = load("packed")
     q, k, v = tensors(1, 2, 1, 30, 30, 8)
 
     def run(doc):
         B = doc.shape[0] if doc.dim() == 2 else 1  # an input batch is 1 or q's batch ([Note: input batches])
         call = make_call(pat, *(t.expand(B, *t.shape[1:]) for t in (q, k, v)), {"doc": doc}, None, None)
-        return [s for _, s in torch_backend.schedules(call, TINY)]
+        return [s for _, s in schedules.schedules(call, TINY)]
 
     doc = torch.tensor([0] * 9 + [1] * 14 + [2] * 7)
     first = run(doc)
@@ -340,9 +342,9 @@ def test_schedules_of_run_time_inputs_are_cached_by_content(monkeypatch):
     # per batch element: a batch of [doc, other] builds only the changed element
     both = run(torch.stack([torch.tensor([0] * 9 + [1] * 14 + [2] * 7), other]))
     assert both == first + [run(other)[0]] and len(builds) == 3
-    for i in range(torch_backend._INPUT_SCHEDULES.limit() + 4):  # bounded
+    for i in range(schedules._INPUT_SCHEDULES.limit() + 4):  # bounded
         run(torch.tensor([0] * (i + 1) + [1] * (29 - i)))
-    assert len(torch_backend._INPUT_SCHEDULES) == torch_backend._INPUT_SCHEDULES.limit()
+    assert len(schedules._INPUT_SCHEDULES) == schedules._INPUT_SCHEDULES.limit()
     # through the op (forward + backward share the schedule): still the reference's numbers
     ref = [t.clone().requires_grad_() for t in (q, k, v)]
     got = [t.clone().requires_grad_() for t in (q, k, v)]
