@@ -13,7 +13,8 @@ import attnc
 from attnc.codegen import cache
 from attnc.codegen.bounds import (NoClosedForm, col_ranges, ev, loop_bounds, row_ranges, simulate, simplify, upper,
                                   Add, C, Div, Max, Min, Mul, X)
-from attnc.codegen.kernels import KernelConfig, compile_pattern
+from attnc.codegen.kernels import KernelConfig
+from attnc.codegen.pipeline import compile_pattern
 from conftest import example_pattern
 
 import triton  # noqa: E402,F401  (a core test dependency: conftest stops the run without it)

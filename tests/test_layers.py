@@ -38,10 +38,12 @@ LAYERS = (
     # context-parallel sharding model
     ("analysis", ("attnc.reference", "attnc.tilestats", "attnc.analysis", "attnc.symbolic", "attnc.show",
                   "attnc.dynamic", "attnc.retention", "attnc.simulate", "attnc.sharding")),
-    # kernels from patterns: pointwise lowering, loop bounds, Triton source, the kernel cache
+    # kernels from patterns: pointwise lowering, loop bounds, Triton source, the kernel cache, and
+    # the pipeline that names every pass and runs the kernel passes (it calls analysis and codegen)
     ("codegen", ("attnc.codegen", "attnc.codegen.sizes", "attnc.codegen.pointwise", "attnc.codegen.bounds",
                  "attnc.codegen.score", "attnc.codegen.kernels", "attnc.codegen.ndtiles",
-                 "attnc.codegen.decode_kernel", "attnc.codegen.generic", "attnc.codegen.cache")),
+                 "attnc.codegen.decode_kernel", "attnc.codegen.generic", "attnc.codegen.cache",
+                 "attnc.codegen.pipeline")),
     # the attention ops and their backends (they run what codegen generates)
     ("runtime", ("attnc.runtime", "attnc.runtime.registry", "attnc.runtime.validate", "attnc.runtime.backend",
                  "attnc.runtime.reference", "attnc.runtime.torch_backend", "attnc.runtime.triton_backend",

@@ -13,8 +13,9 @@ import pytest
 import torch
 
 import attnc
-from attnc.codegen.kernels import KernelConfig, compile_pattern
+from attnc.codegen.kernels import KernelConfig
 from attnc.codegen.ndtiles import TileLayout
+from attnc.codegen.pipeline import compile_pattern
 from attnc.codegen.pointwise import (Builder, Const, Op, TritonPrinter, Var, _tile_major_position, lower, nodes, permute,
                                      to_text)
 from attnc.runtime.triton_backend import TritonBackend
