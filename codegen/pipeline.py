@@ -23,7 +23,10 @@ reads and what it gives, and every value a pass reads is given by the caller
 
 `compile_kernels` runs lower .. kernels (and cache with `device=`) for one shape;
 `attnc compile`, `compile_pattern`, the size classes (generic.py) and the Triton
-backend all call it, so the passes are sequenced here and nowhere else. The
+backend all call it, so the passes are sequenced here and nowhere else. Decoding
+(`pat.decode`, runtime/decode.py) runs `DECODE_PASSES` through `compile_decode`:
+lower, then the split-KV decode kernel (decode_kernel.py) in place of plan, loop
+bounds and kernels (it lists key tiles on the host), then cache. The
 mask is lowered before the plan is built: lowering is the pass that refuses
 patterns without kernels (`topk`: "no pointwise form"), and that message is the
 one a user should see, before any tile is planned.
@@ -50,7 +53,7 @@ from attnc.errors import AttnError, Collector, error
 from . import bounds as _bounds
 from . import cache as _cache
 from . import kernels as _kernels
-from . import ndtiles, pointwise
+from . import decode_kernel, ndtiles, pointwise
 from .kernels import KernelConfig
 from .score import score_fn
 
@@ -194,6 +197,17 @@ class NDCompiled(Compiled):
         return meta
 
 
+@dataclass(frozen=True)
+class DecodeCompiled(Compiled):
+    """`Compiled` for the split-KV decode kernel (decode_kernel.py): M is the rows one
+    sequence evaluates, N its length; no plan and no loop bounds (runtime/decode.py lists
+    each sequence's key tiles from the pattern's interval sets)."""
+
+    def cache_entry(self) -> tuple[dict, str, dict]:
+        return ({"source": self.source, "kind": "decode"}, f"decode-{self.config.block_n}",
+                {"pattern": self.lowered.text, "kind": "decode"})
+
+
 # ----------------------------------------------------------------------------- the passes
 
 
@@ -265,6 +279,15 @@ def kernels(pattern: ir.PatternIR, shape: Shape, lowered: pointwise.Lowered, til
                     shape=shape)
 
 
+def decode(pattern: ir.PatternIR, shape: Shape, lowered: pointwise.Lowered, sources: dict | None = None) -> DecodeCompiled:
+    """IR + Shape + Lowered -> the split-KV decode module's source (decode_kernel.decode_source):
+    the kernels pass of `pat.decode`, for the newest rows of one sequence (M rows, N keys;
+    `shape.config.block_n` is the kernel's key tile)."""
+    score = _score(pattern, shape, sources)
+    return DecodeCompiled(source=decode_kernel.decode_source(lowered, score), lowered=lowered, plan=None,
+                          config=shape.config, score=score, shape=shape)
+
+
 def _score(pattern: ir.PatternIR, shape: Shape, sources: dict | None):
     """The pattern's score term lowered at this shape (score.score_fn, memoised), or None."""
     if pattern.score is None:
@@ -308,6 +331,10 @@ PASSES = (
 )
 #: what the caller gives the passes
 GIVEN = ("text", "shape", "device")
+#: decoding (`pat.decode`) runs the same passes with the decode kernel in place of the plan,
+#: the loop bounds and the attention kernels
+DECODE_PASSES = PASSES[:3] + (Pass("decode", ("ir", "shape", "lowered"), "compiled", decode, "codegen/decode_kernel.py"),
+                              PASSES[-1])
 
 
 # ----------------------------------------------------------------------------- the entry points
@@ -322,6 +349,14 @@ def compile_kernels(pattern: ir.PatternIR, shape: Shape, *, sources: dict | None
     tiles = plan(pattern, shape, sources)
     loops = bounds(pattern, shape, tiles)
     compiled = kernels(pattern, shape, lowered, tiles, loops, sources)
+    return compiled if device is None else cache(compiled, device)
+
+
+def compile_decode(pattern: ir.PatternIR, shape: Shape, *, sources: dict | None = None,
+                   device: str | None = None) -> DecodeCompiled:
+    """Run the decode passes for one sequence's shape: lower, decode, and with `device`
+    the cache pass (`DECODE_PASSES`)."""
+    compiled = decode(pattern, shape, lower(pattern, shape, sources), sources)
     return compiled if device is None else cache(compiled, device)
 
 
