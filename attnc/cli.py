@@ -394,7 +394,8 @@ def cmd_compile(args, out, err) -> int:
     from pathlib import Path
 
     from . import load
-    from .codegen.kernels import KernelConfig, compile_pattern
+    from .codegen.kernels import KernelConfig
+    from .codegen.pipeline import Shape, compile_kernels
 
     chosen = None
     if args.tile is not None:
@@ -409,7 +410,9 @@ def cmd_compile(args, out, err) -> int:
     if args.seq_len is None and args.grid is None:
         return _compile_generic(args, pat, sets, chosen, targets, out, err)
     M, N, H, grid = _sizes(pat, args.seq_len, parse_grid(args.grid), args.heads)
-    compiled = compile_pattern(pat, M, N, heads=H, grid=grid, config=chosen or KernelConfig())
+    # the sizes are resolved (by _sizes, once): the shape checks the tiles, the pipeline runs the passes
+    compiled = compile_kernels(pat.ir, Shape.of(pat.ir, M, N, H, grid, chosen or KernelConfig()),
+                               sources=pat.program.sources)
     meta = compiled.metadata()
     status = 0
     if targets:

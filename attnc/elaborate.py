@@ -17,7 +17,7 @@ import sympy
 
 from . import ir, semantics, syntax as ast
 from .constraints import violations
-from .errors import Collector, Span, error
+from .errors import AttnError, Collector, Span, error
 
 # ----------------------------------------------------------------------------- values
 
@@ -1159,3 +1159,88 @@ def _score_nodes(node: ir.SExpr):
             stack.append(n.operand)
         elif isinstance(n, ir.SCall):
             stack += list(n.args)
+
+
+# ----------------------------------------------------------------------------- scopes and binding
+# The steps around `Elaborator.bind` that turn parsed modules into one bound pattern: what
+# `attnc.program` runs for a file and its imports (`load` / `loads`, `Program.pattern`) and
+# `attnc.codegen.pipeline.elaborate` for one text without imports.
+
+
+def builtin_names() -> set[str]:
+    """The primitives' and functions' names, which a file cannot redefine."""
+    return set(PRIMITIVES) | set(FUNCTIONS)
+
+
+def module_scope(module: ast.Module, diags: Collector, imported=lambda item: None) -> ModuleScope:
+    """The top-level names of one parsed file: its lets and patterns (a name defined twice or
+    a built-in name is a diagnostic) and, through `imported(item) -> ModuleScope | None`, the
+    names of the files its imports resolve to (already scoped: dependencies first)."""
+    scope = ModuleScope(module)
+    for item in module.items:
+        if isinstance(item, ast.Import):
+            dep = imported(item)
+            if dep is None:
+                continue
+            for name in [*dep.lets, *dep.patterns]:
+                scope.imported[name] = ("import", dep)
+        elif isinstance(item, (ast.Let, ast.PatternDef)):
+            span = item.name_span
+            if item.name in scope.lets or item.name in scope.patterns:
+                diags.add(error(span, f"'{item.name}' is defined twice in this file"))
+                continue
+            if item.name in ir.SIZE_NAMES or item.name in ("q", "k", "_") or item.name in builtin_names():
+                diags.add(error(span, f"'{item.name}' is a built-in name and cannot be redefined"))
+                continue
+            target = scope.lets if isinstance(item, ast.Let) else scope.patterns
+            target[item.name] = item
+    return scope
+
+
+def check_scope(scope: ModuleScope, diags: Collector) -> None:
+    """Elaborate every pattern of a file with its defaults (placeholders for parameters
+    without one), so a load reports every error of the file, not only the bound pattern's."""
+    for pdef in scope.patterns.values():
+        if _has_required(pdef):
+            _check_with_placeholders(pdef, scope, diags)
+        else:
+            Elaborator(diags).bind(pdef, scope, {}, pdef.span)
+
+
+def _has_required(pdef: ast.PatternDef) -> bool:
+    return any(p.default is None and p.type is None for p in pdef.params)
+
+
+def _check_with_placeholders(pdef, scope, diags) -> None:
+    """Check a pattern whose parameters have no default, with placeholder values."""
+    placeholders = {p.name: 1 for p in pdef.params if p.default is None and p.type is None}
+    inner = Collector()
+    Elaborator(inner).bind(pdef, scope, placeholders, pdef.span)
+    for d in inner.items:
+        # placeholder values may violate value constraints; report only name and type errors
+        if "must be >=" not in d.message and "got 1" not in d.message:
+            diags.add(d)
+
+
+def find_pattern(scope: ModuleScope, name: str | None, file: str, sources: dict[str, str]) -> ast.PatternDef:
+    """The pattern `name` of a file; `name` may be None when the file defines exactly one."""
+    pats = scope.patterns
+    span = Span(file=file, line=1, col=1, end_line=1, end_col=2)
+    if name is None:
+        if len(pats) == 1:
+            return next(iter(pats.values()))
+        listing = ", ".join(pats) or "none"
+        raise AttnError(error(span, f"the file defines {len(pats)} patterns ({listing}); name one"), sources)
+    if name not in pats:
+        close = difflib.get_close_matches(name, list(pats), n=1)
+        raise AttnError(error(span, f"no pattern named '{name}' (defined: {', '.join(pats) or 'none'})",
+                              f"did you mean '{close[0]}'?" if close else None), sources)
+    return pats[name]
+
+
+def bind_pattern(pdef: ast.PatternDef, scope: ModuleScope, params: dict, sources: dict[str, str]) -> ir.PatternIR:
+    """The IR of `pdef` with its parameters bound to `params` (AttnError with every diagnostic)."""
+    diags = Collector()
+    pir = Elaborator(diags).bind(pdef, scope, params, pdef.span)
+    diags.raise_if_errors(sources)
+    return pir

@@ -15,7 +15,7 @@ from pathlib import Path
 import networkx as nx
 
 from . import ir, syntax as ast
-from .elaborate import Elaborator, ModuleScope
+from .elaborate import ModuleScope, bind_pattern, check_scope, find_pattern, module_scope
 from .errors import AttnError, Collector, Span, error, source_lines
 from .inputs import CuSeqlens
 from .limits import require
@@ -113,27 +113,8 @@ class Program:
 
     def pattern(self, name: str | None = None, /, **params) -> "BoundPattern":
         """Bind a pattern's parameters; `name` may be omitted when the file has one pattern."""
-        pdef = self._find(name)
-        diags = Collector()
-        elab = Elaborator(diags)
-        pir = elab.bind(pdef, self.scope, params, pdef.span)
-        diags.raise_if_errors(self.sources)
-        return BoundPattern(self, pir, dict(params))
-
-    def _find(self, name: str | None) -> ast.PatternDef:
-        pats = self.scope.patterns
-        span = Span(file=self.root, line=1, col=1, end_line=1, end_col=2)
-        if name is None:
-            if len(pats) == 1:
-                return next(iter(pats.values()))
-            listing = ", ".join(pats) or "none"
-            raise AttnError(error(span, f"the file defines {len(pats)} patterns ({listing}); name one"), self.sources)
-        if name not in pats:
-            import difflib
-            close = difflib.get_close_matches(name, list(pats), n=1)
-            raise AttnError(error(span, f"no pattern named '{name}' (defined: {', '.join(pats) or 'none'})",
-                                  f"did you mean '{close[0]}'?" if close else None), self.sources)
-        return pats[name]
+        pdef = find_pattern(self.scope, name, self.root, self.sources)
+        return BoundPattern(self, bind_pattern(pdef, self.scope, params, self.sources), dict(params))
 
 
 def _text(sources: dict[str, str], span: Span) -> str:
@@ -281,54 +262,13 @@ class _Loader:
             module = self.modules.get(file)
             if module is None:
                 continue
-            scope = ModuleScope(module)
-            for item in module.items:
-                if isinstance(item, ast.Import):
-                    dep = self.scopes.get(self.resolved.get((file, item), ""))
-                    if dep is None:
-                        continue
-                    for name in [*dep.lets, *dep.patterns]:
-                        scope.imported[name] = ("import", dep)
-                elif isinstance(item, (ast.Let, ast.PatternDef)):
-                    span = item.name_span
-                    if item.name in scope.lets or item.name in scope.patterns:
-                        self.diags.add(error(span, f"'{item.name}' is defined twice in this file"))
-                        continue
-                    if item.name in ir.SIZE_NAMES or item.name in ("q", "k", "_") or item.name in _builtin_names():
-                        self.diags.add(error(span, f"'{item.name}' is a built-in name and cannot be redefined"))
-                        continue
-                    target = scope.lets if isinstance(item, ast.Let) else scope.patterns
-                    target[item.name] = item
-            self.scopes[file] = scope
+            self.scopes[file] = module_scope(
+                module, self.diags, lambda item, file=file: self.scopes.get(self.resolved.get((file, item), "")))
 
     def check(self) -> None:
         """Elaborate every pattern of every file with its defaults."""
-        for file, scope in self.scopes.items():
-            for pdef in scope.patterns.values():
-                if _has_required(pdef):
-                    _check_with_placeholders(pdef, scope, self.diags)
-                else:
-                    Elaborator(self.diags).bind(pdef, scope, {}, pdef.span)
-
-
-def _has_required(pdef: ast.PatternDef) -> bool:
-    return any(p.default is None and p.type is None for p in pdef.params)
-
-
-def _check_with_placeholders(pdef, scope, diags) -> None:
-    """Check a pattern whose parameters have no default, with placeholder values."""
-    placeholders = {p.name: 1 for p in pdef.params if p.default is None and p.type is None}
-    inner = Collector()
-    Elaborator(inner).bind(pdef, scope, placeholders, pdef.span)
-    for d in inner.items:
-        # placeholder values may violate value constraints; report only name and type errors
-        if "must be >=" not in d.message and "got 1" not in d.message:
-            diags.add(d)
-
-
-def _builtin_names() -> set[str]:
-    from .elaborate import FUNCTIONS, PRIMITIVES
-    return set(PRIMITIVES) | set(FUNCTIONS)
+        for scope in self.scopes.values():
+            check_scope(scope, self.diags)
 
 
 def _finish(loader: _Loader, root: str) -> Program:

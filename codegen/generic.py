@@ -50,7 +50,7 @@ def size_classes(pat, config, heads: int | None = None, probes=None) -> tuple[li
     from attnc.errors import AttnError
     from attnc.progress import each
 
-    from .kernels import compile_pattern
+    from .pipeline import compile_pattern
 
     rank = len(pat.layout.axes)
     probes = default_probes(rank) if probes is None else list(probes)

@@ -6,7 +6,9 @@ input:  a `Lowered` mask (pointwise.py), the tile plan it runs with
 output: Python source of a module with `_mask`, the forward kernel and the
         three backward kernels (preprocess, dK/dV, dQ), formatted like
         Triton's fused-attention tutorial; deterministic for equal inputs.
-does not: launch anything (runtime/triton_backend.py does) or cache (cache.py).
+does not: lower, plan or bound loops (it prints what those passes give: the
+        pipeline, pipeline.py, runs them), launch anything
+        (runtime/triton_backend.py does) or cache (cache.py).
 
 [Note: the two loops] Every kernel walks the plan's tile lists twice through
 one inner function: once over the *full* tiles with `MASKED=False` (no mask
@@ -29,10 +31,9 @@ import re
 from dataclasses import dataclass, replace
 from string import Template
 
-from .bounds import loop_bounds
 from .expr import to_text
 from .lowered import Lowered
-from .triton_text import TritonPrinter, table_arg as _table_arg
+from .triton_text import TritonPrinter, table_arg
 
 
 #: largest tile (tokens per side) a kernel accepts: 256 x 256 scores already fill
@@ -602,8 +603,8 @@ def _range_helper(rs, i: int, bits: int, r, sizes: str = "", env: dict | None = 
     else:
         lines += [f"    active = {v}0 < {v}1", f"    {v}_first = {v}0", f"    {v}_last = {v}1 - 1"]
     if bits != -1:
-        from .ranges import head_runs as _head_runs
-        runs = _head_runs(bits, bits.bit_length())
+        from .ranges import head_runs
+        runs = head_runs(bits, bits.bit_length())
         cond = " | ".join(f"(h == {a})" if b == a + 1 else f"((h >= {a}) & (h < {b}))" for a, b in runs)
         lines.append(f"    active = active & ({cond})")
     xs = torch.arange(int(r.g0), int(r.g1), dtype=torch.int64)
@@ -654,7 +655,7 @@ def generate(low: Lowered, config: KernelConfig, plan_text: str = "built from ru
     env = size_tags.size_env(low.M, low.N, low.grid) if generic else None
     grid_args = size_tags.size_args(len(low.grid or ()))
     sizes = "".join(f", {g}" for g in grid_args)
-    tbl_args = sizes + "".join(f", {_table_arg(t.name)}" for t in low.tables)
+    tbl_args = sizes + "".join(f", {table_arg(t.name)}" for t in low.tables)
     mask_text = to_text(low.expr, env)
     if len(mask_text) > 400:
         mask_text = mask_text[:397] + "..."
@@ -674,7 +675,7 @@ def generate(low: Lowered, config: KernelConfig, plan_text: str = "built from ru
     sc = _score_texts(low, score, sizes, mask_source)
 
     def params(indent: int, closed: bool, kind: str = "fwd") -> str:
-        text = ", ".join(list(grid_args) + ([] if closed else [_LIST_PARAMS]) + [_table_arg(t.name) for t in low.tables]
+        text = ", ".join(list(grid_args) + ([] if closed else [_LIST_PARAMS]) + [table_arg(t.name) for t in low.tables]
                          + sc["params_" + kind])
         return " " * indent + text + ",\n" if text else ""
 
@@ -762,102 +763,3 @@ def _score_texts(low: Lowered, score, sizes: str, mask_source: str) -> dict:
                f"{ind}qk = tl.where(offs_m[:, None] < M, qk, float(\"-inf\"))"),
         "dq_grad": f"{ind}ds = _score_grad_tables(s_raw, ds, {fwd_pos}{targs}{gargs})",
     }
-
-
-@dataclass(frozen=True)
-class Compiled:
-    """What `compile_pattern` returns: the module source, the lowered mask and
-    the plan (None for patterns with run-time inputs: their plan is per call)."""
-
-    source: str
-    lowered: Lowered
-    plan: object | None
-    config: KernelConfig
-    bounds: object | None = None  # bounds.LoopBounds
-    score: object | None = None  # codegen/score.ScoreFn
-
-    def metadata(self) -> dict:
-        """JSON-ready description: pattern, sizes, config and the plan's tile lists."""
-        low, plan = self.lowered, self.plan
-        meta = {"pattern": low.name, "ir": low.text, "M": low.M, "N": low.N, "heads": low.H,
-                "grid": list(low.grid) if low.grid else None, "config": self.config.key(),
-                "tables": [{"name": t.name, "kind": t.kind, "shape": list(t.shape), "batched": t.batched}
-                           for t in low.tables],
-                "mask": to_text(low.expr)}
-        if self.score is not None:
-            meta["score"] = {"term": self.score.text,
-                             "tables": [{"name": n, "shape": list(shape)} for n, shape in self.score.tables]}
-        if self.bounds is not None:
-            meta["loops"] = {"summary": self.bounds.summary(), **self.bounds.to_dict()}
-        if plan is None:
-            meta["plan"] = None
-            return meta
-
-        def lists(t):
-            return [[row[: int(c)].tolist() for row, c in zip(idx, cnt)] for idx, cnt in zip(t.index, t.counts)]
-
-        meta["plan"] = {"block": list(plan.block), "method": plan.method, **plan.counts(),
-                        "density": plan.density(), "summary": plan_summary(plan),
-                        "full": lists(plan.full), "partial": lists(plan.partial)}
-        return meta
-
-
-def compile_pattern(pat, M: int, N: int | None = None, *, heads: int | None = None, grid=None,
-                    config: KernelConfig | None = None, input_shapes: dict | None = None) -> Compiled:
-    """Generate the Triton module of a `BoundPattern` at concrete sizes.
-
-    >>> c = compile_pattern(attnc.loads("pattern p = sliding(64)").pattern(), 1000)
-    >>> c.source.splitlines()[3]
-    '# pattern: pattern p(w = 64) on seq = sliding(w)'
-    """
-    from .pointwise import lower
-
-    config = config or KernelConfig()
-    if config.tile is not None:
-        return compile_nd(pat, M, N, heads=heads, grid=grid, config=config, input_shapes=input_shapes)
-    M, N, H, grid = pat.resolve_sizes(M, N, heads, grid)
-    low = lower(pat.ir, M, N, H, grid, input_shapes, sources=pat.program.sources)
-    plan = None if pat.ir.inputs else pat.plan(M, N, heads=H, grid=grid, block=config.block)
-    text = plan_summary(plan) if plan is not None else "built per call from the run-time inputs (union over the batch)"
-    bounds = loop_bounds(pat.ir, M, N, H, config.block, plan)
-    from .score import lower_score
-    score = lower_score(pat.ir, M, N, H, grid, sources=pat.program.sources)
-    return Compiled(source=generate(low, config, text, bounds, score), lowered=low, plan=plan, config=config,
-                    bounds=bounds, score=score)
-
-
-@dataclass(frozen=True)
-class NDCompiled(Compiled):
-    """`Compiled` for N-D tiles: the plan is the kernels' plan (in the padded
-    order) and `layout` says where every token goes."""
-
-    layout: object | None = None  # ndtiles.TileLayout
-
-    def metadata(self) -> dict:
-        from .ndtiles import plan_summary
-
-        meta = super().metadata()
-        lay = self.layout
-        meta["plan"]["tile_shape"] = [list(lay.tile_q), list(lay.tile_k)]
-        meta["plan"]["summary"] = plan_summary(self.plan)
-        meta["permutation"] = {"tile_q": list(lay.tile_q), "tile_k": list(lay.tile_k), "M_padded": lay.M,
-                               "N_padded": lay.N, "order_q": lay.order("q").tolist(), "order_k": lay.order("k").tolist()}
-        return meta
-
-
-def compile_nd(pat, M: int, N: int | None = None, *, heads: int | None = None, grid=None,
-               config: KernelConfig, input_shapes: dict | None = None) -> NDCompiled:
-    """`compile_pattern` for `config.tile` (N-D tiles on a pure grid, codegen/ndtiles.py)."""
-    from .ndtiles import TileLayout, header_text, nd_reason
-    from .pointwise import lower
-
-    M, N, H, grid = pat.resolve_sizes(M, N, heads, grid)
-    reason = nd_reason(pat, M, N, config.tile)
-    if reason:
-        raise ValueError(reason)
-    layout = TileLayout(grid, *config.tile)
-    low = layout.lower(lower(pat.ir, M, N, H, grid, input_shapes, sources=pat.program.sources))
-    plan = layout.kernel_plan(pat.plan(M, N, heads=H, grid=grid, block=config.tile))
-    bounds = loop_bounds(pat.ir, M, N, H, config.block, plan)  # N-D tiles: tile lists, with that reason
-    return NDCompiled(source=generate(low, config, header_text(layout, plan), bounds), lowered=low, plan=plan, config=config,
-                      layout=layout)

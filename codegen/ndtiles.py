@@ -5,8 +5,8 @@ input:  a pure-grid pattern at concrete sizes and N-D tile shapes
 output: `TileLayout` (where every grid token sits in the padded tile-major
         order: index tensors for the runtime's gather / scatter), the plan's
         tile lists in that order and the mask composed with the permutation
-        (`permute`, see [Note: N-D tiles]), from which `kernels.compile_nd`
-        generates the unchanged kernels over M' x N' positions.
+        (`permute`, see [Note: N-D tiles]), from which the pipeline
+        (pipeline.py) generates the unchanged kernels over M' x N' positions.
 does not: generate or launch anything; runtime/triton_backend.py gathers q, k, v
         into the order, runs the kernels and scatters out, lse and the gradients back.
 
@@ -133,15 +133,16 @@ def check_tile(tile, block: tuple[int, int]) -> tuple[tuple[int, ...], tuple[int
 
 
 def nd_reason(pat, M: int, N: int, tile) -> str | None:
-    """Why N-D tiles `tile` cannot run pattern `pat` at (M, N), or None."""
+    """Why N-D tiles `tile` cannot run pattern `pat` (its IR, or a bound pattern) at (M, N), or None."""
     from attnc.tiles import check_block
 
-    if pat.ir.inputs:
-        names = ", ".join(i.name for i in pat.ir.inputs)
+    pattern = getattr(pat, "ir", pat)
+    if pattern.inputs:
+        names = ", ".join(i.name for i in pattern.inputs)
         return (f"N-D tiles {tile!r} are planned when the kernels are built, but pattern "
-                f"'{pat.name}' has run-time inputs ({names}); try 1-D tiles like KernelConfig(block_m=64, block_n=64)")
+                f"'{pattern.name}' has run-time inputs ({names}); try 1-D tiles like KernelConfig(block_m=64, block_n=64)")
     try:
-        check_block(tile, pat.layout, M, N)
+        check_block(tile, pattern.layout, M, N)
     except ValueError as exc:
         return f"N-D tiles {tile!r}: {exc}"
     return None

@@ -6,7 +6,9 @@ input:  a bound pattern, q [B, Hq, m, D] (the last m positions of each sequence)
         `attnc.nn.KVCache` keeps after eviction), per-sequence lengths `cache_seqlens`.
 output: out [B, Hq, m, Dv] (and lse [B, Hq, m]).
 does not: plan tiles (no work proportional to the cache length: the closed form answers which
-        keys a query position sees), or differentiate (inference; use the op to train).
+        keys a query position sees), generate the Triton decode kernel (the pipeline's decode
+        passes do: codegen/pipeline.py, `compile_decode`), or differentiate (inference; use
+        the op to train).
 
 [Note: decode] Per sequence, the pattern's interval sets for its m query rows at (M = m,
 N = length) give each row's allowed keys exactly (intervals.IntervalAnalysis, O(m) plus the
@@ -359,29 +361,26 @@ def _tile_list(pat, m: int, L: int, H: int) -> list[int]:
 
 def _decode_triton(pat, q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table, lengths: list[int], scale: float,
                    tables: dict | None = None):
-    from attnc.codegen import cache
-    from attnc.codegen.decode_kernel import decode_source
-    from attnc.codegen.pointwise import lower
+    from attnc.codegen.kernels import KernelConfig
+    from attnc.codegen.pipeline import Shape, cache, compile_decode
     from .triton_backend import device_capability
 
     B, Hq, m, D = q.shape
     Hkv, Dv = k_cache.shape[1], v_cache.shape[-1]
     device = q.device
-    groups: dict[str, tuple[object, list[int]]] = {}  # module text -> (lowering, batch elements)
+    groups: dict[str, tuple[object, list[int]]] = {}  # module text -> (the pipeline's output, batch elements)
     tables = dict(tables or {})
     pat.check_input_names(tables, tables=True)
     score_tables = []
+    config = KernelConfig(block_m=16, block_n=BLOCK_N)  # the decode kernel's key tile (rows: the GQA group)
     for b, L in enumerate(lengths):
         Mq = _sizes(pat, m, L)[0]
-        low = lower(pat.ir, Mq, L, Hq, None, sources=pat.program.sources)
-        score = None
+        # the decode passes (codegen/pipeline.py): lower, decode; the module is loaded per text below
+        built = compile_decode(pat.ir, Shape.of(pat.ir, Mq, L, Hq, None, config), sources=pat.program.sources)
         if pat.ir.score is not None:
-            from attnc.codegen.score import score_fn
             from .validate import check_tables
             check_tables(pat, tables, Mq, L, Hq, None, q.device)
-            score = score_fn(pat.ir, Mq, L, Hq, None)
-        text = decode_source(low, score)
-        groups.setdefault(text, (low, []))[1].append(b)
+        groups.setdefault(built.source, (built, []))[1].append(b)
     if pat.ir.score is not None:
         score_tables = [t.detach().to(device=device, dtype=torch.float32).contiguous().view(-1)
                         for t in (tables[spec.name] for spec in pat.ir.tables)]
@@ -400,10 +399,9 @@ def _decode_triton(pat, q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table
     bt = block_table.to(device=device, dtype=torch.int32).contiguous() if paged else lens
     page_size = k_cache.shape[2] if paged else 1
     precision = "ieee" if q.dtype == torch.float32 else "tf32"
-    for text, (low, members) in groups.items():
-        key = cache.cache_key(low.text, {"source": text, "kind": "decode"}, f"decode-{BLOCK_N}", device_capability(device))
-        module = cache.load_module(key, lambda text=text: text, info={"pattern": low.text, "kind": "decode"})
-        statics = [t.data.to(device, torch.int32).contiguous() for t in low.tables]
+    for built, members in groups.values():
+        module = cache(built, device_capability(device)).module  # the pipeline's cache pass
+        statics = [t.data.to(device, torch.int32).contiguous() for t in built.lowered.tables]
         sel = torch.tensor(members, device=device)
         # one launch per group of sequences whose lengths give the same module text
         sub = (lambda x: x) if len(members) == B else (lambda x: x.index_select(0, sel))

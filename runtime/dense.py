@@ -1,8 +1,9 @@
 """The dense reference attention: the numerical oracle for every backend.
 
-input:  q, k, v and a dense boolean mask (attnc/reference.py builds it from the pattern).
-output: out and logsumexp, forward and backward (`backend="reference"`).
-does not: use the plan or any sparsity: O(N^2) memory, for checking.
+input:  q / k / v and a dense mask (`dense_attention`), or a validated `Call` and
+        q / k / v (`ReferenceBackend`, with the mask from `Call.mask`).
+output: out and lse, and dq / dk / dv, computed densely per the `Backend` contract.
+does not: skip anything: no plans, no kernels, O(B * H * M * N) memory.
 
 Masked positions get -inf before the softmax; queries with no allowed key give
 output 0 and logsumexp -inf (never NaN). Accumulates in float32 (float64 for

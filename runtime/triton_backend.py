@@ -3,11 +3,13 @@
 input:  a validated `Call` and q / k / v (CUDA tensors, or CPU tensors with
         TRITON_INTERPRET=1 in the environment, how CI runs the kernels).
 output: forward (out, lse) and backward (dq, dk, dv) per the `Backend` contract.
-does not: validate tensors (ops.py) or choose between backends (ops.py).
+does not: validate tensors (ops.py), choose between backends (ops.py), or lower,
+        plan and generate kernels itself (codegen/pipeline.py does, for its `Shape`).
 
-A *kernel set* is everything one call configuration needs: the lowered mask
-(pointwise.py), the generated module (kernels.py, stored by cache.py) and, for
-static patterns, the plan's tile lists on the device. Patterns with run-time
+A *kernel set* is everything one call configuration needs: what the pipeline's
+kernel passes give for the call's shape (the lowered mask, the plan, the loop
+bounds and the module, imported from the kernel cache) and, for static
+patterns, the plan's tile lists on the device. Patterns with run-time
 inputs (`same`, `routed`) build their plan per call from the inputs: the union
 over the batch (a tile is *full* only when full in every batch element), so
 one launch serves the whole batch.
@@ -161,13 +163,16 @@ class TritonBackend(Backend):
         if config.tile is not None and call.pattern.ir.score is not None:
             return ("score terms are generated for 1-D tiles only (N-D tiles permute positions); "
                     "try block=(64, 64) or backend='torch'")
-        if config.tile is not None:
-            from attnc.codegen.ndtiles import nd_reason
-            reason = nd_reason(call.pattern, call.M, call.N, config.tile)
-            if reason:
-                return reason
         try:
-            self._lower(call)
+            shape = self.shape(call, config)  # N-D tiles: a pure grid, M = N, no run-time inputs
+        except ValueError as exc:
+            return str(exc)
+        try:
+            # the pipeline's first kernel pass without the N-D permutation, which cannot fail
+            # once the shape is checked: what refuses patterns without kernels (topk)
+            from attnc.codegen.pointwise import lower
+            lower(call.pattern.ir, shape.M, shape.N, shape.H, shape.grid, shape.inputs(),
+                  sources=call.pattern.program.sources)
         except AttnError as exc:
             return f"cannot generate Triton code for pattern '{call.pattern.name}': {exc.diagnostics[0].message}"
         return None
@@ -259,53 +264,38 @@ class TritonBackend(Backend):
             out[spec.name] = (t.shape[-1],) if spec.kind == "segments" else (t.shape[-3], 1, 1)
         return out
 
-    def _lower(self, call: Call):
-        from attnc.codegen.pointwise import lower
-        return lower(call.pattern.ir, call.M, call.N, call.Hq, call.grid, self._code_shapes(call),
-                     sources=call.pattern.program.sources)
+    def shape(self, call: Call, config=None):
+        """The kernels' `pipeline.Shape` of this call: its resolved sizes (the op resolved
+        them, once), `config` (default: `call_config`) and the input shapes that change the
+        code; ValueError for N-D tiles this call cannot use."""
+        from attnc.codegen.pipeline import Shape
+
+        return Shape.of(call.pattern.ir, call.M, call.N, call.Hq, call.grid, config or self.call_config(call),
+                        self._code_shapes(call))
 
     def kernels(self, call: Call, device, config=None) -> KernelSet:
         """The kernel set for this call's configuration (generated, cached, memoised)."""
         from attnc.codegen import cache
 
-        config = config or self.call_config(call)
-        shapes = self._code_shapes(call)
-        memo = (call.pattern.text(), call.M, call.N, call.Hq, call.grid, tuple(sorted(shapes.items())), config,
-                str(device), cache.interpret_mode())
-        return _KERNEL_SETS.get(memo, lambda: self._build_kernels(call, device, config, shapes))
+        shape = self.shape(call, config)
+        memo = (call.pattern.text(), shape, str(device), cache.interpret_mode())
+        return _KERNEL_SETS.get(memo, lambda: self._build_kernels(call, device, shape))
 
-    def _build_kernels(self, call: Call, device, config, shapes) -> KernelSet:
-        """Generate the module text for this size (host work, milliseconds) and import the
-        module of that text: sizes whose text is equal share one module, hence one
-        compilation per kernel ([Note: one text, many sizes] in codegen/sizes.py)."""
-        from attnc.codegen import cache
-        from attnc.codegen.bounds import loop_bounds
-        from attnc.codegen.kernels import generate, plan_summary
+    def _build_kernels(self, call: Call, device, shape) -> KernelSet:
+        """The pipeline's kernel passes for this shape (host work, milliseconds) and the module
+        of that text from the kernel cache: sizes whose text is equal share one module, hence
+        one compilation per kernel ([Note: one text, many sizes] in codegen/sizes.py); then the
+        host state the launches read (tables, tile lists, N-D positions) on `device`."""
+        from attnc.codegen.pipeline import compile_kernels
 
-        low = self._lower(call)
-        static = not call.pattern.ir.inputs
-        layout = None
-        if config.tile is not None:
-            from attnc.codegen.ndtiles import TileLayout, header_text
-            layout = TileLayout(call.grid, *config.tile)
-            low = layout.lower(low)
-            plan = layout.kernel_plan(call.plan(config.tile))
-            plan_text = header_text(layout, plan)
-        else:
-            plan = call.plan(config.block) if static else None
-            plan_text = plan_summary(plan) if plan is not None else "built per call from the run-time inputs (union over the batch)"
-        bounds = loop_bounds(call.pattern.ir, call.M, call.N, call.Hq, config.block, plan)
-        source = generate(low, config, plan_text, bounds, call.score if layout is None else None)
-        # the key is the text itself (it holds the pattern, the config and every constant the
-        # kernels use) plus the device and versions: equal texts are one module
-        key = cache.cache_key(low.text, {"source": source}, config.key(), device_capability(device))
-        module = cache.load_module(key, lambda: source,
-                                   info={"pattern": low.text, "config": config.key(),
-                                         "generated_at": {"M": call.M, "N": call.N, "H": call.Hq, "grid": call.grid}})
+        built = compile_kernels(call.pattern.ir, shape, sources=call.pattern.program.sources,
+                                device=device_capability(device))
+        low, plan, bounds = built.lowered, built.plan, built.bounds
+        layout = getattr(built, "layout", None)
         tables = {t.name: t.data.to(device, torch.int32).contiguous() for t in low.tables if t.data is not None}
-        ks = KernelSet(key=key, lowered=low, module=module, static_tables=tables,
+        ks = KernelSet(key=built.key, lowered=low, module=built.module, static_tables=tables,
                        lists=TileLists.from_plan(plan, device) if plan is not None and not all(bounds.closed) else None,
-                       closed=bounds.closed, layout=layout, grid_sizes=tuple(int(g) for g in (low.grid or ())))
+                       closed=bounds.closed, layout=layout, grid_sizes=shape.grid or ())
         if layout is not None:
             ks.pos_q = layout.positions("q").to(device)
             ks.pos_k = layout.positions("k").to(device)

@@ -1,5 +1,11 @@
 """Checks on the tensors given to an attention op.
 
+input:  q / k / v and the scale of a call, the score term's tables, the results of
+        a forward.
+output: the sizes (B, Hq, Hkv, M, N, D) and the scale, checked; or a ValueError.
+does not: resolve the pattern's sizes (BoundPattern.resolve_sizes, called by the op)
+        or compute anything.
+
 Every failure is a `ValueError` that says what was expected, what was got and
 what to try, in the style of FlexAttention's own messages.
 """

@@ -15,7 +15,8 @@ from attnc.codegen.bounds import loop_bounds, simulate
 from attnc.codegen.monotone import Add, Const, Div, Max, Min, Mul, Position, ev, simplify, upper
 from attnc.codegen.range_derivation import col_ranges, row_ranges
 from attnc.codegen.ranges import NoClosedForm
-from attnc.codegen.kernels import KernelConfig, compile_pattern
+from attnc.codegen.kernels import KernelConfig
+from attnc.codegen.pipeline import compile_pattern
 from conftest import example_pattern
 
 import triton  # noqa: E402,F401  (a core test dependency: conftest stops the run without it)

@@ -21,7 +21,8 @@ import torch
 import attnc
 from attnc.cli import main
 from attnc.codegen import cache
-from attnc.codegen.kernels import AUTOTUNE_CONFIGS, KernelConfig, compile_pattern
+from attnc.codegen.kernels import AUTOTUNE_CONFIGS, KernelConfig
+from attnc.codegen.pipeline import compile_pattern
 from attnc.runtime.backend import Call
 from attnc.runtime.dense import dense_attention
 from attnc.runtime.triton_backend import TritonBackend
@@ -288,7 +289,7 @@ def _compile_in_process(args):
     os.environ["TRITON_INTERPRET"] = "1"
     import attnc
     from attnc.codegen import cache as c
-    from attnc.codegen.kernels import compile_pattern
+    from attnc.codegen.pipeline import compile_pattern
     pat = attnc.loads("pattern p = sliding(5) | sink(1)").pattern()
     src = compile_pattern(pat, M).source
     key = c.cache_key(pat.text(), {"M": M}, "k", "cpu-interpreter")

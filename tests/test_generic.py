@@ -20,7 +20,8 @@ from attnc.cli import main
 from attnc import aot
 from attnc.codegen import cache, sizes
 from attnc.codegen.generic import size_classes
-from attnc.codegen.kernels import KernelConfig, compile_pattern
+from attnc.codegen.kernels import KernelConfig
+from attnc.codegen.pipeline import compile_pattern
 from attnc.lru import LRU, caches, set_limit
 from attnc.runtime import triton_backend
 from conftest import EXAMPLES, example_pattern

@@ -42,12 +42,14 @@ LAYERS = (
                   "attnc.dynamic", "attnc.retention", "attnc.simulate", "attnc.sharding")),
     # kernels from patterns: the expression IR, the lowered mask and its torch program, pointwise
     # lowering, the Triton printer, loop bounds (monotone expressions, ranges, their derivation, the
-    # replay against the plan), Triton source, the kernel cache
+    # replay against the plan), Triton source, the kernel cache, and the pipeline that names every pass
+    # and runs the kernel passes (it calls analysis and codegen)
     ("codegen", ("attnc.codegen", "attnc.codegen.sizes", "attnc.codegen.expr", "attnc.codegen.torch_program",
                  "attnc.codegen.lowered", "attnc.codegen.pointwise", "attnc.codegen.triton_text",
                  "attnc.codegen.monotone", "attnc.codegen.ranges", "attnc.codegen.range_derivation", "attnc.codegen.bounds",
                  "attnc.codegen.score", "attnc.codegen.kernels", "attnc.codegen.ndtiles",
-                 "attnc.codegen.decode_kernel", "attnc.codegen.generic", "attnc.codegen.cache")),
+                 "attnc.codegen.decode_kernel", "attnc.codegen.generic", "attnc.codegen.cache",
+                 "attnc.codegen.pipeline")),
     # the attention ops and their backends (they run what codegen generates)
     ("runtime", ("attnc.runtime", "attnc.runtime.registry", "attnc.runtime.validate", "attnc.runtime.backend",
                  "attnc.runtime.dense", "attnc.runtime.tile_choice", "attnc.runtime.schedules",

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 import attnc
-from attnc.codegen.kernels import KernelConfig, compile_pattern
+from attnc.codegen.kernels import KernelConfig
+from attnc.codegen.pipeline import compile_pattern
 from attnc.codegen.expr import Builder, Const, Op, Var, nodes, to_text
 from attnc.codegen.ndtiles import TileLayout, permute, tile_major_position
 from attnc.codegen.pointwise import lower
