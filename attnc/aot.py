@@ -191,12 +191,12 @@ def synthetic_call(job: Job, pat, dtype):
     k = torch.empty(1, H, N, D, dtype=dtype)
     v = torch.empty(1, H, N, Dv, dtype=dtype)
     inputs = {}
-    if pat.ir.inputs or pat._has_topk():
+    if pat.ir.inputs or pat.has_topk():
         g = torch.Generator().manual_seed(0)
         for spec in pat.ir.inputs:
             if spec.kind == "segments":
                 inputs[spec.name] = (torch.arange(N) * 4 // N)[None]
-        if pat._has_topk():
+        if pat.has_topk():
             qr, kr = torch.randn(1, H, M, D, generator=g), torch.randn(1, H, N, D, generator=g)
             pat, inputs = pat.route(qr, kr, grid=grid, **inputs)
         else:

@@ -180,7 +180,7 @@ def _launch_job(job: Job, cap: int, dtype, sink: list) -> tuple[dict, set]:
         n0 = len(sink)
         out = torch.empty(1, call.Hq, call.M, call.Dv, dtype=dtype)
         lse = torch.zeros(1, call.Hq, call.M, dtype=torch.float32)
-        be._backward_with(call, bwd, q, k, v, out, lse, out, None)
+        be.backward_with(call, bwd, q, k, v, out, lse, out, None)
         configs.update((i, bwd) for i in range(n0, len(sink)))
     return configs, modules
 
@@ -209,7 +209,7 @@ def _launch_decode(job: Job, dtype, sink: list) -> tuple[dict, set]:
 
     cache.load_module = recording
     try:
-        dec._decode_triton(pat, q, k, v, None, [N, N], 1.0 / D ** 0.5)
+        dec.decode_triton(pat, q, k, v, None, [N, N], 1.0 / D ** 0.5)
     finally:
         cache.load_module = real
     config = KernelConfig(block_m=16, block_n=dec.BLOCK_N)

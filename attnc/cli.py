@@ -357,7 +357,7 @@ def cmd_simulate(args, out, err) -> int:
         raise UsageError(f"pattern '{pat.name}' routes key blocks at run time ({pat.ir.inputs[0].name}): "
                          f"expected --routed-density D; try --routed-density 0.1")
     if args.sweep:
-        if pat.ir.inputs or pat._has_topk():
+        if pat.ir.inputs or pat.has_topk():
             raise UsageError("--sweep: dynamic patterns are simulated one point at a time; drop --sweep")
         return _simulate_sweep(args, pat, tile, out, err)
     if args.seq_len is None and args.grid is None:
@@ -375,7 +375,7 @@ def cmd_simulate(args, out, err) -> int:
 
 def _cpu_tiles(pat, M, N, H, grid) -> str:
     """The torch path's tile choice on a grid and the alternatives it weighed (a table line)."""
-    if grid is None or pat.ir.inputs or pat._has_topk():
+    if grid is None or pat.ir.inputs or pat.has_topk():
         return ""
     from .runtime.ops import probe_call
     from .runtime.tile_choice import tile_options
@@ -589,7 +589,7 @@ def _simulate_ranks(args, pat, M, N, H, grid, tile, out) -> int:
                          f"positions), got tile {args.tile}; try --tile 128x128")
     if args.flops_per_byte is not None and not args.flops_per_byte > 0:
         raise UsageError(f"--flops-per-byte: expected a positive number, got {args.flops_per_byte}")
-    if pat.ir.inputs or pat._has_topk():
+    if pat.ir.inputs or pat.has_topk():
         from .dynamic import synthetic_inputs
         pat, inputs = synthetic_inputs(pat, M, N, H, grid, args.routed_density, {})
     else:

@@ -192,7 +192,7 @@ def synthetic_inputs(pattern, M: int, N: int, H: int, grid, density: float | Non
     import math
 
     def value(expr) -> int:
-        return pattern._value(expr, M, N, H, grid)
+        return pattern.value_at(expr, M, N, H, grid)
 
     if density is not None and not (isinstance(density, (int, float)) and 0 < density <= 1):
         raise ValueError(f"routed_density: expected a fraction in (0, 1], got {density!r}; try 0.1")
@@ -212,10 +212,10 @@ def synthetic_inputs(pattern, M: int, N: int, H: int, grid, density: float | Non
         require_tables(1, H, nq, nk, f"a random block table for '{spec.name}' (block {b}) at M = {M}, N = {N}")
         k = max(1, math.ceil(density * nk))
         inputs[spec.name] = torch.rand(H, nq, nk, generator=g).topk(k, dim=-1).indices
-    if not pattern._has_topk():  # computed when the pattern was bound
+    if not pattern.has_topk():  # computed when the pattern was bound
         return pattern, inputs
-    lowered = pattern._lowered()
-    batches, _ = pattern._inputs(M, N, H, inputs)
+    lowered = pattern.topk_lowering()
+    batches, _ = pattern.input_batches(M, N, H, inputs)
     for site in lowered.sites:
         kk, b = value(site.node.k), value(site.node.block)
         nq, nk = -(-M // b), -(-N // b)
@@ -223,4 +223,4 @@ def synthetic_inputs(pattern, M: int, N: int, H: int, grid, density: float | Non
             kk = max(1, math.ceil(density * nk))
         elig = eligible_blocks(lowered, site, b, M, N, H, grid, batches)[0].expand(H, nq, nk)
         inputs[site.input] = select(torch.rand(1, H, nq, nk, generator=g), elig[None], kk)[0]
-    return pattern._routed, inputs
+    return pattern.routed_pattern, inputs

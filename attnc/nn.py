@@ -452,7 +452,7 @@ def hf_attention(pattern: BoundPattern, *, backend: str = "auto"):
     """
     names = [s.name for s in (*pattern.ir.inputs, *pattern.ir.tables)]
     padded = None
-    decodable = not pattern.layout.axes and not pattern.ir.inputs and not pattern._has_topk()
+    decodable = not pattern.layout.axes and not pattern.ir.inputs and not pattern.has_topk()
 
     def attnc_attention(module, query, key, value, attention_mask=None, scaling=None, dropout=0.0, **kwargs):
         nonlocal padded

@@ -421,7 +421,7 @@ class BoundPattern:
         from .reference import mask_bytes
 
         M, N, H, grid = self.resolve_sizes(M, N, heads, grid)
-        batches, batched = self._inputs(M, N, H, inputs)
+        batches, batched = self.input_batches(M, N, H, inputs)
         need = mask_bytes(M, N, H, len(self.layout.axes)) + (len(batches) * H * M * N if batched else 0)
         sizes = f"{M}, {N}, heads={H}" + (f", grid={grid}" if grid is not None else "")
         require(need, f"pat.mask({sizes}) of '{self.name}'" + (f" for {len(batches)} batch elements" if batched else ""),
@@ -490,7 +490,7 @@ class BoundPattern:
             out[t.name] = dims
         return out
 
-    def _inputs(self, M: int, N: int, H: int, inputs: dict, batch: int | None = None) -> tuple[list[dict], bool]:
+    def input_batches(self, M: int, N: int, H: int, inputs: dict, batch: int | None = None) -> tuple[list[dict], bool]:
         """Validate run-time inputs; returns (one dict per batch element, whether
         any input carried a batch dimension).
 
@@ -573,7 +573,7 @@ class BoundPattern:
         block = check_block(block, self.layout, M, N)
         one = None
         if inputs or self.ir.inputs:
-            batches, _ = self._inputs(M, N, H, inputs)
+            batches, _ = self.input_batches(M, N, H, inputs)
             if len(batches) != 1:
                 raise ValueError(f"plan: expected the run-time inputs of one batch element, got {len(batches)}; "
                                  f"try plan(..., {next(iter(inputs))}=x[0])")
@@ -632,7 +632,7 @@ class BoundPattern:
 
         if isinstance(head_dim, bool) or not isinstance(head_dim, int) or head_dim < 1:
             raise ValueError(f"head_dim: expected a positive integer, got {head_dim!r}")
-        if self.ir.inputs or routed_density is not None or self._has_topk():
+        if self.ir.inputs or routed_density is not None or self.has_topk():
             from .dynamic import synthetic_inputs
             M, N, H, grid = self.resolve_sizes(M, N, heads, grid)
             pat, inputs = synthetic_inputs(self, M, N, H, grid, routed_density, inputs)
@@ -702,34 +702,34 @@ class BoundPattern:
 
         from . import dynamic
 
-        if not self._has_topk():
+        if not self.has_topk():
             return self, inputs
         if not isinstance(q, torch.Tensor) or not isinstance(k, torch.Tensor) or q.dim() != 4 or k.dim() != 4:
             raise ValueError("route: expected q [B, Hq, M, D] and k [B, Hkv, N, D] tensors")
         B, H, M, _ = q.shape
         N = k.shape[2]
         M, N, H, grid = self.resolve_sizes(M, N, H, grid)
-        batches, _ = self._inputs(M, N, H, inputs, batch=B)
-        lowered = self._lowered()
-        tables = dynamic.route(lowered, q, k, M, N, H, grid, batches, lambda e: self._value(e, M, N, H, grid))
-        return self._routed, {**inputs, **tables}
+        batches, _ = self.input_batches(M, N, H, inputs, batch=B)
+        lowered = self.topk_lowering()
+        tables = dynamic.route(lowered, q, k, M, N, H, grid, batches, lambda e: self.value_at(e, M, N, H, grid))
+        return self.routed_pattern, {**inputs, **tables}
 
-    def _value(self, expr, M: int, N: int, H: int, grid) -> int | None:
+    def value_at(self, expr, M: int, N: int, H: int, grid) -> int | None:
         """An integer expression of this pattern (parameters, M, N, H, size(a)) at these sizes."""
         env = {**self.ir.binding_map(), ir.M: M, ir.N: N, ir.H: H}
         if grid is not None:
             env.update({ir.axis_size(a): s for a, s in zip(self.ir.layout.axes, grid)})
         return _int(expr, env)
 
-    def _has_topk(self) -> bool:
+    def has_topk(self) -> bool:
         return self._topk
 
-    def _lowered(self):
+    def topk_lowering(self):
         """The topk-lowered IR and its BoundPattern, built once per pattern."""
         from . import dynamic
         if getattr(self, "_lowered_cache", None) is None:
             self._lowered_cache = dynamic.lower_topk(self.ir)
-            self._routed = BoundPattern(self.program, self._lowered_cache.pattern, self.params)
+            self.routed_pattern = BoundPattern(self.program, self._lowered_cache.pattern, self.params)
         return self._lowered_cache
 
     # -- FlexAttention

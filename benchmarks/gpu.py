@@ -266,7 +266,7 @@ def reference_rows(pat, case: Case, q, k, v, H: int, rows, inputs) -> list[torch
     scale = 1 / math.sqrt(q.shape[-1])
     kf, vf = k.float(), v.float()
     out = []
-    batches, _ = pat._inputs(q.shape[2], N, H, inputs)  # one dict per batch element (B = 1 here)
+    batches, _ = pat.input_batches(q.shape[2], N, H, inputs)  # one dict per batch element (B = 1 here)
     for lo, hi in rows:
         mask = _heads_once(pat.mask_rows(q.shape[2], N, H, case.grid, lo, hi, batches[0]))[None].to(q.device)
         s = (q[:, :, lo:hi].float() @ kf.transpose(-1, -2)) * scale

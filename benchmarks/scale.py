@@ -65,7 +65,7 @@ verb, file, pat_name, sizes, routed = json.loads(sys.argv[1])
 status = "ok"
 import attnc
 pat = attnc.load(file).pattern(pat_name, **sizes.get("params", {}))
-dynamic = bool(pat.ir.inputs) or pat._has_topk()
+dynamic = bool(pat.ir.inputs) or pat.has_topk()
 if dynamic and verb != "simulate":
     status = "n/a: routed per call from run-time inputs or q, k"
 elif verb == "plan":

@@ -69,7 +69,7 @@ def check_decode_args(pat, q, k_cache, v_cache, cache_seqlens, block_table, key_
     if pat.ir.layout.axes:
         raise ValueError(f"decode: expected a pattern on a sequence, got '{pat.name}' on {pat.ir.layout}; "
                          f"try the op pat(q, k, v, grid=...) for grids")
-    if pat.ir.inputs or pat._has_topk():
+    if pat.ir.inputs or pat.has_topk():
         raise ValueError(f"decode: pattern '{pat.name}' has run-time inputs or topk; decoding supports static "
                          f"patterns (with score terms); try the op pat(q, k, v, ...) on the whole sequence")
     if not isinstance(q, Tensor) or q.dim() != 4:
@@ -188,7 +188,7 @@ def decode(pat, q: Tensor, k_cache, v_cache, *, cache_seqlens=None, block_table=
     if backend != "torch":
         reason = _triton_reason(pat, q, layout, Dv, D)
         if reason is None and (backend == "triton" or q.is_cuda):
-            out, lse = _decode_triton(pat, q, k_cache, v_cache, block_table, lengths, scale, tables)
+            out, lse = decode_triton(pat, q, k_cache, v_cache, block_table, lengths, scale, tables)
             return (out, lse) if return_lse else out
         if backend == "triton":
             raise ValueError(f"decode: backend='triton' cannot run this call: {reason}; try backend='torch'")
@@ -359,7 +359,7 @@ def _tile_list(pat, m: int, L: int, H: int) -> list[int]:
     return sorted(tiles)
 
 
-def _decode_triton(pat, q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table, lengths: list[int], scale: float,
+def decode_triton(pat, q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table, lengths: list[int], scale: float,
                    tables: dict | None = None):
     from attnc.codegen.kernels import KernelConfig
     from attnc.codegen.pipeline import Shape, cache, compile_decode

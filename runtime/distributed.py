@@ -203,7 +203,7 @@ def layout(pattern, seq_len: int | None = None, *, ranks: int, heads: int = 1, k
     >>> lay.positions(1)[:3].tolist(), lay.report(head_dim=64).recv_bytes[1]
     ([1024, 1025, 1026], 32768)
     """
-    if pattern._has_topk():
+    if pattern.has_topk():
         raise ValueError(f"pattern '{pattern.name}' chooses blocks with topk from q and k, which no rank holds whole; "
                          f"expected a static pattern or one with run-time inputs; try routing once "
                          f"(pat.route(q, k)) and passing the routed pattern and its block tables")
@@ -227,7 +227,7 @@ def layout(pattern, seq_len: int | None = None, *, ranks: int, heads: int = 1, k
             raise ValueError(f"{n}: expected a torch integer tensor for the whole sequence, got {type(t).__name__}; "
                              f"try torch.as_tensor({n})")
     inputs = {n: (t.segment_ids(N, n) if isinstance(t, CuSeqlens) else t) for n, t in inputs.items()}
-    batch = len(pattern._inputs(N, N, H, inputs)[0])  # the batch rule of every call ([Note: input batches])
+    batch = len(pattern.input_batches(N, N, H, inputs)[0])  # the batch rule of every call ([Note: input batches])
     plans = [p for _, p in sc.plans(probe_call(pattern, N, N, H, grid, inputs, batch))]
     return Layout(pattern, shard(plans, ranks, kv_heads=kv_heads, strategy=strategy, link=link), grid, inputs, batch)
 

@@ -228,7 +228,7 @@ def to_flex(pat, M: int, N: int | None = None, *, heads: int | None = None, grid
     table_names = {t.name for t in pat.ir.tables}
     pat.check_input_names(inputs, tables=True)
     tables = {n: inputs.pop(n) for n in list(inputs) if n in table_names}
-    batches, _ = pat._inputs(M, N, H, inputs)
+    batches, _ = pat.input_batches(M, N, H, inputs)
     call = Call(pattern=pat, B=len(batches), Hq=H, Hkv=H, M=M, N=N, D=1, Dv=1, grid=grid, scale=1.0, inputs=dict(inputs),
                 tables=tables)
     if tables:
@@ -287,7 +287,7 @@ class FlexBackend(Backend):
         key = (call.pattern.ir, call.M, call.N, call.Hq, call.grid, self.block, str(device))
         batches = [{}]
         if call.pattern.ir.inputs:
-            batches, _ = call.pattern._inputs(call.M, call.N, call.Hq, dict(call.inputs), batch=call.B)
+            batches, _ = call.pattern.input_batches(call.M, call.N, call.Hq, dict(call.inputs), batch=call.B)
             key += tuple(inputs_digest(b) for b in batches)
 
         def build():

@@ -139,7 +139,7 @@ def make_call(pat, q: Tensor, k: Tensor, v: Tensor, inputs: dict, grid, scale: f
     if inputs:
         # shapes, values and the batch rule ([Note: input batches], attnc/program.py), once for
         # every backend: a backend never sees an input whose batch is neither 1 nor B
-        pat._inputs(M, N, Hq, inputs, batch=B)
+        pat.input_batches(M, N, Hq, inputs, batch=B)
     tables = dict(tables or {})
     check_tables(pat, tables, M, N, Hq, grid, q.device)
     return Call(pattern=pat, B=B, Hq=Hq, Hkv=Hkv, M=M, N=N, D=D, Dv=v.shape[-1], grid=grid, scale=scale,
@@ -312,7 +312,7 @@ def attention(pat, q, k, v, *, return_lse: bool, scale, backend: str, grid, inpu
     specs = pat.check_input_names(inputs)
     from attnc.inputs import CuSeqlens
     inputs = {n: (t.segment_ids(k.shape[2], n) if isinstance(t, CuSeqlens) else t) for n, t in inputs.items()}
-    if pat._has_topk():
+    if pat.has_topk():
         # topk is lowered to routed(sel) with tables chosen from q and k (attnc/dynamic.py):
         # every backend then runs the lowered pattern through its routed code path
         pat, inputs = pat.route(q, k, grid=grid, **inputs)

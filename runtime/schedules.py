@@ -389,7 +389,7 @@ def _batches(call: Call) -> list[tuple[slice, dict | None]]:
     entry when every batch element shares its inputs."""
     if not call.pattern.ir.inputs:
         return [(slice(0, call.B), None)]
-    batches, _ = call.pattern._inputs(call.M, call.N, call.Hq, dict(call.inputs), batch=call.B)
+    batches, _ = call.pattern.input_batches(call.M, call.N, call.Hq, dict(call.inputs), batch=call.B)
     return [(slice(b, b + 1) if len(batches) > 1 else slice(0, call.B), inputs) for b, inputs in enumerate(batches)]
 
 

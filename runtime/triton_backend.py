@@ -204,10 +204,10 @@ class TritonBackend(Backend):
         return out, lse
 
     def backward(self, call: Call, q, k, v, out, lse, dout, dlse=None):
-        return self._backward_with(call, self.backward_config(call, self._config(call, q, k, v), q), q, k, v, out, lse,
+        return self.backward_with(call, self.backward_config(call, self._config(call, q, k, v), q), q, k, v, out, lse,
                                    dout, dlse)
 
-    def _backward_with(self, call: Call, config, q, k, v, out, lse, dout, dlse):
+    def backward_with(self, call: Call, config, q, k, v, out, lse, dout, dlse):
         ks = self.kernels(call, q.device, config)
         if ks.layout is not None:
             # padded rows: zero out / dout / dlse and lse -inf, so they add nothing to dk, dv
@@ -331,7 +331,7 @@ class TritonBackend(Backend):
         chunks), united over the batch."""
         from .schedules import inputs_digest, scan_plan
 
-        batches, _ = call.pattern._inputs(call.M, call.N, call.Hq, call.inputs, batch=call.B)
+        batches, _ = call.pattern.input_batches(call.M, call.N, call.Hq, call.inputs, batch=call.B)
 
         def build() -> TileLists:
             full = nonempty = None

@@ -57,7 +57,7 @@ def _sizes_for(name, M, grid):
     return [dict(grid=grid)] + [dict(grid=g) for g in grow]
 
 
-def _inputs(name, M, N):
+def input_batches(name, M, N):
     if name == "packed":  # three documents over the N keys
         return {"doc": (torch.arange(N) * 3 // N)[None]}
     if name == "biformer":  # 64-token regions: every query block keeps key block 0 and its own
@@ -144,9 +144,9 @@ def test_one_kernel_set_across_sizes_matches_the_reference(name, params, M, H, g
         call = make_call(pat, 1, H, 1, m, n, 16, 16, g)
         inputs = _inputs(name, call.M, call.N)
         check(pat, Hq=H, Hkv=1, M=call.M, N=call.N, grid=size.get("grid"), inputs=inputs, tiles=TILES)
-        if not pat._has_topk():
+        if not pat.has_topk():
             keys.add(be.kernels(make_call(pat, 1, H, 1, call.M, call.N, 16, 16, size.get("grid"), inputs), "cpu").key)
-    if name not in SIZE_DEPENDENT and not pat._has_topk():
+    if name not in SIZE_DEPENDENT and not pat.has_topk():
         assert len(keys) == 1, f"{name}: {len(keys)} modules over three sizes"
     if grid is None:  # queries at the end of a longer key sequence (M != N)
         check(pat, Hq=H, Hkv=1, M=M + 7, N=M + 40, inputs=_inputs(name, M + 7, M + 40), tiles=TILES)
