@@ -44,7 +44,7 @@ def _pattern(spec, params):
     return attnc.loads(spec).pattern(**params)
 
 
-def input_batches(name: str, pat, N: int, H: int) -> dict:
+def _inputs(name: str, pat, N: int, H: int) -> dict:
     """The case's run-time inputs and score tables (float64 tables)."""
     g = torch.Generator().manual_seed(7)
     if name == "packed_documents":

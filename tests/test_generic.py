@@ -57,7 +57,7 @@ def _sizes_for(name, M, grid):
     return [dict(grid=grid)] + [dict(grid=g) for g in grow]
 
 
-def input_batches(name, M, N):
+def _inputs(name, M, N):
     if name == "packed":  # three documents over the N keys
         return {"doc": (torch.arange(N) * 3 // N)[None]}
     if name == "biformer":  # 64-token regions: every query block keeps key block 0 and its own
