@@ -302,3 +302,19 @@ if __name__ == "__main__":
         print(f"cycle ({len(comp)} modules): {', '.join(comp)}")
     for e in upward(edges):
         print(f"upward: {e.where()}: {e.src} -> {e.dst}")
+
+
+def test_every_package_declares_its_public_names():
+    """`__all__` of attnc, attnc.codegen and attnc.runtime names things that exist (for the two
+    internal packages: their modules or re-exported names) and nothing private."""
+    import importlib
+    import importlib.util
+
+    for package in ("attnc", "attnc.codegen", "attnc.runtime"):
+        mod = importlib.import_module(package)
+        names = getattr(mod, "__all__", None)
+        assert names, f"{package} has no __all__"
+        for name in names:
+            assert not name.startswith("_") or name == "__version__", f"{package}.__all__ lists a private name {name}"
+            assert hasattr(mod, name) or importlib.util.find_spec(f"{package}.{name}") is not None, \
+                f"{package}.__all__ lists {name}, which is neither defined nor a module"
