@@ -20,6 +20,18 @@ from .monotone import Add, Const, Div, Max, Min, MonoExpr, Mul, Position, const_
 from .ranges import MAX_RANGES, Domain, NoClosedForm, Range, Ranges, group_heads, normalize, runs_of
 
 
+def _nonempty(ranges: list[Range], dom: Domain, doing: str) -> list[Range]:
+    """The ranges not empty anywhere in the domain (at most 8 * MAX_RANGES of them)."""
+    out = []
+    for r in ranges:
+        c = dom.clip(r)
+        if c is not None and dom.nonempty(c):
+            out.append(r)
+    if len(out) > 8 * MAX_RANGES:
+        raise NoClosedForm(f"more than {8 * MAX_RANGES} key ranges while {doing}")
+    return out
+
+
 class Derivation:
     """Mask IR -> ranges over absolute query positions (1-D, concrete sizes)."""
 
@@ -52,14 +64,7 @@ class Derivation:
             if m is None:
                 raise NoClosedForm(f"{type(node).__name__.rstrip('_').lower()} (keys are not a few monotone ranges per query)")
             out = m(node, env, dom)
-        pruned = []
-        for r in out:
-            c = dom.clip(r)
-            if c is not None and dom.nonempty(c):
-                pruned.append(r)
-        if len(pruned) > 8 * MAX_RANGES:
-            raise NoClosedForm(f"more than {8 * MAX_RANGES} key ranges while combining")
-        return pruned
+        return _nonempty(out, dom, "combining")
 
     def all(self, dom: Domain, lo: MonoExpr, hi: MonoExpr) -> list[Range]:
         return [Range(lo, hi, dom.x0, dom.x1)]
@@ -169,16 +174,9 @@ class Derivation:
         return out
 
     def inter(self, A: list[Range], B: list[Range], dom: Domain) -> list[Range]:
-        out = []
-        for a in A:
-            for b in B:
-                r = Range(Max((a.lo, b.lo)), Min((a.hi, b.hi)), max(a.g0, b.g0), min(a.g1, b.g1), a.heads & b.heads)
-                c = dom.clip(r)
-                if c is not None and dom.nonempty(c):
-                    out.append(r)
-        if len(out) > 8 * MAX_RANGES:
-            raise NoClosedForm(f"more than {8 * MAX_RANGES} key ranges while intersecting")
-        return out
+        both = [Range(Max((a.lo, b.lo)), Min((a.hi, b.hi)), max(a.g0, b.g0), min(a.g1, b.g1), a.heads & b.heads)
+                for a in A for b in B]
+        return _nonempty(both, dom, "intersecting")
 
     def complement(self, A: list[Range], dom: Domain) -> list[Range]:
         out = self.all(dom, Const(0), Const(dom.L))
