@@ -219,6 +219,15 @@ class Plan:
         c = self.counts()
         return (c["tiles_full"] + c["tiles_partial"]) / c["tiles_total"]
 
+    def summary(self) -> str:
+        """One line for kernel headers: tiles, method, per-head or not, and the tile counts."""
+        c = self.counts()
+        hx = self.full.counts.shape[0]
+        heads = "one plan for all heads" if hx == 1 else f"{hx} per-head plans"
+        tiles = (f"{self.block[0]}x{self.block[1]} tiles" if self.tile_shape is None else
+                 "/".join("x".join(map(str, t)) for t in self.tile_shape) + f" tiles = {self.block[0]}/{self.block[1]} tokens")
+        return f"{tiles} ({self.method}, {heads}): {c['tiles_full']} full + {c['tiles_partial']} partial of {c['tiles_total']}"
+
     def to_string(self, head: int = 0, max_cells: int = 64) -> str:
         from .tilestats import ascii_map
         dense = self.to_dense()

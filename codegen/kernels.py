@@ -468,14 +468,6 @@ $dq_body
 ''')
 
 
-def plan_summary(plan) -> str:
-    c = plan.counts()
-    hx = plan.full.counts.shape[0]
-    heads = "one plan for all heads" if hx == 1 else f"{hx} per-head plans"
-    return (f"{plan.block[0]}x{plan.block[1]} tiles ({plan.method}, {heads}): {c['tiles_full']} full + "
-            f"{c['tiles_partial']} partial of {c['tiles_total']}")
-
-
 _LIST_PARAMS = "FullCount, FullIndex, full_width, PartCount, PartIndex, part_width"
 
 # the inner-loop calls of each kernel; {tiles} are the loop's two tile arguments, {masked} True / False
@@ -639,7 +631,7 @@ def generate(low: Lowered, config: KernelConfig, plan_text: str = "built from ru
              bounds=None, score=None) -> str:
     """The Triton module for a lowered pattern (deterministic text).
 
-    `plan_text` describes the plan for the header (see `plan_summary`). `bounds`
+    `plan_text` describes the plan for the header (see `Plan.summary`). `bounds`
     (`bounds.LoopBounds`, or None: tile lists) says per direction whether the
     loops are closed-form arithmetic or read the plan's tile lists, which are
     then kernel arguments, so one module serves any plan of the same sizes

@@ -258,15 +258,6 @@ class TileLayout:
                 f"#          into this order and scatters out, lse, dq, dk, dv back")
 
 
-def plan_summary(plan: Plan) -> str:
-    """`kernels.plan_summary` for N-D plans: the tile shapes instead of token counts."""
-    c = plan.counts()
-    hx = plan.full.counts.shape[0]
-    heads = "one plan for all heads" if hx == 1 else f"{hx} per-head plans"
-    return (f"{tile_text(plan.tile_shape)} tiles = {plan.block[0]}/{plan.block[1]} tokens ({plan.method}, {heads}): "
-            f"{c['tiles_full']} full + {c['tiles_partial']} partial of {c['tiles_total']}")
-
-
 def header_text(layout: TileLayout, plan: Plan) -> str:
     """The `plan:` header lines of an N-D module (plan, then the permutation)."""
-    return plan_summary(plan) + "\n# tokens:  " + layout.describe()
+    return plan.summary() + "\n# tokens:  " + layout.describe()

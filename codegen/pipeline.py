@@ -174,7 +174,7 @@ class Compiled:
             return [[row[: int(c)].tolist() for row, c in zip(idx, cnt)] for idx, cnt in zip(t.index, t.counts)]
 
         meta["plan"] = {"block": list(plan.block), "method": plan.method, **plan.counts(),
-                        "density": plan.density(), "summary": _kernels.plan_summary(plan),
+                        "density": plan.density(), "summary": plan.summary(),
                         "full": lists(plan.full), "partial": lists(plan.partial)}
         return meta
 
@@ -193,7 +193,7 @@ class NDCompiled(Compiled):
         meta.pop("loops", None)
         lay = self.layout
         meta["plan"]["tile_shape"] = [list(lay.tile_q), list(lay.tile_k)]
-        meta["plan"]["summary"] = ndtiles.plan_summary(self.plan)
+        meta["plan"]["summary"] = self.plan.summary()
         meta["permutation"] = {"tile_q": list(lay.tile_q), "tile_k": list(lay.tile_k), "M_padded": lay.M,
                                "N_padded": lay.N, "order_q": lay.order("q").tolist(), "order_k": lay.order("k").tolist()}
         return meta
@@ -274,7 +274,7 @@ def kernels(pattern: ir.PatternIR, shape: Shape, lowered: Lowered, tiles, loops,
         source = _kernels.generate(lowered, shape.config, ndtiles.header_text(layout, tiles), loops)
         return NDCompiled(source=source, lowered=lowered, plan=tiles, config=shape.config, bounds=loops,
                           shape=shape, layout=layout)
-    text = _kernels.plan_summary(tiles) if tiles is not None else PER_CALL_PLAN
+    text = tiles.summary() if tiles is not None else PER_CALL_PLAN
     score = _score(pattern, shape, sources)
     source = _kernels.generate(lowered, shape.config, text, loops, score)
     return Compiled(source=source, lowered=lowered, plan=tiles, config=shape.config, bounds=loops, score=score,
