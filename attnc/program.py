@@ -14,7 +14,7 @@ from pathlib import Path
 
 import networkx as nx
 
-from . import ir, syntax as ast
+from . import ir, ir_text, syntax as ast
 from .elaborate import ModuleScope, bind_pattern, check_scope, find_pattern, module_scope
 from .errors import AttnError, Collector, Span, error, source_lines
 from .inputs import CuSeqlens
@@ -346,11 +346,11 @@ class BoundPattern:
         return self.ir.layout
 
     def __repr__(self) -> str:
-        return f"<BoundPattern {ir.pattern_text(self.ir)}>"
+        return f"<BoundPattern {ir_text.pattern_text(self.ir)}>"
 
     def text(self) -> str:
         """Canonical IR text (parameters symbolic, with their bindings)."""
-        return ir.pattern_text(self.ir)
+        return ir_text.pattern_text(self.ir)
 
     # -- sizes
     def resolve_sizes(self, M: int, N: int | None, heads: int | None, grid) -> tuple[int, int, int, tuple | None]:

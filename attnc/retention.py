@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import torch
 
-from . import ir, semantics
+from . import ir, ir_text, semantics
 from .reference import Evaluator, View, top_view
 
 
@@ -35,7 +35,7 @@ def retention(pattern: ir.PatternIR, L: int, heads: int = 1) -> torch.Tensor:
         raise ValueError(f"retention: expected the cached length L >= 0, got {L!r}")
     if L == 0:
         return torch.zeros(heads, 0, dtype=torch.bool)
-    if pattern.layout.axes or pattern.inputs or ir.has_topk(pattern) or ir.reads_sizes(pattern):
+    if pattern.layout.axes or pattern.inputs or ir.has_topk(pattern) or ir_text.reads_sizes(pattern):
         return torch.ones(heads, L, dtype=torch.bool)
     view = top_view(pattern, L + 1, L + 1, heads, None, {})
     r = _Retention(pattern, view.env, L, heads)

@@ -31,7 +31,7 @@ from fractions import Fraction
 
 import sympy
 
-from . import ir, semantics
+from . import ir, ir_text, semantics
 from .lru import memoize
 
 Q = sympy.Symbol("q", integer=True)
@@ -311,7 +311,7 @@ class FormulaBuilder:
                 raise NoFormula(f"{type(node).__name__.rstrip('_').lower()} has no closed-form count: {e}") from None
         m = getattr(self, "b_" + type(node).__name__.rstrip("_"), None)
         if m is None:
-            raise NoFormula(f"{ir.pformat(node).split('(')[0]} has no closed-form count")
+            raise NoFormula(f"{ir_text.pformat(node).split('(')[0]} has no closed-form count")
         return m(node)
 
     def iv(self, lo, hi) -> SetExpr:

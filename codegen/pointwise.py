@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from attnc import ir, semantics
+from attnc import ir, ir_text, semantics
 from attnc.errors import AttnError, error
 from attnc.limits import require
 from attnc.reference import Evaluator, axis_value, ravel_coords, unravel_flat, random_table
@@ -419,6 +419,6 @@ def lower(pattern: ir.PatternIR, M: int, N: int | None = None, H: int = 1, grid=
     except AttnError as err:
         raise err.with_sources(sources or {}) from None
     tables = tuple(low.tables[n] for n in sorted(low.tables))
-    return Lowered(name=pattern.name, text=ir.pattern_text(pattern), M=int(M), N=int(N), H=H,
+    return Lowered(name=pattern.name, text=ir_text.pattern_text(pattern), M=int(M), N=int(N), H=H,
                    grid=None if grid is None else tuple(int(g) for g in grid), expr=expr,
                    tables=tables, var_bounds=tuple(sorted(var_bounds.items())))

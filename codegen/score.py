@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from attnc import ir
+from attnc import ir, ir_text
 from attnc.errors import AttnError
 from attnc.lru import memoize
 
@@ -374,7 +374,7 @@ def lower_score(pattern: ir.PatternIR, M: int, N: int, H: int, grid=None, source
                 return Fn(f, tuple(go(a) for a in args))
             case ir.SIndex(table=t, indices=idx):
                 xs = tuple(low.pos(i, view)[0] for i in idx)
-                r = Read(t, xs, dims[t], ", ".join(ir.pformat(i) for i in idx), tuple(_closure(x) for x in xs))
+                r = Read(t, xs, dims[t], ", ".join(ir_text.pformat(i) for i in idx), tuple(_closure(x) for x in xs))
                 reads.append(r)
                 return r
         raise TypeError(n)
@@ -383,7 +383,7 @@ def lower_score(pattern: ir.PatternIR, M: int, N: int, H: int, grid=None, source
         expr = go(term.expr)
     except AttnError as err:
         raise err.with_sources(sources or {}) from None
-    return ScoreFn(expr=expr, tables=tuple(dims.items()), reads=tuple(reads), text=ir.pformat(term.expr))
+    return ScoreFn(expr=expr, tables=tuple(dims.items()), reads=tuple(reads), text=ir_text.pformat(term.expr))
 
 
 @memoize("score_terms", 64, "lowered score terms per pattern and size")

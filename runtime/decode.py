@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from attnc import ir
+from attnc import ir_text
 
 
 @dataclass(frozen=True)
@@ -141,7 +141,7 @@ def _sizes(pat, m: int, L: int) -> tuple[int, int]:
     """(M, first query row) at which a sequence of length L evaluates its newest m rows: the
     op's last m rows of the whole sequence (M = N = L). A pattern that never reads M gives the
     same rows at (m, L), which is cheaper to lower."""
-    if "M" in ir.reads_sizes(pat.ir):
+    if "M" in ir_text.reads_sizes(pat.ir):
         return L, L - m
     return m, 0
 

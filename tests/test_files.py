@@ -10,7 +10,7 @@ import re
 import pytest
 
 import attnc
-from attnc.elaborate import FUNCTIONS, PRIMITIVES
+from attnc.elab_primitives import FUNCTIONS, PRIMITIVES
 
 
 def load_err(path) -> str:

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import attnc
-from attnc import elaborate, ir, semantics
+from attnc import elab_primitives, ir, semantics
 from attnc.codegen.bounds import loop_bounds
 from attnc.codegen.monotone import ev
 from attnc.codegen.range_derivation import row_ranges
@@ -160,7 +160,7 @@ def test_a_new_primitive_gets_located_errors(ring):
 
 
 def test_the_language_reads_its_primitives_from_the_definitions():
-    assert set(semantics.PRIMITIVES) <= set(elaborate.PRIMITIVES)
+    assert set(semantics.PRIMITIVES) <= set(elab_primitives.PRIMITIVES)
     for name, prim in semantics.PRIMITIVES.items():
-        assert elaborate.PRIMITIVES[name] == (list(prim.params), prim.usage)
+        assert elab_primitives.PRIMITIVES[name] == (list(prim.params), prim.usage)
         assert [f.name for f in dataclasses.fields(prim.node) if f.name != "span"] == [p[0] for p in prim.params]
