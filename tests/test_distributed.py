@@ -95,7 +95,7 @@ def _case(name, spec, params, sizes, H, Hkv, strategy, rank, world, sent, dist) 
     dt = torch.bfloat16 if name in LOW_PRECISION else torch.float64
     q, k, v, gout = (torch.randn(1, h, N, 16, generator=g, dtype=torch.float64).to(dt) for h in (H, Hkv, Hkv, H))
     glse = torch.randn(1, H, N, generator=g, dtype=torch.float64)
-    extra = input_batches(name, pat, N, H)
+    extra = _inputs(name, pat, N, H)
     tables = {n: t for n, t in extra.items() if n in [t.name for t in pat.ir.tables]}
     inputs = {n: t for n, t in extra.items() if n not in tables}
     for t in tables.values():

@@ -142,14 +142,14 @@ def test_one_kernel_set_across_sizes_matches_the_reference(name, params, M, H, g
         else:
             m = n = pat.resolve_sizes(1, None, H, g)[1]
         call = make_call(pat, 1, H, 1, m, n, 16, 16, g)
-        inputs = input_batches(name, call.M, call.N)
+        inputs = _inputs(name, call.M, call.N)
         check(pat, Hq=H, Hkv=1, M=call.M, N=call.N, grid=size.get("grid"), inputs=inputs, tiles=TILES)
         if not pat.has_topk():
             keys.add(be.kernels(make_call(pat, 1, H, 1, call.M, call.N, 16, 16, size.get("grid"), inputs), "cpu").key)
     if name not in SIZE_DEPENDENT and not pat.has_topk():
         assert len(keys) == 1, f"{name}: {len(keys)} modules over three sizes"
     if grid is None:  # queries at the end of a longer key sequence (M != N)
-        check(pat, Hq=H, Hkv=1, M=M + 7, N=M + 40, inputs=input_batches(name, M + 7, M + 40), tiles=TILES)
+        check(pat, Hq=H, Hkv=1, M=M + 7, N=M + 40, inputs=_inputs(name, M + 7, M + 40), tiles=TILES)
 
 
 @interpreted
@@ -210,7 +210,7 @@ def test_lengths_on_a_gpu_compile_each_kernel_once_and_match_the_reference(name,
     for size in sizes:
         grid = size.get("grid")
         m = size.get("M") or pat.resolve_sizes(1, None, 2, grid)[1]
-        call = check(pat, B=2, Hq=2, Hkv=1, M=m, D=64, grid=grid, inputs=input_batches(name, m, m),
+        call = check(pat, B=2, Hq=2, Hkv=1, M=m, D=64, grid=grid, inputs=_inputs(name, m, m),
                      dtype=torch.float16, tiles=(64, 64), device=device)
         modules.add(backend((64, 64)).kernels(call, device).module)
     assert len(modules) == 1, f"{name}: {len(modules)} modules over {len(sizes)} sizes"
