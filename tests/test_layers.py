@@ -59,7 +59,7 @@ LAYERS = (
     # what users call: programs and bound patterns, the nn layers, context parallelism, the
     # ahead-of-time compiler (it drives the runtime's launches), the CLI, the package itself
     ("api", ("attnc", "attnc.__main__", "attnc.program", "attnc.nn", "attnc.distributed", "attnc.aot",
-             "attnc.aot_worker", "attnc.cli")),
+             "attnc.aot_worker", "attnc.cli_args", "attnc.cli")),
 )
 
 LAYER = {mod: i for i, (_, mods) in enumerate(LAYERS) for mod in mods}
