@@ -288,11 +288,10 @@ class IntervalAnalysis(Evaluator):
             if bool((step != step[0]).any()) or int(step[0]) < 1:
                 raise NotIntervals("a progression whose step varies")
             step = int(step[0])
-            first = lo + (-lo).clamp(min=0) // step * step  # keys below 0 do not exist
-            first = torch.where(first < 0, first + step, first)
+            first = lo + ((-lo).clamp(min=0) + step - 1) // step * step  # keys below 0 do not exist
             hi = hi.clamp(max=L)
             count = int(((hi - first + step - 1) // step).clamp(min=0).max()) if Mq else 0
-            if len(los) + count > limit:
+            if count > limit:  # (the merged set is bounded again by merge())
                 raise TooManyIntervals(f"more than {limit} keys of a progression per query")
             keys = first[:, None] + step * torch.arange(count, dtype=torch.int64)[None, :]
             los.append(keys)

@@ -38,6 +38,8 @@ formulas: `//` or `%` of q), it reports why, in one place each
 
 from __future__ import annotations
 
+import operator
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Callable
 
@@ -68,12 +70,16 @@ def literal(e: ir.PExpr) -> int | None:
     return None
 
 
+#: the integer operators of `where` terms on Python ints (floor semantics, as the language's)
+INT_OPS = {"+": operator.add, "-": operator.sub, "*": operator.mul, "//": operator.floordiv, "%": operator.mod,
+           "**": operator.pow}
+
+
 def _bin(op: str, a, b) -> ir.PExpr:
     a, b = const(a), const(b)
     x, y = literal(a), literal(b)
     if x is not None and y is not None and not (op in ("//", "%") and y == 0):
-        return ir.PConst(value={"+": x + y, "-": x - y, "*": x * y, "//": x // y if y else 0,
-                                "%": x % y if y else 0}[op])
+        return ir.PConst(value=INT_OPS[op](x, y))
     if op in ("+", "-") and y == 0:
         return a
     if op == "+" and x == 0:
@@ -135,11 +141,6 @@ class Keys:
     step: ir.PExpr | None = None  # None: every key of [lo, hi)
     when: ir.PExpr | None = None  # None: every query
 
-    @property
-    def step_literal(self) -> int | None:
-        """1 for an interval, the step when it is a literal, None when it is a parameter."""
-        return 1 if self.step is None else literal(self.step)
-
 
 Definition = Callable[[ir.Mask], tuple[Keys, ...]]
 
@@ -162,12 +163,32 @@ class Primitive:
     length: Callable | None = None  # (node, view length, value_of) -> what the length lacks, or None
 
 
+class _Index(Mapping):
+    """A read-only view of a registry: `value(primitive)` under the registry's keys, for those
+    primitives `value` gives something for (the other modules' tables, derived, never stored)."""
+
+    def __init__(self, registry: dict, value: Callable):
+        self._registry, self._value = registry, value
+
+    def __getitem__(self, key):
+        v = self._value(self._registry[key])
+        if v is None:
+            raise KeyError(key)
+        return v
+
+    def __iter__(self):
+        return (k for k, p in self._registry.items() if self._value(p) is not None)
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+
 PRIMITIVES: dict[str, Primitive] = {}  # by language name
 BY_NODE: dict[type, Primitive] = {}  # by IR node
-DEFINITIONS: dict[type, Definition] = {}  # by IR node: the keys
-RULES: dict[type, list] = {}  # by IR node: constraints.py reads them
-SIGNATURES: dict[str, tuple] = {}  # name -> ([(parameter, kind, default)], usage): elaborate.py reads them
-NODES: dict[str, type] = {}  # name -> IR node
+DEFINITIONS = _Index(BY_NODE, lambda p: p.keys)  # IR node -> its keys
+RULES = _Index(BY_NODE, lambda p: list(p.rules) or None)  # IR node -> argument rules: constraints.py reads them
+SIGNATURES = _Index(PRIMITIVES, lambda p: (list(p.params), p.usage))  # name -> (parameters, usage): elaborate
+NODES = _Index(PRIMITIVES, lambda p: p.node)  # name -> IR node
 
 
 def defines(node_type: type, usage: str, *params: tuple, rules=(), relation=None, length=None):
@@ -178,31 +199,21 @@ def defines(node_type: type, usage: str, *params: tuple, rules=(), relation=None
     full = tuple(p if len(p) == 3 else (*p, REQUIRED) for p in params)
 
     def register(fn: Definition) -> Definition:
-        prim = Primitive(name, node_type, full, usage, fn, tuple(rules), relation, length)
-        PRIMITIVES[name], BY_NODE[node_type], DEFINITIONS[node_type], NODES[name] = prim, prim, fn, node_type
-        SIGNATURES[name] = (list(full), usage)
-        if rules:
-            RULES[node_type] = list(rules)
+        PRIMITIVES[name] = BY_NODE[node_type] = Primitive(name, node_type, full, usage, fn, tuple(rules), relation,
+                                                          length)
         return fn
     return register
 
 
 def undefine(name: str) -> None:
     """Forget a primitive (tests that add one)."""
-    prim = PRIMITIVES.pop(name)
-    for table, key in ((BY_NODE, prim.node), (DEFINITIONS, prim.node), (RULES, prim.node), (SIGNATURES, name),
-                       (NODES, name)):
-        table.pop(key, None)
+    BY_NODE.pop(PRIMITIVES.pop(name).node)
 
 
 def keys_of(node: ir.Mask) -> tuple[Keys, ...] | None:
     """The node's allowed keys per query, or None when it is not a positional primitive."""
-    fn = DEFINITIONS.get(type(node))
-    return None if fn is None else fn(node)
-
-
-def is_primitive(node: ir.Mask) -> bool:
-    return type(node) in DEFINITIONS
+    prim = BY_NODE.get(type(node))
+    return None if prim is None else prim.keys(node)
 
 
 def relation_problem(node: ir.Mask, value_of) -> str | None:
@@ -323,13 +334,15 @@ def _neighborhood(node: ir.Neighborhood):
     g, i = mod(Q, d), floordiv(Q, d)
     group_len = floordiv(add(sub(LENGTH, g), sub(d, 1)), d)  # ceil((N - g) / d)
     # the stride group's leader; with stride 1 every query leads its own window
-    cell = i if literal(const(s)) == 1 else mul(floordiv(i, s), s)
+    if literal(const(s)) == 1:
+        leader = i
+    else:
+        last = add(mul(floordiv(i, s), s), floordiv(s, 2) if not node.causal else sub(s, 1))
+        leader = minimum(last, sub(group_len, 1))
     if not node.causal:
-        leader = cell if literal(const(s)) == 1 else minimum(add(cell, floordiv(s, 2)), sub(group_len, 1))
         start = maximum(minimum(sub(leader, floordiv(size, 2)), sub(group_len, size)), 0)
         end = add(start, size)
     else:
-        leader = cell if literal(const(s)) == 1 else minimum(add(cell, sub(s, 1)), sub(group_len, 1))
         start = maximum(sub(leader, sub(size, 1)), 0)
         end = add(i, 1)
     if literal(const(d)) == 1:

@@ -130,9 +130,7 @@ class Derivation:
                 if isinstance(x, Const) and isinstance(y, Const):
                     if op in ("//", "%") and y.value == 0:
                         raise NoClosedForm("a division by zero")
-                    u, v = x.value, y.value
-                    return Const({"+": lambda: u + v, "-": lambda: u - v, "*": lambda: u * v, "//": lambda: u // v,
-                              "%": lambda: u % v, "**": lambda: u ** v}[op]())
+                    return Const(semantics.INT_OPS[op](x.value, y.value))
                 if op == "+" and isinstance(x, Const):
                     x, y = y, x
                 if op in ("+", "-") and isinstance(y, Const):
