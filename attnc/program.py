@@ -20,7 +20,6 @@ from .errors import AttnError, Collector, Span, error, source_lines
 from .inputs import CuSeqlens
 from .limits import require
 from .runtime.registry import register
-from .tiles import check_block
 
 # torch (and the analysis / reference modules built on it) are imported where they are
 # used, so `attnc check` and `attnc list` load and bind patterns without importing torch
@@ -569,8 +568,10 @@ class BoundPattern:
         >>> plan.counts()["tiles_partial"], plan.method
         (31, 'closed-form')
         """
+        from .codegen.pipeline import Shape, plan
+
         M, N, H, grid = self.resolve_sizes(M, N, heads, grid)
-        block = check_block(block, self.layout, M, N)
+        shape = Shape.of(self.ir, M, N, H, grid).with_tiles(self.ir, block)
         one = None
         if inputs or self.ir.inputs:
             batches, _ = self.input_batches(M, N, H, inputs)
@@ -578,12 +579,8 @@ class BoundPattern:
                 raise ValueError(f"plan: expected the run-time inputs of one batch element, got {len(batches)}; "
                                  f"try plan(..., {next(iter(inputs))}=x[0])")
             one = batches[0]
-        from .analysis import plan_blocks
-
-        try:
-            return plan_blocks(self.ir, M, N, H, grid, block=block, inputs=one)
-        except AttnError as err:
-            raise err.with_sources(self.program.sources) from None
+        shape = shape.with_inputs({n: tuple(t.shape) for n, t in (one or {}).items()})
+        return plan(self.ir, shape, self.program.sources, one, padded=False)
 
     def check_rows(self, M: int, N: int | None = None, *, heads: int | None = None, grid=None):
         """Static row checks (`analysis.RowReport`): how many query rows attend no

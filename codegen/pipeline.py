@@ -35,8 +35,15 @@ one a user should see, before any tile is planned.
 passes: `Shape.resolve` runs the pattern's `resolve_sizes` (M, N, heads, grid)
 and `Shape.of` checks the tiles against the pattern (N-D tiles need a pure
 grid, M = N and no run-time inputs); the op's `Call` is already resolved, so
-the Triton backend builds its `Shape` with `Shape.of`. The passes read
-`shape.M`, `shape.N`, ... and never re-derive a size (the lowering and the loop
+every backend reads the op's one value, `Call.shape` (runtime/backend.py), built
+once per call. The Triton backend derives its kernels' shape from it
+(`with_config`); the torch path, FlexAttention's export and `pat.plan` plan and
+lower through `plan` / `lower` here with their own tiles (`with_tiles`: any
+positive 1-D tiles, or N-D tiles on a pure grid), via `Call.plan` /
+`Call.lowered`, and with one batch element's run-time inputs (`with_inputs`,
+`plan(inputs=)`). No code outside this module calls `analysis.plan_blocks` or
+`pointwise.lower` for the runtime or the API (tests/test_pipeline.py). The
+passes read `shape.M`, `shape.N`, ... and never re-derive a size (the lowering and the loop
 bounds only tag them with their expressions: [Note: one text, many sizes] in
 sizes.py).
 """
@@ -49,6 +56,7 @@ from typing import Callable
 from attnc import analysis, ir, syntax
 from attnc.elaborate import bind_pattern, check_scope, find_pattern, module_scope
 from attnc.errors import AttnError, Collector, error
+from attnc.tiles import check_block
 
 from . import bounds as _bounds
 from . import cache as _cache
@@ -83,6 +91,10 @@ class Shape:
     grid: tuple[int, ...] | None = None
     config: KernelConfig = field(default_factory=KernelConfig)
     input_shapes: tuple = ()
+    #: the plan's tiles when a host path chooses its own (the torch path, FlexAttention's
+    #: export, `pat.plan(block=)`): (bm, bn) of any positive sizes, or N-D tile shapes on a
+    #: grid, checked by `with_tiles`; None: the kernel config's tiles
+    tiles: tuple | None = None
 
     def __post_init__(self):
         # normal forms only (hashable, order-free): the checks are in `of` and `resolve`
@@ -104,6 +116,23 @@ class Shape:
                 raise ValueError(reason)
         return cls(M, N, H, grid, config, tuple((input_shapes or {}).items()))
 
+    def with_config(self, pattern: ir.PatternIR, config: KernelConfig, input_shapes: dict | None = None) -> "Shape":
+        """This shape with the Triton kernels' `config` (and the input shapes that change their
+        code, default: these), checked like `of`."""
+        shapes = self.inputs() if input_shapes is None else input_shapes
+        return Shape.of(pattern, self.M, self.N, self.H, self.grid, config, shapes)
+
+    def with_tiles(self, pattern: ir.PatternIR, block) -> "Shape":
+        """This shape planned with a host path's own tiles `block` (spelled like
+        `plan(block=)`: an int, (bm, bn), or N-D tile shapes), checked by
+        `tiles.check_block`: ValueError (expected / got / try) for tiles that do not fit."""
+        block = check_block(block, pattern.layout, self.M, self.N)
+        return self if block == self.tiles else replace(self, tiles=block)
+
+    def with_inputs(self, input_shapes: dict) -> "Shape":
+        """This shape with other run-time input shapes (one batch element's, a stacked batch's)."""
+        return replace(self, input_shapes=tuple(input_shapes.items()))
+
     @classmethod
     def resolve(cls, pat, M: int | None, N: int | None = None, *, heads: int | None = None, grid=None,
                 config: KernelConfig | None = None, input_shapes: dict | None = None) -> "Shape":
@@ -114,12 +143,16 @@ class Shape:
 
     @property
     def block(self) -> tuple:
-        """The plan's tiles: (BLOCK_M, BLOCK_N), or the N-D tile shapes."""
+        """The plan's tiles: `tiles` when a host path chose them, else the kernel config's
+        (BLOCK_M, BLOCK_N) or N-D tile shapes."""
+        if self.tiles is not None:
+            return self.tiles
         return self.config.tile if self.config.tile is not None else self.config.block
 
     def layout(self) -> ndtiles.TileLayout | None:
         """The padded tile-major order of N-D tiles (None for 1-D tiles)."""
-        return None if self.config.tile is None else ndtiles.TileLayout(self.grid, *self.config.tile)
+        block = self.block
+        return ndtiles.TileLayout(self.grid, *block) if isinstance(block[0], tuple) else None
 
     def inputs(self) -> dict:
         """{run-time input name: shape} (the parts of the shapes that change the code)."""
@@ -245,17 +278,23 @@ def lower(pattern: ir.PatternIR, shape: Shape, sources: dict | None = None) -> L
     return low if layout is None else layout.lower(low)
 
 
-def plan(pattern: ir.PatternIR, shape: Shape, sources: dict | None = None):
-    """IR + Shape -> the tile plan the kernels run (analysis.plan_blocks; with N-D tiles the
-    layout's kernel plan), or None for patterns with run-time inputs (planned per call)."""
-    if pattern.inputs:
+def plan(pattern: ir.PatternIR, shape: Shape, sources: dict | None = None, inputs: dict | None = None, *,
+         padded: bool = True):
+    """IR + Shape -> the tile plan of `shape.block` (analysis.plan_blocks). With N-D tiles,
+    the kernels' plan in the layout's padded tile-major order, or with `padded=False` the
+    plan in the grid's tile order (what `pat.plan` and `attnc plan` show). A pattern with run-time inputs is planned
+    for one batch element's `inputs`; without them its plan is None (the kernels' plan is
+    built per call). ValueError where the inputs defeat the closed form (a segment id in
+    several runs): the torch path then scans the mask (schedules.scan_plan)."""
+    if pattern.inputs and inputs is None:
         return None
     try:
-        tiles = analysis.plan_blocks(pattern, shape.M, shape.N, shape.H, shape.grid, block=shape.block)
+        tiles = analysis.plan_blocks(pattern, shape.M, shape.N, shape.H, shape.grid, block=shape.block,
+                                     inputs=inputs if pattern.inputs else None)
     except AttnError as err:
         raise err.with_sources(sources or {}) from None
     layout = shape.layout()
-    return tiles if layout is None else layout.kernel_plan(tiles)
+    return tiles if layout is None or not padded else layout.kernel_plan(tiles)
 
 
 def bounds(pattern: ir.PatternIR, shape: Shape, tiles) -> _bounds.LoopBounds:

@@ -14,9 +14,13 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import TYPE_CHECKING
 
 import torch
+
+from attnc.codegen import pipeline
+from attnc.codegen.pipeline import Shape
 
 if TYPE_CHECKING:
     from attnc.program import BoundPattern
@@ -67,9 +71,31 @@ class Call:
         are computed by its derivative, not by autograd)."""
         return {n: t.detach().to(device=device, dtype=dtype) for n, t in self.tables.items()}
 
-    def plan(self, block: tuple[int, int]):
-        """The tile plan for this call's sizes (plans.Plan)."""
-        return self.pattern.plan(self.M, self.N, heads=self.Hq, grid=self.grid, block=block)
+    @cached_property
+    def shape(self) -> Shape:
+        """This call as the compiler's one validated shape value (codegen/pipeline.Shape):
+        the sizes resolved by the op and the run-time inputs' shapes. Every backend lowers
+        and plans through the pipeline's passes with it ([Note: one shape])."""
+        return Shape.of(self.pattern.ir, self.M, self.N, self.Hq, self.grid,
+                        input_shapes={n: tuple(t.shape) for n, t in self.inputs.items()})
+
+    def plan(self, block, inputs: dict | None = None):
+        """The tile plan (plans.Plan) of this call's sizes with tiles `block` (1-D or N-D:
+        then the kernel plan in the padded order), for one batch element's `inputs` when the
+        pattern has run-time inputs: the pipeline's plan pass."""
+        ir_ = self.pattern.ir
+        return pipeline.plan(ir_, self.shape.with_tiles(ir_, block), self.pattern.program.sources, inputs)
+
+    def lowered(self, block=None, inputs: dict | None = None):
+        """The mask as one pointwise expression (codegen/lowered.Lowered) at this call's
+        sizes, for run-time inputs of these shapes (default: the call's), permuted into the
+        padded tile-major order of N-D tiles `block`: the pipeline's lower pass.
+        LoweringError (an AttnError) for patterns without a pointwise form (topk)."""
+        ir_ = self.pattern.ir
+        shape = self.shape if inputs is None else self.shape.with_inputs(inputs)
+        if block is not None:
+            shape = shape.with_tiles(ir_, block)
+        return pipeline.lower(ir_, shape, self.pattern.program.sources)
 
     def mask(self) -> torch.Tensor:
         """Dense reference mask, bool [H, M, N] or [B, H, M, N] with batched inputs (small sizes only)."""

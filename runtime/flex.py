@@ -81,8 +81,8 @@ class FlexExport:
         self.call, self.batches, self.device = call, batches, torch.device("cpu")
         M, N = call.M, call.N
         bm, bn = block
-        self.plans = [call.pattern.plan(M, N, heads=call.Hq, grid=call.grid, block=block)
-                      if not call.pattern.ir.inputs else scan_plan(call, inputs, block) for inputs in batches]
+        self.plans = [call.plan(block) if not call.pattern.ir.inputs else scan_plan(call, inputs, block)
+                      for inputs in batches]
         fulls, partials = [], []
         for plan in self.plans:
             state = _tile_states(plan)
@@ -103,13 +103,12 @@ class FlexExport:
         return self._closed_form() or self._lookup()
 
     def _closed_form(self):
-        from attnc.codegen.pointwise import lower
         from attnc.errors import AttnError
 
         call, M, N = self.call, self.M, self.N
         inputs = {n: torch.stack([b[n] for b in self.batches]) for n in (self.batches[0] if self.batches else {})}
         try:
-            low = lower(call.pattern.ir, M, N, call.Hq, call.grid, {n: tuple(t.shape) for n, t in inputs.items()})
+            low = call.lowered(inputs={n: tuple(t.shape) for n, t in inputs.items()})
         except AttnError:
             return None
         fn = low.evaluator(inputs, self.device)

@@ -110,15 +110,12 @@ def _pointwise(call: Call, inputs: dict | None, layout=None):
     """(the pattern's pointwise mask function (q, k, h, b) -> bool, whether it
     reads h), or (None, True) when the pattern has no pointwise lowering; in the
     padded tile-major order of `layout` when given."""
-    from attnc.codegen.pointwise import lower
-
     batched = {n: t[None] for n, t in (inputs or {}).items()}  # one batch element: b = 0
     try:
-        low = lower(call.pattern.ir, call.M, call.N, call.Hq, call.grid, {n: tuple(t.shape) for n, t in batched.items()})
+        low = call.lowered(None if layout is None else (layout.tile_q, layout.tile_k),
+                           {n: tuple(t.shape) for n, t in batched.items()})
     except AttnError:
         return None, True
-    if layout is not None:
-        low = layout.lower(low)
     return low.evaluator(batched), low.uses("h")
 
 
@@ -126,12 +123,11 @@ def scan_plan(call: Call, inputs: dict, block: tuple[int, int]) -> Plan:
     """The exact tile plan of one batch element of a pattern with run-time inputs:
     in closed form from the inputs when the analysis has one (contiguous segments,
     block tables: O(N) / O(M * kmax)), else by scanning the mask in row chunks."""
-    from attnc.analysis import plan_blocks
     from attnc.tilestats import tile_stats
 
     M, N, H = call.M, call.N, call.Hq
     try:
-        return plan_blocks(call.pattern.ir, M, N, H, call.grid, block=block, inputs=inputs)
+        return call.plan(block, inputs)
     except ValueError:
         pass  # e.g. a segment id in several runs: scan
     stats, _ = tile_stats(lambda lo, hi: call.pattern.mask_rows(M, N, H, call.grid, lo, hi, inputs), M, N, H, block)
@@ -365,7 +361,7 @@ def schedules(call: Call, config: TorchPathConfig = CONFIG, nd: bool = True) -> 
         def build(inputs=inputs):
             if isinstance(block[0], tuple):  # N-D tiles: static patterns only (choose_tile)
                 layout = tile_layout(call, block)
-                plan = layout.kernel_plan(call.pattern.plan(call.M, call.N, heads=call.Hq, grid=call.grid, block=block))
+                plan = call.plan(block)  # the kernel plan, in the layout's padded order
                 return build_schedule(call, plan, partial_tile_masks(call, plan, layout=layout), config, layout)
             plan = _plan(call, inputs, block)
             return build_schedule(call, plan, partial_tile_masks(call, plan, inputs), config)
@@ -395,7 +391,7 @@ def _batches(call: Call) -> list[tuple[slice, dict | None]]:
 
 def _plan(call: Call, inputs: dict | None, block: tuple[int, int]) -> Plan:
     if inputs is None:
-        return call.pattern.plan(call.M, call.N, heads=call.Hq, grid=call.grid, block=block)
+        return call.plan(block)
     return scan_plan(call, inputs, block)
 
 

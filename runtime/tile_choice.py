@@ -101,19 +101,14 @@ def tile_options(call: Call, config: TorchPathConfig = CONFIG) -> tuple:
     key = (ir_, call.M, call.Hq, call.grid, config)
 
     def decide():
-        from attnc.codegen.pointwise import lower
-
         try:
-            lower(ir_, call.M, call.N, call.Hq, call.grid)
+            call.lowered()
         except AttnError:
             return one, {}
 
         def cost(block):
-            plan = call.pattern.plan(call.M, call.N, heads=call.Hq, grid=call.grid, block=block)
-            if block is one:
-                return tile_cost(plan, call.Hq)
-            layout = tile_layout(call, block)
-            return tile_cost(layout.kernel_plan(plan), call.Hq, layout)
+            plan = call.plan(block)  # N-D tiles: the kernel plan, in the layout's padded order
+            return tile_cost(plan, call.Hq, tile_layout(call, block))
 
         costs = {block: cost(block) for block in (one, *candidates)}
         best = min(candidates, key=costs.get)
@@ -123,9 +118,9 @@ def tile_options(call: Call, config: TorchPathConfig = CONFIG) -> tuple:
 
 
 def tile_layout(call: Call, block):
-    """The padded tile-major order (codegen/ndtiles.TileLayout) of N-D tiles `block` on the call's grid."""
-    from attnc.codegen.ndtiles import TileLayout
-    return TileLayout(call.grid, *block)
+    """The padded tile-major order (codegen/ndtiles.TileLayout) of N-D tiles `block` on the
+    call's grid; None for 1-D tiles."""
+    return call.shape.with_tiles(call.pattern.ir, block).layout()
 
 
 def _pow2_at_least(n: int) -> int:

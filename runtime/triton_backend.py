@@ -170,9 +170,7 @@ class TritonBackend(Backend):
         try:
             # the pipeline's first kernel pass without the N-D permutation, which cannot fail
             # once the shape is checked: what refuses patterns without kernels (topk)
-            from attnc.codegen.pointwise import lower
-            lower(call.pattern.ir, shape.M, shape.N, shape.H, shape.grid, shape.inputs(),
-                  sources=call.pattern.program.sources)
+            call.lowered(inputs=shape.inputs())
         except AttnError as exc:
             return f"cannot generate Triton code for pattern '{call.pattern.name}': {exc.diagnostics[0].message}"
         return None
@@ -268,10 +266,7 @@ class TritonBackend(Backend):
         """The kernels' `pipeline.Shape` of this call: its resolved sizes (the op resolved
         them, once), `config` (default: `call_config`) and the input shapes that change the
         code; ValueError for N-D tiles this call cannot use."""
-        from attnc.codegen.pipeline import Shape
-
-        return Shape.of(call.pattern.ir, call.M, call.N, call.Hq, call.grid, config or self.call_config(call),
-                        self._code_shapes(call))
+        return call.shape.with_config(call.pattern.ir, config or self.call_config(call), self._code_shapes(call))
 
     def kernels(self, call: Call, device, config=None) -> KernelSet:
         """The kernel set for this call's configuration (generated, cached, memoised)."""

@@ -5,6 +5,7 @@ same shape), sizes resolved once, and a bad shape refused once, before any pass.
 """
 
 import ast
+from dataclasses import replace
 import io
 import sys
 
@@ -203,6 +204,64 @@ def test_kernels_module_no_longer_sequences_passes():
     assert not hasattr(kernels, "compile_pattern") and not hasattr(kernels, "compile_nd")
 
 
+@pytest.fixture
+def planned_and_lowered(monkeypatch):
+    """(function that called analysis.plan_blocks or pointwise.lower, its file) for every call."""
+    from attnc import analysis
+    from attnc.codegen import pointwise
+
+    callers = []
+    for module, name in ((analysis, "plan_blocks"), (pointwise, "lower")):
+        real = getattr(module, name)
+
+        def spy(*args, real=real, **kwargs):
+            caller = sys._getframe(1).f_code
+            callers.append((caller.co_filename, caller.co_name))
+            return real(*args, **kwargs)
+        monkeypatch.setattr(module, name, spy)
+    return callers
+
+
+@pytest.mark.parametrize("case", ["1-D", "grid, N-D tiles", "run-time inputs", "flex export", "pat.plan"])
+def test_the_torch_path_and_the_flex_export_plan_and_lower_through_the_pipeline(case, planned_and_lowered):
+    g = torch.Generator().manual_seed(0)
+
+    def qkv(H, L):
+        return [torch.randn(1, H, L, 8, generator=g, dtype=torch.float64) for _ in range(3)]
+    if case == "1-D":
+        pat = attnc.loads(TEXT).pattern()
+        pat(*qkv(2, 100), backend="torch")
+    elif case == "grid, N-D tiles":
+        pat = example_pattern("natten2d", size=3)
+        pat(*qkv(1, 256), grid=(16, 16), backend="torch", block=((4, 4), (4, 4)))
+    elif case == "run-time inputs":
+        pat = example_pattern("packed")
+        pat(*qkv(1, 96), backend="torch", doc=torch.tensor([[0] * 40 + [1] * 56]))
+    elif case == "flex export":
+        example_pattern("packed").to_flex(96, block=(32, 32), doc=torch.tensor([0] * 40 + [1] * 56))
+        attnc.loads(TEXT).pattern().to_flex(100, heads=2, block=(32, 32))
+    else:
+        attnc.loads(TEXT).pattern().plan(1000, block=(64, 32))
+        example_pattern("natten2d", size=3).plan(None, grid=(16, 16), block=((4, 4), (8, 8)))
+    assert planned_and_lowered, "nothing was planned or lowered"
+    for filename, function in planned_and_lowered:
+        assert (filename, function) in {(pipeline.__file__, "plan"), (pipeline.__file__, "lower")}, (
+            f"planned or lowered outside the pipeline's passes: {filename}:{function}")
+
+
+def test_the_runtime_and_the_api_do_not_call_the_planner_or_the_lowering_directly():
+    """Only codegen/pipeline.py runs the plan and lower passes for the runtime and the API."""
+    for path in [*(ROOT / "runtime").glob("*.py"), ROOT / "attnc" / "program.py", ROOT / "attnc" / "cli.py"]:
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names = {a.name for a in node.names}
+                assert not ("plan_blocks" in names and node.module.endswith("analysis")), f"{path.name}: imports plan_blocks"
+                assert not ("lower" in names and node.module.endswith("pointwise")), f"{path.name}: imports pointwise.lower"
+            if isinstance(node, ast.Attribute) and node.attr == "plan_blocks":
+                raise AssertionError(f"{path.name}:{node.lineno}: calls plan_blocks outside the pipeline")
+
+
 # ----------------------------------------------------------------------------- sizes resolved once
 
 
@@ -242,15 +301,17 @@ def test_the_op_resolves_sizes_once_and_the_backend_builds_one_shape(resolutions
     shapes = []
     real = Shape.of.__func__
 
-    def of(cls, *args):
-        shape = real(cls, *args)
+    def of(cls, *args, **kwargs):
+        shape = real(cls, *args, **kwargs)
         shapes.append(shape)
         return shape
     monkeypatch.setattr(Shape, "of", classmethod(of))
     q, k, v = (torch.randn(1, 2, 48, 16) for _ in range(3))
     pat(q, k, v, backend="triton")
     assert resolutions["n"] == 1
-    assert shapes and all(s == shapes[0] for s in shapes)
+    # the call's shape (make_call's Call.shape), then the kernels': that value with their config
+    first, *kernel_shapes = shapes
+    assert kernel_shapes and all(s == replace(first, config=s.config) == kernel_shapes[0] for s in kernel_shapes)
     assert (shapes[0].M, shapes[0].N, shapes[0].H, shapes[0].grid) == (48, 48, 2, None)
 
 
