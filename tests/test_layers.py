@@ -31,7 +31,7 @@ LAYERS = (
     ("base", ("attnc.errors", "attnc.limits", "attnc.lru", "attnc.progress", "attnc.version", "attnc.grammar")),
     # the language: parsing, the IR, the primitives' definitions, elaboration and its checks, and
     # the validation of the two things a call adds to a pattern (tile shapes, packed-sequence offsets)
-    ("frontend", ("attnc.syntax", "attnc.parse_errors", "attnc.ir", "attnc.ir_text", "attnc.semantics", "attnc.constraints",
+    ("frontend", ("attnc.syntax", "attnc.parse_errors", "attnc.ir", "attnc.ir_expr", "attnc.ir_text", "attnc.semantics", "attnc.constraints",
                   "attnc.elab_values", "attnc.elab_primitives", "attnc.elab_params", "attnc.elab_scores",
                   "attnc.elab_names", "attnc.elab_exprs", "attnc.elaborate", "attnc.tiles", "attnc.inputs")),
     # what a pattern means and costs: the reference masks, interval sets and the tile classes
