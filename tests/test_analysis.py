@@ -504,7 +504,7 @@ def test_plan_from_tiles_equals_plan_from_flags(Hx, nq, nk):
 
 @pytest.mark.parametrize("power", [0, 1, 2, 3, 4, 5])
 def test_where_powers_equal_repeated_products(power):
-    """Small constant powers in `where` are evaluated as products (reference._arith): the
+    """Small constant powers in `where` are evaluated as products (reference_where._arith): the
     same mask as the product spelled out, negative bases included; the overflow check stays."""
     prod = " * ".join(["(q - k - 3)"] * power) if power else "1"
     a = attnc.loads(f"pattern p = where (q - k - 3) ** {power} <= 40").pattern().mask(60)
