@@ -39,7 +39,7 @@ LAYERS = (
     # formulas, dynamic routing, KV retention, pictures, the simulator and the
     # context-parallel sharding model
     ("analysis", ("attnc.reference", "attnc.reference_where", "attnc.tilestats", "attnc.intervals", "attnc.interval_tiles", "attnc.plans",
-                  "attnc.products", "attnc.tileboxes", "attnc.analysis", "attnc.symbolic", "attnc.show",
+                  "attnc.products", "attnc.tileboxes", "attnc.analysis", "attnc.piecewise", "attnc.symbolic", "attnc.show",
                   "attnc.dynamic", "attnc.retention", "attnc.simulate", "attnc.sharding")),
     # kernels from patterns: the expression IR, the lowered mask and its torch program, pointwise
     # lowering, the Triton printer, loop bounds (monotone expressions, ranges, their derivation, the
