@@ -159,7 +159,7 @@ def cmd_show(args, out, err) -> int:
 
 def _formula_text(pat, M, N, allowed) -> str:
     """The symbolic density and FLOPs of a 1-D pattern, checked against the exact count at this size."""
-    from .symbolic import NoFormula
+    from .piecewise import NoFormula
 
     try:
         f = pat.formula()

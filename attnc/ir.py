@@ -5,12 +5,14 @@ output: frozen nodes (structural equality and hashing), each with a `span`;
         integers are sympy expressions over the size symbols M, N, H,
         size(axis) and the pattern's integer parameters.
 does not: evaluate masks (reference.py), plan tiles (later passes) or print
-        nodes (ir_text.py).
+        nodes (ir_text.py); define the expression nodes itself (ir_expr.py,
+        re-exported here: `ir` is the one public face of the IR).
 
-Two expression languages live here: *mask* nodes (the pattern algebra) and
-*position* nodes (the `where` predicate language over q, k, h and grid
-coordinates). Static integers inside both are sympy expressions, so analysis
-can keep parameters and sizes symbolic.
+Two expression languages make up the IR: *mask* nodes (the pattern algebra,
+here) and *position* nodes (the `where` predicate language over q, k, h and
+grid coordinates, in ir_expr.py with the score terms and static sets). Static
+integers inside both are sympy expressions, so analysis can keep parameters
+and sizes symbolic.
 """
 
 from __future__ import annotations
@@ -23,6 +25,30 @@ import networkx as nx
 import sympy
 
 from .errors import NO_SPAN, Span
+# the expression nodes are part of the IR: `ir.PConst`, `ir.SetVal`, ... (same class objects)
+from .ir_expr import (Int, PBin, PBool, PCall, PCmp, PConst, PExpr, PIn, PNeg, PNode, PNot, PVar, SBin, SCall,
+                      SCORE_FUNCTIONS, ScoreTerm, SetList, SetRange, SetVal, SExpr, SIndex, SNeg, SNode, SNum, SPos,
+                      SScore, TableSpec)
+
+__all__ = [
+    # symbols
+    "M", "N", "H", "SIZE_NAMES", "RESERVED", "axis_size", "param_symbol",
+    # static values and expression nodes (ir_expr.py)
+    "Int", "SetList", "SetRange", "SetVal", "Arg",
+    "PNode", "PVar", "PConst", "PBin", "PNeg", "PCall", "PCmp", "PBool", "PNot", "PIn", "PExpr",
+    "SNode", "SScore", "SNum", "SPos", "SBin", "SNeg", "SCall", "SIndex", "SExpr", "SCORE_FUNCTIONS",
+    "TableSpec", "ScoreTerm",
+    # layout
+    "Layout", "SEQ",
+    # mask nodes
+    "Mask", "Full", "Empty", "Causal", "Band", "Sliding", "Neighborhood", "Block", "Strided", "Sink", "Global",
+    "Rows", "Cols", "Prefix", "Random", "Where", "Same", "Routed", "TopK", "Union_", "Inter", "Diff", "Not",
+    "Along", "Dilate", "Blockwise", "HeadArm", "Heads", "AXISWISE",
+    # patterns
+    "InputSpec", "PatternIR",
+    # traversal
+    "tree_size", "walk", "transform", "dag", "has_topk",
+]
 
 # ----------------------------------------------------------------------------- symbols
 
@@ -41,37 +67,6 @@ def axis_size(axis: str) -> sympy.Symbol:
 def param_symbol(name: str) -> sympy.Symbol:
     return sympy.Symbol(name, integer=True)
 
-
-Int = sympy.Expr
-
-
-# ----------------------------------------------------------------------------- static values
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class SetList:
-    """An explicit integer set `{a, b, c}`."""
-
-    items: tuple[Int, ...]
-
-    def __str__(self) -> str:
-        return "{" + ", ".join(str(i) for i in self.items) + "}"
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class SetRange:
-    """A half-open range `start .. stop step step`."""
-
-    start: Int
-    stop: Int
-    step: Int = sympy.Integer(1)
-
-    def __str__(self) -> str:
-        s = f"{self.start} .. {self.stop}"
-        return s if self.step == 1 else f"{s} step {self.step}"
-
-
-SetVal = Union[SetList, SetRange]
 
 #: A primitive argument: one value for every axis, or one per axis.
 Arg = Union[Int, tuple]
@@ -106,149 +101,6 @@ class Layout:
 
 
 SEQ = Layout()
-
-
-# ----------------------------------------------------------------------------- position expressions (where)
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class PNode:
-    span: Span = field(default=NO_SPAN, compare=False, hash=False, repr=False)
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class PVar(PNode):
-    """`q` (absolute query position), `k`, `h` (head), or `q.a` / `k.a`."""
-
-    name: str
-    axis: str | None = None
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class PConst(PNode):
-    value: Int
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class PBin(PNode):
-    op: str  # + - * // % **
-    left: "PExpr"
-    right: "PExpr"
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class PNeg(PNode):
-    operand: "PExpr"
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class PCall(PNode):
-    func: str  # min max abs
-    args: tuple["PExpr", ...]
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class PCmp(PNode):
-    ops: tuple[str, ...]
-    operands: tuple["PExpr", ...]
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class PBool(PNode):
-    op: str  # and | or
-    parts: tuple["PExpr", ...]
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class PNot(PNode):
-    operand: "PExpr"
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class PIn(PNode):
-    item: "PExpr"
-    collection: SetVal
-
-
-PExpr = Union[PVar, PConst, PBin, PNeg, PCall, PCmp, PBool, PNot, PIn]
-
-
-# ----------------------------------------------------------------------------- score terms
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class SNode:
-    """A real-valued score expression (`score EXPR` after the mask, docs/language.md)."""
-
-    span: Span = field(default=NO_SPAN, compare=False, hash=False, repr=False)
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class SScore(SNode):
-    """`score`: the scaled dot product `scale * q . k` of the pair."""
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class SNum(SNode):
-    value: float
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class SPos(SNode):
-    """An integer expression of positions, the head, parameters and sizes, used as a real."""
-
-    node: "PExpr"
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class SBin(SNode):
-    op: str  # + - * / **
-    left: "SExpr"
-    right: "SExpr"
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class SNeg(SNode):
-    operand: "SExpr"
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class SCall(SNode):
-    func: str  # tanh exp sigmoid abs min max
-    args: tuple["SExpr", ...]
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class SIndex(SNode):
-    """`table[i, ...]`: an entry of a `table(...)` input; the indices are integer expressions."""
-
-    table: str
-    indices: tuple["PExpr", ...]
-
-
-SExpr = Union[SScore, SNum, SPos, SBin, SNeg, SCall, SIndex]
-
-#: functions of score terms (besides min max abs)
-SCORE_FUNCTIONS = ("tanh", "exp", "sigmoid")
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class TableSpec:
-    """A `table(d1, ...)` run-time input: a real tensor of exactly that shape, read by a score term
-    (learnable: gradients flow into it)."""
-
-    name: str
-    dims: tuple  # Int expressions of parameters and sizes
-    span: Span = field(default=NO_SPAN, compare=False, hash=False, repr=False)
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class ScoreTerm:
-    """The pattern's score: the logit of an allowed pair is `expr` instead of `scale * q . k`."""
-
-    expr: SExpr
-    tables: tuple[TableSpec, ...] = ()
-    span: Span = field(default=NO_SPAN, compare=False, hash=False, repr=False)
 
 
 # ----------------------------------------------------------------------------- mask nodes

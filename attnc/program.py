@@ -606,7 +606,7 @@ class BoundPattern:
         """Exact allowed pairs, density and forward FLOPs of this 1-D pattern as
         sympy formulas of N and the parameters (self-attention, M = N), with the
         conditions under which they hold (`symbolic.Formula`). Derived once per
-        bound pattern and cached. Raises `symbolic.NoFormula` (a ValueError)
+        bound pattern and cached. Raises `piecewise.NoFormula` (a ValueError)
         saying why when the pattern has none (grids, block, strided, where, ...).
 
         >>> str(attnc.loads("pattern p(w = 8) = sliding(w)").pattern().formula().density)
@@ -637,7 +637,7 @@ class BoundPattern:
             return simulate_plan(plan, name=self.name, head_dim=head_dim, gpu=gpu, batch=batch)
         plan = self.plan(M, N, heads=heads, grid=grid, block=tile)
         rep = simulate_plan(plan, name=self.name, head_dim=head_dim, gpu=gpu, batch=batch)
-        from .symbolic import NoFormula
+        from .piecewise import NoFormula
         try:
             f = self.formula() if plan.M == plan.N else None
         except NoFormula:

@@ -403,7 +403,7 @@ def test_formula_validity_is_stated_and_checked():
     assert f.allowed_at(1000) == attnc.loads("pattern p(w = 64) = sliding(w)").pattern().plan(1000).allowed
     n = 10**9 + 7  # exact integer arithmetic beyond 2**53
     assert attnc.loads("pattern p = causal").pattern().formula().allowed_at(n) == n * (n + 1) // 2
-    from attnc.symbolic import NoFormula
+    from attnc.piecewise import NoFormula
     for src, why in [("pattern p = block(8)", "block has no closed-form count"),
                      ("pattern p on grid(h, w) = neighborhood(3)", "grid layouts"),
                      ("pattern p = neighborhood(5, stride = 2)", "dilated or strided")]:
@@ -504,7 +504,7 @@ def test_plan_from_tiles_equals_plan_from_flags(Hx, nq, nk):
 
 @pytest.mark.parametrize("power", [0, 1, 2, 3, 4, 5])
 def test_where_powers_equal_repeated_products(power):
-    """Small constant powers in `where` are evaluated as products (reference._arith): the
+    """Small constant powers in `where` are evaluated as products (reference_where._arith): the
     same mask as the product spelled out, negative bases included; the overflow check stays."""
     prod = " * ".join(["(q - k - 3)"] * power) if power else "1"
     a = attnc.loads(f"pattern p = where (q - k - 3) ** {power} <= 40").pattern().mask(60)

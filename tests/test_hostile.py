@@ -157,7 +157,7 @@ def test_a_file_that_vanishes_while_it_is_read(tmp_path, monkeypatch):
 def test_density_formula_of_min_max_of_n_is_no_formula(src):
     # sympy's PolynomialError escaped from attnc show / simulate as a traceback
     pat = attnc.loads(src).pattern()
-    from attnc.symbolic import NoFormula
+    from attnc.piecewise import NoFormula
     with pytest.raises(NoFormula, match="not a polynomial in N"):
         pat.formula()
     rep = pat.simulate(12, tile=(4, 4), head_dim=8)
@@ -195,12 +195,12 @@ def test_formula_conditions_keep_the_sign_of_upper_bounds():
 def test_a_long_union_refuses_its_formula_without_repeating_sympy_work(monkeypatch):
     # 199 `causal` terms took ~1.3 s per formula attempt (6000 sympy expansions for the same
     # few interval ends) and show / simulate asked twice: cases of 6-8 s in the long run
-    from attnc import symbolic
+    from attnc import piecewise
     calls = []
-    real = symbolic.Order._key
-    monkeypatch.setattr(symbolic.Order, "_key", lambda self, e: calls.append(e) or real(self, e))
+    real = piecewise.Order._key
+    monkeypatch.setattr(piecewise.Order, "_key", lambda self, e: calls.append(e) or real(self, e))
     pat = attnc.loads("pattern p = " + " | ".join(["causal"] * 199)).pattern()
     for _ in range(2):
-        with pytest.raises(symbolic.NoFormula, match="too many terms"):
+        with pytest.raises(piecewise.NoFormula, match="too many terms"):
             pat.formula()
     assert 0 < len(calls) < 100, len(calls)  # each distinct end once; the refusal is cached

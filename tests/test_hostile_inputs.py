@@ -70,7 +70,7 @@ def test_a_pattern_whose_tree_doubles_at_every_line_is_refused_quickly():
 def test_the_density_formula_gives_up_within_its_budget(body, tmp_path):
     # used to run for minutes (inclusion-exclusion over every sub-union)
     from attnc.cli import main
-    from attnc.symbolic import NoFormula
+    from attnc.piecewise import NoFormula
     pat = attnc.loads(f"pattern p = {body}").pattern()
     with pytest.raises(NoFormula, match="too many terms for a closed form"):
         pat.formula()

@@ -31,15 +31,15 @@ LAYERS = (
     ("base", ("attnc.errors", "attnc.limits", "attnc.lru", "attnc.progress", "attnc.version", "attnc.grammar")),
     # the language: parsing, the IR, the primitives' definitions, elaboration and its checks, and
     # the validation of the two things a call adds to a pattern (tile shapes, packed-sequence offsets)
-    ("frontend", ("attnc.syntax", "attnc.parse_errors", "attnc.ir", "attnc.ir_text", "attnc.semantics", "attnc.constraints",
+    ("frontend", ("attnc.syntax", "attnc.parse_errors", "attnc.ir", "attnc.ir_expr", "attnc.ir_text", "attnc.semantics", "attnc.constraints",
                   "attnc.elab_values", "attnc.elab_primitives", "attnc.elab_params", "attnc.elab_scores",
                   "attnc.elab_names", "attnc.elab_exprs", "attnc.elaborate", "attnc.tiles", "attnc.inputs")),
     # what a pattern means and costs: the reference masks, interval sets and the tile classes
     # from them, tile plans, products on grids, tile boxes, the plan drivers and per-tile counts,
     # formulas, dynamic routing, KV retention, pictures, the simulator and the
     # context-parallel sharding model
-    ("analysis", ("attnc.reference", "attnc.tilestats", "attnc.intervals", "attnc.interval_tiles", "attnc.plans",
-                  "attnc.products", "attnc.tileboxes", "attnc.analysis", "attnc.symbolic", "attnc.show",
+    ("analysis", ("attnc.reference", "attnc.reference_where", "attnc.tilestats", "attnc.intervals", "attnc.interval_tiles", "attnc.plans",
+                  "attnc.products", "attnc.tileboxes", "attnc.analysis", "attnc.piecewise", "attnc.symbolic", "attnc.show",
                   "attnc.dynamic", "attnc.retention", "attnc.simulate", "attnc.sharding")),
     # kernels from patterns: the expression IR, the lowered mask and its torch program, pointwise
     # lowering, the Triton printer, loop bounds (monotone expressions, ranges, their derivation, the
