@@ -199,6 +199,11 @@ def _fold(A: ISet, F: ISet, S: int) -> ISet:
 # ----------------------------------------------------------------------------- closed forms per primitive
 
 
+#: interval sets for the boolean combinators ([Note: combinators] in semantics.py)
+INTERVAL_SETS = semantics.Algebra(union=semantics.folding(union), intersect=semantics.folding(intersect),
+                                  complement=complement)
+
+
 class IntervalAnalysis(Evaluator):
     """The per-query interval sets of a 1-D pattern (raises NotIntervals)."""
 
@@ -210,6 +215,8 @@ class IntervalAnalysis(Evaluator):
         parts = self.keys(node, view)
         if parts is not None:
             return self.key_intervals(parts, view)
+        if semantics.is_combinator(node):
+            return semantics.combine(node, lambda n: self.eval(n, view), INTERVAL_SETS)
         method = getattr(self, "iv_" + type(node).__name__.rstrip("_"), None)
         if method is None:
             raise NotIntervals(type(node).__name__)
@@ -345,24 +352,6 @@ class IntervalAnalysis(Evaluator):
             raise TooManyIntervals("random with many keys")
         table = random_table(view.q, view.L, r, seed)
         return merge(ISet.make(table, table + 1, view.L))
-
-    def iv_Union(self, node, view):
-        out = self.eval(node.parts[0], view)
-        for p in node.parts[1:]:
-            out = union(out, self.eval(p, view))
-        return out
-
-    def iv_Inter(self, node, view):
-        out = self.eval(node.parts[0], view)
-        for p in node.parts[1:]:
-            out = intersect(out, self.eval(p, view))
-        return out
-
-    def iv_Diff(self, node, view):
-        return intersect(self.eval(node.left, view), complement(self.eval(node.right, view)))
-
-    def iv_Not(self, node, view):
-        return complement(self.eval(node.operand, view))
 
     def iv_Heads(self, node, view):
         H = view.heads

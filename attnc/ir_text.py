@@ -118,8 +118,9 @@ def pformat(node: "Mask | PExpr | SExpr") -> str:
             return f"{f}(" + ", ".join(pformat(a) for a in args) + ")"
         case SIndex(table=t, indices=idx):
             return f"{t}[" + ", ".join(pformat(i) for i in idx) + "]"
-    if isinstance(node, Mask) and not node.children():  # a primitive added since: name(field=value, ...)
-        args = ", ".join(f"{f.name}={_fmt(getattr(node, f.name))}" for f in fields(node) if f.name != "span")
+    if isinstance(node, Mask):  # a primitive or combinator added since: name(field=value, ...)
+        args = ", ".join(f"{f.name}={pformat(v) if isinstance(v, Mask) else _fmt(v)}"
+                         for f in fields(node) if f.name != "span" for v in [getattr(node, f.name)])
         return f"{type(node).__name__.lower()}({args})"
     raise TypeError(f"not an IR node: {node!r}")
 

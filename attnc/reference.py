@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import operator
 from dataclasses import dataclass, field
 
 import sympy
@@ -30,6 +31,10 @@ from .reference_where import WherePredicates
 from .syntax import MAX_INT
 
 MASK32 = 0xFFFFFFFF
+
+#: dense masks as sets for the boolean combinators ([Note: combinators] in semantics.py)
+MASKS = semantics.Algebra(union=semantics.folding(operator.or_), intersect=semantics.folding(operator.and_),
+                          complement=operator.invert)
 
 
 # ----------------------------------------------------------------------------- the documented random generator
@@ -176,6 +181,8 @@ class Evaluator(WherePredicates):
         parts = self.keys(node, view)
         if parts is not None:
             out = self.eval_keys(parts, view)
+        elif semantics.is_combinator(node):
+            out = semantics.combine(node, lambda n: self.eval(n, view), MASKS)
         else:
             out = getattr(self, "eval_" + type(node).__name__.rstrip("_"))(node, view)
         if out.dim() == 2:
@@ -270,27 +277,7 @@ class Evaluator(WherePredicates):
         raise AttnError(error(node.span, "topk's mask depends on the query and key tensors: it is only defined inside the op "
                               "(pat(q, k, v)); mask() cannot evaluate it"))
 
-    # -- combinators
-    def eval_Union(self, node, view):
-        out = None
-        for p in node.parts:
-            r = self.eval(p, view)
-            out = r if out is None else out | r
-        return out
-
-    def eval_Inter(self, node, view):
-        out = None
-        for p in node.parts:
-            r = self.eval(p, view)
-            out = r if out is None else out & r
-        return out
-
-    def eval_Diff(self, node, view):
-        return self.eval(node.left, view) & ~self.eval(node.right, view)
-
-    def eval_Not(self, node, view):
-        return ~self.eval(node.operand, view)
-
+    # -- structural combinators (the boolean ones: semantics.COMBINATORS over `MASKS`)
     def eval_Along(self, node, view):
         sub, iq, ik = self.axis_view(view, node.axis)
         return self.in_grid(view, self.gather(self.eval(node.operand, sub), iq, ik))

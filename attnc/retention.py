@@ -23,6 +23,8 @@ allowed for any of many later query positions, on every example and on random pa
 
 from __future__ import annotations
 
+import operator
+
 import torch
 
 from . import ir, ir_text, semantics
@@ -60,22 +62,15 @@ class _Retention:
         parts = semantics.keys_of(node)
         if parts is not None:
             return self.keys_needed(parts)
-        match node:
-            case ir.Union_(parts=ps):
-                out = self.need(ps[0])
-                for p in ps[1:]:
-                    out = out | self.need(p)
-                return out
-            case ir.Inter(parts=ps):
-                out = self.need(ps[0])
-                for p in ps[1:]:
-                    out = out & self.need(p)
-                return out
-            case ir.Diff(left=a):
-                return self.need(a)
-            case ir.Heads(arms=arms):
-                return self._heads(arms)
-        return self.all()  # causal, full, strided, random, where, ~, structural: keep everything
+        if semantics.is_combinator(node):
+            # a complement keeps every key: what `b` excludes from `a - b` is kept too (an
+            # over-approximation: eviction must never drop a key some query reads)
+            return semantics.combine(node, self.need, semantics.Algebra(
+                union=semantics.folding(operator.or_), intersect=semantics.folding(operator.and_),
+                complement=lambda _: self.all()))
+        if isinstance(node, ir.Heads):
+            return self._heads(node.arms)
+        return self.all()  # random, where, structural: keep everything
 
     def keys_needed(self, parts: tuple[semantics.Keys, ...]) -> torch.Tensor:
         """The cached keys some future query p >= L reads through a primitive's progressions

@@ -23,9 +23,8 @@ outside [0, N): every consumer clips to the keys that exist. Progressions are
 the shape the analyses need: an interval is one closed form for the plan, the
 loop bounds and the formula, and the residue structure of dilation and
 strides stays visible (a consumer that needs intervals enumerates a short
-progression, or says it cannot). Combinators (`|`, `&`, `-`, `~`, `@`,
-`dilate`, `blockwise`, `heads`), `where`, `random` and the run-time inputs are
-not primitives here: each consumer combines sets its own way.
+progression, or says it cannot). `where`, `random` and the run-time inputs are
+not primitives here; the combinators are below ([Note: combinators]).
 
 Adding a primitive is one decorated function below -- its name, signature and
 argument constraints in `@defines`, its keys in the body -- plus its IR node
@@ -38,6 +37,7 @@ formulas: `//` or `%` of q), it reports why, in one place each
 
 from __future__ import annotations
 
+import functools
 import operator
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -460,3 +460,55 @@ def predicate(parts: tuple[Keys, ...]) -> ir.PExpr | None:
     if not conds:
         return None
     return conds[0] if len(conds) == 1 else ir.PBool(op="or", parts=tuple(conds))
+
+
+# ----------------------------------------------------------------------------- combinators
+
+
+@dataclass(frozen=True)
+class Algebra:
+    """A consumer's sets, as the boolean combinators need them ([Note: combinators]).
+
+    `union` and `intersect` take an iterator of one or more sets, produced lazily in
+    the operands' order (a consumer may fold them without holding them all);
+    `complement` takes one set."""
+
+    union: Callable
+    intersect: Callable
+    complement: Callable
+
+
+def folding(op: Callable) -> Callable:
+    """An n-ary `Algebra` operation from a binary one, folded left over the operands."""
+    return lambda sets: functools.reduce(op, sets)
+
+
+#: [Note: combinators] The boolean combinators, each defined once over any consumer's
+#: `Algebra`: `a - b` is `a & ~b` here and nowhere else. The consumers give their sets'
+#: union, intersection and complement: dense masks (`|`, `&`, `~`: reference.py), kernel
+#: predicates (or / and / not: codegen/pointwise.py), interval sets (intervals.py), key
+#: ranges (codegen/range_derivation.py), set expressions for the formulas (symbolic.py),
+#: three-valued tile classes (full, nonempty) (tileboxes.py) and KV retention's kept
+#: keys, where a complement keeps every key (retention.py). A new boolean combinator is
+#: one entry here plus its IR node. The structural combinators (`@` along an axis,
+#: `dilate`, `blockwise`, `heads`) change the view -- positions, sizes, which heads --
+#: and each consumer's view is its own (tensors of positions, printed expressions,
+#: tile boxes, range domains), so they stay with the views in each consumer.
+COMBINATORS: dict[type, Callable] = {
+    ir.Union_: lambda node, sets, a: a.union(sets(p) for p in node.parts),
+    ir.Inter: lambda node, sets, a: a.intersect(sets(p) for p in node.parts),
+    ir.Diff: lambda node, sets, a: a.intersect(iter((sets(node.left), a.complement(sets(node.right))))),
+    ir.Not: lambda node, sets, a: a.complement(sets(node.operand)),
+}
+
+
+def is_combinator(node: ir.Mask) -> bool:
+    """Whether `node` is a boolean combinator (`combine` defines its set)."""
+    return type(node) in COMBINATORS
+
+
+def combine(node: ir.Mask, sets: Callable, algebra: Algebra):
+    """The set of the boolean combinator `node` in `algebra`, from its operands' sets
+    (`sets(child)`, called once per operand, in order)."""
+    return COMBINATORS[type(node)](node, sets, algebra)
+

@@ -133,6 +133,8 @@ class FormulaBuilder:
                 return self.key_sets(node, parts)
             except NoFormula as e:
                 raise NoFormula(f"{type(node).__name__.rstrip('_').lower()} has no closed-form count: {e}") from None
+        if semantics.is_combinator(node):
+            return semantics.combine(node, self.build, self.algebra)
         m = getattr(self, "b_" + type(node).__name__.rstrip("_"), None)
         if m is None:
             raise NoFormula(f"{ir_text.pformat(node).split('(')[0]} has no closed-form count")
@@ -213,20 +215,13 @@ class FormulaBuilder:
             return [(s.start, s.stop)]
         return [(i, i + 1) for i in s.items]
 
-    def b_Union(self, n):
-        return SetExpr("or", tuple(self.build(p) for p in n.parts))
-
-    def b_Inter(self, n):
-        out = self.build(n.parts[0])
-        for p in n.parts[1:]:
-            out = Counter(self.o).inter(out, self.build(p))
-        return out
-
-    def b_Diff(self, n):
-        return Counter(self.o).inter(self.build(n.left), SetExpr("not", (self.build(n.right),)))
-
-    def b_Not(self, n):
-        return SetExpr("not", (self.build(n.operand),))
+    @property
+    def algebra(self) -> semantics.Algebra:
+        """Set expressions as sets for the boolean combinators ([Note: combinators] in
+        semantics.py): unions and complements stay symbolic, intersections are counted."""
+        return semantics.Algebra(union=lambda sets: SetExpr("or", tuple(sets)),
+                                 intersect=semantics.folding(lambda a, b: Counter(self.o).inter(a, b)),
+                                 complement=lambda s: SetExpr("not", (s,)))
 
 
 # ----------------------------------------------------------------------------- formulas

@@ -16,7 +16,7 @@ import math
 import numpy as np
 import torch
 
-from . import ir
+from . import ir, semantics
 from .interval_tiles import classify_from_intervals
 from .intervals import IntervalAnalysis, NotIntervals, merge
 from .limits import require
@@ -33,6 +33,21 @@ def boxes_bytes(M: int, N: int, heads: int, nq: int, nk: int, naxes: int) -> int
     positions and coordinates of every token, interval sets of every query (a few intervals each),
     and a handful of bool [H, nq, nk] tile maps (full / nonempty per node, must / may)."""
     return 8 * (M + N) * (3 + 2 * naxes) + 64 * heads * M + 8 * heads * nq * nk
+
+
+def _or(a, b):
+    return a[0] | b[0], a[1] | b[1]
+
+
+def _and(a, b):
+    return a[0] & b[0], a[1] & b[1]
+
+
+#: three-valued tile classes (full, nonempty) as sets for the boolean combinators ([Note:
+#: combinators] in semantics.py): a complement's full tiles are the empty ones, its
+#: nonempty tiles those not full
+TILE_CLASSES = semantics.Algebra(union=semantics.folding(_or), intersect=semantics.folding(_and),
+                                 complement=lambda c: (~c[1], ~c[0]))
 
 
 class TileBoxes:
@@ -85,19 +100,9 @@ class TileBoxes:
     def _combine(self, node: ir.Mask) -> tuple[torch.Tensor, torch.Tensor]:
         """Three-valued combination of the children's classes (unknown for other leaves)."""
         shape = (1, self.nq, self.nk)
+        if semantics.is_combinator(node):
+            return semantics.combine(node, self.classify, TILE_CLASSES)
         match node:
-            case ir.Union_(parts=ps) | ir.Inter(parts=ps):
-                parts = [self.classify(p) for p in ps]
-                f, ne = parts[0]
-                for pf, pne in parts[1:]:
-                    f, ne = (f | pf, ne | pne) if isinstance(node, ir.Union_) else (f & pf, ne & pne)
-                return f, ne
-            case ir.Diff(left=a, right=b):
-                (fa, na), (fb, nb) = self.classify(a), self.classify(b)
-                return fa & ~nb, na & ~fb
-            case ir.Not(operand=a):
-                f, ne = self.classify(a)
-                return ~ne, ~f
             case ir.Where(pred=p):
                 try:
                     must, may, grid_used = self.box(p)
@@ -388,7 +393,7 @@ class NDTileBoxes(TileBoxes):
                 return t, t
         except NotIntervals:
             pass
-        if isinstance(node, (ir.Union_, ir.Inter, ir.Diff, ir.Not, ir.Where, ir.Heads)):
+        if semantics.is_combinator(node) or isinstance(node, (ir.Where, ir.Heads)):
             return self._combine(node)
         shape = (1, self.nq, self.nk)
         return torch.zeros(shape, dtype=torch.bool), torch.ones(shape, dtype=torch.bool)

@@ -99,6 +99,11 @@ class _Lower(Evaluator):
         if parts is not None:
             pred = semantics.predicate(parts)
             return Const(False) if pred is None else self.pos(pred, view)[0]
+        if semantics.is_combinator(node):
+            b = self.b
+            return semantics.combine(node, lambda n: self.eval(n, view),
+                                     semantics.Algebra(union=lambda xs: b.or_(*xs), intersect=lambda xs: b.and_(*xs),
+                                                       complement=b.not_))
         return getattr(self, "lw_" + type(node).__name__.rstrip("_"))(node, view)
 
     # -- views
@@ -190,19 +195,7 @@ class _Lower(Evaluator):
         self.fail(node, "topk selects key blocks from the q and k tensors at run time: it has no pointwise form "
                         "(dynamic sparsity, issue 6)", "use the torch backend for patterns with topk")
 
-    # -- combinators
-    def lw_Union(self, node, view):
-        return self.b.or_(*[self.eval(p, view) for p in node.parts])
-
-    def lw_Inter(self, node, view):
-        return self.b.and_(*[self.eval(p, view) for p in node.parts])
-
-    def lw_Diff(self, node, view):
-        return self.b.and_(self.eval(node.left, view), self.b.not_(self.eval(node.right, view)))
-
-    def lw_Not(self, node, view):
-        return self.b.not_(self.eval(node.operand, view))
-
+    # -- structural combinators (the boolean ones: semantics.COMBINATORS, in eval)
     def lw_Along(self, node, view):
         return self.in_grid(view, self.eval(node.operand, self.axis_view(view, node.axis)))
 

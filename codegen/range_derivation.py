@@ -59,6 +59,8 @@ class Derivation:
                 out = self.key_ranges(parts, env, dom)
             except NoClosedForm as e:
                 raise NoClosedForm(f"{type(node).__name__.rstrip('_').lower()} ({e})") from None
+        elif semantics.is_combinator(node):
+            out = semantics.combine(node, lambda n: self.build(n, env, dom), self.algebra(dom))
         else:
             m = getattr(self, "r_" + type(node).__name__.rstrip("_"), None)
             if m is None:
@@ -162,14 +164,12 @@ class Derivation:
             raise NoClosedForm(f"a token set with {len(runs)} separate runs")
         return runs
 
-    def r_Union(self, n, env, dom):
-        return [r for p in n.parts for r in self.build(p, env, dom)]
-
-    def r_Inter(self, n, env, dom):
-        out = self.build(n.parts[0], env, dom)
-        for p in n.parts[1:]:
-            out = self.inter(out, self.build(p, env, dom), dom)
-        return out
+    def algebra(self, dom: Domain) -> semantics.Algebra:
+        """Range lists over `dom` as sets for the boolean combinators ([Note: combinators]
+        in semantics.py): a union concatenates, an intersection meets every pair."""
+        return semantics.Algebra(union=lambda lists: [r for rs in lists for r in rs],
+                                 intersect=semantics.folding(lambda A, B: self.inter(A, B, dom)),
+                                 complement=lambda A: self.complement(A, dom))
 
     def inter(self, A: list[Range], B: list[Range], dom: Domain) -> list[Range]:
         both = [Range(Max((a.lo, b.lo)), Min((a.hi, b.hi)), max(a.g0, b.g0), min(a.g1, b.g1), a.heads & b.heads)
@@ -185,12 +185,6 @@ class Derivation:
                 gaps.append(Range(Const(0), Const(dom.L), dom.x0, dom.x1, ~a.heads))
             out = self.inter(out, gaps, dom)
         return out
-
-    def r_Not(self, n, env, dom):
-        return self.complement(self.build(n.operand, env, dom), dom)
-
-    def r_Diff(self, n, env, dom):
-        return self.inter(self.build(n.left, env, dom), self.complement(self.build(n.right, env, dom), dom), dom)
 
     def r_Heads(self, n, env, dom):
         out = []

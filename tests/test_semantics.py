@@ -67,8 +67,10 @@ def test_every_positional_primitive_has_a_definition():
     positional = {ir.Full, ir.Empty, ir.Causal, ir.Band, ir.Sliding, ir.Sink, ir.Prefix, ir.Rows, ir.Cols, ir.Global,
                   ir.Block, ir.Strided, ir.Neighborhood}
     assert positional <= set(semantics.DEFINITIONS)
-    # and nothing else: run-time inputs, random, where and combinators are interpreted by each consumer
+    # and nothing else: run-time inputs, random and where are interpreted by each consumer, the boolean
+    # combinators are defined over each consumer's algebra, the structural ones change its view
     assert not set(semantics.DEFINITIONS) & {ir.Random, ir.Same, ir.Routed, ir.TopK, ir.Where, ir.Union_, ir.Dilate}
+    assert set(semantics.COMBINATORS) == {ir.Union_, ir.Inter, ir.Diff, ir.Not}
 
 
 def test_spelled_the_way_kernels_compute_best():
@@ -164,3 +166,53 @@ def test_the_language_reads_its_primitives_from_the_definitions():
     for name, prim in semantics.PRIMITIVES.items():
         assert elab_primitives.PRIMITIVES[name] == (list(prim.params), prim.usage)
         assert [f.name for f in dataclasses.fields(prim.node) if f.name != "span"] == [p[0] for p in prim.params]
+
+
+# ----------------------------------------------------------------------------- a new combinator: one definition
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class Xor(ir.Mask):
+    """a ^ b: the keys allowed by exactly one of the operands."""
+
+    left: ir.Mask
+    right: ir.Mask
+
+    def children(self):
+        return (self.left, self.right)
+
+
+def _xor(node, sets, a):  # what the fixture adds to semantics.COMBINATORS, and all it adds
+    x, y = sets(node.left), sets(node.right)
+    return a.union(iter((a.intersect(iter((x, a.complement(y)))), a.intersect(iter((a.complement(x), y))))))
+
+
+@pytest.fixture
+def xor(monkeypatch):
+    monkeypatch.setitem(semantics.COMBINATORS, Xor, _xor)
+
+
+def test_a_new_combinator_is_one_definition(xor):
+    from attnc.analysis import plan_blocks
+    from attnc.program import BoundPattern
+    from attnc.symbolic import formula
+
+    base = attnc.loads("pattern p = sliding(6) | sink(3)").pattern()
+    a, b = base.ir.body.parts
+    pat = BoundPattern(base.program, dataclasses.replace(base.ir, body=Xor(left=a, right=b)), {})
+    for n in (32, 45):
+        q, k = torch.arange(n)[:, None], torch.arange(n)[None, :]
+        want = ((k <= q) & (k > q - 6)) ^ (k < 3)
+        assert torch.equal(pat.mask(n)[0], want)  # reference
+        plan = plan_blocks(pat.ir, n, n, 1, None, block=(16, 16))  # closed-form plan (interval sets)
+        assert plan.allowed == int(want.sum()) and plan.method == "closed-form"
+        assert torch.equal(lower(pat.ir, n).evaluator()(q, k, 0), want)  # the kernels' predicate
+        assert torch.equal(_ranges_mask(row_ranges(pat.ir, n, n, 1), n), want)  # the loop bounds' key ranges
+    f = formula(pat.ir)  # the density formula
+    for n in (40, 64, 1000):
+        q, k = torch.arange(n)[:, None], torch.arange(n)[None, :]
+        assert f.allowed_at(n) == int((((k <= q) & (k > q - 6)) ^ (k < 3)).sum())
+    check(pat, M=45, N=45, tiles=(16, 16))  # Triton kernels in the interpreter, forward and backward
+    kept = retention(pat.ir, 30)  # KV retention: no key a later query reads is dropped
+    read = pat.mask(90)[0, 30:, :30].any(dim=0)
+    assert bool(kept[0][read].all()) and not bool(kept.all())  # and it still evicts (the window's old keys)
