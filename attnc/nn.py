@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 from . import ir as _ir
-from .program import BoundPattern, load
+from .loader import load
+from .program import BoundPattern
 
 
 def _bind(pattern_or_path, pattern: str | None, params: dict) -> BoundPattern:
@@ -180,7 +181,7 @@ class _Attention2D(nn.Module):
         if dim % num_heads:
             raise ValueError(f"{type(self).__name__}: expected dim divisible by num_heads, got dim={dim} and "
                              f"num_heads={num_heads}; try num_heads in the divisors of {dim}")
-        from .program import loads
+        from .loader import loads
 
         self.pattern = loads(_VISION, file="<attnc.nn>").pattern(name + ("_rpb" if rpb else ""), **params)
         self.dim, self.num_heads, self.head_dim = dim, num_heads, dim // num_heads
