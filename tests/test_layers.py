@@ -58,10 +58,11 @@ LAYERS = (
                  "attnc.runtime.dense", "attnc.runtime.tile_choice", "attnc.runtime.schedules",
                  "attnc.runtime.torch_backend", "attnc.runtime.triton_backend",
                  "attnc.runtime.flex", "attnc.runtime.ops", "attnc.runtime.decode", "attnc.runtime.distributed")),
-    # what users call: loading programs, bound patterns, the nn layers, context parallelism, the
-    # ahead-of-time compiler (it drives the runtime's launches), the CLI, the package itself
-    ("api", ("attnc", "attnc.__main__", "attnc.loader", "attnc.program", "attnc.nn", "attnc.distributed", "attnc.aot",
-             "attnc.aot_worker", "attnc.cli_args", "attnc.cli")),
+    # what users call: loading programs, bound patterns, the nn layers and the Hugging Face adapter,
+    # context parallelism, the ahead-of-time compiler (it drives the runtime's launches), the CLI,
+    # the package itself
+    ("api", ("attnc", "attnc.__main__", "attnc.loader", "attnc.program", "attnc.nn", "attnc.hf", "attnc.distributed",
+             "attnc.aot", "attnc.aot_worker", "attnc.cli_args", "attnc.cli")),
 )
 
 LAYER = {mod: i for i, (_, mods) in enumerate(LAYERS) for mod in mods}
