@@ -62,7 +62,7 @@ LAYERS = (
     # context parallelism, the ahead-of-time compiler (it drives the runtime's launches), the CLI,
     # the package itself
     ("api", ("attnc", "attnc.__main__", "attnc.loader", "attnc.program", "attnc.nn", "attnc.hf", "attnc.distributed",
-             "attnc.aot", "attnc.aot_worker", "attnc.cli_args", "attnc.cli")),
+             "attnc.aot", "attnc.aot_worker", "attnc.cli_args", "attnc.cli_compile", "attnc.cli")),
 )
 
 LAYER = {mod: i for i, (_, mods) in enumerate(LAYERS) for mod in mods}
