@@ -15,9 +15,9 @@ from .version import __version__
 __all__ = ["AttnError", "SizeError", "BoundPattern", "CuSeqlens", "cu_seqlens", "distributed", "nn", "Diagnostic", "PatternInfo", "Program", "Span", "load", "loads", "set_cache_limit", "__version__"]
 
 #: names imported on first use (PEP 562), so `attnc --help` and `attnc check` start without
-#: importing torch (program.py loads sympy and networkx; torch comes with the first mask or plan)
-_LAZY = {"set_cache_limit": "lru", "BoundPattern": "program", "CuSeqlens": "inputs", "PatternInfo": "program", "Program": "program",
-         "cu_seqlens": "inputs", "load": "program", "loads": "program"}
+#: importing torch (loader.py and program.py load sympy and networkx; torch comes with the first mask or plan)
+_LAZY = {"set_cache_limit": "lru", "BoundPattern": "program", "CuSeqlens": "inputs", "PatternInfo": "loader", "Program": "loader",
+         "cu_seqlens": "inputs", "load": "loader", "loads": "loader"}
 
 
 def __getattr__(name: str):

@@ -209,7 +209,7 @@ def synthetic_call(job: Job, pat, dtype):
 
 def bind(job: Job):
     """The job's pattern, loaded from its file and bound to its parameters."""
-    from .program import load
+    from .loader import load
     return load(job.file).pattern(job.pattern, **dict(job.params))
 
 
@@ -364,7 +364,7 @@ EXAMPLE_HEADS = 12
 
 def example_job(file, pattern=None, **kw) -> Job:
     """A job for an example pattern at the example sizes (override with M= / grid= / heads=)."""
-    from .program import load
+    from .loader import load
 
     pat = load(file).pattern(pattern)
     base = {"heads": EXAMPLE_HEADS, "pattern": pat.name, "label": pat.name}

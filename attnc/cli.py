@@ -1,4 +1,4 @@
-"""The `attnc` command line: check, list, show, simulate, compile.
+"""The `attnc` command line: check, list, show, simulate, compile (attnc/cli_compile.py), cache.
 
 Exit codes: 0 ok, 1 diagnostics (errors in .attn text or binding), 2 usage.
 Every verb runs in-process through `main(argv)`, which never lets a Python
@@ -9,31 +9,14 @@ from __future__ import annotations
 
 import sys
 
-from .cli_args import UsageError, build_parser, parse_block, parse_grid, parse_sets, parse_tile
+from .cli_args import UsageError, build_parser, call_sizes, parse_block, parse_grid, parse_sets, parse_tile
+from .cli_compile import cmd_compile
 from .errors import AttnError
 from .limits import ENV, MemoryLimitError
 
 
 def _bind(prog, name, sets):
     return prog.pattern(name, **sets)
-
-
-def _sizes(pat, seq_len, grid, heads):
-    if seq_len is not None and seq_len < 1:
-        raise UsageError(f"--seq-len: expected a positive length, got {seq_len}")
-    if heads is not None and heads < 1:
-        raise UsageError(f"--heads: expected a positive count, got {heads}")
-    if grid is None and pat.layout.axes:
-        raise UsageError(f"pattern '{pat.name}' is on {pat.layout}: give --grid " + "x".join("16" for _ in pat.layout.axes))
-    if grid is not None and not pat.layout.axes:
-        raise UsageError(f"pattern '{pat.name}' is on seq: give --seq-len N, not --grid")
-    try:
-        if grid is not None:
-            M, N, H, g = pat.resolve_sizes(1, None, heads, grid)
-            return N, N, H, g
-        return pat.resolve_sizes(seq_len, seq_len, heads, None)
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
 
 
 def cmd_check(args, out, err) -> int:
@@ -59,7 +42,7 @@ def cmd_check(args, out, err) -> int:
                 if pat.ir.inputs:
                     print(f"{f}: note: '{name}' has run-time inputs; its empty rows depend on them", file=out)
                     continue
-                M, N, H, grid = _sizes(pat, args.seq_len, parse_grid(args.grid), args.heads)
+                M, N, H, grid = call_sizes(pat, args.seq_len, parse_grid(args.grid), args.heads)
                 rep = pat.check_rows(M, N, heads=H, grid=grid)
             except AttnError as e:
                 print(str(e), file=err)
@@ -137,7 +120,7 @@ def cmd_show(args, out, err) -> int:
     pat = _static_pattern(args, err, "show")
     if pat is None:
         return 1
-    M, N, H, grid = _sizes(pat, args.seq_len, parse_grid(args.grid), args.heads)
+    M, N, H, grid = call_sizes(pat, args.seq_len, parse_grid(args.grid), args.heads)
     stats, rows = plan_tile_stats(pat, M, N, H, grid, block)
     groups = head_groups(stats, rows)
     print(render_text(pat, stats, rows, groups, args.width), file=out)
@@ -196,7 +179,7 @@ def cmd_simulate(args, out, err) -> int:
         return _simulate_sweep(args, pat, tile, out, err)
     if args.seq_len is None and args.grid is None:
         raise UsageError("attnc simulate: expected --seq-len N or --grid AxB (or --sweep N=...)")
-    M, N, H, grid = _sizes(pat, args.seq_len, parse_grid(args.grid), args.heads)
+    M, N, H, grid = call_sizes(pat, args.seq_len, parse_grid(args.grid), args.heads)
     if args.ranks is not None:
         return _simulate_ranks(args, pat, M, N, H, grid, tile, out)
     if args.flops_per_byte is not None or args.strategy != "auto":
@@ -221,114 +204,6 @@ def _cpu_tiles(pat, M, N, H, grid) -> str:
     rest = ", ".join(f"{text(b)} {c / costs[chosen]:.2f}x" for b, c in costs.items() if b != chosen)
     return (f"\n{'cpu torch path'.ljust(len('predicted_speedup'))}  tiles {text(chosen)} (predicted time relative to it, D = 64: {rest}; "
             f"runtime/tile_choice.choose_tile)")
-
-
-def cmd_compile(args, out, err) -> int:
-    import json
-    from pathlib import Path
-
-    from . import load
-    from .codegen.kernels import KernelConfig
-    from .codegen.pipeline import Shape, compile_kernels
-
-    chosen = None
-    if args.tile is not None:
-        bm, bn = parse_tile(args.tile)
-        try:  # N-D tiles (16x16/16x8) generate kernels in the tile-major token order (codegen/ndtiles.py)
-            chosen = KernelConfig(tile=(bm, bn)) if isinstance(bm, tuple) else KernelConfig(block_m=bm, block_n=bn)
-        except ValueError as exc:
-            raise UsageError(f"--tile: {exc}") from None
-    targets = _aot_targets(args)
-    sets = parse_sets(args.set)
-    pat = load(args.file, search_path=args.include).pattern(args.pattern, **sets)
-    if args.seq_len is None and args.grid is None:
-        return _compile_generic(args, pat, sets, chosen, targets, out, err)
-    M, N, H, grid = _sizes(pat, args.seq_len, parse_grid(args.grid), args.heads)
-    # the sizes are resolved (by _sizes, once): the shape checks the tiles, the pipeline runs the passes
-    compiled = compile_kernels(pat.ir, Shape.of(pat.ir, M, N, H, grid, chosen or KernelConfig()),
-                               sources=pat.program.sources)
-    meta = compiled.metadata()
-    status = 0
-    if targets:
-        from . import aot
-
-        jobs = [aot.Job(str(args.file), pat.name, tuple(sets.items()), M=M, N=N, heads=H, grid=grid, config=chosen,
-                        dtype=args.dtype, D=args.head_dim, target=t, label=pat.name) for t in targets]
-        status = _run_aot(jobs, meta, args, out, err)
-        if status is None:
-            return 1
-    stem = f"{pat.name}_{'x'.join(map(str, grid)) if grid else N}"
-    try:
-        d = Path(args.out)
-        d.mkdir(parents=True, exist_ok=True)
-        (d / f"{stem}.py").write_text(compiled.source)
-        (d / f"{stem}.json").write_text(json.dumps(meta, indent=1) + "\n")
-    except OSError as exc:
-        print(f"attnc compile: cannot write to {args.out!r}: {exc.strerror or exc}", file=err)
-        return 1
-    plan = compiled.plan
-    print(f"wrote {d / (stem + '.py')} and {d / (stem + '.json')}", file=out)
-    print(f"plan: {'per call, from the run-time inputs' if plan is None else plan.to_string().splitlines()[0]}", file=out)
-    return status
-
-
-def _compile_generic(args, pat, sets, chosen, targets, out, err) -> int:
-    """`attnc compile FILE -o DIR` without sizes: the kernels take M, N (and the grid axis
-    lengths) at run time; the texts of the probed sizes are grouped into size classes
-    (codegen/generic.py) and each class is written once: NAME.py serves the largest sizes,
-    NAME_class<i>.py the others; NAME.json lists which sizes each file serves."""
-    import json
-    from pathlib import Path
-
-    from .codegen.generic import size_classes, sizes_text
-    from .codegen.kernels import KernelConfig
-
-    config = chosen or KernelConfig()
-    if config.tile is not None:
-        raise UsageError("--tile with N-D tiles: those kernels are specialised to a grid; add --grid AxB")
-    classes, skipped = size_classes(pat, config, heads=args.heads)
-    if not classes:
-        why = "; ".join(f"{sizes_text([s])}: {m}" for s, m in skipped[:3])
-        raise UsageError(f"attnc compile: no probed size is valid for pattern '{pat.name}' ({why}); "
-                         f"try --seq-len N or --grid AxB")
-    d = Path(args.out)
-    names = [f"{pat.name}.py"] + [f"{pat.name}_class{i}.py" for i in range(1, len(classes))]
-    meta = {"pattern": pat.name, "ir": pat.text(), "generic": True, "config": config.key(),
-            "size_arguments": ["M", "N"] + [f"G{i}" for i in range(len(pat.layout.axes))],
-            "classes": [{"file": n, "probed_sizes": [list(s) if isinstance(s, tuple) else s for s in c.sizes]}
-                        for n, c in zip(names, classes)],
-            "skipped": [{"size": list(s) if isinstance(s, tuple) else s, "reason": m} for s, m in skipped]}
-    status = 0
-    if targets:
-        from . import aot
-
-        jobs = []
-        for t in targets:
-            for c in classes:  # each class compiled at its largest probed size
-                big = c.sizes[0]
-                size = dict(grid=big) if isinstance(big, tuple) else dict(M=big)
-                jobs.append(aot.Job(str(args.file), pat.name, tuple(sets.items()), heads=args.heads, config=chosen,
-                                    dtype=args.dtype, D=args.head_dim, target=t, label=pat.name, **size))
-        status = _run_aot(jobs, meta, args, out, err)
-        if status is None:
-            return 1
-    try:
-        d.mkdir(parents=True, exist_ok=True)
-        for n, c in zip(names, classes):
-            (d / n).write_text(c.source)
-        (d / f"{pat.name}.json").write_text(json.dumps(meta, indent=1) + "\n")
-    except OSError as exc:
-        print(f"attnc compile: cannot write to {args.out!r}: {exc.strerror or exc}", file=err)
-        return 1
-    kind = "grids" if pat.layout.axes else "lengths"
-    print(f"wrote {', '.join(str(d / n) for n in names)} and {d / (pat.name + '.json')}", file=out)
-    print(f"length-generic kernels (M, N{', grid axes' if pat.layout.axes else ''} are run-time arguments): "
-          f"{len(classes)} size class{'es' if len(classes) != 1 else ''} over the probed {kind}", file=out)
-    for n, c in zip(names, classes):
-        print(f"  {n}: {sizes_text(c.sizes)}", file=out)
-    if skipped:
-        print(f"  not valid for this pattern: {sizes_text([s for s, _ in skipped])}", file=out)
-    return status
 
 
 def cmd_cache(args, out, err) -> int:
@@ -364,45 +239,6 @@ def cmd_cache(args, out, err) -> int:
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     return 0
-
-
-def _run_aot(jobs, meta: dict, args, out, err) -> int | None:
-    """Compile `jobs` ahead of time, print the table, record it in `meta`: 0 when every
-    kernel fits, 1 when some do not, None when compiling failed (said on `err`)."""
-    from . import aot
-
-    try:
-        from .progress import task
-
-        with task("compiling for the GPU target", total=len(jobs), unit="job") as t:
-            reports = aot.compile_jobs(jobs, processes=args.processes, progress=lambda _: t.update())
-    except aot.AOTError as exc:
-        print(f"attnc compile: {exc}", file=err)
-        return None
-    meta["aot"] = [r.to_dict() for r in reports]
-    print(aot.table(reports), file=out)
-    bad = [r for r in reports if not r.fits]
-    if bad:
-        print(f"attnc compile: {len(bad)} of {len(reports)} targets have kernels that do not fit (see 'fits'); "
-              f"try a smaller --tile, or --head-dim / --dtype as the model uses them", file=err)
-        return 1
-    return 0
-
-
-def _aot_targets(args) -> list[str]:
-    """--target checked (UsageError with expected / got / try); [] without it."""
-    if args.target is None:
-        return []
-    from .aot import AOTError, parse_targets
-
-    if not 1 <= args.head_dim <= 256:
-        raise UsageError(f"--head-dim: expected 1 to 256 (the kernels' limit), got {args.head_dim}; try 64 or 128")
-    if args.processes < 1:
-        raise UsageError(f"--processes: expected at least 1, got {args.processes}")
-    try:
-        return parse_targets(args.target)
-    except AOTError as exc:
-        raise UsageError(f"--target: {exc}") from None
 
 
 def _simulate_ranks(args, pat, M, N, H, grid, tile, out) -> int:
@@ -463,7 +299,7 @@ def _simulate_sweep(args, pat, tile, out, err) -> int:
     elif args.seq_len is None and grid is None:
         raise UsageError(f"--sweep {over}=...: expected --seq-len N or --grid AxB to simulate at")
     else:
-        _sizes(pat, args.seq_len, grid, args.heads)
+        call_sizes(pat, args.seq_len, grid, args.heads)
     try:
         sw = pat.sweep(over, values, N=args.seq_len, heads=args.heads, head_dim=args.head_dim, grid=grid, tile=tile,
                        gpu=args.gpu)

@@ -1,8 +1,9 @@
 """The `attnc` command line's arguments: the parser of every verb and the readers of its values.
 
 input:  argv (a list of strings).
-output: argparse namespaces; `--set`, `--grid`, `--block` and `--tile` values as Python values.
-does not: run a verb (cli.py does) or print anything (a bad argument raises UsageError).
+output: argparse namespaces; `--set`, `--grid`, `--block` and `--tile` values as Python values;
+        `--seq-len` / `--grid` / `--heads` checked against a bound pattern (`call_sizes`).
+does not: run a verb (cli.py, cli_compile.py do) or print anything (a bad argument raises UsageError).
 """
 
 from __future__ import annotations
@@ -174,3 +175,22 @@ def parse_tile(text: str):
             raise UsageError(f"--tile: expected positive sizes, got {text!r}")
         return q, k
     return parse_block(text)
+
+
+def call_sizes(pat, seq_len, grid, heads):
+    """--seq-len, --grid and --heads checked against a bound pattern: its call sizes (M, N, H, grid)."""
+    if seq_len is not None and seq_len < 1:
+        raise UsageError(f"--seq-len: expected a positive length, got {seq_len}")
+    if heads is not None and heads < 1:
+        raise UsageError(f"--heads: expected a positive count, got {heads}")
+    if grid is None and pat.layout.axes:
+        raise UsageError(f"pattern '{pat.name}' is on {pat.layout}: give --grid " + "x".join("16" for _ in pat.layout.axes))
+    if grid is not None and not pat.layout.axes:
+        raise UsageError(f"pattern '{pat.name}' is on seq: give --seq-len N, not --grid")
+    try:
+        if grid is not None:
+            M, N, H, g = pat.resolve_sizes(1, None, heads, grid)
+            return N, N, H, g
+        return pat.resolve_sizes(seq_len, seq_len, heads, None)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None

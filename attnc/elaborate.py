@@ -155,7 +155,7 @@ class Elaborator(ParamBinding, ScoreTerms, NameResolution, PrimitiveCalls, Expre
 
 # ----------------------------------------------------------------------------- scopes and binding
 # The steps around `Elaborator.bind` that turn parsed modules into one bound pattern: what
-# `attnc.program` runs for a file and its imports (`load` / `loads`, `Program.pattern`) and
+# `attnc.loader` runs for a file and its imports (`load` / `loads`, `Program.pattern`) and
 # `attnc.codegen.pipeline.elaborate` for one text without imports.
 
 

@@ -3,8 +3,8 @@
 input:  `attnc.cu_seqlens(offsets)`, passed for a `segments` input (`same(doc)`).
 output: `CuSeqlens`, which turns its offsets into the segment ids [1, N] the pattern
         reads, on the offsets' device, checked (expected / got / try).
-does not: validate the inputs' shapes and batches against a pattern (the bound pattern
-        does, attnc/program.py) or run the op (runtime/ops.py); both accept a `CuSeqlens`
+does not: validate the inputs' shapes and batches against a pattern (attnc/call_inputs.py
+        does, for the bound pattern) or run the op (runtime/ops.py); both accept a `CuSeqlens`
         wherever a segments input goes.
 """
 

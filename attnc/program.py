@@ -1,323 +1,29 @@
-"""Programs: loading files (imports, checks) and binding patterns.
+"""Bound patterns: a pattern with its parameters bound, and everything asked of it.
 
-input:  a path or a source string.
-output: a `Program` whose patterns bind to `BoundPattern`s.
-does not: compute anything heavy at load; masks are evaluated on demand.
+input:  a pattern's IR bound by `Program.pattern` (attnc/loader.py), and per call its sizes
+        (M, N, heads, grid) and run-time inputs.
+output: `BoundPattern`: the reference mask, tile plans, row checks, formulas, simulations,
+        routing, the FlexAttention export, KV retention, decoding and the attention op.
+does not: read files (loader.py), check run-time inputs itself (call_inputs.py) or compute
+        anything heavy when bound; masks and plans are evaluated on demand.
 """
 
 from __future__ import annotations
 
 import math
-import os
-from dataclasses import dataclass
-from pathlib import Path
+from typing import TYPE_CHECKING
 
-import networkx as nx
-
-from . import ir, ir_text, syntax as ast
-from .elaborate import ModuleScope, bind_pattern, check_scope, find_pattern, module_scope
-from .errors import AttnError, Collector, Span, error, source_lines
-from .inputs import CuSeqlens
+from . import call_inputs, ir, ir_text
+from .call_inputs import int_value
+from .errors import AttnError, error
 from .limits import require
 from .runtime.registry import register
 
+if TYPE_CHECKING:
+    from .loader import Program
+
 # torch (and the analysis / reference modules built on it) are imported where they are
 # used, so `attnc check` and `attnc list` load and bind patterns without importing torch
-
-
-@dataclass(frozen=True)
-class ParamInfo:
-    name: str
-    default: str | None  # source text of the default, None when required
-    type: str | None  # "segments" / "blocks(64)" for run-time inputs
-
-
-@dataclass(frozen=True)
-class PatternInfo:
-    name: str
-    params: tuple[ParamInfo, ...]
-    layout: str
-    description: str
-    file: str
-    line: int
-    #: the source text of `score EXPR` (None without a score term)
-    score: str | None = None
-
-
-def _read(path: Path, span: Span | None, display: str) -> str:
-    where = span or Span(file=display, line=1, col=1, end_line=1, end_col=2)
-    try:
-        if path.exists() and not path.is_dir() and not path.is_file():
-            # a FIFO, socket or device (/dev/zero) would block or never end
-            raise AttnError(error(where, f"'{display}' is not a regular file"))
-        with path.open("rb") as fh:  # read at most one byte past the limit, whatever the file's size
-            raw = fh.read(ast.MAX_SOURCE_CHARS + 1)
-    except IsADirectoryError:
-        raise AttnError(error(where, f"'{display}' is a directory, not an .attn file")) from None
-    except FileNotFoundError:
-        raise AttnError(error(where, f"file not found: '{display}'")) from None
-    except PermissionError:
-        raise AttnError(error(where, f"cannot read '{display}': permission denied")) from None
-    except OSError as exc:
-        raise AttnError(error(where, f"cannot read '{display}': {exc.strerror or exc}")) from None
-    if b"\x00" in raw[:8192]:
-        raise AttnError(error(where, f"'{display}' is a binary file, not .attn text"))
-    if len(raw) > ast.MAX_SOURCE_CHARS:
-        raise AttnError(error(where, f"'{display}' is too large (more than {ast.MAX_SOURCE_CHARS} bytes)"))
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        line = raw[: exc.start].count(b"\n") + 1
-        col = exc.start - (raw.rfind(b"\n", 0, exc.start) + 1) + 1
-        raise AttnError(error(Span(file=display, line=line, col=col, end_line=line, end_col=col + 1),
-                              f"'{display}' is not UTF-8 text (byte 0x{raw[exc.start]:02x})")) from None
-
-
-class Program:
-    """A loaded `.attn` file (with its imports), checked.
-
-    >>> prog = attnc.loads("pattern win(w = 4) = sliding(w)")
-    >>> prog.pattern("win", w=8).mask(16).shape
-    torch.Size([1, 16, 16])
-    """
-
-    def __init__(self, root: str, scopes: dict[str, ModuleScope], sources: dict[str, str], order: list[str]):
-        self.root = root
-        self.scopes = scopes
-        self.sources = sources
-        self.files = order
-
-    @property
-    def scope(self) -> ModuleScope:
-        return self.scopes[self.root]
-
-    def names(self) -> list[str]:
-        return list(self.scope.patterns)
-
-    def patterns(self) -> list[PatternInfo]:
-        out = []
-        for pdef in self.scope.patterns.values():
-            params = []
-            for p in pdef.params:
-                if p.type is not None:
-                    t = p.type.name + (f"({', '.join(_text(self.sources, a.span) for a in p.type.args)})" if p.type.args else "")
-                    params.append(ParamInfo(p.name, None, t))
-                else:
-                    params.append(ParamInfo(p.name, None if p.default is None else _text(self.sources, p.default.span), None))
-            layout = "seq" if pdef.layout is None else _text(self.sources, pdef.layout.span)[2:].strip()
-            score = None if pdef.score is None else " ".join(_text(self.sources, pdef.score.span).split())
-            out.append(PatternInfo(pdef.name, tuple(params), layout, pdef.description, pdef.span.file, pdef.span.line,
-                                   score))
-        return out
-
-    def pattern(self, name: str | None = None, /, **params) -> "BoundPattern":
-        """Bind a pattern's parameters; `name` may be omitted when the file has one pattern."""
-        pdef = find_pattern(self.scope, name, self.root, self.sources)
-        return BoundPattern(self, bind_pattern(pdef, self.scope, params, self.sources), dict(params))
-
-
-def _text(sources: dict[str, str], span: Span) -> str:
-    src = sources.get(span.file, "")
-    lines = source_lines(src)
-    if span.line == 0 or span.line > len(lines):
-        return ""
-    if span.line == span.end_line:
-        return lines[span.line - 1][span.col - 1: span.end_col - 1]
-    parts = [lines[span.line - 1][span.col - 1:]] + lines[span.line: span.end_line - 1] + [lines[span.end_line - 1][: span.end_col - 1]]
-    return " ".join(p.strip() for p in parts)
-
-
-# ----------------------------------------------------------------------------- loading
-
-
-def _display(path: Path) -> str:
-    try:
-        rel = os.path.relpath(path)
-    except ValueError:
-        return str(path)
-    return str(path) if rel.startswith("..") else rel
-
-
-#: extra import directories, separated like PATH (os.pathsep), after any `search_path=` / `-I DIR`
-PATH_ENV = "ATTNC_PATH"
-
-
-def search_dirs(search_path=None) -> list[Path]:
-    """The explicit import directories: `search_path` entries, then $ATTNC_PATH's."""
-    dirs = [Path(d) for d in (search_path or ())]
-    dirs += [Path(d) for d in os.environ.get(PATH_ENV, "").split(os.pathsep) if d]
-    out = []
-    for d in dirs:
-        try:
-            out.append(d.resolve())
-        except (OSError, RuntimeError):  # a symlink loop names no directory
-            continue
-    return out
-
-
-def _inside(path: Path, root: Path) -> bool:
-    return path == root or root in path.parents
-
-
-class _Loader:
-    """Reads a file and its imports.
-
-    [Note: import confinement] `import "x.attn"` names an `.attn` file relative to
-    the importing file's folder, or else relative to one of the explicit search
-    directories (`search_path=`, `attnc -I DIR`, $ATTNC_PATH), in that order. The
-    file it resolves to (symlinks followed) must end in `.attn` and lie inside the
-    folder tree of the file given to `load` (the working directory for `loads`) or of
-    a search directory; anything else is refused before it is opened, so an import
-    can neither read files outside those trees nor echo a line of a file that is
-    not an `.attn` source in a diagnostic.
-    """
-
-    def __init__(self, root_dir: Path, search_path=None):
-        self.sources: dict[str, str] = {}
-        self.modules: dict[str, ast.Module] = {}
-        self.scopes: dict[str, ModuleScope] = {}
-        self.graph = nx.DiGraph()  # file -> imported file
-        self.diags = Collector()
-        self.base: dict[str, Path | None] = {}
-        self.search = search_dirs(search_path)
-        self.roots = [root_dir, *self.search]
-        self.resolved: dict[tuple[str, ast.Import], str] = {}  # (file, import) -> display name of its target
-
-    def load_text(self, source: str, file: str, base: Path | None) -> None:
-        self.sources[file] = source
-        self.base[file] = base
-        self.graph.add_node(file)
-        try:
-            module = ast.parse(source, file)
-        except AttnError as err:
-            self.diags.extend(err)
-            return
-        self.modules[file] = module
-        for item in module.items:
-            if isinstance(item, ast.Import):
-                self.load_import(file, item)
-
-    def resolve(self, file: str, item: ast.Import) -> Path:
-        """The real path an import names (see the note above); AttnError when refused."""
-        if not Path(item.path).name.endswith(".attn") or Path(item.path).name == ".attn":
-            raise AttnError(error(item.span, f"import \"{item.path}\": an import names an .attn file", 'import "common.attn"'))
-        base = self.base[file] or Path.cwd()
-        candidates = [base / item.path] + [d / item.path for d in self.search]
-        refused = first = None
-        for cand in candidates:
-            try:
-                real = cand.resolve()
-            except (OSError, RuntimeError):  # RuntimeError: a symlink loop (Python < 3.13)
-                raise AttnError(error(item.span, f"import \"{item.path}\": cannot resolve '{cand}': "
-                                      "a symbolic link loop or an unreadable folder")) from None
-            first = first or real
-            if not real.exists():
-                continue
-            if not real.name.endswith(".attn"):
-                raise AttnError(error(item.span, f"import \"{item.path}\" resolves to '{real}', which is not an .attn file "
-                                      "(imports follow symbolic links and read .attn files only)"))
-            if not any(_inside(real, r) for r in self.roots):
-                refused = refused or real
-                continue
-            return real
-        if refused is not None:
-            roots = ", ".join(f"'{r}'" for r in self.roots)
-            raise AttnError(error(item.span, f"import \"{item.path}\" resolves to '{refused}', outside the folders "
-                                  f"imports may read ({roots})",
-                                  f"add its folder to the search path: attnc -I DIR, attnc.load(..., search_path=[DIR]) "
-                                  f"or ${PATH_ENV}"))
-        return first  # missing everywhere: _read reports the usual, relative meaning
-
-    def load_import(self, file: str, item: ast.Import) -> None:
-        try:
-            target = self.resolve(file, item)
-        except AttnError as err:
-            self.diags.extend(err)
-            return
-        display = _display(target)
-        self.resolved[(file, item)] = display
-        self.graph.add_edge(file, display)
-        try:
-            cycle = nx.find_cycle(self.graph, source=file)
-        except nx.NetworkXNoCycle:
-            cycle = None
-        if cycle:
-            chain = " -> ".join([u for u, _ in cycle] + [cycle[0][0]])
-            self.diags.add(error(item.span, f"import cycle: {chain}"))
-            self.graph.remove_edge(file, display)
-            return
-        if display in self.sources:
-            return
-        try:
-            text = _read(target, item.span, display)
-        except AttnError as err:
-            self.diags.extend(err)
-            return
-        self.load_text(text, display, target.parent)
-
-    def build_scopes(self) -> None:
-        # dependencies first, so imported names are known
-        for file in reversed(list(nx.topological_sort(self.graph))):
-            module = self.modules.get(file)
-            if module is None:
-                continue
-            self.scopes[file] = module_scope(
-                module, self.diags, lambda item, file=file: self.scopes.get(self.resolved.get((file, item), "")))
-
-    def check(self) -> None:
-        """Elaborate every pattern of every file with its defaults."""
-        for scope in self.scopes.values():
-            check_scope(scope, self.diags)
-
-
-def _finish(loader: _Loader, root: str) -> Program:
-    loader.build_scopes()
-    if root in loader.scopes:
-        loader.check()
-    loader.diags.raise_if_errors(loader.sources)
-    order = list(loader.sources)
-    return Program(root, loader.scopes, loader.sources, order)
-
-
-def load(path: str | os.PathLike, search_path=None) -> Program:
-    """Parse and check an `.attn` file and everything it imports.
-
-    Imports resolve relative to the importing file, then to each directory of
-    `search_path` (and of $ATTNC_PATH), and may only read `.attn` files inside the
-    folder tree of `path` or of a search directory (docs/language.md, Imports).
-    Raises `AttnError` with every diagnostic found (``FILE:LINE:COL: error: ...``).
-    """
-    p = Path(path)
-    try:
-        real = p.resolve()
-    except (OSError, RuntimeError):  # RuntimeError: a symlink loop (Python < 3.13)
-        real = None
-    display = _display(real) if real is not None and real.exists() else str(path)
-    text = _read(p, None, display)
-    folder = real.parent if real is not None else Path.cwd().resolve()
-    loader = _Loader(folder, search_path)
-    loader.load_text(text, display, folder)
-    try:
-        return _finish(loader, display)
-    except AttnError as err:
-        if display.endswith(".attn") or not any(d.span.file == display for d in err.diagnostics):
-            raise
-        # asked for by name, but not named like an .attn source: say so without echoing any of its text
-        where = Span(file=display, line=1, col=1, end_line=1, end_col=2)
-        raise AttnError(error(where, f"'{display}' is not an .attn source: its name does not end in .attn and it "
-                              "does not parse as one (its contents are not shown)",
-                              "rename it to NAME.attn if it is one")) from None
-
-
-def loads(source: str, file: str = "<string>", search_path=None) -> Program:
-    """Parse and check `.attn` source text; imports resolve from the working
-    directory (and `search_path`), confined like `load`'s."""
-    loader = _Loader(Path.cwd().resolve(), search_path)
-    loader.load_text(source, file, None)
-    return _finish(loader, file)
-
-
-# ----------------------------------------------------------------------------- bound patterns
 
 
 class BoundPattern:
@@ -373,7 +79,7 @@ class BoundPattern:
             if layout.text is not None:
                 # N is T + the grid's size, so T may use H, size(a) and parameters but not M or N
                 env = {**self.ir.binding_map(), ir.H: H, **{ir.axis_size(a): g for a, g in zip(layout.axes, grid)}}
-                T = _int(layout.text, env)
+                T = int_value(layout.text, env)
                 if T is None or T < 0:
                     why = "must not depend on M or N (N is T plus the grid's size)" if T is None else f"must be >= 0, got {T}"
                     raise AttnError(error(layout.span, f"the text length T of seq(T) {why}"), self.program.sources)
@@ -449,115 +155,22 @@ class BoundPattern:
         except AttnError as err:
             raise err.with_sources(self.program.sources) from None
 
+    # -- run-time inputs (attnc/call_inputs.py)
     def check_input_names(self, inputs: dict, tables: bool = False) -> dict:
         """Raise ValueError unless `inputs` names exactly the declared run-time
         inputs (and, with `tables`, the score term's table inputs); returns
         {name: InputSpec} of the mask's inputs in declaration order."""
-        specs = {s.name: s for s in self.ir.inputs}
-        table_specs = {t.name: t for t in self.ir.tables}
-        for name in inputs:
-            if name in table_specs and not tables:
-                raise ValueError(f"'{name}' is a table input, read only by the score term: the mask does not take it; "
-                                 f"try passing only {', '.join(specs) or 'no inputs'} here, and {name}= to the op")
-            if name not in specs and name not in table_specs:
-                declared = ", ".join([*specs, *table_specs]) or "none"
-                raise ValueError(f"unexpected input '{name}': pattern '{self.name}' declares run-time inputs: {declared}")
-        for name, spec in specs.items():
-            if name not in inputs:
-                raise ValueError(f"missing run-time input '{name}' ({spec.kind}): expected {name}=tensor; "
-                                 f"try pat(q, k, v, {name}=...) or pat.mask(M, N, {name}=...)")
-        if tables:
-            for name, t in table_specs.items():
-                if name not in inputs:
-                    raise ValueError(f"missing table input '{name}' of the score term: expected {name}=tensor of shape "
-                                     f"({', '.join(str(d) for d in t.dims)}); try pat(q, k, v, {name}=torch.zeros(...))")
-        return specs
+        return call_inputs.check_input_names(self.ir, inputs, tables)
 
     def table_shapes(self, M: int, N: int, H: int, grid) -> dict[str, tuple[int, ...]]:
         """The shape of every table input of the score term at these sizes ({} without one)."""
-        if not self.ir.tables:
-            return {}
-        env = {**self.ir.binding_map(), ir.M: M, ir.N: N, ir.H: H}
-        if grid is not None:
-            env.update({ir.axis_size(a): s for a, s in zip(self.ir.layout.axes, grid)})
-        out = {}
-        for t in self.ir.tables:
-            dims = tuple(_int(d, env) for d in t.dims)
-            if any(d is None or d < 1 for d in dims):
-                raise AttnError(error(t.span, f"table '{t.name}' has shape {dims} at M = {M}, N = {N}, H = {H}: "
-                                              "every dimension must be a positive integer"), self.program.sources)
-            out[t.name] = dims
-        return out
+        return call_inputs.table_shapes(self.ir, M, N, H, grid, self.program.sources)
 
     def input_batches(self, M: int, N: int, H: int, inputs: dict, batch: int | None = None) -> tuple[list[dict], bool]:
         """Validate run-time inputs; returns (one dict per batch element, whether
-        any input carried a batch dimension).
-
-        [Note: input batches] The broadcasting rule, the same for every backend:
-        an input's batch dimension (absent = 1) is 1 -- one input shared by the
-        whole batch -- or the batch `batch` of q when the op is called; anything
-        else is a ValueError (expected / got / try). Without `batch` (`mask`,
-        `to_flex`) the inputs' batches must agree the same way among
-        themselves. The list returned has one entry when every input has batch
-        1, else one per batch element. The op checks this once, in
-        `runtime/ops.make_call`, before any backend runs."""
-        import torch
-
-        specs = self.check_input_names(inputs)
-        if not specs:
-            return [{}], False
-        per_batch: list[dict] = []
-        B = batch
-        first = None  # the input that set B when no batch is given
-        batched = False
-        normalized = {}
-        for name, spec in specs.items():
-            t = inputs[name]
-            if isinstance(t, CuSeqlens):
-                if spec.kind != "segments":
-                    raise ValueError(f"{name}: cu_seqlens offsets describe segments, but '{name}' is {spec.kind}({spec.block})")
-                t = t.segment_ids(N, name)
-            if not isinstance(t, torch.Tensor):
-                raise ValueError(f"{name}: expected a torch integer tensor, got {type(t).__name__}; try torch.as_tensor({name})")
-            if t.dtype.is_floating_point or t.dtype == torch.bool or t.is_complex():
-                raise ValueError(f"{name}: expected an integer tensor, got dtype {t.dtype}; try {name}.long()")
-            t = t.to("cpu", torch.int64)
-            batched |= t.dim() == (2 if spec.kind == "segments" else 4)
-            if spec.kind == "segments":
-                if t.dim() == 1:
-                    t = t[None]
-                if t.dim() != 2 or t.shape[-1] != N:
-                    raise ValueError(f"{name}: expected segment ids of shape [B, N] = [B, {N}], got {tuple(inputs[name].shape)}; "
-                                     f"try one id per key position, or attnc.cu_seqlens(offsets)")
-            else:
-                b = _int(spec.block, {**self.ir.binding_map(), ir.M: M, ir.N: N, ir.H: H})
-                if b is None or b < 1:
-                    raise AttnError(error(spec.span, f"the block size of '{name}' must be a positive integer here, got {b}"),
-                                    self.program.sources)
-                nqb, nkb = -(-M // b), -(-N // b)
-                if t.dim() == 3:
-                    t = t[None]
-                if t.dim() != 4 or t.shape[2] != nqb or t.shape[1] not in (1, H):
-                    raise ValueError(f"{name}: expected block indices of shape [B, H, ceil(M/{b}), kmax] = [B, {H}, {nqb}, kmax], "
-                                     f"got {tuple(inputs[name].shape)}; try H or 1 heads and one row per query block")
-                if t.numel() and (int(t.min()) < -1 or int(t.max()) >= nkb):
-                    raise ValueError(f"{name}: expected key-block indices in [0, {nkb}) or -1 for padding, "
-                                     f"got values in [{int(t.min())}, {int(t.max())}]; try {name}.masked_fill(({name} < 0) | "
-                                     f"({name} >= {nkb}), -1) to drop the others")
-            got = t.shape[0]
-            if B is None or (batch is None and B == 1):
-                if got > 1 or B is None:
-                    B, first = got, name
-            elif got not in (1, B):
-                whose = "q's batch" if batch is not None else f"the batch of '{first}'"
-                raise ValueError(f"{name}: expected batch size 1 (shared by the whole batch) or {B} ({whose}), got {got} "
-                                 f"(shape {tuple(inputs[name].shape)}); try one entry per batch element, {B} in all, "
-                                 f"or a single one for every element")
-            normalized[name] = t
-        rows = 1 if all(t.shape[0] == 1 for t in normalized.values()) else B
-        for bi in range(rows):
-            per_batch.append({n: (t[bi] if t.shape[0] > 1 else t[0]) for n, t in normalized.items()})
-        return per_batch, batched
+        any input carried a batch dimension). The rule: [Note: input batches] in
+        attnc/call_inputs.py; the op checks it once, in `runtime/ops.make_call`."""
+        return call_inputs.input_batches(self.ir, M, N, H, inputs, batch, self.program.sources)
 
     # -- analysis
     def plan(self, M: int, N: int | None = None, *, heads: int | None = None, grid=None, block=(128, 128), **inputs):
@@ -716,7 +329,7 @@ class BoundPattern:
         env = {**self.ir.binding_map(), ir.M: M, ir.N: N, ir.H: H}
         if grid is not None:
             env.update({ir.axis_size(a): s for a, s in zip(self.ir.layout.axes, grid)})
-        return _int(expr, env)
+        return int_value(expr, env)
 
     def has_topk(self) -> bool:
         return self._topk
@@ -805,15 +418,3 @@ class BoundPattern:
         return attention(self, q, k, v, return_lse=return_lse, scale=scale, backend=backend, grid=grid, inputs=inputs,
                          block=block)
 
-
-def _int(expr, env) -> int | None:
-    """The value of `expr` under `env` (bindings may refer to each other), None if unknown."""
-    import sympy
-    v = sympy.sympify(expr)
-    for _ in range(len(env) + 1):  # bindings are in terms of earlier ones: substitute to a fixed point
-        if isinstance(v, int) or not v.free_symbols:
-            break
-        v = v.xreplace(env)
-    if isinstance(v, int):
-        return v
-    return int(v) if v.is_Integer else None

@@ -7,7 +7,7 @@ output: `Compiled`: the Triton module's source and what it was made from (lowere
         cache key and the imported module.
 does not: resolve or check sizes inside a pass (`Shape.resolve` / `Shape.of` do it once,
         before the passes), launch kernels (runtime/triton_backend.py), or read files
-        and their imports (attnc.program runs parse and elaborate per file for `load`).
+        and their imports (attnc.loader runs parse and elaborate per file for `load`).
 
 [Note: the passes] `PASSES` lists them in the order they run; each names what it
 reads and what it gives, and every value a pass reads is given by the caller

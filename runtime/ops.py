@@ -137,7 +137,7 @@ def make_call(pat, q: Tensor, k: Tensor, v: Tensor, inputs: dict, grid, scale: f
     B, Hq, Hkv, M, N, D, scale = check_qkv(q, k, v, scale)
     M, N, _, grid = pat.resolve_sizes(M, N, Hq, grid)
     if inputs:
-        # shapes, values and the batch rule ([Note: input batches], attnc/program.py), once for
+        # shapes, values and the batch rule ([Note: input batches], attnc/call_inputs.py), once for
         # every backend: a backend never sees an input whose batch is neither 1 nor B
         pat.input_batches(M, N, Hq, inputs, batch=B)
     tables = dict(tables or {})

@@ -30,10 +30,12 @@ LAYERS = (
     # progress bars, the version, the grammar's data package
     ("base", ("attnc.errors", "attnc.limits", "attnc.lru", "attnc.progress", "attnc.version", "attnc.grammar")),
     # the language: parsing, the IR, the primitives' definitions, elaboration and its checks, and
-    # the validation of the two things a call adds to a pattern (tile shapes, packed-sequence offsets)
+    # the validation of what a call adds to a pattern (tile shapes, packed-sequence offsets, the
+    # run-time inputs and score tables checked against the pattern's IR)
     ("frontend", ("attnc.syntax", "attnc.parse_errors", "attnc.ir", "attnc.ir_expr", "attnc.ir_text", "attnc.semantics", "attnc.constraints",
                   "attnc.elab_values", "attnc.elab_primitives", "attnc.elab_params", "attnc.elab_scores",
-                  "attnc.elab_names", "attnc.elab_exprs", "attnc.elaborate", "attnc.tiles", "attnc.inputs")),
+                  "attnc.elab_names", "attnc.elab_exprs", "attnc.elaborate", "attnc.tiles", "attnc.inputs",
+                  "attnc.call_inputs")),
     # what a pattern means and costs: the reference masks, interval sets and the tile classes
     # from them, tile plans, products on grids, tile boxes, the plan drivers and per-tile counts,
     # formulas, dynamic routing, KV retention, pictures, the simulator and the
@@ -56,10 +58,11 @@ LAYERS = (
                  "attnc.runtime.dense", "attnc.runtime.tile_choice", "attnc.runtime.schedules",
                  "attnc.runtime.torch_backend", "attnc.runtime.triton_backend",
                  "attnc.runtime.flex", "attnc.runtime.ops", "attnc.runtime.decode", "attnc.runtime.distributed")),
-    # what users call: programs and bound patterns, the nn layers, context parallelism, the
-    # ahead-of-time compiler (it drives the runtime's launches), the CLI, the package itself
-    ("api", ("attnc", "attnc.__main__", "attnc.program", "attnc.nn", "attnc.distributed", "attnc.aot",
-             "attnc.aot_worker", "attnc.cli_args", "attnc.cli")),
+    # what users call: loading programs, bound patterns, the nn layers and the Hugging Face adapter,
+    # context parallelism, the ahead-of-time compiler (it drives the runtime's launches), the CLI,
+    # the package itself
+    ("api", ("attnc", "attnc.__main__", "attnc.loader", "attnc.program", "attnc.nn", "attnc.hf", "attnc.distributed",
+             "attnc.aot", "attnc.aot_worker", "attnc.cli_args", "attnc.cli_compile", "attnc.cli")),
 )
 
 LAYER = {mod: i for i, (_, mods) in enumerate(LAYERS) for mod in mods}
