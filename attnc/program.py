@@ -20,6 +20,8 @@ from .limits import require
 from .runtime.registry import register
 
 if TYPE_CHECKING:
+    import torch
+
     from .loader import Program
 
 # torch (and the analysis / reference modules built on it) are imported where they are
