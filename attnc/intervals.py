@@ -95,7 +95,8 @@ def _broadcast(a: ISet, b: ISet) -> tuple[ISet, ISet]:
 
 def merge(s: ISet) -> ISet:
     """Sort and merge overlapping or adjacent intervals; drop all-empty slots."""
-    if s.merged:
+    if not isinstance(s, ISet) or s.merged:  # a periodic set (periodic.PSet) is kept merged
+        return s
         return s
     if s.lo.shape[-1] == 2:
         return _merge2(s)
@@ -200,7 +201,20 @@ def _fold(A: ISet, F: ISet, S: int) -> ISet:
 
 
 class IntervalAnalysis(Evaluator):
-    """The per-query interval sets of a 1-D pattern (raises NotIntervals)."""
+    """The per-query interval sets of a 1-D pattern (raises NotIntervals). With `periodic`,
+    stepped progressions with many keys per query, grid columns and `where` conditions on
+    `k % m` or `q.a == k.a` become periodic slots ([Note: periodic sets] in periodic.py)
+    instead of one interval per key; the sets are then ISets or periodic.PSets."""
+
+    def __init__(self, pattern, periodic: bool = False):
+        super().__init__(pattern)
+        self.periodic = periodic
+
+    def _ops(self):
+        if self.periodic:
+            from . import periodic as P
+            return P.union, P.intersect, P.complement
+        return union, intersect, complement
 
     def eval(self, node: ir.Mask, view: View) -> ISet:  # type: ignore[override]
         if isinstance(node, ir.AXISWISE) and view.axes:
@@ -229,6 +243,9 @@ class IntervalAnalysis(Evaluator):
         # a 1-D set depends only on the coordinate and the axis length: evaluate
         # every coordinate once (no unique() over the flat queries) and gather
         s = self.coord_set(node, view, axis)
+        if not isinstance(s, ISet):
+            from .periodic import take
+            return take(s, view.qc[axis])
         return ISet(s.lo[:, view.qc[axis]], s.hi[:, view.qc[axis]], s.n, s.merged)
 
     def grid_product(self, view: View, per_axis: dict) -> ISet:
@@ -251,14 +268,70 @@ class IntervalAnalysis(Evaluator):
             if A is None:
                 z = torch.zeros(1, Mq, 1, dtype=torch.int64)
                 A = ISet(z, z + L, L, merged=True)
-            F = A if F is None else _fold(A, F, S)
+            F = A if F is None else (self._fold_periodic(A, F, S) if self.periodic else _fold(A, F, S))
             S *= L
         T = view.L - S
+        if not isinstance(F, ISet):
+            from .periodic import shift
+            return shift(F, T, view.L, None if view.qin is None else ~view.qin)
         lo, hi = F.lo + T, F.hi + T
         if view.qin is not None:
             out = ~view.qin.view(1, Mq, 1)
             lo, hi = lo.masked_fill(out, view.L), hi.masked_fill(out, view.L)
         return ISet.make(lo, hi, view.L)
+
+    def _fold_periodic(self, A, F, S):
+        """_fold of sets that may be periodic: an outer set A repeated over full inner rows is
+        scaled; one outer interval per query times inner intervals of one width each (a grid
+        column, a window across many rows) is one slot per inner interval, step S; otherwise
+        the outer coordinates are listed (few) and the inner set shifted to each."""
+        from . import periodic as P
+        n = A.n * S
+        Fc = F.count()
+        if bool((Fc == S).all()):
+            return P.scale(A, S, n)
+        if isinstance(F, ISet) and isinstance(A, ISet):
+            Ac = A.count()
+            C = int(Ac.masked_fill(Fc == S, 0).max()) if Ac.numel() else 0
+            RF = F.lo.shape[-1]
+            if C * RF <= MAX_INTERVALS or A.lo.shape[-1] != 1 or bool((Fc == S).any()):
+                return _fold(A, F, S)
+            A, F = _broadcast(A, F)
+            a0, a1 = A.lo[..., 0:1], A.hi[..., 0:1]
+            width = F.hi - F.lo
+            real = (F.lo < F.n) & (a1 > a0)
+            widths = []
+            for r in range(RF):
+                w = width[..., r][real[..., r]]
+                if len(w) and bool((w != w[0]).any()):
+                    return _fold(A, F, S)
+                widths.append(int(w[0]) if len(w) else 1)
+            lo = torch.where(real, a0 * S + F.lo, n)
+            hi = torch.where(real, (a1 - 1) * S + F.hi, n)
+            z = torch.full_like(a0, n)
+            return P.make(ISet(z, z.clone(), n, merged=True), F.lo, lo, hi, (S,) * RF, tuple(widths), n)
+        Ae = P.expand(A, MAX_INTERVALS) if not isinstance(A, ISet) else A
+        if isinstance(F, ISet):
+            return _fold(Ae, F, S)
+        # the outer coordinates listed (their count bounded), the periodic inner set shifted to each
+        Ae, Fiv = _broadcast(Ae, F.iv)
+        Ac = Ae.count()
+        C = int(Ac.max()) if Ac.numel() else 0
+        if C * (len(F.step) + F.iv.lo.shape[-1]) > MAX_INTERVALS:
+            raise P.NotPeriodic(f"a grid product of {C} rows of a stepped set")
+        iv = _fold(Ae, Fiv, S)
+        sizes = Ae.hi - Ae.lo
+        cum = torch.cumsum(sizes, -1)
+        j = torch.arange(C, dtype=torch.int64).expand(*cum.shape[:-1], C).contiguous()
+        idx = torch.searchsorted(cum, j, right=True).clamp(max=sizes.shape[-1] - 1)
+        coord = torch.gather(Ae.lo, -1, idx) + (j - torch.gather(cum - sizes, -1, idx))
+        valid = j < Ac[..., None]
+        base = (coord * S)[..., :, None]
+        h = base.shape[0]
+        o = (base + F.o.expand(h, -1, -1)[..., None, :]).flatten(-2)
+        lo = torch.where(valid[..., None], base + F.lo.expand(h, -1, -1)[..., None, :], n).flatten(-2)
+        hi = torch.where(valid[..., None], base + F.hi.expand(h, -1, -1)[..., None, :], n).flatten(-2)
+        return P.make(iv, o, lo, hi, F.step * C, F.width * C, n)
 
     def iv_Along(self, node, view):
         return self.grid_product(view, {node.axis: self.axis_set(node.operand, view, node.axis)})
@@ -272,7 +345,7 @@ class IntervalAnalysis(Evaluator):
         a stepped part (TooManyIntervals past `max_intervals`); constant parts in one tensor."""
         Mq, L = len(view.q), view.L
         limit = max_intervals(Mq)
-        los, his, points = [], [], []
+        los, his, points, slots = [], [], [], []
         for p in parts:
             if p.when is None and p.step is None and isinstance(p.lo, ir.PConst) and isinstance(p.hi, ir.PConst):
                 points.append((self.val(p.lo.value, view.env), self.val(p.hi.value, view.env)))
@@ -291,6 +364,10 @@ class IntervalAnalysis(Evaluator):
             first = lo + ((-lo).clamp(min=0) + step - 1) // step * step  # keys below 0 do not exist
             hi = hi.clamp(max=L)
             count = int(((hi - first + step - 1) // step).clamp(min=0).max()) if Mq else 0
+            if self.periodic and count > MAX_INTERVALS:  # one periodic slot, not one interval per key
+                from .periodic import slot
+                slots.append(slot(first, first, hi, step, 1, L))
+                continue
             if count > limit:  # (the merged set is bounded again by merge())
                 raise TooManyIntervals(f"more than {limit} keys of a progression per query")
             keys = first[:, None] + step * torch.arange(count, dtype=torch.int64)[None, :]
@@ -304,9 +381,13 @@ class IntervalAnalysis(Evaluator):
             his.append(pts[:, 1].expand(Mq, -1))
         if not los:
             z = torch.zeros(Mq, 1, dtype=torch.int64)
-            return ISet.make(z, z, L)
-        out = ISet.make(torch.cat(los, dim=1), torch.cat(his, dim=1), L)
-        return out if out.lo.shape[-1] == 1 else merge(out)
+            out = ISet.make(z, z, L)
+        else:
+            out = ISet.make(torch.cat(los, dim=1), torch.cat(his, dim=1), L)
+            out = out if out.lo.shape[-1] == 1 else merge(out)
+        for sl in slots:
+            out = self._ops()[0](out, sl)
+        return out
 
     def per_query(self, e: ir.PExpr, view: View) -> torch.Tensor:
         """A term without k (an end, step or condition of a progression) at every query: [Mq]."""
@@ -347,26 +428,91 @@ class IntervalAnalysis(Evaluator):
         return merge(ISet.make(table, table + 1, view.L))
 
     def iv_Union(self, node, view):
+        union_, _, _ = self._ops()
         out = self.eval(node.parts[0], view)
         for p in node.parts[1:]:
-            out = union(out, self.eval(p, view))
+            out = union_(out, self.eval(p, view))
         return out
 
     def iv_Inter(self, node, view):
+        _, intersect_, _ = self._ops()
+        if self.periodic and view.axes and all(isinstance(p, (*ir.AXISWISE, ir.Along)) for p in node.parts):
+            # per-axis products: intersect per axis, then one product (not products of products)
+            per_axis: dict = {}
+            for p in node.parts:
+                if isinstance(p, ir.Along):
+                    comps = {p.axis: p.operand}
+                else:
+                    self.check(p, view)
+                    comps = {a: axis_component(p, i) for i, a in enumerate(view.axes)}
+                for a, c in comps.items():
+                    s = self.axis_set(c, view, a)
+                    per_axis[a] = s if a not in per_axis else intersect_(per_axis[a], s)
+            return self.grid_product(view, per_axis)
         out = self.eval(node.parts[0], view)
         for p in node.parts[1:]:
-            out = intersect(out, self.eval(p, view))
+            out = intersect_(out, self.eval(p, view))
         return out
 
     def iv_Diff(self, node, view):
-        return intersect(self.eval(node.left, view), complement(self.eval(node.right, view)))
+        _, intersect_, complement_ = self._ops()
+        return intersect_(self.eval(node.left, view), complement_(self.eval(node.right, view)))
 
     def iv_Not(self, node, view):
-        return complement(self.eval(node.operand, view))
+        return self._ops()[2](self.eval(node.operand, view))
+
+    def iv_Where(self, node, view):
+        """`where` conditions of the forms the periodic sets hold: `k % m OP c` (a slot of
+        period m), `q.a == k.a` (the query's coordinate on axis a: a grid product), and `and`,
+        `or`, `not` of them. Only with `periodic` (the tile boxes decide other conditions)."""
+        if not self.periodic:
+            raise NotIntervals("where")
+        return self._where(node.pred, view)
+
+    def _where(self, e, view):
+        from . import periodic as P
+        union_, intersect_, complement_ = self._ops()
+        if isinstance(e, ir.PBool):
+            out = self._where(e.parts[0], view)
+            for p in e.parts[1:]:
+                out = (intersect_ if e.op == "and" else union_)(out, self._where(p, view))
+            return out
+        if isinstance(e, ir.PNot):
+            return complement_(self._where(e.operand, view))
+        if not (isinstance(e, ir.PCmp) and len(e.ops) == 1):
+            raise NotIntervals("where")
+        op, (a, b) = e.ops[0], e.operands
+        flip = {"<": ">", ">": "<", "<=": ">=", ">=": "<=", "==": "==", "!=": "!="}
+        is_k = lambda x: isinstance(x, ir.PVar) and x.name == "k"  # noqa: E731
+        # q.a == k.a: the query's own coordinate on axis a
+        if op == "==" and isinstance(a, ir.PVar) and isinstance(b, ir.PVar) and a.axis and a.axis == b.axis \
+                and {a.name, b.name} == {"q", "k"} and a.axis in view.axes:
+            c = view.qc[a.axis]
+            one = ISet.make(c[:, None], c[:, None] + 1, view.env[ir.axis_size(a.axis)])
+            return self.grid_product(view, {a.axis: one})
+        if isinstance(b, ir.PBin) and b.op == "%" and is_k(b.left):
+            a, b, op = b, a, flip[op]
+        if not (isinstance(a, ir.PBin) and a.op == "%" and is_k(a.left) and isinstance(a.right, ir.PConst)
+                and isinstance(b, ir.PConst) and a.left.axis is None and not view.axes):
+            raise NotIntervals("where")
+        m, c = self.val(a.right.value, view.env), self.val(b.value, view.env)
+        if m < 1:
+            raise NotIntervals("where: modulus below 1")
+        # residues allowed: [r0, r1) of [0, m), or their complement for !=
+        r0, r1 = {"<": (0, c), "<=": (0, c + 1), ">": (c + 1, m), ">=": (c, m), "==": (c, c + 1),
+                  "!=": (c, c + 1)}[op]
+        r0, r1 = max(0, r0), min(m, r1)
+        Mq, L = len(view.q), view.L
+        z = torch.zeros(Mq, dtype=torch.int64)
+        s = P.slot(z + r0, z, z + L, m, r1 - r0, L) if r1 > r0 else ISet.make(z[:, None], z[:, None], L)
+        return complement_(s) if op == "!=" else s
 
     def iv_Heads(self, node, view):
         H = view.heads
         chosen = [(sel, self.eval(arm.body, view)) for sel, arm in self.head_arms(node, view)]
+        if not all(isinstance(s, ISet) for _, s in chosen):
+            from .periodic import NotPeriodic
+            raise NotPeriodic("heads { } of stepped sets")
         R = max(s.lo.shape[-1] for _, s in chosen)
         lo = torch.full((H, len(view.q), R), view.L, dtype=torch.int64)
         hi = lo.clone()
@@ -384,5 +530,8 @@ class IntervalAnalysis(Evaluator):
         nb = -(-view.L // b)
         env = {**view.env, ir.M: -(-view.env[ir.M] // b), ir.N: nb}
         inner = self.eval(node.operand, View(q=uq, k=torch.arange(nb), env=env))
+        if not isinstance(inner, ISet):
+            from .periodic import NotPeriodic
+            raise NotPeriodic("blockwise of a stepped set")
         lo, hi = inner.lo[:, iq] * b, inner.hi[:, iq] * b
         return ISet.make(lo, torch.where(hi >= nb * b, view.L, hi), view.L)

@@ -521,6 +521,8 @@ def test_more_intervals_per_query_when_few_queries_are_planned_at_once(monkeypat
     from attnc import analysis, intervals
 
     pat = attnc.loads("pattern p = causal & (sliding(8) | strided(16))").pattern()
+    # the interval-only analysis (with periodic slots, strided is one slot per query: test_periodic.py)
+    monkeypatch.setattr(analysis, "_closed_form_plan", lambda *a: analysis._closed_form_plan_with(*a, periodic=False))
     monkeypatch.setattr(intervals, "MAX_INTERVALS", 4)
     plans = {}
     # 0: nothing beyond 4 per query (tile boxes); 40 * 512: the whole 512 rows at once; 40 * 128:
