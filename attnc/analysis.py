@@ -32,7 +32,9 @@ import torch
 
 from . import ir
 from .interval_tiles import PLAN_BYTES_PER_TILE, sparse_tiles
-from .intervals import ISet, IntervalAnalysis, NotIntervals, TooManyIntervals, merge
+from .interval_sets import ISet, NotIntervals, TooManyIntervals, merge
+from .intervals import IntervalAnalysis
+from .periodic import NotPeriodic, PSet, periodic_tiles, take
 from .limits import require
 from .plans import Plan, TileList
 from .products import ProductCounts, axis_masks, product_plan
@@ -53,13 +55,24 @@ def _require_boxes(pattern, M, N, heads, nq, nk, what: str) -> None:
 
 def _closed_form_plan(pattern: ir.PatternIR, M: int, N: int, heads: int, grid, bm: int, bn: int,
                       inputs: dict | None) -> Plan:
+    """The plan from interval sets with periodic slots for stepped keys ([Note: periodic
+    sets] in periodic.py); where the periodic algebra cannot represent a set, from interval
+    sets alone (one interval per key of a progression)."""
+    try:
+        return _closed_form_plan_with(pattern, M, N, heads, grid, bm, bn, inputs, periodic=True)
+    except NotPeriodic:
+        return _closed_form_plan_with(pattern, M, N, heads, grid, bm, bn, inputs, periodic=False)
+
+
+def _closed_form_plan_with(pattern: ir.PatternIR, M: int, N: int, heads: int, grid, bm: int, bn: int,
+                           inputs: dict | None, periodic: bool) -> Plan:
     """The plan from interval sets (raises NotIntervals), in chunks of whole query tiles:
     working memory O(PLAN_CHUNK * R), plus O(non-empty tiles) for the result. A chunk with
     more intervals per query than `max_intervals` allows is halved and tried again (down to
     one query tile), so many keys per query (strided, routed) stay in closed form."""
     if pattern.inputs and not inputs:
         raise NotIntervals("run-time inputs")
-    ia = IntervalAnalysis(pattern)
+    ia = IntervalAnalysis(pattern, periodic=periodic)
     nq, nk = -(-M // bm), -(-N // bn)
     step = bm * max(1, PLAN_CHUNK // bm)
     no_keys = torch.zeros(0, dtype=torch.int64)
@@ -79,7 +92,10 @@ def _closed_form_plan(pattern: ir.PatternIR, M: int, N: int, heads: int, grid, b
                 Hx = s.lo.shape[0]
             elif s.lo.shape[0] != Hx:  # heads come from the IR and the inputs' shapes, never from rows
                 raise AssertionError(f"chunks disagree on heads: {Hx} vs {s.lo.shape[0]}")
-            keys, full, count = sparse_tiles(s, bm, bn)
+            if isinstance(s, ISet):
+                keys, full, count = sparse_tiles(s, bm, bn)
+            else:
+                keys, full, count, _ = periodic_tiles(s, bm, bn)
             allowed += count
             tiles += len(keys)  # the tiles of the rows done so far, projected to all M rows:
             require(PLAN_BYTES_PER_TILE * tiles * M / end,
@@ -143,16 +159,18 @@ def _one_thread():
             torch.set_num_threads(n)
 
 
-def _interval_sets(pattern: ir.PatternIR, M: int, N: int, heads: int, grid, inputs: dict | None = None) -> tuple[ISet, View]:
+def _interval_sets(pattern: ir.PatternIR, M: int, N: int, heads: int, grid, inputs: dict | None = None,
+                   periodic: bool = False) -> tuple[ISet | PSet, View]:
     """Every query's allowed keys in closed form (raises NotIntervals). `inputs`:
-    one batch element's run-time inputs (segments with contiguous ids, block tables)."""
+    one batch element's run-time inputs (segments with contiguous ids, block tables).
+    `periodic`: stepped keys may come back as periodic slots (a PSet)."""
     if pattern.inputs and not inputs:
         raise NotIntervals("run-time inputs")
     require(8 * (M + N) * (3 + 2 * len(pattern.layout.axes)) + 64 * heads * M,
             f"the allowed keys of every query of '{pattern.name}' at M = {M}, N = {N}",
             "smaller sizes: empty rows and density show at small sizes too (attnc check --seq-len 4096)")
     view = top_view(pattern, M, N, heads, grid, inputs or {})
-    return merge(IntervalAnalysis(pattern).eval(pattern.body, view)), view
+    return merge(IntervalAnalysis(pattern, periodic=periodic).eval(pattern.body, view)), view
 
 
 @dataclass(frozen=True)
@@ -178,7 +196,10 @@ def row_report(pattern: ir.PatternIR, M: int, N: int, heads: int, grid) -> RowRe
 
 def _row_report(pattern, M, N, heads, grid) -> RowReport:
     try:
-        s, _ = _interval_sets(pattern, M, N, heads, grid)
+        try:
+            s, _ = _interval_sets(pattern, M, N, heads, grid, periodic=True)
+        except NotPeriodic:
+            s, _ = _interval_sets(pattern, M, N, heads, grid)
         counts = s.count()  # [Hx, M]
         method = "closed-form"
     except NotIntervals:
@@ -207,13 +228,36 @@ def plan_blocks(pattern: ir.PatternIR, M: int, N: int, heads: int, grid, *, bloc
 COUNT_CHUNK = 1 << 22
 
 
+def _periodic_tile_counts(s: PSet, M: int, state: torch.Tensor, block) -> torch.Tensor:
+    """Every tile's allowed pairs from periodic sets of all M queries, PLAN_CHUNK query rows at
+    a time: `periodic_tiles`' working memory stays that of one chunk (at 10^6 tokens all
+    rows at once held several GB of per-tile arrays)."""
+    bm, _ = block
+    nq, nk = state.shape[1:]
+    counts = torch.zeros(s.heads, nq, nk, dtype=count_dtype(block))
+    step = bm * max(1, PLAN_CHUNK // bm)
+    for q0 in each(range(0, M, step), "counting pairs in tiles", unit="chunk"):
+        end = min(M, q0 + step)
+        keys, _, _, cnt = periodic_tiles(take(s, torch.arange(q0, end)), *block)
+        keys = torch.from_numpy(keys)
+        cq = -(-(end - q0) // bm)  # chunk keys: (h * cq + local query tile) * nk + key tile
+        row, kt = keys // nk, keys % nk
+        counts[row // cq, q0 // bm + row % cq, kt] = torch.from_numpy(cnt).to(counts.dtype)
+    return counts
+
+
 def _interval_tile_counts(pattern, M, N, heads, grid, state, qsz, ksz, block):
     """(counts, rows) of a 1-D pattern from its interval sets, no mask evaluated: a full tile
     counts its size; a partial tile (query tile a, key tile [b, e)) counts
     sum over its queries and their intervals [lo, hi) of |[lo, hi) & [b, e)|, computed for
     all partial tiles at once in chunks; rows are the sets' own counts. Raises NotIntervals."""
-    s, _ = _interval_sets(pattern, M, N, heads, grid)  # [Hs, M, R], merged: disjoint intervals
+    try:
+        s, _ = _interval_sets(pattern, M, N, heads, grid, periodic=True)  # [Hs, M, R], merged: disjoint intervals
+    except NotPeriodic:
+        s, _ = _interval_sets(pattern, M, N, heads, grid)
     bm, bn = block
+    if isinstance(s, PSet):  # exact counts of every non-empty tile ([Note: periodic tiles])
+        return _periodic_tile_counts(s, M, state, block), s.count()
     Hs = s.lo.shape[0]
     Hx = max(Hs, state.shape[0])
     counts = _full_tile_counts((state == 2).expand(Hx, -1, -1), qsz, ksz, block)

@@ -1,6 +1,6 @@
 """Tile classes from interval sets: which tiles of 1-D tiles are full, partial or empty.
 
-input:  a merged interval set (intervals.ISet) of whole query tiles and a tile shape.
+input:  a merged interval set (interval_sets.ISet) of whole query tiles and a tile shape.
 output: `classify_from_intervals`: dense bool (full, nonempty) maps [Hx, nq, nk];
         `sparse_tiles`: the sorted keys of the non-empty tiles, their full flags and the
         allowed count, without a dense map (what `Plan.from_tiles` takes).
@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .intervals import ISet
+from .interval_sets import ISet
 from .limits import require
 from .tilestats import tile_lengths
 

@@ -2,8 +2,8 @@
 
 input:  a bound pattern (PatternIR) and a reference `View` (the queries to answer for,
         sizes, run-time inputs).
-output: an `ISet` per node (`IntervalAnalysis.eval`): int64 lo / hi tensors [Hx, queries, R],
-        and the set algebra on them (`merge`, `union`, `intersect`, `complement`).
+output: an `ISet` per node (`IntervalAnalysis.eval`): int64 lo / hi tensors [Hx, queries, R]
+        (their algebra: interval_sets.py), or with `periodic=True` a periodic.PSet.
 does not: classify tiles (interval_tiles.py) or build plans (analysis.py); decide patterns
         that are not short interval unions per query (it raises `NotIntervals`, and the
         tile boxes take over: tileboxes.py).
@@ -26,186 +26,36 @@ still counted exactly, from row segments ([Note: product counts] in products.py)
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-from . import ir, semantics
+from . import interval_sets, ir, semantics
+from .interval_sets import (INTERVAL_SETS, ISet, NotIntervals, TooManyIntervals, broadcast, fold,
+                            max_intervals, merge)
 from .limits import require
 from .reference import Evaluator, View, axis_component, random_table
-
-
-#: intervals per query the closed form always keeps (beyond `max_intervals`: tile boxes / scan)
-MAX_INTERVALS = 64
-#: intervals (heads x queries x per query) one evaluation may hold: few queries at a time (the
-#: plan's chunks) may keep more per query, e.g. strided(128) at 32K tokens or 10 % routing at 128K
-INTERVAL_BUDGET = 1 << 22
-
-
-def max_intervals(rows: int, heads: int = 1) -> int:
-    """How many intervals per query the closed form keeps for `rows` queries of `heads` heads."""
-    return max(MAX_INTERVALS, INTERVAL_BUDGET // max(1, rows * heads))
-
-
-class NotIntervals(Exception):
-    """This node is not a short union of key intervals per query."""
-
-
-class TooManyIntervals(NotIntervals):
-    """More intervals per query than `max_intervals` keeps for the queries evaluated together:
-    fewer queries at once may fit (the plan halves its chunk and tries again)."""
-
-
-# ----------------------------------------------------------------------------- interval sets
-
-
-@dataclass(frozen=True)
-class ISet:
-    lo: torch.Tensor  # int64 [Hx, Mq, R]
-    hi: torch.Tensor
-    n: int  # key length: intervals live in [0, n); (n, n) marks an empty slot
-    merged: bool = False  # sorted, disjoint, non-adjacent (merge() is then the identity)
-
-    @staticmethod
-    def make(lo: torch.Tensor, hi: torch.Tensor, n: int) -> "ISet":
-        while lo.dim() < 3:
-            lo, hi = lo.unsqueeze(0), hi.unsqueeze(0)
-        if lo.shape[-1] == 0:  # no interval at all (random(0)): one empty slot, so complement sees a row
-            lo = hi = torch.full((*lo.shape[:-1], 1), n, dtype=torch.int64)
-        lo = lo.clamp(0, n)  # new tensors: filled in place below
-        hi = hi.clamp(0, n)
-        empty = hi <= lo
-        if bool(empty.any()):
-            lo.masked_fill_(empty, n)
-            hi.masked_fill_(empty, n)
-        # one interval per query is merged by construction
-        return ISet(lo, hi, n, merged=lo.shape[-1] == 1)
-
-    def count(self) -> torch.Tensor:
-        """Allowed keys per query: int64 [Hx, Mq]."""
-        return (self.hi - self.lo).sum(-1)
-
-
-def _broadcast(a: ISet, b: ISet) -> tuple[ISet, ISet]:
-    h = max(a.lo.shape[0], b.lo.shape[0])
-    ea = ISet(a.lo.expand(h, -1, -1), a.hi.expand(h, -1, -1), a.n, a.merged)
-    eb = ISet(b.lo.expand(h, -1, -1), b.hi.expand(h, -1, -1), b.n, b.merged)
-    return ea, eb
-
-
-def merge(s: ISet) -> ISet:
-    """Sort and merge overlapping or adjacent intervals; drop all-empty slots."""
-    if s.merged:
-        return s
-    if s.lo.shape[-1] == 2:
-        return _merge2(s)
-    lo, order = torch.sort(s.lo, dim=-1, stable=True)
-    hi = torch.gather(s.hi, -1, order)
-    cm = torch.cummax(hi, dim=-1).values
-    prev = torch.cat([torch.full_like(cm[..., :1], -1), cm[..., :-1]], dim=-1)
-    start = lo > prev
-    group = torch.cumsum(start.to(torch.int64), dim=-1) - 1
-    R = lo.shape[-1]
-    new_lo = torch.full_like(lo, s.n).scatter_reduce(-1, group, lo, reduce="amin", include_self=True)
-    new_hi = torch.full_like(hi, -1).scatter_reduce(-1, group, hi, reduce="amax", include_self=True)
-    out = ISet.make(new_lo, new_hi.clamp(min=0), s.n)
-    used = int((out.lo < s.n).sum(-1).max()) if out.lo.numel() else 0
-    used = max(used, 1)
-    limit = max_intervals(s.lo.shape[1], s.lo.shape[0])
-    if used > limit:
-        raise TooManyIntervals(f"more than {limit} intervals per query")
-    return ISet(out.lo[..., :used], out.hi[..., :used], s.n, merged=True) if used < R else ISet(out.lo, out.hi, s.n, merged=True)
-
-
-def _merge2(s: ISet) -> ISet:
-    """merge() of two slots without sorting (unions and complements of single
-    intervals): a few elementwise ops instead of sort, cummax and scatters."""
-    return _merge_pair(s.lo[..., 0], s.hi[..., 0], s.lo[..., 1], s.hi[..., 1], s.n)
-
-
-def _merge_pair(l1, h1, l2, h2, n: int) -> ISet:
-    """The merged set of two intervals per query ([Hx, Mq] each, made: empty = (n, n))."""
-    swap = l2 < l1  # empty slots (n, n) sort last
-    a_lo, b_lo = torch.minimum(l1, l2), torch.maximum(l1, l2)
-    a_hi, b_hi = torch.where(swap, h2, h1), torch.where(swap, h1, h2)
-    join = b_lo <= a_hi  # overlapping or adjacent (an empty second slot joins harmlessly)
-    a_hi = torch.where(join, torch.maximum(a_hi, b_hi), a_hi)
-    b_lo.masked_fill_(join, n)
-    if not bool((b_lo < n).any()):
-        return ISet(a_lo[..., None], a_hi[..., None], n, merged=True)
-    b_hi.masked_fill_(join, n)
-    return ISet(torch.stack([a_lo, b_lo], -1), torch.stack([a_hi, b_hi], -1), n, merged=True)
-
-
-def union(a: ISet, b: ISet) -> ISet:
-    a, b = _broadcast(a, b)
-    if a.lo.shape[-1] == 1 and b.lo.shape[-1] == 1:
-        return _merge_pair(a.lo[..., 0], a.hi[..., 0], b.lo[..., 0], b.hi[..., 0], a.n)
-    return merge(ISet(torch.cat([a.lo, b.lo], -1), torch.cat([a.hi, b.hi], -1), a.n))
-
-
-def intersect(a: ISet, b: ISet) -> ISet:
-    a, b = _broadcast(a, b)
-    lo = torch.maximum(a.lo[..., :, None], b.lo[..., None, :]).flatten(-2)
-    hi = torch.minimum(a.hi[..., :, None], b.hi[..., None, :]).flatten(-2)
-    return merge(ISet.make(lo, hi, a.n))
-
-
-def complement(a: ISet) -> ISet:
-    a = merge(a)
-    zero = torch.zeros_like(a.lo[..., :1])
-    end = torch.full_like(a.lo[..., :1], a.n)
-    real_hi = torch.where(a.lo < a.n, a.hi, a.n)
-    lo = torch.cat([zero, real_hi], -1)
-    hi = torch.cat([a.lo, end], -1)
-    return merge(ISet.make(lo, hi, a.n))
-
-
-def _fold(A: ISet, F: ISet, S: int) -> ISet:
-    """The set {c * S + f : c in A, f in F} over A.n * S positions (A, F merged)."""
-    A, F = _broadcast(A, F)
-    n = A.n * S
-    full = F.count() == S  # [Hx, Mq]
-    cnt = A.count()
-    partial_rows = cnt.masked_fill(full, 0)
-    C = int(partial_rows.max()) if partial_rows.numel() else 0
-    RF = F.lo.shape[-1]
-    if C * RF > max_intervals(A.lo.shape[1], A.lo.shape[0]):
-        raise TooManyIntervals(f"grid product with {C * RF} intervals per query")
-    scaled_lo, scaled_hi = A.lo * S, A.hi * S
-    if C == 0:
-        return merge(ISet.make(scaled_lo, scaled_hi, n))
-    # the j-th coordinate of A for j < C: find its interval by cumulative counts
-    sizes = A.hi - A.lo
-    cum = torch.cumsum(sizes, -1)
-    j = torch.arange(C, dtype=torch.int64).expand(*cum.shape[:-1], C).contiguous()
-    idx = torch.searchsorted(cum, j, right=True).clamp(max=sizes.shape[-1] - 1)
-    before = torch.gather(cum - sizes, -1, idx)
-    coord = torch.gather(A.lo, -1, idx) + (j - before)
-    valid = j < cnt[..., None]
-    base = (coord * S)[..., :, None]
-    lo = (base + F.lo[..., None, :]).flatten(-2)
-    hi = (base + F.hi[..., None, :]).flatten(-2)
-    keep = (valid[..., :, None] & (F.lo < F.n)[..., None, :]).flatten(-2) & ~full[..., None]
-    lo, hi = lo.masked_fill(~keep, n), hi.masked_fill(~keep, n)
-    f = full[..., None]
-    R = max(lo.shape[-1], scaled_lo.shape[-1])
-    pad = lambda t, fill: torch.cat([t, torch.full((*t.shape[:-1], R - t.shape[-1]), fill, dtype=t.dtype)], -1)
-    lo = torch.where(f, pad(scaled_lo.masked_fill(~f, n), n), pad(lo, n))
-    hi = torch.where(f, pad(scaled_hi.masked_fill(~f, n), n), pad(hi, n))
-    return merge(ISet.make(lo, hi, n))
 
 
 # ----------------------------------------------------------------------------- closed forms per primitive
 
 
-#: interval sets for the boolean combinators ([Note: combinators] in semantics.py)
-INTERVAL_SETS = semantics.Algebra(union=semantics.folding(union), intersect=semantics.folding(intersect),
-                                  complement=complement)
-
-
 class IntervalAnalysis(Evaluator):
-    """The per-query interval sets of a 1-D pattern (raises NotIntervals)."""
+    """The per-query interval sets of a 1-D pattern (raises NotIntervals). With `periodic`,
+    stepped progressions with many keys per query, grid columns and `where` conditions on
+    `k % m` or `q.a == k.a` become periodic slots ([Note: periodic sets] in periodic.py)
+    instead of one interval per key; the sets are then ISets or periodic.PSets."""
+
+    def __init__(self, pattern, periodic: bool = False):
+        super().__init__(pattern)
+        self.periodic = periodic
+
+    @property
+    def algebra(self) -> semantics.Algebra:
+        """The sets the boolean combinators combine: interval sets, or with `periodic`
+        interval sets with periodic slots (periodic.PERIODIC_SETS)."""
+        if self.periodic:
+            from .periodic import PERIODIC_SETS
+            return PERIODIC_SETS
+        return INTERVAL_SETS
 
     def eval(self, node: ir.Mask, view: View) -> ISet:  # type: ignore[override]
         if isinstance(node, ir.AXISWISE) and view.axes:
@@ -216,7 +66,8 @@ class IntervalAnalysis(Evaluator):
         if parts is not None:
             return self.key_intervals(parts, view)
         if semantics.is_combinator(node):
-            return semantics.combine(node, lambda n: self.eval(n, view), INTERVAL_SETS)
+            per_axis = self.per_axis_inter(node, view) if isinstance(node, ir.Inter) else None
+            return per_axis if per_axis is not None else semantics.combine(node, lambda n: self.eval(n, view), self.algebra)
         method = getattr(self, "iv_" + type(node).__name__.rstrip("_"), None)
         if method is None:
             raise NotIntervals(type(node).__name__)
@@ -236,6 +87,9 @@ class IntervalAnalysis(Evaluator):
         # a 1-D set depends only on the coordinate and the axis length: evaluate
         # every coordinate once (no unique() over the flat queries) and gather
         s = self.coord_set(node, view, axis)
+        if not isinstance(s, ISet):
+            from .periodic import take
+            return take(s, view.qc[axis])
         return ISet(s.lo[:, view.qc[axis]], s.hi[:, view.qc[axis]], s.n, s.merged)
 
     def grid_product(self, view: View, per_axis: dict) -> ISet:
@@ -258,14 +112,70 @@ class IntervalAnalysis(Evaluator):
             if A is None:
                 z = torch.zeros(1, Mq, 1, dtype=torch.int64)
                 A = ISet(z, z + L, L, merged=True)
-            F = A if F is None else _fold(A, F, S)
+            F = A if F is None else (self._fold_periodic(A, F, S) if self.periodic else fold(A, F, S))
             S *= L
         T = view.L - S
+        if not isinstance(F, ISet):
+            from .periodic import shift
+            return shift(F, T, view.L, None if view.qin is None else ~view.qin)
         lo, hi = F.lo + T, F.hi + T
         if view.qin is not None:
             out = ~view.qin.view(1, Mq, 1)
             lo, hi = lo.masked_fill(out, view.L), hi.masked_fill(out, view.L)
         return ISet.make(lo, hi, view.L)
+
+    def _fold_periodic(self, A, F, S):
+        """`fold` of sets that may be periodic: an outer set A repeated over full inner rows is
+        scaled; one outer interval per query times inner intervals of one width each (a grid
+        column, a window across many rows) is one slot per inner interval, step S; otherwise
+        the outer coordinates are listed (few) and the inner set shifted to each."""
+        from . import periodic as P
+        n = A.n * S
+        Fc = F.count()
+        if bool((Fc == S).all()):
+            return P.scale(A, S, n)
+        if isinstance(F, ISet) and isinstance(A, ISet):
+            Ac = A.count()
+            C = int(Ac.masked_fill(Fc == S, 0).max()) if Ac.numel() else 0
+            RF = F.lo.shape[-1]
+            if C * RF <= interval_sets.MAX_INTERVALS or A.lo.shape[-1] != 1 or bool((Fc == S).any()):
+                return fold(A, F, S)
+            A, F = broadcast(A, F)
+            a0, a1 = A.lo[..., 0:1], A.hi[..., 0:1]
+            width = F.hi - F.lo
+            real = (F.lo < F.n) & (a1 > a0)
+            widths = []
+            for r in range(RF):
+                w = width[..., r][real[..., r]]
+                if len(w) and bool((w != w[0]).any()):
+                    return fold(A, F, S)
+                widths.append(int(w[0]) if len(w) else 1)
+            lo = torch.where(real, a0 * S + F.lo, n)
+            hi = torch.where(real, (a1 - 1) * S + F.hi, n)
+            z = torch.full_like(a0, n)
+            return P.make(ISet(z, z.clone(), n, merged=True), F.lo, lo, hi, (S,) * RF, tuple(widths), n)
+        Ae = P.expand(A, interval_sets.MAX_INTERVALS) if not isinstance(A, ISet) else A
+        if isinstance(F, ISet):
+            return fold(Ae, F, S)
+        # the outer coordinates listed (their count bounded), the periodic inner set shifted to each
+        Ae, Fiv = broadcast(Ae, F.iv)
+        Ac = Ae.count()
+        C = int(Ac.max()) if Ac.numel() else 0
+        if C * (len(F.step) + F.iv.lo.shape[-1]) > interval_sets.MAX_INTERVALS:
+            raise P.NotPeriodic(f"a grid product of {C} rows of a stepped set")
+        iv = fold(Ae, Fiv, S)
+        sizes = Ae.hi - Ae.lo
+        cum = torch.cumsum(sizes, -1)
+        j = torch.arange(C, dtype=torch.int64).expand(*cum.shape[:-1], C).contiguous()
+        idx = torch.searchsorted(cum, j, right=True).clamp(max=sizes.shape[-1] - 1)
+        coord = torch.gather(Ae.lo, -1, idx) + (j - torch.gather(cum - sizes, -1, idx))
+        valid = j < Ac[..., None]
+        base = (coord * S)[..., :, None]
+        h = base.shape[0]
+        o = (base + F.o.expand(h, -1, -1)[..., None, :]).flatten(-2)
+        lo = torch.where(valid[..., None], base + F.lo.expand(h, -1, -1)[..., None, :], n).flatten(-2)
+        hi = torch.where(valid[..., None], base + F.hi.expand(h, -1, -1)[..., None, :], n).flatten(-2)
+        return P.make(iv, o, lo, hi, F.step * C, F.width * C, n)
 
     def iv_Along(self, node, view):
         return self.grid_product(view, {node.axis: self.axis_set(node.operand, view, node.axis)})
@@ -279,7 +189,7 @@ class IntervalAnalysis(Evaluator):
         a stepped part (TooManyIntervals past `max_intervals`); constant parts in one tensor."""
         Mq, L = len(view.q), view.L
         limit = max_intervals(Mq)
-        los, his, points = [], [], []
+        los, his, points, slots = [], [], [], []
         for p in parts:
             if p.when is None and p.step is None and isinstance(p.lo, ir.PConst) and isinstance(p.hi, ir.PConst):
                 points.append((self.val(p.lo.value, view.env), self.val(p.hi.value, view.env)))
@@ -298,6 +208,10 @@ class IntervalAnalysis(Evaluator):
             first = lo + ((-lo).clamp(min=0) + step - 1) // step * step  # keys below 0 do not exist
             hi = hi.clamp(max=L)
             count = int(((hi - first + step - 1) // step).clamp(min=0).max()) if Mq else 0
+            if self.periodic and count > interval_sets.MAX_INTERVALS:  # one periodic slot, not one interval per key
+                from .periodic import slot
+                slots.append(slot(first, first, hi, step, 1, L))
+                continue
             if count > limit:  # (the merged set is bounded again by merge())
                 raise TooManyIntervals(f"more than {limit} keys of a progression per query")
             keys = first[:, None] + step * torch.arange(count, dtype=torch.int64)[None, :]
@@ -311,9 +225,13 @@ class IntervalAnalysis(Evaluator):
             his.append(pts[:, 1].expand(Mq, -1))
         if not los:
             z = torch.zeros(Mq, 1, dtype=torch.int64)
-            return ISet.make(z, z, L)
-        out = ISet.make(torch.cat(los, dim=1), torch.cat(his, dim=1), L)
-        return out if out.lo.shape[-1] == 1 else merge(out)
+            out = ISet.make(z, z, L)
+        else:
+            out = ISet.make(torch.cat(los, dim=1), torch.cat(his, dim=1), L)
+            out = out if out.lo.shape[-1] == 1 else merge(out)
+        for sl in slots:
+            out = self.algebra.union(iter((out, sl)))
+        return out
 
     def per_query(self, e: ir.PExpr, view: View) -> torch.Tensor:
         """A term without k (an end, step or condition of a progression) at every query: [Mq]."""
@@ -353,9 +271,74 @@ class IntervalAnalysis(Evaluator):
         table = random_table(view.q, view.L, r, seed)
         return merge(ISet.make(table, table + 1, view.L))
 
+    def per_axis_inter(self, node: ir.Inter, view: View):
+        """`P & Q` of per-axis parts on a grid (`(P @ h) & (Q @ w)`, axis-wise primitives):
+        intersected per axis, then one product, instead of products of products; None
+        when some part is not per axis. Only with periodic sets (maxvit_grid's strided axes)."""
+        if not (self.periodic and view.axes and all(isinstance(p, (*ir.AXISWISE, ir.Along)) for p in node.parts)):
+            return None
+        per_axis: dict = {}
+        for p in node.parts:
+            if isinstance(p, ir.Along):
+                comps = {p.axis: p.operand}
+            else:
+                self.check(p, view)
+                comps = {a: axis_component(p, i) for i, a in enumerate(view.axes)}
+            for a, c in comps.items():
+                s = self.axis_set(c, view, a)
+                per_axis[a] = s if a not in per_axis else self.algebra.intersect(iter((per_axis[a], s)))
+        return self.grid_product(view, per_axis)
+
+    def iv_Where(self, node, view):
+        """`where` conditions of the forms the periodic sets hold: `k % m OP c` (a slot of
+        period m), `q.a == k.a` (the query's coordinate on axis a: a grid product), and `and`,
+        `or`, `not` of them. Only with `periodic` (the tile boxes decide other conditions)."""
+        if not self.periodic:
+            raise NotIntervals("where")
+        return self._where(node.pred, view)
+
+    def _where(self, e, view):
+        from . import periodic as P
+        sets = self.algebra
+        if isinstance(e, ir.PBool):
+            parts = (self._where(p, view) for p in e.parts)
+            return sets.intersect(parts) if e.op == "and" else sets.union(parts)
+        if isinstance(e, ir.PNot):
+            return sets.complement(self._where(e.operand, view))
+        if not (isinstance(e, ir.PCmp) and len(e.ops) == 1):
+            raise NotIntervals("where")
+        op, (a, b) = e.ops[0], e.operands
+        flip = {"<": ">", ">": "<", "<=": ">=", ">=": "<=", "==": "==", "!=": "!="}
+        is_k = lambda x: isinstance(x, ir.PVar) and x.name == "k"  # noqa: E731
+        # q.a == k.a: the query's own coordinate on axis a
+        if op == "==" and isinstance(a, ir.PVar) and isinstance(b, ir.PVar) and a.axis and a.axis == b.axis \
+                and {a.name, b.name} == {"q", "k"} and a.axis in view.axes:
+            c = view.qc[a.axis]
+            one = ISet.make(c[:, None], c[:, None] + 1, view.env[ir.axis_size(a.axis)])
+            return self.grid_product(view, {a.axis: one})
+        if isinstance(b, ir.PBin) and b.op == "%" and is_k(b.left):
+            a, b, op = b, a, flip[op]
+        if not (isinstance(a, ir.PBin) and a.op == "%" and is_k(a.left) and isinstance(a.right, ir.PConst)
+                and isinstance(b, ir.PConst) and a.left.axis is None and not view.axes):
+            raise NotIntervals("where")
+        m, c = self.val(a.right.value, view.env), self.val(b.value, view.env)
+        if m < 1:
+            raise NotIntervals("where: modulus below 1")
+        # residues allowed: [r0, r1) of [0, m), or their complement for !=
+        r0, r1 = {"<": (0, c), "<=": (0, c + 1), ">": (c + 1, m), ">=": (c, m), "==": (c, c + 1),
+                  "!=": (c, c + 1)}[op]
+        r0, r1 = max(0, r0), min(m, r1)
+        Mq, L = len(view.q), view.L
+        z = torch.zeros(Mq, dtype=torch.int64)
+        s = P.slot(z + r0, z, z + L, m, r1 - r0, L) if r1 > r0 else ISet.make(z[:, None], z[:, None], L)
+        return sets.complement(s) if op == "!=" else s
+
     def iv_Heads(self, node, view):
         H = view.heads
         chosen = [(sel, self.eval(arm.body, view)) for sel, arm in self.head_arms(node, view)]
+        if not all(isinstance(s, ISet) for _, s in chosen):
+            from .periodic import NotPeriodic
+            raise NotPeriodic("heads { } of stepped sets")
         R = max(s.lo.shape[-1] for _, s in chosen)
         lo = torch.full((H, len(view.q), R), view.L, dtype=torch.int64)
         hi = lo.clone()
@@ -373,5 +356,8 @@ class IntervalAnalysis(Evaluator):
         nb = -(-view.L // b)
         env = {**view.env, ir.M: -(-view.env[ir.M] // b), ir.N: nb}
         inner = self.eval(node.operand, View(q=uq, k=torch.arange(nb), env=env))
+        if not isinstance(inner, ISet):
+            from .periodic import NotPeriodic
+            raise NotPeriodic("blockwise of a stepped set")
         lo, hi = inner.lo[:, iq] * b, inner.hi[:, iq] * b
         return ISet.make(lo, torch.where(hi >= nb * b, view.L, hi), view.L)

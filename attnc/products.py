@@ -16,7 +16,7 @@ import math
 import torch
 
 from . import ir
-from .intervals import NotIntervals
+from .interval_sets import NotIntervals
 from .plans import Plan
 from .reference import Evaluator, View, axis_component, top_view
 from .tilestats import tile_lengths

@@ -18,7 +18,8 @@ import torch
 
 from . import ir, semantics
 from .interval_tiles import classify_from_intervals
-from .intervals import IntervalAnalysis, NotIntervals, merge
+from .interval_sets import NotIntervals, merge
+from .intervals import IntervalAnalysis
 from .limits import require
 from .products import ProductCounts
 from .progress import each

@@ -123,10 +123,10 @@ def products(evaluated: bool) -> list[str]:
     256x256 grid: plan with 1-D 128x128 tiles, plan with N-D (16, 8) tiles, and simulate, in CPU
     seconds. `evaluated`: the path before ProductCounts (tile boxes, every undecided tile evaluated)."""
     import attnc
-    from attnc import analysis, intervals, products
+    from attnc import analysis, interval_sets, products
     if evaluated:
         def declined(*args, **kwargs):
-            raise intervals.NotIntervals("declined: measuring the evaluated path")
+            raise interval_sets.NotIntervals("declined: measuring the evaluated path")
         products.ProductCounts.counts = declined
         analysis.axis_masks = declined  # the plan drivers' per-axis masks (tile counts, N-D plans)
     pat = attnc.loads(PRODUCT).pattern()

@@ -149,7 +149,8 @@ def _sizes(pat, m: int, L: int) -> tuple[int, int]:
 def _rows(pat, m: int, L: int, H: int):
     """(lo, hi) int64 [Hx, m, R]: the newest m rows' allowed key intervals (see `_sizes`), or
     None when the pattern has no interval form (then the reference rows)."""
-    from attnc.intervals import IntervalAnalysis, NotIntervals, merge
+    from attnc.interval_sets import NotIntervals, merge
+    from attnc.intervals import IntervalAnalysis
     from attnc.reference import top_view
 
     Mq, row0 = _sizes(pat, m, L)

@@ -518,15 +518,17 @@ def test_more_intervals_per_query_when_few_queries_are_planned_at_once(monkeypat
     """max_intervals: the closed form keeps up to INTERVAL_BUDGET / rows intervals per query (the
     plan's chunks), so strided with many keys per query stays closed-form; the plan is the one
     the tile boxes (with exact evaluation) find."""
-    from attnc import analysis, intervals
+    from attnc import analysis, interval_sets
 
     pat = attnc.loads("pattern p = causal & (sliding(8) | strided(16))").pattern()
-    monkeypatch.setattr(intervals, "MAX_INTERVALS", 4)
+    # the interval-only analysis (with periodic slots, strided is one slot per query: test_periodic.py)
+    monkeypatch.setattr(analysis, "_closed_form_plan", lambda *a: analysis._closed_form_plan_with(*a, periodic=False))
+    monkeypatch.setattr(interval_sets, "MAX_INTERVALS", 4)
     plans = {}
     # 0: nothing beyond 4 per query (tile boxes); 40 * 512: the whole 512 rows at once; 40 * 128:
     # only chunks of 128 rows fit, so the plan halves its chunk twice
     for budget in (0, 40 * 512, 40 * 128):
-        monkeypatch.setattr(intervals, "INTERVAL_BUDGET", budget)
+        monkeypatch.setattr(interval_sets, "INTERVAL_BUDGET", budget)
         plans[budget] = analysis.plan_blocks(pat.ir, 512, 512, 1, None, block=(32, 32))
     assert plans[0].method == "tile-boxes"
     assert plans[40 * 512].method == plans[40 * 128].method == "closed-form"
@@ -535,6 +537,6 @@ def test_more_intervals_per_query_when_few_queries_are_planned_at_once(monkeypat
         for name in ("full_t", "partial_t"):
             assert torch.equal(getattr(plans[0], name).index, getattr(plans[budget], name).index)
         assert plans[budget].allowed == plans[0].allowed == int(pat.mask(512).sum())
-    assert intervals.max_intervals(128) == 40 and intervals.max_intervals(10 ** 6) == 4
-    monkeypatch.setattr(intervals, "INTERVAL_BUDGET", 8 * 32)  # not even one query tile fits: tile boxes
+    assert interval_sets.max_intervals(128) == 40 and interval_sets.max_intervals(10 ** 6) == 4
+    monkeypatch.setattr(interval_sets, "INTERVAL_BUDGET", 8 * 32)  # not even one query tile fits: tile boxes
     assert analysis.plan_blocks(pat.ir, 512, 512, 1, None, block=(32, 32)).method == "tile-boxes"

@@ -7,7 +7,7 @@ import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 import attnc
-from attnc import intervals, products
+from attnc import analysis, interval_sets, products
 from conftest import tiles_from_mask
 
 
@@ -86,10 +86,10 @@ def test_product_counts_of_random_neighborhoods(gh, gw, kh, kw, dh, dw, causal, 
 def test_product_counts_decline_what_is_not_a_product():
     pat = attnc.loads("pattern p on grid(h, w) = neighborhood(3) | causal").pattern()
     pc = products.ProductCounts(pat.ir, 64, 64, 1, (8, 8), 16, 16)
-    with pytest.raises(intervals.NotIntervals):
+    with pytest.raises(interval_sets.NotIntervals):
         pc.counts(pat.ir.body)
     seq = attnc.loads("pattern p = sliding(4)").pattern()
-    with pytest.raises(intervals.NotIntervals):
+    with pytest.raises(interval_sets.NotIntervals):
         products.ProductCounts(seq.ir, 64, 64, 1, None, 16, 16)
 
 
@@ -108,17 +108,19 @@ def plan_lists(plan):
 def test_product_plans_are_the_evaluated_plans(monkeypatch, grid, size, block):
     # too many intervals per query for the closed form: the old path evaluated every
     # undecided tile (TileBoxes + refine); the product counts give the same plan
-    monkeypatch.setattr(intervals, "MAX_INTERVALS", 2)
-    monkeypatch.setattr(intervals, "INTERVAL_BUDGET", 0)
+    monkeypatch.setattr(interval_sets, "MAX_INTERVALS", 2)
+    monkeypatch.setattr(interval_sets, "INTERVAL_BUDGET", 0)
     pat = attnc.loads(f"pattern p on grid(h, w) = neighborhood({size})").pattern()
     N = grid[0] * grid[1]
     new = pat.plan(N, heads=2, grid=grid, block=block)
     assert new.method == "closed-form" and new.tiles_evaluated == 0
 
     def declined(self, node):
-        raise intervals.NotIntervals("disabled for the comparison")
+        raise interval_sets.NotIntervals("disabled for the comparison")
 
     monkeypatch.setattr(products.ProductCounts, "counts", declined)
+    # (and no periodic slots: a window across many rows is one slot per query, test_periodic.py)
+    monkeypatch.setattr(analysis, "_closed_form_plan", lambda *a: analysis._closed_form_plan_with(*a, periodic=False))
     old = pat.plan(N, heads=2, grid=grid, block=block)
     assert old.method == "tile-boxes" and old.tiles_evaluated > 0
     assert plan_lists(new) == plan_lists(old)
@@ -126,8 +128,8 @@ def test_product_plans_are_the_evaluated_plans(monkeypatch, grid, size, block):
 
 def test_products_inside_unions_are_classified_exactly(monkeypatch):
     # a union's product part is exact in the tile boxes: only tiles partial for both parts are evaluated
-    monkeypatch.setattr(intervals, "MAX_INTERVALS", 2)
-    monkeypatch.setattr(intervals, "INTERVAL_BUDGET", 0)
+    monkeypatch.setattr(interval_sets, "MAX_INTERVALS", 2)
+    monkeypatch.setattr(interval_sets, "INTERVAL_BUDGET", 0)
     pat = attnc.loads("pattern p on grid(h, w) = neighborhood((5, 5)) | where k == 0").pattern()
     N = 24 * 20
     plan = pat.plan(N, grid=(24, 20), block=(32, 32))
@@ -139,8 +141,8 @@ def test_products_inside_unions_are_classified_exactly(monkeypatch):
 
 
 def test_nd_tile_plans_count_products_without_evaluation(monkeypatch):
-    monkeypatch.setattr(intervals, "MAX_INTERVALS", 2)
-    monkeypatch.setattr(intervals, "INTERVAL_BUDGET", 0)
+    monkeypatch.setattr(interval_sets, "MAX_INTERVALS", 2)
+    monkeypatch.setattr(interval_sets, "INTERVAL_BUDGET", 0)
     pat = attnc.loads("pattern p on grid(t, h, w) = neighborhood((3, 5, 3), dilation = (1, 1, 2))").pattern()
     grid = (4, 9, 10)
     N = 360

@@ -1,0 +1,115 @@
+"""Periodic slots for stepped keys ([Note: periodic sets] in attnc/periodic.py): plans equal the
+dense mask's tiles and the interval-only plans, at sizes that are not multiples of the tiles."""
+
+import pytest
+import torch
+
+import attnc
+from attnc import analysis, interval_sets, intervals, periodic
+from conftest import EXAMPLES, tiles_from_mask
+
+CASES = [
+    ("pattern p = strided(7)", 1000, None, (32, 32)),
+    ("pattern p = strided(70) & causal", 1000, None, (32, 48)),
+    ("pattern p = band(70, 0) | (strided(70) & causal)", 1000, None, (64, 32)),
+    ("pattern p = causal & (block(70) | where k % 70 >= 70 - 20)", 1000, None, (32, 32)),
+    ("pattern p = where k % 9 != 3", 300, None, (16, 16)),
+    ("pattern p = ~(where k % 9 < 3) & causal", 300, None, (16, 16)),
+    ("pattern p = strided(70) & (where k % 7 == 2)", 1000, None, (16, 16)),
+    ("pattern p = strided(6) & strided(4)", 500, None, (16, 16)),
+    ("pattern p = neighborhood(3, dilation = 80)", 1000, None, (32, 32)),
+    ("pattern p = neighborhood(5, dilation = 30, causal = true) | sink(3)", 700, None, (32, 16)),
+    ("pattern p on grid(h, w) = where q.w == k.w", None, (37, 41), (32, 32)),
+    ("pattern p(t = 13) on seq(t) + grid(h, w) = where q.w == k.w", None, (37, 41), (32, 48)),
+    ("pattern p on grid(h, w) = band(0, 0) @ w", None, (37, 41), (32, 32)),
+    ("pattern p on grid(h, w) = (strided(5) @ h) & (strided(6) @ w)", None, (37, 41), (32, 32)),
+    ("pattern p on grid(h, w) = strided(4) @ h", None, (37, 41), (16, 32)),
+]
+EXAMPLE_CASES = [("sparse_transformer", "sparse_strided", {"l": 70}, 1000, None),
+                 ("sparse_transformer", "sparse_fixed", {"l": 70, "c": 20}, 1000, None),
+                 ("axial", "axial_col", {}, None, (37, 41)),
+                 ("maxvit_grid", "maxvit_grid", {"g": 3}, None, (37, 41))]
+
+
+@pytest.fixture
+def slots_everywhere(monkeypatch):
+    """Slots for any progression of more than 2 keys per query (not only past 64), and a count of
+    the plans built from periodic sets, so that small sizes exercise the periodic path."""
+    monkeypatch.setattr(interval_sets, "MAX_INTERVALS", 2)
+    calls = []
+    real = analysis.periodic_tiles
+    monkeypatch.setattr(analysis, "periodic_tiles", lambda *a: calls.append(1) or real(*a))
+    return calls
+
+
+def check(pat, M, grid, block, H=3):
+    plan = pat.plan(M, heads=H, grid=grid, block=block)
+    m = pat.mask(M, heads=H, grid=grid).expand(H, -1, -1)
+    got = plan.to_dense().expand(H, -1, -1)
+    assert torch.equal(got, tiles_from_mask(m, *block)), f"{plan.method}"
+    assert plan.allowed == int(m.sum())
+    return plan
+
+
+@pytest.mark.parametrize("src,M,grid,block", CASES)
+def test_plans_of_stepped_keys_match_the_mask(src, M, grid, block, slots_everywhere):
+    plan = check(attnc.loads(src).pattern(), M, grid, block)
+    # products of per-axis progressions intersect per axis first: few intervals, no slot needed
+    assert plan.method == "closed-form" and (bool(slots_everywhere) or "@ h" in src)
+
+
+@pytest.mark.parametrize("file,name,params,M,grid", EXAMPLE_CASES)
+def test_stepped_examples_match_the_mask(file, name, params, M, grid, slots_everywhere):
+    plan = check(attnc.load(EXAMPLES / f"{file}.attn").pattern(name, **params), M, grid, (32, 32))
+    assert plan.method == "closed-form" and (bool(slots_everywhere) or name == "maxvit_grid")
+
+
+@pytest.mark.parametrize("file,name,M,grid", [("sparse_transformer", "sparse_strided", 8192 + 77, None),
+                                              ("sparse_transformer", "sparse_fixed", 8192 + 77, None),
+                                              ("axial", "axial_col", None, (100, 93))])
+def test_periodic_plans_equal_the_interval_only_plans(file, name, M, grid, monkeypatch):
+    """At the default sizes' rules: the plan with periodic slots is the plan the interval-only
+    analysis (one interval per key) or the tile boxes build, tile for tile and pair for pair."""
+    pat = attnc.load(EXAMPLES / f"{file}.attn").pattern(name)
+    new = pat.plan(M, heads=2, grid=grid, block=(128, 128))
+    monkeypatch.setattr(analysis, "_closed_form_plan",
+                        lambda *a: analysis._closed_form_plan_with(*a, periodic=False))
+    old = pat.plan(M, heads=2, grid=grid, block=(128, 128))
+    assert torch.equal(new.to_dense(), old.to_dense()) and new.allowed == old.allowed
+    for f in ("full", "partial", "full_t", "partial_t"):
+        assert torch.equal(getattr(new, f).index, getattr(old, f).index)
+
+
+@pytest.mark.parametrize("chunk", [16384, 64])
+def test_periodic_tile_counts_are_exact(slots_everywhere, monkeypatch, chunk):
+    """show's counts per tile from the periodic sets equal the mask's, also counted in chunks of
+    query rows (64: 32 chunks of two query tiles, the last one short)."""
+    monkeypatch.setattr(analysis, "PLAN_CHUNK", chunk)
+    pat = attnc.load(EXAMPLES / "sparse_transformer.attn").pattern("sparse_fixed", l=70, c=20)
+    plan, counts, rows = analysis.tile_counts(pat.ir, 1000, 1000, 2, None, (32, 48))
+    m = pat.mask(1000, heads=2).expand(2, -1, -1).long()
+    pad = torch.zeros(2, 32 * 32, 21 * 48, dtype=torch.int64)
+    pad[:, :1000, :1000] = m
+    assert torch.equal(counts.expand(2, -1, -1).long(), pad.view(2, 32, 32, 21, 48).sum((2, 4)))
+    assert torch.equal(rows.expand(2, -1), m.sum(-1))
+
+
+def test_sets_the_algebra_does_not_hold_fall_back():
+    """A union of two stepped sets is not represented: NotPeriodic, and the plan comes from the
+    interval-only analysis (or the tile boxes), still exact."""
+    pat = attnc.loads("pattern p = strided(3) | (where k % 7 == 1)").pattern()
+    ia = intervals.IntervalAnalysis(pat.ir, periodic=True)
+    from attnc.reference import top_view
+    with pytest.raises(periodic.NotPeriodic):
+        ia.eval(pat.ir.body, top_view(pat.ir, 1000, 1000, 1, None, {}))
+    check(pat, 1000, None, (32, 32), H=1)
+
+
+def test_a_million_keys_need_no_interval_per_key():
+    """strided(128) at 2^20 tokens: the chunk's sets hold one slot per query, not 8192 intervals."""
+    pat = attnc.load(EXAMPLES / "sparse_transformer.attn").pattern("sparse_strided")
+    from attnc.reference import top_view
+    view = top_view(pat.ir, 1 << 20, 1 << 20, 1, None, {}, rows=(0, 4096), keys=torch.zeros(0, dtype=torch.int64))
+    s = intervals.IntervalAnalysis(pat.ir, periodic=True).eval(pat.ir.body, view)
+    assert isinstance(s, periodic.PSet) and len(s.step) + s.iv.lo.shape[-1] <= 4
+    assert int(s.count()[0, 4095]) == 128 + 4095 // 128 * 0 + (4095 - 128) // 128 + 1
