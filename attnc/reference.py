@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import sympy
 import torch
 
-from . import ir, semantics
+from . import ir, predicates, semantics
 from .constraints import violations
 from .errors import AttnError, SizeError, error
 from .limits import require
@@ -227,7 +227,7 @@ class Evaluator(WherePredicates):
         return parts
 
     def eval_keys(self, parts: tuple[semantics.Keys, ...], view: View) -> torch.Tensor:
-        pred = semantics.predicate(parts)
+        pred = predicates.predicate(parts)
         if pred is None:
             return torch.zeros(len(view.q), len(view.k), dtype=torch.bool)
         val, _ = self.pos(pred, view)

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from attnc import ir, ir_text, semantics
+from attnc import ir, ir_text, predicates, semantics
 from attnc.errors import AttnError, error
 from attnc.limits import require
 from attnc.reference import Evaluator, axis_value, ravel_coords, unravel_flat, random_table
@@ -97,7 +97,7 @@ class _Lower(Evaluator):
             return self.per_axis(node, view)
         parts = self.keys(node, view)
         if parts is not None:
-            pred = semantics.predicate(parts)
+            pred = predicates.predicate(parts)
             return Const(False) if pred is None else self.pos(pred, view)[0]
         if semantics.is_combinator(node):
             b = self.b

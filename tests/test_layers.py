@@ -32,7 +32,7 @@ LAYERS = (
     # the language: parsing, the IR, the primitives' definitions, elaboration and its checks, and
     # the validation of what a call adds to a pattern (tile shapes, packed-sequence offsets, the
     # run-time inputs and score tables checked against the pattern's IR)
-    ("frontend", ("attnc.syntax", "attnc.parse_errors", "attnc.ir", "attnc.ir_expr", "attnc.ir_text", "attnc.semantics", "attnc.constraints",
+    ("frontend", ("attnc.syntax", "attnc.parse_errors", "attnc.ir", "attnc.ir_expr", "attnc.ir_text", "attnc.semantics", "attnc.predicates", "attnc.constraints",
                   "attnc.elab_values", "attnc.elab_primitives", "attnc.elab_params", "attnc.elab_scores",
                   "attnc.elab_names", "attnc.elab_exprs", "attnc.elaborate", "attnc.tiles", "attnc.inputs",
                   "attnc.call_inputs")),
