@@ -7,7 +7,7 @@ output: `ATTENTION_MODULE` (the whole module: header, `_attn_fwd` and its inner 
         `LIST_PARAMS` (the tile-list kernel parameters) and `INNER_CALLS` (each kernel's
         call of its inner function, one per loop).
 does not: decide what fills the slots (kernels.generate does), print loops or loop bounds
-        (loop_text.py), masks (triton_text.py) or score terms (score.py).
+        (loop_text.py), masks (triton_text.py) or score terms (score_triton.py).
 
 The kernels' structure is described in [Note: the two loops] (kernels.py). `import triton`
 below is text of the generated module, not an import of this one.

@@ -10,7 +10,7 @@ does not: lower, plan or bound loops (it prints what those passes give: the
         pipeline, pipeline.py, runs them), launch anything
         (runtime/triton_backend.py does) or cache (cache.py). The module's text is
         kernel_templates.py's, its loops and loop-bound helpers are loop_text.py's,
-        its score term score.py's: generate fills them in.
+        its score term score_triton.py's: generate fills them in.
 
 [Note: the two loops] Every kernel walks the plan's tile lists twice through
 one inner function: once over the *full* tiles with `MASKED=False` (no mask
@@ -314,7 +314,7 @@ def _score_texts(low: Lowered, score, sizes: str, mask_source: str) -> dict:
     [Note: score kernels] The loops compute qk = q . k * scale * log2(e) as before; with a
     score term, s = qk * ln 2 is the scaled dot product, and the logit is `_score(s, ...)`
     (times log2(e) again). Backward recomputes it and turns dS of the logit into dS of s
-    with `_score_grad` (the term's reverse mode, printed by codegen/score.py); the dQ kernel
+    with `_score_grad` (the term's reverse mode, printed by codegen/score_triton.py); the dQ kernel
     visits every allowed pair exactly once per head, so it also adds the tables' gradients
     (`_score_grad_tables`, float32 atomics into zeroed buffers `dsc_*`). Rows past M get
     logit -inf in the backward: without a term their zero q gave a harmless p, but a term
@@ -324,7 +324,7 @@ def _score_texts(low: Lowered, score, sizes: str, mask_source: str) -> dict:
             "dq", "dq_grad")
     if score is None:
         return {k: ([] if k.startswith("params") else "") for k in keys}
-    from .score import grad_arg, score_arg, triton_score_source
+    from .score_triton import grad_arg, score_arg, triton_score_source
 
     tabs = [score_arg(n) for n, _ in score.tables]
     grads = [grad_arg(n) for n, _ in score.tables]
