@@ -6,7 +6,7 @@ output: `LoopBounds`: per direction (rows: forward and dQ, key tiles of a
         query tile; cols: dK/dV, query tiles of a key tile) either a short
         list of *ranges* the kernels evaluate in closed form, or the reason
         the kernels read the plan's tile lists instead.
-does not: print kernels (kernels.py prints the `Ranges`); derive the ranges
+does not: print kernels (loop_text.py prints the `Ranges`); derive the ranges
         (range_derivation.py), normalise them (ranges.py) or define their monotone
         ends (monotone.py); plan tiles (analysis.py; the plan is the oracle here).
 

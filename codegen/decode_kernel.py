@@ -118,7 +118,7 @@ def decode_source(low: Lowered, score=None) -> str:
     score term at the same sizes (codegen/score.ScoreFn), printed as in the attention kernels."""
     from attnc.version import __version__
 
-    from .score import score_arg, triton_score_source
+    from .score_triton import score_arg, triton_score_source
 
     sizes = mask_size_args(low)[2:]  # grid axes: none on a sequence
     mask_args = "".join(f", {s}" for s in sizes) + "".join(f", {table_arg(t.name)}" for t in low.tables)

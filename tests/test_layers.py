@@ -45,12 +45,14 @@ LAYERS = (
                   "attnc.dynamic", "attnc.retention", "attnc.simulate", "attnc.sharding")),
     # kernels from patterns: the expression IR, the lowered mask and its torch program, pointwise
     # lowering, the Triton printer, loop bounds (monotone expressions, ranges, their derivation, the
-    # replay against the plan), Triton source, the kernel cache, and the pipeline that names every pass
+    # replay against the plan), score terms (torch; Triton), Triton source (the module's template, its
+    # loops, the generator), the kernel cache, and the pipeline that names every pass
     # and runs the kernel passes (it calls analysis and codegen)
     ("codegen", ("attnc.codegen", "attnc.codegen.sizes", "attnc.codegen.expr", "attnc.codegen.torch_program",
                  "attnc.codegen.lowered", "attnc.codegen.pointwise", "attnc.codegen.triton_text",
                  "attnc.codegen.monotone", "attnc.codegen.ranges", "attnc.codegen.range_derivation", "attnc.codegen.bounds",
-                 "attnc.codegen.score", "attnc.codegen.kernels", "attnc.codegen.ndtiles",
+                 "attnc.codegen.score", "attnc.codegen.score_triton", "attnc.codegen.kernel_templates",
+                 "attnc.codegen.loop_text", "attnc.codegen.kernels", "attnc.codegen.ndtiles",
                  "attnc.codegen.decode_kernel", "attnc.codegen.generic", "attnc.codegen.cache",
                  "attnc.codegen.pipeline")),
     # the attention ops and their backends (they run what codegen generates)
