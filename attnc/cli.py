@@ -1,5 +1,9 @@
 """The `attnc` command line: check, list, show, simulate, compile (attnc/cli_compile.py), cache.
 
+input:  the command line (argv), `.attn` files.
+output: the verbs' text or JSON on stdout, diagnostics on stderr, an exit code.
+does not: parse its arguments (cli_args.py) or compute anything itself: each verb calls the API.
+
 Exit codes: 0 ok, 1 diagnostics (errors in .attn text or binding), 2 usage.
 Every verb runs in-process through `main(argv)`, which never lets a Python
 traceback reach the user.

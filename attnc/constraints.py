@@ -1,6 +1,10 @@
 """Argument constraints of the primitives, shared by the static checker
 (elaborate.py, when values are known at bind time) and the reference evaluator
 (when sizes become known). One table, so both always agree.
+
+input:  a primitive's IR node and a way to read its argument values.
+output: the violated requirements, as messages (`violations`).
+does not: define the rules (each primitive's `@defines` in semantics.py does) or raise.
 """
 
 from __future__ import annotations

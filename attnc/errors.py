@@ -1,5 +1,9 @@
 """Diagnostics: source spans, error/warning records and `AttnError`.
 
+input:  spans and messages from every layer.
+output: `Diagnostic` records, `AttnError` and the located text a user reads.
+does not: know the language or any pattern.
+
 Every problem with `.attn` text or with binding a pattern is reported as an
 `AttnError` whose message starts with ``FILE:LINE:COL`` and shows the source
 line with a caret, so a person can act on it without reading a traceback.

@@ -1,5 +1,9 @@
 """The memory limit: estimate what a call would allocate before allocating it.
 
+input:  an estimate of the bytes an operation will hold at its peak.
+output: nothing, or `MemoryLimitError` (expected / got / try) past the limit.
+does not: allocate or measure memory.
+
 [Note: memory limit] Everything in attnc that allocates in proportion to the
 problem (dense masks: H * M * N; per-row evaluation and interval sets: M; the
 pictures of `attnc show`: one count per tile; tile plans without a closed form:

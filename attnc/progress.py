@@ -1,5 +1,9 @@
 """Progress bars for long operations, shown by the CLI only.
 
+input:  long loops of the library (`task`, `each`), and the CLI's choice to show bars.
+output: tqdm bars on stderr when turned on; nothing otherwise.
+does not: decide when the CLI shows bars (cli.py) or print anything to stdout.
+
 [Note: progress] Library code reports progress where a loop can run long (plan chunks,
 evaluated tiles, probed sizes, ahead-of-time compile jobs, sweep points) through
 `task(desc, total)`, which costs nothing unless a caller turned rendering on with

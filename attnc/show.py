@@ -5,6 +5,7 @@ output: tile statistics, exact: from the tile plan (`plan_tile_stats`: full
         tiles count their size, partial tiles are counted by the analysis or
         evaluated in bounded chunks) or from the reference mask in row chunks
         (`tilestats.tile_stats`, the brute-force view); and their renderings.
+does not: plan (analysis.py) or evaluate masks itself (reference.py, in bounded chunks).
 """
 
 from __future__ import annotations
