@@ -67,7 +67,7 @@ class _Retention:
             # over-approximation: eviction must never drop a key some query reads)
             return semantics.combine(node, self.need, semantics.Algebra(
                 union=semantics.folding(operator.or_), intersect=semantics.folding(operator.and_),
-                complement=lambda _: self.all()))
+                everything=self.all))
         if isinstance(node, ir.Heads):
             return self._heads(node.arms)
         return self.all()  # random, where, structural: keep everything

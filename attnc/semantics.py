@@ -402,11 +402,23 @@ class Algebra:
 
     `union` and `intersect` take an iterator of one or more sets, produced lazily in
     the operands' order (a consumer may fold them without holding them all);
-    `complement` takes one set."""
+    `complement` takes one set. A consumer that over-approximates every complement by
+    all keys (KV retention) gives `everything` instead: the complemented operand is
+    then never evaluated."""
 
     union: Callable
     intersect: Callable
-    complement: Callable
+    complement: Callable | None = None
+    everything: Callable | None = None  # () -> the set of all keys, for every complement
+
+    def complement_of(self, s):
+        """The complement of the set `s` (all keys when the algebra has `everything`)."""
+        return self.everything() if self.everything is not None else self.complement(s)
+
+
+def _complement(node: ir.Mask, sets: Callable, a: Algebra):
+    """The complement of `node`'s set in `a` (without evaluating it when `a` has `everything`)."""
+    return a.everything() if a.everything is not None else a.complement(sets(node))
 
 
 def folding(op: Callable) -> Callable:
@@ -428,8 +440,8 @@ def folding(op: Callable) -> Callable:
 COMBINATORS: dict[type, Callable] = {
     ir.Union_: lambda node, sets, a: a.union(sets(p) for p in node.parts),
     ir.Inter: lambda node, sets, a: a.intersect(sets(p) for p in node.parts),
-    ir.Diff: lambda node, sets, a: a.intersect(iter((sets(node.left), a.complement(sets(node.right))))),
-    ir.Not: lambda node, sets, a: a.complement(sets(node.operand)),
+    ir.Diff: lambda node, sets, a: a.intersect(iter((sets(node.left), _complement(node.right, sets, a)))),
+    ir.Not: lambda node, sets, a: _complement(node.operand, sets, a),
 }
 
 

@@ -80,9 +80,17 @@ class Call:
                         input_shapes={n: tuple(t.shape) for n, t in self.inputs.items()})
 
     def plan(self, block, inputs: dict | None = None):
-        """The tile plan (plans.Plan) of this call's sizes with tiles `block` (1-D or N-D:
-        then the kernel plan in the padded order), for one batch element's `inputs` when the
-        pattern has run-time inputs: the pipeline's plan pass."""
+        """The tile plan (plans.Plan) of this call's sizes with tiles `block` (1-D, or N-D in
+        the grid's tile order, as `pat.plan` gives it), for one batch element's `inputs` when
+        the pattern has run-time inputs: the pipeline's plan pass."""
+        ir_ = self.pattern.ir
+        return pipeline.plan(ir_, self.shape.with_tiles(ir_, block), self.pattern.program.sources, inputs,
+                             padded=False)
+
+    def kernel_plan(self, block, inputs: dict | None = None):
+        """`plan` as the kernels and the torch path run it: with N-D tiles `block`, in the
+        padded tile-major order of their layout (`ndtiles.TileLayout.kernel_plan`); with
+        1-D tiles the same plan."""
         ir_ = self.pattern.ir
         return pipeline.plan(ir_, self.shape.with_tiles(ir_, block), self.pattern.program.sources, inputs)
 

@@ -361,7 +361,7 @@ def schedules(call: Call, config: TorchPathConfig = CONFIG, nd: bool = True) -> 
         def build(inputs=inputs):
             if isinstance(block[0], tuple):  # N-D tiles: static patterns only (choose_tile)
                 layout = tile_layout(call, block)
-                plan = call.plan(block)  # the kernel plan, in the layout's padded order
+                plan = call.kernel_plan(block)  # in the layout's padded order
                 return build_schedule(call, plan, partial_tile_masks(call, plan, layout=layout), config, layout)
             plan = _plan(call, inputs, block)
             return build_schedule(call, plan, partial_tile_masks(call, plan, inputs), config)

@@ -107,7 +107,7 @@ def tile_options(call: Call, config: TorchPathConfig = CONFIG) -> tuple:
             return one, {}
 
         def cost(block):
-            plan = call.plan(block)  # N-D tiles: the kernel plan, in the layout's padded order
+            plan = call.kernel_plan(block)  # N-D tiles: in the layout's padded order
             return tile_cost(plan, call.Hq, tile_layout(call, block))
 
         costs = {block: cost(block) for block in (one, *candidates)}

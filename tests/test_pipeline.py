@@ -342,3 +342,19 @@ def test_a_bad_shape_is_one_message_in_attnc_compile_and_one_reason_in_the_backe
     assert reason and reason in err
     with pytest.raises(ValueError, match="pure grid"):
         be.kernels(call, "cpu")
+
+
+def test_a_calls_plan_is_pat_plan_and_its_kernel_plan_is_in_the_padded_order():
+    from attnc.runtime.ops import probe_call
+
+    pat = example_pattern("natten2d", size=3)
+    call = probe_call(pat, 130, 130, 1, (10, 13))
+    block = ((4, 4), (4, 4))
+    want = pat.plan(None, grid=(10, 13), block=block)
+    got = call.plan(block)
+    for name in ("full", "partial", "full_t", "partial_t"):
+        assert torch.equal(getattr(got, name).index, getattr(want, name).index)
+    padded = call.kernel_plan(block)
+    layout = Shape.of(pat.ir, 130, 130, 1, (10, 13)).with_tiles(pat.ir, block).layout()
+    assert torch.equal(padded.full.index, layout.kernel_plan(want).full.index)
+    assert call.kernel_plan((32, 32)).allowed == call.plan((32, 32)).allowed == want.allowed

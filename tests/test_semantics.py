@@ -184,7 +184,7 @@ class Xor(ir.Mask):
 
 def _xor(node, sets, a):  # what the fixture adds to semantics.COMBINATORS, and all it adds
     x, y = sets(node.left), sets(node.right)
-    return a.union(iter((a.intersect(iter((x, a.complement(y)))), a.intersect(iter((a.complement(x), y))))))
+    return a.union(iter((a.intersect(iter((x, a.complement_of(y)))), a.intersect(iter((a.complement_of(x), y))))))
 
 
 @pytest.fixture
@@ -216,3 +216,16 @@ def test_a_new_combinator_is_one_definition(xor):
     kept = retention(pat.ir, 30)  # KV retention: no key a later query reads is dropped
     read = pat.mask(90)[0, 30:, :30].any(dim=0)
     assert bool(kept[0][read].all()) and not bool(kept.all())  # and it still evicts (the window's old keys)
+
+
+def test_retention_never_evaluates_what_a_complement_removes():
+    """KV retention keeps every key under `~P` and `a - b` (its complement is everything), so it
+    does not evaluate P or b: a right side that cannot be evaluated at this length is no error."""
+    for src in ("sliding(8) - sliding(1152921504606846975)", "sliding(8) | ~sliding(1152921504606846975)"):
+        keep = attnc.loads(f"pattern p = {src}").pattern().kv_retention(20, heads=2)
+        want = torch.zeros(20, dtype=torch.bool)
+        if "~" in src:
+            want[:] = True
+        else:
+            want[13:] = True  # sliding(8): a query at 20 or later reads keys from 13 on
+        assert torch.equal(keep, want.expand(2, -1))
