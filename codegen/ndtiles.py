@@ -25,6 +25,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, fields
 
+import numpy as np
 import torch
 
 from attnc.plans import Plan
@@ -236,14 +237,15 @@ class TileLayout:
         contains padding (on either side) demoted to partial, since full tiles
         skip the mask that rejects padded positions."""
         self.check(plan)
-        dense = plan.to_dense()
-        full, nonempty = dense == 2, dense > 0
-        whole_q = (plan.offsets_q[1:] - plan.offsets_q[:-1]) == self.block[0]
-        whole_k = (plan.offsets_k[1:] - plan.offsets_k[:-1]) == self.block[1]
-        full = full & whole_q[None, :, None] & whole_k[None, None, :]
+        keys, full = plan.tiles()  # sparse: O(non-empty tiles), no [nq, nk] map
+        nq, nk = plan.shape
+        whole_q = ((plan.offsets_q[1:] - plan.offsets_q[:-1]) == self.block[0]).numpy()
+        whole_k = ((plan.offsets_k[1:] - plan.offsets_k[:-1]) == self.block[1]).numpy()
+        row, kt = np.divmod(keys, nk)
+        full = full & whole_q[row % nq] & whole_k[kt]
         keep = {f.name: getattr(plan, f.name) for f in fields(plan)
                 if f.name not in ("full", "partial", "full_t", "partial_t")}
-        return Plan.from_flags(full, nonempty, **keep)
+        return Plan.from_tiles(keys, full, plan.full.counts.shape[0], nq, nk, **keep)
 
     def describe(self) -> str:
         """What the header of a generated module says about the permutation."""
