@@ -292,13 +292,9 @@ def tile_counts(pattern: ir.PatternIR, M: int, N: int, heads: int, grid, block: 
     otherwise the mask of each query tile's partial key tiles is evaluated, at most
     COUNT_CHUNK elements at a time. Work O(tiles + partial tiles' pairs), memory O(nq * nk)."""
     with _one_thread():
-        plan = _plan_blocks(pattern, M, N, heads, grid, block)
         bm, bn = block
-        nq, nk = plan.shape
-        qsz, ksz = tile_lengths(M, bm), tile_lengths(N, bn)
-        state = plan.to_dense()
         if is_product(pattern.body) and pattern.layout.axes and M == N:
-            try:
+            try:  # the plan, counts and rows of a product from its per-axis factors, nothing evaluated
                 pc = ProductCounts(pattern, M, N, heads, grid, bm, bn)
                 counts = pc.counts(pattern.body)
                 masks = axis_masks(pattern, pc.view, pattern.body)
@@ -307,9 +303,13 @@ def tile_counts(pattern: ir.PatternIR, M: int, N: int, heads: int, grid, block: 
                     rows = rows * m.sum(2)[:, pc.view.qc[a]]
                 if pc.view.qin is not None:
                     rows = rows * pc.view.qin
-                return plan, counts, rows
+                return pc.plan(counts, bm, bn), counts, rows
             except NotIntervals:
                 pass
+        plan = _plan_blocks(pattern, M, N, heads, grid, block)
+        nq, nk = plan.shape
+        qsz, ksz = tile_lengths(M, bm), tile_lengths(N, bn)
+        state = plan.to_dense()
         if not pattern.layout.axes:
             try:
                 return (plan, *_interval_tile_counts(pattern, M, N, heads, grid, state, qsz, ksz, block))

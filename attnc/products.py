@@ -129,7 +129,7 @@ class ProductCounts:
     def __init__(self, pattern: ir.PatternIR, M: int, N: int, heads: int, grid, bm: int, bn: int):
         if not pattern.layout.axes or M != N:
             raise NotIntervals("product counts need a grid and M = N")
-        self.pattern, self.H = pattern, heads
+        self.pattern, self.H, self.M, self.N = pattern, heads, M, N
         self.view = top_view(pattern, M, N, heads, grid, {})
         self.sizes = [int(g) for g in grid]
         self.G = math.prod(self.sizes)
@@ -198,12 +198,18 @@ class ProductCounts:
         return cnt == (self.qsize[:, None] * self.ksize[None, :])[None], cnt > 0, cnt
 
 
+    def plan(self, cnt: torch.Tensor, bm: int, bn: int) -> Plan:
+        """The exact plan of counts `cnt` (from `counts`)."""
+        full = cnt == (self.qsize[:, None] * self.ksize[None, :])[None]
+        return Plan.from_flags(full, cnt > 0, M=self.M, N=self.N, heads=self.H, block=(bm, bn),
+                               allowed=int(cnt.sum()) * (self.H // cnt.shape[0]), method="closed-form")
+
+
 def product_plan(pattern, M, N, heads, grid, bm, bn) -> Plan:
     """The exact plan of a per-axis product (or `heads { }` of products) on a grid
     with 1-D tiles, from ProductCounts (raises NotIntervals otherwise)."""
-    full, nonempty, cnt = ProductCounts(pattern, M, N, heads, grid, bm, bn).classes(pattern.body)
-    return Plan.from_flags(full, nonempty, M=M, N=N, heads=heads, block=(bm, bn),
-                           allowed=int(cnt.sum()) * (heads // cnt.shape[0]), method="closed-form")
+    pc = ProductCounts(pattern, M, N, heads, grid, bm, bn)
+    return pc.plan(pc.counts(pattern.body), bm, bn)
 
 
 # ----------------------------------------------------------------------------- N-D tiles
