@@ -15,15 +15,16 @@ interval_tiles.py), a chunk of query tiles at a time; on grids, per-axis product
 exactly from row segments ([Note: product counts] in products.py). Patterns that are not
 short interval unions per query (`where`, `dilate`, many-key `strided`) are classified per
 tile box in three-valued logic and only undecided tiles are evaluated exactly ([Note: tile
-boxes] in tileboxes.py); N-D tiles on grids use the same boxes in tile-major token order
-(`NDTileBoxes`). `Plan.method` says which path built a plan; both are exact.
+boxes] in tileboxes.py). N-D tiles on grids: a per-axis product (`&` of per-axis parts,
+`where q.a == k.a`) from per-axis tile counts ([Note: product tiles] in products.py), other
+patterns with the same boxes in tile-major token order (`NDTileBoxes`). `Plan.method` says
+which path built a plan; both are exact.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import math
 from dataclasses import dataclass
 
@@ -37,7 +38,7 @@ from .intervals import IntervalAnalysis
 from .periodic import NotPeriodic, PSet, periodic_tiles, take
 from .limits import require
 from .plans import Plan, TileList
-from .products import ProductCounts, axis_masks, product_plan
+from .products import ProductCounts, axis_masks, is_product, nd_product, product_plan
 from .progress import each, task
 from .reference import Evaluator, View, top_view
 from .tileboxes import NDTileBoxes, TileBoxes, boxes_bytes, evaluated_counts, refine, tile_major
@@ -45,6 +46,9 @@ from .tilestats import count_dtype, tile_lengths
 
 #: queries per chunk of the closed-form plan builder (bounds its working memory)
 PLAN_CHUNK = 16384
+#: per-axis products with at most this many 1-D tile pairs are planned from ProductCounts (its
+#: work and its int64 map grow with nq * nk; the closed form's with the non-empty tiles)
+PRODUCT_TILES = 1 << 23
 
 
 def _require_boxes(pattern, M, N, heads, nq, nk, what: str) -> None:
@@ -288,13 +292,9 @@ def tile_counts(pattern: ir.PatternIR, M: int, N: int, heads: int, grid, block: 
     otherwise the mask of each query tile's partial key tiles is evaluated, at most
     COUNT_CHUNK elements at a time. Work O(tiles + partial tiles' pairs), memory O(nq * nk)."""
     with _one_thread():
-        plan = _plan_blocks(pattern, M, N, heads, grid, block)
         bm, bn = block
-        nq, nk = plan.shape
-        qsz, ksz = tile_lengths(M, bm), tile_lengths(N, bn)
-        state = plan.to_dense()
-        if isinstance(pattern.body, (*ir.AXISWISE, ir.Along)) and pattern.layout.axes and M == N:
-            try:
+        if is_product(pattern.body) and pattern.layout.axes and M == N:
+            try:  # the plan, counts and rows of a product from its per-axis factors, nothing evaluated
                 pc = ProductCounts(pattern, M, N, heads, grid, bm, bn)
                 counts = pc.counts(pattern.body)
                 masks = axis_masks(pattern, pc.view, pattern.body)
@@ -303,9 +303,13 @@ def tile_counts(pattern: ir.PatternIR, M: int, N: int, heads: int, grid, block: 
                     rows = rows * m.sum(2)[:, pc.view.qc[a]]
                 if pc.view.qin is not None:
                     rows = rows * pc.view.qin
-                return plan, counts, rows
+                return pc.plan(counts, bm, bn), counts, rows
             except NotIntervals:
                 pass
+        plan = _plan_blocks(pattern, M, N, heads, grid, block)
+        nq, nk = plan.shape
+        qsz, ksz = tile_lengths(M, bm), tile_lengths(N, bn)
+        state = plan.to_dense()
         if not pattern.layout.axes:
             try:
                 return (plan, *_interval_tile_counts(pattern, M, N, heads, grid, state, qsz, ksz, block))
@@ -347,22 +351,26 @@ def _plan_nd(pattern, M, N, heads, grid, tq, tk) -> Plan:
     nq = math.prod(-(-L // t) for L, t in zip(sizes, tq))
     nk = math.prod(-(-L // t) for L, t in zip(sizes, tk))
     _require_boxes(pattern, M + 4 * N, N + 4 * N, heads, nq, nk, "the N-D tile plan")  # + tile_major's coordinates
-    boxes = NDTileBoxes(pattern, N, heads, grid, tq, tk)
-    full, nonempty = boxes.classify(pattern.body)
     order_q, off_q = tile_major(sizes, tq)
     order_k, off_k = tile_major(sizes, tk)
+    try:  # a per-axis product: classes and count from per-axis tile counts ([Note: product factors])
+        keys, full, Hx, allowed = nd_product(pattern, N, heads, grid, tq, tk)
+        return Plan.from_tiles(
+            keys, full, Hx, nq, nk, M=M, N=N, heads=heads, block=(math.prod(tq), math.prod(tk)), allowed=allowed,
+            method="closed-form", tile_shape=(tuple(tq), tuple(tk)), perm_q=order_q, perm_k=order_k,
+            offsets_q=off_q, offsets_k=off_k)
+    except NotIntervals:
+        pass
+    boxes = NDTileBoxes(pattern, N, heads, grid, tq, tk)
+    full, nonempty = boxes.classify(pattern.body)
     allowed = None
     if isinstance(pattern.body, (*ir.AXISWISE, ir.Along)):
-        # a product's box classes are exact; the flat interval sets count the pairs
+        # (axes too long for nd_product) a product's box classes are exact; the interval sets count the pairs
         try:
             s, _ = _interval_sets(pattern, M, N, heads, grid)
             allowed = int(s.count().sum()) * (heads // s.lo.shape[0])
         except NotIntervals:
-            try:  # per head, the product of the 1-D masks' counts ([Note: product counts])
-                per_axis = [m.sum((1, 2)) for m in axis_masks(pattern, boxes.view, pattern.body)]
-                allowed = int(functools.reduce(torch.mul, per_axis).expand(heads).sum())
-            except NotIntervals:
-                pass
+            pass
     evaluated = 0
     if allowed is None:
         evaluated = int((nonempty & ~full).sum())
@@ -456,6 +464,11 @@ def _plan_blocks(pattern, M, N, heads, grid, block, inputs=None) -> Plan:
         shared = _plan_by_head_class(pattern, M, N, heads, grid, block)
         if shared is not None:
             return shared
+    if not inputs and is_product(pattern.body) and -(-M // bm) * -(-N // bn) <= PRODUCT_TILES:
+        try:  # few tiles: counted per tile pair from row segments ([Note: product counts]), faster here
+            return product_plan(pattern, M, N, heads, grid, bm, bn)
+        except NotIntervals:
+            pass
     try:
         return _closed_form_plan(pattern, M, N, heads, grid, bm, bn, inputs)
     except NotIntervals as exc:

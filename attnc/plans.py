@@ -191,6 +191,17 @@ class Plan:
             return len(self.offsets_q) - 1, len(self.offsets_k) - 1
         return -(-self.M // self.block[0]), -(-self.N // self.block[1])
 
+    def tiles(self) -> tuple[np.ndarray, np.ndarray]:
+        """(keys, full): the non-empty tiles as `from_tiles` takes them, sorted keys
+        (h * nq + query tile) * nk + key tile and their full flags; O(tiles), no dense map."""
+        nk = self.shape[1]
+        parts = [(lst.flat_rows().numpy() * nk + lst.cols.numpy().astype(np.int64), flag)
+                 for lst, flag in ((self.full, True), (self.partial, False))]
+        keys = np.concatenate([k for k, _ in parts])
+        full = np.concatenate([np.full(len(k), f) for k, f in parts])
+        order = np.argsort(keys, kind="stable")
+        return keys[order], full[order]
+
     def to_dense(self) -> torch.Tensor:
         """int8 [Hx, query tiles, key tiles]: 0 empty, 1 partial, 2 full."""
         nq, nk = self.shape

@@ -1,22 +1,28 @@
-"""Per-axis products on grids with 1-D tiles: exact allowed counts per tile pair.
+"""Per-axis products on grids: exact allowed counts per tile pair, 1-D and N-D tiles.
 
 input:  a bound grid pattern whose body is a per-axis product (an axis-wise primitive,
-        `P @ a`, or `heads { }` / `full` / `empty` of them), sizes and a 1-D tile shape.
-output: `ProductCounts`: allowed (query, key) pairs per (query tile, key tile), and the
-        exact tile classes and plan (`product_plan`) built from them; `axis_masks`, the
+        `P @ a`, `where q.a == k.a`, `&` of them, or `heads { }` / `full` / `empty` of
+        them), sizes and a tile shape (1-D, or N-D tiles per grid axis).
+output: `ProductCounts`: allowed (query, key) pairs per (query tile, key tile) of 1-D tiles,
+        and the exact tile classes and plan (`product_plan`) built from them; `nd_product`:
+        the non-empty N-D tiles, their full flags and the allowed count; `axis_masks`, the
         dense 1-D mask of every grid axis.
-does not: plan other patterns (it raises `NotIntervals`: analysis.py goes on to the tile
-        boxes) or N-D tiles (tileboxes.NDTileBoxes).
+does not: plan other patterns (it raises `NotIntervals`: analysis.py goes on to the closed
+        form or the tile boxes, tileboxes.TileBoxes / NDTileBoxes) or assemble N-D plans
+        (analysis._plan_nd).
 """
 
 from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 from . import ir
 from .interval_sets import NotIntervals
+from .interval_tiles import PLAN_BYTES_PER_TILE
+from .limits import require
 from .plans import Plan
 from .reference import Evaluator, View, axis_component, top_view
 from .tilestats import tile_lengths
@@ -27,27 +33,75 @@ MAX_PRODUCT_AXIS = 4096
 PRODUCT_CHUNK = 1 << 21
 
 
-def axis_masks(pattern: ir.PatternIR, view: View, node: ir.Mask) -> list[torch.Tensor]:
-    """The dense 1-D masks bool [1 or H, L, L] of a per-axis product `node` (an
-    AXISWISE primitive or `P @ a`), one per grid axis (all-true where unconstrained)."""
-    ev = Evaluator(pattern)
+def _same_coord(pred) -> list[str] | None:
+    """The axes a of a `where` predicate `q.a == k.a` (or an `and` of such); None for any other."""
+    if isinstance(pred, ir.PBool) and pred.op == "and":
+        axes = [_same_coord(p) for p in pred.parts]
+        return None if any(a is None for a in axes) else [x for a in axes for x in a]
+    if isinstance(pred, ir.PCmp) and pred.ops == ("==",) and all(isinstance(x, ir.PVar) for x in pred.operands):
+        a, b = pred.operands
+        if a.axis and a.axis == b.axis and {a.name, b.name} == {"q", "k"}:
+            return [a.axis]
+    return None
+
+
+def _factors(ev: Evaluator, view: View, node: ir.Mask, out: dict) -> None:
+    """AND node's 1-D factors into `out` {axis: bool [1 or H, L, L]} (raises NotIntervals when
+    node is not a per-axis product): an AXISWISE primitive, `P @ a`, `where q.a == k.a`
+    (the identity on axis a), `full`, and `&` of them ([Note: product factors])."""
     if isinstance(node, ir.AXISWISE):
         ev.check(node, view)
         comps = {a: axis_component(node, i) for i, a in enumerate(view.axes)}
     elif isinstance(node, ir.Along):
         comps = {node.axis: node.operand}
+    elif isinstance(node, ir.Inter):
+        for p in node.parts:
+            _factors(ev, view, p, out)
+        return
+    elif isinstance(node, ir.Full):
+        return
+    elif isinstance(node, ir.Where) and (same := _same_coord(node.pred)) is not None \
+            and all(a in view.axes for a in same):
+        comps = {a: None for a in same}
     else:
         raise NotIntervals(f"{type(node).__name__} is not a per-axis product")
-    out = []
-    for a in view.axes:
+    for a, c in comps.items():
         L = view.env[ir.axis_size(a)]
         if L > MAX_PRODUCT_AXIS:
             raise NotIntervals(f"grid axis {a} longer than {MAX_PRODUCT_AXIS}")
-        if a not in comps:
-            out.append(torch.ones(1, L, L, dtype=torch.bool))
-            continue
-        c = torch.arange(L, dtype=torch.int64)
-        out.append(ev.eval(comps[a], View(q=c, k=c, env={**view.env, ir.M: L, ir.N: L})))
+        if c is None:
+            m = torch.eye(L, dtype=torch.bool)[None]
+        else:
+            x = torch.arange(L, dtype=torch.int64)
+            m = ev.eval(c, View(q=x, k=x, env={**view.env, ir.M: L, ir.N: L}))
+        out[a] = m if a not in out else out[a] & m
+
+
+def is_product(node: ir.Mask) -> bool:
+    """Whether `node` has the form of a per-axis product ([Note: product factors]; its sizes may
+    still rule it out: `axis_masks` raises NotIntervals then)."""
+    if isinstance(node, ir.Inter):
+        return all(is_product(p) for p in node.parts)
+    return isinstance(node, (*ir.AXISWISE, ir.Along, ir.Full)) or (
+        isinstance(node, ir.Where) and _same_coord(node.pred) is not None)
+
+
+def axis_masks(pattern: ir.PatternIR, view: View, node: ir.Mask) -> list[torch.Tensor]:
+    """The dense 1-D masks bool [1 or H, L, L] of a per-axis product `node`, one per grid
+    axis (all-true where unconstrained); raises NotIntervals for anything else.
+
+    [Note: product factors] A pattern is a per-axis product when it allows (q, k) iff
+    D_a[q_a, k_a] on every grid axis a: an axis-wise primitive (its components), `P @ a`
+    (P's 1-D mask on a), `where q.a == k.a` (the identity on a), `full`, and an
+    intersection `&` of products (the AND of their factors per axis; two parts on one axis
+    AND there). Text tokens of a mixed layout get no pairs in every part, so none in the
+    product either. Unions are not products (their tiles need the tile boxes)."""
+    factors: dict = {}
+    _factors(Evaluator(pattern), view, node, factors)
+    out = []
+    for a in view.axes:
+        L = view.env[ir.axis_size(a)]
+        out.append(factors.get(a, torch.ones(1, L, L, dtype=torch.bool)))
     return out
 
 
@@ -75,7 +129,7 @@ class ProductCounts:
     def __init__(self, pattern: ir.PatternIR, M: int, N: int, heads: int, grid, bm: int, bn: int):
         if not pattern.layout.axes or M != N:
             raise NotIntervals("product counts need a grid and M = N")
-        self.pattern, self.H = pattern, heads
+        self.pattern, self.H, self.M, self.N = pattern, heads, M, N
         self.view = top_view(pattern, M, N, heads, grid, {})
         self.sizes = [int(g) for g in grid]
         self.G = math.prod(self.sizes)
@@ -144,9 +198,84 @@ class ProductCounts:
         return cnt == (self.qsize[:, None] * self.ksize[None, :])[None], cnt > 0, cnt
 
 
+    def plan(self, cnt: torch.Tensor, bm: int, bn: int) -> Plan:
+        """The exact plan of counts `cnt` (from `counts`)."""
+        full = cnt == (self.qsize[:, None] * self.ksize[None, :])[None]
+        return Plan.from_flags(full, cnt > 0, M=self.M, N=self.N, heads=self.H, block=(bm, bn),
+                               allowed=int(cnt.sum()) * (self.H // cnt.shape[0]), method="closed-form")
+
+
 def product_plan(pattern, M, N, heads, grid, bm, bn) -> Plan:
     """The exact plan of a per-axis product (or `heads { }` of products) on a grid
     with 1-D tiles, from ProductCounts (raises NotIntervals otherwise)."""
-    full, nonempty, cnt = ProductCounts(pattern, M, N, heads, grid, bm, bn).classes(pattern.body)
-    return Plan.from_flags(full, nonempty, M=M, N=N, heads=heads, block=(bm, bn),
-                           allowed=int(cnt.sum()) * (heads // cnt.shape[0]), method="closed-form")
+    pc = ProductCounts(pattern, M, N, heads, grid, bm, bn)
+    return pc.plan(pc.counts(pattern.body), bm, bn)
+
+
+# ----------------------------------------------------------------------------- N-D tiles
+
+
+def _axis_tile_counts(m: torch.Tensor, tq: int, tk: int) -> torch.Tensor:
+    """int64 [Hx, cq, ck]: allowed pairs of a 1-D mask bool [Hx, L, L] per (query tile, key tile)
+    of tq / tk coordinates (the last tile of an axis may be short)."""
+    Hx, L, _ = m.shape
+    cq, ck = -(-L // tq), -(-L // tk)
+    pad = torch.zeros(Hx, cq * tq, ck * tk, dtype=torch.int32)
+    pad[:, :L, :L] = m
+    return pad.view(Hx, cq, tq, ck, tk).sum((2, 4), dtype=torch.int64)
+
+
+def nd_product(pattern: ir.PatternIR, N: int, heads: int, grid, tq, tk) -> tuple[np.ndarray, np.ndarray, int, int]:
+    """(keys, full, Hx, allowed): the non-empty N-D tiles `tq` / `tk` of a per-axis product, or
+    `heads { }` of products, on a pure grid, as `Plan.from_tiles` takes them (sorted keys
+    (h * nq + query tile) * nk + key tile, tiles row-major over the tile grid as
+    tileboxes.tile_major, and their full flags), and the allowed pairs (raises NotIntervals
+    otherwise).
+
+    [Note: product tiles] An N-D tile pair is a box on every axis, so its allowed count is
+    the product of the per-axis 1-D tile counts C_a[query tile_a, key tile_a]: full iff full
+    on every axis, empty iff empty on some axis. The non-empty tiles are the Cartesian
+    product of every axis' non-empty 1-D tile pairs, enumerated directly: cost O(sum of L^2)
+    for the 1-D masks plus O(non-empty tiles); no [nq, nk] map, nothing evaluated."""
+    view = top_view(pattern, N, N, heads, grid, {})
+    if view.qin is not None or len(view.axes) != len(tq):
+        raise NotIntervals("N-D product tiles need a pure grid")
+    per_head = _head_factors(pattern, view, pattern.body, heads, tq, tk)
+    cq = [-(-int(L) // t) for L, t in zip(grid, tq)]
+    ck = [-(-int(L) // t) for L, t in zip(grid, tk)]
+    nq, nk = math.prod(cq), math.prod(ck)
+    sizes = [tile_lengths(int(L), a)[:, None] * tile_lengths(int(L), b)[None, :] for L, a, b in zip(grid, tq, tk)]
+    pairs = [[((c > 0).nonzero(as_tuple=True), c == s) for c, s in zip(axes, sizes)] for axes in per_head]
+    n = sum(math.prod(len(q) for (q, _), _ in p) for p in pairs)
+    require(PLAN_BYTES_PER_TILE * n, f"the N-D tile plan of '{pattern.name}' ({n} non-empty tiles)",
+            "a larger tile or smaller sizes")
+    keys, flags, allowed = [], [], 0
+    for h, (axes, p) in enumerate(zip(per_head, pairs)):
+        q = k = np.zeros(1, dtype=np.int64)
+        f = np.ones(1, dtype=bool)
+        for (qa, ka), fa, a, b in zip((x for x, _ in p), (y for _, y in p), cq, ck):
+            fa = fa[qa, ka].numpy()
+            q = (q[:, None] * a + qa.numpy()[None, :]).reshape(-1)
+            k = (k[:, None] * b + ka.numpy()[None, :]).reshape(-1)
+            f = (f[:, None] & fa[None, :]).reshape(-1)
+        key = (h * nq + q) * nk + k
+        order = np.argsort(key, kind="stable")
+        keys.append(key[order])
+        flags.append(f[order])
+        allowed += math.prod(int(c.sum()) for c in axes)
+    Hx = len(per_head)
+    return np.concatenate(keys), np.concatenate(flags), Hx, allowed * (heads // Hx)
+
+
+def _head_factors(pattern, view, node, heads, tq, tk) -> list[list[torch.Tensor]]:
+    """Per head (one entry when every head agrees), the per-axis 1-D tile counts [cq_a, ck_a]."""
+    if isinstance(node, ir.Heads):
+        out: list = [None] * heads
+        for sel, arm in Evaluator(pattern).head_arms(node, view):
+            sub = _head_factors(pattern, view, arm.body, heads, tq, tk)
+            for h in sel.nonzero().flatten().tolist():
+                out[h] = sub[min(h, len(sub) - 1)]
+        return out
+    counts = [_axis_tile_counts(m, a, b) for m, a, b in zip(axis_masks(pattern, view, node), tq, tk)]
+    Hx = max(c.shape[0] for c in counts)
+    return [[c[min(h, c.shape[0] - 1)] for c in counts] for h in range(Hx)]

@@ -25,6 +25,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, fields
 
+import numpy as np
 import torch
 
 from attnc.plans import Plan
@@ -192,25 +193,27 @@ class TileLayout:
         """int64 [L]: the padded position of every grid token (row-major flat index)."""
         tile = self._tile(side)
         counts = [-(-L // t) for L, t in zip(self.grid, tile)]
-        flat = torch.arange(math.prod(self.grid))
-        coords, rem = [], flat
+        # numpy: a handful of O(L) integer ops, single-threaded (torch's intra-op threads only
+        # add barrier waits here, [Note: threads] in attnc/analysis.py)
+        tid = np.zeros(math.prod(self.grid), dtype=np.int64)
+        off = np.zeros_like(tid)
+        stride = 1
+        coords = []
         for L in reversed(self.grid):
-            coords.append(rem % L)
-            rem = rem // L
-        coords.reverse()
-        tid = torch.zeros_like(flat)
-        off = torch.zeros_like(flat)
-        for x, t, c in zip(coords, tile, counts):
+            coords.append(np.arange(L, dtype=np.int64).repeat(stride))
+            stride *= L
+        for x, t, c in zip(reversed(coords), tile, counts):
+            x = np.tile(x, len(tid) // len(x))  # coordinate on axis i of every flat token
             tid = tid * c + x // t
             off = off * t + x % t
-        return tid * math.prod(tile) + off
+        return torch.from_numpy(tid * math.prod(tile) + off)
 
     def order(self, side: str) -> torch.Tensor:
         """int64 [M' or N']: the grid token at every padded position, -1 for padding."""
-        pos = self.positions(side)
-        out = torch.full((self.M if side == "q" else self.N,), -1, dtype=torch.int64)
-        out[pos] = torch.arange(len(pos))
-        return out
+        pos = self.positions(side).numpy()
+        out = np.full(self.M if side == "q" else self.N, -1, dtype=np.int64)
+        out[pos] = np.arange(len(pos))
+        return torch.from_numpy(out)
 
     def lower(self, low):
         """The lowered mask in this order (`permute`)."""
@@ -224,10 +227,10 @@ class TileLayout:
                              f"{plan.tile_shape}; build it with block={(self.tile_q, self.tile_k)!r}")
         for side, perm, offsets, bl in (("q", plan.perm_q, plan.offsets_q, self.block[0]),
                                         ("k", plan.perm_k, plan.offsets_k, self.block[1])):
-            order = self.order(side)
+            order = self.order(side).numpy()
             valid = order >= 0
-            counts = valid.view(-1, bl).sum(1)
-            if not (torch.equal(order[valid], perm) and torch.equal(counts, offsets[1:] - offsets[:-1])):
+            counts = valid.reshape(-1, bl).sum(1)
+            if not (np.array_equal(order[valid], perm.numpy()) and np.array_equal(counts, (offsets[1:] - offsets[:-1]).numpy())):
                 raise RuntimeError(f"internal error: the plan's tile-major order ({side}) differs from the padded "
                                    f"layout of tiles {tile_text((self.tile_q, self.tile_k))} on grid {self.grid}")
 
@@ -236,14 +239,15 @@ class TileLayout:
         contains padding (on either side) demoted to partial, since full tiles
         skip the mask that rejects padded positions."""
         self.check(plan)
-        dense = plan.to_dense()
-        full, nonempty = dense == 2, dense > 0
-        whole_q = (plan.offsets_q[1:] - plan.offsets_q[:-1]) == self.block[0]
-        whole_k = (plan.offsets_k[1:] - plan.offsets_k[:-1]) == self.block[1]
-        full = full & whole_q[None, :, None] & whole_k[None, None, :]
+        keys, full = plan.tiles()  # sparse: O(non-empty tiles), no [nq, nk] map
+        nq, nk = plan.shape
+        whole_q = ((plan.offsets_q[1:] - plan.offsets_q[:-1]) == self.block[0]).numpy()
+        whole_k = ((plan.offsets_k[1:] - plan.offsets_k[:-1]) == self.block[1]).numpy()
+        row, kt = np.divmod(keys, nk)
+        full = full & whole_q[row % nq] & whole_k[kt]
         keep = {f.name: getattr(plan, f.name) for f in fields(plan)
                 if f.name not in ("full", "partial", "full_t", "partial_t")}
-        return Plan.from_flags(full, nonempty, **keep)
+        return Plan.from_tiles(keys, full, plan.full.counts.shape[0], nq, nk, **keep)
 
     def describe(self) -> str:
         """What the header of a generated module says about the permutation."""

@@ -34,8 +34,10 @@ EXAMPLE_CASES = [("sparse_transformer", "sparse_strided", {"l": 70}, 1000, None)
 @pytest.fixture
 def slots_everywhere(monkeypatch):
     """Slots for any progression of more than 2 keys per query (not only past 64), and a count of
-    the plans built from periodic sets, so that small sizes exercise the periodic path."""
+    the plans built from periodic sets, so that small sizes exercise the periodic path (grid
+    products too: not planned from ProductCounts, which takes them at few tiles)."""
     monkeypatch.setattr(interval_sets, "MAX_INTERVALS", 2)
+    monkeypatch.setattr(analysis, "PRODUCT_TILES", 0)
     calls = []
     real = analysis.periodic_tiles
     monkeypatch.setattr(analysis, "periodic_tiles", lambda *a: calls.append(1) or real(*a))
@@ -71,6 +73,7 @@ def test_periodic_plans_equal_the_interval_only_plans(file, name, M, grid, monke
     """At the default sizes' rules: the plan with periodic slots is the plan the interval-only
     analysis (one interval per key) or the tile boxes build, tile for tile and pair for pair."""
     pat = attnc.load(EXAMPLES / f"{file}.attn").pattern(name)
+    monkeypatch.setattr(analysis, "PRODUCT_TILES", 0)  # the closed form, also for axial_col at few tiles
     new = pat.plan(M, heads=2, grid=grid, block=(128, 128))
     monkeypatch.setattr(analysis, "_closed_form_plan",
                         lambda *a: analysis._closed_form_plan_with(*a, periodic=False))
