@@ -175,12 +175,14 @@ class Stencil:
 
     def iset(self, view) -> ISet:
         """Every query's allowed keys: one interval per run (empty where the key row or the
-        clipped range falls outside the grid; queries outside the grid get none)."""
+        clipped range falls outside the grid; queries outside the grid get none). The key
+        row's start is found once per distinct query row, the clipped range once per last
+        coordinate: then two gathers per query."""
         n, R = view.L, len(self.s)
         Mq = len(view.q)
         if R > max_intervals(Mq):
             raise TooManyIntervals(f"a stencil of {R} runs per query")
-        if R == 0:
+        if R == 0 or Mq == 0:
             z = torch.full((1, Mq, 1), n, dtype=torch.int64)
             return ISet(z, z.clone(), n, merged=True)
         sizes, L = self.sizes, self.sizes[-1]
@@ -189,20 +191,31 @@ class Stencil:
             qc = [view.qc[a] for a in view.axes]
         else:
             T, qc = 0, [view.q]
-        ok = torch.ones(Mq, R, dtype=torch.bool) if view.qin is None else view.qin[:, None].expand(Mq, R).clone()
-        row = torch.zeros(Mq, R, dtype=torch.int64)
+        outer = torch.zeros(Mq, dtype=torch.int64)  # the query's row: its outer coordinates, raveled
         for i in range(len(sizes) - 1):
-            c = qc[i][:, None] - self.outer[None, :, i]
+            outer = outer * sizes[i] + qc[i]
+        if view.qin is not None:
+            outer = torch.where(view.qin, outer, -1)
+        rows, inv = torch.unique(outer, return_inverse=True)
+        ok = (rows >= 0)[:, None].expand(len(rows), R).clone()
+        key_row = torch.zeros(len(rows), R, dtype=torch.int64)
+        o, coords = rows.clamp(min=0), []
+        for i in reversed(range(len(sizes) - 1)):
+            coords.append(o % sizes[i])
+            o = o // sizes[i]
+        for i, c in enumerate(reversed(coords)):
+            c = c[:, None] - self.outer[None, :, i]
             ok &= (c >= 0) & (c < sizes[i])
-            row = row * sizes[i] + c
-        last = qc[-1][:, None]
-        lo = (last - self.e[None, :]).clamp_(min=0)
-        hi = (last - self.s[None, :] + 1).clamp_(max=L)
-        ok &= lo < hi
-        base = T + row * L
-        lo = (base + lo).masked_fill_(~ok, n)
-        hi = (base + hi).masked_fill_(~ok, n)
-        return ISet(lo[None], hi[None], n, merged=False)
+            key_row = key_row * sizes[i] + c
+        base = torch.where(ok, T + key_row * L, n)[inv]  # [Mq, R]; n: no key (clamped to (n, n))
+        last = qc[-1]
+        if L <= Mq:  # the clipped ranges of every last coordinate, gathered
+            w = torch.arange(L, dtype=torch.int64)[:, None]
+            wl, wh = (w - self.e).clamp_(min=0)[last], (w - self.s + 1).clamp_(max=L)[last]
+        else:
+            wl, wh = (last[:, None] - self.e).clamp_(min=0), (last[:, None] - self.s + 1).clamp_(max=L)
+        wh = torch.maximum(wh, wl)  # an empty range stays empty after the shift
+        return ISet.make(base + wl, base + wh, n)
 
 
 def ir_view(view, q, k, qc, kc):
