@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from . import ir
-from .interval_tiles import PLAN_BYTES_PER_TILE, sparse_tiles
+from .interval_tiles import PLAN_BYTES_PER_TILE, counted_plan, sparse_tiles
 from .interval_sets import ISet, NotIntervals, TooManyIntervals, merge
 from .intervals import IntervalAnalysis
 from .periodic import NotPeriodic, PSet, periodic_tiles, take
@@ -72,22 +72,10 @@ def _closed_form_plan_with(pattern: ir.PatternIR, M: int, N: int, heads: int, gr
     one query tile), so many keys per query (strided, routed) stay in closed form."""
     if pattern.inputs and not inputs:
         raise NotIntervals("run-time inputs")
-    ia = IntervalAnalysis(pattern, periodic=periodic)
     nq, nk = -(-M // bm), -(-N // bn)
-    step = bm * max(1, PLAN_CHUNK // bm)
-    no_keys = torch.zeros(0, dtype=torch.int64)
     parts, allowed, Hx, tiles = [], 0, None, 0
-    q0 = 0
     with task("planning", total=M, unit="query") as bar:
-        while q0 < M:
-            end = min(q0 + step, M)
-            try:
-                s = _plan_chunk_sets(pattern, ia, M, N, heads, grid, inputs, q0, end, no_keys)
-            except TooManyIntervals:
-                if step <= bm:
-                    raise
-                step = bm * max(1, step // bm // 2)  # fewer queries at once keep more intervals each
-                continue
+        for q0, end, s in _chunk_sets(pattern, M, N, heads, grid, bm, periodic, inputs):
             if Hx is None:
                 Hx = s.lo.shape[0]
             elif s.lo.shape[0] != Hx:  # heads come from the IR and the inputs' shapes, never from rows
@@ -108,13 +96,33 @@ def _closed_form_plan_with(pattern: ir.PatternIR, M: int, N: int, heads: int, gr
                 keys = ((row // cq) * nq + row % cq + q0 // bm) * nk + kt
             parts.append((keys, full))
             bar.update(end - q0)
-            q0 = end
     keys, full = (np.concatenate(x) for x in zip(*parts)) if len(parts) > 1 else parts[0]
     if len(parts) > 1 and Hx > 1:
         order = np.argsort(keys, kind="stable")
         keys, full = keys[order], full[order]
     return Plan.from_tiles(keys, full, Hx, nq, nk, M=M, N=N, heads=heads, block=(bm, bn),
                            allowed=allowed * (heads // Hx), method="closed-form")
+
+
+def _chunk_sets(pattern, M, N, heads, grid, bm: int, periodic: bool, inputs: dict | None = None):
+    """(q0, end, merged sets of queries [q0, end)) over whole query tiles, PLAN_CHUNK queries
+    at a time; a chunk with more intervals per query than `max_intervals` allows is halved
+    and tried again (down to one query tile; then TooManyIntervals)."""
+    ia = IntervalAnalysis(pattern, periodic=periodic)
+    no_keys = torch.zeros(0, dtype=torch.int64)
+    step = bm * max(1, PLAN_CHUNK // bm)
+    q0 = 0
+    while q0 < M:
+        end = min(q0 + step, M)
+        try:
+            s = _plan_chunk_sets(pattern, ia, M, N, heads, grid, inputs, q0, end, no_keys)
+        except TooManyIntervals:
+            if step <= bm:
+                raise
+            step = bm * max(1, step // bm // 2)  # fewer queries at once keep more intervals each
+            continue
+        yield q0, end, s
+        q0 = end
 
 
 def _plan_chunk_sets(pattern, ia, M, N, heads, grid, inputs, q0, end, no_keys) -> ISet:
@@ -278,16 +286,37 @@ def _interval_tile_counts(pattern, M, N, heads, grid, state, qsz, ksz, block):
     return counts, s.count()
 
 
+def _grid_interval_tile_counts(pattern, M, N, heads, grid, block):
+    """(plan, counts, rows) on a grid from interval sets (`where` stencils: [Note: stencils] in
+    stencils.py), in chunks of query rows; every tile counted from the intervals, the plan from
+    the counts (partial tiles are most tiles there). Raises NotIntervals."""
+    for periodic in (True, False):
+        try:
+            with task("counting pairs in tiles", total=M, unit="query") as bar:
+                return counted_plan(_chunk_sets(pattern, M, N, heads, grid, block[0], periodic), M, N, heads,
+                                    block, pattern.name, bar.update)
+        except NotPeriodic:
+            continue
+    raise NotIntervals("no interval sets")
+
+
 def tile_counts(pattern: ir.PatternIR, M: int, N: int, heads: int, grid, block: tuple[int, int]
                 ) -> tuple[Plan, torch.Tensor, torch.Tensor]:
     """(plan, counts, rows): the plan of 1-D tiles `block`, the allowed pairs per tile int64
     [1 or H, nq, nk] and per query row [1 or H, M], exact, without dense mask rows.
 
-    Full tiles count their size and empty tiles 0, from the plan; a per-axis product's
+    `where` stencils on grids count every tile from their interval sets and take the plan
+    from the counts. Otherwise full tiles count their size and empty tiles 0, from the plan;
+    a per-axis product's
     partial tiles come from ProductCounts and its rows from the 1-D masks' row counts;
     otherwise the mask of each query tile's partial key tiles is evaluated, at most
     COUNT_CHUNK elements at a time. Work O(tiles + partial tiles' pairs), memory O(nq * nk)."""
     with _one_thread():
+        if pattern.layout.axes and any(isinstance(n, ir.Where) for n in ir.walk(pattern.body)):
+            try:
+                return _grid_interval_tile_counts(pattern, M, N, heads, grid, block)
+            except NotIntervals:
+                pass
         plan = _plan_blocks(pattern, M, N, heads, grid, block)
         bm, bn = block
         nq, nk = plan.shape

@@ -145,3 +145,40 @@ def test_row_report_of_a_stencil():
     rep = analysis.row_report(pat.ir, N, N, 2, (7, 9))
     assert rep.method == "closed-form"
     assert rep.allowed == int(pat.mask(N, heads=2, grid=(7, 9)).sum())
+
+
+@pytest.mark.parametrize("block", [(16, 16), (7, 13), (64, 8)])
+def test_tile_counts_of_stencils(block):
+    # what `show` draws: every tile's pairs and every row's, from the intervals (no mask)
+    pat = attnc.load(EXAMPLES / "mmdit.attn").pattern("mmdit", r=5, text=7)
+    grid, N = (23, 29), 7 + 23 * 29
+    for M in (N, N - 9):
+        plan, counts, rows = analysis.tile_counts(pat.ir, M, N, 2, grid, block)
+        m = pat.mask(M, N, heads=2, grid=grid).long()
+        nq, nk = plan.shape
+        pad = torch.zeros(2, nq * block[0], nk * block[1], dtype=torch.int64)
+        pad[:, :M, :N] = m
+        want = pad.view(2, nq, block[0], nk, block[1]).sum((2, 4))
+        assert torch.equal(counts.expand(2, -1, -1).long(), want)
+        assert torch.equal(rows.expand(2, -1), m.sum(2))
+
+
+def test_interval_tile_counts_against_brute_force():
+    from attnc.interval_sets import ISet, merge
+    from attnc.interval_tiles import interval_tile_counts
+
+    g = torch.Generator().manual_seed(0)
+    for M, N, bm, bn in ((50, 70, 8, 16), (33, 100, 7, 9), (64, 64, 64, 5)):
+        lo = torch.randint(0, N, (2, M, 5), generator=g)
+        hi = lo + torch.randint(0, 40, (2, M, 5), generator=g)
+        s = merge(ISet.make(lo, hi, N))
+        dense = torch.zeros(2, M, N, dtype=torch.bool)
+        for h in range(2):
+            for q in range(M):
+                for a, b in zip(s.lo[h, q].tolist(), s.hi[h, q].tolist()):
+                    dense[h, q, a:b] = True
+        nq, nk = -(-M // bm), -(-N // bn)
+        pad = torch.zeros(2, nq * bm, nk * bn, dtype=torch.int64)
+        pad[:, :M, :N] = dense.long()
+        want = pad.view(2, nq, bm, nk, bn).sum((2, 4))
+        assert torch.equal(interval_tile_counts(s, M, bm, bn, torch.int32).long(), want)
