@@ -167,6 +167,12 @@ def _one_thread():
             torch.set_num_threads(n)
 
 
+def _require_sets(pattern, M: int, N: int, heads: int) -> None:
+    require(8 * (M + N) * (3 + 2 * len(pattern.layout.axes)) + 64 * heads * M,
+            f"the allowed keys of every query of '{pattern.name}' at M = {M}, N = {N}",
+            "smaller sizes: empty rows and density show at small sizes too (attnc check --seq-len 4096)")
+
+
 def _interval_sets(pattern: ir.PatternIR, M: int, N: int, heads: int, grid, inputs: dict | None = None,
                    periodic: bool = False) -> tuple[ISet | PSet, View]:
     """Every query's allowed keys in closed form (raises NotIntervals). `inputs`:
@@ -174,9 +180,7 @@ def _interval_sets(pattern: ir.PatternIR, M: int, N: int, heads: int, grid, inpu
     `periodic`: stepped keys may come back as periodic slots (a PSet)."""
     if pattern.inputs and not inputs:
         raise NotIntervals("run-time inputs")
-    require(8 * (M + N) * (3 + 2 * len(pattern.layout.axes)) + 64 * heads * M,
-            f"the allowed keys of every query of '{pattern.name}' at M = {M}, N = {N}",
-            "smaller sizes: empty rows and density show at small sizes too (attnc check --seq-len 4096)")
+    _require_sets(pattern, M, N, heads)
     view = top_view(pattern, M, N, heads, grid, inputs or {})
     return merge(IntervalAnalysis(pattern, periodic=periodic).eval(pattern.body, view)), view
 
@@ -204,11 +208,13 @@ def row_report(pattern: ir.PatternIR, M: int, N: int, heads: int, grid) -> RowRe
 
 def _row_report(pattern, M, N, heads, grid) -> RowReport:
     try:
-        try:
-            s, _ = _interval_sets(pattern, M, N, heads, grid, periodic=True)
+        if pattern.inputs:
+            raise NotIntervals("run-time inputs")
+        _require_sets(pattern, M, N, heads)
+        try:  # [Hx, M], in chunks of queries (working memory that of one chunk)
+            counts = torch.cat([s.count() for _, _, s in _chunk_sets(pattern, M, N, heads, grid, 1, True)], 1)
         except NotPeriodic:
-            s, _ = _interval_sets(pattern, M, N, heads, grid)
-        counts = s.count()  # [Hx, M]
+            counts = torch.cat([s.count() for _, _, s in _chunk_sets(pattern, M, N, heads, grid, 1, False)], 1)
         method = "closed-form"
     except NotIntervals:
         from .reference import evaluate
