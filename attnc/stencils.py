@@ -137,7 +137,9 @@ class Stencil:
         differences is too large to evaluate)."""
         axes = view.axes
         sizes = tuple(view.env[ir.axis_size(a)] for a in axes) if axes else (view.L,)
-        spans = [2 * L - 1 for L in sizes]
+        # the smallest difference per axis: -(L - 1); in 1-D queries start at N - M (< 0 when M > N)
+        offs = [1 - L for L in sizes] if axes else [1 - max(view.env[ir.M], view.L)]
+        spans = [L - 1 - o + 1 for L, o in zip(sizes, offs)]
         if math.prod(spans) > MAX_POINTS:
             raise NotIntervals(f"a stencil over {math.prod(spans)} differences")
         W = spans[-1]
@@ -149,7 +151,7 @@ class Stencil:
             idx = torch.arange(r0 * W, r1 * W, dtype=torch.int64)
             diffs = []  # per axis, the difference of every point (row-major over the box)
             for i in reversed(range(len(sizes))):
-                diffs.append(idx % spans[i] - (sizes[i] - 1))
+                diffs.append(idx % spans[i] + offs[i])
                 idx = idx // spans[i]
             diffs.reverse()
             zero = torch.zeros(1, dtype=torch.int64)
@@ -164,12 +166,11 @@ class Stencil:
         edge = torch.diff(torch.nn.functional.pad(D, (1, 1)), dim=1)
         rs, cs = (edge == 1).nonzero(as_tuple=True)
         _, ce = (edge == -1).nonzero(as_tuple=True)
-        L = sizes[-1]
-        rs, s, e = rs.flip(0), cs.flip(0) - (L - 1), ce.flip(0) - 1 - (L - 1)
+        rs, s, e = rs.flip(0), cs.flip(0) + offs[-1], ce.flip(0) - 1 + offs[-1]
         outer = torch.zeros(len(rs), len(sizes) - 1, dtype=torch.int64)
         o = rs.clone()
         for i in reversed(range(len(sizes) - 1)):
-            outer[:, i] = o % spans[i] - (sizes[i] - 1)
+            outer[:, i] = o % spans[i] + offs[i]
             o = o // spans[i]
         return Stencil(sizes, outer, s, e)
 
@@ -209,7 +210,7 @@ class Stencil:
             key_row = key_row * sizes[i] + c
         base = torch.where(ok, T + key_row * L, n)[inv]  # [Mq, R]; n: no key (clamped to (n, n))
         last = qc[-1]
-        if L <= Mq:  # the clipped ranges of every last coordinate, gathered
+        if view.axes and L <= Mq:  # the clipped ranges of every last coordinate (0 .. L - 1), gathered
             w = torch.arange(L, dtype=torch.int64)[:, None]
             wl, wh = (w - self.e).clamp_(min=0)[last], (w - self.s + 1).clamp_(max=L)[last]
         else:

@@ -95,7 +95,7 @@ def test_three_dimensional_and_one_dimensional_stencils():
     assert plan.method == "closed-form"
     for src in ("where abs(q - k) <= 40 and k <= q + 3 * 7", "where (q - k) % 5 == 0 and q - k < 60"):
         pat = attnc.loads(f"pattern p = {src}").pattern()
-        for M in (300, 257):
+        for M in (300, 257, 340, 6):  # M > N: queries from N - M < 0
             plan = check(pat, M, 300, 1, (32, 16))
             assert plan.method == "closed-form" and plan.tiles_evaluated == 0
 
