@@ -12,8 +12,8 @@ does not: decide other predicates (the tile boxes do: tileboxes.py), combine set
 combination of differences `q.a - k.a` (on a grid; `q - k` in 1-D), with no `h`, is
 invariant under translation: `P(q, k) = D(q - k)` for one set D of difference vectors. D
 is evaluated once, densely, on the box of all differences (prod(2 L_a - 1) points, e.g. 1M
-for 512 x 512), and stored per value of the outer differences as runs of the last axis.
-A query at coordinates c then allows, for each run (d_outer, [s, e]), the keys of grid row
+for 512 x 512; past MAX_POINTS or the memory limit the tile boxes decide), and stored per
+value of the outer differences as runs of the last axis. A query at coordinates c allows, for each run (d_outer, [s, e]), the keys of grid row
 c_outer - d_outer at last coordinates [c_last - e, c_last - s] (clipped to the grid): one
 key interval per run, so `where` patterns such as a disc (`(q.h - k.h)**2 + (q.w - k.w)**2
 < r*r`) plan in closed form ([Note: interval sets] in intervals.py), exactly, with no
@@ -31,6 +31,7 @@ import torch
 
 from . import ir
 from .interval_sets import ISet, NotIntervals, TooManyIntervals, max_intervals
+from .limits import max_bytes
 
 #: the most difference points a stencil evaluates (beyond: the tile boxes)
 MAX_POINTS = 1 << 25
@@ -140,8 +141,10 @@ class Stencil:
         # the smallest difference per axis: -(L - 1); in 1-D queries start at N - M (< 0 when M > N)
         offs = [1 - L for L in sizes] if axes else [1 - max(view.env[ir.M], view.L)]
         spans = [L - 1 - o + 1 for L, o in zip(sizes, offs)]
-        if math.prod(spans) > MAX_POINTS:
-            raise NotIntervals(f"a stencil over {math.prod(spans)} differences")
+        points = math.prod(spans)
+        limit, _ = max_bytes()  # past the memory limit too, the tile boxes decide (with their own check)
+        if points > MAX_POINTS or (limit is not None and 4 * points + 48 * min(points, CHUNK_POINTS) > limit):
+            raise NotIntervals(f"a stencil over {points} differences")
         W = spans[-1]
         rows = math.prod(spans[:-1])
         per = max(1, CHUNK_POINTS // W)

@@ -7,6 +7,7 @@ import torch
 import attnc
 from attnc import analysis, interval_sets
 from attnc.intervals import IntervalAnalysis
+from attnc.reference import top_view
 from attnc.stencils import is_stencil
 from conftest import EXAMPLES, tiles_from_mask
 
@@ -182,3 +183,16 @@ def test_interval_tile_counts_against_brute_force():
         pad[:, :M, :N] = dense.long()
         want = pad.view(2, nq, bm, nk, bn).sum((2, 4))
         assert torch.equal(interval_tile_counts(s, M, bm, bn, torch.int32).long(), want)
+
+
+def test_a_difference_box_past_the_limits_goes_to_the_tile_boxes(monkeypatch):
+    from attnc import stencils
+
+    monkeypatch.setattr(stencils, "MAX_POINTS", 100)  # 21 x 25 differences on an 11 x 13 grid
+    pat = attnc.loads("pattern p on grid(h, w) = where abs(q.h - k.h) + abs(q.w - k.w) <= 2").pattern()
+    assert check(pat, 143, 143, 1, (16, 16), (11, 13)).method == "tile-boxes"
+    monkeypatch.undo()
+    monkeypatch.setenv("ATTNC_MAX_BYTES", "20K")  # the estimate: 4 bytes a point, 48 a point at once
+    view = top_view(pat.ir, 143, 143, 1, (11, 13), {})
+    with pytest.raises(interval_sets.NotIntervals):
+        stencils.Stencil.of(pat.ir.body.pred, IntervalAnalysis(pat.ir), view)
