@@ -3,7 +3,7 @@
 input:  a bound pattern (PatternIR), sizes and a tile shape.
 output: a `Plan` (plans.py): per query tile its full and partial key tiles, the
         transposed view for backward, and the exact count of allowed pairs; row
-        reports (`row_report`) and per-tile counts (`tile_counts`) from the same paths.
+        reports (`row_report`); per-tile counts for `attnc show` are pair_counts.py's, from the same paths.
 does not: generate kernels; handle run-time inputs (their plans are built
         inside the op); compute interval sets, tile classes or products itself (the
         modules below, which it drives).
@@ -35,14 +35,13 @@ from . import ir
 from .interval_tiles import PLAN_BYTES_PER_TILE, sparse_tiles
 from .interval_sets import ISet, NotIntervals, TooManyIntervals, merge
 from .intervals import IntervalAnalysis
-from .periodic import NotPeriodic, PSet, periodic_tiles, take
+from .periodic import NotPeriodic, PSet, periodic_tiles
 from .limits import require
 from .plans import Plan, TileList
-from .products import ProductCounts, axis_masks, is_product, nd_product, product_plan
-from .progress import each, task
+from .products import is_product, nd_product, product_plan
+from .progress import task
 from .reference import Evaluator, View, top_view
-from .tileboxes import NDTileBoxes, TileBoxes, boxes_bytes, evaluated_counts, refine, tile_major
-from .tilestats import count_dtype, tile_lengths
+from .tileboxes import NDTileBoxes, TileBoxes, boxes_bytes, refine, tile_major
 
 #: queries per chunk of the closed-form plan builder (bounds its working memory)
 PLAN_CHUNK = 16384
@@ -76,22 +75,10 @@ def _closed_form_plan_with(pattern: ir.PatternIR, M: int, N: int, heads: int, gr
     one query tile), so many keys per query (strided, routed) stay in closed form."""
     if pattern.inputs and not inputs:
         raise NotIntervals("run-time inputs")
-    ia = IntervalAnalysis(pattern, periodic=periodic)
     nq, nk = -(-M // bm), -(-N // bn)
-    step = bm * max(1, PLAN_CHUNK // bm)
-    no_keys = torch.zeros(0, dtype=torch.int64)
     parts, allowed, Hx, tiles = [], 0, None, 0
-    q0 = 0
     with task("planning", total=M, unit="query") as bar:
-        while q0 < M:
-            end = min(q0 + step, M)
-            try:
-                s = _plan_chunk_sets(pattern, ia, M, N, heads, grid, inputs, q0, end, no_keys)
-            except TooManyIntervals:
-                if step <= bm:
-                    raise
-                step = bm * max(1, step // bm // 2)  # fewer queries at once keep more intervals each
-                continue
+        for q0, end, s in chunk_sets(pattern, M, N, heads, grid, bm, periodic, inputs):
             if Hx is None:
                 Hx = s.lo.shape[0]
             elif s.lo.shape[0] != Hx:  # heads come from the IR and the inputs' shapes, never from rows
@@ -112,7 +99,6 @@ def _closed_form_plan_with(pattern: ir.PatternIR, M: int, N: int, heads: int, gr
                 keys = ((row // cq) * nq + row % cq + q0 // bm) * nk + kt
             parts.append((keys, full))
             bar.update(end - q0)
-            q0 = end
     keys, full = (np.concatenate(x) for x in zip(*parts)) if len(parts) > 1 else parts[0]
     if len(parts) > 1 and Hx > 1:
         order = np.argsort(keys, kind="stable")
@@ -121,7 +107,28 @@ def _closed_form_plan_with(pattern: ir.PatternIR, M: int, N: int, heads: int, gr
                            allowed=allowed * (heads // Hx), method="closed-form")
 
 
-def _plan_chunk_sets(pattern, ia, M, N, heads, grid, inputs, q0, end, no_keys) -> ISet:
+def chunk_sets(pattern, M, N, heads, grid, bm: int, periodic: bool, inputs: dict | None = None):
+    """(q0, end, merged sets of queries [q0, end)) over whole query tiles, PLAN_CHUNK queries
+    at a time; a chunk with more intervals per query than `max_intervals` allows is halved
+    and tried again (down to one query tile; then TooManyIntervals)."""
+    ia = IntervalAnalysis(pattern, periodic=periodic)
+    no_keys = torch.zeros(0, dtype=torch.int64)
+    step = bm * max(1, PLAN_CHUNK // bm)
+    q0 = 0
+    while q0 < M:
+        end = min(q0 + step, M)
+        try:
+            s = _planchunk_sets(pattern, ia, M, N, heads, grid, inputs, q0, end, no_keys)
+        except TooManyIntervals:
+            if step <= bm:
+                raise
+            step = bm * max(1, step // bm // 2)  # fewer queries at once keep more intervals each
+            continue
+        yield q0, end, s
+        q0 = end
+
+
+def _planchunk_sets(pattern, ia, M, N, heads, grid, inputs, q0, end, no_keys) -> ISet:
     """The merged interval sets of queries [q0, end) (raises NotIntervals / TooManyIntervals)."""
     rows = end - q0
     require(8 * rows * (3 + 2 * len(pattern.layout.axes)) + 64 * heads * rows,
@@ -131,15 +138,6 @@ def _plan_chunk_sets(pattern, ia, M, N, heads, grid, inputs, q0, end, no_keys) -
     return merge(ia.eval(pattern.body, view))  # working memory O(chunk * R): bounded by max_intervals
 
 
-def _full_tile_counts(full: torch.Tensor, qsz: torch.Tensor, ksz: torch.Tensor, block) -> torch.Tensor:
-    """Per-tile counts of bool `full` tiles [H, nq, nk] (their sizes; 0 elsewhere), built in
-    place without an [nq, nk] int64 map (10^6 tokens in 128-token tiles: 64 M tiles)."""
-    counts = full.to(count_dtype(block))
-    counts *= ksz.to(counts.dtype)[None, None, :]
-    counts *= qsz.to(counts.dtype)[None, :, None]
-    return counts
-
-
 def _uniform(length: int, b: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Identity order and offsets of 1-D tiles of b tokens."""
     off = torch.clamp(torch.arange(-(-length // b) + 1) * b, max=length)
@@ -147,7 +145,7 @@ def _uniform(length: int, b: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @contextlib.contextmanager
-def _one_thread():
+def one_thread():
     """[Note: threads] A plan is a few hundred small tensor ops (O(M) elements
     each). Intra-op parallelism only adds barrier waits there: on the 2-core CI
     machine under load one reduction took 7 ms with 2 threads and 0.05 ms with
@@ -163,16 +161,20 @@ def _one_thread():
             torch.set_num_threads(n)
 
 
-def _interval_sets(pattern: ir.PatternIR, M: int, N: int, heads: int, grid, inputs: dict | None = None,
+def _require_sets(pattern, M: int, N: int, heads: int) -> None:
+    require(8 * (M + N) * (3 + 2 * len(pattern.layout.axes)) + 64 * heads * M,
+            f"the allowed keys of every query of '{pattern.name}' at M = {M}, N = {N}",
+            "smaller sizes: empty rows and density show at small sizes too (attnc check --seq-len 4096)")
+
+
+def query_interval_sets(pattern: ir.PatternIR, M: int, N: int, heads: int, grid, inputs: dict | None = None,
                    periodic: bool = False) -> tuple[ISet | PSet, View]:
     """Every query's allowed keys in closed form (raises NotIntervals). `inputs`:
     one batch element's run-time inputs (segments with contiguous ids, block tables).
     `periodic`: stepped keys may come back as periodic slots (a PSet)."""
     if pattern.inputs and not inputs:
         raise NotIntervals("run-time inputs")
-    require(8 * (M + N) * (3 + 2 * len(pattern.layout.axes)) + 64 * heads * M,
-            f"the allowed keys of every query of '{pattern.name}' at M = {M}, N = {N}",
-            "smaller sizes: empty rows and density show at small sizes too (attnc check --seq-len 4096)")
+    _require_sets(pattern, M, N, heads)
     view = top_view(pattern, M, N, heads, grid, inputs or {})
     return merge(IntervalAnalysis(pattern, periodic=periodic).eval(pattern.body, view)), view
 
@@ -194,17 +196,19 @@ class RowReport:
 def row_report(pattern: ir.PatternIR, M: int, N: int, heads: int, grid) -> RowReport:
     """Empty rows (with a witness) and full density from the interval sets' counts;
     patterns without a closed form are scanned in row chunks."""
-    with _one_thread():
+    with one_thread():
         return _row_report(pattern, M, N, heads, grid)
 
 
 def _row_report(pattern, M, N, heads, grid) -> RowReport:
     try:
-        try:
-            s, _ = _interval_sets(pattern, M, N, heads, grid, periodic=True)
+        if pattern.inputs:
+            raise NotIntervals("run-time inputs")
+        _require_sets(pattern, M, N, heads)
+        try:  # [Hx, M], in chunks of queries (working memory that of one chunk)
+            counts = torch.cat([s.count() for _, _, s in chunk_sets(pattern, M, N, heads, grid, 1, True)], 1)
         except NotPeriodic:
-            s, _ = _interval_sets(pattern, M, N, heads, grid)
-        counts = s.count()  # [Hx, M]
+            counts = torch.cat([s.count() for _, _, s in chunk_sets(pattern, M, N, heads, grid, 1, False)], 1)
         method = "closed-form"
     except NotIntervals:
         from .reference import evaluate
@@ -224,125 +228,8 @@ def plan_blocks(pattern: ir.PatternIR, M: int, N: int, heads: int, grid, *, bloc
     """The tile plan of a bound pattern (sizes already validated). Patterns with
     run-time inputs are planned for one batch element's `inputs` in closed form
     (contiguous segments: O(N); block tables: O(M * kmax))."""
-    with _one_thread():
+    with one_thread():
         return _plan_blocks(pattern, M, N, heads, grid, block, inputs)
-
-
-#: mask elements evaluated per call by tile_counts (bounds its working memory)
-COUNT_CHUNK = 1 << 22
-
-
-def _periodic_tile_counts(s: PSet, M: int, state: torch.Tensor, block) -> torch.Tensor:
-    """Every tile's allowed pairs from periodic sets of all M queries, PLAN_CHUNK query rows at
-    a time: `periodic_tiles`' working memory stays that of one chunk (at 10^6 tokens all
-    rows at once held several GB of per-tile arrays)."""
-    bm, _ = block
-    nq, nk = state.shape[1:]
-    counts = torch.zeros(s.heads, nq, nk, dtype=count_dtype(block))
-    step = bm * max(1, PLAN_CHUNK // bm)
-    for q0 in each(range(0, M, step), "counting pairs in tiles", unit="chunk"):
-        end = min(M, q0 + step)
-        keys, _, _, cnt = periodic_tiles(take(s, torch.arange(q0, end)), *block)
-        keys = torch.from_numpy(keys)
-        cq = -(-(end - q0) // bm)  # chunk keys: (h * cq + local query tile) * nk + key tile
-        row, kt = keys // nk, keys % nk
-        counts[row // cq, q0 // bm + row % cq, kt] = torch.from_numpy(cnt).to(counts.dtype)
-    return counts
-
-
-def _interval_tile_counts(pattern, M, N, heads, grid, state, qsz, ksz, block):
-    """(counts, rows) of a 1-D pattern from its interval sets, no mask evaluated: a full tile
-    counts its size; a partial tile (query tile a, key tile [b, e)) counts
-    sum over its queries and their intervals [lo, hi) of |[lo, hi) & [b, e)|, computed for
-    all partial tiles at once in chunks; rows are the sets' own counts. Raises NotIntervals."""
-    try:
-        s, _ = _interval_sets(pattern, M, N, heads, grid, periodic=True)  # [Hs, M, R], merged: disjoint intervals
-    except NotPeriodic:
-        s, _ = _interval_sets(pattern, M, N, heads, grid)
-    bm, bn = block
-    if isinstance(s, PSet):  # exact counts of every non-empty tile ([Note: periodic tiles])
-        return _periodic_tile_counts(s, M, state, block), s.count()
-    Hs = s.lo.shape[0]
-    Hx = max(Hs, state.shape[0])
-    counts = _full_tile_counts((state == 2).expand(Hx, -1, -1), qsz, ksz, block)
-    h, qt, kt = (state.expand(Hx, -1, -1) == 1).nonzero(as_tuple=True)
-    R = s.lo.shape[-1]
-    per = max(1, COUNT_CHUNK // (bm * R))
-    for c0 in each(range(0, len(h), per), "counting pairs in partial tiles", unit="chunk"):
-        hh, qq, kk = h[c0:c0 + per], qt[c0:c0 + per], kt[c0:c0 + per]
-        q = qq[:, None] * bm + torch.arange(bm)[None, :]  # [P, bm]
-        valid = q < M
-        q = q.clamp(max=M - 1)
-        hs = hh.clamp(max=Hs - 1)[:, None].expand_as(q)
-        lo, hi = s.lo[hs, q], s.hi[hs, q]  # [P, bm, R]
-        b = (kk * bn)[:, None, None]
-        e = torch.clamp(b + bn, max=N)
-        inside = (torch.minimum(hi, e) - torch.maximum(lo, b)).clamp(min=0) * valid[..., None]
-        counts[hh, qq, kk] = inside.sum((1, 2)).to(counts.dtype)
-    return counts, s.count()
-
-
-def tile_counts(pattern: ir.PatternIR, M: int, N: int, heads: int, grid, block: tuple[int, int]
-                ) -> tuple[Plan, torch.Tensor, torch.Tensor]:
-    """(plan, counts, rows): the plan of 1-D tiles `block`, the allowed pairs per tile int64
-    [1 or H, nq, nk] and per query row [1 or H, M], exact, without dense mask rows.
-
-    Full tiles count their size and empty tiles 0, from the plan; a per-axis product's
-    partial tiles come from ProductCounts and its rows from the 1-D masks' row counts;
-    otherwise the mask of each query tile's partial key tiles is evaluated, at most
-    COUNT_CHUNK elements at a time. Work O(tiles + partial tiles' pairs), memory O(nq * nk)."""
-    with _one_thread():
-        bm, bn = block
-        if is_product(pattern.body) and pattern.layout.axes and M == N:
-            try:  # the plan, counts and rows of a product from its per-axis factors, nothing evaluated
-                pc = ProductCounts(pattern, M, N, heads, grid, bm, bn)
-                counts = pc.counts(pattern.body)
-                masks = axis_masks(pattern, pc.view, pattern.body)
-                rows = torch.ones(1, M, dtype=torch.int64)
-                for a, m in zip(pattern.layout.axes, masks):
-                    rows = rows * m.sum(2)[:, pc.view.qc[a]]
-                if pc.view.qin is not None:
-                    rows = rows * pc.view.qin
-                return pc.plan(counts, bm, bn), counts, rows
-            except NotIntervals:
-                pass
-        plan = _plan_blocks(pattern, M, N, heads, grid, block)
-        nq, nk = plan.shape
-        qsz, ksz = tile_lengths(M, bm), tile_lengths(N, bn)
-        state = plan.to_dense()
-        if not pattern.layout.axes:
-            try:
-                return (plan, *_interval_tile_counts(pattern, M, N, heads, grid, state, qsz, ksz, block))
-            except NotIntervals:
-                pass
-        full = state == 2
-        partial = (state == 1).any(0)  # [nq, nk]: evaluated below for every head
-        del state
-        counts = _full_tile_counts(full, qsz, ksz, block)
-        # per query row, the keys of its tile row's full tiles (rows with partial tiles add theirs below)
-        per_tile_row = torch.zeros(full.shape[0], nq, dtype=torch.int64)
-        step = max(1, COUNT_CHUNK // max(1, nk))
-        for r0 in range(0, nq, step):
-            sure = full[:, r0:r0 + step] & ~partial[None, r0:r0 + step]
-            per_tile_row[:, r0:r0 + step] = (sure.to(torch.int64) * ksz).sum(-1)
-        rows = torch.repeat_interleave(per_tile_row, qsz, dim=1)  # [Hx, M]
-        del full, per_tile_row
-        kstart = torch.arange(nk) * bn
-        for qt in each(partial.any(1).nonzero().flatten().tolist(), "counting pairs in partial tiles", unit="tile row"):
-            q0 = qt * bm
-            queries = torch.arange(q0, q0 + int(qsz[qt]))
-            cols = partial[qt].nonzero().flatten()
-            per = max(1, COUNT_CHUNK // (heads * bm * bn))
-            for c0 in range(0, len(cols), per):
-                cc = cols[c0:c0 + per]
-                keys = torch.cat([torch.arange(int(kstart[c]), int(kstart[c]) + int(ksz[c])) for c in cc.tolist()])
-                local = torch.repeat_interleave(torch.arange(len(cc)), ksz[cc])
-                per_tile, per_row = evaluated_counts(pattern, M, N, heads, grid, queries, keys, local, len(cc))
-                if per_tile.shape[0] > counts.shape[0]:  # heads differ inside partial tiles: widen
-                    counts, rows = counts.expand(heads, -1, -1).clone(), rows.expand(heads, -1).clone()
-                counts[:, qt, cc] = per_tile.to(counts.dtype)
-                rows[:, q0:q0 + len(queries)] += per_row
-        return plan, counts, rows
 
 
 def _plan_nd(pattern, M, N, heads, grid, tq, tk) -> Plan:
@@ -367,7 +254,7 @@ def _plan_nd(pattern, M, N, heads, grid, tq, tk) -> Plan:
     if isinstance(pattern.body, (*ir.AXISWISE, ir.Along)):
         # (axes too long for nd_product) a product's box classes are exact; the interval sets count the pairs
         try:
-            s, _ = _interval_sets(pattern, M, N, heads, grid)
+            s, _ = query_interval_sets(pattern, M, N, heads, grid)
             allowed = int(s.count().sum()) * (heads // s.lo.shape[0])
         except NotIntervals:
             pass

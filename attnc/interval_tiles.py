@@ -3,7 +3,9 @@
 input:  a merged interval set (interval_sets.ISet) of whole query tiles and a tile shape.
 output: `classify_from_intervals`: dense bool (full, nonempty) maps [Hx, nq, nk];
         `sparse_tiles`: the sorted keys of the non-empty tiles, their full flags and the
-        allowed count, without a dense map (what `Plan.from_tiles` takes).
+        allowed count, without a dense map (what `Plan.from_tiles` takes);
+        `interval_tile_counts` / `counted_plan`: the allowed pairs of every tile (what `show`
+        draws), and the plan from them.
 does not: compute interval sets (intervals.py) or chunk the queries of a plan (analysis.py).
 """
 
@@ -14,7 +16,9 @@ import torch
 
 from .interval_sets import ISet
 from .limits import require
-from .tilestats import tile_lengths
+from .periodic import PSet, periodic_tiles
+from .plans import Plan
+from .tilestats import count_dtype, tile_lengths
 
 #: about the bytes a non-empty tile costs while a plan is built from sparse tiles: its key and flag,
 #: the sort orders and both tile lists (row and transposed) of `Plan.from_tiles`
@@ -146,3 +150,78 @@ def sparse_tiles(s: ISet, bm: int, bn: int) -> tuple[np.ndarray, np.ndarray, int
     pos = np.searchsorted(fkeys, keys).clip(max=max(len(fkeys) - 1, 0))
     full = fkeys[pos] == keys if len(fkeys) else np.zeros(len(keys), dtype=bool)
     return keys, full, allowed
+
+
+#: intervals (and dense tile-row entries) `interval_tile_counts` handles at once
+COUNT_CHUNK = 1 << 22
+
+
+def interval_tile_counts(s: ISet, M: int, bm: int, bn: int, dtype: torch.dtype) -> torch.Tensor:
+    """Allowed pairs per tile [Hx, nq, nk] (`dtype`) of the merged interval sets of all M
+    queries, no mask evaluated: a chunk of query tiles at a time, each interval adds its
+    pieces in its first and last key tile, and the whole key tiles between come from a
+    difference array along the tile row. Work O(M * R + nq * nk), memory O(chunk)."""
+    N = s.n
+    Hx, _, R = s.lo.shape
+    nq, nk = -(-M // bm), -(-N // bn)
+    out = torch.zeros(Hx, nq, nk, dtype=dtype)
+    width = nk + 1
+    c = max(1, min(COUNT_CHUNK // (bm * R), COUNT_CHUNK // (Hx * width)))
+    for t0 in range(0, nq, c):
+        t1 = min(nq, t0 + c)
+        lo, hi = s.lo[:, t0 * bm:min(M, t1 * bm)], s.hi[:, t0 * bm:min(M, t1 * bm)]
+        r = lo.shape[1]
+        # [Hx, r, R] at once; empty slots (n, n) add 0 (their indices stay inside the tile row)
+        row = ((torch.arange(Hx) * (t1 - t0))[:, None] + torch.arange(r)[None, :] // bm)[..., None] * width
+        real = lo < hi
+        ta, tb = lo // bn, (hi - 1) // bn
+        one = ta == tb
+        acc = torch.zeros(Hx * (t1 - t0) * width, dtype=torch.int64)
+        first = torch.where(one, hi - lo, (ta + 1) * bn - lo).mul_(real)
+        acc.index_add_(0, (row + ta).view(-1), first.view(-1))
+        acc.index_add_(0, (row + tb).view(-1), ((hi - tb * bn) * (real & ~one)).view(-1))
+        span = (real & (tb > ta + 1)).to(torch.int64)  # whole tiles ta + 1 .. tb - 1 (never the short last)
+        cover = torch.zeros_like(acc)
+        cover.index_add_(0, (row + torch.clamp(ta + 1, max=nk)).view(-1), span.view(-1))
+        cover.index_add_(0, (row + tb).view(-1), -span.view(-1))
+        cover = torch.cumsum(cover.view(Hx, t1 - t0, width), -1)
+        out[:, t0:t1] = (acc.view(Hx, t1 - t0, width) + cover * bn)[..., :nk].to(dtype)
+    return out
+
+
+def counted_plan(chunks, M: int, N: int, heads: int, block: tuple[int, int], name: str, progress=None):
+    """(plan, counts, rows) from `chunks`, (q0, end, merged sets of queries [q0, end)) over all
+    M queries in order (q0 at tile starts): every tile's allowed pairs (`interval_tile_counts`,
+    or residue arithmetic for periodic sets), int [Hx, nq, nk]; every row's, int64 [Hx, M]; and
+    the plan of the tiles with pairs, full where a tile's count is its size. Suits patterns
+    whose tiles are mostly partial (a stencil's); memory O(nq * nk) for the counts."""
+    bm, bn = block
+    nq, nk = -(-M // bm), -(-N // bn)
+    counts = rows = None
+    for q0, end, s in chunks:
+        if counts is None:
+            Hx = s.heads if isinstance(s, PSet) else s.lo.shape[0]
+            counts = torch.zeros(Hx, nq, nk, dtype=count_dtype(block))
+            rows = torch.zeros(Hx, M, dtype=torch.int64)
+        if isinstance(s, PSet):
+            keys, _, _, cnt = periodic_tiles(s, bm, bn)
+            keys = torch.from_numpy(keys)
+            cq = -(-(end - q0) // bm)  # chunk keys: (h * cq + local query tile) * nk + key tile
+            row, kt = keys // nk, keys % nk
+            counts[row // cq, q0 // bm + row % cq, kt] = torch.from_numpy(cnt).to(counts.dtype)
+        else:
+            c = interval_tile_counts(s, end - q0, bm, bn, counts.dtype)
+            counts[:, q0 // bm:q0 // bm + c.shape[1]] = c
+        rows[:, q0:end] = s.count()
+        if progress is not None:
+            progress(end - q0)
+    Hx = counts.shape[0]
+    flat = counts.numpy().reshape(-1)
+    keys = np.flatnonzero(flat)  # (h * nq + query tile) * nk + key tile, sorted
+    require(PLAN_BYTES_PER_TILE * len(keys), f"the tile plan of '{name}' at M = {M}, N = {N} with "
+            f"{bm}x{bn} tiles ({len(keys)} non-empty tiles)",
+            "a larger tile (block=(256, 256), --tile 256x256) or smaller sizes")
+    size = tile_lengths(M, bm).numpy()[(keys // nk) % nq] * tile_lengths(N, bn).numpy()[keys % nk]
+    plan = Plan.from_tiles(keys, flat[keys] == size, Hx, nq, nk, M=M, N=N, heads=heads, block=block,
+                           allowed=int(rows.sum()) * (heads // Hx), method="closed-form")
+    return plan, counts, rows

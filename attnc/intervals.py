@@ -290,12 +290,28 @@ class IntervalAnalysis(Evaluator):
         return self.grid_product(view, per_axis)
 
     def iv_Where(self, node, view):
-        """`where` conditions of the forms the periodic sets hold: `k % m OP c` (a slot of
-        period m), `q.a == k.a` (the query's coordinate on axis a: a grid product), and `and`,
-        `or`, `not` of them. Only with `periodic` (the tile boxes decide other conditions)."""
-        if not self.periodic:
+        """`where` conditions: with `periodic`, the forms the periodic sets hold (`k % m OP c`,
+        a slot of period m; `q.a == k.a`, a grid product; `and`, `or`, `not` of them); else
+        (and in either mode) conditions on per-axis differences (`stencil`). The tile boxes
+        decide other conditions."""
+        if self.periodic:
+            try:
+                return self._where(node.pred, view)
+            except NotIntervals:
+                pass
+        return self.stencil(node.pred, view)
+
+    def stencil(self, pred, view) -> ISet:
+        """A predicate of per-axis differences: one key interval per run of its allowed
+        differences ([Note: stencils] in stencils.py); the runs are found once per size."""
+        from .stencils import Stencil, is_stencil
+        if not is_stencil(pred, view.axes, lambda v: self.val(v, view.env)):
             raise NotIntervals("where")
-        return self._where(node.pred, view)
+        key = (pred, tuple(sorted((str(k), v) for k, v in view.env.items())))
+        cache = self.__dict__.setdefault("_stencils", {})
+        if key not in cache:
+            cache[key] = Stencil.of(pred, self, view)
+        return cache[key].iset(view)
 
     def _where(self, e, view):
         from . import periodic as P

@@ -19,9 +19,10 @@ PNG_CELLS = 1024
 
 
 def plan_tile_stats(pat, M: int, N: int, H: int, grid, block: tuple[int, int]) -> tuple[TileStats, torch.Tensor]:
-    """`tile_stats` from the plan (`analysis.tile_counts`), not from dense mask rows: work
+    """`tile_stats` from the plan (`pair_counts.tile_counts`), not from dense mask rows: work
     O(tiles + pairs inside partial tiles), memory O(tiles + M)."""
-    from .analysis import head_classes, tile_counts
+    from .analysis import head_classes
+    from .pair_counts import tile_counts
     from .errors import AttnError
 
     try:

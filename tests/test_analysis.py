@@ -131,7 +131,7 @@ def test_plan_memory_follows_the_non_empty_tiles():
 def test_plan_of_examples(name, params, M, N, H, grid, block):
     pat = attnc.load(EXAMPLES / f"{name}.attn").pattern(name, **params)
     plan = check_plan(pat, M, N, H, block, grid)
-    assert plan.method == ("tile-boxes" if name == "mmdit" else "closed-form")
+    assert plan.method == "closed-form"  # mmdit's disc too: a stencil (tests/test_stencils.py)
 
 
 GRID_LEAVES = ["causal", "full", "sink({b})", "global({{{b}, {a}}})", "neighborhood({n})",
@@ -168,7 +168,15 @@ def test_plan_matches_mask_on_grids(src, text, gh, gw, short, block):
         assert plan.method == "closed-form"
 
 
-def test_where_tiles_are_decided_by_interval_arithmetic():
+def test_where_tiles_are_decided_by_interval_arithmetic(monkeypatch):
+    # (these predicates are stencils, planned in closed form: tests/test_stencils.py; here the boxes)
+    from attnc.intervals import IntervalAnalysis
+    from attnc.interval_sets import NotIntervals
+
+    def declined(self, pred, view):
+        raise NotIntervals("stencils disabled: the tile boxes under test")
+
+    monkeypatch.setattr(IntervalAnalysis, "stencil", declined)
     # |q - k| over a tile box is bounded exactly, so only the tiles the band cuts are evaluated
     pat = attnc.loads("pattern p = where abs(q - k) <= 40 and k <= q + 3 * 7").pattern()
     plan = check_plan(pat, 700, 700, 1, (64, 64))

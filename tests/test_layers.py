@@ -40,8 +40,8 @@ LAYERS = (
     # from them, tile plans, products on grids, tile boxes, the plan drivers and per-tile counts,
     # formulas, dynamic routing, KV retention, pictures, the simulator and the
     # context-parallel sharding model
-    ("analysis", ("attnc.reference", "attnc.reference_where", "attnc.tilestats", "attnc.interval_sets", "attnc.intervals", "attnc.periodic", "attnc.interval_tiles", "attnc.plans",
-                  "attnc.products", "attnc.tileboxes", "attnc.analysis", "attnc.piecewise", "attnc.symbolic", "attnc.show",
+    ("analysis", ("attnc.reference", "attnc.reference_where", "attnc.tilestats", "attnc.interval_sets", "attnc.intervals", "attnc.stencils", "attnc.periodic", "attnc.interval_tiles", "attnc.plans",
+                  "attnc.products", "attnc.tileboxes", "attnc.analysis", "attnc.pair_counts", "attnc.piecewise", "attnc.symbolic", "attnc.show",
                   "attnc.dynamic", "attnc.retention", "attnc.simulate", "attnc.sharding")),
     # kernels from patterns: the expression IR, the lowered mask and its torch program, pointwise
     # lowering, the Triton printer, loop bounds (monotone expressions, ranges, their derivation, the

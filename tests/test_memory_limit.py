@@ -116,7 +116,7 @@ def test_seq_2_pow_60_layout(limit, files):
 def test_show(limit, files):
     rc, out, err = cli("show", str(files / "w.attn"), "--seq-len", "10000000")
     assert rc == 1 and not out.strip(), out
-    # show counts from the plan (analysis.tile_counts): the plan's first chunk is what refuses
+    # show counts from the plan (pair_counts.tile_counts): the plan's first chunk is what refuses
     assert "of the tile plan" in err and "ATTNC_MAX_BYTES" in err and "Traceback" not in err
     limit("8M")
     rc, out, err = cli("show", str(files / "w.attn"), "--seq-len", "200", "--block", "16")

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import attnc
-from attnc import analysis, interval_sets, intervals, periodic
+from attnc import analysis, interval_sets, intervals, pair_counts, periodic
 from conftest import EXAMPLES, tiles_from_mask
 
 CASES = [
@@ -89,7 +89,7 @@ def test_periodic_tile_counts_are_exact(slots_everywhere, monkeypatch, chunk):
     query rows (64: 32 chunks of two query tiles, the last one short)."""
     monkeypatch.setattr(analysis, "PLAN_CHUNK", chunk)
     pat = attnc.load(EXAMPLES / "sparse_transformer.attn").pattern("sparse_fixed", l=70, c=20)
-    plan, counts, rows = analysis.tile_counts(pat.ir, 1000, 1000, 2, None, (32, 48))
+    plan, counts, rows = pair_counts.tile_counts(pat.ir, 1000, 1000, 2, None, (32, 48))
     m = pat.mask(1000, heads=2).expand(2, -1, -1).long()
     pad = torch.zeros(2, 32 * 32, 21 * 48, dtype=torch.int64)
     pad[:, :1000, :1000] = m

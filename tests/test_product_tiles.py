@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import attnc
-from attnc import analysis, products
+from attnc import analysis, pair_counts, products
 from attnc.codegen.ndtiles import TileLayout
 from attnc.interval_sets import NotIntervals
 from attnc.plans import Plan
@@ -117,7 +117,7 @@ def test_1d_tile_counts_and_plans_of_products_on_grids(monkeypatch, pat, grid, b
     m = pat.mask(N, heads=H, grid=grid)
     for block in blocks:
         # show's per-tile counts and rows: from the per-axis factors, nothing evaluated
-        plan, counts, rows = analysis.tile_counts(pat.ir, N, N, H, grid, block)
+        plan, counts, rows = pair_counts.tile_counts(pat.ir, N, N, H, grid, block)
         assert torch.equal(counts.expand(H, -1, -1).long(), dense_counts(m, *block))
         assert torch.equal(rows.expand(H, -1), m.sum(-1))
         # the plan (ProductCounts first at few tiles) is the mask's and the closed form's

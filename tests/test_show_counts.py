@@ -1,4 +1,4 @@
-"""`attnc show`'s figures from the plan (analysis.tile_counts, show.plan_tile_stats) against the
+"""`attnc show`'s figures from the plan (pair_counts.tile_counts, show.plan_tile_stats) against the
 brute-force counts from dense mask rows (tilestats.tile_stats)."""
 
 import pytest
@@ -6,7 +6,7 @@ import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 import attnc
-from attnc import analysis
+from attnc import pair_counts
 from attnc.show import head_groups, plan_tile_stats, render_text
 from attnc.tilestats import tile_stats
 from test_analysis import grid_patterns, patterns
@@ -54,7 +54,7 @@ def test_plan_counts_are_the_mask_counts(src, M, H, grid, block):
 
 def test_plan_counts_evaluate_in_bounded_chunks(monkeypatch):
     # one key tile per evaluation: the chunking over a query tile's partial key tiles is exercised
-    monkeypatch.setattr(analysis, "COUNT_CHUNK", 1)
+    monkeypatch.setattr(pair_counts, "COUNT_CHUNK", 1)
     both("pattern p = where abs(q - k) <= 20 or k % 13 == 0", 120, 2, None, (16, 8))
 
 
@@ -96,12 +96,12 @@ def test_states_and_fractions_match_the_dense_mask():
 def test_one_dimensional_partial_tiles_are_counted_from_intervals(monkeypatch):
     """1-D patterns with interval sets count their partial tiles in closed form: no mask
     entry is evaluated (the evaluation path would be O(partial tiles x tile pairs))."""
-    from attnc import analysis, tileboxes
+    from attnc import tileboxes
 
     def boom(*a, **k):
         raise AssertionError("a mask was evaluated")
 
-    monkeypatch.setattr(analysis, "evaluated_counts", boom)
+    monkeypatch.setattr(pair_counts, "evaluated_counts", boom)
     monkeypatch.setattr(tileboxes, "evaluated_counts", boom)
     for src, H in (("pattern p = sliding(37) | (sink(3) & causal)", 2),
                    ("pattern p = heads { 0 => band(5, 9); _ => causal - sliding(20) }", 3)):
