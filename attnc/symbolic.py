@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import sympy
 
-from . import ir, ir_text, semantics
+from . import ir, semantics
 from .lru import memoize
 from .piecewise import PL, NoFormula, Order, Q, combine, extremum, sum_over_q
 
@@ -137,7 +137,8 @@ class FormulaBuilder:
             return semantics.combine(node, self.build, self.algebra)
         m = getattr(self, "b_" + type(node).__name__.rstrip("_"), None)
         if m is None:
-            raise NoFormula(f"{ir_text.pformat(node).split('(')[0]} has no closed-form count")
+            name = type(node).__name__.rstrip("_").lower()
+            raise NoFormula(f"{'`@` (along an axis)' if name == 'along' else name} has no closed-form count")
         return m(node)
 
     def iv(self, lo, hi) -> SetExpr:

@@ -414,7 +414,9 @@ def test_formula_validity_is_stated_and_checked():
     from attnc.piecewise import NoFormula
     for src, why in [("pattern p = block(8)", "block has no closed-form count"),
                      ("pattern p on grid(h, w) = neighborhood(3)", "grid layouts"),
-                     ("pattern p = neighborhood(5, stride = 2)", "dilated or strided")]:
+                     ("pattern p = neighborhood(5, stride = 2)", "dilated or strided"),
+                     ("pattern p = where q - k < 3", "^where has no closed-form count$"),  # named, not ''
+                     ("pattern p = random(3)", "^random has no closed-form count$")]:
         with pytest.raises(NoFormula, match=why):
             attnc.loads(src).pattern().formula()
 
