@@ -23,12 +23,13 @@ allowed for any of many later query positions, on every example and on random pa
 
 from __future__ import annotations
 
-import operator
+import dataclasses
+import functools
 
 import torch
 
 from . import ir, ir_text, semantics
-from .reference import Evaluator, View, top_view
+from .reference import MASKS, Evaluator, View, top_view
 
 
 def retention(pattern: ir.PatternIR, L: int, heads: int = 1) -> torch.Tensor:
@@ -65,12 +66,16 @@ class _Retention:
         if semantics.is_combinator(node):
             # a complement keeps every key: what `b` excludes from `a - b` is kept too (an
             # over-approximation: eviction must never drop a key some query reads)
-            return semantics.combine(node, self.need, semantics.Algebra(
-                union=semantics.folding(operator.or_), intersect=semantics.folding(operator.and_),
-                everything=self.all))
+            return semantics.combine(node, self.need, self.algebra)
         if isinstance(node, ir.Heads):
             return self._heads(node.arms)
         return self.all()  # random, where, structural: keep everything
+
+    @functools.cached_property
+    def algebra(self) -> semantics.Algebra:
+        """Kept keys as sets: the dense masks' union and intersection (`reference.MASKS`), and
+        every key for any complement, so the complemented operand is never evaluated."""
+        return dataclasses.replace(MASKS, complement=None, everything=self.all)
 
     def keys_needed(self, parts: tuple[semantics.Keys, ...]) -> torch.Tensor:
         """The cached keys some future query p >= L reads through a primitive's progressions

@@ -26,6 +26,7 @@ parameters (`n <= w`).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import sympy
@@ -216,7 +217,7 @@ class FormulaBuilder:
             return [(s.start, s.stop)]
         return [(i, i + 1) for i in s.items]
 
-    @property
+    @functools.cached_property
     def algebra(self) -> semantics.Algebra:
         """Set expressions as sets for the boolean combinators ([Note: combinators] in
         semantics.py): unions and complements stay symbolic, intersections are counted."""

@@ -22,6 +22,7 @@ level disappears, for instance).
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 
@@ -100,11 +101,15 @@ class _Lower(Evaluator):
             pred = predicates.predicate(parts)
             return Const(False) if pred is None else self.pos(pred, view)[0]
         if semantics.is_combinator(node):
-            b = self.b
-            return semantics.combine(node, lambda n: self.eval(n, view),
-                                     semantics.Algebra(union=lambda xs: b.or_(*xs), intersect=lambda xs: b.and_(*xs),
-                                                       complement=b.not_))
+            return semantics.combine(node, lambda n: self.eval(n, view), self.algebra)
         return getattr(self, "lw_" + type(node).__name__.rstrip("_"))(node, view)
+
+    @functools.cached_property
+    def algebra(self) -> semantics.Algebra:
+        """Kernel predicates as sets for the boolean combinators ([Note: combinators] in
+        semantics.py): or / and / not of the printed expression."""
+        b = self.b
+        return semantics.Algebra(union=lambda xs: b.or_(*xs), intersect=lambda xs: b.and_(*xs), complement=b.not_)
 
     # -- views
     def axis_view(self, view: PView, axis: str) -> PView:  # type: ignore[override]

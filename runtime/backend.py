@@ -83,16 +83,18 @@ class Call:
         """The tile plan (plans.Plan) of this call's sizes with tiles `block` (1-D, or N-D in
         the grid's tile order, as `pat.plan` gives it), for one batch element's `inputs` when
         the pattern has run-time inputs: the pipeline's plan pass."""
-        ir_ = self.pattern.ir
-        return pipeline.plan(ir_, self.shape.with_tiles(ir_, block), self.pattern.program.sources, inputs,
-                             padded=False)
+        return self._planned(block, inputs, padded=False)
 
     def kernel_plan(self, block, inputs: dict | None = None):
         """`plan` as the kernels and the torch path run it: with N-D tiles `block`, in the
         padded tile-major order of their layout (`ndtiles.TileLayout.kernel_plan`); with
         1-D tiles the same plan."""
+        return self._planned(block, inputs, padded=True)
+
+    def _planned(self, block, inputs: dict | None, padded: bool):
         ir_ = self.pattern.ir
-        return pipeline.plan(ir_, self.shape.with_tiles(ir_, block), self.pattern.program.sources, inputs)
+        return pipeline.plan(ir_, self.shape.with_tiles(ir_, block), self.pattern.program.sources, inputs,
+                             padded=padded)
 
     def lowered(self, block=None, inputs: dict | None = None):
         """The mask as one pointwise expression (codegen/lowered.Lowered) at this call's
