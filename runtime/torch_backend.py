@@ -2,15 +2,15 @@
 
 input:  a validated `Call`, q / k / v (and for backward out, lse, dout, dlse).
 output: out, lse (forward); dq, dk, dv (backward), per the `Backend` contract.
-does not: validate tensors (ops.py), choose tiles (tile_choice.py), build its gather
-        tables (schedules.py, [Note: schedule]), or decide masks itself: every mask bit of
+does not: validate tensors (ops.py), choose tiles (tile_choice.py), build its key ranges
+        (key_ranges.py, [Note: schedule]), or decide masks itself: every mask bit of
         a partial tile comes from `schedules.partial_tile_masks`, the one place masks come from.
 
-[Note: backward] Nothing of size N^2 is saved: backward regathers the same
-tiles, recomputes P = exp(S - lse) from the saved lse, and with
+[Note: backward] Nothing of size N^2 is saved: backward reads the same key ranges,
+recomputes P = exp(S - lse) from the saved lse, and with
 delta = rowsum(dout * out) - dlse forms dS = P * (dout @ v^T - delta);
-dq of a unit is written once, dk / dv of the gathered tiles are added back with
-one index_add_ per group (deterministic on CPU).
+dq of a unit is written once; dk / dv of a group are added back with one add into
+its key block when the chunk shares one, else one index_add_ (deterministic on CPU).
 """
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ from attnc import ir
 from attnc.lru import LRU, memoize
 
 from .backend import Backend, Call
-from .schedules import Chunk, Group, Schedule, inputs_digest, schedules
+from .key_ranges import Chunk, Group, Schedule
+from .schedules import inputs_digest, schedules
 from .tile_choice import CONFIG, TorchPathConfig
 
 
@@ -32,6 +33,7 @@ from .tile_choice import CONFIG, TorchPathConfig
 
 
 _LOG2E = 1.4426950408889634
+_LN2 = 0.6931471805599453
 
 
 def _exp_(t: torch.Tensor) -> torch.Tensor:
@@ -50,11 +52,10 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 class _Views:
-    """q / k / v padded to whole tiles, as flat tile-major tensors [tiles, rows, D].
-
-    Gathers and scatters are index_select / index_copy_ / index_add_ along
-    dim 0 of those (contiguous row copies, the fast kernels), with flat
-    indices = a per-(batch, head group) base + the schedule's tile index.
+    """q / k / v padded to whole tiles. Queries move as tiles ([tiles, bm, D] views,
+    index_select / index_copy_ along dim 0); keys as the groups' key ranges: strided views
+    of the padded k / v when the group's starts step evenly, else gathered rows
+    ([Note: schedule] in runtime/key_ranges.py).
     """
 
     def __init__(self, sched: Schedule, call: Call, q, k, v, acc):
@@ -62,7 +63,7 @@ class _Views:
         B, Hq, Hkv = q.shape[0], call.Hq, call.Hkv
         G = Hq // Hkv
         dev = q.device
-        self.B, self.acc = B, acc
+        self.B, self.Hkv, self.acc = B, Hkv, acc
         self.X = Hkv if sched.shared else 1
         self.Gu = G if sched.shared else 1
         self.bm, self.bn = bm, bn
@@ -70,14 +71,14 @@ class _Views:
         self.q = _pad(q, self.Mp).to(acc)
         self.k = _pad(k, self.Np).to(acc)
         self.v = _pad(v, self.Np).to(acc)
-        # tiles of one (batch, head group): shared -> per (b, x, g) nq query tiles
-        # and per (b, x) nk key tiles; per-head -> all Hq*nq / Hkv*nk tiles of b
+        # query tiles of one (batch, head group): shared -> per (b, x, g) nq tiles; per-head ->
+        # all Hq * nq tiles of b. Key rows: Hkv * Np per batch element, Np per key/value head.
         if sched.shared:
             self.q_base = (torch.arange(B * self.X * self.Gu, device=dev) * sched.nq).view(B, self.X, 1, self.Gu)
-            self.k_base = (torch.arange(B * self.X, device=dev) * sched.nk).view(B, self.X, 1)
+            self.k_base = (torch.arange(B * self.X, device=dev) * self.Np).view(B, self.X, 1, 1)
         else:
             self.q_base = (torch.arange(B, device=dev) * Hq * sched.nq).view(B, 1, 1, 1)
-            self.k_base = (torch.arange(B, device=dev) * Hkv * sched.nk).view(B, 1, 1)
+            self.k_base = (torch.arange(B, device=dev) * Hkv * self.Np).view(B, 1, 1, 1)
 
     def flat(self, t: torch.Tensor, rows: int) -> torch.Tensor:
         """[B, H, L, D] (contiguous, L a multiple of rows) -> a view [tiles, rows, D]."""
@@ -93,14 +94,64 @@ class _Views:
     def scatter_q(self, tq: torch.Tensor, qi: torch.Tensor, val: torch.Tensor) -> None:
         tq.index_copy_(0, qi, val.reshape(-1, self.bm, val.shape[-1]).to(tq.dtype))
 
-    def kv_index(self, group: Group) -> torch.Tensor:
-        return (self.k_base + group.kv.view(1, 1, -1)).reshape(-1)  # order (b, x, c * s)
+    def key_rows(self, group: Group) -> torch.Tensor:
+        """The group's key rows in the flat [B * Hkv * Np, D] keys, order (b, x, c, column)."""
+        local = group.rows if group.rows is not None else group.starts[:, None] + torch.arange(
+            group.length, device=group.starts.device)
+        return (self.k_base + local.view(1, 1, -1, group.length)).reshape(-1)
 
-    def gather_kv(self, tk: torch.Tensor, ki: torch.Tensor, group: Group, c: int) -> torch.Tensor:
-        return tk.index_select(0, ki).view(self.B, self.X, c, group.slots * self.bn, tk.shape[-1])
+    def keys(self, t: torch.Tensor, group: Group) -> torch.Tensor:
+        """The group's keys of padded `t` (k or v, [B, Hkv, Np, D] contiguous): [B, X, c, L, D],
+        a strided view when the group's starts step evenly, else a gathered copy."""
+        c, L, D = group.starts.numel(), group.length, t.shape[-1]
+        if group.view:
+            return t.as_strided((self.B, self.X, c, L, D), (self.Hkv * self.Np * D, self.Np * D, group.step * D, D, 1),
+                                t.storage_offset() + group.start * D)
+        return t.view(-1, D).index_select(0, self.key_rows(group)).view(self.B, self.X, c, L, D)
 
-    def add_kv(self, tk: torch.Tensor, ki: torch.Tensor, val: torch.Tensor) -> None:
-        tk.index_add_(0, ki, val.reshape(-1, self.bn, val.shape[-1]))
+    def add_keys(self, t: torch.Tensor, group: Group, a: torch.Tensor, b: torch.Tensor, scale: float = 1.0) -> None:
+        """Add scale * a^T @ b per unit (a: [B, X, c, R, L], b: [B, X, c, R, D]: the gradient of
+        the group's keys) into padded `t` ([B, Hkv, Np, D])."""
+        B, X, c, R, L = a.shape
+        D = t.shape[-1]
+        if group.view and group.step == 0:  # one key block for the whole chunk: one matmul, one add
+            val = _bmm(a.reshape(B, X, c * R, L).transpose(-1, -2), b.reshape(B, X, c * R, D))
+            view = t.as_strided((B, X, L, D), (self.Hkv * self.Np * D, self.Np * D, D, 1),
+                                t.storage_offset() + group.start * D)
+            view.add_(val, alpha=scale)
+            return
+        val = _bmm(a.transpose(-1, -2), b)
+        t.view(-1, D).index_add_(0, self.key_rows(group), val.reshape(-1, D), alpha=scale)
+
+
+def _matmul(a: torch.Tensor, b: torch.Tensor, group: Group) -> torch.Tensor:
+    """a @ b over [B, X, c] for a group's key block `b` (or its transpose), without copying
+    a strided view: one key block for the chunk (step 0) is one matmul of all its rows;
+    evenly stepped blocks run one batched matmul per (batch, head group)."""
+    B, X, c, R, _ = a.shape
+    if not group.view or B * X == 1:
+        return _bmm(a, b)
+    if group.step == 0:
+        return _bmm(a.reshape(B, X, c * R, a.shape[-1]), b[:, :, 0]).view(B, X, c, R, b.shape[-1])
+    out = a.new_empty(B, X, c, R, b.shape[-1])
+    for i in range(B):
+        for j in range(X):
+            torch.bmm(a[i, j], b[i, j], out=out[i, j])
+    return out
+
+
+def _bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b over equal leading dimensions, as one torch.bmm on 3-D views. [Note: bmm] On
+    CPU, torch.matmul of 4-D / 5-D operands with a transposed second operand ran at half
+    the speed of torch.bmm on the same memory (43 vs 92 GFLOP/s for [512, 64] @ [64, 2048],
+    torch 2.13, this project's machine)."""
+    lead = a.shape[:-2]
+    out = torch.bmm(a.reshape(-1, *a.shape[-2:]), b.reshape(-1, *b.shape[-2:]))
+    return out.view(*lead, *out.shape[-2:])
+
+
+def _keys_t(kc: torch.Tensor) -> torch.Tensor:
+    return kc.transpose(-1, -2)
 
 
 def _pad(t: torch.Tensor, length: int) -> torch.Tensor:
@@ -112,20 +163,25 @@ def _pad(t: torch.Tensor, length: int) -> torch.Tensor:
 
 def _scores(qc, kc, group: Group, Gu: int, bm: int, score=None) -> torch.Tensor:
     """q_chunk @ k_chunk^T (then the score term `score(s)`, if any) with the group's
-    partial-tile masks applied (-inf)."""
-    s = torch.matmul(qc, kc.transpose(-1, -2))  # [B, X, c, G'bm, s*bn]
+    masked columns applied (-inf)."""
+    s = _matmul(qc, _keys_t(kc), group)  # [B, X, c, G'bm, L]
     if score is not None:
         s = score(s)
-    return _mask_(s, group, Gu, bm)
+    return _mask_(s, group, Gu, bm, fill=score is not None)
 
 
-def _mask_(s, group: Group, Gu: int, bm: int) -> torch.Tensor:
-    """`s` with the group's partial-tile masks applied in place (-inf)."""
-    if group.mask is not None:
+def _mask_(s, group: Group, Gu: int, bm: int, fill: bool = False) -> torch.Tensor:
+    """`s` with the group's masked columns set to -inf in place: by adding the -inf bias to
+    dot products (finite), by masked_fill_ after a score term (it may be NaN or inf on a
+    masked pair, e.g. (q - k) ** 0.5 above the diagonal)."""
+    if group.masks:
         B, X, c, R, K = s.shape
-        cut = group.n_full * (K // group.slots)
-        sv = s.view(B, X, c, Gu, bm, K)[..., cut:]
-        sv.masked_fill_(~group.mask[:, :, :, :], float("-inf"))
+        sv = s.view(B, X, c, Gu, bm, K)
+        for c0, c1, blocked, bias in group.masks:
+            if fill:
+                sv[..., c0:c1].masked_fill_(blocked, float("-inf"))
+            else:
+                sv[..., c0:c1].add_(bias.to(s.dtype))
     return s
 
 
@@ -134,20 +190,16 @@ def _mask_(s, group: Group, Gu: int, bm: int) -> torch.Tensor:
 
 def _pairs(call: Call, sched: Schedule, chunk: Chunk, group: Group, Gu: int, X: int, device):
     """Query rows, keys and heads of a group's scores, shaped to broadcast with them
-    viewed as [B, X, c, G', bm, s * bn]. Rows and keys run past M and N in padded tiles:
-    clamp them before evaluating the term (`_clamped`), compare them to keep pairs."""
-    bm, bn = sched.block
+    viewed as [B, X, c, G', bm, L]. Rows and keys run past M and N in padded tiles and
+    masked columns: clamp them before evaluating the term (`_clamped`), compare them to keep pairs."""
+    bm = sched.block[0]
     c = chunk.q.numel()
     qt = chunk.q.to(device)
     qg = qt % sched.nq
-    kv = group.kv.to(device).view(c, group.slots)
-    kt = kv % sched.nk
     if sched.q_tiles is not None:  # a restricted schedule: global positions ([Note: restricted schedules])
-        kx = kv // sched.nk if sched.k_tiles.shape[0] > 1 else 0
-        qg, kt = sched.q_tiles.to(device)[qg], sched.k_tiles.to(device)[kx, kt]
+        qg = sched.q_tiles.to(device)[qg]
     rows = (qg[:, None] * bm + torch.arange(bm, device=device)).view(1, 1, c, 1, bm, 1)
-    keys = (kt[:, :, None] * bn + torch.arange(bn, device=device)).reshape(c, group.slots * bn)
-    keys = keys.view(1, 1, c, 1, 1, group.slots * bn)
+    keys = (group.keys.to(device)[:, None] + torch.arange(group.length, device=device)).view(1, 1, c, 1, 1, -1)
     if sched.shared:
         G = call.Hq // call.Hkv
         heads = (torch.arange(X, device=device)[:, None] * G + torch.arange(Gu, device=device)).view(1, X, 1, Gu, 1, 1)
@@ -232,19 +284,15 @@ def _check_tables(call: Call, fn) -> bool:
     for _, sched in schedules(call):
         X = call.Hkv if sched.shared else 1
         Gu = call.Hq // call.Hkv if sched.shared else 1
-        bm, bn = sched.block
+        bm = sched.block[0]
         for chunk in sched.chunks:
             c = chunk.q.numel()
             for group in chunk.groups:
                 rows, keys, heads = _pairs(call, sched, chunk, group, Gu, X, torch.device("cpu"))
-                K = group.slots * bn
                 ok = (rows < call.M) & (keys < call.N)
                 rows, keys = _clamped(call, rows, keys)
-                if group.mask is not None:
-                    cut = group.n_full * bn
-                    part = torch.ones(1, 1, c, 1, bm, K, dtype=torch.bool)
-                    part[..., cut:] = group.mask.view(c, 1, bm, K - cut)[None, None]
-                    ok = ok & part
+                if group.masks:
+                    ok = ok & group.allowed(c, bm).view(1, 1, c, 1, bm, group.length)
                 for read, j, vals in fn.index_values(rows, keys, heads):
                     if not isinstance(vals, torch.Tensor):
                         vmin = vmax = int(vals)
@@ -310,38 +358,41 @@ def run_forward(sched: Schedule, call: Call, q, k, v, acc=None):
     sched = _on_device(sched, q.device)
     w = _Views(sched, call, q, k, v, acc)
     tq = w.flat(w.q, w.bm)
-    tk, tv = w.flat(w.k, w.bn), w.flat(w.v, w.bn)
     out_p = torch.zeros(w.B, call.Hq, w.Mp, v.shape[-1], dtype=acc, device=q.device)
     lse_p = torch.full((w.B, call.Hq, w.Mp, 1), float("-inf"), dtype=acc, device=q.device)
     tout, tlse = w.flat(out_p, w.bm), w.flat(lse_p, w.bm)
     tables = call.score_tables(acc, q.device)
+    # [Note: base 2] without a score term, scores are kept in base 2 (q scaled by scale * log2 e):
+    # exp2 of (s - max) needs no multiply per score, and lse = (max + log2 l) * ln 2
+    log2 = call.score is None
+    unit = _LOG2E if log2 else 1.0
     for chunk in sched.chunks:
         c = chunk.q.numel()
         qi = w.q_index(chunk)
-        qc = w.gather_q(tq, qi, c).mul_(call.scale)
+        qc = w.gather_q(tq, qi, c).mul_(call.scale * unit)
         m_i = l_i = o_i = None
         for group in chunk.groups:
-            ki = w.kv_index(group)
             step = _score_step(call, sched, chunk, group, w, tables)
-            s = _scores(qc, w.gather_kv(tk, ki, group, c), group, w.Gu, w.bm, None if step is None else step.apply)
-            vc = w.gather_kv(tv, ki, group, c)
+            s = _scores(qc, w.keys(w.k, group), group, w.Gu, w.bm, None if step is None else step.apply)
+            vc = w.keys(w.v, group)
             m_new = s.amax(-1, keepdim=True)
             if m_i is not None:
                 m_new = torch.maximum(m_new, m_i)
             # [Note: empty rows] a row with nothing allowed so far has max -inf; use 0 there
             m_safe = m_new.masked_fill(torch.isinf(m_new), 0.0)
-            p = _exp_(s.sub_(m_safe))
+            p = s.sub_(m_safe).exp2_() if log2 else _exp_(s.sub_(m_safe))
             if m_i is None:
                 l_i = p.sum(-1, keepdim=True)
-                o_i = torch.matmul(p, vc)
+                o_i = _matmul(p, vc, group)
             else:
-                alpha = torch.exp(m_i - m_safe)
+                alpha = torch.exp2(m_i - m_safe) if log2 else torch.exp(m_i - m_safe)
                 l_i = l_i.mul_(alpha).add_(p.sum(-1, keepdim=True))
-                o_i = o_i.mul_(alpha).add_(torch.matmul(p, vc))
+                o_i = o_i.mul_(alpha).add_(_matmul(p, vc, group))
             m_i = m_safe
         empty = l_i == 0
         o_i = o_i.div_(l_i.masked_fill(empty, 1.0))
-        lse_c = (m_i + torch.log(l_i)).masked_fill_(empty, float("-inf"))
+        lse_c = (m_i + torch.log2(l_i)).mul_(_LN2) if log2 else m_i + torch.log(l_i)
+        lse_c = lse_c.masked_fill_(empty, float("-inf"))
         w.scatter_q(tout, qi, o_i)
         w.scatter_q(tlse, qi, lse_c)
     M = q.shape[2]  # call.M, or a rank's rows under a restricted schedule
@@ -379,35 +430,35 @@ def run_backward(sched: Schedule, call: Call, q, k, v, out, lse, dout, dlse, tab
     delta = (dout.to(acc) * out.to(acc)).sum(-1)
     if dlse is not None:
         delta = delta - dlse.to(acc)
-    lse_safe = lse.to(acc).masked_fill(torch.isinf(lse), 0.0)
+    log2 = call.score is None  # [Note: base 2]
+    unit = _LOG2E if log2 else 1.0
+    lse_safe = lse.to(acc).masked_fill(torch.isinf(lse), 0.0) * unit
     row = _pad(torch.stack([lse_safe, delta], -1), w.Mp)  # [B, Hq, Mp, 2]
     do_p = _pad(dout, w.Mp).to(acc)
     tq, tdo, trow = w.flat(w.q, w.bm), w.flat(do_p, w.bm), w.flat(row, w.bm)
-    tk, tv = w.flat(w.k, w.bn), w.flat(w.v, w.bn)
     dq_p = torch.zeros_like(w.q)
     dk_p, dv_p = torch.zeros_like(w.k), torch.zeros_like(w.v)
-    tdq, tdk, tdv = w.flat(dq_p, w.bm), w.flat(dk_p, w.bn), w.flat(dv_p, w.bn)
+    tdq = w.flat(dq_p, w.bm)
     for chunk in sched.chunks:
         c = chunk.q.numel()
         qi = w.q_index(chunk)
         qc = w.gather_q(tq, qi, c)
-        qs = qc * call.scale
+        qs = qc * (call.scale * unit)
         doc = w.gather_q(tdo, qi, c)
         rc = w.gather_q(trow, qi, c)
         lse_c, delta_c = rc[..., :1], rc[..., 1:]
         dqc = torch.zeros_like(qc)
         for group in chunk.groups:
-            ki = w.kv_index(group)
-            kc, vc = w.gather_kv(tk, ki, group, c), w.gather_kv(tv, ki, group, c)
+            kc, vc = w.keys(w.k, group), w.keys(w.v, group)
             step = _score_step(call, sched, chunk, group, w, tables)
             if step is None:
-                p = _exp_(_scores(qs, kc, group, w.Gu, w.bm).sub_(lse_c))
-                ds = torch.matmul(doc, vc.transpose(-1, -2)).sub_(delta_c).mul_(p)
+                p = _scores(qs, kc, group, w.Gu, w.bm).sub_(lse_c).exp2_()
+                ds = _matmul(doc, _keys_t(vc), group).sub_(delta_c).mul_(p)
             else:
                 p, ds = _score_backward(step, qs, kc, vc, doc, lse_c, delta_c, group, w, dtables)
-            dqc += torch.matmul(ds, kc)
-            w.add_kv(tdk, ki, torch.matmul(ds.transpose(-1, -2), qc).mul_(call.scale))
-            w.add_kv(tdv, ki, torch.matmul(p.transpose(-1, -2), doc))
+            dqc += _matmul(ds, kc, group)
+            w.add_keys(dk_p, group, ds, qc, call.scale)
+            w.add_keys(dv_p, group, p, doc)
         w.scatter_q(tdq, qi, dqc.mul_(call.scale))
     M, N = q.shape[2], k.shape[2]  # call.M and call.N, or a rank's rows and keys (restricted schedules)
     return dq_p[:, :, :M].to(q.dtype), dk_p[:, :, :N].to(k.dtype), dv_p[:, :, :N].to(v.dtype)
@@ -416,10 +467,10 @@ def run_backward(sched: Schedule, call: Call, q, k, v, out, lse, dout, dlse, tab
 def _score_backward(step, qs, kc, vc, doc, lse_c, delta_c, group, w, dtables):
     """(P, the gradient with respect to the raw scores `qs @ kc^T` through the score term),
     adding the tables' gradients to `dtables` (codegen/score.ScoreFn.backward)."""
-    raw = torch.matmul(qs, kc.transpose(-1, -2))
+    raw = _matmul(qs, _keys_t(kc), group)
     s = step.apply(raw.clone())
-    p = _exp_(_mask_(s, group, w.Gu, w.bm).sub_(lse_c))
-    ds = torch.matmul(doc, vc.transpose(-1, -2)).sub_(delta_c).mul_(p)  # d loss / d score term
+    p = _exp_(_mask_(s, group, w.Gu, w.bm, fill=True).sub_(lse_c))
+    ds = _matmul(doc, _keys_t(vc), group).sub_(delta_c).mul_(p)  # d loss / d score term
     return p, step.backward(raw, ds, dtables)
 
 
@@ -428,9 +479,13 @@ def _on_device(sched: Schedule, device: torch.device) -> Schedule:
     """The schedule's tables on `device` (kept while the schedule is in use)."""
     if device.type == "cpu":
         return sched
-    chunks = tuple(Chunk(q=ch.q.to(device), groups=tuple(
-        Group(kv=g.kv.to(device), slots=g.slots, n_full=g.n_full, mask=None if g.mask is None else g.mask.to(device))
-        for g in ch.groups)) for ch in sched.chunks)
+
+    def group(g: Group) -> Group:
+        return dataclasses.replace(g, starts=g.starts.to(device), keys=g.keys.to(device),
+                                   masks=tuple((c0, c1, m.to(device), b.to(device)) for c0, c1, m, b in g.masks),
+                                   rows=None if g.rows is None else g.rows.to(device))
+
+    chunks = tuple(Chunk(q=ch.q.to(device), groups=tuple(group(g) for g in ch.groups)) for ch in sched.chunks)
     return dataclasses.replace(sched, chunks=chunks)
 
 

@@ -57,7 +57,7 @@ LAYERS = (
                  "attnc.codegen.pipeline")),
     # the attention ops and their backends (they run what codegen generates)
     ("runtime", ("attnc.runtime", "attnc.runtime.registry", "attnc.runtime.validate", "attnc.runtime.backend",
-                 "attnc.runtime.dense", "attnc.runtime.tile_choice", "attnc.runtime.schedules",
+                 "attnc.runtime.dense", "attnc.runtime.tile_choice", "attnc.runtime.key_ranges", "attnc.runtime.schedules",
                  "attnc.runtime.torch_backend", "attnc.runtime.triton_backend",
                  "attnc.runtime.flex", "attnc.runtime.ops", "attnc.runtime.decode", "attnc.runtime.distributed")),
     # what users call: loading programs, bound patterns, the nn layers and the Hugging Face adapter,

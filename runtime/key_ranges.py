@@ -1,0 +1,291 @@
+"""The torch path's schedule: a tile plan turned into key ranges, read as strided views.
+
+input:  a tile plan, the mask bits of its partial tiles (schedules.partial_tile_masks), the
+        call's sizes and the torch path's `TorchPathConfig`.
+output: a `Schedule` (`build_schedule`), or one cut down to some tiles (`restrict`).
+does not: plan, compute mask bits, cache (schedules.py) or compute attention (torch_backend.py).
+
+[Note: schedule] Work is split into *units*: a unit is one query tile and the heads that
+share its key tiles -- every query head of every key/value head when all heads have one
+plan (shared; GQA heads of one key/value head then share one key block), one head
+otherwise. A unit's visited key tiles, in key order, form runs of consecutive tiles; each
+run is one *key range* of tokens, trimmed at both ends to the first and last column any
+row allows (a 4-token sink reads 4 keys, not a 64-key tile), and cut into pieces of at
+most `max_group_keys` keys, counted from the range's start.
+
+Units are sorted by their pieces' lengths and cut into chunks of alike units; piece j of
+every unit of a chunk is one `Group`, widened to the chunk's longest (the extra columns
+are masked). A group's keys are rows [start, start + length) of the padded k / v per
+unit. When those starts step evenly across the chunk (a sliding window: one tile per
+unit; a causal prefix: the same start), the key block is a strided *view* of k / v --
+nothing is copied -- and with one start it is one matrix shared by the chunk, so the
+chunk's queries form one large matmul. Other groups are gathered. Only the columns some
+row masks carry mask bits (`Group.masks`, spans of columns): a window's two triangular
+ends, a causal diagonal; bits equal for every unit are kept once and broadcast.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from attnc.plans import Plan
+
+from .backend import Call
+from .tile_choice import CONFIG, TorchPathConfig
+
+#: column spans of a group closer than this are masked as one span (a masked_fill over a
+#: few allowed columns costs less than one more call)
+SPAN_GAP = 32
+
+
+@dataclass(frozen=True)
+class Group:
+    """Piece j of every unit of a chunk: `length` keys per unit (see [Note: schedule])."""
+
+    starts: torch.Tensor  # int64 [c]: first key row per unit in its head's padded rows, + kv head * Np (per-head)
+    start: int  # starts[0]
+    length: int
+    #: starts[u] == start + u * step for every u (step >= 0): the keys are a strided view of
+    #: k / v; None: they are gathered (`rows` when given, else starts + arange(length))
+    step: int | None
+    keys: torch.Tensor  # int64 [c]: the key position of column 0 per unit (score terms)
+    #: ((col0, col1, blocked: bool [c or 1, 1, bm, col1 - col0], bias), ...): columns a row may
+    #: not attend, and the same as a float32 bias (-inf where blocked, else 0: adding it is
+    #: ~8x faster than masked_fill_ on CPU); every column outside the spans is allowed on every row
+    masks: tuple
+    rows: torch.Tensor | None = None  # int64 [c, length]: explicit key rows (restricted schedules)
+
+    @property
+    def view(self) -> bool:
+        return self.rows is None and self.step is not None
+
+    def allowed(self, c: int, bm: int) -> torch.Tensor:
+        """bool [c, 1, bm, length]: which (row, column) pairs the group computes."""
+        out = torch.ones(c, 1, bm, self.length, dtype=torch.bool, device=self.starts.device)
+        for c0, c1, blocked, _ in self.masks:
+            out[..., c0:c1] = ~blocked
+        return out
+
+
+@dataclass(frozen=True)
+class Chunk:
+    q: torch.Tensor  # int64 [c] flat query-tile index per unit
+    groups: tuple[Group, ...]
+
+
+@dataclass(frozen=True, eq=False)
+class Schedule:
+    """A plan as key ranges for the torch path (see [Note: schedule])."""
+
+    block: tuple[int, int]
+    shared: bool  # one plan for every head: a unit holds every head (X = Hkv, G' = Hq // Hkv)
+    nq: int
+    nk: int
+    chunks: tuple[Chunk, ...]
+    #: a restricted schedule ([Note: restricted schedules]): the global tile index of each local
+    #: query / key tile; None: local tile i is global tile i
+    q_tiles: torch.Tensor | None = None
+    k_tiles: torch.Tensor | None = None
+    #: N-D tiles: the padded tile-major order (codegen/ndtiles.TileLayout) q / k / v are
+    #: gathered into and out / lse / gradients scattered back from ([Note: N-D tiles here])
+    layout: object | None = None
+
+
+# ----------------------------------------------------------------------------- one unit's key ranges
+
+
+def _pieces(full: list, part: list, cols: list, bits: torch.Tensor, bn: int, N: int, most: int) -> list:
+    """A unit's key pieces: [(start, stop, [(col0 of a partial tile, its bits [bm, bn])])].
+
+    `full` / `part` are the unit's full and partial key tiles, `cols[p]` the first and last
+    column partial tile p allows on some row (None: none), `bits[p]` its bits."""
+    kind = dict.fromkeys(full)
+    for p, t in enumerate(part):
+        if cols[p] is not None:  # a partial tile no row of this unit may attend is not visited
+            kind[t] = p
+    runs: list[list[int]] = []
+    for t in sorted(kind):
+        if runs and runs[-1][-1] == t - 1:
+            runs[-1].append(t)
+        else:
+            runs.append([t])
+    out = []
+    for run in runs:
+        first, last = kind[run[0]], kind[run[-1]]
+        start = run[0] * bn + (0 if first is None else cols[first][0])
+        stop = min(N, run[-1] * bn + (bn if last is None else cols[last][-1] + 1))
+        masked = [(t * bn, bits[kind[t]]) for t in run if kind[t] is not None]
+        for a in range(start, stop, most):
+            b = min(stop, a + most)
+            out.append((a, b, [(t0, m) for t0, m in masked if t0 < b and t0 + bn > a]))
+    return out
+
+
+# ----------------------------------------------------------------------------- chunks and groups
+
+
+def build_schedule(call: Call, plan: Plan, masks: torch.Tensor, config: TorchPathConfig = CONFIG,
+                   layout=None) -> Schedule:
+    """Turn a plan and its partial-tile masks into key ranges (pure function). With N-D
+    tiles (`layout`) keys are rows of the padded tile-major order (its padding is masked
+    in the partial tiles, codegen/ndtiles.TileLayout.kernel_plan)."""
+    bm, bn = plan.block
+    nq, nk = plan.shape
+    N = call.N if layout is None else layout.N
+    Np = nk * bn
+    G = call.Hq // call.Hkv
+    Hx = masks.shape[0]  # 1: one plan and one set of bits for every head
+    shared = Hx == 1
+    fcnt, fidx = (t.long().expand(Hx, *t.shape[1:]).tolist() for t in (plan.full.counts, plan.full.index))
+    pcnt, pidx = (t.long().expand(Hx, *t.shape[1:]).tolist() for t in (plan.partial.counts, plan.partial.index))
+    colany = masks.any(-2)  # [Hx, nq, P, bn]: the columns of each partial tile some row allows
+    ar = torch.arange(bn)
+    first = torch.where(colany, ar, bn).amin(-1).tolist()
+    last = torch.where(colany, ar, -1).amax(-1).tolist()
+
+    units = []  # (sort key, h, i, pieces)
+    for h in range(Hx):
+        for i in range(nq):
+            full, part = fidx[h][i][: fcnt[h][i]], pidx[h][i][: pcnt[h][i]]
+            if not full and not part:
+                continue  # a query tile with no key tile keeps out 0, lse -inf
+            cols = [(first[h][i][p], last[h][i][p]) if last[h][i][p] >= 0 else None for p in range(len(part))]
+            pieces = _pieces(full, part, cols, masks[h, i], bn, N, config.max_group_keys)
+            if pieces:
+                units.append(((len(pieces), h, tuple(b - a for a, b, _ in pieces), i), h, i, pieces))
+    units.sort(key=lambda u: u[0])
+
+    heads_per_unit = call.Hq if shared else 1
+    chunks = []
+    pos = 0
+    while pos < len(units):
+        # grow the chunk over units of one head with as many pieces (their starts may step
+        # evenly: views) while its score blocks stay within budget
+        n, head = len(units[pos][3]), units[pos][1]
+        widths = [b - a for a, b, _ in units[pos][3]]
+        steps = None  # the pieces' start steps while every piece's starts step evenly (views)
+        end = pos + 1
+        while end < len(units) and len(units[end][3]) == n and units[end][1] == head:
+            w = [max(x, b - a) for x, (a, b, _) in zip(widths, units[end][3])]
+            if (end + 1 - pos) * heads_per_unit * bm * max(w) > config.chunk_elements:
+                break
+            step = _step(units[end - 1], units[end])
+            if end == pos + 1:
+                if step is None and end + 1 < len(units) and _step(units[end], units[end + 1]) is not None:
+                    break  # the next units step evenly: leave this one alone, they start a chunk of views
+                steps = step or False
+            elif steps and step != steps:
+                break  # a unit out of step would turn the chunk's views into gathers
+            widths, end = w, end + 1
+        members = units[pos:end]
+        pos = end
+        qidx = torch.tensor([i if shared else h * nq + i for _, h, i, _ in members], dtype=torch.int64)
+        base = [0 if shared else (h // G) * Np for _, h, _, _ in members]
+        groups = tuple(_group([u[3][j] for u in members], base, widths[j], Np, bm) for j in range(n))
+        chunks.append(Chunk(q=qidx, groups=groups))
+    return Schedule(block=(bm, bn), shared=shared, nq=nq, nk=nk, chunks=tuple(chunks), layout=layout)
+
+
+def _step(u, v) -> list | None:
+    """The steps between the starts of unit u's and unit v's pieces, None if they cannot
+    be a view (another head, another number of pieces, a step back)."""
+    if u[1] != v[1] or len(u[3]) != len(v[3]):
+        return None
+    step = [b[0] - a[0] for a, b in zip(u[3], v[3])]
+    return step if min(step) >= 0 else None
+
+
+def _group(pieces: list, base: list, L: int, Np: int, bm: int) -> Group:
+    """One group from every unit's piece (start, stop, masked tiles), `L` keys each."""
+    c = len(pieces)
+    starts = [min(a, Np - L) for a, _, _ in pieces]  # widen to L keys inside the head's rows
+    # columns to mask per unit: the widening, and partial tiles
+    spans = []
+    for (a, b, masked), s in zip(pieces, starts):
+        if a > s:
+            spans.append((0, a - s))
+        if b < s + L:
+            spans.append((b - s, L))
+        spans.extend((max(0, t0 - s), min(L, t0 - s + m.shape[1])) for t0, m in masked)
+    merged: list[list[int]] = []
+    for c0, c1 in sorted(spans):
+        if merged and c0 <= merged[-1][1] + SPAN_GAP:
+            merged[-1][1] = max(merged[-1][1], c1)
+        else:
+            merged.append([c0, c1])
+    masks = []
+    for c0, c1 in merged:
+        ok = torch.zeros(c, bm, c1 - c0, dtype=torch.bool)
+        for u, ((a, b, masked), s) in enumerate(zip(pieces, starts)):
+            lo, hi = max(c0, a - s), min(c1, b - s)
+            if lo < hi:
+                ok[u, :, lo - c0: hi - c0] = True  # inside the unit's range: allowed unless a partial tile says no
+            for t0, m in masked:
+                x0, x1 = max(c0, t0 - s, a - s), min(c1, t0 - s + m.shape[1], b - s)
+                if x0 < x1:
+                    ok[u, :, x0 - c0: x1 - c0] = m[:, x0 + s - t0: x1 + s - t0]
+        blocked = ~ok
+        if c > 1 and bool((blocked == blocked[:1]).all()):
+            blocked = blocked[:1]
+        blocked = blocked[:, None].contiguous()
+        masks.append((c0, c1, blocked, torch.zeros(blocked.shape).masked_fill_(blocked, float("-inf"))))
+    rows = [s + o for s, o in zip(starts, base)]
+    steps = {rows[u + 1] - rows[u] for u in range(c - 1)}
+    step = 0 if c == 1 else (steps.pop() if len(steps) == 1 and min(steps) >= 0 else None)
+    return Group(starts=torch.tensor(rows, dtype=torch.int64), start=rows[0], length=L, step=step,
+                 keys=torch.tensor(starts, dtype=torch.int64), masks=tuple(masks))
+
+
+# ----------------------------------------------------------------------------- restricted schedules
+
+
+def restrict(sched: Schedule, q_tiles, k_tiles) -> Schedule:
+    """The part of `sched` that computes query tiles `q_tiles` (ascending global tile
+    indices) against the key tiles `k_tiles` gathered for them: int64 [C, nk], one row
+    when every key/value head gathered the same tiles (C = 1), else row x for key/value
+    head x, padded with -1 (every key tile those queries visit must be there).
+
+    [Note: restricted schedules] Context parallelism (runtime/distributed.py) runs one
+    rank's query tiles against the key tiles it gathered from other ranks. The global
+    schedule is cut down to the units of those query tiles, and its key ranges become
+    explicit rows of the local keys (local query tile j = global tile q_tiles[j]; local
+    key tile j of head x = global tile k_tiles[x or 0, j]); the global key positions are
+    kept so that score terms see them. Masks and groups are the global schedule's, so
+    every local row is computed exactly as in one process. Masked columns whose tile was
+    not gathered point at local key 0."""
+    q_tiles = torch.as_tensor(q_tiles, dtype=torch.int64)
+    k_tiles = torch.as_tensor(k_tiles, dtype=torch.int64)
+    k_tiles = k_tiles[None] if k_tiles.dim() == 1 else k_tiles
+    if sched.q_tiles is not None or sched.layout is not None:
+        raise ValueError("restrict: expected a global schedule of 1-D tiles, got a restricted or N-D one")
+    C, nk = k_tiles.shape
+    if sched.shared and C > 1:  # a unit gathers one key block for every head: one tile list
+        raise ValueError("restrict: a schedule shared by all heads needs one key-tile list, got one per head")
+    bn = sched.block[1]
+    Np = sched.nk * bn
+    nq = q_tiles.numel()
+    q_local = torch.full((sched.nq,), -1, dtype=torch.int64)
+    q_local[q_tiles] = torch.arange(nq)
+    k_local = torch.zeros(C, sched.nk, dtype=torch.int64)  # tiles not gathered: masked columns only
+    for c in range(C):
+        real = k_tiles[c] >= 0
+        k_local[c, k_tiles[c][real]] = torch.arange(nk)[real]
+    chunks = []
+    for chunk in sched.chunks:
+        head, tile = chunk.q // sched.nq, chunk.q % sched.nq
+        keep = (q_local[tile] >= 0).nonzero().flatten()
+        if keep.numel() == 0:
+            continue
+        groups = []
+        for g in chunk.groups:
+            x = g.starts[keep] // Np  # the key/value head of a per-head unit (0 when shared)
+            pos = g.keys[keep][:, None] + torch.arange(g.length)  # global key positions
+            local = k_local[x[:, None] if C > 1 else 0, pos // bn] * bn + pos % bn + (x * nk * bn)[:, None]
+            masks = tuple((c0, c1, *(t[keep].contiguous() if t.shape[0] > 1 else t for t in m)) for c0, c1, *m in g.masks)
+            groups.append(Group(starts=g.starts[keep].contiguous(), start=0, length=g.length, step=None,
+                                keys=g.keys[keep].contiguous(), masks=masks, rows=local.contiguous()))
+        chunks.append(Chunk(q=(head[keep] * nq + q_local[tile[keep]]).contiguous(), groups=tuple(groups)))
+    return Schedule(block=sched.block, shared=sched.shared, nq=nq, nk=nk, chunks=tuple(chunks),
+                    q_tiles=q_tiles, k_tiles=k_tiles.clamp(min=0))
