@@ -407,23 +407,26 @@ def backward(call: Call, q, k, v, out, lse, dout, dlse=None, config: TorchPathCo
         d = None if dlse is None else dlse[bs]
         if sched.layout is None:
             dq[bs], dk[bs], dv[bs] = run_backward(sched, call, q[bs], k[bs], v[bs], out[bs], lse[bs], dout[bs], d,
-                                                  tables, dtables)
+                                                  tables, dtables, config)
             continue
         lay = sched.layout
         pq, pk = _positions(lay, q.device)
         qp, kp, vp = _into(lay, pq, pk, q[bs], k[bs], v[bs])
         # padding rows: zero q and dO, lse -inf (no key), so they add nothing to dK / dV
         g = run_backward(sched, call, qp, kp, vp, _put(out[bs], pq, lay.M), _put(lse[bs], pq, lay.M, float("-inf")),
-                         _put(dout[bs], pq, lay.M), None if d is None else _put(d, pq, lay.M), tables, dtables)
+                         _put(dout[bs], pq, lay.M), None if d is None else _put(d, pq, lay.M), tables, dtables, config)
         dq[bs], dk[bs], dv[bs] = g[0][:, :, pq], g[1][:, :, pk], g[2][:, :, pk]
     if call.score is not None:
         return dq, dk, dv, dtables
     return dq, dk, dv
 
 
-def run_backward(sched: Schedule, call: Call, q, k, v, out, lse, dout, dlse, tables: dict, dtables: dict):
+def run_backward(sched: Schedule, call: Call, q, k, v, out, lse, dout, dlse, tables: dict, dtables: dict,
+                 config: TorchPathConfig = CONFIG):
     """dq, dk, dv of one schedule's rows (see `run_forward`), adding the score tables'
-    gradients into `dtables`."""
+    gradients into `dtables`. Backward holds four score-sized blocks where forward holds
+    one or two, so it runs each chunk in parts of at most `backward_chunk_elements`
+    score elements (`_parts`)."""
     acc = _acc_dtype(q.dtype)
     sched = _on_device(sched, q.device)
     w = _Views(sched, call, q, k, v, acc)
@@ -439,7 +442,7 @@ def run_backward(sched: Schedule, call: Call, q, k, v, out, lse, dout, dlse, tab
     dq_p = torch.zeros_like(w.q)
     dk_p, dv_p = torch.zeros_like(w.k), torch.zeros_like(w.v)
     tdq = w.flat(dq_p, w.bm)
-    for chunk in sched.chunks:
+    for chunk in _parts(sched, w, config.backward_chunk_elements):
         c = chunk.q.numel()
         qi = w.q_index(chunk)
         qc = w.gather_q(tq, qi, c)
@@ -462,6 +465,25 @@ def run_backward(sched: Schedule, call: Call, q, k, v, out, lse, dout, dlse, tab
         w.scatter_q(tdq, qi, dqc.mul_(call.scale))
     M, N = q.shape[2], k.shape[2]  # call.M and call.N, or a rank's rows and keys (restricted schedules)
     return dq_p[:, :, :M].to(q.dtype), dk_p[:, :, :N].to(k.dtype), dv_p[:, :, :N].to(v.dtype)
+
+
+def _parts(sched: Schedule, w: _Views, budget: int):
+    """The schedule's chunks, each cut into runs of consecutive units whose score blocks hold
+    at most `budget` elements per batch element (a part of a view stays a view)."""
+    for chunk in sched.chunks:
+        c = chunk.q.numel()
+        per_unit = w.X * w.Gu * w.bm * max(g.length for g in chunk.groups)
+        n = max(1, budget // per_unit)
+        if n >= c:
+            yield chunk
+            continue
+        for u0 in range(0, c, n):
+            u1 = min(c, u0 + n)
+            groups = tuple(dataclasses.replace(
+                g, starts=g.starts[u0:u1], start=int(g.starts[u0]), keys=g.keys[u0:u1],
+                masks=tuple((c0, c1, *(t[u0:u1] if t.shape[0] > 1 else t for t in m)) for c0, c1, *m in g.masks),
+                rows=None if g.rows is None else g.rows[u0:u1]) for g in chunk.groups)
+            yield Chunk(q=chunk.q[u0:u1], groups=groups)
 
 
 def _score_backward(step, qs, kc, vc, doc, lse_c, delta_c, group, w, dtables):

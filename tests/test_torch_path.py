@@ -21,7 +21,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one torch thread
 
 #: small tiles, tiny chunks and groups: every code path of the schedule at test sizes
 TINY = TorchPathConfig(block=(8, 16), chunk_elements=512, max_group_keys=32)
-CONFIGS = [TorchPathConfig(), TINY, TorchPathConfig(block=(16, 8), chunk_elements=4096, max_group_keys=64)]
+CONFIGS = [TorchPathConfig(), TINY, TorchPathConfig(block=(16, 8), chunk_elements=4096, max_group_keys=64,
+                                                backward_chunk_elements=256)]  # backward in parts of chunks
 
 
 def rand(*shape, dtype=torch.float64, seed=0):
