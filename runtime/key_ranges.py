@@ -38,6 +38,9 @@ from .tile_choice import CONFIG, TorchPathConfig
 #: column spans of a group closer than this are masked as one span (a masked_fill over a
 #: few allowed columns costs less than one more call)
 SPAN_GAP = 32
+#: key ranges shorter than this are packed with their unit's other short ranges into one
+#: gathered piece (a view saves a copy only when the range is long enough to matter)
+VIEW_MIN = 128
 
 
 @dataclass(frozen=True)
@@ -50,12 +53,15 @@ class Group:
     #: starts[u] == start + u * step for every u (step >= 0): the keys are a strided view of
     #: k / v; None: they are gathered (`rows` when given, else starts + arange(length))
     step: int | None
-    keys: torch.Tensor  # int64 [c]: the key position of column 0 per unit (score terms)
+    #: the key positions (score terms): int64 [c], column 0's per unit (columns follow on), or
+    #: int64 [c, length], every column's (packed short ranges)
+    keys: torch.Tensor
     #: ((col0, col1, blocked: bool [c or 1, 1, bm, col1 - col0], bias), ...): columns a row may
     #: not attend, and the same as a float32 bias (-inf where blocked, else 0: adding it is
     #: ~8x faster than masked_fill_ on CPU); every column outside the spans is allowed on every row
     masks: tuple
-    rows: torch.Tensor | None = None  # int64 [c, length]: explicit key rows (restricted schedules)
+    #: int64 [c, length]: explicit key rows (packed short ranges, restricted schedules); starts unused
+    rows: torch.Tensor | None = None
 
     @property
     def view(self) -> bool:
@@ -97,10 +103,14 @@ class Schedule:
 
 
 def _pieces(full: list, part: list, cols: list, bits: torch.Tensor, bn: int, N: int, most: int) -> list:
-    """A unit's key pieces: [(start, stop, [(col0 of a partial tile, its bits [bm, bn])])].
+    """A unit's key pieces: [(segments [(start, stop)], masked [(column in the piece, bits
+    [bm, width] of a partial tile's keys in it)])], in key order.
 
     `full` / `part` are the unit's full and partial key tiles, `cols[p]` the first and last
-    column partial tile p allows on some row (None: none), `bits[p]` its bits."""
+    column partial tile p allows on some row (None: none), `bits[p]` its bits. A range of at
+    least `VIEW_MIN` keys is a piece of one segment (cut every `most` keys): a view candidate;
+    shorter ranges are packed together into pieces of at most `most` keys, gathered (a
+    dilated or block-random pattern's scattered tiles stay one group, not one per tile)."""
     kind = dict.fromkeys(full)
     for p, t in enumerate(part):
         if cols[p] is not None:  # a partial tile no row of this unit may attend is not visited
@@ -111,16 +121,40 @@ def _pieces(full: list, part: list, cols: list, bits: torch.Tensor, bn: int, N: 
             runs[-1].append(t)
         else:
             runs.append([t])
-    out = []
+    out: list = []
+    packed: list = []  # the open piece of short ranges: [segments, masked, length]
     for run in runs:
         first, last = kind[run[0]], kind[run[-1]]
         start = run[0] * bn + (0 if first is None else cols[first][0])
         stop = min(N, run[-1] * bn + (bn if last is None else cols[last][-1] + 1))
         masked = [(t * bn, bits[kind[t]]) for t in run if kind[t] is not None]
-        for a in range(start, stop, most):
-            b = min(stop, a + most)
-            out.append((a, b, [(t0, m) for t0, m in masked if t0 < b and t0 + bn > a]))
+        if stop - start >= VIEW_MIN:
+            for a in range(start, stop, most):
+                b = min(stop, a + most)
+                out.append(([(a, b)], _clip(masked, a, b, 0, bn)))
+            continue
+        if not packed or packed[2] + stop - start > most:
+            packed = [[], [], 0]
+            out.append((packed[0], packed[1]))
+        packed[1].extend(_clip(masked, start, stop, packed[2], bn))
+        packed[0].append((start, stop))
+        packed[2] += stop - start
     return out
+
+
+def _clip(masked: list, a: int, b: int, at: int, bn: int) -> list:
+    """Partial tiles [(first key, bits [bm, bn])] cut to keys [a, b), placed in a piece
+    whose column `at` is key a: [(column, bits [bm, width])]."""
+    out = []
+    for t0, m in masked:
+        x0, x1 = max(t0, a), min(t0 + bn, b)
+        if x0 < x1:
+            out.append((at + x0 - a, m[:, x0 - t0: x1 - t0]))
+    return out
+
+
+def _length(piece) -> int:
+    return sum(b - a for a, b in piece[0])
 
 
 # ----------------------------------------------------------------------------- chunks and groups
@@ -154,7 +188,7 @@ def build_schedule(call: Call, plan: Plan, masks: torch.Tensor, config: TorchPat
             cols = [(first[h][i][p], last[h][i][p]) if last[h][i][p] >= 0 else None for p in range(len(part))]
             pieces = _pieces(full, part, cols, masks[h, i], bn, N, config.max_group_keys)
             if pieces:
-                units.append(((len(pieces), h, tuple(b - a for a, b, _ in pieces), i), h, i, pieces))
+                units.append(((len(pieces), h, tuple(_length(p) for p in pieces), i), h, i, pieces))
     units.sort(key=lambda u: u[0])
 
     heads_per_unit = call.Hq if shared else 1
@@ -164,11 +198,11 @@ def build_schedule(call: Call, plan: Plan, masks: torch.Tensor, config: TorchPat
         # grow the chunk over units of one head with as many pieces (their starts may step
         # evenly: views) while its score blocks stay within budget
         n, head = len(units[pos][3]), units[pos][1]
-        widths = [b - a for a, b, _ in units[pos][3]]
+        widths = [_length(p) for p in units[pos][3]]
         steps = None  # the pieces' start steps while every piece's starts step evenly (views)
         end = pos + 1
         while end < len(units) and len(units[end][3]) == n and units[end][1] == head:
-            w = [max(x, b - a) for x, (a, b, _) in zip(widths, units[end][3])]
+            w = [max(x, _length(p)) for x, p in zip(widths, units[end][3])]
             if (end + 1 - pos) * heads_per_unit * bm * max(w) > config.chunk_elements:
                 break
             step = _step(units[end - 1], units[end])
@@ -193,22 +227,33 @@ def _step(u, v) -> list | None:
     be a view (another head, another number of pieces, a step back)."""
     if u[1] != v[1] or len(u[3]) != len(v[3]):
         return None
-    step = [b[0] - a[0] for a, b in zip(u[3], v[3])]
+    if any(len(p[0]) > 1 for p in u[3] + v[3]):
+        return None  # packed short ranges are gathered
+    step = [b[0][0][0] - a[0][0][0] for a, b in zip(u[3], v[3])]
     return step if min(step) >= 0 else None
 
 
 def _group(pieces: list, base: list, L: int, Np: int, bm: int) -> Group:
-    """One group from every unit's piece (start, stop, masked tiles), `L` keys each."""
+    """One group from every unit's piece (segments, masked tiles), `L` keys each. Pieces of
+    one segment are widened inside their head's rows (a view when their starts step
+    evenly); if some unit's piece packs several segments, every unit's keys are listed
+    (gathered) and padded with masked columns."""
     c = len(pieces)
-    starts = [min(a, Np - L) for a, _, _ in pieces]  # widen to L keys inside the head's rows
-    # columns to mask per unit: the widening, and partial tiles
+    one = all(len(segs) == 1 for segs, _ in pieces)
+    n = [_length(p) for p in pieces]
+    if one:
+        starts = [min(segs[0][0], Np - L) for segs, _ in pieces]  # widen to L keys inside the head's rows
+        off = [segs[0][0] - st for (segs, _), st in zip(pieces, starts)]  # the piece's column 0 in the group
+    else:
+        off = [0] * c
+    # columns to mask per unit: the widening or padding, and partial tiles
     spans = []
-    for (a, b, masked), s in zip(pieces, starts):
-        if a > s:
-            spans.append((0, a - s))
-        if b < s + L:
-            spans.append((b - s, L))
-        spans.extend((max(0, t0 - s), min(L, t0 - s + m.shape[1])) for t0, m in masked)
+    for (_, masked), o, m_ in zip(pieces, off, n):
+        if o > 0:
+            spans.append((0, o))
+        if o + m_ < L:
+            spans.append((o + m_, L))
+        spans.extend((o + col, o + col + m.shape[1]) for col, m in masked)
     merged: list[list[int]] = []
     for c0, c1 in sorted(spans):
         if merged and c0 <= merged[-1][1] + SPAN_GAP:
@@ -218,24 +263,33 @@ def _group(pieces: list, base: list, L: int, Np: int, bm: int) -> Group:
     masks = []
     for c0, c1 in merged:
         ok = torch.zeros(c, bm, c1 - c0, dtype=torch.bool)
-        for u, ((a, b, masked), s) in enumerate(zip(pieces, starts)):
-            lo, hi = max(c0, a - s), min(c1, b - s)
+        for u, ((_, masked), o, m_) in enumerate(zip(pieces, off, n)):
+            lo, hi = max(c0, o), min(c1, o + m_)
             if lo < hi:
-                ok[u, :, lo - c0: hi - c0] = True  # inside the unit's range: allowed unless a partial tile says no
-            for t0, m in masked:
-                x0, x1 = max(c0, t0 - s, a - s), min(c1, t0 - s + m.shape[1], b - s)
+                ok[u, :, lo - c0: hi - c0] = True  # inside the unit's keys: allowed unless a partial tile says no
+            for col, m in masked:
+                x0, x1 = max(lo, o + col), min(hi, o + col + m.shape[1])
                 if x0 < x1:
-                    ok[u, :, x0 - c0: x1 - c0] = m[:, x0 + s - t0: x1 + s - t0]
+                    ok[u, :, x0 - c0: x1 - c0] = m[:, x0 - o - col: x1 - o - col]
         blocked = ~ok
         if c > 1 and bool((blocked == blocked[:1]).all()):
             blocked = blocked[:1]
         blocked = blocked[:, None].contiguous()
         masks.append((c0, c1, blocked, torch.zeros(blocked.shape).masked_fill_(blocked, float("-inf"))))
-    rows = [s + o for s, o in zip(starts, base)]
-    steps = {rows[u + 1] - rows[u] for u in range(c - 1)}
-    step = 0 if c == 1 else (steps.pop() if len(steps) == 1 and min(steps) >= 0 else None)
-    return Group(starts=torch.tensor(rows, dtype=torch.int64), start=rows[0], length=L, step=step,
-                 keys=torch.tensor(starts, dtype=torch.int64), masks=tuple(masks))
+    if one:
+        rows = [st + b for st, b in zip(starts, base)]
+        steps = {rows[u + 1] - rows[u] for u in range(c - 1)}
+        step = 0 if c == 1 else (steps.pop() if len(steps) == 1 and min(steps) >= 0 else None)
+        return Group(starts=torch.tensor(rows, dtype=torch.int64), start=rows[0], length=L, step=step,
+                     keys=torch.tensor(starts, dtype=torch.int64), masks=tuple(masks))
+    keys = torch.empty(c, L, dtype=torch.int64)
+    for u, (segs, _) in enumerate(pieces):
+        pos = torch.cat([torch.arange(a, b) for a, b in segs])
+        keys[u, : pos.numel()] = pos
+        keys[u, pos.numel():] = segs[0][0]  # padding columns (masked) read the first key
+    rows = keys + torch.tensor(base, dtype=torch.int64)[:, None]
+    return Group(starts=rows[:, 0].contiguous(), start=int(rows[0, 0]), length=L, step=None, keys=keys,
+                 masks=tuple(masks), rows=rows)
 
 
 # ----------------------------------------------------------------------------- restricted schedules
@@ -281,7 +335,8 @@ def restrict(sched: Schedule, q_tiles, k_tiles) -> Schedule:
         groups = []
         for g in chunk.groups:
             x = g.starts[keep] // Np  # the key/value head of a per-head unit (0 when shared)
-            pos = g.keys[keep][:, None] + torch.arange(g.length)  # global key positions
+            pos = g.keys[keep]  # global key positions
+            pos = pos if pos.dim() == 2 else pos[:, None] + torch.arange(g.length)
             local = k_local[x[:, None] if C > 1 else 0, pos // bn] * bn + pos % bn + (x * nk * bn)[:, None]
             masks = tuple((c0, c1, *(t[keep].contiguous() if t.shape[0] > 1 else t for t in m)) for c0, c1, *m in g.masks)
             groups.append(Group(starts=g.starts[keep].contiguous(), start=0, length=g.length, step=None,

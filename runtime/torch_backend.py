@@ -199,7 +199,9 @@ def _pairs(call: Call, sched: Schedule, chunk: Chunk, group: Group, Gu: int, X: 
     if sched.q_tiles is not None:  # a restricted schedule: global positions ([Note: restricted schedules])
         qg = sched.q_tiles.to(device)[qg]
     rows = (qg[:, None] * bm + torch.arange(bm, device=device)).view(1, 1, c, 1, bm, 1)
-    keys = (group.keys.to(device)[:, None] + torch.arange(group.length, device=device)).view(1, 1, c, 1, 1, -1)
+    keys = group.keys.to(device)
+    keys = keys if keys.dim() == 2 else keys[:, None] + torch.arange(group.length, device=device)
+    keys = keys.view(1, 1, c, 1, 1, -1)
     if sched.shared:
         G = call.Hq // call.Hkv
         heads = (torch.arange(X, device=device)[:, None] * G + torch.arange(Gu, device=device)).view(1, X, 1, Gu, 1, 1)

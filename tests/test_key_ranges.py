@@ -80,7 +80,7 @@ def test_views_copy_no_keys_and_match_the_reference():
 
 
 def test_per_head_chunks_keep_one_head_so_their_keys_stay_views():
-    src = "pattern p = heads { {0, 1} => causal; _ => sliding(64) | (sink(8) & causal) }"
+    src = "pattern p = heads { {0, 1} => causal; _ => sliding(256) | (sink(8) & causal) }"
     _, _, sched, _ = _schedule(src, 2048, H=4)
     assert not sched.shared
     for chunk, g in _groups(sched):
@@ -111,3 +111,22 @@ def test_finite_check_is_exact(dtype):
         lse[0, 0, 2] = x
         with pytest.raises(ValueError):
             check_finite_result(q, k, v, big, lse, 1.0)
+
+
+def test_short_ranges_are_packed_into_one_gathered_group():
+    # every other 16-key block: each visited key tile is its own range of 16 keys
+    src = "pattern p = blockwise(16, strided(2) & causal)"
+    pat = attnc.loads(src).pattern()
+    q, k, v = (torch.randn(1, 2, 1024, 8) for _ in range(3))
+    from attnc.runtime.tile_choice import TorchPathConfig
+
+    cfg = TorchPathConfig(block=(16, 16))
+    call = make_call(pat, q, k, v, {}, None, None)
+    ((_, sched),) = sc.schedules(call, cfg)
+    lengths = [len(ch.groups) for ch in sched.chunks]
+    assert max(lengths) == 1, "scattered short ranges are packed into one group, not one group each"
+    packed = [g for _, g in _groups(sched) if g.rows is not None]
+    assert packed and all(g.keys.dim() == 2 for g in packed)
+    out, _ = tb.TorchBackend(cfg).forward(call, q, k, v)
+    want, _ = ReferenceBackend().forward(call, q, k, v)
+    torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
