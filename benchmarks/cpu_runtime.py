@@ -1,5 +1,6 @@
 """CPU runtime, honestly measured: attnc's torch path against FlexAttention configured at
-its best (compiled, with its own `create_block_mask` over a hand-written mask_mod), against
+its best (compiled, with its own `create_block_mask` over a hand-written mask_mod, at the
+block size of 64 and 128 that runs faster for the case), against
 FlexAttention fed attnc's export, and against dense SDPA -- issue 19's cases.
 
     python benchmarks/cpu_runtime.py                          # every case, 5 repetitions
