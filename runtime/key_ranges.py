@@ -11,9 +11,12 @@ plan (shared; GQA heads of one key/value head then share one key block), one hea
 otherwise. A unit's visited key tiles, in key order, form runs of consecutive tiles; each
 run is one *key range* of tokens, trimmed at both ends to the first and last column any
 row allows (a 4-token sink reads 4 keys, not a 64-key tile), and cut into pieces of at
-most `max_group_keys` keys, counted from the range's start.
+most `max_group_keys` keys, counted from the range's start. Ranges shorter than
+`VIEW_MIN` keys are packed together into one gathered piece (the scattered tiles of a
+dilated or block-sparse pattern stay one group, as one gather, not one group per tile).
 
-Units are sorted by their pieces' lengths and cut into chunks of alike units; piece j of
+Units of one head are sorted by their pieces' lengths and cut into chunks of alike units
+(a unit whose starts would break the chunk's even steps starts a new chunk); piece j of
 every unit of a chunk is one `Group`, widened to the chunk's longest (the extra columns
 are masked). A group's keys are rows [start, start + length) of the padded k / v per
 unit. When those starts step evenly across the chunk (a sliding window: one tile per

@@ -59,7 +59,10 @@ _TILE_CHOICES = LRU("tile_choices", 64, "the torch path's tile choice per patter
 #: the torch path's time model, ns per full-tile pair, partial-tile pair, visited tile and
 #: (N-D tiles) token gathered into and out of the tile-major order, per head: a least-squares
 #: fit to 12 runs of 2-D / 3-D neighbourhoods and blocked attention, 1-D and N-D tiles,
-#: H = 8, D = 64, fp32, one thread on this project's 2-core machine (2026-11-28)
+#: H = 8, D = 64, fp32, one thread on this project's 2-core machine (2026-11-28), when the torch
+#: path gathered 64-key tiles. With key ranges (views, runtime/key_ranges.py) it overestimates
+#: 1-D tiles on grids but still orders the candidates as measured: 7x7 at 96x96 predicted 289 /
+#: 152 ms (1-D / 8x8-4x4), measured 229 / 159; blocked 8x8 at 64x64 93 / 27, measured 75 / 28
 COST = {"full": 2.6, "partial": 5.4, "tile": 690.0, "token": 635.0}
 
 
