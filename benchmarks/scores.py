@@ -130,14 +130,14 @@ def main() -> None:
 
 def exp_ab(repeat: int) -> str:
     """The torch path with exp_ as exp2(t * log2 e) (its [Note: exp2]) against torch's exp_,
-    interleaved in this process on plain masks and on a term that reaches exp's underflow path."""
+    interleaved in this process, on a term that reaches exp's underflow path. Patterns
+    without a score term no longer call exp_ (their scores stay in base 2, [Note: base 2]
+    in runtime/torch_backend.py), so only a score term is measured."""
     from attnc.runtime import torch_backend as tb
 
     new = tb._exp_
     old = lambda t: t.exp_()  # noqa: E731
-    cases = [("sliding 512 + 4 sinks, N=8192", attnc.loads("pattern p = sliding(512) | (sink(4) & causal)").pattern(), {}, 8192),
-             ("NAT 7x7, 56x56", attnc.load(EX / "natten2d.attn").pattern(size=7), dict(grid=(56, 56)), 3136),
-             ("ALiBi sliding 1024, N=8192", attnc.load(EX / "alibi.attn").pattern("alibi", window=1024), {}, 8192)]
+    cases = [("ALiBi sliding 1024, N=8192", attnc.load(EX / "alibi.attn").pattern("alibi", window=1024), {}, 8192)]
     out = ["| torch path, H=8, D=64, fp32 | forward with exp_ | with exp2 | exp_ / exp2 | fwd+bwd with exp_ | with exp2 | exp_ / exp2 |",
            "|---|---|---|---|---|---|---|"]
     for name, pat, kw, N in cases:
