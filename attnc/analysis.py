@@ -334,7 +334,7 @@ def _plan_by_head_class(pattern, M, N, heads, grid, block) -> Plan | None:
         for h in hs:
             index[h] = c
     lists = {name: _stack_lists([getattr(p, name) for p in plans], index)
-             for name in ("full", "partial", "full_t", "partial_t")}
+             for name in ("full", "partial")}
     allowed = sum(p.allowed // heads * len(hs) for p, (hs, _) in zip(plans, classes))
     methods = sorted({p.method for p in plans})
     return Plan(M=M, N=N, heads=heads, block=block, allowed=allowed, method=" + ".join(methods),

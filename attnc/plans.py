@@ -99,12 +99,37 @@ class TileList:
         return TileList(torch.from_numpy(counts).view(Hx, rows), torch.from_numpy(col.astype(np.int32)))
 
 
+def _transpose(lst: TileList, nq: int, nk: int) -> TileList:
+    """Per key tile, its query tiles, of a per-query-tile list (a counting sort: rows are
+    visited in order, so each key tile's query tiles come out ascending; O(tiles), no
+    comparison sort)."""
+    Hx = lst.counts.shape[0]
+    bounds = np.zeros(Hx * nq + 1, dtype=np.int64)
+    np.cumsum(lst.counts.numpy().reshape(-1).astype(np.int64), out=bounds[1:])
+    kt = lst.cols.numpy().astype(np.int64)
+    group = np.zeros((Hx, nk), dtype=np.int64)
+    for h in range(Hx):
+        group[h] = np.bincount(kt[bounds[h * nq]:bounds[(h + 1) * nq]], minlength=nk)
+    ptr = np.zeros(Hx * nk, dtype=np.int64)
+    np.cumsum(group.reshape(-1)[:-1], out=ptr[1:])
+    out = np.empty(len(kt), dtype=np.int32)
+    for r in np.flatnonzero(bounds[1:] > bounds[:-1]).tolist():
+        s, e = int(bounds[r]), int(bounds[r + 1])
+        g = kt[s:e] + (r // nq) * nk
+        out[ptr[g]] = r % nq
+        ptr[g] += 1
+    return TileList(torch.from_numpy(group.astype(np.int32)), torch.from_numpy(out))
+
+
 @dataclass(frozen=True)
 class Plan:
     """Which tiles a kernel must visit, like FlexAttention's BlockMask but named.
 
     `full` / `partial`: per query tile, the key tiles that need no mask / need
-    the mask; `full_t` / `partial_t`: per key tile, its query tiles (backward).
+    the mask; `full_t` / `partial_t`: per key tile, its query tiles (the backward
+    kernels' lists), made on first use -- only the Triton backend and its checks read
+    them, so planning (the CLI verbs, the torch path, the FlexAttention export) skips
+    their O(tiles) counting sort (a causal plan at 10^6 tokens has 33 M tiles).
     The head dimension is 1 when every head has the same plan.
     """
 
@@ -114,8 +139,6 @@ class Plan:
     block: tuple[int, int]
     full: TileList
     partial: TileList
-    full_t: TileList
-    partial_t: TileList
     allowed: int  # exact number of allowed (head, query, key) triples
     method: str  # "closed-form" | "tile-boxes" (sound tile classes, exact evaluation inside undecided tiles)
     tiles_evaluated: int = 0  # tiles whose mask was evaluated because the boxes left them undecided
@@ -135,55 +158,39 @@ class Plan:
         """The plan of bool [Hx, nq, nk] tile classes (full implies nonempty);
         `fields` are the other Plan fields (M, N, heads, block, allowed, method, ...)."""
         partial = nonempty & ~full
-        return Plan(full=TileList.from_dense(full), partial=TileList.from_dense(partial),
-                    full_t=TileList.from_dense(full.transpose(1, 2)),
-                    partial_t=TileList.from_dense(partial.transpose(1, 2)), **fields)
+        plan = Plan(full=TileList.from_dense(full), partial=TileList.from_dense(partial), **fields)
+        plan.__dict__["full_t"] = TileList.from_dense(full.transpose(1, 2))  # from the dense map at hand
+        plan.__dict__["partial_t"] = TileList.from_dense(partial.transpose(1, 2))
+        return plan
+
+    @functools.cached_property
+    def full_t(self) -> TileList:
+        """Per key tile, the query tiles whose (query, key) tile is full (ascending)."""
+        return _transpose(self.full, *self.shape)
+
+    @functools.cached_property
+    def partial_t(self) -> TileList:
+        """Per key tile, the query tiles whose (query, key) tile is partial (ascending)."""
+        return _transpose(self.partial, *self.shape)
 
     @staticmethod
     def from_tiles(keys: np.ndarray, full: np.ndarray, Hx: int, nq: int, nk: int, **fields) -> "Plan":
         """The plan of the non-empty tiles `keys` = (h * nq + query tile) * nk + key tile
-        (int64, sorted, unique) and their bool `full` flags; no dense [nq, nk] map.
-
-        The transposed lists come from a counting sort by (head, key tile): query-tile rows
-        are visited in order, so each key tile's query tiles come out ascending (O(tiles),
-        no comparison sort of all tiles: a causal plan at 10^6 tokens has 33 M of them)."""
+        (int64, sorted, unique) and their bool `full` flags; no dense [nq, nk] map (the
+        transposed lists are made on first use, `full_t` / `partial_t`)."""
         row, kt = np.divmod(keys, nk)
         rows = Hx * nq
         bounds = np.zeros(rows + 1, dtype=np.int64)
         np.cumsum(np.bincount(row, minlength=rows), out=bounds[1:])
         del row
         kt = kt.astype(np.int32)
-
-        def lists(cols: np.ndarray, flags: np.ndarray, edges: np.ndarray, Hr: int, per: int) -> tuple:
-            """(full, partial) TileLists of rows [edges[i], edges[i + 1]) of `cols`."""
-            acc = np.zeros(len(flags) + 1, dtype=np.int64)
-            np.cumsum(flags, out=acc[1:])
-            f_count = acc[edges[1:]] - acc[edges[:-1]]
-            p_count = (edges[1:] - edges[:-1]) - f_count
-            out = []
-            for count, pick in ((f_count, flags), (p_count, ~flags)):
-                out.append(TileList(torch.from_numpy(count.astype(np.int32)).view(Hr, per),
-                                    torch.from_numpy(cols[pick])))
-            return tuple(out)
-
-        fwd_full, fwd_part = lists(kt, full, bounds, Hx, nq)
-        group = np.zeros((Hx, nk), dtype=np.int64)
-        for h in range(Hx):
-            group[h] = np.bincount(kt[bounds[h * nq]:bounds[(h + 1) * nq]], minlength=nk)
-        edges_t = np.zeros(Hx * nk + 1, dtype=np.int64)
-        np.cumsum(group.reshape(-1), out=edges_t[1:])
-        ptr = edges_t[:-1].copy()
-        qt_t = np.empty(len(kt), dtype=np.int32)
-        full_t = np.empty(len(kt), dtype=bool)
-        for r in np.flatnonzero(bounds[1:] > bounds[:-1]).tolist():
-            s, e = int(bounds[r]), int(bounds[r + 1])
-            g = kt[s:e] + (r // nq) * nk
-            pos = ptr[g]
-            qt_t[pos] = r % nq
-            full_t[pos] = full[s:e]
-            ptr[g] += 1
-        t_full, t_part = lists(qt_t, full_t, edges_t, Hx, nk)
-        return Plan(full=fwd_full, partial=fwd_part, full_t=t_full, partial_t=t_part, **fields)
+        acc = np.zeros(len(full) + 1, dtype=np.int64)
+        np.cumsum(full, out=acc[1:])
+        f_count = acc[bounds[1:]] - acc[bounds[:-1]]
+        p_count = (bounds[1:] - bounds[:-1]) - f_count
+        lists = [TileList(torch.from_numpy(count.astype(np.int32)).view(Hx, nq), torch.from_numpy(kt[pick]))
+                 for count, pick in ((f_count, full), (p_count, ~full))]
+        return Plan(full=lists[0], partial=lists[1], **fields)
 
     @property
     def shape(self) -> tuple[int, int]:

@@ -504,7 +504,7 @@ def test_plan_from_tiles_equals_plan_from_flags(Hx, nq, nk):
     full = nonempty & (torch.rand(Hx, nq, nk, generator=g) < 0.5)
     h, q, k = nonempty.nonzero(as_tuple=True)
     keys = ((h * nq + q) * nk + k).numpy()
-    fields = dict(M=1, N=1, heads=Hx, block=(1, 1), allowed=0, method="test")
+    fields = dict(M=nq, N=nk, heads=Hx, block=(1, 1), allowed=0, method="test")  # shape (nq, nk): the transposes use it
     sparse = Plan.from_tiles(keys, full[h, q, k].numpy(), Hx, nq, nk, **fields)
     dense = Plan.from_flags(full, nonempty, **fields)
     for name in ("full", "partial", "full_t", "partial_t"):

@@ -533,8 +533,10 @@ def test_a_wrong_plan_is_caught_and_shrunk(monkeypatch, _uncounted):
             return plan
         # forget the full tiles: they would be skipped
         empty = plans.TileList.from_dense(torch.zeros_like(tile_list_dense(plan.full, *plan.shape)))
-        return plans.Plan(M=plan.M, N=plan.N, heads=plan.heads, block=plan.block, full=empty, partial=plan.partial,
-                          full_t=plan.full_t, partial_t=plan.partial_t, allowed=plan.allowed, method=plan.method)
+        out = plans.Plan(M=plan.M, N=plan.N, heads=plan.heads, block=plan.block, full=empty, partial=plan.partial,
+                         allowed=plan.allowed, method=plan.method)
+        out.__dict__.update(full_t=plan.full_t, partial_t=plan.partial_t)  # the backward lists stay whole
+        return out
 
     monkeypatch.setattr(analysis, "plan_blocks", broken)
 
