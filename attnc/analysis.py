@@ -93,7 +93,9 @@ def _closed_form_plan_with(pattern: ir.PatternIR, M: int, N: int, heads: int, gr
                     f"the tile plan of '{pattern.name}' at M = {M}, N = {N} with {bm}x{bn} tiles "
                     f"({tiles} non-empty tiles in the first {end} query rows)",
                     "a larger tile (block=(256, 256), --tile 256x256) or smaller sizes")
-            if end - q0 < M:  # chunk keys (h * cq + local tile) * nk + key tile -> global
+            if end - q0 < M and Hx == 1:  # chunk keys local tile * nk + key tile -> global: a shift
+                keys = keys + (q0 // bm) * nk
+            elif end - q0 < M:  # chunk keys (h * cq + local tile) * nk + key tile -> global
                 cq = -(-(end - q0) // bm)
                 row, kt = keys // nk, keys % nk
                 keys = ((row // cq) * nq + row % cq + q0 // bm) * nk + kt
