@@ -88,16 +88,21 @@ def example_names() -> set[str]:
     return {n for path in EXAMPLES.glob("*.attn") for n in attnc.load(path).names()}
 
 
-def tiles_from_mask(mask, bm: int, bn: int):
-    """int8 [H, nq, nk] straight from a dense bool mask [H, M, N]: 2 every pair of the
-    tile allowed, 1 some, 0 none (edge tiles may be short). The oracle of plan tests."""
+def tile_counts_from_mask(mask, bm: int, bn: int):
+    """int64 [H, nq, nk]: allowed pairs per (query tile, key tile) of a dense mask [H, M, N]
+    (bool or 0/1; edge tiles may be short). The oracle of per-tile count tests."""
     import torch
     H, M, N = mask.shape
     nq, nk = -(-M // bm), -(-N // bn)
     pad = torch.zeros(H, nq * bm, nk * bn, dtype=torch.int64)
-    valid = torch.zeros_like(pad)
     pad[:, :M, :N] = mask.long()
-    valid[:, :M, :N] = 1
-    cnt = pad.view(H, nq, bm, nk, bn).sum((2, 4))
-    size = valid.view(H, nq, bm, nk, bn).sum((2, 4))
+    return pad.view(H, nq, bm, nk, bn).sum((2, 4))
+
+
+def tiles_from_mask(mask, bm: int, bn: int):
+    """int8 [H, nq, nk] straight from a dense bool mask [H, M, N]: 2 every pair of the
+    tile allowed, 1 some, 0 none (edge tiles may be short). The oracle of plan tests."""
+    import torch
+    cnt = tile_counts_from_mask(mask, bm, bn)
+    size = tile_counts_from_mask(torch.ones(mask.shape, dtype=torch.bool), bm, bn)
     return torch.where(cnt == size, 2, torch.where(cnt == 0, 0, 1)).to(torch.int8)

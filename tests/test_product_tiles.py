@@ -15,16 +15,7 @@ from attnc.codegen.ndtiles import TileLayout
 from attnc.interval_sets import NotIntervals
 from attnc.plans import Plan
 from attnc.tileboxes import tile_major
-from conftest import example_pattern, tiles_from_mask
-
-
-def dense_counts(m: torch.Tensor, bm: int, bn: int) -> torch.Tensor:
-    """int64 [H, nq, nk] allowed pairs per 1-D tile pair of a dense bool mask [H, M, N]."""
-    H, M, N = m.shape
-    nq, nk = -(-M // bm), -(-N // bn)
-    pad = torch.zeros(H, nq * bm, nk * bn, dtype=torch.int64)
-    pad[:, :M, :N] = m.long()
-    return pad.view(H, nq, bm, nk, bn).sum((2, 4))
+from conftest import example_pattern, tile_counts_from_mask, tiles_from_mask
 
 
 def nd_states(m: torch.Tensor, grid, tq, tk) -> torch.Tensor:
@@ -118,7 +109,7 @@ def test_1d_tile_counts_and_plans_of_products_on_grids(monkeypatch, pat, grid, b
     for block in blocks:
         # show's per-tile counts and rows: from the per-axis factors, nothing evaluated
         plan, counts, rows = pair_counts.tile_counts(pat.ir, N, N, H, grid, block)
-        assert torch.equal(counts.expand(H, -1, -1).long(), dense_counts(m, *block))
+        assert torch.equal(counts.expand(H, -1, -1).long(), tile_counts_from_mask(m, *block))
         assert torch.equal(rows.expand(H, -1), m.sum(-1))
         # the plan (ProductCounts first at few tiles) is the mask's and the closed form's
         assert torch.equal(plan.to_dense().expand(H, -1, -1), tiles_from_mask(m, *block))
@@ -135,7 +126,7 @@ def test_factors_with_text_tokens_before_the_grid():
     grid, N = (7, 6), 5 + 42
     m = pat.mask(N, heads=2, grid=grid)
     counts = products.ProductCounts(pat.ir, N, N, 2, grid, 8, 8).counts(pat.ir.body)
-    assert torch.equal(counts.expand(2, -1, -1), dense_counts(m, 8, 8))
+    assert torch.equal(counts.expand(2, -1, -1), tile_counts_from_mask(m, 8, 8))
 
 
 @pytest.mark.parametrize("body", ["neighborhood(3) | causal", "where q.h == k.w", "where q.h <= k.h",

@@ -8,16 +8,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 import attnc
 from attnc import analysis, interval_sets, products
-from conftest import tiles_from_mask
-
-
-def tile_counts(m: torch.Tensor, bm: int, bn: int) -> torch.Tensor:
-    """int64 [H, nq, nk] allowed pairs per tile pair of a dense bool mask [H, M, N]."""
-    H, M, N = m.shape
-    nq, nk = -(-M // bm), -(-N // bn)
-    pad = torch.zeros(H, nq * bm, nk * bn, dtype=torch.int64)
-    pad[:, :M, :N] = m.long()
-    return pad.view(H, nq, bm, nk, bn).sum((2, 4))
+from conftest import tile_counts_from_mask, tiles_from_mask
 
 
 def tokens(grid, text=0):
@@ -33,7 +24,7 @@ def check_counts(layout, body, grid, block, text=0, H=2):
     N = tokens(grid, text)
     counts = products.ProductCounts(pat.ir, N, N, H, grid, *block).counts(pat.ir.body)
     m = pat.mask(N, heads=H, grid=grid)
-    assert torch.equal(counts.expand(H, -1, -1), tile_counts(m, *block))
+    assert torch.equal(counts.expand(H, -1, -1), tile_counts_from_mask(m, *block))
     return pat, m
 
 

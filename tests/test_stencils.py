@@ -9,7 +9,7 @@ from attnc import analysis, interval_sets, pair_counts
 from attnc.intervals import IntervalAnalysis
 from attnc.reference import top_view
 from attnc.stencils import is_stencil
-from conftest import EXAMPLES, tiles_from_mask
+from conftest import EXAMPLES, tile_counts_from_mask, tiles_from_mask
 
 
 def plan_lists(plan):
@@ -156,11 +156,8 @@ def test_tile_counts_of_stencils(block):
     for M in (N, N - 9):
         plan, counts, rows = pair_counts.tile_counts(pat.ir, M, N, 2, grid, block)
         m = pat.mask(M, N, heads=2, grid=grid).long()
-        nq, nk = plan.shape
-        pad = torch.zeros(2, nq * block[0], nk * block[1], dtype=torch.int64)
-        pad[:, :M, :N] = m
-        want = pad.view(2, nq, block[0], nk, block[1]).sum((2, 4))
-        assert torch.equal(counts.expand(2, -1, -1).long(), want)
+        assert plan.shape == tuple(-(-x // b) for x, b in zip((M, N), block))
+        assert torch.equal(counts.expand(2, -1, -1).long(), tile_counts_from_mask(m, *block))
         assert torch.equal(rows.expand(2, -1), m.sum(2))
 
 
@@ -178,10 +175,7 @@ def test_interval_tile_counts_against_brute_force():
             for q in range(M):
                 for a, b in zip(s.lo[h, q].tolist(), s.hi[h, q].tolist()):
                     dense[h, q, a:b] = True
-        nq, nk = -(-M // bm), -(-N // bn)
-        pad = torch.zeros(2, nq * bm, nk * bn, dtype=torch.int64)
-        pad[:, :M, :N] = dense.long()
-        want = pad.view(2, nq, bm, nk, bn).sum((2, 4))
+        want = tile_counts_from_mask(dense, bm, bn)
         assert torch.equal(interval_tile_counts(s, M, bm, bn, torch.int32).long(), want)
 
 
