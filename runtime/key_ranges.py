@@ -29,6 +29,7 @@ ends, a causal diagonal; bits equal for every unit are kept once and broadcast.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -69,6 +70,22 @@ class Group:
     @property
     def view(self) -> bool:
         return self.rows is None and self.step is not None
+
+    def take(self, units) -> "Group":
+        """The group of some of its units: a slice keeps evenly stepped starts a view (the
+        backward's parts of a chunk), an index tensor does not (restricted schedules)."""
+        starts = self.starts[units].contiguous()
+        return dataclasses.replace(
+            self, starts=starts, start=int(starts[0]), keys=self.keys[units].contiguous(),
+            step=self.step if isinstance(units, slice) else None,
+            masks=tuple((c0, c1, *(t[units].contiguous() if t.shape[0] > 1 else t for t in m)) for c0, c1, *m in self.masks),
+            rows=None if self.rows is None else self.rows[units].contiguous())
+
+    def to(self, device) -> "Group":
+        """The group's tables on `device`."""
+        return dataclasses.replace(self, starts=self.starts.to(device), keys=self.keys.to(device),
+                                   masks=tuple((c0, c1, *(t.to(device) for t in m)) for c0, c1, *m in self.masks),
+                                   rows=None if self.rows is None else self.rows.to(device))
 
     def allowed(self, c: int, bm: int) -> torch.Tensor:
         """bool [c, 1, bm, length]: which (row, column) pairs the group computes."""
@@ -337,13 +354,11 @@ def restrict(sched: Schedule, q_tiles, k_tiles) -> Schedule:
             continue
         groups = []
         for g in chunk.groups:
-            x = g.starts[keep] // Np  # the key/value head of a per-head unit (0 when shared)
-            pos = g.keys[keep]  # global key positions
-            pos = pos if pos.dim() == 2 else pos[:, None] + torch.arange(g.length)
+            g = g.take(keep)
+            x = g.starts // Np  # the key/value head of a per-head unit (0 when shared)
+            pos = g.keys if g.keys.dim() == 2 else g.keys[:, None] + torch.arange(g.length)  # global key positions
             local = k_local[x[:, None] if C > 1 else 0, pos // bn] * bn + pos % bn + (x * nk * bn)[:, None]
-            masks = tuple((c0, c1, *(t[keep].contiguous() if t.shape[0] > 1 else t for t in m)) for c0, c1, *m in g.masks)
-            groups.append(Group(starts=g.starts[keep].contiguous(), start=0, length=g.length, step=None,
-                                keys=g.keys[keep].contiguous(), masks=masks, rows=local.contiguous()))
+            groups.append(dataclasses.replace(g, rows=local.contiguous()))
         chunks.append(Chunk(q=(head[keep] * nq + q_local[tile[keep]]).contiguous(), groups=tuple(groups)))
     return Schedule(block=sched.block, shared=sched.shared, nq=nq, nk=nk, chunks=tuple(chunks),
                     q_tiles=q_tiles, k_tiles=k_tiles.clamp(min=0))

@@ -116,9 +116,7 @@ class _Views:
         D = t.shape[-1]
         if group.view and group.step == 0:  # one key block for the whole chunk: one matmul, one add
             val = _bmm(a.reshape(B, X, c * R, L).transpose(-1, -2), b.reshape(B, X, c * R, D))
-            view = t.as_strided((B, X, L, D), (self.Hkv * self.Np * D, self.Np * D, D, 1),
-                                t.storage_offset() + group.start * D)
-            view.add_(val, alpha=scale)
+            self.keys(t, group)[:, :, 0].add_(val, alpha=scale)
             return
         val = _bmm(a.transpose(-1, -2), b)
         t.view(-1, D).index_add_(0, self.key_rows(group), val.reshape(-1, D), alpha=scale)
@@ -480,12 +478,8 @@ def _parts(sched: Schedule, w: _Views, budget: int):
             yield chunk
             continue
         for u0 in range(0, c, n):
-            u1 = min(c, u0 + n)
-            groups = tuple(dataclasses.replace(
-                g, starts=g.starts[u0:u1], start=int(g.starts[u0]), keys=g.keys[u0:u1],
-                masks=tuple((c0, c1, *(t[u0:u1] if t.shape[0] > 1 else t for t in m)) for c0, c1, *m in g.masks),
-                rows=None if g.rows is None else g.rows[u0:u1]) for g in chunk.groups)
-            yield Chunk(q=chunk.q[u0:u1], groups=groups)
+            part = slice(u0, min(c, u0 + n))
+            yield Chunk(q=chunk.q[part], groups=tuple(g.take(part) for g in chunk.groups))
 
 
 def _score_backward(step, qs, kc, vc, doc, lse_c, delta_c, group, w, dtables):
@@ -503,13 +497,7 @@ def _on_device(sched: Schedule, device: torch.device) -> Schedule:
     """The schedule's tables on `device` (kept while the schedule is in use)."""
     if device.type == "cpu":
         return sched
-
-    def group(g: Group) -> Group:
-        return dataclasses.replace(g, starts=g.starts.to(device), keys=g.keys.to(device),
-                                   masks=tuple((c0, c1, m.to(device), b.to(device)) for c0, c1, m, b in g.masks),
-                                   rows=None if g.rows is None else g.rows.to(device))
-
-    chunks = tuple(Chunk(q=ch.q.to(device), groups=tuple(group(g) for g in ch.groups)) for ch in sched.chunks)
+    chunks = tuple(Chunk(q=ch.q.to(device), groups=tuple(g.to(device) for g in ch.groups)) for ch in sched.chunks)
     return dataclasses.replace(sched, chunks=chunks)
 
 
