@@ -33,7 +33,7 @@ import torch
 
 import attnc
 
-from _report import timed
+from _report import FLEX_BLOCKS, fastest_flex_mask, timed
 
 
 def _natten(L: int, W: int, size: int):
@@ -75,10 +75,6 @@ def _cases():
     return out
 
 
-#: FlexAttention's block sizes tried per case; the faster one is its configuration
-FLEX_BLOCKS = (64, 128)
-
-
 def _timed(fn):
     """(wall ms, CPU ms) of one call."""
     return timed(fn)[1:]
@@ -108,18 +104,11 @@ def bench_case(name, src, grid, N, mask_mod, inputs, H, D, repeat, flex, dense_m
     # FlexAttention at its best: its own compiled create_block_mask over the hand-written mask_mod,
     # one BlockMask for every head unless the mask reads h, at the block size (64 or 128) that
     # runs fastest for this case (median of 3 calls each, after a warm-up)
-    masks, own_ms = {}, {}
-    for bs in FLEX_BLOCKS:
-        t0 = time.perf_counter()
-        masks[bs] = torch.compile(create_block_mask)(mask_mod, None, H if per_head else None, N, N, device="cpu",
-                                                     BLOCK_SIZE=bs)
-        own_ms[bs] = (time.perf_counter() - t0) * 1e3
-    trial = {}
-    for bs, m in masks.items():
-        flex(q, k, v, block_mask=m)
-        trial[bs] = statistics.median(_timed(lambda: flex(q, k, v, block_mask=m))[1] for _ in range(3))
-    block = min(trial, key=trial.get)
-    own, own_ms = masks[block], own_ms[block]
+    block, own, own_ms, trial = fastest_flex_mask(
+        lambda bs: torch.compile(create_block_mask)(mask_mod, None, H if per_head else None, N, N, device="cpu",
+                                                    BLOCK_SIZE=bs),
+        lambda m: flex(q, k, v, block_mask=m))
+    own_ms = own_ms[block]
     t0 = time.perf_counter()
     _, exported = pat.to_flex(N if grid is None else None, heads=H, grid=grid, block=(block, block), **inputs)
     export_ms = (time.perf_counter() - t0) * 1e3

@@ -24,7 +24,7 @@ import torch
 
 import attnc
 
-from _report import emit, timed
+from _report import emit, fastest_flex_mask, timed
 
 EX = Path(__file__).resolve().parent.parent / "examples"
 
@@ -91,14 +91,9 @@ def main() -> None:
         q, k, v = (torch.randn(1, H, N, D) for _ in range(3))
         # FlexAttention at its best: its own compiled create_block_mask at the block size (64 or 128)
         # that runs the scored case faster (median of 3 calls each, after a warm-up)
-        trial = {}
-        for bs in (64, 128):
-            bm_ = torch.compile(create_block_mask)(mask_mod, 1, 1, N, N, device="cpu", BLOCK_SIZE=bs)
-            flex(q, k, v, block_mask=bm_, score_mod=score_mod)
-            trial[bs] = (statistics.median(timed(lambda: flex(q, k, v, block_mask=bm_, score_mod=score_mod))[2]
-                                           for _ in range(3)), bm_)
-        block = min(trial, key=lambda b: trial[b][0])
-        block_mask = trial[block][1]
+        block, block_mask, _, _ = fastest_flex_mask(
+            lambda bs: torch.compile(create_block_mask)(mask_mod, 1, 1, N, N, device="cpu", BLOCK_SIZE=bs),
+            lambda m: flex(q, k, v, block_mask=m, score_mod=score_mod))
         fns = {
             "attnc + term": lambda: scored(q, k, v, backend="torch", **kw, **tables),
             "attnc mask only": lambda: plain(q, k, v, backend="torch", **kw),
