@@ -32,12 +32,12 @@ import numpy as np
 import torch
 
 from . import ir
-from .interval_tiles import PLAN_BYTES_PER_TILE, sparse_tiles
+from .interval_tiles import PLAN_BYTES_PER_RUN, tile_runs
 from .interval_sets import ISet, NotIntervals, TooManyIntervals, merge
 from .intervals import IntervalAnalysis
 from .periodic import NotPeriodic, PSet, periodic_tiles
 from .limits import require
-from .plans import Plan, TileList
+from .plans import Plan, Runs, TileList
 from .products import is_product, nd_product, product_plan
 from .progress import task
 from .reference import Evaluator, View, top_view
@@ -76,7 +76,7 @@ def _closed_form_plan_with(pattern: ir.PatternIR, M: int, N: int, heads: int, gr
     if pattern.inputs and not inputs:
         raise NotIntervals("run-time inputs")
     nq, nk = -(-M // bm), -(-N // bn)
-    parts, allowed, Hx, tiles = [], 0, None, 0
+    parts, allowed, Hx, runs = [], 0, None, 0
     with task("planning", total=M, unit="query") as bar:
         for q0, end, s in chunk_sets(pattern, M, N, heads, grid, bm, periodic, inputs):
             if Hx is None:
@@ -84,29 +84,25 @@ def _closed_form_plan_with(pattern: ir.PatternIR, M: int, N: int, heads: int, gr
             elif s.lo.shape[0] != Hx:  # heads come from the IR and the inputs' shapes, never from rows
                 raise AssertionError(f"chunks disagree on heads: {Hx} vs {s.lo.shape[0]}")
             if isinstance(s, ISet):
-                keys, full, count = sparse_tiles(s, bm, bn)
+                full, partial, count = tile_runs(s, bm, bn)
             else:
-                keys, full, count, _ = periodic_tiles(s, bm, bn)
+                keys, flags, count, _ = periodic_tiles(s, bm, bn)
+                full, partial = Runs.of_keys(keys[flags], nk), Runs.of_keys(keys[~flags], nk)
             allowed += count
-            tiles += len(keys)  # the tiles of the rows done so far, projected to all M rows:
-            require(PLAN_BYTES_PER_TILE * tiles * M / end,
+            runs += len(full.row) + len(partial.row)  # the runs of the rows done so far, projected to all M rows:
+            require(PLAN_BYTES_PER_RUN * runs * M / end,
                     f"the tile plan of '{pattern.name}' at M = {M}, N = {N} with {bm}x{bn} tiles "
-                    f"({tiles} non-empty tiles in the first {end} query rows)",
+                    f"({runs} runs of non-empty tiles in the first {end} query rows)",
                     "a larger tile (block=(256, 256), --tile 256x256) or smaller sizes")
-            if end - q0 < M and Hx == 1:  # chunk keys local tile * nk + key tile -> global: a shift
-                keys = keys + (q0 // bm) * nk
-            elif end - q0 < M:  # chunk keys (h * cq + local tile) * nk + key tile -> global
+            if end - q0 < M:  # chunk rows h * cq + local tile -> h * nq + q0 // bm + local tile
                 cq = -(-(end - q0) // bm)
-                row, kt = keys // nk, keys % nk
-                keys = ((row // cq) * nq + row % cq + q0 // bm) * nk + kt
-            parts.append((keys, full))
+                full, partial = (Runs(r.row // cq * nq + r.row % cq + q0 // bm, r.lo, r.hi) for r in (full, partial))
+            parts.append((full, partial))
             bar.update(end - q0)
-    keys, full = (np.concatenate(x) for x in zip(*parts)) if len(parts) > 1 else parts[0]
-    if len(parts) > 1 and Hx > 1:
-        order = np.argsort(keys, kind="stable")
-        keys, full = keys[order], full[order]
-    return Plan.from_tiles(keys, full, Hx, nq, nk, M=M, N=N, heads=heads, block=(bm, bn),
-                           allowed=allowed * (heads // Hx), method="closed-form")
+    ordered = Hx == 1 or len(parts) == 1  # else a later chunk's head 0 comes before an earlier one's head 1
+    full, partial = (Runs.cat(list(x), nk, ordered) for x in zip(*parts))
+    return Plan.from_runs(full, partial, Hx, nq, nk, M=M, N=N, heads=heads, block=(bm, bn),
+                          allowed=allowed * (heads // Hx), method="closed-form")
 
 
 def chunk_sets(pattern, M, N, heads, grid, bm: int, periodic: bool, inputs: dict | None = None):
@@ -317,8 +313,13 @@ def head_classes(pattern: ir.PatternIR, M: int, N: int, heads: int, grid) -> lis
 
 
 def _stack_lists(lists: list, index: list[int]) -> TileList:
-    """One TileList of `len(index)` heads: head h is `lists[index[h]]` (each of one head)."""
+    """One TileList of `len(index)` heads: head h is `lists[index[h]]` (each of one head);
+    runs stay runs ([Note: tile runs])."""
     counts = torch.cat([lists[i].counts for i in index])
+    if all(t.runs is not None for t in lists):
+        rows = lists[0].counts.shape[1]
+        runs = Runs.cat([lists[i].runs.shifted(h * rows) for h, i in enumerate(index)], 0, ordered=True)
+        return TileList.from_runs(len(index), rows, runs)
     cols = torch.cat([lists[i].cols for i in index])
     return TileList(counts.to(torch.int32), cols.to(torch.int32))
 

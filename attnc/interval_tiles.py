@@ -2,8 +2,8 @@
 
 input:  a merged interval set (interval_sets.ISet) of whole query tiles and a tile shape.
 output: `classify_from_intervals`: dense bool (full, nonempty) maps [Hx, nq, nk];
-        `sparse_tiles`: the sorted keys of the non-empty tiles, their full flags and the
-        allowed count, without a dense map (what `Plan.from_tiles` takes);
+        `tile_runs`: the runs of full and of partial tiles per query tile and the allowed
+        count, without a dense map or a list of tiles (what `Plan.from_runs` takes);
         `interval_tile_counts` / `counted_plan`: the allowed pairs of every tile (what `show`
         draws), and the plan from them.
 does not: compute interval sets (intervals.py) or chunk the queries of a plan (analysis.py).
@@ -17,12 +17,14 @@ import torch
 from .interval_sets import ISet
 from .limits import require
 from .periodic import PSet, periodic_tiles
-from .plans import Plan
+from .plans import Plan, Runs
 from .tilestats import count_dtype, tile_lengths
 
 #: about the bytes a non-empty tile costs while a plan is built from sparse tiles: its key and flag,
 #: the sort orders and both tile lists (row and transposed) of `Plan.from_tiles`
 PLAN_BYTES_PER_TILE = 64
+#: about the bytes a run of tiles ([Note: tile runs]) costs while `tile_runs` builds and merges it
+PLAN_BYTES_PER_RUN = 96
 
 
 def classify_from_intervals(s: ISet, M: int, bm: int, bn: int, qrel: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -53,19 +55,11 @@ def classify_from_intervals(s: ISet, M: int, bm: int, bn: int, qrel: torch.Tenso
     return cover == tile_lengths(M, bm).view(1, nq, 1), touch > 0
 
 
-def _expand(lo: np.ndarray, hi: np.ndarray, nk: int) -> np.ndarray:
-    """Keys row * nk + t of every tile t in the ranges [lo, hi) of [rows, R] arrays."""
-    n = np.maximum(hi - lo, 0).ravel()
-    idx = np.repeat(np.arange(n.size), n)
-    first = np.cumsum(n) - n
-    return (idx // lo.shape[-1]) * nk + lo.ravel()[idx] + (np.arange(len(idx)) - first[idx])
-
-
-def sparse_tiles(s: ISet, bm: int, bn: int) -> tuple[np.ndarray, np.ndarray, int]:
+def tile_runs(s: ISet, bm: int, bn: int) -> tuple[Runs, Runs, int]:
     """The non-empty tiles of whole query tiles (the last may be short) from merged
-    interval sets, without a dense [nq, nk] map: sorted unique int64 keys
-    (h * nq + query tile) * nk + key tile, bool `full` per key, and the number
-    of allowed (head, query, key) triples of the set.
+    interval sets, without a dense [nq, nk] map and without listing them: the runs
+    ([Note: tile runs] in plans.py) of full and of partial key tiles of every row
+    h * nq + query tile, and the number of allowed (head, query, key) triples of the set.
 
     [Note: sparse tiles] Per query tile and interval slot r (a query's r-th
     interval, in tile units: touched key tiles [t_lo, t_hi), covered ones
@@ -81,8 +75,8 @@ def sparse_tiles(s: ISet, bm: int, bn: int) -> tuple[np.ndarray, np.ndarray, int
       full tile through the same slot).
     Tiles where a condition fails (a slot appears or splits inside the tile,
     a random or dilated pattern) are classified exactly by difference arrays over
-    their own queries only. Cost O(Hx * M * R) elementwise plus O(non-empty tiles);
-    memory O(M * R + non-empty tiles + bad tiles * nk)."""
+    their own queries only (one run per tile). Cost O(Hx * M * R) elementwise plus
+    O(runs log runs); memory O(M * R + bad tiles * nk), never O(non-empty tiles)."""
     N = s.n
     Hx, Mq, R = s.lo.shape
     bm = min(bm, Mq)  # one query tile either way; padding a short tile up to a huge bm would allocate bm rows
@@ -119,12 +113,18 @@ def sparse_tiles(s: ISet, bm: int, bn: int) -> tuple[np.ndarray, np.ndarray, int
         bad |= (m_lo[:, 1:] < m_hi[:, :-1]).any(-1)
     good = ~bad[:, None]
     n_bad = int(bad.sum())
-    require(PLAN_BYTES_PER_TILE * int(np.subtract(np.where(good, T_hi, T_lo), T_lo).sum(dtype=np.int64))
-            + 48 * n_bad * (nk + 1) + 16 * n_bad * R * bm,
+    require(PLAN_BYTES_PER_RUN * 3 * Hx * nq * R + 48 * n_bad * (nk + 1) + 16 * n_bad * R * bm,
             f"the tile plan of {Mq} queries x {N} keys with {bm}x{bn} tiles",
             "a larger tile (block=(256, 256), --tile 256x256) or smaller sizes")
-    keys = _expand(T_lo, np.where(good, T_hi, T_lo), nk)
-    fkeys = _expand(F_lo, np.where(good, F_hi, F_lo), nk)
+    # good rows, per slot: touched [T_lo, T_hi) = full [F_lo, F_hi) plus partial runs on both sides
+    # (a tile full through one slot is touched by no other: the query's intervals are disjoint)
+    n_rows = Hx * nq
+    has_full = good & (F_hi > F_lo)
+    F_lo, F_hi = np.where(has_full, F_lo, T_lo), np.where(has_full, F_hi, T_lo)
+    T_hi = np.where(good, T_hi, T_lo)
+    row = np.repeat(np.arange(n_rows, dtype=np.int64), R)
+    f_parts = [(row, F_lo.ravel(), F_hi.ravel())]
+    p_parts = [(row, T_lo.ravel(), F_lo.ravel()), (row, F_hi.ravel(), T_hi.ravel())]
     rows = np.flatnonzero(bad)
     if len(rows):
         # exact classes of the bad tiles by difference arrays over their queries
@@ -140,16 +140,13 @@ def sparse_tiles(s: ISet, bm: int, bn: int) -> tuple[np.ndarray, np.ndarray, int
         bc_lo, bc_hi = c_lo[:, rows], c_hi[:, rows]
         touch = count(t_lo[:, rows], t_hi[:, rows], b_real)
         cover = count(bc_lo, bc_hi, b_real & (bc_hi > bc_lo))
-        r_t, k_t = np.nonzero(touch > 0)
-        r_f, k_f = np.nonzero(cover == bm)
-        keys = np.concatenate([keys, rows[r_t] * nk + k_t])
-        fkeys = np.concatenate([fkeys, rows[r_f] * nk + k_f])
-    if R > 1 or len(rows):  # slots may touch the same tile (np.unique would import numpy.ma: 7 ms cold)
-        keys, fkeys = np.sort(keys), np.sort(fkeys)
-        keys = keys[np.concatenate([[True], keys[1:] != keys[:-1]])]
-    pos = np.searchsorted(fkeys, keys).clip(max=max(len(fkeys) - 1, 0))
-    full = fkeys[pos] == keys if len(fkeys) else np.zeros(len(keys), dtype=bool)
-    return keys, full, allowed
+        for parts, sel in ((f_parts, cover == bm), (p_parts, (touch > 0) & (cover != bm))):
+            r, k = np.nonzero(sel)
+            parts.append((rows[r], k, k + 1))
+    simple = R == 1 and not len(rows)  # one range per row, rows in order: nothing to sort or join
+    full = Runs.merged(*(np.concatenate(x) for x in zip(*f_parts)), nk, ordered=simple)
+    partial = Runs.merged(*(np.concatenate(x) for x in zip(*p_parts)), nk)  # a row's pieces: sorted and joined
+    return full, partial, allowed
 
 
 #: intervals (and dense tile-row entries) `interval_tile_counts` handles at once

@@ -1,7 +1,8 @@
 """Tile plans: which tiles a kernel visits, stored as compressed per-row tile lists.
 
-input:  tile classes from the analysis: dense bool maps (`Plan.from_flags`) or sorted
-        keys of the non-empty tiles with their full flags (`Plan.from_tiles`).
+input:  tile classes from the analysis: dense bool maps (`Plan.from_flags`), sorted
+        keys of the non-empty tiles with their full flags (`Plan.from_tiles`), or runs of
+        full and of partial tiles per row (`Plan.from_runs`).
 output: `Plan` (forward lists per query tile, transposed lists per key tile, the exact
         allowed count, how it was built) and `TileList` (one direction's compressed lists,
         with the padded index view the kernels read).
@@ -20,17 +21,101 @@ import torch
 from .limits import require
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(frozen=True)
+class Runs:
+    """Runs of consecutive tile columns: row (flat h * rows + r), columns [lo, hi); int64
+    numpy arrays. `merged` sorts them by (row, lo) and joins overlapping or adjacent ones."""
+
+    row: np.ndarray
+    lo: np.ndarray
+    hi: np.ndarray
+
+    @staticmethod
+    def merged(row: np.ndarray, lo: np.ndarray, hi: np.ndarray, nk: int, ordered: bool = False) -> "Runs":
+        """The merged runs of possibly overlapping, unordered ranges (empty ones dropped);
+        `ordered`: already sorted by (row, lo) with at most one range per row."""
+        keep = hi > lo
+        row, lo, hi = (x[keep].astype(np.int64) for x in (row, lo, hi))
+        if ordered or not len(row):
+            return Runs(row, lo, hi)
+        a, b = row * (nk + 1) + lo, row * (nk + 1) + hi  # one line: rows never touch (a row ends <= nk)
+        order = np.argsort(a, kind="stable")
+        a, b = a[order], np.maximum.accumulate(b[order])
+        new = np.ones(len(a), dtype=bool)
+        new[1:] = a[1:] > b[:-1]
+        first = np.flatnonzero(new)
+        a, b = a[first], b[np.append(first[1:], len(new)) - 1]
+        row = a // (nk + 1)
+        return Runs(row, a - row * (nk + 1), b - row * (nk + 1))
+
+    @staticmethod
+    def of_keys(keys: np.ndarray, nk: int) -> "Runs":
+        """The runs of sorted unique tile keys row * nk + col."""
+        row, col = np.divmod(keys.astype(np.int64), nk)
+        if not len(keys):
+            return Runs(row, col, col)
+        new = np.ones(len(keys), dtype=bool)
+        new[1:] = (col[1:] != col[:-1] + 1) | (row[1:] != row[:-1])
+        first = np.flatnonzero(new)
+        last = np.append(first[1:], len(keys)) - 1
+        return Runs(row[first], col[first], col[last] + 1)
+
+    def expand(self) -> np.ndarray:
+        """int32 [tiles]: every run's columns, in order."""
+        n = self.hi - self.lo
+        first = np.cumsum(n) - n
+        return (np.arange(int(n.sum()), dtype=np.int64) + np.repeat(self.lo - first, n)).astype(np.int32)
+
+    def shifted(self, rows: int) -> "Runs":
+        return Runs(self.row + rows, self.lo, self.hi)
+
+    @staticmethod
+    def cat(parts: list["Runs"], nk: int, ordered: bool) -> "Runs":
+        """Runs of parts; `ordered`: the parts' rows already ascend part after part."""
+        row, lo, hi = (np.concatenate([getattr(p, f) for p in parts]) for f in ("row", "lo", "hi"))
+        if ordered:
+            return Runs(row, lo, hi)
+        order = np.argsort(row * (nk + 1) + lo, kind="stable")
+        return Runs(row[order], lo[order], hi[order])
+
+
 class TileList:
     """Per row of tiles, the column indices of some tiles, stored compressed:
     row r (flat over heads, r = h * rows + row) holds
     `cols[start[r] : start[r] + counts[r]]`, ascending, so a plan's memory is
     proportional to its non-empty tiles. `index` is the padded view the kernels
     and the torch path read ([Hx, rows, max count], -1 padded), made on first use.
+
+    [Note: tile runs] A list made by `from_runs` holds runs of consecutive columns
+    instead (a causal row of 8192 tiles is one run), and makes `cols` on first use:
+    what only counts tiles (plan, simulate, show's totals, the cost model) stays
+    O(runs), while a kernel's lists still come out of `cols` / `index` unchanged.
     """
 
-    counts: torch.Tensor  # int32 [Hx, rows]
-    cols: torch.Tensor  # int32 [number of tiles], row-major
+    def __init__(self, counts: torch.Tensor, cols: torch.Tensor | None = None):
+        self.counts = counts  # int32 [Hx, rows]
+        if cols is not None:
+            self.cols = cols  # int32 [number of tiles], row-major (else made from runs)
+        self.runs: Runs | None = None
+
+    @staticmethod
+    def from_runs(Hx: int, rows: int, runs: "Runs") -> "TileList":
+        """From runs (merged: sorted by (row, lo), disjoint, not adjacent) of flat rows h * rows + r."""
+        n = runs.hi - runs.lo
+        counts = np.bincount(runs.row, weights=n, minlength=Hx * rows).astype(np.int32) if len(n) else \
+            np.zeros(Hx * rows, dtype=np.int32)
+        t = TileList(torch.from_numpy(counts).view(Hx, rows))
+        t.runs = runs
+        return t
+
+    @functools.cached_property
+    def cols(self) -> torch.Tensor:
+        """The columns of the runs, expanded (O(tiles)); only lists made by `from_runs` get here."""
+        tiles = int(self.counts.sum(dtype=torch.int64))
+        Hx, rows = self.counts.shape
+        require(20 * tiles, f"the tile list of {tiles} tiles ({Hx} x {rows} rows)",
+                "a larger tile (block=(256, 256), --tile 256x256) or smaller sizes")
+        return torch.from_numpy(self.runs.expand())
 
     @functools.cached_property
     def index(self) -> torch.Tensor:
@@ -38,6 +123,8 @@ class TileList:
         Hx, rows = self.counts.shape
         cnt = self.counts.flatten().long()
         width = max(int(cnt.max()) if cnt.numel() else 0, 1)
+        require(4 * Hx * rows * width + 16 * len(self.cols), f"the padded tile index of {Hx} x {rows} rows x {width} tiles",
+                "a larger tile (block=(256, 256), --tile 256x256) or smaller sizes")
         flat_row = self.flat_rows()
         slot = torch.arange(len(self.cols), dtype=torch.int64, device=cnt.device) - (torch.cumsum(cnt, 0) - cnt)[flat_row]
         index = torch.full((Hx * rows * width,), -1, dtype=torch.int32, device=cnt.device)
@@ -191,6 +278,12 @@ class Plan:
         lists = [TileList(torch.from_numpy(count.astype(np.int32)).view(Hx, nq), torch.from_numpy(kt[pick]))
                  for count, pick in ((f_count, full), (p_count, ~full))]
         return Plan(full=lists[0], partial=lists[1], **fields)
+
+    @staticmethod
+    def from_runs(full: Runs, partial: Runs, Hx: int, nq: int, nk: int, **fields) -> "Plan":
+        """The plan of runs of full and of partial key tiles per row h * nq + query tile
+        (each merged, `Runs.merged`); O(runs): the tile lists are made on first use."""
+        return Plan(full=TileList.from_runs(Hx, nq, full), partial=TileList.from_runs(Hx, nq, partial), **fields)
 
     @property
     def shape(self) -> tuple[int, int]:

@@ -10,6 +10,8 @@ does not: plan (analysis.py) or evaluate masks itself (reference.py, in bounded 
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from .tilestats import TileStats, ascii_map, stats_from_counts
@@ -20,7 +22,33 @@ PNG_CELLS = 1024
 
 def plan_tile_stats(pat, M: int, N: int, H: int, grid, block: tuple[int, int]) -> tuple[TileStats, torch.Tensor]:
     """`tile_stats` from the plan (`pair_counts.tile_counts`), not from dense mask rows: work
-    O(tiles + pairs inside partial tiles), memory O(tiles + M)."""
+    O(tiles + pairs inside partial tiles), memory O(tiles + M); of display cells when there
+    are more tiles than a picture shows ([Note: display cells])."""
+    from .analysis import plan_blocks
+    from .errors import AttnError
+
+    nq, nk = -(-M // block[0]), -(-N // block[1])
+    f = -(-max(nq, nk) // PNG_CELLS)
+    if f == 1:
+        return _counted_stats(pat, M, N, H, grid, block)
+    # [Note: display cells] Past PNG_CELLS tiles a side, every picture sums tiles into cells
+    # anyway, so the pairs are counted per cell of f x f tiles (the tiles of f-times larger
+    # ones): a cell is all full / all empty exactly when its count is its size / 0, so the
+    # pictures are those of the tiles, and the densities are exact. What only the tiles
+    # know, how many are full and partial, comes from the plan's tile counts, which stay
+    # O(runs) ([Note: tile runs] in plans.py): 10^6 tokens in 128-token tiles are 67 M
+    # tiles a head, but one run per row for a causal head.
+    try:
+        plan = plan_blocks(pat.ir, M, N, H, grid, block=block)
+    except AttnError as err:
+        raise err.with_sources(pat.program.sources) from None
+    stats, rows = _counted_stats(pat, M, N, H, grid, (block[0] * f, block[1] * f))
+    totals = torch.stack([lst.counts.sum(-1, dtype=torch.int64) for lst in (plan.full, plan.partial)], -1)
+    return dataclasses.replace(stats, tiles=(tuple(block), nq, nk, totals)), rows
+
+
+def _counted_stats(pat, M: int, N: int, H: int, grid, block: tuple[int, int]) -> tuple[TileStats, torch.Tensor]:
+    """Per-tile counts of `block` tiles, grouped by heads with equal arms where there are such."""
     from .analysis import head_classes
     from .pair_counts import tile_counts
     from .errors import AttnError
@@ -54,7 +82,8 @@ def head_groups(stats: TileStats, row_counts: torch.Tensor) -> list[list[int]]:
             groups[seen[src]].append(h)
             continue
         for i, r in enumerate(reps):
-            if torch.equal(stats.head(r), stats.head(h)) and torch.equal(row_counts[stats.row(r)], row_counts[src]):
+            if (torch.equal(stats.head(r), stats.head(h)) and torch.equal(row_counts[stats.row(r)], row_counts[src])
+                    and stats.tile_totals(r) == stats.tile_totals(h)):
                 seen[src] = i
                 groups[i].append(h)
                 break
@@ -66,15 +95,13 @@ def head_groups(stats: TileStats, row_counts: torch.Tensor) -> list[list[int]]:
 
 
 def render_text(pat, stats: TileStats, row_counts: torch.Tensor, groups: list[list[int]], max_cells: int = 64) -> str:
-    bm, bn = stats.block
+    (bm, bn), nq, nk = stats.tile_grid()
     out = [f"{pat.text()}",
-           f"M = {stats.M}, N = {stats.N}, heads = {stats.heads}, tiles {bm}x{bn}: "
-           f"{len(stats.qsz)} x {len(stats.ksz)}"]
+           f"M = {stats.M}, N = {stats.N}, heads = {stats.heads}, tiles {bm}x{bn}: {nq} x {nk}"]
     for g in groups:
         h = g[0]
         st = stats.state(h)
-        full, part = int((st == 2).sum()), int((st == 1).sum())
-        total = st.numel()
+        full, part, total = stats.tile_totals(h)
         label = "head " + str(h) if len(g) == 1 else "heads " + _ranges(g)
         allowed = stats.allowed(h)
         empty_rows = (row_counts[stats.row(h)] == 0).nonzero().flatten()
@@ -85,6 +112,7 @@ def render_text(pat, stats: TileStats, row_counts: torch.Tensor, groups: list[li
         if len(empty_rows):
             out.append(f"  warning: {len(empty_rows)} query rows attend no key (e.g. row {int(empty_rows[0])})")
         pic, f = ascii_map(st, max_cells)
+        f *= stats.cell()
         if f > 1:
             out.append(f"  (each character: {f}x{f} tiles)")
         out.extend("  " + line for line in pic.splitlines())
@@ -127,8 +155,10 @@ def render_png(path: str, pat, stats: TileStats, groups: list[list[int]], token_
         ax.imshow(stats.fraction(h, PNG_CELLS).numpy(), cmap="Blues", norm=PowerNorm(0.5, vmin=0, vmax=1), interpolation="nearest")
         label = f"head {h}" if len(g) == 1 else f"heads {_ranges(g)}"
         ax.set_title(f"{label}: density {stats.density(h):.3f}", fontsize=9)
-        ax.set_xlabel(f"key tile ({stats.block[1]})")
-        ax.set_ylabel(f"query tile ({stats.block[0]})")
+        (bm, bn), _, _ = stats.tile_grid()
+        per = "" if stats.cell() == 1 else f", {stats.cell()}x{stats.cell()} tiles a pixel"
+        ax.set_xlabel(f"key tile ({bn}{per})")
+        ax.set_ylabel(f"query tile ({bm})")
     rest = list(axes[0][len(shown):])
     if token_view is not None:
         ax = rest.pop(0)

@@ -50,9 +50,30 @@ class TileStats:
     #: the row of `counts` (and of the row counts beside them) of every head, when rows stand
     #: for groups of heads with equal arms (analysis.head_classes); None: row min(h, rows - 1)
     index: tuple | None = None
+    #: when `counts` are of display cells ([Note: display cells] in show.py): the plan's own tiles,
+    #: (block, nq, nk, totals) with totals int64 [1 or heads, 2], the full and the partial tiles
+    #: of each head; None when `counts` are of the plan's tiles
+    tiles: tuple | None = None
 
     def row(self, h: int) -> int:
         return self.index[h] if self.index is not None else min(h, self.counts.shape[0] - 1)
+
+    def tile_grid(self) -> tuple[tuple[int, int], int, int]:
+        """(block, nq, nk) of the plan's tiles (of `counts` unless they are display cells)."""
+        return self.tiles[:3] if self.tiles is not None else (self.block, len(self.qsz), len(self.ksz))
+
+    def tile_totals(self, h: int) -> tuple[int, int, int]:
+        """(full, partial, all) tiles of head h, of the plan's tiles."""
+        if self.tiles is None:
+            st = self.state(h)
+            return int((st == 2).sum()), int((st == 1).sum()), st.numel()
+        _, nq, nk, totals = self.tiles
+        full, part = totals[min(h, totals.shape[0] - 1)].tolist()
+        return full, part, nq * nk
+
+    def cell(self) -> int:
+        """Tiles per side of one entry of `counts` (1 unless they are display cells)."""
+        return 1 if self.tiles is None else self.block[0] // self.tiles[0][0]
 
     def head(self, h: int) -> torch.Tensor:
         """Head h's counts [nqb, nkb] (a view)."""

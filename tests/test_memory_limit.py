@@ -145,10 +145,20 @@ def test_closed_form_plan_projects_its_tiles(limit):
     refused(lambda: pat.plan(10**7, block=(1, 1)), "the tile plan", "non-empty tiles in the first")
 
 
-def test_sparse_tiles_of_one_chunk(limit):
+def test_tile_runs_projected(limit):
     limit("16M")  # room for one chunk of the plan builder
     pat = attnc.loads("pattern p = full").pattern()
-    refused(lambda: pat.plan(16384, 10**6, block=(1, 1)), "the tile plan of 16384 queries")
+    # one run per query row at 2**20 rows: refused after the first chunk, from its runs
+    refused(lambda: pat.plan(2**20, 10**6, block=(1, 1)), "16384 runs of non-empty tiles in the first 16384 query rows")
+
+
+def test_tile_runs_expand_on_first_use(limit):
+    limit("64M")
+    # one run of 10**6 full tiles per query row: planned in O(rows), listed only when asked
+    plan = attnc.loads("pattern p = full").pattern().plan(4096, 10**6, block=(1, 1))
+    assert plan.counts()["tiles_full"] == 4096 * 10**6 and plan.allowed == 4096 * 10**6
+    refused(lambda: plan.full.cols, "the tile list of 4096000000 tiles")
+    refused(lambda: plan.full.index, "the tile list of 4096000000 tiles")
 
 
 def test_tile_boxes(limit):

@@ -111,3 +111,31 @@ def test_one_dimensional_partial_tiles_are_counted_from_intervals(monkeypatch):
         assert stats.allowed() == int(mask.sum())
         for h in range(H):
             assert torch.equal(rows[stats.row(h)], mask[h].sum(-1))
+
+
+@pytest.mark.parametrize("src, M, H, grid", [
+    ("pattern p = sliding(37) | (sink(5) & causal)", 1000, 1, None),
+    ("pattern p = heads { {0, 2} => causal; _ => sliding(20) | sink(3) }", 1024, 4, None),
+    ("pattern p = heads { 0 => sliding(9); _ => where k <= q - 5 * h or q % 7 == 0 }", 777, 3, None),
+    ("pattern p = strided(9) & causal", 1000, 1, None),
+    ("pattern p on grid(h, w) = neighborhood((7, 5))", None, 2, (30, 33)),
+])
+def test_display_cells_draw_what_the_tiles_draw(monkeypatch, src, M, H, grid):
+    # past PNG_CELLS tiles a side `show` counts pairs per display cell and takes the tile totals from
+    # the plan ([Note: display cells]); what it prints is what the per-tile counts print
+    from attnc import show
+
+    pat = attnc.loads(src).pattern()
+    M, N, H, grid = pat.resolve_sizes(M, None, H, grid)
+    block = (16, 16)
+    fine, fine_rows = plan_tile_stats(pat, M, N, H, grid, block)
+    monkeypatch.setattr(show, "PNG_CELLS", 16)  # 4 x 4 tiles a cell
+    cells, cell_rows = plan_tile_stats(pat, M, N, H, grid, block)
+    assert cells.block == (64, 64) and cells.cell() == 4 and cells.tile_grid() == fine.tile_grid()
+    assert torch.equal(cell_rows, fine_rows) and cells.allowed() == fine.allowed()
+    for h in range(H):
+        assert cells.tile_totals(h) == fine.tile_totals(h)
+        assert torch.equal(cells.fraction(h), fine.fraction(h, 16))
+    assert (render_text(pat, cells, cell_rows, head_groups(cells, cell_rows), 16)
+            == render_text(pat, fine, fine_rows, head_groups(fine, fine_rows), 16))
+    assert "(each character: 4x4 tiles)" in render_text(pat, cells, cell_rows, head_groups(cells, cell_rows), 16)

@@ -1,0 +1,61 @@
+"""Tile lists stored as runs ([Note: tile runs] in attnc/plans.py): planning stays O(runs), and the
+lists the kernels read come out of the runs unchanged."""
+
+import numpy as np
+import pytest
+import torch
+
+import attnc
+from attnc.plans import Runs, TileList
+from conftest import tiles_from_mask
+
+
+def test_merged_joins_overlapping_and_adjacent_runs_within_a_row():
+    row = np.array([1, 0, 0, 0, 1, 2])
+    lo = np.array([0, 5, 2, 9, 3, 4])
+    hi = np.array([3, 7, 6, 9, 4, 5])  # [9, 9) is empty
+    r = Runs.merged(row, lo, hi, nk=10)
+    assert list(zip(r.row.tolist(), r.lo.tolist(), r.hi.tolist())) == [(0, 2, 7), (1, 0, 4), (2, 4, 5)]
+    # a run ending at the last column never joins the next row's first
+    r = Runs.merged(np.array([0, 1]), np.array([8, 0]), np.array([10, 2]), nk=10)
+    assert r.lo.tolist() == [8, 0] and r.hi.tolist() == [10, 2]
+    assert r.expand().tolist() == [8, 9, 0, 1]
+
+
+def test_runs_of_keys_round_trip():
+    keys = np.array([0, 1, 2, 9, 10, 11, 15, 30])  # nk = 10: row 0 cols 0-2, 9; row 1 cols 0, 1, 5; row 3 col 0
+    r = Runs.of_keys(keys, 10)
+    assert r.row.tolist() == [0, 0, 1, 1, 3] and r.expand().tolist() == [0, 1, 2, 9, 0, 1, 5, 0]
+    t = TileList.from_runs(1, 4, r)
+    assert t.counts.tolist() == [[4, 3, 0, 1]]
+    assert t.index.tolist() == [[[0, 1, 2, 9], [0, 1, 5, -1], [-1, -1, -1, -1], [0, -1, -1, -1]]]
+
+
+def test_a_causal_plan_at_a_million_tokens_lists_no_tile():
+    pat = attnc.loads("pattern p = heads { {0, 3} => causal; _ => sliding(256) | sink(64) }").pattern()
+    plan = pat.plan(2**20, heads=4, block=(128, 128))
+    nq = 2**20 // 128
+    for lst in (plan.full, plan.partial):
+        assert "cols" not in lst.__dict__ and lst.runs is not None
+    # a causal row is one run of full tiles: the lists hold O(rows) runs, not 33 M tiles
+    assert len(plan.full.runs.row) <= 4 * nq and len(plan.partial.runs.row) <= 3 * 4 * nq
+    assert int(plan.full.counts[0].sum()) == nq * (nq - 1) // 2 and int(plan.partial.counts[0].sum()) == nq
+    assert plan.counts()["tiles_full"] == 2 * nq * (nq - 1) // 2 + int(plan.full.counts[1].sum()) * 2
+
+
+@pytest.mark.parametrize("src, M, H", [
+    ("pattern p = sliding(37) | (sink(5) & causal)", 1000, 1),
+    ("pattern p = heads { {0, 2} => causal; _ => sliding(20) | sink(3) }", 700, 4),
+    ("pattern p = dilate(3, sliding(5)) | global(0 .. 3)", 600, 1),  # several intervals a query: runs joined
+    ("pattern p = strided(9) & causal", 640, 1),  # periodic slots: runs of their tile keys
+])
+def test_runs_expand_to_the_tiles_of_the_mask(src, M, H):
+    pat = attnc.loads(src).pattern()
+    plan = pat.plan(M, heads=H, block=(16, 16))
+    assert torch.equal(plan.to_dense().expand(H, -1, -1), tiles_from_mask(pat.mask(M, heads=H), 16, 16))
+    for lst in (plan.full, plan.partial):  # ascending columns within a row, as many as counted
+        for h in range(lst.counts.shape[0]):
+            for r in range(lst.counts.shape[1]):
+                row, n = lst.index[h, r], int(lst.counts[h, r])
+                cols = row[:n]
+                assert bool((cols[1:] > cols[:-1]).all()) and bool((row[n:] == -1).all())
