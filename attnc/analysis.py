@@ -35,7 +35,7 @@ from . import ir
 from .interval_tiles import PLAN_BYTES_PER_RUN, tile_runs
 from .interval_sets import ISet, NotIntervals, TooManyIntervals, merge
 from .intervals import IntervalAnalysis
-from .periodic import NotPeriodic, PSet, periodic_tiles
+from .periodic import NotPeriodic, PSet, periodic_runs
 from .limits import require
 from .plans import Plan, Runs, TileList
 from .products import is_product, nd_product, product_plan
@@ -86,8 +86,7 @@ def _closed_form_plan_with(pattern: ir.PatternIR, M: int, N: int, heads: int, gr
             if isinstance(s, ISet):
                 full, partial, count = tile_runs(s, bm, bn)
             else:
-                keys, flags, count, _ = periodic_tiles(s, bm, bn)
-                full, partial = Runs.of_keys(keys[flags], nk), Runs.of_keys(keys[~flags], nk)
+                full, partial, count = periodic_runs(s, bm, bn)
             allowed += count
             runs += len(full.row) + len(partial.row)  # the runs of the rows done so far, projected to all M rows:
             require(PLAN_BYTES_PER_RUN * runs * M / end,

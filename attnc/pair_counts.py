@@ -17,7 +17,7 @@ import torch
 from . import analysis, ir
 from .analysis import chunk_sets, one_thread, plan_blocks, query_interval_sets
 from .interval_sets import NotIntervals
-from .interval_tiles import counted_plan
+from .interval_tiles import counted_plan, interval_tile_counts
 from .periodic import NotPeriodic, PSet, periodic_tiles, take
 from .products import ProductCounts, axis_masks, is_product
 from .plans import Plan
@@ -34,6 +34,10 @@ def _full_tile_counts(full: torch.Tensor, qsz: torch.Tensor, ksz: torch.Tensor, 
     counts *= qsz.to(counts.dtype)[None, :, None]
     return counts
 
+
+#: tiles a side squared up to which every tile is counted from interval sets at once, O(M * R + tiles),
+#: and the plan taken from the counts (display cells, [Note: display cells] in show.py, are never more)
+FEW_TILES = 1 << 20
 
 #: mask elements evaluated per call by tile_counts (bounds its working memory)
 COUNT_CHUNK = 1 << 22
@@ -71,9 +75,15 @@ def _interval_tile_counts(pattern, M, N, heads, grid, state, qsz, ksz, block):
         return _periodic_tile_counts(s, M, state, block), s.count()
     Hs = s.lo.shape[0]
     Hx = max(Hs, state.shape[0])
+    R = s.lo.shape[-1]
+    partial = int((state == 1).sum()) * (Hx // state.shape[0])
+    if partial * bm * R > Hs * M * R + Hx * state[0].numel():
+        # many partial tiles (random keys, or display cells: [Note: display cells] in show.py): every
+        # tile from the intervals at once, by difference arrays along tile rows, beats gathering each
+        counts = interval_tile_counts(s, M, bm, bn, count_dtype(block))
+        return counts.expand(Hx, -1, -1).clone() if counts.shape[0] < Hx else counts, s.count()
     counts = _full_tile_counts((state == 2).expand(Hx, -1, -1), qsz, ksz, block)
     h, qt, kt = (state.expand(Hx, -1, -1) == 1).nonzero(as_tuple=True)
-    R = s.lo.shape[-1]
     per = max(1, COUNT_CHUNK // (bm * R))
     for c0 in each(range(0, len(h), per), "counting pairs in partial tiles", unit="chunk"):
         hh, qq, kk = h[c0:c0 + per], qt[c0:c0 + per], kt[c0:c0 + per]
@@ -89,10 +99,11 @@ def _interval_tile_counts(pattern, M, N, heads, grid, state, qsz, ksz, block):
     return counts, s.count()
 
 
-def _grid_interval_tile_counts(pattern, M, N, heads, grid, block):
-    """(plan, counts, rows) on a grid from interval sets (`where` stencils: [Note: stencils] in
-    stencils.py), in chunks of query rows; every tile counted from the intervals, the plan from
-    the counts (partial tiles are most tiles there). Raises NotIntervals."""
+def _counted_tile_counts(pattern, M, N, heads, grid, block):
+    """(plan, counts, rows) from interval sets (`where` stencils on grids: [Note: stencils] in
+    stencils.py; 1-D patterns of few tiles), in chunks of query rows; every tile counted from the
+    intervals, the plan from the counts (partial tiles are most tiles of a stencil). Raises
+    NotIntervals."""
     for periodic in (True, False):
         try:
             with task("counting pairs in tiles", total=M, unit="query") as bar:
@@ -108,19 +119,21 @@ def tile_counts(pattern: ir.PatternIR, M: int, N: int, heads: int, grid, block: 
     """(plan, counts, rows): the plan of 1-D tiles `block`, the allowed pairs per tile int64
     [1 or H, nq, nk] and per query row [1 or H, M], exact, without dense mask rows.
 
-    `where` stencils on grids count every tile from their interval sets and take the plan
-    from the counts. Otherwise full tiles count their size and empty tiles 0, from the plan;
+    `where` stencils on grids, and 1-D patterns of at most FEW_TILES tiles (display cells),
+    count every tile from their interval sets and take the plan from the counts. Otherwise
+    full tiles count their size and empty tiles 0, from the plan;
     a per-axis product's
     partial tiles come from ProductCounts and its rows from the 1-D masks' row counts;
     otherwise the mask of each query tile's partial key tiles is evaluated, at most
     COUNT_CHUNK elements at a time. Work O(tiles + partial tiles' pairs), memory O(nq * nk)."""
     with one_thread():
-        if pattern.layout.axes and any(isinstance(n, ir.Where) for n in ir.walk(pattern.body)):
+        bm, bn = block
+        few = not pattern.layout.axes and -(-M // bm) * -(-N // bn) <= FEW_TILES
+        if few or (pattern.layout.axes and any(isinstance(n, ir.Where) for n in ir.walk(pattern.body))):
             try:
-                return _grid_interval_tile_counts(pattern, M, N, heads, grid, block)
+                return _counted_tile_counts(pattern, M, N, heads, grid, block)
             except NotIntervals:
                 pass
-        bm, bn = block
         if is_product(pattern.body) and pattern.layout.axes and M == N:
             try:  # the plan, counts and rows of a product from its per-axis factors, nothing evaluated
                 pc = ProductCounts(pattern, M, N, heads, grid, bm, bn)

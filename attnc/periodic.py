@@ -307,10 +307,28 @@ def _np(t: torch.Tensor, h: int) -> np.ndarray:
 DIRECT_CHUNK = 1 << 14
 
 
-def periodic_tiles(s: PSet, bm: int, bn: int) -> tuple[np.ndarray, np.ndarray, int, np.ndarray]:
-    """(keys, full, allowed, counts): as interval_tiles.sparse_tiles (sorted keys
-    (h * nq + query tile) * nk + key tile of the non-empty tiles, their full flags, the
-    allowed triples), plus the exact allowed pairs of every listed tile ([Note: periodic tiles])."""
+@dataclass
+class _Columns:
+    """What `periodic_tiles` / `periodic_runs` share: every column (an interval slot or a periodic
+    slot) flat over (head, query), its per-row extremes, and the candidate key tiles [J0, J1)."""
+
+    N: int
+    bm: int
+    bn: int
+    nq: int
+    nk: int
+    rows: int
+    qrow: np.ndarray
+    qlen: np.ndarray
+    qstart: np.ndarray
+    cols: list
+    stats: list
+    J0: np.ndarray
+    J1: np.ndarray
+    allowed: int
+
+
+def _columns(s: PSet, bm: int, bn: int) -> _Columns:
     N = s.n
     H, Mq = s.heads, _mq(s)
     nq, nk = -(-Mq // bm), -(-N // bn)
@@ -348,46 +366,136 @@ def periodic_tiles(s: PSet, bm: int, bn: int) -> tuple[np.ndarray, np.ndarray, i
         J1 = np.where(any_real, np.maximum(J1, (mx_hi - 1) // bn + 1), J1)
         total = np.bincount(qrow, weights=per_q, minlength=rows).astype(np.int64)
         stats.append((mn_lo, mx_lo, mn_hi, mx_hi, total, real))
-    nb = np.maximum(J1 - J0, 0)
-    require(PLAN_BYTES * int(nb.sum()), f"the tile plan of {Mq} queries x {N} keys with {bm}x{bn} tiles (stepped keys)",
-            "a larger tile (block=(256, 256), --tile 256x256) or smaller sizes")
-    # boundaries x = J0 * bn, ..., J1 * bn per row (clipped to N)
-    nx = np.where(nb > 0, nb + 1, 0)
-    xrow = np.repeat(np.arange(rows), nx)
-    first = np.cumsum(nx) - nx
-    xj = J0[xrow] + (np.arange(len(xrow)) - first[xrow])
-    x = np.minimum(xj * bn, N)
-    S = np.zeros(len(x), dtype=np.int64)
     qstart = np.searchsorted(qrow, np.arange(rows))  # queries of a row: [qstart, qstart + qlen)
-    for (o, lo, hi, p, w), (mn_lo, mx_lo, mn_hi, mx_hi, total, real) in zip(cols, stats):
+    return _Columns(N, bm, bn, nq, nk, rows, qrow, qlen, qstart, cols, stats, J0, J1, allowed)
+
+
+def _sums(c: _Columns, xrow: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """S(x) of row xrow ([Note: periodic tiles]): the allowed pairs of the row's queries in keys [0, x)."""
+    bm = c.bm
+    S = np.zeros(len(x), dtype=np.int64)
+    for (o, lo, hi, p, w), (mn_lo, mx_lo, mn_hi, mx_hi, total, real) in zip(c.cols, c.stats):
         a_lo, b_lo, a_hi, b_hi = mn_lo[xrow], mx_lo[xrow], mn_hi[xrow], mx_hi[xrow]
         S += np.where(x >= b_hi, total[xrow], 0)
         pure = (x >= b_lo) & (x <= a_hi) & (x < b_hi)
         mixed = (x > a_lo) & ~pure & (x < b_hi)
         if pure.any():
-            S[pure] += _pure_sums(o, lo, p, w, real, qrow, rows, xrow[pure], x[pure])
+            S[pure] += _pure_sums(o, lo, p, w, real, c.qrow, c.rows, xrow[pure], x[pure])
         idx = np.flatnonzero(mixed)
         for c0 in range(0, len(idx), DIRECT_CHUNK):
             ii = idx[c0:c0 + DIRECT_CHUNK]
             r = xrow[ii]
-            q = qstart[r][:, None] + np.arange(bm)[None, :]
-            ok = np.arange(bm)[None, :] < qlen[r][:, None]
-            q = np.minimum(q, len(qrow) - 1)
+            q = c.qstart[r][:, None] + np.arange(bm)[None, :]
+            ok = np.arange(bm)[None, :] < c.qlen[r][:, None]
+            q = np.minimum(q, len(c.qrow) - 1)
             qo, ql, qh = o[q], lo[q], hi[q]
             xc = np.clip(x[ii][:, None], ql, np.maximum(qh, ql))
             F = lambda v: (v - qo) // p * w + np.minimum((v - qo) % p, w)  # noqa: E731
             S[ii] += np.where(ok & (ql < qh), F(xc) - F(ql), 0).sum(1)
+    return S
+
+
+def periodic_tiles(s: PSet, bm: int, bn: int) -> tuple[np.ndarray, np.ndarray, int, np.ndarray]:
+    """(keys, full, allowed, counts): the sorted keys (h * nq + query tile) * nk + key tile of
+    the non-empty tiles, their full flags, the allowed triples, and the exact allowed pairs of
+    every listed tile ([Note: periodic tiles]). O(candidate tiles): what counts every tile
+    (`show`) uses; plans take `periodic_runs`."""
+    c = _columns(s, bm, bn)
+    N, nk = c.N, c.nk
+    nb = np.maximum(c.J1 - c.J0, 0)
+    require(PLAN_BYTES * int(nb.sum()), f"the tile plan of {_mq(s)} queries x {N} keys with {bm}x{bn} tiles (stepped keys)",
+            "a larger tile (block=(256, 256), --tile 256x256) or smaller sizes")
+    # boundaries x = J0 * bn, ..., J1 * bn per row (clipped to N)
+    nx = np.where(nb > 0, nb + 1, 0)
+    xrow = np.repeat(np.arange(c.rows), nx)
+    first = np.cumsum(nx) - nx
+    xj = c.J0[xrow] + (np.arange(len(xrow)) - first[xrow])
+    S = _sums(c, xrow, np.minimum(xj * bn, N))
     # tile j of a row: S(x_{j+1}) - S(x_j)
-    last = np.zeros(len(x), dtype=bool)
+    last = np.zeros(len(xj), dtype=bool)
     last[np.cumsum(nx)[nx > 0] - 1] = True
     cnt = (S[1:] - S[:-1])[~last[:-1]]
     trow, tj = xrow[:-1][~last[:-1]], xj[:-1][~last[:-1]]
     ne = cnt > 0
     trow, tj, cnt = trow[ne], tj[ne], cnt[ne]
     klen = np.minimum(bn, N - tj * bn)
-    full = cnt == qlen[trow] * klen
+    full = cnt == c.qlen[trow] * klen
     keys = trow * nk + tj
-    return keys, full, allowed, cnt
+    return keys, full, c.allowed, cnt
+
+
+def periodic_runs(s: PSet, bm: int, bn: int):
+    """(full, partial, allowed): the runs ([Note: tile runs] in plans.py) of full and of partial
+    key tiles of every row h * nq + query tile, and the allowed triples, without visiting every
+    candidate tile ([Note: periodic runs])."""
+    from .plans import Runs
+
+    # [Note: periodic runs] A column's S_c(x) is 0 up to the least lo of the row's queries (a_lo),
+    # its total from the greatest hi (b_hi) on, and between the greatest lo and the least hi
+    # (b_lo .. a_hi, every query inside) it grows by exactly (bn / p) * w * queries a key tile
+    # when the slot's step p divides bn (one period or whole periods a tile). So a key tile
+    # that lies, for every column, inside one of those three zones has the same count as its
+    # neighbours in the same zones: the row's tiles split into *special* tiles (a column's
+    # [a_lo, b_lo] or [a_hi, b_hi] cuts them, the ragged last tile, every pure-zone tile of a
+    # slot whose step does not divide bn) counted one by one as in `periodic_tiles`, and
+    # *segments* between them, counted as a whole by S at their two ends: a strided row of
+    # 8192 partial tiles is a few special tiles and one segment.
+    c = _columns(s, bm, bn)
+    N, nk, rows = c.N, c.nk, c.rows
+    lo_r, hi_r, row_r = [], [], []
+    for (o, lo, hi, p, w), (mn_lo, mx_lo, mn_hi, mx_hi, total, real) in zip(c.cols, c.stats):
+        has = mx_hi > mn_lo  # some query of the row has this column
+        # at least one tile each: a zone boundary on a tile boundary still splits segments
+        cuts = [(mn_lo // bn, np.maximum(-(-mx_lo // bn), mn_lo // bn + 1)),
+                (mn_hi // bn, np.maximum(-(-mx_hi // bn), mn_hi // bn + 1))]
+        if bn % p:
+            cuts.append((mx_lo // bn, -(-mn_hi // bn)))
+        for a, b in cuts:
+            row_r.append(np.flatnonzero(has))
+            lo_r.append(a[has])
+            hi_r.append(b[has])
+    if N % bn:
+        row_r.append(np.arange(rows))
+        lo_r.append(np.full(rows, nk - 1))
+        hi_r.append(np.full(rows, nk))
+    row, lo, hi = (np.concatenate(x) for x in (row_r, lo_r, hi_r))
+    lo, hi = np.maximum(lo, c.J0[row]), np.minimum(hi, c.J1[row])
+    special = Runs.merged(row, lo, hi, nk)
+    # segments: every row's candidates [J0, J1) minus its special runs, i.e. the gaps between
+    # consecutive items of (J0, J0), the special runs, (J1, J1) in key order
+    cand = np.flatnonzero(c.J1 > c.J0)
+    i_row = np.concatenate([cand, special.row, cand])
+    i_a = np.concatenate([c.J0[cand], special.lo, c.J1[cand]])
+    i_b = np.concatenate([c.J0[cand], special.hi, c.J1[cand]])
+    order = np.argsort((i_row * (nk + 1) + i_a) * 2 + (i_b > i_a), kind="stable")
+    i_row, i_a, i_b = i_row[order], i_a[order], i_b[order]
+    gap = (i_row[1:] == i_row[:-1]) & (i_a[1:] > i_b[:-1])
+    seg_row, seg_lo, seg_hi = i_row[:-1][gap], i_b[:-1][gap], i_a[1:][gap]
+    tiles = special.hi - special.lo
+    require(PLAN_BYTES * (int(tiles.sum()) + 2 * len(seg_row)),
+            f"the tile plan of {_mq(s)} queries x {N} keys with {bm}x{bn} tiles (stepped keys)",
+            "a larger tile (block=(256, 256), --tile 256x256) or smaller sizes")
+    # special tiles one by one: S at both ends of each
+    t_row = np.repeat(special.row, tiles)
+    t_j = special.expand().astype(np.int64)
+    x_row = np.concatenate([t_row, t_row, seg_row, seg_row])
+    x = np.minimum(np.concatenate([t_j * bn, (t_j + 1) * bn, seg_lo * bn, seg_hi * bn]), N)
+    S = _sums(c, x_row, x)
+    nt, ns = len(t_j), len(seg_row)
+    t_cnt = S[nt:2 * nt] - S[:nt]
+    s_cnt = S[2 * nt + ns:] - S[2 * nt:2 * nt + ns]
+    t_full = t_cnt == c.qlen[t_row] * np.minimum(bn, N - t_j * bn)
+    n_seg = seg_hi - seg_lo
+    per = s_cnt // n_seg  # every tile of a segment counts the same
+    if (s_cnt % n_seg).any():
+        raise AssertionError("periodic_runs: a segment's tiles count differently")
+    s_full = per == c.qlen[seg_row] * bn
+    out = []
+    for t_sel, s_sel in ((t_full, s_full), (~t_full & (t_cnt > 0), ~s_full & (per > 0))):
+        out.append(Runs.merged(np.concatenate([t_row[t_sel], seg_row[s_sel]]),
+                               np.concatenate([t_j[t_sel], seg_lo[s_sel]]),
+                               np.concatenate([t_j[t_sel] + 1, seg_hi[s_sel]]), nk))
+    return out[0], out[1], c.allowed
 
 
 #: bytes per candidate tile while periodic_tiles runs (boundaries, sums, keys)

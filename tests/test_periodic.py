@@ -1,6 +1,7 @@
 """Periodic slots for stepped keys ([Note: periodic sets] in attnc/periodic.py): plans equal the
 dense mask's tiles and the interval-only plans, at sizes that are not multiples of the tiles."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -39,8 +40,8 @@ def slots_everywhere(monkeypatch):
     monkeypatch.setattr(interval_sets, "MAX_INTERVALS", 2)
     monkeypatch.setattr(analysis, "PRODUCT_TILES", 0)
     calls = []
-    real = analysis.periodic_tiles
-    monkeypatch.setattr(analysis, "periodic_tiles", lambda *a: calls.append(1) or real(*a))
+    real = analysis.periodic_runs
+    monkeypatch.setattr(analysis, "periodic_runs", lambda *a: calls.append(1) or real(*a))
     return calls
 
 
@@ -115,3 +116,37 @@ def test_a_million_keys_need_no_interval_per_key():
     s = intervals.IntervalAnalysis(pat.ir, periodic=True).eval(pat.ir.body, view)
     assert isinstance(s, periodic.PSet) and len(s.step) + s.iv.lo.shape[-1] <= 4
     assert int(s.count()[0, 4095]) == 128 + 4095 // 128 * 0 + (4095 - 128) // 128 + 1
+
+
+RUN_CASES = [
+    ("pattern p = strided(8) & causal", 4000, None),  # steps dividing the tile: long segments
+    ("pattern p = band(64, 0) | (strided(16) & causal)", 4000, None),
+    ("pattern p = causal & (block(64) | where k % 64 >= 64 - 20)", 4100, None),
+    ("pattern p = where k % 9 != 3", 1500, None),  # a step that divides no tile: every tile counted
+    ("pattern p = sliding(40) | (strided(32) & causal) | sink(4)", 3000, None),
+    ("pattern p = neighborhood(5, dilation = 32, causal = true) | sink(3)", 3000, None),
+    ("pattern p(t = 16) on seq(t) + grid(h, w) = where q.w == k.w", None, (40, 64)),
+]
+
+
+@pytest.mark.parametrize("src,M,grid", RUN_CASES)
+@pytest.mark.parametrize("block", [(64, 64), (32, 128), (48, 96)])
+def test_periodic_runs_are_the_tiles_of_periodic_tiles(monkeypatch, src, M, grid, block):
+    """[Note: periodic runs]: the runs (special tiles one by one, segments as a whole) are the
+    non-empty tiles and classes `periodic_tiles` finds by visiting every candidate tile."""
+    monkeypatch.setattr(interval_sets, "MAX_INTERVALS", 2)
+    pat = attnc.loads(src).pattern()
+    M, N, H, grid = pat.resolve_sizes(M, None, 3, grid)
+    s, _ = analysis.query_interval_sets(pat.ir, M, N, H, grid, periodic=True)
+    assert isinstance(s, periodic.PSet)
+    keys, full, allowed, _ = periodic.periodic_tiles(s, *block)
+    f_runs, p_runs, allowed_runs = periodic.periodic_runs(s, *block)
+    nk = -(-N // block[1])
+    for runs, want in ((f_runs, keys[full]), (p_runs, keys[~full])):
+        got = np.repeat(runs.row, runs.hi - runs.lo) * nk + runs.expand()
+        assert got.tolist() == want.tolist()
+        same = runs.row[1:] == runs.row[:-1]  # merged: rows ascend, a row's runs neither overlap nor touch
+        assert bool((runs.row[1:] >= runs.row[:-1]).all()) and bool((runs.lo[1:][same] > runs.hi[:-1][same]).all())
+    assert allowed_runs == allowed
+    if src == RUN_CASES[0][0]:  # a strided causal row: one run of partial tiles, not one entry a tile
+        assert len(f_runs.row) == 0 and len(p_runs.row) == -(-M // block[0]) < len(keys) / 10

@@ -13,6 +13,15 @@ from test_analysis import grid_patterns, patterns
 
 
 def both(src, M, H, grid, block):
+    few = pair_counts.FEW_TILES
+    try:  # few tiles: counted from interval sets at once; as at large sizes: from the plan
+        for pair_counts.FEW_TILES in (few, 0):
+            compare(src, M, H, grid, block)
+    finally:
+        pair_counts.FEW_TILES = few
+
+
+def compare(src, M, H, grid, block):
     pat = attnc.loads(src).pattern()
     M, N, H, grid = pat.resolve_sizes(M, None, H, grid)
     if grid is not None:
@@ -103,6 +112,7 @@ def test_one_dimensional_partial_tiles_are_counted_from_intervals(monkeypatch):
 
     monkeypatch.setattr(pair_counts, "evaluated_counts", boom)
     monkeypatch.setattr(tileboxes, "evaluated_counts", boom)
+    monkeypatch.setattr(pair_counts, "FEW_TILES", 0)  # as at large sizes: the plan's tiles, counted
     for src, H in (("pattern p = sliding(37) | (sink(3) & causal)", 2),
                    ("pattern p = heads { 0 => band(5, 9); _ => causal - sliding(20) }", 3)):
         pat = attnc.loads(src).pattern()
