@@ -98,8 +98,9 @@ def _closed_form_plan_with(pattern: ir.PatternIR, M: int, N: int, heads: int, gr
                 full, partial = (Runs(r.row // cq * nq + r.row % cq + q0 // bm, r.lo, r.hi) for r in (full, partial))
             parts.append((full, partial))
             bar.update(end - q0)
-    ordered = Hx == 1 or len(parts) == 1  # else a later chunk's head 0 comes before an earlier one's head 1
-    full, partial = (Runs.cat(list(x), nk, ordered) for x in zip(*parts))
+    full, partial = (Runs.cat(list(x)) for x in zip(*parts))
+    if Hx > 1 and len(parts) > 1:  # a later chunk's head 0 comes before an earlier one's head 1
+        full, partial = full.sorted(nk), partial.sorted(nk)
     return Plan.from_runs(full, partial, Hx, nq, nk, M=M, N=N, heads=heads, block=(bm, bn),
                           allowed=allowed * (heads // Hx), method="closed-form")
 
@@ -238,9 +239,9 @@ def _plan_nd(pattern, M, N, heads, grid, tq, tk) -> Plan:
     order_q, off_q = tile_major(sizes, tq)
     order_k, off_k = tile_major(sizes, tk)
     try:  # a per-axis product: classes and count from per-axis tile counts ([Note: product factors])
-        keys, full, Hx, allowed = nd_product(pattern, N, heads, grid, tq, tk)
-        return Plan.from_tiles(
-            keys, full, Hx, nq, nk, M=M, N=N, heads=heads, block=(math.prod(tq), math.prod(tk)), allowed=allowed,
+        full, partial, Hx, allowed = nd_product(pattern, N, heads, grid, tq, tk)
+        return Plan.from_runs(
+            full, partial, Hx, nq, nk, M=M, N=N, heads=heads, block=(math.prod(tq), math.prod(tk)), allowed=allowed,
             method="closed-form", tile_shape=(tuple(tq), tuple(tk)), perm_q=order_q, perm_k=order_k,
             offsets_q=off_q, offsets_k=off_k)
     except NotIntervals:
@@ -317,7 +318,7 @@ def _stack_lists(lists: list, index: list[int]) -> TileList:
     counts = torch.cat([lists[i].counts for i in index])
     if all(t.runs is not None for t in lists):
         rows = lists[0].counts.shape[1]
-        runs = Runs.cat([lists[i].runs.shifted(h * rows) for h, i in enumerate(index)], 0, ordered=True)
+        runs = Runs.cat([lists[i].runs.shifted(h * rows) for h, i in enumerate(index)])
         return TileList.from_runs(len(index), rows, runs)
     cols = torch.cat([lists[i].cols for i in index])
     return TileList(counts.to(torch.int32), cols.to(torch.int32))

@@ -127,19 +127,29 @@ def tile_runs(s: ISet, bm: int, bn: int) -> tuple[Runs, Runs, int]:
     p_parts = [(row, T_lo.ravel(), F_lo.ravel()), (row, F_hi.ravel(), T_hi.ravel())]
     rows = np.flatnonzero(bad)
     if len(rows):
-        # exact classes of the bad tiles by difference arrays over their queries
-        b_real = real[:, rows]
-        base = (np.arange(len(rows)) * (nk + 1))[None, :, None]
+        # exact classes of the bad tiles by difference arrays over their queries; a query with the
+        # same intervals as the one before it (a routing or `blockwise` block's queries) adds no
+        # touched tile and its multiplicity to the covered ones: each run of equal queries once
+        b_lo, b_hi = lo[:, rows], hi[:, rows]  # [R, bad tiles, bm]
+        new = np.ones(b_lo.shape[1:], dtype=bool)
+        new[:, 1:] = ((b_lo[..., 1:] != b_lo[..., :-1]) | (b_hi[..., 1:] != b_hi[..., :-1])).any(0)
+        del b_lo, b_hi
+        first = np.flatnonzero(new.ravel())
+        weight = np.diff(np.append(first, new.size)).astype(np.float64)  # queries in each run
+        r_i, q_i = np.divmod(first, bm)  # bad tile (index into rows) and query of every run
+        base = (r_i * (nk + 1))[None, :]
         size = len(rows) * (nk + 1)
 
-        def count(a, b, ok):
-            starts = np.bincount(np.where(ok, base + a, size).ravel(), minlength=size + 1)
-            ends = np.bincount(np.where(ok, base + b, size).ravel(), minlength=size + 1)
+        def count(a, b, ok, wt=None):
+            wt = None if wt is None else np.broadcast_to(wt, a.shape).ravel()
+            starts = np.bincount(np.where(ok, base + a, size).ravel(), weights=wt, minlength=size + 1)
+            ends = np.bincount(np.where(ok, base + b, size).ravel(), weights=wt, minlength=size + 1)
             return np.cumsum((starts - ends)[:size].reshape(len(rows), nk + 1), -1)[:, :nk]
 
-        bc_lo, bc_hi = c_lo[:, rows], c_hi[:, rows]
-        touch = count(t_lo[:, rows], t_hi[:, rows], b_real)
-        cover = count(bc_lo, bc_hi, b_real & (bc_hi > bc_lo))
+        pick = (slice(None), rows[r_i], q_i)  # [R, runs]
+        b_real, bc_lo, bc_hi = real[pick], c_lo[pick], c_hi[pick]
+        touch = count(t_lo[pick], t_hi[pick], b_real)
+        cover = count(bc_lo, bc_hi, b_real & (bc_hi > bc_lo), weight[None, :])
         for parts, sel in ((f_parts, cover == bm), (p_parts, (touch > 0) & (cover != bm))):
             r, k = np.nonzero(sel)
             parts.append((rows[r], k, k + 1))

@@ -25,6 +25,7 @@ import networkx as nx
 import sympy
 
 from .errors import NO_SPAN, Span
+from .lru import LRU
 # the expression nodes are part of the IR: `ir.PConst`, `ir.SetVal`, ... (same class objects)
 from .ir_expr import (Int, PBin, PBool, PCall, PCmp, PConst, PExpr, PIn, PNeg, PNode, PNot, PVar, SBin, SCall,
                       SCORE_FUNCTIONS, ScoreTerm, SetList, SetRange, SetVal, SExpr, SIndex, SNeg, SNode, SNum, SPos,
@@ -361,9 +362,15 @@ def tree_size(root, limit: int) -> int:
     return sizes[id(root)]
 
 
+_WALKS = LRU("ir_walks", 256, "the nodes of IR roots in dependency order (by identity)")
+
+
 def walk(node: Mask) -> Iterator[Mask]:
-    """Every distinct node of the DAG below `node`, children before parents."""
-    yield from nx.topological_sort(dag(node).reverse(copy=False))
+    """Every distinct node of the DAG below `node`, children before parents (the order is
+    kept per root: planning walks one pattern's IR several times)."""
+    # keyed by identity: the entry holds the root, so no other object takes its id meanwhile
+    _, nodes = _WALKS.get(id(node), lambda: (node, tuple(nx.topological_sort(dag(node).reverse(copy=False)))))
+    yield from nodes
 
 
 def transform(node: Mask, fn) -> Mask:

@@ -5,8 +5,9 @@ input:  interval sets (interval_sets.ISet) and stepped progressions of the inter
         grid columns `where q.a == k.a` or `P @ a` across long outer axes).
 output: `PSet`, a merged interval set plus *periodic slots*, and its set algebra
         (`union`, `intersect`, `complement`, `take`); `periodic_tiles`, the non-empty tiles of
-        whole query tiles with their full flags and exact pair counts (the output of
-        interval_tiles.sparse_tiles, plus the counts).
+        whole query tiles with their full flags and exact pair counts (what `show` counts);
+        `periodic_runs`, the same tiles as runs of full and of partial tiles (what plans take,
+        like interval_tiles.tile_runs).
 does not: decide sets that fall outside the forms below (it raises `NotPeriodic`, and the
         plan builder retries with the interval-only analysis).
 

@@ -21,7 +21,7 @@ import torch
 from .limits import require
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Runs:
     """Runs of consecutive tile columns: row (flat h * rows + r), columns [lo, hi); int64
     numpy arrays. `merged` sorts them by (row, lo) and joins overlapping or adjacent ones."""
@@ -33,7 +33,7 @@ class Runs:
     @staticmethod
     def merged(row: np.ndarray, lo: np.ndarray, hi: np.ndarray, nk: int, ordered: bool = False) -> "Runs":
         """The merged runs of possibly overlapping, unordered ranges (empty ones dropped);
-        `ordered`: already sorted by (row, lo) with at most one range per row."""
+        `ordered`: the non-empty ones are merged already (sorted by (row, lo), disjoint, not adjacent)."""
         keep = hi > lo
         row, lo, hi = (x[keep].astype(np.int64) for x in (row, lo, hi))
         if ordered or not len(row):
@@ -60,6 +60,27 @@ class Runs:
         last = np.append(first[1:], len(keys)) - 1
         return Runs(row[first], col[first], col[last] + 1)
 
+    def cut(self, rows: np.ndarray, cols: np.ndarray, nk: int) -> tuple["Runs", "Runs"]:
+        """(kept, taken): these runs without, and with only, the tiles in flat rows where bool
+        `rows` is set or in the sorted columns `cols` (merged runs both)."""
+        bad = rows[self.row]
+        taken = [(self.row[bad], self.lo[bad], self.hi[bad])]
+        row, lo, hi = self.row[~bad], self.lo[~bad], self.hi[~bad]
+        a, b = np.searchsorted(cols, lo), np.searchsorted(cols, hi)
+        n = b - a  # the cut columns inside each run
+        run = np.repeat(np.arange(len(row)), n)
+        at = cols[np.arange(int(n.sum())) - np.repeat(np.cumsum(n) - n, n) + np.repeat(a, n)]
+        taken.append((row[run], at, at + 1))
+        # pieces between the cuts: [lo, c1), [c1 + 1, c2), ..., [c_last + 1, hi), in order
+        owner = np.repeat(np.arange(len(row)), n + 1)
+        p = np.arange(len(owner)) - np.repeat(np.cumsum(n + 1) - (n + 1), n + 1)
+        ci = a[owner] + p
+        last = max(len(cols) - 1, 0)
+        starts = np.where(p == 0, lo[owner], cols[np.clip(ci - 1, 0, last)] + 1) if len(cols) else lo[owner]
+        ends = np.where(p == n[owner], hi[owner], cols[np.clip(ci, 0, last)]) if len(cols) else hi[owner]
+        kept = Runs.merged(row[owner], starts, ends, nk, ordered=True)  # cut tiles keep the pieces apart
+        return kept, Runs.merged(*(np.concatenate(x) for x in zip(*taken)), nk)
+
     def expand(self) -> np.ndarray:
         """int32 [tiles]: every run's columns, in order."""
         n = self.hi - self.lo
@@ -70,13 +91,14 @@ class Runs:
         return Runs(self.row + rows, self.lo, self.hi)
 
     @staticmethod
-    def cat(parts: list["Runs"], nk: int, ordered: bool) -> "Runs":
-        """Runs of parts; `ordered`: the parts' rows already ascend part after part."""
-        row, lo, hi = (np.concatenate([getattr(p, f) for p in parts]) for f in ("row", "lo", "hi"))
-        if ordered:
-            return Runs(row, lo, hi)
-        order = np.argsort(row * (nk + 1) + lo, kind="stable")
-        return Runs(row[order], lo[order], hi[order])
+    def cat(parts: list["Runs"]) -> "Runs":
+        """The runs of every part, one after the other (`sorted` puts them in row order)."""
+        return Runs(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("row", "lo", "hi")))
+
+    def sorted(self, nk: int) -> "Runs":
+        """The same runs sorted by (row, lo) (disjoint runs of parts that cover different rows)."""
+        order = np.argsort(self.row * (nk + 1) + self.lo, kind="stable")
+        return Runs(self.row[order], self.lo[order], self.hi[order])
 
 
 class TileList:

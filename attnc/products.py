@@ -225,18 +225,22 @@ def _axis_tile_counts(m: torch.Tensor, tq: int, tk: int) -> torch.Tensor:
     return pad.view(Hx, cq, tq, ck, tk).sum((2, 4), dtype=torch.int64)
 
 
-def nd_product(pattern: ir.PatternIR, N: int, heads: int, grid, tq, tk) -> tuple[np.ndarray, np.ndarray, int, int]:
-    """(keys, full, Hx, allowed): the non-empty N-D tiles `tq` / `tk` of a per-axis product, or
-    `heads { }` of products, on a pure grid, as `Plan.from_tiles` takes them (sorted keys
-    (h * nq + query tile) * nk + key tile, tiles row-major over the tile grid as
-    tileboxes.tile_major, and their full flags), and the allowed pairs (raises NotIntervals
-    otherwise).
+def nd_product(pattern: ir.PatternIR, N: int, heads: int, grid, tq, tk):
+    """(full, partial, Hx, allowed): the non-empty N-D tiles `tq` / `tk` of a per-axis product, or
+    `heads { }` of products, on a pure grid, as runs of full and of partial key tiles per row
+    h * nq + query tile (`Plan.from_runs`; tiles row-major over the tile grid as
+    tileboxes.tile_major), and the allowed pairs (raises NotIntervals otherwise).
 
     [Note: product tiles] An N-D tile pair is a box on every axis, so its allowed count is
     the product of the per-axis 1-D tile counts C_a[query tile_a, key tile_a]: full iff full
     on every axis, empty iff empty on some axis. The non-empty tiles are the Cartesian
-    product of every axis' non-empty 1-D tile pairs, enumerated directly: cost O(sum of L^2)
-    for the 1-D masks plus O(non-empty tiles); no [nq, nk] map, nothing evaluated."""
+    product of every axis' non-empty 1-D tile pairs; consecutive key tiles of the last (fastest)
+    axis are consecutive tile indices, so the product is enumerated over the outer axes' pairs
+    and the last axis' *runs* ([Note: tile runs] in plans.py): cost O(sum of L^2) for the 1-D
+    masks plus O(runs), no [nq, nk] map, nothing evaluated, nothing listed tile by tile (a
+    full head on 46 x 46 tiles a side is one run a row, not 2116 tiles)."""
+    from .plans import Runs
+
     view = top_view(pattern, N, N, heads, grid, {})
     if view.qin is not None or len(view.axes) != len(tq):
         raise NotIntervals("N-D product tiles need a pure grid")
@@ -245,26 +249,33 @@ def nd_product(pattern: ir.PatternIR, N: int, heads: int, grid, tq, tk) -> tuple
     ck = [-(-int(L) // t) for L, t in zip(grid, tk)]
     nq, nk = math.prod(cq), math.prod(ck)
     sizes = [tile_lengths(int(L), a)[:, None] * tile_lengths(int(L), b)[None, :] for L, a, b in zip(grid, tq, tk)]
-    pairs = [[((c > 0).nonzero(as_tuple=True), c == s) for c, s in zip(axes, sizes)] for axes in per_head]
-    n = sum(math.prod(len(q) for (q, _), _ in p) for p in pairs)
-    require(PLAN_BYTES_PER_TILE * n, f"the N-D tile plan of '{pattern.name}' ({n} non-empty tiles)",
-            "a larger tile or smaller sizes")
-    keys, flags, allowed = [], [], 0
-    for h, (axes, p) in enumerate(zip(per_head, pairs)):
+    fulls, parts, allowed = [], [], 0
+    for h, axes in enumerate(per_head):
+        # the outer axes' non-empty pairs (query tile, key tile, full), as flat indices over those axes
         q = k = np.zeros(1, dtype=np.int64)
         f = np.ones(1, dtype=bool)
-        for (qa, ka), fa, a, b in zip((x for x, _ in p), (y for _, y in p), cq, ck):
-            fa = fa[qa, ka].numpy()
-            q = (q[:, None] * a + qa.numpy()[None, :]).reshape(-1)
-            k = (k[:, None] * b + ka.numpy()[None, :]).reshape(-1)
+        for c, s, a, b in zip(axes[:-1], sizes[:-1], cq[:-1], ck[:-1]):
+            qa, ka = (x.numpy() for x in (c > 0).nonzero(as_tuple=True))
+            fa = (c == s).numpy()[qa, ka]
+            q = (q[:, None] * a + qa[None, :]).reshape(-1)
+            k = (k[:, None] * b + ka[None, :]).reshape(-1)
             f = (f[:, None] & fa[None, :]).reshape(-1)
-        key = (h * nq + q) * nk + k
-        order = np.argsort(key, kind="stable")
-        keys.append(key[order])
-        flags.append(f[order])
+        require(PLAN_BYTES_PER_TILE * len(q) * cq[-1], f"the N-D tile plan of '{pattern.name}' "
+                f"({len(q)} outer tile pairs x {cq[-1]} query tiles)", "a larger tile or smaller sizes")
+        # the last axis: per query tile, runs of full / of non-empty / of partial key tiles
+        last = {name: Runs.of_keys(np.flatnonzero(sel.numpy().reshape(-1)), ck[-1])
+                for name, sel in (("full", axes[-1] == sizes[-1]), ("any", axes[-1] > 0),
+                                  ("part", (axes[-1] > 0) & (axes[-1] != sizes[-1])))}
+        for out, pick, runs in ((fulls, f, last["full"]), (parts, f, last["part"]), (parts, ~f, last["any"])):
+            qo, ko = q[pick], k[pick]
+            n = len(runs.row)  # every outer pair (qo, ko) with every last-axis run (row r, [lo, hi))
+            row = (h * nq + (qo[:, None] * cq[-1] + runs.row[None, :])).reshape(-1)
+            base = (ko[:, None] * ck[-1]).repeat(n, 1) if n else np.zeros((len(qo), 0), dtype=np.int64)
+            out.append((row, (base + runs.lo[None, :]).reshape(-1), (base + runs.hi[None, :]).reshape(-1)))
         allowed += math.prod(int(c.sum()) for c in axes)
     Hx = len(per_head)
-    return np.concatenate(keys), np.concatenate(flags), Hx, allowed * (heads // Hx)
+    full, partial = (Runs.merged(*(np.concatenate(x) for x in zip(*lst)), nk) for lst in (fulls, parts))
+    return full, partial, Hx, allowed * (heads // Hx)
 
 
 def _head_factors(pattern, view, node, heads, tq, tk) -> list[list[torch.Tensor]]:

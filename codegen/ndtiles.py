@@ -28,7 +28,7 @@ from dataclasses import dataclass, fields
 import numpy as np
 import torch
 
-from attnc.plans import Plan
+from attnc.plans import Plan, Runs
 
 from .expr import Builder, Expr, Var, substitute, unravel
 from .lowered import Lowered
@@ -239,15 +239,21 @@ class TileLayout:
         contains padding (on either side) demoted to partial, since full tiles
         skip the mask that rejects padded positions."""
         self.check(plan)
-        keys, full = plan.tiles()  # sparse: O(non-empty tiles), no [nq, nk] map
         nq, nk = plan.shape
+        Hx = plan.full.counts.shape[0]
         whole_q = ((plan.offsets_q[1:] - plan.offsets_q[:-1]) == self.block[0]).numpy()
         whole_k = ((plan.offsets_k[1:] - plan.offsets_k[:-1]) == self.block[1]).numpy()
-        row, kt = np.divmod(keys, nk)
-        full = full & whole_q[row % nq] & whole_k[kt]
         keep = {f.name: getattr(plan, f.name) for f in fields(plan)
                 if f.name not in ("full", "partial", "full_t", "partial_t")}
-        return Plan.from_tiles(keys, full, plan.full.counts.shape[0], nq, nk, **keep)
+        if plan.full.runs is not None and plan.partial.runs is not None:  # runs stay runs: O(runs)
+            full, moved = plan.full.runs.cut(np.tile(~whole_q, Hx), np.flatnonzero(~whole_k), nk)
+            partial = Runs.merged(*(np.concatenate([getattr(moved, f), getattr(plan.partial.runs, f)])
+                                    for f in ("row", "lo", "hi")), nk)
+            return Plan.from_runs(full, partial, Hx, nq, nk, **keep)
+        keys, full = plan.tiles()  # sparse: O(non-empty tiles), no [nq, nk] map
+        row, kt = np.divmod(keys, nk)
+        full = full & whole_q[row % nq] & whole_k[kt]
+        return Plan.from_tiles(keys, full, Hx, nq, nk, **keep)
 
     def describe(self) -> str:
         """What the header of a generated module says about the permutation."""

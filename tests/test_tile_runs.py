@@ -59,3 +59,26 @@ def test_runs_expand_to_the_tiles_of_the_mask(src, M, H):
                 row, n = lst.index[h, r], int(lst.counts[h, r])
                 cols = row[:n]
                 assert bool((cols[1:] > cols[:-1]).all()) and bool((row[n:] == -1).all())
+
+
+def test_cut_takes_rows_and_columns_out_of_runs():
+    rng = np.random.default_rng(5)
+    nk, rows = 40, 12
+    for _ in range(30):
+        lo = rng.integers(0, nk, 50)
+        r = Runs.merged(rng.integers(0, rows, 50), lo, lo + rng.integers(0, 12, 50).clip(max=nk - lo), nk)
+        bad_rows = rng.random(rows) < 0.2
+        cols = np.flatnonzero(rng.random(nk) < 0.15)
+        kept, taken = r.cut(bad_rows, cols, nk)
+        dense = np.zeros((rows, nk), dtype=bool)
+        for row, a, b in zip(r.row, r.lo, r.hi):
+            dense[row, a:b] = True
+        cut = np.zeros_like(dense)
+        cut[bad_rows] = True
+        cut[:, cols] = True
+        for runs, want in ((kept, dense & ~cut), (taken, dense & cut)):
+            got = np.zeros_like(dense)
+            for row, a, b in zip(runs.row, runs.lo, runs.hi):
+                got[row, a:b] = True
+            assert (got == want).all()
+            assert len(runs.row) == len(Runs.merged(runs.row, runs.lo, runs.hi, nk).row)  # merged already
