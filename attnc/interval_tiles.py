@@ -55,6 +55,25 @@ def classify_from_intervals(s: ISet, M: int, bm: int, bn: int, qrel: torch.Tenso
     return cover == tile_lengths(M, bm).view(1, nq, 1), touch > 0
 
 
+def equal_groups(s: ISet, bm: int) -> int:
+    """The largest power of two g dividing `bm` such that the queries of every aligned group
+    of g (q // g equal) have the same intervals (a routing block's, a `blockwise` block's, a
+    pattern that ignores q); 1 when the first two queries already differ. Cost O(M * R) per
+    size tried, at most log2(bm) sizes."""
+    lo, hi = s.lo, s.hi
+    Hx, Mq, R = lo.shape
+    if Mq < 2 or bm & (bm - 1) or not (torch.equal(lo[:, 1], lo[:, 0]) and torch.equal(hi[:, 1], hi[:, 0])):
+        return 1
+    g = bm
+    while g > 1:
+        m = Mq // g * g
+        if all(torch.equal(x[:, :m].reshape(Hx, m // g, g, R), x[:, :m:g, None].expand(Hx, m // g, g, R))
+               and torch.equal(x[:, m:], x[:, m:m + 1].expand(Hx, Mq - m, R)) for x in (lo, hi)):
+            return g
+        g //= 2
+    return 1
+
+
 def tile_runs(s: ISet, bm: int, bn: int) -> tuple[Runs, Runs, int]:
     """The non-empty tiles of whole query tiles (the last may be short) from merged
     interval sets, without a dense [nq, nk] map and without listing them: the runs
@@ -81,10 +100,15 @@ def tile_runs(s: ISet, bm: int, bn: int) -> tuple[Runs, Runs, int]:
     Hx, Mq, R = s.lo.shape
     bm = min(bm, Mq)  # one query tile either way; padding a short tile up to a huge bm would allocate bm rows
     nq, nk = -(-Mq // bm), -(-N // bn)
+    g = equal_groups(s, bm)
+    if g > 1:  # every aligned group of g queries has one row: a tile's classes are those of g-times fewer
+        allowed = int(s.count().sum())
+        s, bm, Mq = ISet(s.lo[:, ::g], s.hi[:, ::g], N, merged=True), bm // g, -(-Mq // g)
     # slot-major [R, Hx * nq, bm] copies: reductions over a tile's queries run along the last axis
     dt = np.int32 if N + 2 * bn < 2**31 else np.int64
     lo, hi = (x.numpy().transpose(2, 0, 1).astype(dt, order="C") for x in (s.lo, s.hi))
-    allowed = int(np.subtract(hi, lo).sum(dtype=np.int64))  # empty slots are (N, N)
+    if g == 1:
+        allowed = int(np.subtract(hi, lo).sum(dtype=np.int64))  # empty slots are (N, N)
     pad = nq * bm - Mq
     if pad:  # the short last tile repeats its last query: no class changes
         lo = np.concatenate([lo, np.repeat(lo[..., -1:], pad, -1)], -1)

@@ -259,10 +259,13 @@ class IntervalAnalysis(Evaluator):
         b = self.val(node.block, view.env)
         if sel.shape[-1] > max_intervals(len(view.q), sel.shape[0]):
             raise TooManyIntervals("routed with many blocks per query block")
-        rows = sel[:, view.qrel // b]  # [Hs, Mq, kmax]
-        lo = torch.where(rows >= 0, rows * b, view.L)
-        hi = torch.where(rows >= 0, (rows + 1) * b, view.L)
-        return merge(ISet.make(lo, hi, view.L))
+        # merged once per query block (its queries share the row), then read per query
+        blocks = torch.unique(view.qrel // b)
+        rows = sel[:, blocks]  # [Hs, query blocks, kmax]
+        s = merge(ISet.make(torch.where(rows >= 0, rows * b, view.L), torch.where(rows >= 0, (rows + 1) * b, view.L),
+                            view.L))
+        at = torch.searchsorted(blocks, view.qrel // b)
+        return ISet(s.lo[:, at], s.hi[:, at], view.L, merged=True)
 
     def iv_Random(self, node, view):
         r, seed = self.val(node.r, view.env), self.val(node.seed, view.env)

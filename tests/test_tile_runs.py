@@ -82,3 +82,30 @@ def test_cut_takes_rows_and_columns_out_of_runs():
                 got[row, a:b] = True
             assert (got == want).all()
             assert len(runs.row) == len(Runs.merged(runs.row, runs.lo, runs.hi, nk).row)  # merged already
+
+
+@pytest.mark.parametrize("src, M, g", [
+    ("pattern p = blockwise(8, band(1, 1) | global({0}) | random(2))", 1000, 8),  # a block's queries share keys
+    ("pattern p(sel: blocks(4)) = routed(sel)", 997, 4),
+    ("pattern p = sink(5)", 300, 16),  # every query the same: the whole tile
+    ("pattern p = sliding(9) | sink(2)", 300, 1),
+])
+def test_tiles_of_equal_query_groups_are_those_of_every_query(monkeypatch, src, M, g):
+    from attnc import interval_tiles
+
+    pat = attnc.loads(src).pattern()
+    inputs = {}
+    if pat.ir.inputs:
+        gen = torch.Generator().manual_seed(3)
+        inputs["sel"] = torch.randint(-1, -(-M // 4), (2, -(-M // 4), 5), generator=gen)
+    H = 2
+    s, _ = attnc.analysis.query_interval_sets(pat.ir, M, M, H, None, inputs=inputs)
+    assert interval_tiles.equal_groups(s, 16) == g
+    grouped = interval_tiles.tile_runs(s, 16, 16)
+    monkeypatch.setattr(interval_tiles, "equal_groups", lambda s, bm: 1)
+    every = interval_tiles.tile_runs(s, 16, 16)
+    for a, b in zip(grouped[:2], every[:2]):
+        assert a.row.tolist() == b.row.tolist() and a.lo.tolist() == b.lo.tolist() and a.hi.tolist() == b.hi.tolist()
+    assert grouped[2] == every[2]
+    plan = pat.plan(M, heads=H, block=(16, 16), **inputs)
+    assert torch.equal(plan.to_dense().expand(H, -1, -1), tiles_from_mask(pat.mask(M, heads=H, **inputs).expand(H, -1, -1), 16, 16))
