@@ -313,15 +313,11 @@ def head_classes(pattern: ir.PatternIR, M: int, N: int, heads: int, grid) -> lis
 
 
 def _stack_lists(lists: list, index: list[int]) -> TileList:
-    """One TileList of `len(index)` heads: head h is `lists[index[h]]` (each of one head);
-    runs stay runs ([Note: tile runs])."""
-    counts = torch.cat([lists[i].counts for i in index])
-    if all(t.runs is not None for t in lists):
-        rows = lists[0].counts.shape[1]
-        runs = Runs.cat([lists[i].runs.shifted(h * rows) for h, i in enumerate(index)])
-        return TileList.from_runs(len(index), rows, runs)
-    cols = torch.cat([lists[i].cols for i in index])
-    return TileList(counts.to(torch.int32), cols.to(torch.int32))
+    """One TileList of `len(index)` heads: head h is `lists[index[h]]` (each of one head),
+    as runs ([Note: tile runs])."""
+    rows = lists[0].counts.shape[1]
+    runs = [t.to_runs() for t in lists]
+    return TileList.from_runs(len(index), rows, Runs.cat([runs[i].shifted(h * rows) for h, i in enumerate(index)]))
 
 
 def _plan_by_head_class(pattern, M, N, heads, grid, block) -> Plan | None:

@@ -100,15 +100,13 @@ def tile_runs(s: ISet, bm: int, bn: int) -> tuple[Runs, Runs, int]:
     Hx, Mq, R = s.lo.shape
     bm = min(bm, Mq)  # one query tile either way; padding a short tile up to a huge bm would allocate bm rows
     nq, nk = -(-Mq // bm), -(-N // bn)
+    allowed = int(s.count().sum())  # empty slots are (N, N)
     g = equal_groups(s, bm)
     if g > 1:  # every aligned group of g queries has one row: a tile's classes are those of g-times fewer
-        allowed = int(s.count().sum())
         s, bm, Mq = ISet(s.lo[:, ::g], s.hi[:, ::g], N, merged=True), bm // g, -(-Mq // g)
     # slot-major [R, Hx * nq, bm] copies: reductions over a tile's queries run along the last axis
     dt = np.int32 if N + 2 * bn < 2**31 else np.int64
     lo, hi = (x.numpy().transpose(2, 0, 1).astype(dt, order="C") for x in (s.lo, s.hi))
-    if g == 1:
-        allowed = int(np.subtract(hi, lo).sum(dtype=np.int64))  # empty slots are (N, N)
     pad = nq * bm - Mq
     if pad:  # the short last tile repeats its last query: no class changes
         lo = np.concatenate([lo, np.repeat(lo[..., -1:], pad, -1)], -1)

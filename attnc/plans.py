@@ -51,13 +51,18 @@ class Runs:
     @staticmethod
     def of_keys(keys: np.ndarray, nk: int) -> "Runs":
         """The runs of sorted unique tile keys row * nk + col."""
-        row, col = np.divmod(keys.astype(np.int64), nk)
-        if not len(keys):
+        return Runs.of_cells(*np.divmod(keys.astype(np.int64), nk))
+
+    @staticmethod
+    def of_cells(row: np.ndarray, col: np.ndarray) -> "Runs":
+        """The runs of tiles (row, col), sorted by (row, col) and unique."""
+        row, col = row.astype(np.int64), col.astype(np.int64)
+        if not len(row):
             return Runs(row, col, col)
-        new = np.ones(len(keys), dtype=bool)
+        new = np.ones(len(row), dtype=bool)
         new[1:] = (col[1:] != col[:-1] + 1) | (row[1:] != row[:-1])
         first = np.flatnonzero(new)
-        last = np.append(first[1:], len(keys)) - 1
+        last = np.append(first[1:], len(row)) - 1
         return Runs(row[first], col[first], col[last] + 1)
 
     def cut(self, rows: np.ndarray, cols: np.ndarray, nk: int) -> tuple["Runs", "Runs"]:
@@ -123,12 +128,14 @@ class TileList:
     @staticmethod
     def from_runs(Hx: int, rows: int, runs: "Runs") -> "TileList":
         """From runs (merged: sorted by (row, lo), disjoint, not adjacent) of flat rows h * rows + r."""
-        n = runs.hi - runs.lo
-        counts = np.bincount(runs.row, weights=n, minlength=Hx * rows).astype(np.int32) if len(n) else \
-            np.zeros(Hx * rows, dtype=np.int32)
+        counts = np.bincount(runs.row, weights=runs.hi - runs.lo, minlength=Hx * rows).astype(np.int32)
         t = TileList(torch.from_numpy(counts).view(Hx, rows))
         t.runs = runs
         return t
+
+    def to_runs(self) -> "Runs":
+        """This list's runs (made from `cols` for a list that was given its columns)."""
+        return self.runs if self.runs is not None else Runs.of_cells(self.flat_rows().numpy(), self.cols.numpy())
 
     @functools.cached_property
     def cols(self) -> torch.Tensor:

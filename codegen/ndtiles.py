@@ -245,15 +245,11 @@ class TileLayout:
         whole_k = ((plan.offsets_k[1:] - plan.offsets_k[:-1]) == self.block[1]).numpy()
         keep = {f.name: getattr(plan, f.name) for f in fields(plan)
                 if f.name not in ("full", "partial", "full_t", "partial_t")}
-        if plan.full.runs is not None and plan.partial.runs is not None:  # runs stay runs: O(runs)
-            full, moved = plan.full.runs.cut(np.tile(~whole_q, Hx), np.flatnonzero(~whole_k), nk)
-            partial = Runs.merged(*(np.concatenate([getattr(moved, f), getattr(plan.partial.runs, f)])
-                                    for f in ("row", "lo", "hi")), nk)
-            return Plan.from_runs(full, partial, Hx, nq, nk, **keep)
-        keys, full = plan.tiles()  # sparse: O(non-empty tiles), no [nq, nk] map
-        row, kt = np.divmod(keys, nk)
-        full = full & whole_q[row % nq] & whole_k[kt]
-        return Plan.from_tiles(keys, full, Hx, nq, nk, **keep)
+        # O(runs), no [nq, nk] map: the full runs cut at padded rows and columns
+        full, moved = plan.full.to_runs().cut(np.tile(~whole_q, Hx), np.flatnonzero(~whole_k), nk)
+        partial = Runs.merged(*(np.concatenate([getattr(moved, f), getattr(plan.partial.to_runs(), f)])
+                                for f in ("row", "lo", "hi")), nk)
+        return Plan.from_runs(full, partial, Hx, nq, nk, **keep)
 
     def describe(self) -> str:
         """What the header of a generated module says about the permutation."""
