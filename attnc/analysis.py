@@ -57,22 +57,23 @@ def _require_boxes(pattern, M, N, heads, nq, nk, what: str) -> None:
 
 
 def _closed_form_plan(pattern: ir.PatternIR, M: int, N: int, heads: int, grid, bm: int, bn: int,
-                      inputs: dict | None) -> Plan:
+                      inputs: dict | None, counted: bool = False) -> Plan:
     """The plan from interval sets with periodic slots for stepped keys ([Note: periodic
     sets] in periodic.py); where the periodic algebra cannot represent a set, from interval
     sets alone (one interval per key of a progression)."""
     try:
-        return _closed_form_plan_with(pattern, M, N, heads, grid, bm, bn, inputs, periodic=True)
+        return _closed_form_plan_with(pattern, M, N, heads, grid, bm, bn, inputs, periodic=True, counted=counted)
     except NotPeriodic:
-        return _closed_form_plan_with(pattern, M, N, heads, grid, bm, bn, inputs, periodic=False)
+        return _closed_form_plan_with(pattern, M, N, heads, grid, bm, bn, inputs, periodic=False, counted=counted)
 
 
 def _closed_form_plan_with(pattern: ir.PatternIR, M: int, N: int, heads: int, grid, bm: int, bn: int,
-                           inputs: dict | None, periodic: bool) -> Plan:
+                           inputs: dict | None, periodic: bool, counted: bool = False) -> Plan:
     """The plan from interval sets (raises NotIntervals), in chunks of whole query tiles:
-    working memory O(PLAN_CHUNK * R), plus O(non-empty tiles) for the result. A chunk with
-    more intervals per query than `max_intervals` allows is halved and tried again (down to
-    one query tile), so many keys per query (strided, routed) stay in closed form."""
+    working memory O(PLAN_CHUNK * R), plus O(runs of non-empty tiles) for the result. A chunk
+    with more intervals per query than `max_intervals` allows is halved and tried again (down
+    to one query tile), so many keys per query (strided, routed) stay in closed form.
+    `counted`: a counted plan ([Note: counted plans] in plans.py), per-row tile counts only."""
     if pattern.inputs and not inputs:
         raise NotIntervals("run-time inputs")
     nq, nk = -(-M // bm), -(-N // bn)
@@ -81,8 +82,20 @@ def _closed_form_plan_with(pattern: ir.PatternIR, M: int, N: int, heads: int, gr
         for q0, end, s in chunk_sets(pattern, M, N, heads, grid, bm, periodic, inputs):
             if Hx is None:
                 Hx = s.lo.shape[0]
+                tallies = np.zeros((2, Hx, nq), dtype=np.int64)
             elif s.lo.shape[0] != Hx:  # heads come from the IR and the inputs' shapes, never from rows
                 raise AssertionError(f"chunks disagree on heads: {Hx} vs {s.lo.shape[0]}")
+            if counted:  # per-row tile counts of the chunk's rows h * cq + local tile
+                cq = -(-(end - q0) // bm)
+                if isinstance(s, ISet):
+                    f, p, count = tile_runs(s, bm, bn)
+                    f, p = (np.bincount(r.row, weights=r.hi - r.lo, minlength=Hx * cq) for r in (f, p))
+                else:
+                    f, p, count = periodic_runs(s, bm, bn, counted=True)
+                tallies[:, :, q0 // bm:q0 // bm + cq] = np.stack([f, p]).reshape(2, Hx, cq)
+                allowed += count
+                bar.update(end - q0)
+                continue
             if isinstance(s, ISet):
                 full, partial, count = tile_runs(s, bm, bn)
             else:
@@ -98,11 +111,13 @@ def _closed_form_plan_with(pattern: ir.PatternIR, M: int, N: int, heads: int, gr
                 full, partial = (Runs(r.row // cq * nq + r.row % cq + q0 // bm, r.lo, r.hi) for r in (full, partial))
             parts.append((full, partial))
             bar.update(end - q0)
+    fields = dict(M=M, N=N, heads=heads, block=(bm, bn), allowed=allowed * (heads // Hx), method="closed-form")
+    if counted:
+        return Plan(full=TileList.counted(tallies[0]), partial=TileList.counted(tallies[1]), **fields)
     full, partial = (Runs.cat(list(x)) for x in zip(*parts))
     if Hx > 1 and len(parts) > 1:  # a later chunk's head 0 comes before an earlier one's head 1
         full, partial = full.sorted(nk), partial.sorted(nk)
-    return Plan.from_runs(full, partial, Hx, nq, nk, M=M, N=N, heads=heads, block=(bm, bn),
-                          allowed=allowed * (heads // Hx), method="closed-form")
+    return Plan.from_runs(full, partial, Hx, nq, nk, **fields)
 
 
 def chunk_sets(pattern, M, N, heads, grid, bm: int, periodic: bool, inputs: dict | None = None):
@@ -222,12 +237,14 @@ def _row_report(pattern, M, N, heads, grid) -> RowReport:
 
 
 def plan_blocks(pattern: ir.PatternIR, M: int, N: int, heads: int, grid, *, block: tuple[int, int],
-                inputs: dict | None = None) -> Plan:
+                inputs: dict | None = None, counted: bool = False) -> Plan:
     """The tile plan of a bound pattern (sizes already validated). Patterns with
     run-time inputs are planned for one batch element's `inputs` in closed form
-    (contiguous segments: O(N); block tables: O(M * kmax))."""
+    (contiguous segments: O(N); block tables: O(M * kmax)). `counted`: what only counts
+    tiles (`show`'s totals, `simulate`) may get a counted plan ([Note: counted plans] in
+    plans.py): its tile counts, classes and allowed pairs are the plan's, its lists absent."""
     with one_thread():
-        return _plan_blocks(pattern, M, N, heads, grid, block, inputs)
+        return _plan_blocks(pattern, M, N, heads, grid, block, inputs, counted)
 
 
 def _plan_nd(pattern, M, N, heads, grid, tq, tk) -> Plan:
@@ -314,18 +331,20 @@ def head_classes(pattern: ir.PatternIR, M: int, N: int, heads: int, grid) -> lis
 
 def _stack_lists(lists: list, index: list[int]) -> TileList:
     """One TileList of `len(index)` heads: head h is `lists[index[h]]` (each of one head),
-    as runs ([Note: tile runs])."""
+    as runs ([Note: tile runs]), or counts where one of them is counted."""
     rows = lists[0].counts.shape[1]
+    if any(t.is_counted for t in lists):
+        return TileList.counted(np.stack([lists[i].counts[0].numpy() for i in index]))
     runs = [t.to_runs() for t in lists]
     return TileList.from_runs(len(index), rows, Runs.cat([runs[i].shifted(h * rows) for h, i in enumerate(index)]))
 
 
-def _plan_by_head_class(pattern, M, N, heads, grid, block) -> Plan | None:
+def _plan_by_head_class(pattern, M, N, heads, grid, block, counted: bool = False) -> Plan | None:
     """The plan of a per-head pattern from one plan per group of heads with equal arms."""
     classes = head_classes(pattern, M, N, heads, grid)
     if classes is None:
         return None
-    plans = [_plan_blocks(p, M, N, heads, grid, block) for _, p in classes]
+    plans = [_plan_blocks(p, M, N, heads, grid, block, counted=counted) for _, p in classes]
     if any(p.full.counts.shape[0] != 1 for p in plans):  # a group still differs per head
         return None
     index = [0] * heads
@@ -340,14 +359,14 @@ def _plan_by_head_class(pattern, M, N, heads, grid, block) -> Plan | None:
                 tiles_evaluated=sum(p.tiles_evaluated for p in plans), **lists)
 
 
-def _plan_blocks(pattern, M, N, heads, grid, block, inputs=None) -> Plan:
+def _plan_blocks(pattern, M, N, heads, grid, block, inputs=None, counted: bool = False) -> Plan:
     if isinstance(block[0], tuple):
         if inputs:
             raise ValueError("block: N-D tiles are not supported with run-time inputs; try 1-D tiles like (128, 128)")
         return _plan_nd(pattern, M, N, heads, grid, *block)
     bm, bn = block
     if not inputs:
-        shared = _plan_by_head_class(pattern, M, N, heads, grid, block)
+        shared = _plan_by_head_class(pattern, M, N, heads, grid, block, counted)
         if shared is not None:
             return shared
     if not inputs and is_product(pattern.body) and -(-M // bm) * -(-N // bn) <= PRODUCT_TILES:
@@ -356,7 +375,7 @@ def _plan_blocks(pattern, M, N, heads, grid, block, inputs=None) -> Plan:
         except NotIntervals:
             pass
     try:
-        return _closed_form_plan(pattern, M, N, heads, grid, bm, bn, inputs)
+        return _closed_form_plan(pattern, M, N, heads, grid, bm, bn, inputs, counted=counted)
     except NotIntervals as exc:
         if inputs:  # the tile boxes and refine know no run-time inputs
             raise ValueError(f"cannot plan pattern '{pattern.name}' from its run-time inputs in closed form ({exc}); "

@@ -425,31 +425,44 @@ def periodic_tiles(s: PSet, bm: int, bn: int) -> tuple[np.ndarray, np.ndarray, i
     return keys, full, c.allowed, cnt
 
 
-def periodic_runs(s: PSet, bm: int, bn: int):
+#: most tiles in one period of a segment's counts ([Note: periodic runs]); a longer period
+#: (a step with a large odd factor against power-of-two tiles) counts its tiles one by one
+MAX_PERIOD = 1 << 12
+
+
+def periodic_runs(s: PSet, bm: int, bn: int, counted: bool = False):
     """(full, partial, allowed): the runs ([Note: tile runs] in plans.py) of full and of partial
     key tiles of every row h * nq + query tile, and the allowed triples, without visiting every
-    candidate tile ([Note: periodic runs])."""
+    candidate tile ([Note: periodic runs]). With `counted`, (full, partial) are int64 per-row
+    tile counts [rows] instead, never listing a tile (`attnc show`'s totals, `simulate`)."""
     from .plans import Runs
 
     # [Note: periodic runs] A column's S_c(x) is 0 up to the least lo of the row's queries (a_lo),
     # its total from the greatest hi (b_hi) on, and between the greatest lo and the least hi
-    # (b_lo .. a_hi, every query inside) it grows by exactly (bn / p) * w * queries a key tile
-    # when the slot's step p divides bn (one period or whole periods a tile). So a key tile
-    # that lies, for every column, inside one of those three zones has the same count as its
-    # neighbours in the same zones: the row's tiles split into *special* tiles (a column's
-    # [a_lo, b_lo] or [a_hi, b_hi] cuts them, the ragged last tile, every pure-zone tile of a
-    # slot whose step does not divide bn) counted one by one as in `periodic_tiles`, and
-    # *segments* between them, counted as a whole by S at their two ends: a strided row of
-    # 8192 partial tiles is a few special tiles and one segment.
+    # (b_lo .. a_hi, every query inside) a key tile [x, x + bn) adds what [x, x + bn) adds to
+    # every query's F, which depends on x only through (x - o) mod p: tile j's count there is
+    # periodic in j with period p / gcd(p, bn) tiles (1 when the step divides bn: one period
+    # or whole periods a tile). So the row's tiles split into *special* tiles (a column's
+    # [a_lo, b_lo] or [a_hi, b_hi] cuts them, the ragged last tile) counted one by one as in
+    # `periodic_tiles`, and *segments* between them whose counts repeat with the period P
+    # (the lcm over columns): each of a segment's first min(P, length) tiles is counted, and
+    # stands for every P-th tile after it; the segment's total S(end) - S(start) must equal
+    # the phases' counts times their multiplicities (checked). A strided row of 8192 partial
+    # tiles is a few special tiles and one segment; `k % 128 >= 96` in 64-key tiles is a
+    # segment of period 2 (an empty tile, a partial one), counted from two tiles.
     c = _columns(s, bm, bn)
     N, nk, rows = c.N, c.nk, c.rows
+    period = 1
+    for _, _, _, p, _ in c.cols:
+        period = math.lcm(period, p // math.gcd(p, bn))
+    steady = period <= MAX_PERIOD
     lo_r, hi_r, row_r = [], [], []
     for (o, lo, hi, p, w), (mn_lo, mx_lo, mn_hi, mx_hi, total, real) in zip(c.cols, c.stats):
         has = mx_hi > mn_lo  # some query of the row has this column
         # at least one tile each: a zone boundary on a tile boundary still splits segments
         cuts = [(mn_lo // bn, np.maximum(-(-mx_lo // bn), mn_lo // bn + 1)),
                 (mn_hi // bn, np.maximum(-(-mx_hi // bn), mn_hi // bn + 1))]
-        if bn % p:
+        if bn % p and not steady:
             cuts.append((mx_lo // bn, -(-mn_hi // bn)))
         for a, b in cuts:
             row_r.append(np.flatnonzero(has))
@@ -472,31 +485,60 @@ def periodic_runs(s: PSet, bm: int, bn: int):
     i_row, i_a, i_b = i_row[order], i_a[order], i_b[order]
     gap = (i_row[1:] == i_row[:-1]) & (i_a[1:] > i_b[:-1])
     seg_row, seg_lo, seg_hi = i_row[:-1][gap], i_b[:-1][gap], i_a[1:][gap]
+    n_seg = seg_hi - seg_lo
+    # every special tile, and each segment's first min(period, length) tiles (its phases)
+    n_ph = np.minimum(n_seg, period)
     tiles = special.hi - special.lo
-    require(PLAN_BYTES * (int(tiles.sum()) + 2 * len(seg_row)),
+    require(PLAN_BYTES * (int(tiles.sum()) + int(n_ph.sum()) + len(seg_row)),
             f"the tile plan of {_mq(s)} queries x {N} keys with {bm}x{bn} tiles (stepped keys)",
             "a larger tile (block=(256, 256), --tile 256x256) or smaller sizes")
-    # special tiles one by one: S at both ends of each
-    t_row = np.repeat(special.row, tiles)
-    t_j = special.expand().astype(np.int64)
+    seg_of = np.repeat(np.arange(len(seg_row)), n_ph)
+    phase = np.arange(len(seg_of)) - np.repeat(np.cumsum(n_ph) - n_ph, n_ph)
+    t_row = np.concatenate([np.repeat(special.row, tiles), seg_row[seg_of]])
+    t_j = np.concatenate([special.expand().astype(np.int64), seg_lo[seg_of] + phase])
+    nt, ns = len(t_j), len(seg_row)
     x_row = np.concatenate([t_row, t_row, seg_row, seg_row])
     x = np.minimum(np.concatenate([t_j * bn, (t_j + 1) * bn, seg_lo * bn, seg_hi * bn]), N)
     S = _sums(c, x_row, x)
-    nt, ns = len(t_j), len(seg_row)
     t_cnt = S[nt:2 * nt] - S[:nt]
-    s_cnt = S[2 * nt + ns:] - S[2 * nt:2 * nt + ns]
     t_full = t_cnt == c.qlen[t_row] * np.minimum(bn, N - t_j * bn)
-    n_seg = seg_hi - seg_lo
-    per = s_cnt // n_seg  # every tile of a segment counts the same
-    if (s_cnt % n_seg).any():
-        raise AssertionError("periodic_runs: a segment's tiles count differently")
-    s_full = per == c.qlen[seg_row] * bn
+    t_part = ~t_full & (t_cnt > 0)
+    # how many tiles of its segment each phase tile stands for (1 for a special tile)
+    mult = np.ones(nt, dtype=np.int64)
+    n_special = nt - len(seg_of)
+    mult[n_special:] = (n_seg[seg_of] - phase + period - 1) // period
+    if ns:
+        s_cnt = S[2 * nt + ns:] - S[2 * nt:2 * nt + ns]
+        got = np.bincount(seg_of, weights=(t_cnt[n_special:] * mult[n_special:]).astype(np.float64), minlength=ns)
+        if (np.rint(got).astype(np.int64) != s_cnt).any():
+            raise AssertionError("periodic_runs: a segment's tiles do not repeat with its period")
+    if counted:
+        return (np.bincount(t_row, weights=mult * t_full, minlength=rows).astype(np.int64),
+                np.bincount(t_row, weights=mult * t_part, minlength=rows).astype(np.int64), c.allowed)
+    # runs: a special tile is one; a segment whose phases share a class is one run over it,
+    # other segments list every tile of the phases in the class (merged where they touch)
+    seg_full = np.bincount(seg_of, weights=t_full[n_special:], minlength=ns) == n_ph
+    seg_part = np.bincount(seg_of, weights=t_part[n_special:], minlength=ns) == n_ph
     out = []
-    for t_sel, s_sel in ((t_full, s_full), (~t_full & (t_cnt > 0), ~s_full & (per > 0))):
-        out.append(Runs.merged(np.concatenate([t_row[t_sel], seg_row[s_sel]]),
-                               np.concatenate([t_j[t_sel], seg_lo[s_sel]]),
-                               np.concatenate([t_j[t_sel] + 1, seg_hi[s_sel]]), nk))
+    for t_sel, s_sel in ((t_full, seg_full), (t_part, seg_part)):
+        spec = np.flatnonzero(t_sel[:n_special])
+        mixed = n_special + np.flatnonzero(t_sel[n_special:] & ~(s_sel[seg_of]))
+        reps = mult[mixed]
+        require(PLAN_BYTES_PER_TILE_RUN * int(reps.sum()),
+                f"the tile plan of {_mq(s)} queries x {N} keys with {bm}x{bn} tiles (stepped keys: "
+                f"{int(reps.sum())} tiles alternate between classes)",
+                "a larger tile (block=(256, 256), --tile 256x256) or smaller sizes")
+        m_row, m_j = np.repeat(t_row[mixed], reps), np.repeat(t_j[mixed], reps)
+        m_j = m_j + period * (np.arange(len(m_j)) - np.repeat(np.cumsum(reps) - reps, reps))
+        whole = np.flatnonzero(s_sel)
+        out.append(Runs.merged(np.concatenate([t_row[spec], seg_row[whole], m_row]),
+                               np.concatenate([t_j[spec], seg_lo[whole], m_j]),
+                               np.concatenate([t_j[spec] + 1, seg_hi[whole], m_j + 1]), nk))
     return out[0], out[1], c.allowed
+
+
+#: bytes per tile listed as its own run while `periodic_runs` builds them (coordinates, sort, merge)
+PLAN_BYTES_PER_TILE_RUN = 64
 
 
 #: bytes per candidate tile while periodic_tiles runs (boundaries, sums, keys)

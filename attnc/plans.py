@@ -117,6 +117,12 @@ class TileList:
     instead (a causal row of 8192 tiles is one run), and makes `cols` on first use:
     what only counts tiles (plan, simulate, show's totals, the cost model) stays
     O(runs), while a kernel's lists still come out of `cols` / `index` unchanged.
+
+    [Note: counted plans] A list made by `counted` knows only its per-row counts: what
+    `attnc show`'s totals and `simulate` read. Some plans cannot be listed in memory
+    but are cheap to count: `k % 128 >= 96` in 64-key tiles alternates empty and partial
+    tiles, 67 M runs at 10^6 tokens, while its counts come from two tiles a row
+    ([Note: periodic runs] in periodic.py). Such a list refuses `cols`, `index` and runs.
     """
 
     def __init__(self, counts: torch.Tensor, cols: torch.Tensor | None = None):
@@ -124,6 +130,20 @@ class TileList:
         if cols is not None:
             self.cols = cols  # int32 [number of tiles], row-major (else made from runs)
         self.runs: Runs | None = None
+
+    @staticmethod
+    def counted(counts: np.ndarray) -> "TileList":
+        """A list of per-row counts only ([Note: counted plans]); counts [Hx, rows]."""
+        t = TileList(torch.from_numpy(np.ascontiguousarray(counts, dtype=np.int32)))
+        t.is_counted = True
+        return t
+
+    is_counted = False
+
+    def _listed(self) -> None:
+        if self.is_counted:
+            raise RuntimeError("this plan was counted, not listed ([Note: counted plans] in attnc/plans.py): "
+                               "its tile counts are exact, its tiles are not kept; plan with pat.plan(...) for them")
 
     @staticmethod
     def from_runs(Hx: int, rows: int, runs: "Runs") -> "TileList":
@@ -135,11 +155,13 @@ class TileList:
 
     def to_runs(self) -> "Runs":
         """This list's runs (made from `cols` for a list that was given its columns)."""
+        self._listed()
         return self.runs if self.runs is not None else Runs.of_cells(self.flat_rows().numpy(), self.cols.numpy())
 
     @functools.cached_property
     def cols(self) -> torch.Tensor:
         """The columns of the runs, expanded (O(tiles)); only lists made by `from_runs` get here."""
+        self._listed()
         tiles = int(self.counts.sum(dtype=torch.int64))
         Hx, rows = self.counts.shape
         require(20 * tiles, f"the tile list of {tiles} tiles ({Hx} x {rows} rows)",
@@ -149,6 +171,7 @@ class TileList:
     @functools.cached_property
     def index(self) -> torch.Tensor:
         """int32 [Hx, rows, max(counts)] (at least 1 wide), padded with -1."""
+        self._listed()
         Hx, rows = self.counts.shape
         cnt = self.counts.flatten().long()
         width = max(int(cnt.max()) if cnt.numel() else 0, 1)

@@ -183,6 +183,11 @@ class BoundPattern:
         >>> plan.counts()["tiles_partial"], plan.method
         (31, 'closed-form')
         """
+        return self._plan(M, N, heads, grid, block, inputs)
+
+    def _plan(self, M, N, heads, grid, block, inputs: dict, counted: bool = False):
+        """`plan`; `counted`: a counted plan where one is cheaper ([Note: counted plans] in
+        plans.py): what `simulate` reads, tile counts and pairs, without the tiles."""
         from .codegen.pipeline import Shape, plan
 
         M, N, H, grid = self.resolve_sizes(M, N, heads, grid)
@@ -195,7 +200,7 @@ class BoundPattern:
                                  f"try plan(..., {next(iter(inputs))}=x[0])")
             one = batches[0]
         shape = shape.with_inputs({n: tuple(t.shape) for n, t in (one or {}).items()})
-        return plan(self.ir, shape, self.program.sources, one, padded=False)
+        return plan(self.ir, shape, self.program.sources, one, padded=False, counted=counted)
 
     def check_rows(self, M: int, N: int | None = None, *, heads: int | None = None, grid=None):
         """Static row checks (`analysis.RowReport`): how many query rows attend no
@@ -248,9 +253,9 @@ class BoundPattern:
             from .dynamic import synthetic_inputs
             M, N, H, grid = self.resolve_sizes(M, N, heads, grid)
             pat, inputs = synthetic_inputs(self, M, N, H, grid, routed_density, inputs)
-            plan = pat.plan(M, N, heads=H, grid=grid, block=tile, **inputs)
+            plan = pat._plan(M, N, H, grid, tile, inputs, counted=True)
             return simulate_plan(plan, name=self.name, head_dim=head_dim, gpu=gpu, batch=batch)
-        plan = self.plan(M, N, heads=heads, grid=grid, block=tile)
+        plan = self._plan(M, N, heads, grid, tile, {}, counted=True)
         rep = simulate_plan(plan, name=self.name, head_dim=head_dim, gpu=gpu, batch=batch)
         from .piecewise import NoFormula
         try:

@@ -37,9 +37,10 @@ def plan_tile_stats(pat, M: int, N: int, H: int, grid, block: tuple[int, int]) -
     # pictures are those of the tiles, and the densities are exact. What only the tiles
     # know, how many are full and partial, comes from the plan's tile counts, which stay
     # O(runs) ([Note: tile runs] in plans.py): 10^6 tokens in 128-token tiles are 67 M
-    # tiles a head, but one run per row for a causal head.
+    # tiles a head, but one run per row for a causal head; or from a counted plan, no runs
+    # at all ([Note: counted plans]).
     try:
-        plan = plan_blocks(pat.ir, M, N, H, grid, block=block)
+        plan = plan_blocks(pat.ir, M, N, H, grid, block=block, counted=True)  # [Note: counted plans]
     except AttnError as err:
         raise err.with_sources(pat.program.sources) from None
     stats, rows = _counted_stats(pat, M, N, H, grid, (block[0] * f, block[1] * f))

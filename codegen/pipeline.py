@@ -279,18 +279,19 @@ def lower(pattern: ir.PatternIR, shape: Shape, sources: dict | None = None) -> L
 
 
 def plan(pattern: ir.PatternIR, shape: Shape, sources: dict | None = None, inputs: dict | None = None, *,
-         padded: bool = True):
+         padded: bool = True, counted: bool = False):
     """IR + Shape -> the tile plan of `shape.block` (analysis.plan_blocks). With N-D tiles,
     the kernels' plan in the layout's padded tile-major order, or with `padded=False` the
     plan in the grid's tile order (what `pat.plan` and `attnc plan` show). A pattern with run-time inputs is planned
     for one batch element's `inputs`; without them its plan is None (the kernels' plan is
     built per call). ValueError where the inputs defeat the closed form (a segment id in
-    several runs): the torch path then scans the mask (schedules.scan_plan)."""
+    several runs): the torch path then scans the mask (schedules.scan_plan). `counted`: a
+    counted plan may come back ([Note: counted plans] in attnc/plans.py; not with `padded`)."""
     if pattern.inputs and inputs is None:
         return None
     try:
         tiles = analysis.plan_blocks(pattern, shape.M, shape.N, shape.H, shape.grid, block=shape.block,
-                                     inputs=inputs if pattern.inputs else None)
+                                     inputs=inputs if pattern.inputs else None, counted=counted and not padded)
     except AttnError as err:
         raise err.with_sources(sources or {}) from None
     layout = shape.layout()

@@ -532,7 +532,7 @@ def test_more_intervals_per_query_when_few_queries_are_planned_at_once(monkeypat
 
     pat = attnc.loads("pattern p = causal & (sliding(8) | strided(16))").pattern()
     # the interval-only analysis (with periodic slots, strided is one slot per query: test_periodic.py)
-    monkeypatch.setattr(analysis, "_closed_form_plan", lambda *a: analysis._closed_form_plan_with(*a, periodic=False))
+    monkeypatch.setattr(analysis, "_closed_form_plan", lambda *a, **k: analysis._closed_form_plan_with(*a, periodic=False, **k))
     monkeypatch.setattr(interval_sets, "MAX_INTERVALS", 4)
     plans = {}
     # 0: nothing beyond 4 per query (tile boxes); 40 * 512: the whole 512 rows at once; 40 * 128:

@@ -527,7 +527,7 @@ def test_a_wrong_plan_is_caught_and_shrunk(monkeypatch, _uncounted):
 
     real = analysis.plan_blocks
 
-    def broken(pattern, M, N, heads, grid, *, block, inputs=None):
+    def broken(pattern, M, N, heads, grid, *, block, inputs=None, counted=False):
         plan = real(pattern, M, N, heads, grid, block=block, inputs=inputs)
         if plan.full.counts.sum() == 0:
             return plan

@@ -81,7 +81,7 @@ def test_a_wrong_mask_is_reported(tmp_path):
 
 def test_an_escaping_exception_is_a_traceback(tmp_path, monkeypatch):
     r = hostile.Runner(tmp_path)
-    monkeypatch.setattr(attnc.program.BoundPattern, "plan", lambda *a, **k: 1 / 0)
+    monkeypatch.setattr(attnc.program.BoundPattern, "_plan", lambda *a, **k: 1 / 0)  # what plan and simulate call
     r.run(hostile.Case(family="random", seed=-2, source="pattern p = causal\n", pattern="p", M=4, N=4,
                        verbs=("simulate",)))
     assert r.counts["tracebacks"] >= 2, r.failures  # in-process and through the CLI

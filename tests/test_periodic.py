@@ -41,7 +41,7 @@ def slots_everywhere(monkeypatch):
     monkeypatch.setattr(analysis, "PRODUCT_TILES", 0)
     calls = []
     real = analysis.periodic_runs
-    monkeypatch.setattr(analysis, "periodic_runs", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(analysis, "periodic_runs", lambda *a, **k: calls.append(1) or real(*a, **k))
     return calls
 
 
@@ -77,7 +77,7 @@ def test_periodic_plans_equal_the_interval_only_plans(file, name, M, grid, monke
     monkeypatch.setattr(analysis, "PRODUCT_TILES", 0)  # the closed form, also for axial_col at few tiles
     new = pat.plan(M, heads=2, grid=grid, block=(128, 128))
     monkeypatch.setattr(analysis, "_closed_form_plan",
-                        lambda *a: analysis._closed_form_plan_with(*a, periodic=False))
+                        lambda *a, **k: analysis._closed_form_plan_with(*a, periodic=False, **k))
     old = pat.plan(M, heads=2, grid=grid, block=(128, 128))
     assert torch.equal(new.to_dense(), old.to_dense()) and new.allowed == old.allowed
     for f in ("full", "partial", "full_t", "partial_t"):
@@ -150,3 +150,38 @@ def test_periodic_runs_are_the_tiles_of_periodic_tiles(monkeypatch, src, M, grid
     assert allowed_runs == allowed
     if src == RUN_CASES[0][0]:  # a strided causal row: one run of partial tiles, not one entry a tile
         assert len(f_runs.row) == 0 and len(p_runs.row) == -(-M // block[0]) < len(keys) / 10
+    # counted ([Note: counted plans]): the same per-row counts and pairs, no tile listed
+    f_cnt, p_cnt, allowed_cnt = periodic.periodic_runs(s, *block, counted=True)
+    for runs, cnt in ((f_runs, f_cnt), (p_runs, p_cnt)):
+        assert np.bincount(runs.row, weights=runs.hi - runs.lo, minlength=len(cnt)).astype(np.int64).tolist() == cnt.tolist()
+    assert allowed_cnt == allowed
+
+
+@pytest.mark.parametrize("block", [(64, 64), (64, 96), (32, 100)])
+def test_a_step_that_does_not_divide_the_tile_is_counted_from_one_period(monkeypatch, block):
+    """`k % 128 >= 96` in 64-key tiles alternates empty and partial tiles (period 2): a segment's
+    tiles are counted from its first period, not one by one ([Note: periodic runs]), and the
+    runs still list every partial tile (checked against the dense mask)."""
+    pat = attnc.load(EXAMPLES / "sparse_transformer.attn").pattern("sparse_fixed")
+    M, H = 4096 + 77, 2
+    points = []
+    real = periodic._sums
+    monkeypatch.setattr(periodic, "_sums", lambda c, xrow, x: points.append(len(x)) or real(c, xrow, x))
+    plan = check(pat, M, None, block, H=H)
+    nq, nk = -(-M // block[0]), -(-M // block[1])
+    assert sum(points) < nq * 64  # a few special tiles and one period a row; tile by tile: ~nq * nk / 2
+    counted = analysis.plan_blocks(pat.ir, M, M, H, None, block=block, counted=True)
+    assert counted.counts() == plan.counts() and counted.allowed == plan.allowed
+    assert torch.equal(counted.partial.counts, plan.partial.counts) and torch.equal(counted.full.counts, plan.full.counts)
+
+
+def test_a_counted_plan_refuses_its_lists():
+    """[Note: counted plans]: counts only; asking for tiles is a clear error, not a wrong list."""
+    pat = attnc.load(EXAMPLES / "sparse_transformer.attn").pattern("sparse_fixed")
+    counted = analysis.plan_blocks(pat.ir, 1 << 20, 1 << 20, 8, None, block=(64, 64), counted=True)
+    c = counted.counts()
+    # every row of 64 queries: the causal half of its keys in tiles, half of those hold k % 128 >= 96
+    assert c["tiles_partial"] + c["tiles_full"] > (1 << 28)
+    for get in (lambda: counted.partial.index, lambda: counted.full.cols, lambda: counted.partial.to_runs()):
+        with pytest.raises(RuntimeError, match="counted, not listed"):
+            get()

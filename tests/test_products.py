@@ -111,7 +111,7 @@ def test_product_plans_are_the_evaluated_plans(monkeypatch, grid, size, block):
 
     monkeypatch.setattr(products.ProductCounts, "counts", declined)
     # (and no periodic slots: a window across many rows is one slot per query, test_periodic.py)
-    monkeypatch.setattr(analysis, "_closed_form_plan", lambda *a: analysis._closed_form_plan_with(*a, periodic=False))
+    monkeypatch.setattr(analysis, "_closed_form_plan", lambda *a, **k: analysis._closed_form_plan_with(*a, periodic=False, **k))
     old = pat.plan(N, heads=2, grid=grid, block=block)
     assert old.method == "tile-boxes" and old.tiles_evaluated > 0
     assert plan_lists(new) == plan_lists(old)
