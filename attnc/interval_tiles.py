@@ -149,29 +149,29 @@ def tile_runs(s: ISet, bm: int, bn: int) -> tuple[Runs, Runs, int]:
     p_parts = [(row, T_lo.ravel(), F_lo.ravel()), (row, F_hi.ravel(), T_hi.ravel())]
     rows = np.flatnonzero(bad)
     if len(rows):
-        # exact classes of the bad tiles by difference arrays over their queries; a query with the
-        # same intervals as the one before it (a routing or `blockwise` block's queries) adds no
-        # touched tile and its multiplicity to the covered ones: each run of equal queries once
-        b_lo, b_hi = lo[:, rows], hi[:, rows]  # [R, bad tiles, bm]
-        new = np.ones(b_lo.shape[1:], dtype=bool)
-        new[:, 1:] = ((b_lo[..., 1:] != b_lo[..., :-1]) | (b_hi[..., 1:] != b_hi[..., :-1])).any(0)
-        del b_lo, b_hi
-        first = np.flatnonzero(new.ravel())
-        weight = np.diff(np.append(first, new.size)).astype(np.float64)  # queries in each run
-        r_i, q_i = np.divmod(first, bm)  # bad tile (index into rows) and query of every run
-        base = (r_i * (nk + 1))[None, :]
-        size = len(rows) * (nk + 1)
+        # exact classes of the bad tiles by difference arrays over their queries; a slot whose range
+        # (in key tiles) is the one it had for the query before adds nothing new to the touched tiles
+        # and its multiplicity to the covered ones: each run of equal ranges of a slot counts once
+        # (a routing or `blockwise` block's queries share all their slots, a sliding window's
+        # queries all but one)
+        n_rows_bad = len(rows)
+        size = n_rows_bad * (nk + 1)
 
-        def count(a, b, ok, wt=None):
-            wt = None if wt is None else np.broadcast_to(wt, a.shape).ravel()
-            starts = np.bincount(np.where(ok, base + a, size).ravel(), weights=wt, minlength=size + 1)
-            ends = np.bincount(np.where(ok, base + b, size).ravel(), weights=wt, minlength=size + 1)
-            return np.cumsum((starts - ends)[:size].reshape(len(rows), nk + 1), -1)[:, :nk]
+        def count(a, b, weighted):
+            a, b = a[:, rows], b[:, rows]  # [R, bad tiles, bm]
+            new = np.ones(a.shape, dtype=bool)
+            new[..., 1:] = (a[..., 1:] != a[..., :-1]) | (b[..., 1:] != b[..., :-1])
+            first = np.flatnonzero(new)  # every (slot, bad tile) starts a run at its first query
+            a, b = a.reshape(-1)[first], b.reshape(-1)[first]
+            ok = b > a  # empty slots are [-bn, -bn): key tiles [-1, -1)
+            base = (first // bm % n_rows_bad * (nk + 1))[ok]
+            wt = np.diff(np.append(first, new.size))[ok].astype(np.float64) if weighted else None
+            starts = np.bincount(base + a[ok], weights=wt, minlength=size)
+            ends = np.bincount(base + b[ok], weights=wt, minlength=size)
+            return np.cumsum((starts - ends).reshape(n_rows_bad, nk + 1), -1)[:, :nk]
 
-        pick = (slice(None), rows[r_i], q_i)  # [R, runs]
-        b_real, bc_lo, bc_hi = real[pick], c_lo[pick], c_hi[pick]
-        touch = count(t_lo[pick], t_hi[pick], b_real)
-        cover = count(bc_lo, bc_hi, b_real & (bc_hi > bc_lo), weight[None, :])
+        touch = count(t_lo, t_hi, False)
+        cover = count(c_lo, c_hi, True)
         for parts, sel in ((f_parts, cover == bm), (p_parts, (touch > 0) & (cover != bm))):
             r, k = np.nonzero(sel)
             parts.append((rows[r], k, k + 1))

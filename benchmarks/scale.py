@@ -2,11 +2,13 @@
 about 10^5 tokens (1-D: 131 072; 2-D grids 362 x 362; 3-D 32 x 64 x 64; MM-DiT 512 text +
 256 x 256) and the 1-D ones at 10^6 (1 048 576), plus the video (30 x 48 x 80, NATTEN's
 (18, 24, 24)) and CLEAR (`where`, 512 x 512 + 512 text) cases. Each run is its own process
-(wall time including Python and torch start-up, peak RSS), 128x128 tiles, 8 heads.
+(wall time including Python and torch start-up, peak RSS), 128x128 tiles (`--block 64`: 64x64,
+`attnc show`'s default), 8 heads.
 
     python benchmarks/scale.py                       # everything (tens of minutes on 2 cores)
     python benchmarks/scale.py --only mistral video  # some patterns
     python benchmarks/scale.py --out benchmarks/results/scale_cpu.md
+    python benchmarks/scale.py --block 64 --only sparse_fixed --verbs show
 
 Targets (issue 18): under 5 s and under 2 GB each. A run over its `--timeout` is reported as such.
 """
@@ -61,7 +63,7 @@ def cases(only):
 RUNNER = r"""
 import json, resource, sys, time
 t = time.perf_counter()
-verb, file, pat_name, sizes, routed = json.loads(sys.argv[1])
+verb, file, pat_name, sizes, routed, b = json.loads(sys.argv[1])
 status = "ok"
 import attnc
 pat = attnc.load(file).pattern(pat_name, **sizes.get("params", {}))
@@ -71,7 +73,7 @@ if dynamic and verb != "simulate":
 elif verb == "plan":
     grid = tuple(sizes["grid"]) if "grid" in sizes else None
     M = None if grid else sizes["seq_len"]
-    pat.plan(M, heads=8, grid=grid, block=(128, 128))
+    pat.plan(M, heads=8, grid=grid, block=(b, b))
 else:
     from attnc.cli import main
     import io
@@ -79,7 +81,7 @@ else:
     argv += ["--grid", "x".join(map(str, sizes["grid"]))] if "grid" in sizes else ["--seq-len", str(sizes["seq_len"])]
     for s in sizes.get("set", []):
         argv += ["--set", s]
-    argv += ["--tile", "128x128"] if verb == "simulate" else ["--block", "128"]
+    argv += ["--tile", f"{b}x{b}"] if verb == "simulate" else ["--block", str(b)]
     if verb == "simulate" and routed:
         argv += ["--routed-density", str(routed)]
     out, err = io.StringIO(), io.StringIO()
@@ -91,12 +93,12 @@ print(json.dumps({"s": time.perf_counter() - t, "rss_mb": resource.getrusage(res
 """
 
 
-def run(verb, file, pat, sizes, routed, timeout):
+def run(verb, file, pat, sizes, routed, timeout, block=128):
     params = {}
     for s in sizes.get("set", []):
         k, v = s.split("=", 1)
         params[k] = eval(v, {})  # the case table's own literals
-    payload = json.dumps([verb, file, pat, {**sizes, "params": params}, routed])
+    payload = json.dumps([verb, file, pat, {**sizes, "params": params}, routed, block])
     t = time.perf_counter()
     try:
         res = subprocess.run([sys.executable, "-c", RUNNER, payload], capture_output=True, text=True, timeout=timeout)
@@ -115,6 +117,7 @@ def main() -> None:
     ap.add_argument("--only", nargs="*")
     ap.add_argument("--verbs", nargs="*", default=["plan", "simulate", "show"])
     ap.add_argument("--timeout", type=int, default=60)
+    ap.add_argument("--block", type=int, default=128, help="tile size (square); show's default is 64")
     ap.add_argument("--out")
     args = ap.parse_args()
     import torch
@@ -123,7 +126,7 @@ def main() -> None:
 
     lines = [f"## {datetime.date.today()} {platform.node()}, {platform.processor() or platform.machine()}; "
              f"torch {torch.__version__}, attnc {attnc.__version__}, python {platform.python_version()}", "",
-             "8 heads, 128x128 tiles; one process per run: wall s (including start-up) / peak RSS MB", "",
+             f"8 heads, {args.block}x{args.block} tiles; one process per run: wall s (including start-up) / peak RSS MB", "",
              "| case | tokens | " + " | ".join(args.verbs) + " |", "|---|---|" + "---|" * len(args.verbs)]
     worst = {"wall": 0.0, "rss": 0.0}
     over = []
@@ -131,7 +134,7 @@ def main() -> None:
         tokens = sizes.get("seq_len") or math.prod(sizes["grid"]) + (512 if pat == "mmdit" else 0)
         cells = []
         for verb in args.verbs:
-            r = run(verb, file, pat, sizes, ROUTED.get(pat), args.timeout)
+            r = run(verb, file, pat, sizes, ROUTED.get(pat), args.timeout, args.block)
             ok = r["status"] == "ok"
             if r["status"].startswith("n/a"):
                 cells.append("n/a (routed per call)")
