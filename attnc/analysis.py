@@ -41,6 +41,11 @@ from .plans import Plan, Runs, TileList
 from .products import is_product, nd_product, product_plan
 from .progress import task
 from .reference import Evaluator, View, top_view
+from .routed_plans import routed_chunks
+
+#: plan unions with one routed arm block by block ([Note: routed plans] in routed_plans.py);
+#: False: through the interval sets of every query (what tests compare them with)
+ROUTED_PLANS = True
 from .tileboxes import NDTileBoxes, TileBoxes, boxes_bytes, refine, tile_major
 
 #: queries per chunk of the closed-form plan builder (bounds its working memory)
@@ -76,38 +81,45 @@ def _closed_form_plan_with(pattern: ir.PatternIR, M: int, N: int, heads: int, gr
     `counted`: a counted plan ([Note: counted plans] in plans.py), per-row tile counts only."""
     if pattern.inputs and not inputs:
         raise NotIntervals("run-time inputs")
+
+    def classified():
+        for q0, end, s in chunk_sets(pattern, M, N, heads, grid, bm, periodic, inputs):
+            if isinstance(s, ISet):
+                yield q0, end, s.lo.shape[0], tile_runs(s, bm, bn)
+            else:
+                yield q0, end, s.lo.shape[0], periodic_runs(s, bm, bn, counted=counted)
+
+    return assemble_plan(pattern, M, N, heads, bm, bn, counted, classified())
+
+
+def assemble_plan(pattern: ir.PatternIR, M: int, N: int, heads: int, bm: int, bn: int, counted: bool,
+                  chunks) -> Plan:
+    """The plan of per-chunk classes: `chunks` yields (q0, end, Hx, (full, partial, allowed)) for
+    queries [q0, end) (whole query tiles), full / partial as runs of the chunk's rows
+    h * cq + local tile, or as per-row counts (numpy) where a counted plan is asked for."""
     nq, nk = -(-M // bm), -(-N // bn)
     parts, allowed, Hx, runs = [], 0, None, 0
     with task("planning", total=M, unit="query") as bar:
-        for q0, end, s in chunk_sets(pattern, M, N, heads, grid, bm, periodic, inputs):
+        for q0, end, hx, (full, partial, count) in chunks:
             if Hx is None:
-                Hx = s.lo.shape[0]
+                Hx = hx
                 tallies = np.zeros((2, Hx, nq), dtype=np.int64)
-            elif s.lo.shape[0] != Hx:  # heads come from the IR and the inputs' shapes, never from rows
-                raise AssertionError(f"chunks disagree on heads: {Hx} vs {s.lo.shape[0]}")
+            elif hx != Hx:  # heads come from the IR and the inputs' shapes, never from rows
+                raise AssertionError(f"chunks disagree on heads: {Hx} vs {hx}")
+            allowed += count
+            cq = -(-(end - q0) // bm)
             if counted:  # per-row tile counts of the chunk's rows h * cq + local tile
-                cq = -(-(end - q0) // bm)
-                if isinstance(s, ISet):
-                    f, p, count = tile_runs(s, bm, bn)
-                    f, p = (np.bincount(r.row, weights=r.hi - r.lo, minlength=Hx * cq) for r in (f, p))
-                else:
-                    f, p, count = periodic_runs(s, bm, bn, counted=True)
-                tallies[:, :, q0 // bm:q0 // bm + cq] = np.stack([f, p]).reshape(2, Hx, cq)
-                allowed += count
+                if isinstance(full, Runs):
+                    full, partial = (np.bincount(r.row, weights=r.hi - r.lo, minlength=Hx * cq) for r in (full, partial))
+                tallies[:, :, q0 // bm:q0 // bm + cq] = np.stack([full, partial]).reshape(2, Hx, cq)
                 bar.update(end - q0)
                 continue
-            if isinstance(s, ISet):
-                full, partial, count = tile_runs(s, bm, bn)
-            else:
-                full, partial, count = periodic_runs(s, bm, bn)
-            allowed += count
             runs += len(full.row) + len(partial.row)  # the runs of the rows done so far, projected to all M rows:
             require(PLAN_BYTES_PER_RUN * runs * M / end,
                     f"the tile plan of '{pattern.name}' at M = {M}, N = {N} with {bm}x{bn} tiles "
                     f"({runs} runs of non-empty tiles in the first {end} query rows)",
                     "a larger tile (block=(256, 256), --tile 256x256) or smaller sizes")
             if end - q0 < M:  # chunk rows h * cq + local tile -> h * nq + q0 // bm + local tile
-                cq = -(-(end - q0) // bm)
                 full, partial = (Runs(r.row // cq * nq + r.row % cq + q0 // bm, r.lo, r.hi) for r in (full, partial))
             parts.append((full, partial))
             bar.update(end - q0)
@@ -372,6 +384,12 @@ def _plan_blocks(pattern, M, N, heads, grid, block, inputs=None, counted: bool =
     if not inputs and is_product(pattern.body) and -(-M // bm) * -(-N // bn) <= PRODUCT_TILES:
         try:  # few tiles: counted per tile pair from row segments ([Note: product counts]), faster here
             return product_plan(pattern, M, N, heads, grid, bm, bn)
+        except NotIntervals:
+            pass
+    if inputs and ROUTED_PLANS:
+        try:  # one routed arm among few intervals per query: from one query per block ([Note: routed plans])
+            return assemble_plan(pattern, M, N, heads, bm, bn, counted,
+                                 routed_chunks(pattern, M, N, heads, bm, bn, inputs, PLAN_CHUNK))
         except NotIntervals:
             pass
     try:

@@ -166,6 +166,16 @@ def select(scores: torch.Tensor, eligible: torch.Tensor, k: int) -> torch.Tensor
     return torch.where(ok, order, -1).to(torch.int32)
 
 
+def _draw(scores: torch.Tensor, eligible: torch.Tensor, k: int) -> torch.Tensor:
+    """int32 [H, nq, k]: k eligible blocks of the highest random scores (-1 where fewer are
+    eligible), in no particular order: `select`'s set for scores without ties, from a partial
+    selection instead of a full sort (2 s -> 0.3 s for 8 x 2048 x 2048 scores)."""
+    masked = scores.masked_fill_(~eligible, float("-inf"))
+    k = max(0, min(k, scores.shape[-1]))
+    order = torch.topk(masked, k, dim=-1, sorted=False).indices
+    return torch.where(torch.gather(eligible, -1, order), order, -1).to(torch.int32)
+
+
 def route(lowered: Lowered, q: torch.Tensor, k: torch.Tensor, M: int, N: int, H: int, grid, batches: list[dict],
           env) -> dict[str, torch.Tensor]:
     """The block tables of every topk site for this call (`batches`: the other run-time
@@ -222,5 +232,5 @@ def synthetic_inputs(pattern, M: int, N: int, H: int, grid, density: float | Non
         if density is not None:
             kk = max(1, math.ceil(density * nk))
         elig = eligible_blocks(lowered, site, b, M, N, H, grid, batches)[0].expand(H, nq, nk)
-        inputs[site.input] = select(torch.rand(1, H, nq, nk, generator=g), elig[None], kk)[0]
+        inputs[site.input] = _draw(torch.rand(H, nq, nk, generator=g), elig, kk)
     return pattern.routed_pattern, inputs

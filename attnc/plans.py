@@ -21,6 +21,19 @@ import torch
 from .limits import require
 
 
+def _meet(xa, xb, ya, yb) -> tuple[np.ndarray, np.ndarray]:
+    """The non-empty intersections of two sorted lists of disjoint, non-adjacent intervals
+    [xa, xb) and [ya, yb), in order (disjoint, non-adjacent): each x meets a contiguous range
+    of y's, found by binary search."""
+    i, j = np.searchsorted(yb, xa, side="right"), np.searchsorted(ya, xb, side="left")
+    n = np.maximum(j - i, 0)
+    xi = np.repeat(np.arange(len(xa)), n)
+    yi = np.arange(int(n.sum())) - np.repeat(np.cumsum(n) - n, n) + np.repeat(i, n)
+    a, b = np.maximum(xa[xi], ya[yi]), np.minimum(xb[xi], yb[yi])
+    keep = b > a
+    return a[keep], b[keep]
+
+
 @dataclass(frozen=True, eq=False)
 class Runs:
     """Runs of consecutive tile columns: row (flat h * rows + r), columns [lo, hi); int64
@@ -85,6 +98,27 @@ class Runs:
         ends = np.where(p == n[owner], hi[owner], cols[np.clip(ci, 0, last)]) if len(cols) else hi[owner]
         kept = Runs.merged(row[owner], starts, ends, nk, ordered=True)  # cut tiles keep the pieces apart
         return kept, Runs.merged(*(np.concatenate(x) for x in zip(*taken)), nk)
+
+    def intersect(self, other: "Runs", nk: int) -> "Runs":
+        """The tiles in both (merged runs both; the result merged)."""
+        return Runs._of_line(*_meet(*self._line(nk), *other._line(nk)), nk)
+
+    def minus(self, other: "Runs", nk: int) -> "Runs":
+        """The tiles of these runs not in `other` (merged runs both; the result merged): these
+        runs met with the gaps between `other`'s runs on the line of all rows."""
+        ya, yb = other._line(nk)
+        big = np.array([np.iinfo(np.int64).max])
+        return Runs._of_line(*_meet(*self._line(nk), np.concatenate([[0], yb]), np.concatenate([ya, big])), nk)
+
+    def _line(self, nk: int) -> tuple[np.ndarray, np.ndarray]:
+        """The runs as intervals of one line, row r's columns at r * (nk + 1) + column: rows
+        never touch, and merged runs are sorted and disjoint there."""
+        return self.row * (nk + 1) + self.lo, self.row * (nk + 1) + self.hi
+
+    @staticmethod
+    def _of_line(a: np.ndarray, b: np.ndarray, nk: int) -> "Runs":
+        row = a // (nk + 1)
+        return Runs(row, a - row * (nk + 1), b - row * (nk + 1))
 
     def expand(self) -> np.ndarray:
         """int32 [tiles]: every run's columns, in order."""

@@ -40,7 +40,7 @@ LAYERS = (
     # from them, tile plans, products on grids, tile boxes, the plan drivers and per-tile counts,
     # formulas, dynamic routing, KV retention, pictures, the simulator and the
     # context-parallel sharding model
-    ("analysis", ("attnc.reference", "attnc.reference_where", "attnc.tilestats", "attnc.interval_sets", "attnc.intervals", "attnc.stencils", "attnc.periodic", "attnc.interval_tiles", "attnc.plans",
+    ("analysis", ("attnc.reference", "attnc.reference_where", "attnc.tilestats", "attnc.interval_sets", "attnc.intervals", "attnc.stencils", "attnc.periodic", "attnc.interval_tiles", "attnc.routed_plans", "attnc.plans",
                   "attnc.products", "attnc.tileboxes", "attnc.analysis", "attnc.pair_counts", "attnc.piecewise", "attnc.symbolic", "attnc.show",
                   "attnc.dynamic", "attnc.retention", "attnc.simulate", "attnc.sharding")),
     # kernels from patterns: the expression IR, the lowered mask and its torch program, pointwise
