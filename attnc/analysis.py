@@ -42,11 +42,11 @@ from .products import is_product, nd_product, product_plan
 from .progress import task
 from .reference import Evaluator, View, top_view
 from .routed_plans import routed_chunks
+from .tileboxes import NDTileBoxes, TileBoxes, boxes_bytes, refine, tile_major
 
 #: plan unions with one routed arm block by block ([Note: routed plans] in routed_plans.py);
 #: False: through the interval sets of every query (what tests compare them with)
 ROUTED_PLANS = True
-from .tileboxes import NDTileBoxes, TileBoxes, boxes_bytes, refine, tile_major
 
 #: queries per chunk of the closed-form plan builder (bounds its working memory)
 PLAN_CHUNK = 16384

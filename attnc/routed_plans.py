@@ -40,6 +40,8 @@ from .reference import top_view
 
 #: most key-interval pieces of the near / far tiles a row may have (more: the interval sets plan it)
 MAX_PIECES = 64
+#: most (routed interval, piece) pairs a chunk meets at once, as interval_sets.INTERVAL_BUDGET
+PAIR_BUDGET = 1 << 24
 
 
 def split(body: ir.Mask):
@@ -125,14 +127,14 @@ def _chunk(view, ia, sel, b, clip_ir, rest_ir, q0, end, bm, bn, nk):
     rows_n = Hx * cq
 
     # the clip per row: tiles inside every query's clip, and tiles some query's clip touches
-    def per_row(x, fill):  # [Hc, Mq] -> [Hx, cq, bm] numpy, the short last tile padded with its last query
+    def per_row(x):  # [Hc, Mq] -> [Hx, cq, bm] numpy, the short last tile padded with its last query
         x = x.expand(Hx, -1).numpy()
         pad = cq * bm - Mq
         if pad:
             x = np.concatenate([x, np.repeat(x[:, -1:], pad, 1)], 1)
         return x.reshape(Hx, cq, bm)
 
-    lo, hi = per_row(clip.lo[..., 0], L), per_row(clip.hi[..., 0], L)
+    lo, hi = per_row(clip.lo[..., 0]), per_row(clip.hi[..., 0])
     real = hi > lo
     lo_r, hi_r = np.where(real, lo, L), np.where(real, hi, L)  # an empty clip counts as [L, L)
     any_real = real.any(-1).reshape(-1)
@@ -157,11 +159,13 @@ def _chunk(view, ia, sel, b, clip_ir, rest_ir, q0, end, bm, bn, nk):
 
     # far pairs: the routed row's keys in the far tiles, once per rep times its queries
     f_lo, f_hi = _pieces(far, rows_n, bn, L)
+    z_lo, z_hi = _pieces(near, rows_n, bn, L)
+    if rr.lo.numel() * max(f_lo.shape[1], z_lo.shape[1]) > PAIR_BUDGET:
+        raise NotIntervals("routed rows x near / far pieces beyond the working budget")
     inter = _meet_rows(rr, f_lo, f_hi, rep_row)
     allowed = int(((inter.hi - inter.lo).sum(-1).numpy() * weight[None, :]).sum())
 
     # near tiles: every query's exact set, cut to the near keys first
-    z_lo, z_hi = _pieces(near, rows_n, bn, L)
     cut = merge(_meet_rows(rr, z_lo, z_hi, rep_row))  # [Hx, reps, few]
     at = torch.arange(Mq) // g
     s = intersect(ISet(cut.lo[:, at], cut.hi[:, at], L, merged=True), clip)

@@ -113,3 +113,29 @@ def test_plan_split_forms():
     assert routed_plans.split(ir_of("pattern p(sel: blocks(64)) = routed(sel)"))[2] == []
     assert routed_plans.split(ir_of("pattern p = causal | sliding(4)")) is None
     np.testing.assert_equal(len(routed_plans.split(ir_of("pattern p(sel: blocks(64)) = routed(sel) & causal"))[1]), 1)
+
+
+@pytest.mark.parametrize("budget,pieces,fail_at", [(0, 64, None), (1 << 24, 0, None), (1 << 24, 64, 2)])
+def test_past_its_budget_a_routed_plan_falls_back(monkeypatch, budget, pieces, fail_at):
+    """Past the pair budget or the pieces a row may have, also after some chunks are done, the
+    interval sets plan the whole pattern: the same plan."""
+    from attnc.interval_sets import NotIntervals
+    pat = _pattern("nsa_like", "nsa_like")
+    p2, inputs = _inputs(pat, 3000, 3000, 2, 0.2, seed=5)
+    want = p2.plan(3000, heads=2, block=(64, 64), **inputs)
+    monkeypatch.setattr(routed_plans, "PAIR_BUDGET", budget)
+    monkeypatch.setattr(routed_plans, "MAX_PIECES", pieces)
+    monkeypatch.setattr(analysis, "PLAN_CHUNK", 512)
+    calls = []
+    real = routed_plans._chunk
+
+    def chunk(*a):
+        calls.append(1)
+        if len(calls) == fail_at:
+            raise NotIntervals("as past a budget")
+        return real(*a)
+
+    monkeypatch.setattr(routed_plans, "_chunk", chunk)
+    got = p2.plan(3000, heads=2, block=(64, 64), **inputs)
+    assert got.allowed == want.allowed and torch.equal(got.to_dense(), want.to_dense())
+    assert calls and (fail_at is None or len(calls) == fail_at)
