@@ -456,6 +456,8 @@ def periodic_runs(s: PSet, bm: int, bn: int, counted: bool = False):
     for _, _, _, p, _ in c.cols:
         period = math.lcm(period, p // math.gcd(p, bn))
     steady = period <= MAX_PERIOD
+    if not steady:  # pure zones of steps that do not divide bn are special: segments count the same tile by tile
+        period = 1
     lo_r, hi_r, row_r = [], [], []
     for (o, lo, hi, p, w), (mn_lo, mx_lo, mn_hi, mx_hi, total, real) in zip(c.cols, c.stats):
         has = mx_hi > mn_lo  # some query of the row has this column

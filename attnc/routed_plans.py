@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from . import ir
-from .interval_sets import ISet, NotIntervals, intersect, merge, union
+from .interval_sets import INTERVAL_BUDGET, ISet, NotIntervals, TooManyIntervals, intersect, max_intervals, merge, union
 from .interval_tiles import tile_runs
 from .intervals import IntervalAnalysis
 from .plans import Runs
@@ -40,8 +40,9 @@ from .reference import top_view
 
 #: most key-interval pieces of the near / far tiles a row may have (more: the interval sets plan it)
 MAX_PIECES = 64
-#: most (routed interval, piece) pairs a chunk meets at once, as interval_sets.INTERVAL_BUDGET
-PAIR_BUDGET = 1 << 24
+#: most (routed interval, piece) pairs a chunk meets at once (interval_sets.INTERVAL_BUDGET):
+#: past it, and past `max_intervals` in the near sets, the chunk is halved (as the interval sets do)
+PAIR_BUDGET = INTERVAL_BUDGET
 
 
 def split(body: ir.Mask):
@@ -101,10 +102,19 @@ def routed_chunks(pattern: ir.PatternIR, M: int, N: int, heads: int, bm: int, bn
 def _chunks(pattern, M, N, heads, bm, bn, inputs, ia, sel, b, clip_ir, rest_ir, step):
     nk = -(-N // bn)
     no_keys = torch.zeros(0, dtype=torch.int64)
-    for q0 in range(0, M, step):
+    q0 = 0
+    while q0 < M:
         end = min(q0 + step, M)
         view = top_view(pattern, M, N, heads, None, inputs, rows=(q0, end), keys=no_keys)
-        yield q0, end, *_chunk(view, ia, sel, b, clip_ir, rest_ir, q0, end, bm, bn, nk)
+        try:
+            out = _chunk(view, ia, sel, b, clip_ir, rest_ir, q0, end, bm, bn, nk)
+        except TooManyIntervals:
+            if step <= bm:
+                raise
+            step = bm * max(1, step // bm // 2)  # fewer queries at once keep more intervals each
+            continue
+        yield q0, end, *out
+        q0 = end
 
 
 def _chunk(view, ia, sel, b, clip_ir, rest_ir, q0, end, bm, bn, nk):
@@ -161,12 +171,15 @@ def _chunk(view, ia, sel, b, clip_ir, rest_ir, q0, end, bm, bn, nk):
     f_lo, f_hi = _pieces(far, rows_n, bn, L)
     z_lo, z_hi = _pieces(near, rows_n, bn, L)
     if rr.lo.numel() * max(f_lo.shape[1], z_lo.shape[1]) > PAIR_BUDGET:
-        raise NotIntervals("routed rows x near / far pieces beyond the working budget")
+        raise TooManyIntervals("routed rows x near / far pieces beyond the working budget")
     inter = _meet_rows(rr, f_lo, f_hi, rep_row)
     allowed = int(((inter.hi - inter.lo).sum(-1).numpy() * weight[None, :]).sum())
 
     # near tiles: every query's exact set, cut to the near keys first
     cut = merge(_meet_rows(rr, z_lo, z_hi, rep_row))  # [Hx, reps, few]
+    width = cut.lo.shape[-1] + (rest.lo.shape[-1] if rest is not None else 0)
+    if width > max_intervals(Mq, Hx):
+        raise TooManyIntervals(f"more than {max_intervals(Mq, Hx)} near intervals per query")
     at = torch.arange(Mq) // g
     s = intersect(ISet(cut.lo[:, at], cut.hi[:, at], L, merged=True), clip)
     if rest is not None:

@@ -139,3 +139,27 @@ def test_past_its_budget_a_routed_plan_falls_back(monkeypatch, budget, pieces, f
     got = p2.plan(3000, heads=2, block=(64, 64), **inputs)
     assert got.allowed == want.allowed and torch.equal(got.to_dense(), want.to_dense())
     assert calls and (fail_at is None or len(calls) == fail_at)
+
+
+def test_a_chunk_with_too_many_intervals_is_halved(monkeypatch):
+    """TooManyIntervals in a chunk (the pair budget, the near sets' width) halves the chunk, as the
+    interval sets do, instead of giving the whole plan to them."""
+    from attnc.interval_sets import TooManyIntervals
+    pat = _pattern("nsa_like", "nsa_like")
+    p2, inputs = _inputs(pat, 3000, 3000, 2, 0.2, seed=6)
+    want = p2.plan(3000, heads=2, block=(64, 64), **inputs)
+    monkeypatch.setattr(analysis, "PLAN_CHUNK", 1024)
+    sizes = []
+    real = routed_plans._chunk
+
+    def chunk(view, *a):
+        sizes.append(len(view.q))
+        if len(view.q) > 256:
+            raise TooManyIntervals("as past the pair budget")
+        return real(view, *a)
+
+    monkeypatch.setattr(routed_plans, "_chunk", chunk)
+    monkeypatch.setattr(analysis, "_closed_form_plan", lambda *a, **k: pytest.fail("fell back to the interval sets"))
+    got = p2.plan(3000, heads=2, block=(64, 64), **inputs)
+    assert got.allowed == want.allowed and torch.equal(got.to_dense(), want.to_dense())
+    assert sizes[:3] == [1024, 512, 256] and max(sizes[3:]) <= 256
