@@ -163,7 +163,27 @@ class TileList:
         self.counts = counts  # int32 [Hx, rows]
         if cols is not None:
             self.cols = cols  # int32 [number of tiles], row-major (else made from runs)
-        self.runs: Runs | None = None
+        self._runs: Runs | None = None
+        self._make_runs = None  # deferred: what makes the runs on first use (`deferred`)
+
+    @property
+    def runs(self) -> "Runs | None":
+        if self._runs is None and self._make_runs is not None:
+            self._runs, self._make_runs = self._make_runs(), None
+        return self._runs
+
+    @runs.setter
+    def runs(self, runs: "Runs | None") -> None:
+        self._runs = runs
+
+    @staticmethod
+    def deferred(counts: np.ndarray, make_runs) -> "TileList":
+        """A list of known per-row counts [Hx, rows] whose runs `make_runs()` makes on first use
+        (the kernels' N-D plan, whose demoted tiles only its kernels read; what counts reads the
+        counts)."""
+        t = TileList(torch.from_numpy(np.ascontiguousarray(counts, dtype=np.int32)))
+        t._make_runs = make_runs
+        return t
 
     @staticmethod
     def counted(counts: np.ndarray) -> "TileList":

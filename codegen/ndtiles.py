@@ -22,13 +22,14 @@ allowed by the mask; a tile that contains padding is therefore demoted from
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
 
-from attnc.plans import Plan, Runs
+from attnc.plans import Plan, Runs, TileList
 
 from .expr import Builder, Expr, Var, substitute, unravel
 from .lowered import Lowered
@@ -245,11 +246,23 @@ class TileLayout:
         whole_k = ((plan.offsets_k[1:] - plan.offsets_k[:-1]) == self.block[1]).numpy()
         keep = {f.name: getattr(plan, f.name) for f in fields(plan)
                 if f.name not in ("full", "partial", "full_t", "partial_t")}
-        # O(runs), no [nq, nk] map: the full runs cut at padded rows and columns
-        full, moved = plan.full.to_runs().cut(np.tile(~whole_q, Hx), np.flatnonzero(~whole_k), nk)
+        # O(runs), no [nq, nk] map: the full runs cut at padded rows and columns; the counts now
+        # (a padded row moves its runs, another row the padded columns inside them), the runs on
+        # first use: the CPU tile choice weighs candidates by their counts alone
+        rows, cols = np.tile(~whole_q, Hx), np.flatnonzero(~whole_k)
+        runs = plan.full.to_runs()
+        moved = np.where(rows[runs.row], runs.hi - runs.lo, np.searchsorted(cols, runs.hi) - np.searchsorted(cols, runs.lo))
+        moved = np.bincount(runs.row, weights=moved, minlength=Hx * nq).astype(np.int64).reshape(Hx, nq)
+        cut = functools.cache(lambda: self._cut(plan, rows, cols, nk))
+        return Plan(full=TileList.deferred(plan.full.counts.numpy() - moved, lambda: cut()[0]),
+                    partial=TileList.deferred(plan.partial.counts.numpy() + moved, lambda: cut()[1]), **keep)
+
+    @staticmethod
+    def _cut(plan: Plan, rows: np.ndarray, cols: np.ndarray, nk: int) -> tuple[Runs, Runs]:
+        full, moved = plan.full.to_runs().cut(rows, cols, nk)
         partial = Runs.merged(*(np.concatenate([getattr(moved, f), getattr(plan.partial.to_runs(), f)])
                                 for f in ("row", "lo", "hi")), nk)
-        return Plan.from_runs(full, partial, Hx, nq, nk, **keep)
+        return full, partial
 
     def describe(self) -> str:
         """What the header of a generated module says about the permutation."""
