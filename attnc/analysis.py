@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
 from dataclasses import dataclass
 
@@ -86,17 +87,31 @@ def _closed_form_plan_with(pattern: ir.PatternIR, M: int, N: int, heads: int, gr
         for q0, end, s in chunk_sets(pattern, M, N, heads, grid, bm, periodic, inputs):
             if isinstance(s, ISet):
                 yield q0, end, s.lo.shape[0], tile_runs(s, bm, bn)
-            else:
-                yield q0, end, s.lo.shape[0], periodic_runs(s, bm, bn, counted=counted)
+            elif counted:
+                yield q0, end, s.lo.shape[0], periodic_runs(s, bm, bn, counted=True)
+            else:  # counted now, listed on first use: a step that does not divide bn lists a run per tile
+                f, p, count = periodic_runs(s, bm, bn, counted=True)
+                make = functools.cache(lambda s=s: periodic_runs(s, bm, bn)[:2])
+                yield q0, end, s.lo.shape[0], (Later(f, lambda make=make: make()[0]), Later(p, lambda make=make: make()[1]),
+                                               count)
 
     return assemble_plan(pattern, M, N, heads, bm, bn, counted, classified())
+
+
+@dataclass(frozen=True)
+class Later:
+    """A chunk's per-row tile counts now, its runs from `make()` on first use."""
+
+    counts: np.ndarray
+    make: object
 
 
 def assemble_plan(pattern: ir.PatternIR, M: int, N: int, heads: int, bm: int, bn: int, counted: bool,
                   chunks) -> Plan:
     """The plan of per-chunk classes: `chunks` yields (q0, end, Hx, (full, partial, allowed)) for
     queries [q0, end) (whole query tiles), full / partial as runs of the chunk's rows
-    h * cq + local tile, or as per-row counts (numpy) where a counted plan is asked for."""
+    h * cq + local tile, as per-row counts (numpy) where a counted plan is asked for, or as
+    `Later` (counts now, runs on first use: the plan's lists are then deferred)."""
     nq, nk = -(-M // bm), -(-N // bn)
     parts, allowed, Hx, runs = [], 0, None, 0
     with task("planning", total=M, unit="query") as bar:
@@ -108,28 +123,40 @@ def assemble_plan(pattern: ir.PatternIR, M: int, N: int, heads: int, bm: int, bn
                 raise AssertionError(f"chunks disagree on heads: {Hx} vs {hx}")
             allowed += count
             cq = -(-(end - q0) // bm)
-            if counted:  # per-row tile counts of the chunk's rows h * cq + local tile
-                if isinstance(full, Runs):
-                    full, partial = (np.bincount(r.row, weights=r.hi - r.lo, minlength=Hx * cq) for r in (full, partial))
-                tallies[:, :, q0 // bm:q0 // bm + cq] = np.stack([full, partial]).reshape(2, Hx, cq)
-                bar.update(end - q0)
-                continue
-            runs += len(full.row) + len(partial.row)  # the runs of the rows done so far, projected to all M rows:
-            require(PLAN_BYTES_PER_RUN * runs * M / end,
-                    f"the tile plan of '{pattern.name}' at M = {M}, N = {N} with {bm}x{bn} tiles "
-                    f"({runs} runs of non-empty tiles in the first {end} query rows)",
-                    "a larger tile (block=(256, 256), --tile 256x256) or smaller sizes")
-            if end - q0 < M:  # chunk rows h * cq + local tile -> h * nq + q0 // bm + local tile
-                full, partial = (Runs(r.row // cq * nq + r.row % cq + q0 // bm, r.lo, r.hi) for r in (full, partial))
-            parts.append((full, partial))
+            # per-row tile counts of the chunk's rows h * cq + local tile
+            tallies[:, :, q0 // bm:q0 // bm + cq] = np.stack([
+                x.counts if isinstance(x, Later) else
+                np.bincount(x.row, weights=x.hi - x.lo, minlength=Hx * cq) if isinstance(x, Runs) else x
+                for x in (full, partial)]).reshape(2, Hx, cq)
             bar.update(end - q0)
+            if counted:
+                continue
+            if isinstance(full, Runs):
+                runs += len(full.row) + len(partial.row)  # the runs of the rows done so far, projected to all M rows:
+                require(PLAN_BYTES_PER_RUN * runs * M / end,
+                        f"the tile plan of '{pattern.name}' at M = {M}, N = {N} with {bm}x{bn} tiles "
+                        f"({runs} runs of non-empty tiles in the first {end} query rows)",
+                        "a larger tile (block=(256, 256), --tile 256x256) or smaller sizes")
+            parts.append((q0, end, full, partial))
     fields = dict(M=M, N=N, heads=heads, block=(bm, bn), allowed=allowed * (heads // Hx), method="closed-form")
     if counted:
         return Plan(full=TileList.counted(tallies[0]), partial=TileList.counted(tallies[1]), **fields)
-    full, partial = (Runs.cat(list(x)) for x in zip(*parts))
-    if Hx > 1 and len(parts) > 1:  # a later chunk's head 0 comes before an earlier one's head 1
-        full, partial = full.sorted(nk), partial.sorted(nk)
-    return Plan.from_runs(full, partial, Hx, nq, nk, **fields)
+
+    def listed(i: int) -> Runs:  # the runs of every chunk's full (0) or partial (1) tiles, rows h * nq + tile
+        out = []
+        for q0, end, *lists in parts:
+            r = lists[i].make() if isinstance(lists[i], Later) else lists[i]
+            if end - q0 < M:  # chunk rows h * cq + local tile -> h * nq + q0 // bm + local tile
+                cq = -(-(end - q0) // bm)
+                r = Runs(r.row // cq * nq + r.row % cq + q0 // bm, r.lo, r.hi)
+            out.append(r)
+        r = Runs.cat(out)
+        return r.sorted(nk) if Hx > 1 and len(parts) > 1 else r  # a later chunk's head 0 comes before an earlier one's head 1
+
+    if any(isinstance(x, Later) for part in parts for x in part[2:]):
+        return Plan(full=TileList.deferred(tallies[0], lambda: listed(0)),
+                    partial=TileList.deferred(tallies[1], lambda: listed(1)), **fields)
+    return Plan.from_runs(listed(0), listed(1), Hx, nq, nk, **fields)
 
 
 def chunk_sets(pattern, M, N, heads, grid, bm: int, periodic: bool, inputs: dict | None = None):

@@ -169,7 +169,9 @@ def test_a_step_that_does_not_divide_the_tile_is_counted_from_one_period(monkeyp
     monkeypatch.setattr(periodic, "_sums", lambda c, xrow, x: points.append(len(x)) or real(c, xrow, x))
     plan = check(pat, M, None, block, H=H)
     nq, nk = -(-M // block[0]), -(-M // block[1])
-    assert sum(points) < nq * 64  # a few special tiles and one period a row; tile by tile: ~nq * nk / 2
+    # each call (the counts when planning, the runs when the lists are read): a few special tiles and
+    # one period a row; tile by tile: ~nq * nk / 2
+    assert len(points) == 2 and max(points) < nq * 64
     counted = analysis.plan_blocks(pat.ir, M, M, H, None, block=block, counted=True)
     assert counted.counts() == plan.counts() and counted.allowed == plan.allowed
     assert torch.equal(counted.partial.counts, plan.partial.counts) and torch.equal(counted.full.counts, plan.full.counts)
@@ -185,3 +187,22 @@ def test_a_counted_plan_refuses_its_lists():
     for get in (lambda: counted.partial.index, lambda: counted.full.cols, lambda: counted.partial.to_runs()):
         with pytest.raises(RuntimeError, match="counted, not listed"):
             get()
+
+
+def test_plans_of_periodic_slots_list_their_runs_on_first_use(monkeypatch):
+    """`pat.plan` counts periodic chunks and lists their runs when the lists are first read
+    (`TileList.deferred`): `k % 128 >= 96` at 2^20 tokens in 64-token tiles (67 M alternating
+    tiles) plans without listing a tile; at a small size the deferred lists are the mask's."""
+    pat = attnc.load(EXAMPLES / "sparse_transformer.attn").pattern("sparse_fixed")
+    modes = []
+    real = periodic.periodic_runs
+    monkeypatch.setattr(periodic, "periodic_runs", lambda *a, counted=False: modes.append(counted) or real(*a, counted=counted))
+    monkeypatch.setattr(analysis, "periodic_runs", periodic.periodic_runs)
+    big = pat.plan(1 << 20, heads=8, block=(64, 64))
+    assert modes and all(modes) and big.counts()["tiles_partial"] > (1 << 28)
+    modes.clear()
+    small = pat.plan(5000, heads=2, block=(64, 64))
+    assert modes and all(modes)
+    check(pat, 5000, None, (64, 64), H=2)  # the lists, made on first use, against the mask
+    assert False in modes
+    assert torch.equal(small.to_dense(), pat.plan(5000, heads=2, block=(64, 64)).to_dense())
