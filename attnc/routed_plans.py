@@ -81,7 +81,9 @@ def _node(cls, parts: list):
 def routed_chunks(pattern: ir.PatternIR, M: int, N: int, heads: int, bm: int, bn: int, inputs: dict,
                   chunk: int):
     """(q0, end, Hx, (full, partial, allowed)) per chunk of whole query tiles ([Note: routed
-    plans]); NotIntervals (before any chunk) when the pattern is not a routed union."""
+    plans]); NotIntervals when the pattern is not a routed union (before any chunk), or when a
+    chunk of one query tile still holds too many intervals or pieces: the caller then plans the
+    whole pattern with the interval sets."""
     if pattern.layout.axes or pattern.layout.text is not None:
         raise NotIntervals("routed plans are 1-D")
     parts = split(pattern.body)

@@ -168,9 +168,9 @@ def test_a_step_that_does_not_divide_the_tile_is_counted_from_one_period(monkeyp
     real = periodic._sums
     monkeypatch.setattr(periodic, "_sums", lambda c, xrow, x: points.append(len(x)) or real(c, xrow, x))
     plan = check(pat, M, None, block, H=H)
-    nq, nk = -(-M // block[0]), -(-M // block[1])
+    nq = -(-M // block[0])
     # each call (the counts when planning, the runs when the lists are read): a few special tiles and
-    # one period a row; tile by tile: ~nq * nk / 2
+    # one period a row (tile by tile: about nq * nk / 2 points)
     assert len(points) == 2 and max(points) < nq * 64
     counted = analysis.plan_blocks(pat.ir, M, M, H, None, block=block, counted=True)
     assert counted.counts() == plan.counts() and counted.allowed == plan.allowed
