@@ -447,7 +447,8 @@ def periodic_runs(s: PSet, bm: int, bn: int, counted: bool = False):
     # `periodic_tiles`, and *segments* between them whose counts repeat with the period P
     # (the lcm over columns): each of a segment's first min(P, length) tiles is counted, and
     # stands for every P-th tile after it; the segment's total S(end) - S(start) must equal
-    # the phases' counts times their multiplicities (checked). A strided row of 8192 partial
+    # the phases' counts times their multiplicities (checked). Past MAX_PERIOD the pure zones
+    # of the steps that do not divide bn are special tiles instead (P = 1). A strided row of 8192 partial
     # tiles is a few special tiles and one segment; `k % 128 >= 96` in 64-key tiles is a
     # segment of period 2 (an empty tile, a partial one), counted from two tiles.
     c = _columns(s, bm, bn)
