@@ -36,7 +36,7 @@ from . import ir
 from .interval_tiles import PLAN_BYTES_PER_RUN, tile_runs
 from .interval_sets import ISet, NotIntervals, TooManyIntervals, merge
 from .intervals import IntervalAnalysis
-from .periodic import NotPeriodic, PSet, periodic_runs
+from .periodic import NotPeriodic, PSet, periodic_classes
 from .limits import require
 from .plans import Plan, Runs, TileList
 from .products import is_product, nd_product, product_plan
@@ -87,11 +87,9 @@ def _closed_form_plan_with(pattern: ir.PatternIR, M: int, N: int, heads: int, gr
         for q0, end, s in chunk_sets(pattern, M, N, heads, grid, bm, periodic, inputs):
             if isinstance(s, ISet):
                 yield q0, end, s.lo.shape[0], tile_runs(s, bm, bn)
-            elif counted:
-                yield q0, end, s.lo.shape[0], periodic_runs(s, bm, bn, counted=True)
-            else:  # counted now, listed on first use: a step that does not divide bn lists a run per tile
-                f, p, count = periodic_runs(s, bm, bn, counted=True)
-                make = functools.cache(lambda s=s: periodic_runs(s, bm, bn)[:2])
+            else:  # counted now, listed on first use (never, in a counted plan): a step that does not divide bn lists a run per tile
+                f, p, count, runs = periodic_classes(s, bm, bn)
+                make = functools.cache(runs)
                 yield q0, end, s.lo.shape[0], (Later(f, lambda make=make: make()[0]), Later(p, lambda make=make: make()[1]),
                                                count)
 
@@ -110,8 +108,8 @@ def assemble_plan(pattern: ir.PatternIR, M: int, N: int, heads: int, bm: int, bn
                   chunks) -> Plan:
     """The plan of per-chunk classes: `chunks` yields (q0, end, Hx, (full, partial, allowed)) for
     queries [q0, end) (whole query tiles), full / partial as runs of the chunk's rows
-    h * cq + local tile, as per-row counts (numpy) where a counted plan is asked for, or as
-    `Later` (counts now, runs on first use: the plan's lists are then deferred)."""
+    h * cq + local tile, or as `Later` (counts now, runs on first use: the plan's lists are
+    then deferred)."""
     nq, nk = -(-M // bm), -(-N // bn)
     parts, allowed, Hx, runs = [], 0, None, 0
     with task("planning", total=M, unit="query") as bar:
@@ -125,8 +123,7 @@ def assemble_plan(pattern: ir.PatternIR, M: int, N: int, heads: int, bm: int, bn
             cq = -(-(end - q0) // bm)
             # per-row tile counts of the chunk's rows h * cq + local tile
             tallies[:, :, q0 // bm:q0 // bm + cq] = np.stack([
-                x.counts if isinstance(x, Later) else
-                np.bincount(x.row, weights=x.hi - x.lo, minlength=Hx * cq) if isinstance(x, Runs) else x
+                x.counts if isinstance(x, Later) else np.bincount(x.row, weights=x.hi - x.lo, minlength=Hx * cq)
                 for x in (full, partial)]).reshape(2, Hx, cq)
             bar.update(end - q0)
             if counted:

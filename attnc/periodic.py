@@ -435,6 +435,15 @@ def periodic_runs(s: PSet, bm: int, bn: int, counted: bool = False):
     key tiles of every row h * nq + query tile, and the allowed triples, without visiting every
     candidate tile ([Note: periodic runs]). With `counted`, (full, partial) are int64 per-row
     tile counts [rows] instead, never listing a tile (`attnc show`'s totals, `simulate`)."""
+    f, p, allowed, runs = periodic_classes(s, bm, bn)
+    return (f, p, allowed) if counted else (*runs(), allowed)
+
+
+def periodic_classes(s: PSet, bm: int, bn: int):
+    """(full counts, partial counts, allowed, runs): the per-row tile counts (int64 [rows]) and
+    allowed triples of `periodic_runs`, and `runs()`, which lists its (full, partial) runs from
+    the classes found here (O(special tiles + phases) kept), so a plan counts now and lists on
+    first use without classifying twice."""
     from .plans import Runs
 
     # [Note: periodic runs] A column's S_c(x) is 0 up to the least lo of the row's queries (a_lo),
@@ -515,11 +524,20 @@ def periodic_runs(s: PSet, bm: int, bn: int, counted: bool = False):
         got = np.bincount(seg_of, weights=(t_cnt[n_special:] * mult[n_special:]).astype(np.float64), minlength=ns)
         if (np.rint(got).astype(np.int64) != s_cnt).any():
             raise AssertionError("periodic_runs: a segment's tiles do not repeat with its period")
-    if counted:
-        return (np.bincount(t_row, weights=mult * t_full, minlength=rows).astype(np.int64),
-                np.bincount(t_row, weights=mult * t_part, minlength=rows).astype(np.int64), c.allowed)
-    # runs: a special tile is one; a segment whose phases share a class is one run over it,
-    # other segments list every tile of the phases in the class (merged where they touch)
+    counts = [np.bincount(t_row, weights=mult * t, minlength=rows).astype(np.int64) for t in (t_full, t_part)]
+    return (*counts, c.allowed,
+            lambda: _periodic_lists(t_row, t_j, t_full, t_part, mult, n_special, seg_of, n_ph, seg_row, seg_lo, seg_hi,
+                                    period, nk, f"{_mq(s)} queries x {N} keys with {bm}x{bn} tiles"))
+
+
+def _periodic_lists(t_row, t_j, t_full, t_part, mult, n_special, seg_of, n_ph, seg_row, seg_lo, seg_hi, period, nk,
+                    what):
+    """(full, partial) runs of `periodic_classes`: a special tile is one run; a segment whose
+    phases share a class is one run over it; other segments list every tile of the phases in
+    the class (merged where they touch)."""
+    from .plans import Runs
+
+    ns = len(seg_row)
     seg_full = np.bincount(seg_of, weights=t_full[n_special:], minlength=ns) == n_ph
     seg_part = np.bincount(seg_of, weights=t_part[n_special:], minlength=ns) == n_ph
     out = []
@@ -528,7 +546,7 @@ def periodic_runs(s: PSet, bm: int, bn: int, counted: bool = False):
         mixed = n_special + np.flatnonzero(t_sel[n_special:] & ~(s_sel[seg_of]))
         reps = mult[mixed]
         require(PLAN_BYTES_PER_TILE_RUN * int(reps.sum()),
-                f"the tile plan of {_mq(s)} queries x {N} keys with {bm}x{bn} tiles (stepped keys: "
+                f"the tile plan of {what} (stepped keys: "
                 f"{int(reps.sum())} tiles alternate between classes)",
                 "a larger tile (block=(256, 256), --tile 256x256) or smaller sizes")
         m_row, m_j = np.repeat(t_row[mixed], reps), np.repeat(t_j[mixed], reps)
@@ -537,7 +555,7 @@ def periodic_runs(s: PSet, bm: int, bn: int, counted: bool = False):
         out.append(Runs.merged(np.concatenate([t_row[spec], seg_row[whole], m_row]),
                                np.concatenate([t_j[spec], seg_lo[whole], m_j]),
                                np.concatenate([t_j[spec] + 1, seg_hi[whole], m_j + 1]), nk))
-    return out[0], out[1], c.allowed
+    return out[0], out[1]
 
 
 #: bytes per tile listed as its own run while `periodic_runs` builds them (coordinates, sort, merge)

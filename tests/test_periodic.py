@@ -40,8 +40,8 @@ def slots_everywhere(monkeypatch):
     monkeypatch.setattr(interval_sets, "MAX_INTERVALS", 2)
     monkeypatch.setattr(analysis, "PRODUCT_TILES", 0)
     calls = []
-    real = analysis.periodic_runs
-    monkeypatch.setattr(analysis, "periodic_runs", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = analysis.periodic_classes
+    monkeypatch.setattr(analysis, "periodic_classes", lambda *a, **k: calls.append(1) or real(*a, **k))
     return calls
 
 
@@ -169,9 +169,9 @@ def test_a_step_that_does_not_divide_the_tile_is_counted_from_one_period(monkeyp
     monkeypatch.setattr(periodic, "_sums", lambda c, xrow, x: points.append(len(x)) or real(c, xrow, x))
     plan = check(pat, M, None, block, H=H)
     nq = -(-M // block[0])
-    # each call (the counts when planning, the runs when the lists are read): a few special tiles and
-    # one period a row (tile by tile: about nq * nk / 2 points)
-    assert len(points) == 2 and max(points) < nq * 64
+    # one call (the classes when planning; the lists, read later, come from them): a few special
+    # tiles and one period a row (tile by tile: about nq * nk / 2 points)
+    assert len(points) == 1 and max(points) < nq * 64
     counted = analysis.plan_blocks(pat.ir, M, M, H, None, block=block, counted=True)
     assert counted.counts() == plan.counts() and counted.allowed == plan.allowed
     assert torch.equal(counted.partial.counts, plan.partial.counts) and torch.equal(counted.full.counts, plan.full.counts)
@@ -191,18 +191,21 @@ def test_a_counted_plan_refuses_its_lists():
 
 def test_plans_of_periodic_slots_list_their_runs_on_first_use(monkeypatch):
     """`pat.plan` counts periodic chunks and lists their runs when the lists are first read
-    (`TileList.deferred`): `k % 128 >= 96` at 2^20 tokens in 64-token tiles (67 M alternating
-    tiles) plans without listing a tile; at a small size the deferred lists are the mask's."""
+    (`TileList.deferred`), from the classes found when planning: `k % 128 >= 96` at 2^20 tokens
+    in 64-token tiles (67 M alternating tiles) plans without listing a tile; at a small size the
+    deferred lists are the mask's."""
     pat = attnc.load(EXAMPLES / "sparse_transformer.attn").pattern("sparse_fixed")
-    modes = []
-    real = periodic.periodic_runs
-    monkeypatch.setattr(periodic, "periodic_runs", lambda *a, counted=False: modes.append(counted) or real(*a, counted=counted))
-    monkeypatch.setattr(analysis, "periodic_runs", periodic.periodic_runs)
+    classified, listed = [], []
+    real_classes, real_lists = periodic.periodic_classes, periodic._periodic_lists
+    monkeypatch.setattr(analysis, "periodic_classes", lambda *a: classified.append(1) or real_classes(*a))
+    monkeypatch.setattr(periodic, "_periodic_lists", lambda *a: listed.append(1) or real_lists(*a))
     big = pat.plan(1 << 20, heads=8, block=(64, 64))
-    assert modes and all(modes) and big.counts()["tiles_partial"] > (1 << 28)
-    modes.clear()
+    assert classified and not listed and big.counts()["tiles_partial"] > (1 << 28)
+    classified.clear()
     small = pat.plan(5000, heads=2, block=(64, 64))
-    assert modes and all(modes)
+    assert classified and not listed
     check(pat, 5000, None, (64, 64), H=2)  # the lists, made on first use, against the mask
-    assert False in modes
+    assert listed
+    n_classified = len(classified)
     assert torch.equal(small.to_dense(), pat.plan(5000, heads=2, block=(64, 64)).to_dense())
+    assert len(classified) == n_classified + 1  # the new plan's one chunk: reading small's lists classified nothing
