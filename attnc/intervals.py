@@ -38,6 +38,13 @@ from .reference import Evaluator, View, axis_component, random_table
 # ----------------------------------------------------------------------------- closed forms per primitive
 
 
+def routed_rows(sel: torch.Tensor, blocks: torch.Tensor, b: int, L: int) -> ISet:
+    """The merged key intervals of the block table's rows `blocks` ([Hs, len(blocks), kmax]
+    of int64 key-block ids, -1 unused): one row per query block, blocks of b keys."""
+    rows = sel[:, blocks]
+    return merge(ISet.make(torch.where(rows >= 0, rows * b, L), torch.where(rows >= 0, (rows + 1) * b, L), L))
+
+
 class IntervalAnalysis(Evaluator):
     """The per-query interval sets of a 1-D pattern (raises NotIntervals). With `periodic`,
     stepped progressions with many keys per query, grid columns and `where` conditions on
@@ -261,9 +268,7 @@ class IntervalAnalysis(Evaluator):
             raise TooManyIntervals("routed with many blocks per query block")
         # merged once per query block (its queries share the row), then read per query
         blocks = torch.unique(view.qrel // b)
-        rows = sel[:, blocks]  # [Hs, query blocks, kmax]
-        s = merge(ISet.make(torch.where(rows >= 0, rows * b, view.L), torch.where(rows >= 0, (rows + 1) * b, view.L),
-                            view.L))
+        s = routed_rows(sel, blocks, b, view.L)
         at = torch.searchsorted(blocks, view.qrel // b)
         return ISet(s.lo[:, at], s.hi[:, at], view.L, merged=True)
 

@@ -34,7 +34,7 @@ import torch
 from . import ir
 from .interval_sets import INTERVAL_BUDGET, ISet, NotIntervals, TooManyIntervals, intersect, max_intervals, merge, union
 from .interval_tiles import tile_runs
-from .intervals import IntervalAnalysis
+from .intervals import IntervalAnalysis, routed_rows
 from .plans import Runs
 from .reference import top_view
 
@@ -124,9 +124,7 @@ def _chunk(view, ia, sel, b, clip_ir, rest_ir, q0, end, bm, bn, nk):
     cq = -(-Mq // bm)
     g = min(b, bm)  # one representative query per routing block, or per query tile of a longer block
     reps = torch.arange(0, Mq, g)
-    blocks = (view.qrel[reps] // b)
-    rows = sel[:, blocks]  # [Hs, reps, kmax]
-    routed = merge(ISet.make(torch.where(rows >= 0, rows * b, L), torch.where(rows >= 0, (rows + 1) * b, L), L))
+    routed = routed_rows(sel, view.qrel[reps] // b, b, L)  # [Hs, reps, R]
     clip = merge(ia.eval(clip_ir, view)) if clip_ir is not None else ISet.make(torch.zeros(Mq, 1, dtype=torch.int64),
                                                                             torch.full((Mq, 1), L), L)
     if not isinstance(clip, ISet) or (clip.lo.shape[-1] > 1 and bool((clip.lo[..., 1:] < L).any())):
