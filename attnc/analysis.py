@@ -34,7 +34,7 @@ import torch
 
 from . import ir
 from .interval_tiles import PLAN_BYTES_PER_RUN, tile_runs
-from .interval_sets import ISet, NotIntervals, TooManyIntervals, merge
+from .interval_sets import ISet, NotIntervals, halving_chunks, merge
 from .intervals import IntervalAnalysis
 from .periodic import NotPeriodic, PSet, periodic_classes
 from .limits import require
@@ -162,19 +162,8 @@ def chunk_sets(pattern, M, N, heads, grid, bm: int, periodic: bool, inputs: dict
     and tried again (down to one query tile; then TooManyIntervals)."""
     ia = IntervalAnalysis(pattern, periodic=periodic)
     no_keys = torch.zeros(0, dtype=torch.int64)
-    step = bm * max(1, PLAN_CHUNK // bm)
-    q0 = 0
-    while q0 < M:
-        end = min(q0 + step, M)
-        try:
-            s = _planchunk_sets(pattern, ia, M, N, heads, grid, inputs, q0, end, no_keys)
-        except TooManyIntervals:
-            if step <= bm:
-                raise
-            step = bm * max(1, step // bm // 2)  # fewer queries at once keep more intervals each
-            continue
-        yield q0, end, s
-        q0 = end
+    return halving_chunks(M, bm, PLAN_CHUNK,
+                          lambda q0, end: _planchunk_sets(pattern, ia, M, N, heads, grid, inputs, q0, end, no_keys))
 
 
 def _planchunk_sets(pattern, ia, M, N, heads, grid, inputs, q0, end, no_keys) -> ISet:

@@ -40,6 +40,25 @@ class TooManyIntervals(NotIntervals):
     fewer queries at once may fit (the plan halves its chunk and tries again)."""
 
 
+def halving_chunks(M: int, bm: int, chunk: int, fn):
+    """(q0, end, fn(q0, end)) over whole query tiles of `bm`, `chunk` queries at a time; a chunk
+    where `fn` raises TooManyIntervals is halved and tried again (down to one query tile, which
+    raises it on): fewer queries at once keep more intervals each."""
+    step = bm * max(1, chunk // bm)
+    q0 = 0
+    while q0 < M:
+        end = min(q0 + step, M)
+        try:
+            out = fn(q0, end)
+        except TooManyIntervals:
+            if step <= bm:
+                raise
+            step = bm * max(1, step // bm // 2)
+            continue
+        yield q0, end, out
+        q0 = end
+
+
 # ----------------------------------------------------------------------------- interval sets
 
 

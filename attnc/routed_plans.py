@@ -32,7 +32,8 @@ import numpy as np
 import torch
 
 from . import ir
-from .interval_sets import INTERVAL_BUDGET, ISet, NotIntervals, TooManyIntervals, intersect, max_intervals, merge, union
+from .interval_sets import (INTERVAL_BUDGET, ISet, NotIntervals, TooManyIntervals, halving_chunks, intersect,
+                            max_intervals, merge, union)
 from .interval_tiles import tile_runs
 from .intervals import IntervalAnalysis, routed_rows
 from .plans import Runs
@@ -97,26 +98,19 @@ def routed_chunks(pattern: ir.PatternIR, M: int, N: int, heads: int, bm: int, bn
         raise NotIntervals("routing blocks and query tiles that do not nest")
     clip_ir = _node(ir.Inter, clips) if clips else None
     rest_ir = _node(ir.Inter, common + [_node(ir.Union_, rest)]) if rest else None
-    step = bm * max(1, chunk // bm)
-    return _chunks(pattern, M, N, heads, bm, bn, inputs, ia, sel, b, clip_ir, rest_ir, step)
+    return _chunks(pattern, M, N, heads, bm, bn, inputs, ia, sel, b, clip_ir, rest_ir, chunk)
 
 
-def _chunks(pattern, M, N, heads, bm, bn, inputs, ia, sel, b, clip_ir, rest_ir, step):
+def _chunks(pattern, M, N, heads, bm, bn, inputs, ia, sel, b, clip_ir, rest_ir, chunk):
     nk = -(-N // bn)
     no_keys = torch.zeros(0, dtype=torch.int64)
-    q0 = 0
-    while q0 < M:
-        end = min(q0 + step, M)
+
+    def one(q0, end):
         view = top_view(pattern, M, N, heads, None, inputs, rows=(q0, end), keys=no_keys)
-        try:
-            out = _chunk(view, ia, sel, b, clip_ir, rest_ir, q0, end, bm, bn, nk)
-        except TooManyIntervals:
-            if step <= bm:
-                raise
-            step = bm * max(1, step // bm // 2)  # fewer queries at once keep more intervals each
-            continue
+        return _chunk(view, ia, sel, b, clip_ir, rest_ir, q0, end, bm, bn, nk)
+
+    for q0, end, out in halving_chunks(M, bm, chunk, one):
         yield q0, end, *out
-        q0 = end
 
 
 def _chunk(view, ia, sel, b, clip_ir, rest_ir, q0, end, bm, bn, nk):
