@@ -178,3 +178,15 @@ def test_simulate_dynamic_patterns_with_a_routed_density():
     assert "0.25" in out.getvalue() and "tile_bound         4.00x" in out.getvalue()
     assert main(["simulate", str(path), "--seq-len", "4096"], out, err) == 2
     assert "--routed-density 0.1" in err.getvalue()
+
+
+@pytest.mark.parametrize("k", [0, 1, 5, 40, 60])
+def test_an_unordered_selection_is_the_same_set(k):
+    """`select(..., ordered=False)` (the simulator's draws): the set of the stable sort's choice for
+    scores without ties, -1 where fewer blocks are eligible, from a partial selection."""
+    from attnc.dynamic import select
+    g = torch.Generator().manual_seed(k)
+    for _ in range(10):
+        s, e = torch.rand(3, 17, 40, generator=g), torch.rand(3, 17, 40, generator=g) < 0.5
+        got, want = select(s, e, k, ordered=False).long(), select(s[None], e[None], k)[0].long()
+        assert got.shape == want.shape and torch.equal(got.sort(-1).values, want.sort(-1).values)
