@@ -444,7 +444,7 @@ def periodic_classes(s: PSet, bm: int, bn: int):
     allowed triples of `periodic_runs`, and `runs()`, which lists its (full, partial) runs from
     the classes found here (O(special tiles + phases) kept), so a plan counts now and lists on
     first use without classifying twice."""
-    from .plans import Runs
+    from .plans import Runs, ragged_arange
 
     # [Note: periodic runs] A column's S_c(x) is 0 up to the least lo of the row's queries (a_lo),
     # its total from the greatest hi (b_hi) on, and between the greatest lo and the least hi
@@ -505,7 +505,7 @@ def periodic_classes(s: PSet, bm: int, bn: int):
             f"the tile plan of {_mq(s)} queries x {N} keys with {bm}x{bn} tiles (stepped keys)",
             "a larger tile (block=(256, 256), --tile 256x256) or smaller sizes")
     seg_of = np.repeat(np.arange(len(seg_row)), n_ph)
-    phase = np.arange(len(seg_of)) - np.repeat(np.cumsum(n_ph) - n_ph, n_ph)
+    phase = ragged_arange(n_ph)
     t_row = np.concatenate([np.repeat(special.row, tiles), seg_row[seg_of]])
     t_j = np.concatenate([special.expand().astype(np.int64), seg_lo[seg_of] + phase])
     nt, ns = len(t_j), len(seg_row)
@@ -535,7 +535,7 @@ def _periodic_lists(t_row, t_j, t_full, t_part, mult, n_special, seg_of, n_ph, s
     """(full, partial) runs of `periodic_classes`: a special tile is one run; a segment whose
     phases share a class is one run over it; other segments list every tile of the phases in
     the class (merged where they touch)."""
-    from .plans import Runs
+    from .plans import Runs, ragged_arange
 
     ns = len(seg_row)
     seg_full = np.bincount(seg_of, weights=t_full[n_special:], minlength=ns) == n_ph
@@ -550,7 +550,7 @@ def _periodic_lists(t_row, t_j, t_full, t_part, mult, n_special, seg_of, n_ph, s
                 f"{int(reps.sum())} tiles alternate between classes)",
                 "a larger tile (block=(256, 256), --tile 256x256) or smaller sizes")
         m_row, m_j = np.repeat(t_row[mixed], reps), np.repeat(t_j[mixed], reps)
-        m_j = m_j + period * (np.arange(len(m_j)) - np.repeat(np.cumsum(reps) - reps, reps))
+        m_j = m_j + period * ragged_arange(reps)
         whole = np.flatnonzero(s_sel)
         out.append(Runs.merged(np.concatenate([t_row[spec], seg_row[whole], m_row]),
                                np.concatenate([t_j[spec], seg_lo[whole], m_j]),

@@ -21,6 +21,11 @@ import torch
 from .limits import require
 
 
+def ragged_arange(n: np.ndarray) -> np.ndarray:
+    """0 .. n[0] - 1, 0 .. n[1] - 1, ...: every item's place in its group of a ragged layout."""
+    return np.arange(int(n.sum())) - np.repeat(np.cumsum(n) - n, n)
+
+
 def _meet(xa, xb, ya, yb) -> tuple[np.ndarray, np.ndarray]:
     """The non-empty intersections of two sorted lists of disjoint, non-adjacent intervals
     [xa, xb) and [ya, yb), in order (disjoint, non-adjacent): each x meets a contiguous range
@@ -28,7 +33,7 @@ def _meet(xa, xb, ya, yb) -> tuple[np.ndarray, np.ndarray]:
     i, j = np.searchsorted(yb, xa, side="right"), np.searchsorted(ya, xb, side="left")
     n = np.maximum(j - i, 0)
     xi = np.repeat(np.arange(len(xa)), n)
-    yi = np.arange(int(n.sum())) - np.repeat(np.cumsum(n) - n, n) + np.repeat(i, n)
+    yi = ragged_arange(n) + np.repeat(i, n)
     a, b = np.maximum(xa[xi], ya[yi]), np.minimum(xb[xi], yb[yi])
     keep = b > a
     return a[keep], b[keep]
@@ -87,11 +92,11 @@ class Runs:
         a, b = np.searchsorted(cols, lo), np.searchsorted(cols, hi)
         n = b - a  # the cut columns inside each run
         run = np.repeat(np.arange(len(row)), n)
-        at = cols[np.arange(int(n.sum())) - np.repeat(np.cumsum(n) - n, n) + np.repeat(a, n)]
+        at = cols[ragged_arange(n) + np.repeat(a, n)]
         taken.append((row[run], at, at + 1))
         # pieces between the cuts: [lo, c1), [c1 + 1, c2), ..., [c_last + 1, hi), in order
         owner = np.repeat(np.arange(len(row)), n + 1)
-        p = np.arange(len(owner)) - np.repeat(np.cumsum(n + 1) - (n + 1), n + 1)
+        p = ragged_arange(n + 1)
         ci = a[owner] + p
         last = max(len(cols) - 1, 0)
         starts = np.where(p == 0, lo[owner], cols[np.clip(ci - 1, 0, last)] + 1) if len(cols) else lo[owner]
@@ -128,6 +133,11 @@ class Runs:
 
     def shifted(self, rows: int) -> "Runs":
         return Runs(self.row + rows, self.lo, self.hi)
+
+    @staticmethod
+    def union(parts: list["Runs"], nk: int) -> "Runs":
+        """The merged runs of every tile in any part."""
+        return Runs.merged(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("row", "lo", "hi")), nk)
 
     @staticmethod
     def cat(parts: list["Runs"]) -> "Runs":

@@ -151,7 +151,7 @@ def _chunk(view, ia, sel, b, clip_ir, rest_ir, q0, end, bm, bn, nk):
     near = touched.minus(in_all, nk)
     if rest is not None:  # the rest's own tiles are near
         f, p, _ = tile_runs(ISet(rest.lo.expand(Hx, -1, -1), rest.hi.expand(Hx, -1, -1), L, merged=True), bm, bn)
-        near = _union(nk, f, p, near)
+        near = Runs.union([f, p, near], nk)
     far = in_all.minus(near, nk)
 
     # far tiles: the classes of the routed rows (from one query per block)
@@ -180,11 +180,7 @@ def _chunk(view, ia, sel, b, clip_ir, rest_ir, q0, end, bm, bn, nk):
         s = union(s, rest)
     s = merge(s)
     nf, np_, n_allowed = tile_runs(s, bm, bn)
-    return Hx, (_union(nk, full, nf), _union(nk, partial, np_), allowed + n_allowed)
-
-
-def _union(nk: int, *runs: Runs) -> Runs:
-    return Runs.merged(*(np.concatenate([getattr(r, f) for r in runs]) for f in ("row", "lo", "hi")), nk)
+    return Hx, (Runs.union([full, nf], nk), Runs.union([partial, np_], nk), allowed + n_allowed)
 
 
 def _pieces(runs: Runs, rows: int, bn: int, L: int) -> tuple[torch.Tensor, torch.Tensor]:

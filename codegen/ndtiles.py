@@ -260,9 +260,7 @@ class TileLayout:
     @staticmethod
     def _cut(plan: Plan, rows: np.ndarray, cols: np.ndarray, nk: int) -> tuple[Runs, Runs]:
         full, moved = plan.full.to_runs().cut(rows, cols, nk)
-        partial = Runs.merged(*(np.concatenate([getattr(moved, f), getattr(plan.partial.to_runs(), f)])
-                                for f in ("row", "lo", "hi")), nk)
-        return full, partial
+        return full, Runs.union([moved, plan.partial.to_runs()], nk)
 
     def describe(self) -> str:
         """What the header of a generated module says about the permutation."""
